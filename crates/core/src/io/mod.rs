@@ -1,0 +1,6 @@
+pub mod config;
+pub mod image;
+pub mod naming;
+pub mod prompt;
+pub mod safetensors;
+pub mod weights;

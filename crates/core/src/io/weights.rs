@@ -1,0 +1,300 @@
+//! Strict weight loading in the style of candle's `VarBuilder`: modules ask for tensors by their
+//! canonical name and exact shape under a scoped prefix; a [`Naming`] maps canonical names to the
+//! keys a checkpoint layout stores; afterwards every stored tensor that no module asked for is an
+//! error, so missing, extra and wrongly shaped tensors are all reported by name.
+//!
+//! A second backend creates freshly initialised trainable variables instead (for training the
+//! embedded tiny LLaVA), so there is one model definition for loading and for training.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::io::naming::Naming;
+use crate::io::safetensors::SafetensorsFile;
+
+/// How a freshly created variable is initialised (ignored when loading a checkpoint).
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Normal { std: f64 },
+    Ones,
+    Zeros,
+}
+
+/// A set of safetensors shards, with the shard that holds each stored key.
+#[derive(Debug)]
+pub struct ShardSet {
+    files: Vec<SafetensorsFile>,
+    owner: BTreeMap<String, usize>,
+}
+
+impl ShardSet {
+    /// Loads `dir/model.safetensors`, or the shards listed by `dir/model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            return Self::open_index(&index);
+        }
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        Err(Error::io(
+            single,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors or model.safetensors.index.json in the checkpoint directory \
+                 (PyTorch .bin checkpoints: convert with python/convert_bin_to_safetensors.py)",
+            ),
+        ))
+    }
+
+    fn open_index(index: &Path) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let parsed: Index = serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let shard_names: BTreeSet<&String> = parsed.weight_map.values().collect();
+        let mut paths = Vec::new();
+        for name in shard_names {
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Err(Error::config(
+                    index,
+                    "weight_map",
+                    format!("names shard `{name}`, which does not exist in {}", dir.display()),
+                ));
+            }
+            paths.push(path);
+        }
+        let set = Self::open_files(&paths)?;
+        for (key, shard) in &parsed.weight_map {
+            let expected = dir.join(shard);
+            match set.owner.get(key) {
+                Some(&i) if set.files[i].path() == expected => {}
+                _ => {
+                    return Err(Error::config(
+                        index,
+                        "weight_map",
+                        format!("says `{key}` is in `{shard}`, but that shard does not hold it"),
+                    ))
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut owner = BTreeMap::new();
+        for path in paths {
+            let file = SafetensorsFile::open(path)?;
+            for name in file.names() {
+                if let Some(&prev) = owner.get(name) {
+                    let prev: &SafetensorsFile = &files[prev];
+                    return Err(Error::Safetensors {
+                        file: path.clone(),
+                        reason: format!("tensor `{name}` is also in {}", prev.path().display()),
+                    });
+                }
+                owner.insert(name.to_string(), files.len());
+            }
+            files.push(file);
+        }
+        Ok(Self { files, owner })
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.owner.contains_key(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.owner.keys().map(String::as_str)
+    }
+
+    /// The file that holds `key`, or the first file (for error messages).
+    pub fn file_of(&self, key: &str) -> PathBuf {
+        let i = self.owner.get(key).copied().unwrap_or(0);
+        self.files.get(i).map(|f| f.path().to_path_buf()).unwrap_or_default()
+    }
+
+    pub fn shape(&self, key: &str) -> Option<Vec<i64>> {
+        let i = *self.owner.get(key)?;
+        self.files[i].entry(key).map(|e| e.shape.clone())
+    }
+
+    pub fn read(&self, key: &str) -> Result<Tensor> {
+        let i = self.owner.get(key).copied().unwrap_or(0);
+        self.files[i].read(key)
+    }
+
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+}
+
+/// Where weights come from.
+enum Backend {
+    /// Stored checkpoints (one or more shard sets, e.g. original LLaVA + its CLIP directory).
+    Checkpoint { stores: Vec<ShardSet>, naming: Naming, used: RefCell<BTreeSet<(usize, String)>> },
+    /// Fresh trainable variables (seeded by libtorch's generator), kept in creation order.
+    Init { created: RefCell<Vec<(String, Tensor)>> },
+}
+
+struct Shared {
+    backend: Backend,
+    device: Device,
+    kind: Kind,
+}
+
+/// Scoped access to named weights (`vb.pp("layers").pp(3).get(..)`).
+#[derive(Clone)]
+pub struct VarBuilder {
+    shared: Rc<Shared>,
+    prefix: Vec<String>,
+}
+
+impl std::fmt::Debug for VarBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VarBuilder({})", self.prefix.join("."))
+    }
+}
+
+impl VarBuilder {
+    /// Weights read from checkpoint stores through `naming`, cast to `kind` on `device`.
+    pub fn from_checkpoint(
+        stores: Vec<ShardSet>,
+        naming: Naming,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
+        let backend = Backend::Checkpoint { stores, naming, used: RefCell::new(BTreeSet::new()) };
+        Self { shared: Rc::new(Shared { backend, device, kind }), prefix: vec![] }
+    }
+
+    /// Fresh trainable variables, initialised as each module asks (for training from scratch).
+    /// Call `tch::manual_seed` first for a reproducible initialisation.
+    pub fn fresh(device: Device, kind: Kind) -> Self {
+        let backend = Backend::Init { created: RefCell::new(Vec::new()) };
+        Self { shared: Rc::new(Shared { backend, device, kind }), prefix: vec![] }
+    }
+
+    /// The variables a `fresh` builder created, by canonical name, in creation order.
+    pub fn created_variables(&self) -> Vec<(String, Tensor)> {
+        match &self.shared.backend {
+            Backend::Init { created } => {
+                created.borrow().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+            }
+            Backend::Checkpoint { .. } => vec![],
+        }
+    }
+
+    /// A builder one level deeper.
+    pub fn pp(&self, segment: impl ToString) -> Self {
+        let mut prefix = self.prefix.clone();
+        prefix.push(segment.to_string());
+        Self { shared: self.shared.clone(), prefix }
+    }
+
+    pub fn device(&self) -> Device {
+        self.shared.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.shared.kind
+    }
+
+    fn canonical(&self, name: &str) -> String {
+        let mut parts = self.prefix.clone();
+        parts.push(name.to_string());
+        parts.join(".")
+    }
+
+    /// The tensor `name` under this prefix, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[i64], init: Init) -> Result<Tensor> {
+        let canonical = self.canonical(name);
+        match &self.shared.backend {
+            Backend::Checkpoint { stores, naming, used } => {
+                let (store, key) = naming.stored_key(&canonical);
+                let set = stores.get(store).ok_or_else(|| {
+                    Error::Invalid(format!("naming maps `{canonical}` to missing store {store}"))
+                })?;
+                let file = set.file_of(&key);
+                let Some(found) = set.shape(&key) else {
+                    return Err(Error::MissingTensor { name: key, file, expected: shape.to_vec() });
+                };
+                if found != shape {
+                    return Err(Error::ShapeMismatch {
+                        name: key,
+                        file,
+                        expected: shape.to_vec(),
+                        found,
+                    });
+                }
+                let tensor = set.read(&key)?;
+                used.borrow_mut().insert((store, key));
+                Ok(tensor.to_kind(self.shared.kind).to_device(self.shared.device))
+            }
+            Backend::Init { created } => {
+                let options = (self.shared.kind, self.shared.device);
+                let value = match init {
+                    Init::Normal { std } => Tensor::f_randn(shape, options)? * std,
+                    Init::Ones => Tensor::f_ones(shape, options)?,
+                    Init::Zeros => Tensor::f_zeros(shape, options)?,
+                };
+                let var = value.set_requires_grad(true);
+                created.borrow_mut().push((canonical, var.shallow_clone()));
+                Ok(var)
+            }
+        }
+    }
+
+    /// Whether the checkpoint stores `name` under this prefix (always false for fresh variables).
+    pub fn contains(&self, name: &str) -> bool {
+        let canonical = self.canonical(name);
+        match &self.shared.backend {
+            Backend::Checkpoint { stores, naming, .. } => {
+                let (store, key) = naming.stored_key(&canonical);
+                stores.get(store).is_some_and(|s| s.contains(&key))
+            }
+            Backend::Init { .. } => false,
+        }
+    }
+
+    /// After the model is built: every stored tensor must have been used, except keys the naming
+    /// declares as ignorable (derived buffers, CLIP's text tower in a CLIPModel checkpoint).
+    pub fn finish(&self) -> Result<()> {
+        let Backend::Checkpoint { stores, naming, used } = &self.shared.backend else {
+            return Ok(());
+        };
+        let used = used.borrow();
+        for (i, set) in stores.iter().enumerate() {
+            let unused: Vec<&str> = set
+                .keys()
+                .filter(|k| !used.contains(&(i, k.to_string())) && !naming.ignorable(i, k))
+                .collect();
+            if !unused.is_empty() {
+                let shown: Vec<&str> = unused.iter().take(20).copied().collect();
+                let more = if unused.len() > 20 {
+                    format!(" … and {} more", unused.len() - 20)
+                } else {
+                    String::new()
+                };
+                return Err(Error::UnusedTensors {
+                    file: set.file_of(unused[0]),
+                    count: unused.len(),
+                    names: format!("{}{more}", shown.join(", ")),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+//! A linear layer with an identity and an optional quantized weight state: float runs and
+//! quantized runs share this one definition.
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::io::weights::{Init, VarBuilder};
+use crate::model::hook::LinearHook;
+use crate::model::layer_id::LayerId;
+
+/// How a linear's weight is held.
+#[derive(Debug)]
+pub enum LinearWeight {
+    /// The checkpoint's weight (or a fake-quantized copy of it: quantize → dequantize).
+    Float(Tensor),
+}
+
+#[derive(Debug)]
+pub struct Linear {
+    pub id: LayerId,
+    pub in_features: i64,
+    pub out_features: i64,
+    pub weight: LinearWeight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` `[out, in]` and, when `bias`, `bias` `[out]` from `vb`.
+    pub fn load(
+        vb: &VarBuilder,
+        id: LayerId,
+        in_features: i64,
+        out_features: i64,
+        bias: bool,
+    ) -> Result<Self> {
+        // Default init for fresh weights: N(0, 0.02), as transformers' `initializer_range`.
+        let weight = vb.get("weight", &[out_features, in_features], Init::Normal { std: 0.02 })?;
+        let bias = if bias { Some(vb.get("bias", &[out_features], Init::Zeros)?) } else { None };
+        Ok(Self { id, in_features, out_features, weight: LinearWeight::Float(weight), bias })
+    }
+
+    /// `y = x Wᵀ + b`, after the hook has seen (and possibly replaced) `x`.
+    pub fn forward(&self, x: &Tensor, hook: &mut dyn LinearHook) -> Tensor {
+        let x = hook.input(self.id, x.shallow_clone());
+        self.forward_raw(&x)
+    }
+
+    /// The layer without the hook.
+    pub fn forward_raw(&self, x: &Tensor) -> Tensor {
+        match &self.weight {
+            LinearWeight::Float(w) => x.linear(w, self.bias.as_ref()),
+        }
+    }
+
+    /// The float weight (dequantized when packed), `[out, in]`.
+    pub fn float_weight(&self) -> Tensor {
+        match &self.weight {
+            LinearWeight::Float(w) => w.shallow_clone(),
+        }
+    }
+
+    /// The compute dtype of the layer.
+    pub fn kind(&self) -> Kind {
+        match &self.weight {
+            LinearWeight::Float(w) => w.kind(),
+        }
+    }
+}

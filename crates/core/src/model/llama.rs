@@ -1,0 +1,318 @@
+//! The LLaMA/Vicuna decoder: RMSNorm, RoPE, grouped-query attention with a KV cache, SwiGLU.
+//! Mirrors transformers' `LlamaModel`
+//! (<https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/llama/modeling_llama.py>).
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::io::config::{LlamaConfig, RopeScaling};
+use crate::io::weights::{Init, VarBuilder};
+use crate::model::hook::LinearHook;
+use crate::model::layer_id::{LayerId, Slot, Tower};
+use crate::model::linear::Linear;
+use crate::model::norm::RmsNorm;
+
+/// Cosine and sine tables for the positions of one forward pass, `[B, T, head_dim]`.
+#[derive(Debug)]
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// Default RoPE (`inv_freq = θ^(-2i/d)`), optionally position-interpolated, computed in f32
+    /// and cast to `kind` as transformers' `LlamaRotaryEmbedding.forward` does.
+    pub fn new(cfg: &LlamaConfig, positions: &Tensor, kind: Kind) -> Rope {
+        let d = cfg.head_dim;
+        let device = positions.device();
+        let exponents = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / d as f64;
+        let inv_freq = Tensor::from(cfg.rope_theta).to_device(device).pow(&exponents).reciprocal();
+        let inv_freq = match cfg.rope_scaling {
+            RopeScaling::Default => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor,
+        };
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+
+    /// Applies the rotation to `[B, heads, T, head_dim]`.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let x1 = x.narrow(-1, 0, half);
+        let x2 = x.narrow(-1, half, half);
+        let rotated = Tensor::cat(&[x2.neg(), x1], -1);
+        x * self.cos.unsqueeze(1) + rotated * self.sin.unsqueeze(1)
+    }
+}
+
+/// Keys and values of past positions for every decoder layer, plus which of them are padding.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[B, S]`, 1 for real tokens, 0 for padding.
+    key_mask: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), key_mask: None }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.key_mask.as_ref().map_or(0, |m| m.size()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The padding mask of all cached positions plus `new_mask` `[B, T]` (appended).
+    pub fn extend_mask(&mut self, new_mask: &Tensor) -> Tensor {
+        let mask = match &self.key_mask {
+            Some(m) => Tensor::cat(&[m, new_mask], 1),
+            None => new_mask.shallow_clone(),
+        };
+        self.key_mask = Some(mask.shallow_clone());
+        mask
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let (k, v) = match &self.layers[layer] {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
+        (k, v)
+    }
+}
+
+/// What one forward pass over `[B, T]` new positions needs besides the hidden states.
+#[derive(Debug)]
+pub struct DecoderContext {
+    pub rope: Rope,
+    /// Additive mask `[B, 1, T, S]` (0 or the dtype's minimum).
+    pub mask: Tensor,
+}
+
+impl DecoderContext {
+    /// Causal + padding mask for `T` new queries at cache offset `past` over `key_mask` `[B, S]`.
+    pub fn new(
+        cfg: &LlamaConfig,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        past: i64,
+        kind: Kind,
+    ) -> Self {
+        let device = positions.device();
+        let t = positions.size()[1];
+        let s = key_mask.size()[1];
+        let q_idx = Tensor::arange_start(past, past + t, (Kind::Int64, device)).view([t, 1]);
+        let k_idx = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+        let causal = k_idx.le_tensor(&q_idx).view([1, 1, t, s]);
+        let keep = causal.logical_and(&key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]));
+        let min = match kind {
+            Kind::Half => f64::from(half_min()),
+            Kind::BFloat16 => -3.389_531_4e38,
+            _ => f64::from(f32::MIN),
+        };
+        let mask = Tensor::zeros([1], (kind, device)).masked_fill(&keep.logical_not(), min);
+        let mask = mask.expand([key_mask.size()[0], 1, t, s], true).contiguous();
+        Self { rope: Rope::new(cfg, positions, kind), mask }
+    }
+}
+
+fn half_min() -> f32 {
+    -65504.0
+}
+
+#[derive(Debug)]
+pub struct LlamaAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl LlamaAttention {
+    fn load(vb: &VarBuilder, cfg: &LlamaConfig, block: u32) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let id = |slot| LayerId::new(Tower::Language, block, slot);
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: Linear::load(&vb.pp("q_proj"), id(Slot::QProj), h, nh * d, bias)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), id(Slot::KProj), h, nkv * d, bias)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), id(Slot::VProj), h, nkv * d, bias)?,
+            o_proj: Linear::load(&vb.pp("o_proj"), id(Slot::OProj), nh * d, h, bias)?,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &DecoderContext,
+        cache: Option<(&mut KvCache, usize)>,
+        hook: &mut dyn LinearHook,
+    ) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let d = self.head_dim;
+        let q = self.q_proj.forward(x, hook).view([b, t, self.heads, d]).transpose(1, 2);
+        let k = self.k_proj.forward(x, hook).view([b, t, self.kv_heads, d]).transpose(1, 2);
+        let v = self.v_proj.forward(x, hook).view([b, t, self.kv_heads, d]).transpose(1, 2);
+        let q = ctx.rope.apply(&q);
+        let k = ctx.rope.apply(&k);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        // Grouped-query attention: each KV head serves `heads / kv_heads` consecutive query heads
+        // (transformers' `repeat_kv`).
+        let rep = self.heads / self.kv_heads;
+        let repeat = |x: Tensor| {
+            if rep == 1 {
+                return x;
+            }
+            let s = x.size()[2];
+            x.unsqueeze(2)
+                .expand([b, self.kv_heads, rep, s, d], true)
+                .reshape([b, self.heads, s, d])
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let scores = q.matmul(&k.transpose(-1, -2)) * (d as f64).powf(-0.5) + &ctx.mask;
+        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let out = probs.matmul(&v).transpose(1, 2).contiguous().view([b, t, self.heads * d]);
+        self.o_proj.forward(&out, hook)
+    }
+}
+
+#[derive(Debug)]
+pub struct LlamaDecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: LlamaAttention,
+    pub post_attention_layernorm: RmsNorm,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    index: usize,
+}
+
+impl LlamaDecoderLayer {
+    fn load(vb: &VarBuilder, cfg: &LlamaConfig, block: u32) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mlp = vb.pp("mlp");
+        let id = |slot| LayerId::new(Tower::Language, block, slot);
+        let bias = cfg.mlp_bias;
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+            self_attn: LlamaAttention::load(&vb.pp("self_attn"), cfg, block)?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            gate_proj: Linear::load(&mlp.pp("gate_proj"), id(Slot::GateProj), h, i, bias)?,
+            up_proj: Linear::load(&mlp.pp("up_proj"), id(Slot::UpProj), h, i, bias)?,
+            down_proj: Linear::load(&mlp.pp("down_proj"), id(Slot::DownProj), i, h, bias)?,
+            index: block as usize,
+        })
+    }
+
+    /// One decoder layer over `[B, T, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &DecoderContext,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn LinearHook,
+    ) -> Tensor {
+        let cache = cache.map(|c| (c, self.index));
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), ctx, cache, hook);
+        let h = self.post_attention_layernorm.forward(&x);
+        let gate = self.gate_proj.forward(&h, hook);
+        let up = self.up_proj.forward(&h, hook);
+        &x + self.down_proj.forward(&(gate.silu() * up), hook)
+    }
+
+    pub fn linears(&self) -> [&Linear; 7] {
+        let a = &self.self_attn;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let a = &mut self.self_attn;
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+}
+
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LlamaDecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub cfg: LlamaConfig,
+}
+
+impl LlamaModel {
+    /// `vb` is scoped at the decoder (`language_model`), `head` at the root (for `lm_head`).
+    pub fn load(vb: &VarBuilder, head: &VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let layers_vb = vb.pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| LlamaDecoderLayer::load(&layers_vb.pp(i), cfg, i as u32))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(head.pp("lm_head").get("weight", &[v, h], Init::Normal { std: 0.02 })?)
+        };
+        Ok(Self {
+            embed_tokens: vb.pp("embed_tokens").get(
+                "weight",
+                &[v, h],
+                Init::Normal { std: 0.02 },
+            )?,
+            layers,
+            norm: RmsNorm::load(&vb.pp("norm"), h, cfg.rms_norm_eps)?,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token ids `[..]` → embeddings `[.., hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// Final norm and the language-model head (kept in float: not a quantization site).
+    pub fn head(&self, hidden: &Tensor) -> Tensor {
+        let h = self.norm.forward(hidden);
+        h.linear(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None::<Tensor>)
+    }
+}

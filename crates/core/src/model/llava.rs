@@ -1,0 +1,371 @@
+//! LLaVA: CLIP vision tower → projector → image features spliced into the LLaMA decoder's input
+//! embeddings at the `<image>` placeholder.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::device::DType;
+use crate::error::{Error, Result};
+use crate::io::config::{
+    detect_format, CheckpointFiles, CheckpointFormat, LlavaConfig, ProjectorKind,
+};
+use crate::io::image::{ImageProcessor, ImageProcessorConfig};
+use crate::io::naming::Naming;
+use crate::io::prompt::{ImageSplice, Piece, PromptTokenizer};
+use crate::io::weights::{ShardSet, VarBuilder};
+use crate::model::clip::ClipVisionTower;
+use crate::model::hook::LinearHook;
+use crate::model::layer_id::LayerId;
+use crate::model::linear::Linear;
+use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
+use crate::model::projector::Projector;
+
+/// How to load a checkpoint directory.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// Original LLaVA: the CLIP directory (default: `mm_vision_tower` if it is a local directory).
+    pub clip_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, clip_dir: None }
+    }
+}
+
+#[derive(Debug)]
+pub struct Llava {
+    pub vision_tower: ClipVisionTower,
+    pub projector: Projector,
+    pub language_model: LlamaModel,
+    pub cfg: LlavaConfig,
+}
+
+/// A batch ready for the decoder: left-padded input embeddings and their mask.
+#[derive(Debug)]
+pub struct PreparedBatch {
+    /// `[B, T, hidden]`.
+    pub embeds: Tensor,
+    /// `[B, T]` int64, 1 = real token.
+    pub mask: Tensor,
+    /// `[B, T]` int64 positions (cumulative count of real tokens − 1).
+    pub positions: Tensor,
+}
+
+/// Greedy decoding options.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub eos_token_ids: Vec<i64>,
+}
+
+impl Llava {
+    /// Builds the model from named weights (checkpoint or fresh variables).
+    pub fn build(vb: &VarBuilder, cfg: &LlavaConfig) -> Result<Self> {
+        let model = Self {
+            vision_tower: ClipVisionTower::load(&vb.pp("vision_tower"), cfg)?,
+            projector: Projector::load(&vb.pp("multi_modal_projector"), cfg)?,
+            language_model: LlamaModel::load(&vb.pp("language_model"), vb, &cfg.text)?,
+            cfg: cfg.clone(),
+        };
+        vb.finish()?;
+        Ok(model)
+    }
+
+    /// Loads a llava-hf or an original-LLaVA checkpoint directory, strictly.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let files = CheckpointFiles::in_dir(dir);
+        let kind = opts.dtype.kind();
+        match detect_format(&files.config)? {
+            CheckpointFormat::LlavaHf => {
+                let cfg = LlavaConfig::from_hf_json(&files.config)?;
+                let shards = ShardSet::open_dir(dir)?;
+                let naming = Naming::detect_hf(&shards, &shards.file_of(""))?;
+                let vb = VarBuilder::from_checkpoint(vec![shards], naming, opts.device, kind);
+                Self::build(&vb, &cfg)
+            }
+            CheckpointFormat::Original => {
+                let clip_dir = original_clip_dir(dir, &files.config, opts.clip_dir.as_deref())?;
+                let cfg =
+                    LlavaConfig::from_original_json(&files.config, &clip_dir.join("config.json"))?;
+                let llm = ShardSet::open_dir(dir)?;
+                let clip = ShardSet::open_dir(&clip_dir)?;
+                let naming =
+                    Naming::Original { linear_projector: cfg.projector == ProjectorKind::Linear };
+                let vb = VarBuilder::from_checkpoint(vec![llm, clip], naming, opts.device, kind);
+                Self::build(&vb, &cfg)
+            }
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.language_model.embed_tokens.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.language_model.embed_tokens.kind()
+    }
+
+    /// Every quantizable linear, in execution order (vision layers that reach the features,
+    /// projector, decoder layers).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = Vec::new();
+        for layer in self.vision_tower.used_layers() {
+            out.extend(layer.linears());
+        }
+        out.extend(self.projector.linears());
+        for layer in &self.language_model.layers {
+            out.extend(layer.linears());
+        }
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = Vec::new();
+        for layer in self.vision_tower.used_layers_mut() {
+            out.extend(layer.linears_mut());
+        }
+        out.extend(self.projector.linears_mut());
+        for layer in &mut self.language_model.layers {
+            out.extend(layer.linears_mut());
+        }
+        out
+    }
+
+    pub fn layer_ids(&self) -> Vec<LayerId> {
+        self.linears().iter().map(|l| l.id).collect()
+    }
+
+    pub fn linear(&self, id: LayerId) -> Option<&Linear> {
+        self.linears().into_iter().find(|l| l.id == id)
+    }
+
+    /// `[B, 3, H, W]` pixels → projected image features `[B, N, text_hidden]`.
+    pub fn image_features(&self, pixels: &Tensor, hook: &mut dyn LinearHook) -> Tensor {
+        let pixels = pixels.to_device(self.device()).to_kind(self.kind());
+        let features = self.vision_tower.forward(&pixels, hook);
+        self.projector.forward(&features, hook)
+    }
+
+    /// Splices image features into token embeddings and left-pads the batch.
+    /// `images[b]` holds sequence b's image features `[n_images_b, N, hidden]` (or is empty).
+    pub fn prepare(&self, sequences: &[Vec<Piece>], images: &[Tensor]) -> Result<PreparedBatch> {
+        let device = self.device();
+        let mut rows = Vec::with_capacity(sequences.len());
+        for (b, pieces) in sequences.iter().enumerate() {
+            let mut parts = Vec::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Tokens(ids) => {
+                        let vocab = self.cfg.text.vocab_size;
+                        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= vocab) {
+                            return Err(Error::Prompt(format!(
+                                "token id {bad} is outside the vocabulary of {vocab}"
+                            )));
+                        }
+                        let ids = Tensor::from_slice(ids).to_device(device);
+                        parts.push(self.language_model.embed(&ids));
+                    }
+                    Piece::Image(i) => {
+                        let feats = images
+                            .get(b)
+                            .filter(|t| (*i as i64) < t.size()[0])
+                            .ok_or_else(|| {
+                                Error::Prompt(format!(
+                                    "sequence {b} names image {i} but has no such image features"
+                                ))
+                            })?;
+                        parts.push(feats.get(*i as i64).to_kind(self.kind()));
+                    }
+                }
+            }
+            if parts.is_empty() {
+                return Err(Error::Prompt(format!("sequence {b} is empty")));
+            }
+            rows.push(Tensor::cat(&parts, 0));
+        }
+        Ok(left_pad(&rows, self.cfg.text.hidden_size, self.kind(), device))
+    }
+
+    /// Runs the decoder over a prepared batch; returns the final hidden states `[B, T, hidden]`
+    /// (before the final norm). With a cache, keys and values are appended to it.
+    pub fn decode_hidden(
+        &self,
+        batch: &PreparedBatch,
+        mut cache: Option<&mut KvCache>,
+        hook: &mut dyn LinearHook,
+    ) -> Tensor {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let key_mask = match cache.as_mut() {
+            Some(c) => c.extend_mask(&batch.mask),
+            None => batch.mask.shallow_clone(),
+        };
+        let ctx = DecoderContext::new(
+            &self.language_model.cfg,
+            &batch.positions,
+            &key_mask,
+            past,
+            self.kind(),
+        );
+        let mut h = batch.embeds.shallow_clone();
+        for layer in &self.language_model.layers {
+            h = layer.forward(&h, &ctx, cache.as_deref_mut(), hook);
+        }
+        h
+    }
+
+    /// Logits `[B, T, vocab]` of every position of a prepared batch.
+    pub fn logits(&self, batch: &PreparedBatch, hook: &mut dyn LinearHook) -> Tensor {
+        let h = self.decode_hidden(batch, None, hook);
+        self.language_model.head(&h)
+    }
+
+    /// Greedy decoding: prefill, then one token at a time with the KV cache, until every row
+    /// produced an EOS or `max_new_tokens` were generated. Returns new tokens per row (without EOS).
+    pub fn generate(
+        &self,
+        batch: &PreparedBatch,
+        opts: &GenerateOptions,
+        hook: &mut dyn LinearHook,
+    ) -> Vec<Vec<i64>> {
+        let b = batch.embeds.size()[0];
+        let mut cache = KvCache::new(self.language_model.layers.len());
+        let h = self.decode_hidden(batch, Some(&mut cache), hook);
+        let mut last_logits = self.language_model.head(&h.select(1, -1));
+        let mut next_pos = batch.positions.select(1, -1) + 1;
+        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
+        let mut done = vec![false; b as usize];
+        for _ in 0..opts.max_new_tokens {
+            let next = last_logits.argmax(-1, false);
+            let ids: Vec<i64> =
+                Vec::<i64>::try_from(&next.to_device(Device::Cpu)).unwrap_or_default();
+            for (row, &id) in ids.iter().enumerate() {
+                if done[row] {
+                    continue;
+                }
+                if opts.eos_token_ids.contains(&id) {
+                    done[row] = true;
+                } else {
+                    out[row].push(id);
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let step = PreparedBatch {
+                embeds: self.language_model.embed(&next.view([b, 1])),
+                mask: Tensor::ones([b, 1], (Kind::Int64, self.device())),
+                positions: next_pos.view([b, 1]),
+            };
+            let h = self.decode_hidden(&step, Some(&mut cache), hook);
+            last_logits = self.language_model.head(&h.select(1, -1));
+            next_pos += 1;
+        }
+        out
+    }
+}
+
+/// Left-pads `[T_b, H]` rows to `[B, T, H]` with a mask and positions.
+pub fn left_pad(rows: &[Tensor], hidden: i64, kind: Kind, device: Device) -> PreparedBatch {
+    let t = rows.iter().map(|r| r.size()[0]).max().unwrap_or(0);
+    let b = rows.len() as i64;
+    let embeds = Tensor::zeros([b, t, hidden], (kind, device));
+    let mask = Tensor::zeros([b, t], (Kind::Int64, device));
+    let mut padded = Vec::with_capacity(rows.len());
+    let mut masks = Vec::with_capacity(rows.len());
+    for r in rows {
+        let len = r.size()[0];
+        let pad = Tensor::zeros([t - len, hidden], (kind, device));
+        padded.push(Tensor::cat(&[pad, r.to_kind(kind)], 0));
+        let m = Tensor::cat(
+            &[
+                Tensor::zeros([t - len], (Kind::Int64, device)),
+                Tensor::ones([len], (Kind::Int64, device)),
+            ],
+            0,
+        );
+        masks.push(m);
+    }
+    let (embeds, mask) = if rows.is_empty() {
+        (embeds, mask)
+    } else {
+        (Tensor::stack(&padded, 0), Tensor::stack(&masks, 0))
+    };
+    let positions = (mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    PreparedBatch { embeds, mask, positions }
+}
+
+/// Where the CLIP weights of an original LLaVA checkpoint are.
+fn original_clip_dir(dir: &Path, config: &Path, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let root = crate::io::config::read_json_object(config)?;
+    let source =
+        root.get("mm_vision_tower").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    for candidate in [PathBuf::from(&source), dir.join(&source), dir.join("clip")] {
+        if candidate.join("config.json").is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::config(
+        config,
+        "mm_vision_tower",
+        format!("`{source}` is not a local CLIP directory; pass its path (--clip DIR / clip_dir)"),
+    ))
+}
+
+/// A loaded checkpoint with its tokenizer and image processor: everything `generate` needs.
+#[derive(Debug)]
+pub struct LlavaBundle {
+    pub model: Llava,
+    pub tokenizer: PromptTokenizer,
+    pub images: ImageProcessor,
+    pub dir: PathBuf,
+}
+
+impl LlavaBundle {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let model = Llava::load(dir, opts)?;
+        let files = CheckpointFiles::in_dir(dir);
+        let splice = match model.cfg.image_token_id {
+            Some(id) => ImageSplice::Token { id, expanded_len: model.cfg.image_feature_len() },
+            None => ImageSplice::SplitText,
+        };
+        let tokenizer =
+            PromptTokenizer::from_file(&files.tokenizer, splice, model.cfg.text.bos_token_id)?;
+        let images = if files.preprocessor.is_file() {
+            ImageProcessor::new(ImageProcessorConfig::from_json(&files.preprocessor)?)
+        } else if model.cfg.format == CheckpointFormat::Original {
+            // Original LLaVA takes CLIP's processor from the CLIP directory.
+            let clip = opts.clip_dir.clone().map(|d| d.join("preprocessor_config.json"));
+            match clip.filter(|p| p.is_file()) {
+                Some(p) => ImageProcessor::new(ImageProcessorConfig::from_json(&p)?),
+                None => ImageProcessor::new(ImageProcessorConfig::clip_default(
+                    model.cfg.vision.image_size as u32,
+                )),
+            }
+        } else {
+            return Err(Error::io(
+                &files.preprocessor,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "preprocessor_config.json is missing",
+                ),
+            ));
+        };
+        Ok(Self { model, tokenizer, images, dir: dir.to_path_buf() })
+    }
+
+    /// End-of-sequence ids: the config's, else the tokenizer's `</s>`.
+    pub fn eos_ids(&self) -> Vec<i64> {
+        let mut ids = self.model.cfg.text.eos_token_ids.clone();
+        if ids.is_empty() {
+            ids.extend(self.tokenizer.token_id("</s>"));
+        }
+        ids
+    }
+}

@@ -1,0 +1,75 @@
+//! Direct use of a checkpoint from the command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use qvlm_core::device::{DType, DeviceSpec};
+use qvlm_core::io::prompt::Template;
+use qvlm_core::model::hook::NoHook;
+use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
+use tch::Tensor;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (llava-hf or original LLaVA).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// CLIP directory for original-LLaVA checkpoints (default: the config's mm_vision_tower).
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
+    /// Image file (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The question; `<image>` is prepended unless the prompt already contains it.
+    #[arg(long)]
+    pub prompt: String,
+    /// Conversation template: none | llava_v1 | vicuna_v1.
+    #[arg(long, default_value = "llava_v1")]
+    pub template: Template,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Write the prompt's logits ([sequence, vocab] f32, image placeholder expanded) here.
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+}
+
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let device = args.device.resolve()?;
+    let opts = LoadOptions { device, dtype: args.dtype, clip_dir: args.clip.clone() };
+    let bundle = LlavaBundle::load(&args.model, &opts)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let pixels = bundle.images.preprocess_file(&args.image)?;
+    let message = if args.prompt.contains(qvlm_core::io::prompt::IMAGE_PLACEHOLDER) {
+        args.prompt.clone()
+    } else {
+        Template::image_question(&args.prompt, bundle.model.cfg.use_im_start_end)
+    };
+    let prompt = args.template.render(&message);
+    let pieces = bundle.tokenizer.tokenize_prompt(&prompt, 1)?;
+    let _guard = tch::no_grad_guard();
+    let features = bundle.model.image_features(&pixels.unsqueeze(0), &mut NoHook);
+    let batch = bundle.model.prepare(&[pieces], &[features])?;
+    if let Some(out) = &args.dump_logits {
+        let logits =
+            bundle.model.logits(&batch, &mut NoHook).squeeze_dim(0).to_kind(tch::Kind::Float);
+        write_logits(out, &logits)?;
+        eprintln!("wrote logits {:?} to {}", logits.size(), out.display());
+    }
+    let gen =
+        GenerateOptions { max_new_tokens: args.max_new_tokens, eos_token_ids: bundle.eos_ids() };
+    let tokens = bundle.model.generate(&batch, &gen, &mut NoHook);
+    let answer = bundle.tokenizer.decode(&tokens[0], true)?;
+    println!("{}", answer.trim());
+    Ok(())
+}
+
+fn write_logits(path: &std::path::Path, logits: &Tensor) -> Result<()> {
+    let tensors = vec![("logits".to_string(), logits.shallow_clone())];
+    qvlm_core::io::safetensors::write_safetensors(path, &tensors, &Default::default())
+        .with_context(|| format!("writing {}", path.display()))
+}

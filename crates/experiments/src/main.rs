@@ -1,0 +1,65 @@
+//! `experiments`: the project's one binary. `experiments CONFIG.toml` runs a config's grid;
+//! subcommands generate with a checkpoint, train the embedded tiny LLaVA, and so on.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod cli;
+mod config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "experiments",
+    version,
+    about = "Q-VLM post-training quantization experiments on LLaVA"
+)]
+struct Args {
+    /// A config file to run (e.g. configs/ablation.toml); same as `experiments run CONFIG`.
+    config: Option<PathBuf>,
+    /// Print the resolved cells and their ids without running anything.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a config's grid of cells.
+    Run {
+        config: PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Answer a prompt about an image with a checkpoint directory.
+    Generate(cli::GenerateArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match (args.command, args.config) {
+        (Some(Command::Run { config, dry_run }), _) => run_config(&config, dry_run || args.dry_run),
+        (Some(Command::Generate(g)), _) => cli::generate(&g),
+        (None, Some(config)) => run_config(&config, args.dry_run),
+        (None, None) => {
+            anyhow::bail!("nothing to do: pass a config (e.g. `experiments configs/ablation.toml`) or a subcommand (--help)")
+        }
+    }
+}
+
+fn run_config(path: &std::path::Path, dry_run: bool) -> Result<()> {
+    let cfg = config::load(path).with_context(|| format!("loading {}", path.display()))?;
+    config::print_plan(&cfg);
+    if dry_run {
+        return Ok(());
+    }
+    config::run(&cfg)
+}

@@ -1,0 +1,1 @@
+pub use qvlm_core;
