@@ -5,11 +5,11 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, preparing or quantizing a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
 
-    #[error("{path}: not valid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: not valid JSON: {cause}")]
+    Json { path: PathBuf, cause: serde_json::Error },
 
     #[error("{file}: invalid config: key `{key}`: {reason}")]
     Config { file: PathBuf, key: String, reason: String },
@@ -54,8 +54,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io { path: path.into(), cause }
     }
 
     pub(crate) fn config(file: impl Into<PathBuf>, key: &str, reason: impl Into<String>) -> Self {

@@ -285,7 +285,7 @@ impl<'a> Fields<'a> {
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: Value = serde_json::from_str(&text)
-        .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        .map_err(|cause| Error::Json { path: path.to_path_buf(), cause })?;
     match value {
         Value::Object(map) => Ok(map),
         other => {

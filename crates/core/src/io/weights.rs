@@ -60,7 +60,7 @@ impl ShardSet {
         }
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
         let parsed: Index = serde_json::from_str(&text)
-            .map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
+            .map_err(|cause| Error::Json { path: index.to_path_buf(), cause })?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let shard_names: BTreeSet<&String> = parsed.weight_map.values().collect();
         let mut paths = Vec::new();

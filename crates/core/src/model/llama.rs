@@ -113,19 +113,22 @@ impl DecoderContext {
         let k_idx = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
         let causal = k_idx.le_tensor(&q_idx).view([1, 1, t, s]);
         let keep = causal.logical_and(&key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]));
-        let min = match kind {
-            Kind::Half => f64::from(half_min()),
-            Kind::BFloat16 => -3.389_531_4e38,
-            _ => f64::from(f32::MIN),
-        };
+        let min = finfo_min(kind);
         let mask = Tensor::zeros([1], (kind, device)).masked_fill(&keep.logical_not(), min);
         let mask = mask.expand([key_mask.size()[0], 1, t, s], true).contiguous();
         Self { rope: Rope::new(cfg, positions, kind), mask }
     }
 }
 
-fn half_min() -> f32 {
-    -65504.0
+/// `torch.finfo(kind).min`, the additive mask value transformers uses.
+fn finfo_min(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        // (2 − 2⁻⁷) · 2¹²⁷
+        Kind::BFloat16 => -(2.0 - 2f64.powi(-7)) * 2f64.powi(127),
+        Kind::Double => f64::MIN,
+        _ => f64::from(f32::MIN),
+    }
 }
 
 #[derive(Debug)]

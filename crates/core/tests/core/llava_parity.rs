@@ -1,0 +1,212 @@
+//! Parity with HF transformers (the reference implementation of LLaVA, CLIP and LLaMA) on tiny
+//! random checkpoints in every supported key layout; see python/gen_llava_fixtures.py.
+
+use std::path::Path;
+
+use qvlm_core::device::DType;
+use qvlm_core::io::image::{AspectMode, ImageProcessor, ImageProcessorConfig, Rgb8};
+use qvlm_core::io::prompt::Piece;
+use qvlm_core::io::safetensors::SafetensorsFile;
+use qvlm_core::model::hook::NoHook;
+use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
+use serde_json::Value;
+
+use super::common::{llava_fixtures, max_abs_diff};
+
+/// f32: pixel values after PIL-exact resizing differ only by float rounding of rescale/normalize.
+const PIXEL_ATOL: f64 = 1e-6;
+/// JPEG: the `image` crate's decoder (zune-jpeg) is not bit-identical to PIL's libjpeg-turbo; after
+/// the bicubic resize the worst pixel differs by a few 8-bit levels (≈ 0.07 after normalization).
+const JPEG_PIXEL_ATOL: f64 = 0.1;
+/// f32: vision hidden states and projector outputs.
+const HIDDEN_ATOL_F32: f64 = 1e-5;
+/// f32: logits (the bound).
+const LOGITS_ATOL_F32: f64 = 1e-4;
+/// bf16: logits of our bf16 run against transformers' bf16 run. bf16 keeps 8 mantissa bits; on this
+/// fixture transformers' own bf16 logits differ from its f32 logits by 0.22 (max |logit| 5.4), so two
+/// bf16 implementations agree to about that much.
+const LOGITS_ATOL_BF16: f64 = 0.3;
+
+const GENERATOR_VERSION: &str = "generator 1";
+
+fn expected(dir: &Path) -> (SafetensorsFile, Value) {
+    let tensors =
+        SafetensorsFile::open(&dir.join("expected.safetensors")).expect("expected.safetensors");
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+    (tensors, meta)
+}
+
+fn ids(meta: &Value, key: &str) -> Vec<i64> {
+    meta[key].as_array().expect("array").iter().map(|v| v.as_i64().expect("int")).collect()
+}
+
+fn flatten(pieces: &[Piece], image_token: i64) -> Vec<i64> {
+    pieces
+        .iter()
+        .flat_map(|p| match p {
+            Piece::Tokens(t) => t.clone(),
+            Piece::Image(_) => vec![image_token],
+        })
+        .collect()
+}
+
+fn check_fixture(name: &str, dtype: DType) {
+    let dir = llava_fixtures().join(name);
+    let opts = LoadOptions { dtype, ..LoadOptions::default() };
+    let bundle = LlavaBundle::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (exp, meta) = expected(&dir);
+    let model = &bundle.model;
+
+    // Tokenization: transformers' tokenizer (llava-hf) or LLaVA's tokenizer_image_token (original,
+    // where the image is -200).
+    let prompt = meta["prompt"].as_str().expect("prompt");
+    let pieces = bundle.tokenizer.tokenize_prompt(prompt, 1).expect("tokenize");
+    let image_marker = model.cfg.image_token_id.unwrap_or(-200);
+    assert_eq!(flatten(&pieces, image_marker), ids(&meta, "input_ids"), "{name}: input ids");
+
+    // Preprocessing → vision tower → projector → logits.
+    let image = llava_fixtures().join(meta["image"].as_str().expect("image"));
+    let pixels = bundle.images.preprocess_file(&image).expect("image").unsqueeze(0);
+    let _guard = tch::no_grad_guard();
+    let feats = model.vision_tower.forward(&pixels.to_kind(model.kind()), &mut NoHook);
+    let projected = model.projector.forward(&feats, &mut NoHook);
+    let batch = model.prepare(&[pieces], &[projected.shallow_clone()]).expect("prepare");
+    let logits = model.logits(&batch, &mut NoHook).squeeze_dim(0);
+    if dtype == DType::F32 {
+        let d = max_abs_diff(&feats.squeeze_dim(0), &exp.read("vision_hidden").expect("t"));
+        assert!(d <= HIDDEN_ATOL_F32, "{name}: vision hidden differs by {d}");
+        let d = max_abs_diff(&projected.squeeze_dim(0), &exp.read("projected").expect("t"));
+        assert!(d <= HIDDEN_ATOL_F32, "{name}: projector output differs by {d}");
+        let d = max_abs_diff(&logits, &exp.read("logits").expect("t"));
+        assert!(d <= LOGITS_ATOL_F32, "{name}: logits differ by {d}");
+    } else {
+        let d = max_abs_diff(&logits, &exp.read("logits_bf16").expect("t"));
+        assert!(d <= LOGITS_ATOL_BF16, "{name}: bf16 logits differ by {d}");
+    }
+
+    // Greedy generation: the same tokens as transformers' generate(do_sample=False).
+    let gen = GenerateOptions {
+        max_new_tokens: meta["max_new_tokens"].as_u64().expect("n") as usize,
+        eos_token_ids: bundle.eos_ids(),
+    };
+    let tokens = model.generate(&batch, &gen, &mut NoHook);
+    let want: Vec<i64> = ids(&meta, "generated")
+        .into_iter()
+        .take_while(|t| !gen.eos_token_ids.contains(t))
+        .collect();
+    if dtype == DType::F32 {
+        assert_eq!(tokens[0], want, "{name}: greedy tokens");
+    }
+}
+
+#[test]
+fn fixtures_carry_the_expected_generator_version() {
+    let version = std::fs::read_to_string(llava_fixtures().join("VERSION")).expect("VERSION");
+    assert!(version.starts_with(GENERATOR_VERSION), "regenerate fixtures: {version}");
+    let pinned = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python/requirements.txt"),
+    )
+    .expect("requirements");
+    let transformers =
+        version.lines().find_map(|l| l.strip_prefix("transformers ")).expect("transformers line");
+    assert!(
+        pinned.contains(&format!("transformers=={transformers}")),
+        "fixtures from transformers {transformers}"
+    );
+}
+
+#[test]
+fn hf_mha_mlp_flat_vision_layout_matches_transformers() {
+    check_fixture("hf_mha_mlp", DType::F32);
+}
+
+#[test]
+fn hf_gqa_full_legacy_layout_tied_embeddings_matches_transformers() {
+    check_fixture("hf_gqa_full", DType::F32);
+}
+
+#[test]
+fn hf_gqa_full_bf16_matches_transformers_bf16() {
+    check_fixture("hf_gqa_full", DType::Bf16);
+}
+
+#[test]
+fn hf_prefixed_sharded_layout_matches_transformers() {
+    check_fixture("hf_prefixed_sharded", DType::F32);
+}
+
+#[test]
+fn original_llava_linear_projector_matches_reference() {
+    check_fixture("original_linear", DType::F32);
+}
+
+#[test]
+fn preprocessing_matches_pil_clip_image_processor() {
+    let root = llava_fixtures();
+    let expected = SafetensorsFile::open(&root.join("pixels.safetensors")).expect("pixels");
+    let crop = ImageProcessor::new(
+        ImageProcessorConfig::from_json(&root.join("preprocessor_config.json")).expect("cfg"),
+    );
+    let mut pad_cfg = crop.cfg.clone();
+    pad_cfg.aspect = AspectMode::Pad;
+    let pad = ImageProcessor::new(pad_cfg);
+    for file in ["image_rgb.png", "image_gray.png", "image_rgba.png", "image_rgb.jpg"] {
+        let img = Rgb8::open(&root.join(file)).expect("open");
+        let key = file.replace('.', "_");
+        let atol = if file.ends_with(".jpg") { JPEG_PIXEL_ATOL } else { PIXEL_ATOL };
+        let d = max_abs_diff(
+            &crop.preprocess(&img),
+            &expected.read(&format!("pixels_{key}")).expect("t"),
+        );
+        assert!(d <= atol, "{file}: pixels differ by {d}");
+        let d = max_abs_diff(
+            &pad.preprocess(&img),
+            &expected.read(&format!("pixels_pad_{key}")).expect("t"),
+        );
+        assert!(d <= atol, "{file} (pad): pixels differ by {d}");
+    }
+}
+
+#[test]
+fn batched_prefill_with_padding_equals_single_runs() {
+    let dir = llava_fixtures().join("hf_gqa_full");
+    let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let model = &bundle.model;
+    let _guard = tch::no_grad_guard();
+    let pixels = bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("img")
+        .unsqueeze(0);
+    let feats = model.image_features(&pixels, &mut NoHook);
+    let long = bundle
+        .tokenizer
+        .tokenize_prompt("USER: <image>\nWhat color is the shape? ASSISTANT:", 1)
+        .expect("t");
+    let short = bundle.tokenizer.tokenize_prompt("<image>\nshape?", 1).expect("t");
+    let both = model
+        .prepare(&[long.clone(), short.clone()], &[feats.shallow_clone(), feats.shallow_clone()])
+        .expect("p");
+    let batched = model.logits(&both, &mut NoHook);
+    let t = batched.size()[1];
+    for (row, pieces) in [long.clone(), short.clone()].into_iter().enumerate() {
+        let single = model.prepare(&[pieces], &[feats.shallow_clone()]).expect("p");
+        let alone = model.logits(&single, &mut NoHook).squeeze_dim(0);
+        let n = alone.size()[0];
+        let from_batch = batched.get(row as i64).narrow(0, t - n, n);
+        let d = max_abs_diff(&from_batch, &alone);
+        assert!(d <= LOGITS_ATOL_F32, "row {row}: padded batch differs by {d}");
+    }
+    // Greedy decoding of the padded batch yields each row's single-run tokens.
+    let gen = GenerateOptions { max_new_tokens: 5, eos_token_ids: vec![] };
+    let batched_tokens = model.generate(&both, &gen, &mut NoHook);
+    for (row, pieces) in [long, short].into_iter().enumerate() {
+        let single = model.prepare(&[pieces], &[feats.shallow_clone()]).expect("p");
+        let alone = model.generate(&single, &gen, &mut NoHook);
+        assert_eq!(batched_tokens[row], alone[0], "row {row}: batched greedy tokens");
+        assert_eq!(alone[0].len(), 5);
+    }
+}

@@ -1,0 +1,3 @@
+mod common;
+mod llava_parity;
+mod loading_errors;
