@@ -29,6 +29,9 @@ pub struct GenerateArgs {
     pub template: Template,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Stop once the answer contains this text (repeatable); the answer is cut before it.
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Write the prompt's logits ([sequence, vocab] f32, image placeholder expanded) here.
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
@@ -60,11 +63,15 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         write_logits(out, &logits)?;
         eprintln!("wrote logits {:?} to {}", logits.size(), out.display());
     }
-    let gen =
-        GenerateOptions { max_new_tokens: args.max_new_tokens, eos_token_ids: bundle.eos_ids() };
+    let stop = bundle.stop_strings(args.stop.clone());
+    let gen = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        eos_token_ids: bundle.eos_ids(),
+        stop: Some(&stop),
+    };
     let tokens = bundle.model.generate(&batch, &gen, &mut NoHook);
     let answer = bundle.tokenizer.decode(&tokens[0], true)?;
-    println!("{}", answer.trim());
+    println!("{}", stop.trim(&answer));
     Ok(())
 }
 

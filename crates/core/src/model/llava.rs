@@ -55,11 +55,28 @@ pub struct PreparedBatch {
     pub positions: Tensor,
 }
 
+/// Decides from a row's new tokens whether it is finished (e.g. a stop string appeared).
+pub trait StopCriterion {
+    fn should_stop(&self, new_tokens: &[i64]) -> bool;
+}
+
 /// Greedy decoding options.
-#[derive(Clone, Debug)]
-pub struct GenerateOptions {
+#[derive(Clone, Default)]
+pub struct GenerateOptions<'a> {
     pub max_new_tokens: usize,
     pub eos_token_ids: Vec<i64>,
+    /// Checked after every token; a row that meets it stops (its tokens are kept).
+    pub stop: Option<&'a dyn StopCriterion>,
+}
+
+impl std::fmt::Debug for GenerateOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateOptions")
+            .field("max_new_tokens", &self.max_new_tokens)
+            .field("eos_token_ids", &self.eos_token_ids)
+            .field("stop", &self.stop.is_some())
+            .finish()
+    }
 }
 
 impl Llava {
@@ -224,7 +241,8 @@ impl Llava {
     }
 
     /// Greedy decoding: prefill, then one token at a time with the KV cache, until every row
-    /// produced an EOS or `max_new_tokens` were generated. Returns new tokens per row (without EOS).
+    /// produced an EOS, met the stop criterion, or `max_new_tokens` were generated. Returns the new
+    /// tokens per row (without EOS).
     pub fn generate(
         &self,
         batch: &PreparedBatch,
@@ -250,6 +268,7 @@ impl Llava {
                     done[row] = true;
                 } else {
                     out[row].push(id);
+                    done[row] = opts.stop.is_some_and(|s| s.should_stop(&out[row]));
                 }
             }
             if done.iter().all(|&d| d) {
@@ -360,6 +379,12 @@ impl LlavaBundle {
         Ok(Self { model, tokenizer, images, dir: dir.to_path_buf() })
     }
 
+    /// Stops a row once its decoded text contains one of `strings` (LLaVA's
+    /// `KeywordsStoppingCriteria`); see [`StopStrings::trim`] for the answer text.
+    pub fn stop_strings(&self, strings: Vec<String>) -> StopStrings<'_> {
+        StopStrings { tokenizer: &self.tokenizer, strings }
+    }
+
     /// End-of-sequence ids: the config's, else the tokenizer's `</s>`.
     pub fn eos_ids(&self) -> Vec<i64> {
         let mut ids = self.model.cfg.text.eos_token_ids.clone();
@@ -367,5 +392,30 @@ impl LlavaBundle {
             ids.extend(self.tokenizer.token_id("</s>"));
         }
         ids
+    }
+}
+
+/// Stop strings checked on the decoded new tokens.
+pub struct StopStrings<'a> {
+    tokenizer: &'a PromptTokenizer,
+    pub strings: Vec<String>,
+}
+
+impl StopStrings<'_> {
+    /// The answer text: decoded, cut at the first stop string, trimmed.
+    pub fn trim(&self, text: &str) -> String {
+        let cut =
+            self.strings.iter().filter_map(|s| text.find(s.as_str())).min().unwrap_or(text.len());
+        text[..cut].trim().to_string()
+    }
+}
+
+impl StopCriterion for StopStrings<'_> {
+    fn should_stop(&self, new_tokens: &[i64]) -> bool {
+        if self.strings.is_empty() {
+            return false;
+        }
+        let text = self.tokenizer.decode(new_tokens, false).unwrap_or_default();
+        self.strings.iter().any(|s| text.contains(s.as_str()))
     }
 }

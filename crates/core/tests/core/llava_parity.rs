@@ -22,6 +22,8 @@ const JPEG_PIXEL_ATOL: f64 = 0.1;
 const HIDDEN_ATOL_F32: f64 = 1e-5;
 /// f32: logits (the bound).
 const LOGITS_ATOL_F32: f64 = 1e-4;
+/// f16: our f16 logits against transformers' f32 logits (11 mantissa bits).
+const LOGITS_ATOL_F16_VS_F32: f64 = 0.05;
 /// bf16: logits of our bf16 run against transformers' bf16 run. bf16 keeps 8 mantissa bits; on this
 /// fixture transformers' own bf16 logits differ from its f32 logits by 0.22 (max |logit| 5.4), so two
 /// bf16 implementations agree to about that much.
@@ -91,6 +93,7 @@ fn check_fixture(name: &str, dtype: DType) {
     let gen = GenerateOptions {
         max_new_tokens: meta["max_new_tokens"].as_u64().expect("n") as usize,
         eos_token_ids: bundle.eos_ids(),
+        stop: None,
     };
     let tokens = model.generate(&batch, &gen, &mut NoHook);
     let want: Vec<i64> = ids(&meta, "generated")
@@ -201,7 +204,7 @@ fn batched_prefill_with_padding_equals_single_runs() {
         assert!(d <= LOGITS_ATOL_F32, "row {row}: padded batch differs by {d}");
     }
     // Greedy decoding of the padded batch yields each row's single-run tokens.
-    let gen = GenerateOptions { max_new_tokens: 5, eos_token_ids: vec![] };
+    let gen = GenerateOptions { max_new_tokens: 5, ..GenerateOptions::default() };
     let batched_tokens = model.generate(&both, &gen, &mut NoHook);
     for (row, pieces) in [long, short].into_iter().enumerate() {
         let single = model.prepare(&[pieces], &[feats.shallow_clone()]).expect("p");
@@ -209,4 +212,61 @@ fn batched_prefill_with_padding_equals_single_runs() {
         assert_eq!(batched_tokens[row], alone[0], "row {row}: batched greedy tokens");
         assert_eq!(alone[0].len(), 5);
     }
+}
+
+#[test]
+fn f16_runs_and_stays_close_to_f32() {
+    let dir = llava_fixtures().join("hf_mha_mlp");
+    let (exp, meta) = expected(&dir);
+    let bundle =
+        LlavaBundle::load(&dir, &LoadOptions { dtype: DType::F16, ..LoadOptions::default() })
+            .expect("load");
+    let model = &bundle.model;
+    let _guard = tch::no_grad_guard();
+    let pixels = bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("img")
+        .unsqueeze(0);
+    let feats = model.image_features(&pixels, &mut NoHook);
+    let pieces =
+        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
+    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let logits = model.logits(&batch, &mut NoHook).squeeze_dim(0);
+    assert_eq!(logits.kind(), tch::Kind::Half);
+    let d = max_abs_diff(&logits, &exp.read("logits").expect("t"));
+    assert!(d <= LOGITS_ATOL_F16_VS_F32, "f16 logits differ from transformers' f32 by {d}");
+}
+
+#[test]
+fn stop_strings_end_generation_and_cut_the_answer() {
+    let dir = llava_fixtures().join("hf_mha_mlp");
+    let (_, meta) = expected(&dir);
+    let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let model = &bundle.model;
+    let _guard = tch::no_grad_guard();
+    let pixels = bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("img")
+        .unsqueeze(0);
+    let feats = model.image_features(&pixels, &mut NoHook);
+    let pieces =
+        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
+    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let free = model.generate(
+        &batch,
+        &GenerateOptions { max_new_tokens: 8, ..GenerateOptions::default() },
+        &mut NoHook,
+    );
+    // Stop at the text of the second generated token: generation ends right after it.
+    let second = bundle.tokenizer.decode(&free[0][1..2], false).expect("decode");
+    let stop = bundle.stop_strings(vec![second.clone()]);
+    let opts =
+        GenerateOptions { max_new_tokens: 8, stop: Some(&stop), ..GenerateOptions::default() };
+    let stopped = model.generate(&batch, &opts, &mut NoHook);
+    assert!(stopped[0].len() < free[0].len() && stopped[0].len() >= 2, "{stopped:?} vs {free:?}");
+    assert_eq!(stopped[0][..], free[0][..stopped[0].len()]);
+    let text = bundle.tokenizer.decode(&stopped[0], false).expect("decode");
+    assert!(!stop.trim(&text).contains(second.as_str()) || second.trim().is_empty());
 }
