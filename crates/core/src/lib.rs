@@ -8,5 +8,8 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod optim;
+pub mod quant;
+pub mod rng;
 
 pub use error::{Error, Result};

@@ -69,7 +69,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         eos_token_ids: bundle.eos_ids(),
         stop: Some(&stop),
     };
-    let tokens = bundle.model.generate(&batch, &gen, &mut NoHook);
+    let tokens = bundle.model.generate(&batch, &gen, &mut NoHook).tokens;
     let answer = bundle.tokenizer.decode(&tokens[0], true)?;
     println!("{}", stop.trim(&answer));
     Ok(())

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-mod cli;
-mod config;
+use experiments::{cli, config, tiny};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,6 +34,11 @@ enum Command {
     },
     /// Answer a prompt about an image with a checkpoint directory.
     Generate(cli::GenerateArgs),
+    /// Train the embedded tiny LLaVA on easy-VQA (configs/train-tiny.toml).
+    TrainTiny {
+        #[arg(default_value = "configs/train-tiny.toml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +63,18 @@ fn run() -> Result<()> {
     match (args.command, args.config) {
         (Some(Command::Run { config, dry_run }), _) => run_config(&config, dry_run || args.dry_run),
         (Some(Command::Generate(g)), _) => cli::generate(&g),
+        (Some(Command::TrainTiny { config }), _) => {
+            let cfg = tiny::train::load_config(&config)?;
+            let record = tiny::train::train(&cfg)?;
+            println!("{}", serde_json::to_string_pretty(&record.test_accuracy)?);
+            println!(
+                "trained in {:.1} min ({} parameters), saved to {}",
+                record.train_seconds / 60.0,
+                record.parameters,
+                cfg.out.display()
+            );
+            Ok(())
+        }
         (None, Some(config)) => run_config(&config, args.dry_run),
         (None, None) => {
             anyhow::bail!("nothing to do: pass a config (e.g. `experiments configs/ablation.toml`) or a subcommand (--help)")

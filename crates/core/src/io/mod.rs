@@ -1,4 +1,5 @@
 pub mod config;
+pub mod export;
 pub mod image;
 pub mod naming;
 pub mod prompt;

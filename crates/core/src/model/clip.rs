@@ -22,6 +22,14 @@ pub(crate) fn activate(act: Activation, x: &Tensor) -> Tensor {
     }
 }
 
+/// Fresh-weight scales of transformers' `CLIPPreTrainedModel._init_weights`: q/k/v and fc2 get
+/// `h^-½ (2L)^-½`, out_proj `h^-½` (and fc1 `(2h)^-½`).
+fn clip_init_std(cfg: &ClipVisionConfig) -> (f64, f64) {
+    let h = cfg.hidden_size as f64;
+    let l = cfg.num_hidden_layers as f64;
+    (h.powf(-0.5) * (2.0 * l).powf(-0.5), h.powf(-0.5))
+}
+
 #[derive(Debug)]
 pub struct ClipEmbeddings {
     pub patch_embedding: Tensor,
@@ -39,7 +47,11 @@ impl ClipEmbeddings {
                 &[h, cfg.num_channels, cfg.patch_size, cfg.patch_size],
                 Init::Normal { std: 0.02 },
             )?,
-            class_embedding: vb.get("class_embedding", &[h], Init::Normal { std: 0.02 })?,
+            class_embedding: vb.get(
+                "class_embedding",
+                &[h],
+                Init::Normal { std: (h as f64).powf(-0.5) },
+            )?,
             position_embedding: vb.pp("position_embedding").get(
                 "weight",
                 &[cfg.num_patches() + 1, h],
@@ -82,11 +94,12 @@ impl ClipAttention {
     fn load(vb: &VarBuilder, cfg: &ClipVisionConfig, block: u32) -> Result<Self> {
         let h = cfg.hidden_size;
         let id = |slot| LayerId::new(Tower::Vision, block, slot);
+        let (inner, outer) = clip_init_std(cfg);
         Ok(Self {
-            q_proj: Linear::load(&vb.pp("q_proj"), id(Slot::QProj), h, h, true)?,
-            k_proj: Linear::load(&vb.pp("k_proj"), id(Slot::KProj), h, h, true)?,
-            v_proj: Linear::load(&vb.pp("v_proj"), id(Slot::VProj), h, h, true)?,
-            out_proj: Linear::load(&vb.pp("out_proj"), id(Slot::OutProj), h, h, true)?,
+            q_proj: Linear::load_init(&vb.pp("q_proj"), id(Slot::QProj), h, h, true, inner)?,
+            k_proj: Linear::load_init(&vb.pp("k_proj"), id(Slot::KProj), h, h, true, inner)?,
+            v_proj: Linear::load_init(&vb.pp("v_proj"), id(Slot::VProj), h, h, true, inner)?,
+            out_proj: Linear::load_init(&vb.pp("out_proj"), id(Slot::OutProj), h, h, true, outer)?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })

@@ -25,7 +25,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `weight` `[out, in]` and, when `bias`, `bias` `[out]` from `vb`.
+    /// Loads `weight` `[out, in]` and, when `bias`, `bias` `[out]` from `vb`; fresh weights are
+    /// N(0, 0.02), transformers' default `initializer_range`.
     pub fn load(
         vb: &VarBuilder,
         id: LayerId,
@@ -33,8 +34,19 @@ impl Linear {
         out_features: i64,
         bias: bool,
     ) -> Result<Self> {
-        // Default init for fresh weights: N(0, 0.02), as transformers' `initializer_range`.
-        let weight = vb.get("weight", &[out_features, in_features], Init::Normal { std: 0.02 })?;
+        Self::load_init(vb, id, in_features, out_features, bias, 0.02)
+    }
+
+    /// As [`Linear::load`], with fresh weights drawn from N(0, `std`).
+    pub fn load_init(
+        vb: &VarBuilder,
+        id: LayerId,
+        in_features: i64,
+        out_features: i64,
+        bias: bool,
+        std: f64,
+    ) -> Result<Self> {
+        let weight = vb.get("weight", &[out_features, in_features], Init::Normal { std })?;
         let bias = if bias { Some(vb.get("bias", &[out_features], Init::Zeros)?) } else { None };
         Ok(Self { id, in_features, out_features, weight: LinearWeight::Float(weight), bias })
     }

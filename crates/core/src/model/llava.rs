@@ -55,6 +55,15 @@ pub struct PreparedBatch {
     pub positions: Tensor,
 }
 
+/// What greedy decoding produced.
+#[derive(Debug)]
+pub struct Generation {
+    /// New tokens per row, EOS excluded.
+    pub tokens: Vec<Vec<i64>>,
+    /// `[B, vocab]` logits of the first generated position (the answer distribution).
+    pub first_logits: Tensor,
+}
+
 /// Decides from a row's new tokens whether it is finished (e.g. a stop string appeared).
 pub trait StopCriterion {
     fn should_stop(&self, new_tokens: &[i64]) -> bool;
@@ -152,6 +161,83 @@ impl Llava {
         out
     }
 
+    /// Every weight under its canonical name (the names `VarBuilder` asks for), for saving.
+    /// Quantized layers contribute their float (dequantized) weight.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut push = |name: String, t: &Tensor| out.push((name, t.shallow_clone()));
+        let linear = |push: &mut dyn FnMut(String, &Tensor), prefix: String, l: &Linear| {
+            push(format!("{prefix}.weight"), &l.float_weight());
+            if let Some(b) = &l.bias {
+                push(format!("{prefix}.bias"), b);
+            }
+        };
+        let vt = &self.vision_tower;
+        let e = &vt.embeddings;
+        push("vision_tower.embeddings.patch_embedding.weight".into(), &e.patch_embedding);
+        push("vision_tower.embeddings.class_embedding".into(), &e.class_embedding);
+        push("vision_tower.embeddings.position_embedding.weight".into(), &e.position_embedding);
+        let norm = |push: &mut dyn FnMut(String, &Tensor),
+                    prefix: String,
+                    n: &crate::model::norm::LayerNorm| {
+            push(format!("{prefix}.weight"), &n.weight);
+            push(format!("{prefix}.bias"), &n.bias);
+        };
+        norm(&mut push, "vision_tower.pre_layrnorm".into(), &vt.pre_layrnorm);
+        for (i, layer) in vt.layers.iter().enumerate() {
+            let p = format!("vision_tower.encoder.layers.{i}");
+            norm(&mut push, format!("{p}.layer_norm1"), &layer.layer_norm1);
+            norm(&mut push, format!("{p}.layer_norm2"), &layer.layer_norm2);
+            let a = &layer.self_attn;
+            for (name, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("out_proj", &a.out_proj),
+            ] {
+                linear(&mut push, format!("{p}.self_attn.{name}"), l);
+            }
+            linear(&mut push, format!("{p}.mlp.fc1"), &layer.fc1);
+            linear(&mut push, format!("{p}.mlp.fc2"), &layer.fc2);
+        }
+        norm(&mut push, "vision_tower.post_layernorm".into(), &vt.post_layernorm);
+        linear(&mut push, "multi_modal_projector.linear_1".into(), &self.projector.linear_1);
+        if let Some(l2) = &self.projector.linear_2 {
+            linear(&mut push, "multi_modal_projector.linear_2".into(), l2);
+        }
+        let lm = &self.language_model;
+        push("language_model.embed_tokens.weight".into(), &lm.embed_tokens);
+        for (i, layer) in lm.layers.iter().enumerate() {
+            let p = format!("language_model.layers.{i}");
+            push(format!("{p}.input_layernorm.weight"), &layer.input_layernorm.weight);
+            push(
+                format!("{p}.post_attention_layernorm.weight"),
+                &layer.post_attention_layernorm.weight,
+            );
+            let a = &layer.self_attn;
+            for (name, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                linear(&mut push, format!("{p}.self_attn.{name}"), l);
+            }
+            for (name, l) in [
+                ("gate_proj", &layer.gate_proj),
+                ("up_proj", &layer.up_proj),
+                ("down_proj", &layer.down_proj),
+            ] {
+                linear(&mut push, format!("{p}.mlp.{name}"), l);
+            }
+        }
+        push("language_model.norm.weight".into(), &lm.norm.weight);
+        if let Some(head) = &lm.lm_head {
+            push("lm_head.weight".into(), head);
+        }
+        out
+    }
+
     pub fn layer_ids(&self) -> Vec<LayerId> {
         self.linears().iter().map(|l| l.id).collect()
     }
@@ -242,17 +328,18 @@ impl Llava {
 
     /// Greedy decoding: prefill, then one token at a time with the KV cache, until every row
     /// produced an EOS, met the stop criterion, or `max_new_tokens` were generated. Returns the new
-    /// tokens per row (without EOS).
+    /// tokens per row (without EOS) and the logits of the first step.
     pub fn generate(
         &self,
         batch: &PreparedBatch,
         opts: &GenerateOptions,
         hook: &mut dyn LinearHook,
-    ) -> Vec<Vec<i64>> {
+    ) -> Generation {
         let b = batch.embeds.size()[0];
         let mut cache = KvCache::new(self.language_model.layers.len());
         let h = self.decode_hidden(batch, Some(&mut cache), hook);
         let mut last_logits = self.language_model.head(&h.select(1, -1));
+        let first_logits = last_logits.shallow_clone();
         let mut next_pos = batch.positions.select(1, -1) + 1;
         let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
         let mut done = vec![false; b as usize];
@@ -283,7 +370,7 @@ impl Llava {
             last_logits = self.language_model.head(&h.select(1, -1));
             next_pos += 1;
         }
-        out
+        Generation { tokens: out, first_logits }
     }
 }
 

@@ -5,4 +5,5 @@ pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod norm;
+pub mod outliers;
 pub mod projector;

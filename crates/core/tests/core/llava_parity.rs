@@ -95,7 +95,7 @@ fn check_fixture(name: &str, dtype: DType) {
         eos_token_ids: bundle.eos_ids(),
         stop: None,
     };
-    let tokens = model.generate(&batch, &gen, &mut NoHook);
+    let tokens = model.generate(&batch, &gen, &mut NoHook).tokens;
     let want: Vec<i64> = ids(&meta, "generated")
         .into_iter()
         .take_while(|t| !gen.eos_token_ids.contains(t))
@@ -205,10 +205,10 @@ fn batched_prefill_with_padding_equals_single_runs() {
     }
     // Greedy decoding of the padded batch yields each row's single-run tokens.
     let gen = GenerateOptions { max_new_tokens: 5, ..GenerateOptions::default() };
-    let batched_tokens = model.generate(&both, &gen, &mut NoHook);
+    let batched_tokens = model.generate(&both, &gen, &mut NoHook).tokens;
     for (row, pieces) in [long, short].into_iter().enumerate() {
         let single = model.prepare(&[pieces], &[feats.shallow_clone()]).expect("p");
-        let alone = model.generate(&single, &gen, &mut NoHook);
+        let alone = model.generate(&single, &gen, &mut NoHook).tokens;
         assert_eq!(batched_tokens[row], alone[0], "row {row}: batched greedy tokens");
         assert_eq!(alone[0].len(), 5);
     }
@@ -254,19 +254,45 @@ fn stop_strings_end_generation_and_cut_the_answer() {
     let pieces =
         bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
     let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
-    let free = model.generate(
-        &batch,
-        &GenerateOptions { max_new_tokens: 8, ..GenerateOptions::default() },
-        &mut NoHook,
-    );
+    let free = model
+        .generate(
+            &batch,
+            &GenerateOptions { max_new_tokens: 8, ..GenerateOptions::default() },
+            &mut NoHook,
+        )
+        .tokens;
     // Stop at the text of the second generated token: generation ends right after it.
     let second = bundle.tokenizer.decode(&free[0][1..2], false).expect("decode");
     let stop = bundle.stop_strings(vec![second.clone()]);
     let opts =
         GenerateOptions { max_new_tokens: 8, stop: Some(&stop), ..GenerateOptions::default() };
-    let stopped = model.generate(&batch, &opts, &mut NoHook);
+    let stopped = model.generate(&batch, &opts, &mut NoHook).tokens;
     assert!(stopped[0].len() < free[0].len() && stopped[0].len() >= 2, "{stopped:?} vs {free:?}");
     assert_eq!(stopped[0][..], free[0][..stopped[0].len()]);
     let text = bundle.tokenizer.decode(&stopped[0], false).expect("decode");
     assert!(!stop.trim(&text).contains(second.as_str()) || second.trim().is_empty());
+}
+
+#[test]
+fn saved_llava_hf_directory_reloads_strictly_with_identical_logits() {
+    use qvlm_core::io::export::save_llava_hf;
+    let dir = llava_fixtures().join("hf_prefixed_sharded");
+    let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let tmp = super::common::TempDir::new("export");
+    save_llava_hf(&bundle.model, &bundle.images.cfg, &tmp.0).expect("save");
+    std::fs::copy(dir.join("tokenizer.json"), tmp.0.join("tokenizer.json")).expect("copy");
+    let again = LlavaBundle::load(&tmp.0, &LoadOptions::default()).expect("reload");
+    assert_eq!(again.model.cfg, bundle.model.cfg);
+    let _guard = tch::no_grad_guard();
+    let pixels = bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("img")
+        .unsqueeze(0);
+    let run = |b: &LlavaBundle| {
+        let f = b.model.image_features(&pixels, &mut NoHook);
+        let p = b.tokenizer.tokenize_prompt("USER: <image>\nshape? ASSISTANT:", 1).expect("t");
+        b.model.logits(&b.model.prepare(&[p], &[f]).expect("p"), &mut NoHook)
+    };
+    assert_eq!(max_abs_diff(&run(&bundle), &run(&again)), 0.0);
 }

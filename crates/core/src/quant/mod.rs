@@ -1,0 +1,10 @@
+//! Quantizers: the reference fake-quant, uniform grids, activation quantizers with calibration
+//! observers, weight quantizers (RTN, NF4, AWQ), packed storage and real low-bit kernels.
+
+pub mod activation;
+pub mod nf4;
+pub mod observer;
+pub mod reference;
+pub mod spec;
+pub mod uniform;
+pub mod weight;

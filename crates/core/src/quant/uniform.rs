@@ -1,0 +1,144 @@
+//! Uniform affine quantization: bit width, symmetric/asymmetric grids, and quantization
+//! parameters from ranges — guarded so that constant channels, zeros, infinities and NaNs never
+//! produce a zero scale, a division by zero or a non-finite output (Q-VLM's released code
+//! divides by `max − min` unguarded).
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Smallest scale, as PyTorch's observers (`torch.finfo(torch.float32).eps`).
+pub const MIN_SCALE: f64 = f32::EPSILON as f64;
+
+/// The integer grid of a quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Grid {
+    pub bits: u8,
+    pub symmetric: bool,
+}
+
+impl Grid {
+    pub fn new(bits: u8, symmetric: bool) -> Result<Self> {
+        if !(2..=8).contains(&bits) {
+            return Err(Error::Invalid(format!("bits must be 2–8, got {bits}")));
+        }
+        Ok(Self { bits, symmetric })
+    }
+
+    /// `[qmin, qmax]`: signed `[-2^(b-1), 2^(b-1)-1]` when symmetric, `[0, 2^b − 1]` otherwise.
+    pub fn range(self) -> (i64, i64) {
+        let b = i64::from(self.bits);
+        if self.symmetric {
+            (-(1 << (b - 1)), (1 << (b - 1)) - 1)
+        } else {
+            (0, (1 << b) - 1)
+        }
+    }
+
+    pub fn levels(self) -> i64 {
+        1 << self.bits
+    }
+}
+
+/// Scale and zero point with the grid they belong to; `scale`/`zero_point` broadcast against the
+/// tensor they quantize (scalar, `[C]` along the last axis, `[T, 1]` per token, …).
+#[derive(Debug)]
+pub struct QParams {
+    pub grid: Grid,
+    pub scale: Tensor,
+    pub zero_point: Tensor,
+}
+
+impl Clone for QParams {
+    fn clone(&self) -> Self {
+        Self {
+            grid: self.grid,
+            scale: self.scale.shallow_clone(),
+            zero_point: self.zero_point.shallow_clone(),
+        }
+    }
+}
+
+/// Replaces NaN by 0 and ±inf by the largest finite f32 of the same sign.
+pub fn finite(t: &Tensor) -> Tensor {
+    t.to_kind(Kind::Float).nan_to_num(0.0, Some(f64::from(f32::MAX)), Some(f64::from(f32::MIN)))
+}
+
+impl QParams {
+    /// From ranges `min ≤ max` (any broadcastable shape). The range is widened to include 0
+    /// (so 0 is exact) as PyTorch's observers do; ranges are made finite first.
+    pub fn from_range(grid: Grid, min: &Tensor, max: &Tensor) -> QParams {
+        let (qmin, qmax) = grid.range();
+        let min = finite(min).clamp_max(0.0);
+        let max = finite(max).clamp_min(0.0);
+        if grid.symmetric {
+            let amax = min.abs().maximum(&max);
+            let scale = (amax / ((qmax - qmin) as f64 / 2.0)).clamp_min(MIN_SCALE);
+            let zero_point = scale.zeros_like();
+            QParams { grid, scale, zero_point }
+        } else {
+            // Computed in f64 so a huge range cannot overflow before the division.
+            let width = max.to_kind(Kind::Double) - min.to_kind(Kind::Double);
+            let scale = (width / (qmax - qmin) as f64).clamp_min(MIN_SCALE).to_kind(Kind::Float);
+            let zero_point = (Tensor::from(qmin as f64) - (min / &scale).round()).clamp(qmin, qmax);
+            QParams { grid, scale, zero_point }
+        }
+    }
+
+    /// Quantize → dequantize `x` (its dtype is kept; arithmetic in f32).
+    pub fn fake_quant(&self, x: &Tensor) -> Tensor {
+        let (qmin, qmax) = self.grid.range();
+        let kind = x.kind();
+        let y = super::reference::fake_quant_reference(
+            &x.to_kind(Kind::Float),
+            &self.scale.to_device(x.device()),
+            &self.zero_point.to_device(x.device()),
+            qmin,
+            qmax,
+        );
+        y.to_kind(kind)
+    }
+
+    /// Fake quantization with a straight-through estimator: the forward value of `fake_quant`,
+    /// the gradient of the identity with respect to `x` (and of the scale through the clamp
+    /// bounds, as LSQ-style learned ranges need).
+    pub fn fake_quant_ste(&self, x: &Tensor) -> Tensor {
+        let q = self.fake_quant(x);
+        x + (q - x).detach()
+    }
+
+    /// Integer codes `clamp(round(x/scale) + zp)`.
+    pub fn quantize(&self, x: &Tensor) -> Tensor {
+        let (qmin, qmax) = self.grid.range();
+        let inv = self.scale.reciprocal();
+        ((x.to_kind(Kind::Float) * inv).round() + &self.zero_point).clamp(qmin, qmax)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_have_the_usual_ranges() -> Result<()> {
+        assert_eq!(Grid::new(8, true)?.range(), (-128, 127));
+        assert_eq!(Grid::new(4, false)?.range(), (0, 15));
+        assert!(Grid::new(1, false).is_err() && Grid::new(9, true).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn degenerate_ranges_give_finite_params_and_outputs() -> Result<()> {
+        let grid = Grid::new(4, false)?;
+        let min = Tensor::from_slice(&[0.0f32, 3.0, f32::NAN, f32::NEG_INFINITY]);
+        let max = Tensor::from_slice(&[0.0f32, 3.0, f32::NAN, f32::INFINITY]);
+        let qp = QParams::from_range(grid, &min, &max);
+        assert!(bool::try_from(qp.scale.isfinite().all()).unwrap_or(false));
+        assert!(bool::try_from(qp.scale.gt(0.0).all()).unwrap_or(false));
+        let x = Tensor::from_slice(&[1.0f32, 3.0, f32::NAN, 5.0]);
+        let y = qp.fake_quant(&finite(&x));
+        assert!(bool::try_from(y.isfinite().all()).unwrap_or(false), "{y:?}");
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+pub mod easy_vqa;
+
+pub use qvlm_core::rng::SplitMix64;

@@ -1,0 +1,8 @@
+//! The experiments crate: configs, the grid runner, evaluations, tables and figures, and the
+//! embedded tiny LLaVA. The `experiments` binary (main.rs) is a thin CLI over this library.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod tiny;

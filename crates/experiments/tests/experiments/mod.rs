@@ -1,0 +1,1 @@
+mod tiny_model;

@@ -1,0 +1,115 @@
+//! The committed tiny LLaVA: transformers loads it and agrees with our logits; the planted-outlier
+//! variant computes the same function.
+
+use std::path::PathBuf;
+
+use experiments::eval::easy_vqa::prompt;
+use experiments::tiny::train::TEMPLATE;
+use qvlm_core::io::prompt::Piece;
+use qvlm_core::io::safetensors::SafetensorsFile;
+use qvlm_core::model::hook::NoHook;
+use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
+use qvlm_core::model::outliers::{plant_outliers, OutlierSpec};
+use tch::Tensor;
+
+/// f32 logits against transformers (the bound).
+const LOGITS_ATOL_F32: f64 = 1e-4;
+/// Planting multiplies and divides by s = 30: float rounding only.
+const PLANTED_LOGITS_ATOL: f64 = 1e-3;
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava")
+}
+
+fn easy_vqa_test_image(id: u64) -> PathBuf {
+    let root = std::env::current_dir().expect("cwd").join("../..");
+    let lib = root.join(".venv/lib");
+    let py =
+        std::fs::read_dir(&lib).expect(".venv/lib").flatten().next().expect("python dir").path();
+    py.join("site-packages/easy_vqa/data/test/images").join(format!("{id}.png"))
+}
+
+fn last_logits(
+    bundle: &LlavaBundle,
+    question: &str,
+    image: &std::path::Path,
+) -> (Vec<i64>, Tensor, Vec<i64>) {
+    let model = &bundle.model;
+    let _guard = tch::no_grad_guard();
+    let pixels = bundle.images.preprocess_file(image).expect("image").unsqueeze(0);
+    let feats = model.image_features(&pixels, &mut NoHook);
+    let pieces =
+        bundle.tokenizer.tokenize_prompt(&prompt(TEMPLATE, question), 1).expect("tokenize");
+    let ids: Vec<i64> = pieces
+        .iter()
+        .flat_map(|p| match p {
+            Piece::Tokens(t) => t.clone(),
+            Piece::Image(_) => vec![model.cfg.image_token_id.unwrap_or(-1)],
+        })
+        .collect();
+    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let logits = model.logits(&batch, &mut NoHook).get(0).get(-1);
+    let gen = GenerateOptions { max_new_tokens: 4, eos_token_ids: bundle.eos_ids(), stop: None };
+    let tokens = model.generate(&batch, &gen, &mut NoHook).tokens.remove(0);
+    (ids, logits, tokens)
+}
+
+#[test]
+fn transformers_loads_the_tiny_model_and_agrees_with_our_logits() {
+    let dir = model_dir();
+    let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load tiny model");
+    let reference =
+        SafetensorsFile::open(&dir.join("transformers_reference.safetensors")).expect("reference");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("transformers_reference.json")).expect("json"),
+    )
+    .expect("json");
+    let questions = meta["questions"].as_array().expect("questions");
+    assert!(questions.len() >= 16);
+    for (i, q) in questions.iter().enumerate() {
+        let image = easy_vqa_test_image(q["image_id"].as_u64().expect("id"));
+        let (ids, logits, tokens) =
+            last_logits(&bundle, q["question"].as_str().expect("q"), &image);
+        let want_ids =
+            Vec::<i64>::try_from(&reference.read(&format!("input_ids_{i}")).expect("ids"))
+                .expect("ids");
+        assert_eq!(ids, want_ids, "question {i}: input ids");
+        let d = (logits - reference.read(&format!("logits_{i}")).expect("logits"))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d <= LOGITS_ATOL_F32, "question {i}: logits differ by {d}");
+        let ours = bundle.tokenizer.decode(&tokens, true).expect("decode");
+        assert_eq!(
+            ours.trim(),
+            q["transformers_answer"].as_str().expect("a"),
+            "question {i}: greedy answer"
+        );
+    }
+}
+
+#[test]
+fn planted_outlier_variant_keeps_float_logits() {
+    let dir = model_dir();
+    let plain = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let mut planted = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let report = plant_outliers(&mut planted.model, &OutlierSpec::default());
+    assert_eq!(
+        report.norms.len(),
+        2 * (3 + 4),
+        "two norms per vision layer used and per decoder layer"
+    );
+    assert!(report.norms.iter().all(|(_, c)| c.len() == 4));
+    let image = easy_vqa_test_image(0);
+    for q in ["what color is the shape?", "is there not a red circle in the image?"] {
+        let (_, a, _) = last_logits(&plain, q, &image);
+        let (_, b, _) = last_logits(&planted, q, &image);
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d <= PLANTED_LOGITS_ATOL, "{q}: planted logits differ by {d}");
+    }
+    // The planted channels really are outliers at the decoder's first q_proj input.
+    let ln = &planted.model.language_model.layers[0].input_layernorm.weight;
+    let orig = &plain.model.language_model.layers[0].input_layernorm.weight;
+    let ratio = (ln / orig).abs().max().double_value(&[]);
+    assert!((ratio - 30.0).abs() < 1e-3, "{ratio}");
+}

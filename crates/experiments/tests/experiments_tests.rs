@@ -1,0 +1,3 @@
+//! The experiments crate's one integration-test binary (each binary links libtorch).
+
+mod experiments;
