@@ -1,15 +1,37 @@
-//! The experiment config (TOML, `deny_unknown_fields` everywhere) and the runner.
+//! The experiment config: TOML with `deny_unknown_fields` everywhere, validated across fields,
+//! resolved into a grid of cells (model × bit-width × method), each with an id that hashes its
+//! resolved settings.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use qvlm_core::device::DeviceSpec;
+use anyhow::{bail, Context, Result};
+use qvlm_core::device::{DType, DeviceSpec};
+use qvlm_core::io::prompt::Template;
+use qvlm_core::model::outliers::OutlierSpec;
+use qvlm_core::quant::spec::{Granularity, RangeMode};
+use qvlm_search::strategy::StrategyConfig;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::methods::{preset, MethodSpec};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub experiment: Experiment,
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    pub dataset: DatasetConfig,
+    #[serde(default)]
+    pub calibration: CalibrationConfig,
+    #[serde(default)]
+    pub quant: QuantSettings,
+    #[serde(default)]
+    pub methods: Vec<MethodSpec>,
+    pub grid: GridConfig,
+    #[serde(default)]
+    pub outputs: Outputs,
     #[serde(skip)]
     pub file: PathBuf,
 }
@@ -26,10 +48,213 @@ pub struct Experiment {
     #[serde(default)]
     pub threads: i32,
     #[serde(default)]
-    pub seed: i64,
-    /// Results folder (default `results/<name>` next to the config's `configs/` folder).
+    pub seed: u64,
+    /// Results folder (default `results/<name>`).
     #[serde(default)]
     pub results_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub dtype: DType,
+    /// Original LLaVA: the CLIP directory.
+    #[serde(default)]
+    pub clip: Option<PathBuf>,
+    /// Plant outlier channels after loading (the `tiny-llava-outliers` variant).
+    #[serde(default)]
+    pub outliers: Option<OutlierSpec>,
+    /// How tables and reports name this model.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    EasyVqa,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub kind: DatasetKind,
+    /// Dataset root (easy-VQA: default inside `.venv`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Evaluate the first `limit` questions of the split (all when absent).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default = "default_template")]
+    pub template: Template,
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+fn default_template() -> Template {
+    Template::LlavaV1
+}
+fn default_eval_batch() -> usize {
+    64
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationConfig {
+    /// Vision-language pairs drawn (seeded) from the training split (the paper: 64).
+    #[serde(default = "default_calib_samples")]
+    pub samples: usize,
+}
+
+fn default_calib_samples() -> usize {
+    64
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        Self { samples: default_calib_samples() }
+    }
+}
+
+/// Activation granularity and range mode of one tower.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActSettings {
+    pub granularity: Granularity,
+    pub range: RangeMode,
+    #[serde(default)]
+    pub symmetric: bool,
+}
+
+/// Which towers are quantized and how (the bit widths come from the grid).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuantSettings {
+    /// Weight group size along the input dimension for RTN/AWQ weights (0 = per output channel).
+    #[serde(default = "default_group")]
+    pub weight_group: i64,
+    /// NF4 block size (QLoRA: 64) and double quantization.
+    #[serde(default = "default_nf4_block")]
+    pub nf4_block: i64,
+    #[serde(default = "default_true")]
+    pub nf4_double_quant: bool,
+    /// Vision activations: per token, static (Outlier Suppression-style, as in the paper).
+    #[serde(default = "default_vision_act")]
+    pub vision_act: ActSettings,
+    /// Language activations: per channel, static (RPTQ-style, as in the paper).
+    #[serde(default = "default_language_act")]
+    pub language_act: ActSettings,
+    /// Quantize the projector (Q-VLM's code keeps it in float).
+    #[serde(default)]
+    pub quantize_projector: bool,
+    /// Quantize the vision tower (the paper does; Q-VLM's released code does not).
+    #[serde(default = "default_true")]
+    pub quantize_vision: bool,
+}
+
+fn default_group() -> i64 {
+    64
+}
+fn default_nf4_block() -> i64 {
+    64
+}
+fn default_true() -> bool {
+    true
+}
+fn default_vision_act() -> ActSettings {
+    ActSettings { granularity: Granularity::PerToken, range: RangeMode::Static, symmetric: false }
+}
+fn default_language_act() -> ActSettings {
+    ActSettings { granularity: Granularity::PerChannel, range: RangeMode::Static, symmetric: false }
+}
+
+impl Default for QuantSettings {
+    fn default() -> Self {
+        Self {
+            weight_group: default_group(),
+            nf4_block: default_nf4_block(),
+            nf4_double_quant: true,
+            vision_act: default_vision_act(),
+            language_act: default_language_act(),
+            quantize_projector: false,
+            quantize_vision: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GridConfig {
+    pub models: Vec<String>,
+    /// Bit settings like "W4A4", "W6A6", "W8A8", "W4A16" (16 = float).
+    pub bits: Vec<String>,
+    pub methods: Vec<String>,
+    /// Also evaluate each model in float (the reference for KL / agreement).
+    #[serde(default = "default_true")]
+    pub include_float: bool,
+}
+
+/// Which tables and figures the run writes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Outputs {
+    /// Paper tables to compare against (file names under `paper/`), e.g. "table1_components".
+    #[serde(default)]
+    pub paper: Vec<String>,
+    /// Figures: "accuracy_by_method", "ded_vs_entropy", "depth_tradeoff", "sensitivity_heatmap".
+    #[serde(default)]
+    pub figures: Vec<String>,
+}
+
+/// Bit widths of a cell; 16 means float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+pub struct Bits {
+    pub w: u8,
+    pub a: u8,
+}
+
+impl Bits {
+    pub fn parse(s: &str) -> Option<Bits> {
+        let rest = s.strip_prefix('W')?;
+        let (w, a) = rest.split_once('A')?;
+        let (w, a): (u8, u8) = (w.parse().ok()?, a.parse().ok()?);
+        let ok = |b: u8| (2..=8).contains(&b) || b == 16;
+        (ok(w) && ok(a)).then_some(Bits { w, a })
+    }
+
+    pub fn label(self) -> String {
+        format!("W{}A{}", self.w, self.a)
+    }
+}
+
+/// One resolved cell of the grid.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Cell {
+    pub id: String,
+    pub model: ModelEntry,
+    pub bits: Option<Bits>,
+    pub method: String,
+    /// Resolved method (weights + strategy); absent for the float reference.
+    pub spec: Option<MethodSpec>,
+    pub quant: QuantSettings,
+    pub calibration: CalibrationConfig,
+    pub dataset: DatasetConfig,
+    pub seed: u64,
+}
+
+impl Cell {
+    pub fn is_float(&self) -> bool {
+        self.spec.is_none()
+    }
+}
+
+fn cell_id(value: &impl Serialize) -> Result<String> {
+    let json = serde_json::to_string(value)?;
+    let digest = Sha256::digest(json.as_bytes());
+    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
 }
 
 pub fn load(path: &Path) -> Result<Config> {
@@ -37,22 +262,153 @@ pub fn load(path: &Path) -> Result<Config> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut cfg: Config =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    if cfg.experiment.name.trim().is_empty() {
-        anyhow::bail!("{}: key `experiment.name`: must not be empty", path.display());
-    }
-    if cfg.experiment.threads < 0 {
-        anyhow::bail!("{}: key `experiment.threads`: must be ≥ 0", path.display());
-    }
     cfg.file = path.to_path_buf();
+    validate(&cfg)?;
     Ok(cfg)
 }
 
-pub fn print_plan(cfg: &Config) {
-    println!("experiment `{}` from {}", cfg.experiment.name, cfg.file.display());
+fn validate(cfg: &Config) -> Result<()> {
+    let f = cfg.file.display();
+    if cfg.experiment.name.trim().is_empty() || cfg.experiment.name.contains(['/', '\\']) {
+        bail!("{f}: key `experiment.name`: must be a non-empty folder name");
+    }
+    if cfg.experiment.threads < 0 {
+        bail!("{f}: key `experiment.threads`: must be ≥ 0");
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for m in &cfg.models {
+        if !names.insert(m.name.as_str()) {
+            bail!("{f}: key `models`: model `{}` is defined twice", m.name);
+        }
+        if let Some(o) = &m.outliers {
+            if o.channels == 0 || o.scale <= 0.0 {
+                bail!(
+                    "{f}: key `models.outliers` of `{}`: channels and scale must be positive",
+                    m.name
+                );
+            }
+        }
+    }
+    if cfg.grid.models.is_empty() || cfg.grid.bits.is_empty() || cfg.grid.methods.is_empty() {
+        bail!("{f}: key `grid`: models, bits and methods must each name at least one entry (the grid is empty)");
+    }
+    for m in &cfg.grid.models {
+        if !cfg.models.iter().any(|e| &e.name == m) {
+            bail!("{f}: key `grid.models`: unknown model `{m}` (define it under [[models]])");
+        }
+    }
+    for b in &cfg.grid.bits {
+        if Bits::parse(b).is_none() {
+            bail!("{f}: key `grid.bits`: `{b}` is not W<bits>A<bits> with bits 2–8 or 16");
+        }
+    }
+    for m in &cfg.grid.methods {
+        if resolve_method(cfg, m).is_none() {
+            bail!(
+                "{f}: key `grid.methods`: unknown method `{m}` (presets: {}; or define it under [[methods]])",
+                crate::methods::PRESETS.join(", ")
+            );
+        }
+    }
+    if cfg.calibration.samples == 0 {
+        bail!("{f}: key `calibration.samples`: must be at least 1");
+    }
+    if cfg.dataset.batch_size == 0 {
+        bail!("{f}: key `dataset.batch_size`: must be at least 1");
+    }
+    let q = &cfg.quant;
+    if q.weight_group < 0 || q.nf4_block <= 0 {
+        bail!("{f}: key `quant.weight_group`/`quant.nf4_block`: must be non-negative / positive");
+    }
+    for (key, act) in [("quant.vision_act", q.vision_act), ("quant.language_act", q.language_act)] {
+        if let Granularity::PerGroup { size } = act.granularity {
+            if size <= 0 {
+                bail!("{f}: key `{key}.granularity.size`: must be positive");
+            }
+        }
+    }
+    if q.language_act.granularity == Granularity::PerToken
+        && q.language_act.range == RangeMode::Static
+    {
+        bail!("{f}: key `quant.language_act`: static per-token ranges need a fixed sequence length; use range = \"dynamic\" for per-token language activations");
+    }
+    if let Some(p) = &cfg.dataset.path {
+        if !p.exists() {
+            bail!("{f}: key `dataset.path`: {} does not exist", p.display());
+        }
+    }
+    for o in &cfg.outputs.paper {
+        if !Path::new("paper").join(format!("{o}.csv")).is_file() {
+            bail!("{f}: key `outputs.paper`: no paper/{o}.csv");
+        }
+    }
+    for fig in &cfg.outputs.figures {
+        if !crate::figure::FIGURES.contains(&fig.as_str()) {
+            bail!(
+                "{f}: key `outputs.figures`: unknown figure `{fig}` ({})",
+                crate::figure::FIGURES.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A method by name: defined in the config, else a preset.
+pub fn resolve_method(cfg: &Config, name: &str) -> Option<MethodSpec> {
+    cfg.methods.iter().find(|m| m.name == name).cloned().or_else(|| preset(name))
+}
+
+/// The grid's cells in a stable order (model, bits, method), float references first.
+pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
+    let mut out = Vec::new();
+    for model_name in &cfg.grid.models {
+        let model = cfg
+            .models
+            .iter()
+            .find(|m| &m.name == model_name)
+            .context("model checked in validate")?;
+        let mut push = |bits: Option<Bits>, method: &str, spec: Option<MethodSpec>| -> Result<()> {
+            let mut cell = Cell {
+                id: String::new(),
+                model: model.clone(),
+                bits,
+                method: method.to_string(),
+                spec,
+                quant: cfg.quant.clone(),
+                calibration: cfg.calibration.clone(),
+                dataset: cfg.dataset.clone(),
+                seed: cfg.experiment.seed,
+            };
+            cell.id = cell_id(&cell)?;
+            out.push(cell);
+            Ok(())
+        };
+        if cfg.grid.include_float {
+            push(None, "fp", None)?;
+        }
+        for b in &cfg.grid.bits {
+            let bits = Bits::parse(b).context("bits checked in validate")?;
+            for m in &cfg.grid.methods {
+                let spec = resolve_method(cfg, m).context("method checked in validate")?;
+                push(Some(bits), m, Some(spec))?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn print_plan(cfg: &Config, cells: &[Cell]) {
     println!(
-        "  device {:?}, threads {}, seed {}",
-        cfg.experiment.device, cfg.experiment.threads, cfg.experiment.seed
+        "experiment `{}` from {} — {} cells",
+        cfg.experiment.name,
+        cfg.file.display(),
+        cells.len()
     );
+    for c in cells {
+        let bits = c.bits.map(Bits::label).unwrap_or_else(|| "FP".into());
+        let strategy = c.spec.as_ref().map(|s| s.strategy_name()).unwrap_or_else(|| "float".into());
+        println!("  {}  {:<22} {:<6} {:<14} {}", c.id, c.model.name, bits, c.method, strategy);
+    }
 }
 
 pub fn results_dir(cfg: &Config) -> PathBuf {
@@ -62,46 +418,15 @@ pub fn results_dir(cfg: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("results").join(&cfg.experiment.name))
 }
 
-/// Environment of a run, recorded next to its results.
-#[derive(Debug, Serialize)]
-pub struct Manifest {
-    pub experiment: String,
-    pub git_revision: String,
-    pub libtorch: String,
-    pub device: String,
-    pub threads: i32,
-    pub seed: i64,
+/// Strategy names by cell (for reports).
+pub fn strategy_of(spec: &MethodSpec) -> &StrategyConfig {
+    &spec.strategy
 }
 
-pub fn git_revision() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-pub fn run(cfg: &Config) -> Result<()> {
-    let device = cfg.experiment.device.resolve()?;
-    if cfg.experiment.threads > 0 {
-        tch::set_num_threads(cfg.experiment.threads);
-    }
-    tch::manual_seed(cfg.experiment.seed);
-    let manifest = Manifest {
-        experiment: cfg.experiment.name.clone(),
-        git_revision: git_revision(),
-        libtorch: qvlm_core::device::libtorch_version(),
-        device: format!("{device:?}"),
-        threads: tch::get_num_threads(),
-        seed: cfg.experiment.seed,
-    };
-    let dir = results_dir(cfg);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("manifest.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("wrote {}", path.display());
-    Ok(())
+/// Labels of models for tables.
+pub fn model_labels(cfg: &Config) -> BTreeMap<String, String> {
+    cfg.models
+        .iter()
+        .map(|m| (m.name.clone(), m.label.clone().unwrap_or_else(|| m.name.clone())))
+        .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use experiments::{cli, config, tiny};
@@ -83,10 +83,13 @@ fn run() -> Result<()> {
 }
 
 fn run_config(path: &std::path::Path, dry_run: bool) -> Result<()> {
-    let cfg = config::load(path).with_context(|| format!("loading {}", path.display()))?;
-    config::print_plan(&cfg);
+    let cfg = config::load(path)?;
+    let cells = config::cells(&cfg)?;
+    config::print_plan(&cfg, &cells);
     if dry_run {
         return Ok(());
     }
-    config::run(&cfg)
+    experiments::run::run(&cfg, &cells)?;
+    println!("results in {}", config::results_dir(&cfg).display());
+    Ok(())
 }

@@ -89,7 +89,8 @@ impl Slot {
 }
 
 /// One quantizable linear layer: `language.12.down_proj`, `vision.3.fc1`, `projector.0.linear_2`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Serialized as that string (so it can key JSON maps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LayerId {
     pub tower: Tower,
     /// Encoder/decoder layer index (0 for the projector).
@@ -126,6 +127,19 @@ impl FromStr for LayerId {
     }
 }
 
+impl Serialize for LayerId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LayerId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +154,10 @@ mod tests {
             assert_eq!(id.to_string().parse::<LayerId>().ok(), Some(id));
         }
         assert!("language.x.q_proj".parse::<LayerId>().is_err());
+        let id = LayerId::new(Tower::Vision, 2, Slot::OutProj);
+        let json = serde_json::to_string(&id).unwrap_or_default();
+        assert_eq!(json, "\"vision.2.out_proj\"");
+        assert_eq!(serde_json::from_str::<LayerId>(&json).ok(), Some(id));
         assert!("language.1.q_proj.extra".parse::<LayerId>().is_err());
     }
 }

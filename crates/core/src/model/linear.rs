@@ -7,12 +7,15 @@ use crate::error::Result;
 use crate::io::weights::{Init, VarBuilder};
 use crate::model::hook::LinearHook;
 use crate::model::layer_id::LayerId;
+use crate::quant::packed::PackedWeight;
 
 /// How a linear's weight is held.
 #[derive(Debug)]
 pub enum LinearWeight {
     /// The checkpoint's weight (or a fake-quantized copy of it: quantize → dequantize).
     Float(Tensor),
+    /// Real low-bit storage, multiplied by a libtorch low-bit kernel where one applies.
+    Packed(PackedWeight),
 }
 
 #[derive(Debug)]
@@ -61,6 +64,16 @@ impl Linear {
     pub fn forward_raw(&self, x: &Tensor) -> Tensor {
         match &self.weight {
             LinearWeight::Float(w) => x.linear(w, self.bias.as_ref()),
+            LinearWeight::Packed(p) => {
+                let y = p.matmul(x);
+                match &self.bias {
+                    Some(b) => {
+                        let b = b.to_kind(y.kind());
+                        y + b
+                    }
+                    None => y,
+                }
+            }
         }
     }
 
@@ -68,6 +81,7 @@ impl Linear {
     pub fn float_weight(&self) -> Tensor {
         match &self.weight {
             LinearWeight::Float(w) => w.shallow_clone(),
+            LinearWeight::Packed(p) => p.dequantize().to_kind(p.kind()),
         }
     }
 
@@ -75,6 +89,7 @@ impl Linear {
     pub fn kind(&self) -> Kind {
         match &self.weight {
             LinearWeight::Float(w) => w.kind(),
+            LinearWeight::Packed(p) => p.kind(),
         }
     }
 }

@@ -39,7 +39,11 @@ pub struct PlantReport {
 }
 
 fn scale_input_columns(linear: &mut Linear, channels: &Tensor, s: f64) {
-    let LinearWeight::Float(w) = &mut linear.weight;
+    // Planting happens on float models; a packed weight is unpacked first to keep the function.
+    if let LinearWeight::Packed(_) = linear.weight {
+        linear.weight = LinearWeight::Float(linear.float_weight());
+    }
+    let LinearWeight::Float(w) = &mut linear.weight else { return };
     let cols = w.index_select(1, channels) / s;
     let _ = w.index_copy_(1, channels, &cols);
 }

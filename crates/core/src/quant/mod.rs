@@ -2,8 +2,10 @@
 //! observers, weight quantizers (RTN, NF4, AWQ), packed storage and real low-bit kernels.
 
 pub mod activation;
+pub mod checkpoint;
 pub mod nf4;
 pub mod observer;
+pub mod packed;
 pub mod reference;
 pub mod spec;
 pub mod uniform;

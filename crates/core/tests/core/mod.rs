@@ -1,3 +1,4 @@
 mod common;
 mod llava_parity;
 mod loading_errors;
+mod quant_kernels;

@@ -1,0 +1,301 @@
+//! Figures (plotters, PNG and SVG), drawn only from tables.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+
+/// Figures a config can ask for.
+pub const FIGURES: [&str; 4] =
+    ["accuracy_by_method", "ded_vs_entropy", "depth_tradeoff", "sensitivity_heatmap"];
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("plotting: {e:?}")
+}
+
+/// Grouped bars: `groups` along x, one bar per series in each group.
+pub fn grouped_bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[(String, Vec<Option<f64>>)],
+    reference: Option<(String, f64)>,
+) -> Result<()> {
+    for svg in [false, true] {
+        let file = path.with_extension(if svg { "svg" } else { "png" });
+        let size = (160 + 110 * groups.len() as u32, 520);
+        if svg {
+            let root = SVGBackend::new(&file, size).into_drawing_area();
+            draw_bars(&root, title, y_label, groups, series, reference.as_ref())?;
+            root.present().map_err(err)?;
+        } else {
+            let root = BitMapBackend::new(&file, size).into_drawing_area();
+            draw_bars(&root, title, y_label, groups, series, reference.as_ref())?;
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    groups: &[String],
+    series: &[(String, Vec<Option<f64>>)],
+    reference: Option<&(String, f64)>,
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten())
+        .copied()
+        .chain(reference.map(|r| r.1))
+        .fold(0.0f64, f64::max);
+    let min = series.iter().flat_map(|(_, v)| v.iter().flatten()).copied().fold(max, f64::min);
+    let lo = (min - 0.1 * (max - min).max(1.0)).floor().max(0.0);
+    let hi = max + 0.08 * (max - lo).max(1.0);
+    let n = groups.len().max(1);
+    let k = series.len().max(1);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(60)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..n as f64, lo..hi)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| groups.get(x.floor() as usize).cloned().unwrap_or_default())
+        .y_desc(y_label)
+        .draw()
+        .map_err(err)?;
+    let width = 0.8 / k as f64;
+    for (si, (name, values)) in series.iter().enumerate() {
+        let color = COLORS[si % COLORS.len()];
+        let bars = values.iter().enumerate().filter_map(|(gi, v)| {
+            v.map(|v| {
+                let x0 = gi as f64 + 0.1 + width * si as f64;
+                Rectangle::new([(x0, lo), (x0 + width * 0.95, v)], color.filled())
+            })
+        });
+        chart
+            .draw_series(bars)
+            .map_err(err)?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    if let Some((label, v)) = reference {
+        let v = *v;
+        chart
+            .draw_series(LineSeries::new([(0.0, v), (n as f64, v)], BLACK.stroke_width(2)))
+            .map_err(err)?
+            .label(label.clone())
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// A scatter plot with a least-squares line.
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    points: &[(f64, f64)],
+) -> Result<()> {
+    for svg in [false, true] {
+        let file = path.with_extension(if svg { "svg" } else { "png" });
+        if svg {
+            let root = SVGBackend::new(&file, (720, 520)).into_drawing_area();
+            draw_scatter(&root, title, x_label, y_label, points)?;
+            root.present().map_err(err)?;
+        } else {
+            let root = BitMapBackend::new(&file, (720, 520)).into_drawing_area();
+            draw_scatter(&root, title, x_label, y_label, points)?;
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn bounds(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let lo = v.clone().fold(f64::INFINITY, f64::min);
+    let hi = v.fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = 0.05 * (hi - lo).max(1e-9);
+    (lo - pad, hi + pad)
+}
+
+fn draw_scatter<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    points: &[(f64, f64)],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let (x0, x1) = bounds(points.iter().map(|p| p.0));
+    let (y0, y1) = bounds(points.iter().map(|p| p.1));
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(err)?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(err)?;
+    chart
+        .draw_series(
+            points.iter().map(|&(x, y)| Circle::new((x, y), 3, COLORS[0].mix(0.7).filled())),
+        )
+        .map_err(err)?
+        .label("sample")
+        .legend(|(x, y)| Circle::new((x + 5, y), 3, COLORS[0].filled()));
+    if let Some((a, b)) = least_squares(points) {
+        chart
+            .draw_series(LineSeries::new(
+                [(x0, a + b * x0), (x1, a + b * x1)],
+                COLORS[3].stroke_width(2),
+            ))
+            .map_err(err)?
+            .label("least squares")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], COLORS[3].stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return None;
+    }
+    let (mx, my) =
+        (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| (my - sxy / sxx * mx, sxy / sxx))
+}
+
+/// Pearson correlation of (x, y) pairs.
+pub fn pearson(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return None;
+    }
+    let (mx, my) =
+        (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
+/// Two y-series over a shared numeric x (e.g. accuracy and search cost vs maximum depth).
+pub fn dual_line(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    left: (&str, &[(f64, f64)]),
+    right: (&str, &[(f64, f64)]),
+) -> Result<()> {
+    for svg in [false, true] {
+        let file = path.with_extension(if svg { "svg" } else { "png" });
+        if svg {
+            let root = SVGBackend::new(&file, (720, 520)).into_drawing_area();
+            draw_dual(&root, title, x_label, left, right)?;
+            root.present().map_err(err)?;
+        } else {
+            let root = BitMapBackend::new(&file, (720, 520)).into_drawing_area();
+            draw_dual(&root, title, x_label, left, right)?;
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn draw_dual<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    left: (&str, &[(f64, f64)]),
+    right: (&str, &[(f64, f64)]),
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let (x0, x1) = bounds(left.1.iter().chain(right.1).map(|p| p.0));
+    let (l0, l1) = bounds(left.1.iter().map(|p| p.1));
+    let (r0, r1) = bounds(right.1.iter().map(|p| p.1));
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .right_y_label_area_size(80)
+        .build_cartesian_2d(x0..x1, l0..l1)
+        .map_err(err)?
+        .set_secondary_coord(x0..x1, r0..r1);
+    chart.configure_mesh().x_desc(x_label).y_desc(left.0).draw().map_err(err)?;
+    chart.configure_secondary_axes().y_desc(right.0).draw().map_err(err)?;
+    chart
+        .draw_series(
+            LineSeries::new(left.1.iter().copied(), COLORS[0].stroke_width(2)).point_size(4),
+        )
+        .map_err(err)?
+        .label(left.0)
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], COLORS[0].stroke_width(2)));
+    chart
+        .draw_secondary_series(
+            LineSeries::new(right.1.iter().copied(), COLORS[1].stroke_width(2)).point_size(4),
+        )
+        .map_err(err)?
+        .label(right.0)
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], COLORS[1].stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pearson_of_a_line_is_one_and_of_its_mirror_minus_one() {
+        let up: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, 2.0 * i as f64 + 1.0)).collect();
+        let down: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, -(i as f64))).collect();
+        assert!((pearson(&up).unwrap_or(0.0) - 1.0).abs() < 1e-12);
+        assert!((pearson(&down).unwrap_or(0.0) + 1.0).abs() < 1e-12);
+        assert_eq!(pearson(&[(1.0, 1.0)]), None);
+    }
+}

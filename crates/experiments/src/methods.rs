@@ -1,0 +1,177 @@
+//! Methods: a weight format plus a search strategy, by name. Presets cover the paper's rows
+//! (QLoRA, AWQ, ZeroQuant-V2, +CDM, +VEO, Q-VLM) and this project's extra strategies; a config
+//! can define its own under `[[methods]]`.
+
+use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
+use qvlm_core::quant::uniform::Grid;
+use qvlm_search::partition::Threshold;
+use qvlm_search::plan::{ActScheme, Scheme, TowerScheme};
+use qvlm_search::strategy::{
+    veo::VeoConfig, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Bits, QuantSettings};
+
+/// How weights are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// Round-to-nearest, group-wise (`quant.weight_group`).
+    Rtn,
+    /// QLoRA's NF4 (4-bit only; other widths fall back to group-wise RTN).
+    Nf4,
+    /// AWQ scales and clipping, then group-wise RTN.
+    Awq,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodSpec {
+    pub name: String,
+    pub weights: WeightFormat,
+    pub strategy: StrategyConfig,
+    /// ZeroQuant-V2-style dynamic per-token activation ranges in every tower.
+    #[serde(default)]
+    pub dynamic_activations: bool,
+    /// How tables name the method (default: its name).
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+impl MethodSpec {
+    pub fn strategy_name(&self) -> String {
+        format!("{:?}/{}", self.weights, self.strategy.name()).to_lowercase()
+    }
+
+    pub fn label(&self) -> String {
+        self.label.clone().unwrap_or_else(|| self.name.clone())
+    }
+
+    /// The quantization scheme of a cell with these bits.
+    pub fn scheme(&self, bits: Bits, q: &QuantSettings) -> anyhow::Result<Scheme> {
+        let weight = if bits.w == 16 {
+            None
+        } else {
+            let granularity = if q.weight_group == 0 {
+                Granularity::PerChannel
+            } else {
+                Granularity::PerGroup { size: q.weight_group }
+            };
+            let rtn = WeightSpec::Rtn { grid: Grid::new(bits.w, false)?, granularity };
+            Some(match self.weights {
+                WeightFormat::Nf4 if bits.w == 4 => {
+                    WeightSpec::Nf4 { block: q.nf4_block, double_quant: q.nf4_double_quant }
+                }
+                _ => rtn,
+            })
+        };
+        let act = |s: crate::config::ActSettings| -> Option<ActScheme> {
+            let (granularity, range) = if self.dynamic_activations {
+                (Granularity::PerToken, RangeMode::Dynamic)
+            } else {
+                (s.granularity, s.range)
+            };
+            (bits.a != 16).then_some(ActScheme {
+                bits: bits.a,
+                symmetric: s.symmetric,
+                granularity,
+                range,
+            })
+        };
+        let language = TowerScheme { weight, act: act(q.language_act) };
+        let vision = if q.quantize_vision {
+            TowerScheme { weight, act: act(q.vision_act) }
+        } else {
+            TowerScheme::default()
+        };
+        let projector = if q.quantize_projector {
+            TowerScheme { weight, act: act(q.language_act) }
+        } else {
+            TowerScheme::default()
+        };
+        Ok(Scheme { vision, projector, language })
+    }
+}
+
+pub const PRESETS: [&str; 11] = [
+    "rtn",
+    "qlora",
+    "awq",
+    "zeroquant",
+    "sequential",
+    "cdm",
+    "cdm_quant_error",
+    "cdm_released_gate",
+    "veo",
+    "qvlm",
+    "oracle",
+];
+
+fn blocked(proxy: Proxy, rule: RuleKind) -> StrategyConfig {
+    StrategyConfig::EntropyBlocked(BlockedConfig {
+        proxy,
+        rule,
+        h0: Threshold::Quantile(0.5),
+        ..BlockedConfig::default()
+    })
+}
+
+fn lp_init() -> StrategyConfig {
+    StrategyConfig::LpInit { p: 2.4, ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect() }
+}
+
+/// A preset method by name.
+pub fn preset(name: &str) -> Option<MethodSpec> {
+    let m = |weights, strategy, label: &str| MethodSpec {
+        name: name.to_string(),
+        weights,
+        strategy,
+        dynamic_activations: false,
+        label: Some(label.to_string()),
+    };
+    Some(match name {
+        "rtn" => m(WeightFormat::Rtn, StrategyConfig::Rtn, "RTN"),
+        "qlora" => m(WeightFormat::Nf4, lp_init(), "QLoRA"),
+        "awq" => m(WeightFormat::Awq, lp_init(), "AWQ"),
+        "zeroquant" => MethodSpec {
+            dynamic_activations: true,
+            ..m(WeightFormat::Rtn, StrategyConfig::Rtn, "ZeroQuant-V2")
+        },
+        "sequential" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+            "Sequential (Eq. 2)",
+        ),
+        "cdm" => m(WeightFormat::Nf4, blocked(Proxy::Entropy, RuleKind::Eq7), "+CDM"),
+        "cdm_quant_error" => m(
+            WeightFormat::Nf4,
+            blocked(Proxy::QuantError, RuleKind::Eq7),
+            "+CDM (quant-error proxy)",
+        ),
+        "cdm_released_gate" => m(
+            WeightFormat::Nf4,
+            blocked(Proxy::Entropy, RuleKind::ReleasedGate),
+            "+CDM (released gate)",
+        ),
+        "veo" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled { veo: VeoConfig::default(), then: Box::new(lp_init()) },
+            "+VEO",
+        ),
+        "qvlm" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled {
+                veo: VeoConfig::default(),
+                then: Box::new(blocked(Proxy::Entropy, RuleKind::Eq7)),
+            },
+            "Q-VLM (CDM+VEO)",
+        ),
+        "oracle" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Oracle { candidates: CandidateGrid::default(), window: 4 },
+            "Oracle (joint windows)",
+        ),
+        _ => return None,
+    })
+}

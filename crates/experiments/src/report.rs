@@ -1,0 +1,241 @@
+//! After a run: the tables (polars, from the cells' metric files only), the figures (from the
+//! tables only) and the "paper vs this run" report.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use polars::prelude::{DataFrame, DataType};
+
+use crate::config::{model_labels, results_dir, Cell, Config};
+use crate::figure;
+use crate::run::cell_dir;
+use crate::table;
+
+/// Metrics of the summary table, in column order.
+pub const SUMMARY_METRICS: [&str; 12] = [
+    "accuracy",
+    "accuracy_yes_no",
+    "accuracy_shape",
+    "accuracy_color",
+    "kl_vs_float",
+    "top1_agreement",
+    "weight_bytes",
+    "candidate_evaluations",
+    "block_forwards",
+    "model_passes",
+    "groups",
+    "mean_group_depth",
+];
+
+fn col_f64(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
+    Ok(df.column(name)?.cast(&DataType::Float64)?.f64()?.iter().collect())
+}
+
+fn col_str(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    Ok(df
+        .column(name)?
+        .cast(&DataType::String)?
+        .str()?
+        .iter()
+        .map(|v| v.unwrap_or_default().to_string())
+        .collect())
+}
+
+pub fn write_all(cfg: &Config, cells: &[Cell]) -> Result<()> {
+    let dir = results_dir(cfg);
+    let tables = dir.join("tables");
+    let figures = dir.join("figures");
+    std::fs::create_dir_all(&tables).with_context(|| format!("creating {}", tables.display()))?;
+    std::fs::create_dir_all(&figures).with_context(|| format!("creating {}", figures.display()))?;
+    let files: Vec<_> = cells
+        .iter()
+        .map(|c| cell_dir(cfg, &c.id).join("metrics.csv"))
+        .filter(|p| p.is_file())
+        .collect();
+    let long = table::load_metrics(&files)?;
+    let mut long_out = long.clone();
+    table::write(
+        &mut long_out,
+        &tables.join("metrics_long.csv"),
+        &tables.join("metrics_long.md"),
+        "All metrics (long format)",
+        "",
+    )?;
+    let mut summary = table::wide(&long, &SUMMARY_METRICS)?;
+    let note = format!(
+        "Embedded default: {}. Accuracy in %, on the evaluated questions; KL and top-1 agreement of the first answer token against the float model; weight_bytes as stored (quantized layers at their bit width with scales, the rest fp16); search cost as counted by the search.",
+        cfg.experiment.description
+    );
+    table::write(
+        &mut summary,
+        &tables.join("summary.csv"),
+        &tables.join("summary.md"),
+        &format!("{} — summary", cfg.experiment.name),
+        &note,
+    )?;
+    for fig in &cfg.outputs.figures {
+        draw(fig, cfg, cells, &summary, &figures).with_context(|| format!("figure {fig}"))?;
+    }
+    paper_report(cfg, cells, &summary, &dir.join("report.md"))?;
+    Ok(())
+}
+
+fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path) -> Result<()> {
+    let labels = model_labels(cfg);
+    let (models, bits, methods) =
+        (col_str(summary, "model")?, col_str(summary, "bits")?, col_str(summary, "method")?);
+    let acc = col_f64(summary, "accuracy")?;
+    match fig {
+        "accuracy_by_method" | "sensitivity_heatmap" => {
+            for model in cfg.grid.models.iter() {
+                let float = (0..models.len())
+                    .find(|&i| &models[i] == model && bits[i] == "FP")
+                    .and_then(|i| acc[i]);
+                let series: Vec<(String, Vec<Option<f64>>)> = cfg
+                    .grid
+                    .bits
+                    .iter()
+                    .map(|b| {
+                        let v = cfg
+                            .grid
+                            .methods
+                            .iter()
+                            .map(|m| {
+                                (0..models.len())
+                                    .find(|&i| {
+                                        &models[i] == model && &bits[i] == b && &methods[i] == m
+                                    })
+                                    .and_then(|i| acc[i])
+                            })
+                            .collect();
+                        (b.clone(), v)
+                    })
+                    .collect();
+                let title = format!(
+                    "{} — accuracy by method ({})",
+                    labels.get(model).cloned().unwrap_or_default(),
+                    fig.replace('_', " ")
+                );
+                figure::grouped_bars(
+                    &out.join(format!("{fig}_{model}")),
+                    &title,
+                    "accuracy (%)",
+                    &cfg.grid.methods,
+                    &series,
+                    float.map(|f| ("float".to_string(), f)),
+                )?;
+            }
+        }
+        "ded_vs_entropy" => {
+            let mut points = Vec::new();
+            for c in cells {
+                let path = cell_dir(cfg, &c.id).join("ded.csv");
+                if path.is_file() {
+                    let df = table::read_csv(&path)?;
+                    let (d, e) = (col_f64(&df, "ded")?, col_f64(&df, "entropy")?);
+                    points.extend(d.iter().zip(&e).filter_map(|(d, e)| Some((((*e)?), (*d)?))));
+                }
+            }
+            let r = figure::pearson(&points);
+            let title = format!(
+                "DED vs dependency entropy per sample (Pearson r = {})",
+                r.map_or("n/a".into(), |r| format!("{r:.3}"))
+            );
+            figure::scatter(
+                &out.join("ded_vs_entropy"),
+                &title,
+                "conditional entropy D (nats)",
+                "DED = layer-wise − joint error",
+                &points,
+            )?;
+        }
+        "depth_tradeoff" => {
+            let mut acc_pts = Vec::new();
+            let mut cost_pts = Vec::new();
+            for c in cells {
+                let Some(spec) = &c.spec else { continue };
+                let depth = match &spec.strategy {
+                    qvlm_search::strategy::StrategyConfig::EntropyBlocked(b) => b.max_depth,
+                    qvlm_search::strategy::StrategyConfig::Disentangled { then, .. } => {
+                        match then.as_ref() {
+                            qvlm_search::strategy::StrategyConfig::EntropyBlocked(b) => b.max_depth,
+                            _ => continue,
+                        }
+                    }
+                    _ => continue,
+                };
+                let i = (0..models.len()).find(|&i| {
+                    models[i] == c.model.name
+                        && Some(bits[i].as_str()) == c.bits.map(|b| b.label()).as_deref()
+                        && methods[i] == c.method
+                });
+                let evals = col_f64(summary, "candidate_evaluations")?;
+                if let Some(i) = i {
+                    if let (Some(a), Some(e)) = (acc[i], evals[i]) {
+                        acc_pts.push((depth as f64, a));
+                        cost_pts.push((depth as f64, e));
+                    }
+                }
+            }
+            acc_pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            cost_pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            figure::dual_line(
+                &out.join("depth_tradeoff"),
+                "Accuracy and search cost vs maximum block depth",
+                "maximum depth (sites per block)",
+                ("accuracy (%)", &acc_pts),
+                ("candidate evaluations", &cost_pts),
+            )?;
+        }
+        other => anyhow::bail!("unknown figure `{other}`"),
+    }
+    Ok(())
+}
+
+/// Our rows beside the paper's, each labelled with the model and dataset behind it.
+fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) -> Result<()> {
+    let labels = model_labels(cfg);
+    let method_labels: BTreeMap<String, String> = cells
+        .iter()
+        .filter_map(|c| c.spec.as_ref().map(|s| (c.method.clone(), s.label())))
+        .collect();
+    let mut s = format!(
+        "# {} — paper vs this run\n\n{}\n\n",
+        cfg.experiment.name, cfg.experiment.description
+    );
+    s.push_str(&format!(
+        "This run: {} on easy-VQA (first {} test questions), calibration {} easy-VQA training pairs. \
+         The paper: LLaVA on ScienceQA and others (see paper/README.md). The absolute numbers are not comparable — \
+         different models, data and scale; compare orderings and gaps.\n\n",
+        cfg.grid.models.iter().map(|m| labels.get(m).cloned().unwrap_or_default()).collect::<Vec<_>>().join(", "),
+        cfg.dataset.limit.map_or("all".to_string(), |l| l.to_string()),
+        cfg.calibration.samples,
+    ));
+    let (models, bits, methods) =
+        (col_str(summary, "model")?, col_str(summary, "bits")?, col_str(summary, "method")?);
+    let acc = col_f64(summary, "accuracy")?;
+    let evals = col_f64(summary, "candidate_evaluations")?;
+    let mem = col_f64(summary, "weight_bytes")?;
+    for name in &cfg.outputs.paper {
+        let paper = table::read_csv(&Path::new("paper").join(format!("{name}.csv")))?;
+        s.push_str(&table::markdown(&paper, &format!("Paper: {name} (LLaVA, as published)"), "")?);
+        s.push('\n');
+        s.push_str(&format!("### This run, same rows ({})\n\n| model | bits | method | accuracy | memory (MB) | candidate evaluations |\n|---|---|---|---|---|---|\n", name));
+        for i in 0..models.len() {
+            let label =
+                method_labels.get(&methods[i]).cloned().unwrap_or_else(|| methods[i].clone());
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                labels.get(&models[i]).cloned().unwrap_or_default(),
+                bits[i],
+                label,
+                acc[i].map_or("–".into(), |v| format!("{v:.2}")),
+                mem[i].map_or("–".into(), |v| format!("{:.3}", v / 1e6)),
+                evals[i].map_or("–".into(), |v| format!("{v:.0}")),
+            ));
+        }
+        s.push('\n');
+    }
+    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}

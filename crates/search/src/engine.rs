@@ -1,0 +1,426 @@
+//! The block-by-block walk every strategy shares. For each block (transformer layer or
+//! projector) it caches the block's float and quantized-prefix inputs, captures the float inputs
+//! of the block's sites, quantizes the block's weights (after AWQ when asked), lets the strategy
+//! decide the block's sites, and advances both paths. Weights of the block being searched are
+//! swapped between float and quantized copies in place and restored at the end.
+
+use std::collections::BTreeMap;
+
+use qvlm_core::model::hook::NoHook;
+use qvlm_core::model::layer_id::LayerId;
+use qvlm_core::model::linear::LinearWeight;
+use qvlm_core::model::llava::Llava;
+use qvlm_core::quant::activation::ActQuantizer;
+use qvlm_core::quant::spec::{Clip, RangeMode};
+use tch::{Kind, Tensor};
+
+use crate::calib::{CalibrationSet, Capture, Pipeline};
+use crate::cost::{bytes_of, CostMeter};
+use crate::error::{Result, SearchError};
+use crate::plan::{
+    quantize_weight, PlanHook, QuantPlan, Scheme, SiteAct, SitePlan, TensorData, WeightPlan,
+};
+use crate::site::{blocks, sites, Block, Site};
+
+/// Candidate clipping settings for a site.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidates(pub Vec<Clip>);
+
+/// What a strategy sees of one block.
+pub struct BlockState<'e> {
+    pub block: Block,
+    /// Indices (into `Engine::sites`) of the block's sites, in order.
+    pub site_indices: Vec<usize>,
+    /// Float inputs of the block's sites (full shape).
+    pub float_inputs: BTreeMap<LayerId, Tensor>,
+    /// The block's quantized-path input.
+    quant_in: Tensor,
+    pub(crate) _marker: std::marker::PhantomData<&'e ()>,
+}
+
+/// The walk's state.
+pub struct Engine<'a> {
+    model: &'a mut Llava,
+    pipe: Pipeline<'a>,
+    pub sites: Vec<Site>,
+    pub scheme: Scheme,
+    pub meter: CostMeter,
+    float_weights: BTreeMap<LayerId, Tensor>,
+    quant_weights: BTreeMap<LayerId, Tensor>,
+    /// Decided sites, by site id.
+    pub decided: BTreeMap<LayerId, SitePlan>,
+    /// AWQ input scales, by site id.
+    scales: BTreeMap<LayerId, TensorData>,
+    pub weight_plans: BTreeMap<LayerId, WeightPlan>,
+    /// Whether the block-by-block walk is in its quantized-weights state.
+    quantized_loaded: bool,
+    /// DED points recorded by joint searches.
+    pub ded: Vec<crate::plan::DedPoint>,
+}
+
+impl std::fmt::Debug for Engine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({} sites, {} decided)", self.sites.len(), self.decided.len())
+    }
+}
+
+/// How the engine treats weights before activations are searched.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WeightMethod {
+    /// Round-to-nearest / NF4 as the scheme says.
+    Plain,
+    /// AWQ scale (grid of `grid` α values) and clip search (`clip_steps` ratios down to 0.5).
+    Awq { grid: usize, clip_steps: usize },
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(model: &'a mut Llava, calib: &'a CalibrationSet, scheme: Scheme) -> Result<Self> {
+        let sites = sites(model);
+        let float_weights = model.linears().iter().map(|l| (l.id, l.float_weight())).collect();
+        Ok(Self {
+            pipe: Pipeline::new(calib)?,
+            model,
+            sites,
+            scheme,
+            meter: CostMeter::new(),
+            float_weights,
+            quant_weights: BTreeMap::new(),
+            decided: BTreeMap::new(),
+            scales: BTreeMap::new(),
+            weight_plans: BTreeMap::new(),
+            quantized_loaded: false,
+            ded: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &Llava {
+        self.model
+    }
+
+    fn load_weights(&mut self, quantized: bool) {
+        if self.quantized_loaded == quantized {
+            return;
+        }
+        let source = if quantized { &self.quant_weights } else { &self.float_weights };
+        for l in self.model.linears_mut() {
+            if let Some(w) = source.get(&l.id).or_else(|| self.float_weights.get(&l.id)) {
+                l.weight = LinearWeight::Float(w.shallow_clone());
+            }
+        }
+        self.quantized_loaded = quantized;
+    }
+
+    /// Hook of every decided site plus `overrides` (site id → quantizer; `None` = float).
+    pub fn hook_with(&self, overrides: &BTreeMap<LayerId, Option<ActQuantizer>>) -> PlanHook {
+        let plan_sites: Vec<SitePlan> = self.decided.values().cloned().collect();
+        let mut hook = PlanHook::new(&QuantPlan {
+            strategy: String::new(),
+            scheme: self.scheme,
+            sites: plan_sites,
+            weights: BTreeMap::new(),
+            groups: vec![],
+            dependencies: BTreeMap::new(),
+            cost: Default::default(),
+            notes: BTreeMap::new(),
+            ded: vec![],
+        });
+        // Undecided sites with an AWQ scale still need x/s: their weights are Q(W·s).
+        for site in &self.sites {
+            if !self.decided.contains_key(&site.id) && self.scales.contains_key(&site.id) {
+                hook.set_site(site, None, self.input_scale(site).as_ref());
+            }
+        }
+        for (id, q) in overrides {
+            if let Some(site) = self.sites.iter().find(|s| s.id == *id) {
+                hook.set_site(site, q.clone(), self.input_scale(site).as_ref());
+            }
+        }
+        hook
+    }
+
+    /// Runs the block on the quantized path (quantized weights, decided sites + `overrides`) and
+    /// captures the pre-quantization input of `capture` sites.
+    pub fn capture_quantized(
+        &mut self,
+        state: &BlockState<'_>,
+        overrides: &BTreeMap<LayerId, Option<ActQuantizer>>,
+        capture: &[LayerId],
+    ) -> Result<BTreeMap<LayerId, Tensor>> {
+        self.load_weights(true);
+        let mut hook = self.hook_with(overrides);
+        let mut cap = Capture::new(&mut hook, capture.to_vec());
+        let _ = self.pipe.run_block(self.model, state.block, &state.quant_in, &mut cap)?;
+        self.meter.report.block_forwards += 1;
+        Ok(cap.captured)
+    }
+
+    /// The site's input scale (AWQ), if any.
+    pub fn input_scale(&self, site: &Site) -> Option<Tensor> {
+        self.scales.get(&site.id).map(TensorData::to_tensor)
+    }
+
+    /// Rows of a site input entering objectives (padding rows of the decoder excluded), `[N, C]`.
+    pub fn real_rows(&self, site: &Site, x: &Tensor) -> Tensor {
+        let rows = crate::calib::rows(x);
+        match self.pipe.real_rows(site.block) {
+            Some(idx) => rows.index_select(0, &idx.to_device(rows.device())),
+            None => rows,
+        }
+    }
+
+    /// The quantizer a clip setting gives for a site whose quantized-path input is `xq`.
+    pub fn quantizer(&self, site: &Site, xq: &Tensor, clip: Clip) -> Result<Option<ActQuantizer>> {
+        let Some(act) = self.scheme.tower(site.tower()).act else { return Ok(None) };
+        let spec = act.spec(clip)?;
+        if spec.range == RangeMode::Dynamic {
+            return Ok(Some(ActQuantizer { spec, params: None }));
+        }
+        let x = match self.input_scale(site) {
+            Some(s) => xq * s.reciprocal().to_device(xq.device()),
+            None => xq.shallow_clone(),
+        };
+        let (lo, hi) = crate::ranges::static_range(
+            &x,
+            self.pipe.real_rows(site.block).as_ref(),
+            act.granularity,
+            clip,
+        )?;
+        Ok(Some(ActQuantizer::with_range(spec, &lo, &hi)))
+    }
+
+    /// Σ over the site's consumers of ‖W_q Q(x_q) − W_r x_r‖² on the real rows (Eq. 2).
+    pub fn site_error(
+        &mut self,
+        site: &Site,
+        q: Option<&ActQuantizer>,
+        xq: &Tensor,
+        xr: &Tensor,
+    ) -> Result<f64> {
+        Ok(self.site_error_rows(site, q, xq, xr)?.sum(Kind::Double).double_value(&[]))
+    }
+
+    /// Per-row squared error summed over consumers and channels, `[N]`.
+    pub fn site_error_rows(
+        &mut self,
+        site: &Site,
+        q: Option<&ActQuantizer>,
+        xq: &Tensor,
+        xr: &Tensor,
+    ) -> Result<Tensor> {
+        let scale = self.input_scale(site);
+        let x = match &scale {
+            Some(s) => xq * s.reciprocal().to_device(xq.device()).to_kind(xq.kind()),
+            None => xq.shallow_clone(),
+        };
+        let x = match q {
+            Some(q) => q.apply(&x),
+            None => x,
+        };
+        let x = self.real_rows(site, &x);
+        let r = self.real_rows(site, xr);
+        let mut total = Tensor::zeros([x.size()[0]], (Kind::Double, x.device()));
+        for c in &site.consumers {
+            let wr = self
+                .float_weights
+                .get(c)
+                .ok_or_else(|| SearchError::PlanMismatch(format!("no weight for {c}")))?;
+            let wq = self.quant_weights.get(c).unwrap_or(wr);
+            let diff =
+                x.matmul(&wq.to_kind(Kind::Float).tr()) - r.matmul(&wr.to_kind(Kind::Float).tr());
+            total += diff.pow_tensor_scalar(2).sum_dim_intlist(1, false, Kind::Double);
+            self.meter.report.layer_forwards += 2;
+        }
+        self.meter.report.candidate_evaluations += 1;
+        Ok(total)
+    }
+
+    /// Calibration sample of each real row of a site input `x` (`[B, T, C]`), `[N]`.
+    pub fn row_samples(&self, site: &Site, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let t = if size.len() >= 3 { size[size.len() - 2] } else { 1 };
+        let n = x.numel() as i64 / size.last().copied().unwrap_or(1);
+        let flat = Tensor::arange(n, (Kind::Int64, x.device()));
+        let flat = match self.pipe.real_rows(site.block) {
+            Some(idx) => idx.to_device(x.device()),
+            None => flat,
+        };
+        flat / t
+    }
+
+    /// Forgets every decision (weights stay quantized): for strategies that walk twice.
+    pub fn reset_decisions(&mut self) {
+        self.decided.clear();
+    }
+
+    /// Marks a site decided.
+    pub fn decide(&mut self, site: &Site, q: Option<&ActQuantizer>) -> Result<()> {
+        let act = match q {
+            None => None,
+            Some(q) => Some(SiteAct {
+                spec: q.spec,
+                range: match &q.params {
+                    Some(p) => {
+                        // Store (lo, hi) equivalent ranges: lo = (qmin − z)·s, hi = (qmax − z)·s.
+                        let (qmin, qmax) = p.grid.range();
+                        let lo = (Tensor::from(qmin as f64) - &p.zero_point) * &p.scale;
+                        let hi = (Tensor::from(qmax as f64) - &p.zero_point) * &p.scale;
+                        Some((TensorData::from_tensor(&lo)?, TensorData::from_tensor(&hi)?))
+                    }
+                    None => None,
+                },
+            }),
+        };
+        let input_scale = self.scales.get(&site.id).cloned();
+        self.decided.insert(site.id, SitePlan { site: site.clone(), act, input_scale });
+        Ok(())
+    }
+
+    /// Walks all blocks; `decide_block` must decide every site of each block it is given.
+    pub fn walk(
+        &mut self,
+        weights: WeightMethod,
+        mut decide_block: impl FnMut(&mut Engine<'a>, &BlockState<'_>) -> Result<()>,
+        mut progress: impl FnMut(usize, usize, Block),
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let all_blocks = blocks(self.model);
+        let mut xr = self.pipe.initial_input(self.model);
+        let mut xq = xr.shallow_clone();
+        self.meter.hold(2 * bytes_of(&xr));
+        for (bi, &block) in all_blocks.iter().enumerate() {
+            progress(bi, all_blocks.len(), block);
+            let site_indices: Vec<usize> = self
+                .sites
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.block == block)
+                .map(|(i, _)| i)
+                .collect();
+            let ids: Vec<LayerId> = site_indices.iter().map(|&i| self.sites[i].id).collect();
+            // Float path with captures.
+            self.load_weights(false);
+            let mut no = NoHook;
+            let mut cap = Capture::new(&mut no, ids.clone());
+            let xr_out = self.pipe.run_block(self.model, block, &xr, &mut cap)?;
+            self.meter.report.block_forwards += 1;
+            let float_inputs = cap.captured;
+            let held: u64 = float_inputs.values().map(bytes_of).sum();
+            self.meter.hold(held);
+            // Weights of the block.
+            for &i in &site_indices {
+                let site = self.sites[i].clone();
+                self.quantize_site_weights(&site, &float_inputs[&site.id], weights)?;
+            }
+            let state = BlockState {
+                block,
+                site_indices: site_indices.clone(),
+                float_inputs,
+                quant_in: xq.shallow_clone(),
+                _marker: std::marker::PhantomData,
+            };
+            decide_block(self, &state)?;
+            for &i in &site_indices {
+                if !self.decided.contains_key(&self.sites[i].id) {
+                    return Err(SearchError::PlanMismatch(format!(
+                        "site {} left undecided",
+                        self.sites[i].id
+                    )));
+                }
+            }
+            // Quantized path advances with every site of the block decided.
+            self.load_weights(true);
+            let mut hook = self.hook_with(&BTreeMap::new());
+            let xq_out = self.pipe.run_block(self.model, block, &xq, &mut hook)?;
+            self.meter.report.block_forwards += 1;
+            self.meter.release(held);
+            let (old, new) = (2 * bytes_of(&xr), bytes_of(&xr_out) + bytes_of(&xq_out));
+            self.meter.release(old);
+            self.meter.hold(new);
+            xr = xr_out;
+            xq = xq_out;
+        }
+        self.load_weights(false);
+        Ok(())
+    }
+
+    fn quantize_site_weights(
+        &mut self,
+        site: &Site,
+        xr: &Tensor,
+        method: WeightMethod,
+    ) -> Result<()> {
+        let Some(spec) = self.scheme.tower(site.tower()).weight else { return Ok(()) };
+        let mut input_scale = None;
+        let mut clips: BTreeMap<LayerId, TensorData> = BTreeMap::new();
+        if let WeightMethod::Awq { grid, clip_steps } = method {
+            let rows = self.real_rows(site, xr);
+            let rows = crate::entropy::subsample(
+                &rows,
+                &crate::entropy::EntropyConfig {
+                    max_rows: 2048,
+                    max_channels: i64::MAX,
+                    temperature: 1.0,
+                },
+            );
+            let ws: Vec<Tensor> =
+                site.consumers.iter().map(|c| self.float_weights[c].to_kind(Kind::Float)).collect();
+            let (s, _) = crate::awq::search_scale(&rows, &ws, &spec, grid, &site.id.to_string())?;
+            self.meter.report.candidate_evaluations += grid as u64;
+            if let qvlm_core::quant::spec::WeightSpec::Rtn { grid: g, granularity } = spec {
+                let xs = &rows / &s;
+                for (c, w) in site.consumers.iter().zip(&ws) {
+                    let r = crate::awq::search_clip(
+                        &xs,
+                        &(w * s.unsqueeze(0)),
+                        g,
+                        granularity,
+                        clip_steps,
+                        0.5,
+                        &c.to_string(),
+                    )?;
+                    self.meter.report.candidate_evaluations += clip_steps as u64;
+                    clips.insert(*c, TensorData::from_tensor(&r)?);
+                }
+            }
+            input_scale = Some(TensorData::from_tensor(&s)?);
+        }
+        let scale_t = input_scale.as_ref().map(TensorData::to_tensor);
+        for c in &site.consumers {
+            let wp = WeightPlan { spec, clip_ratio: clips.remove(c) };
+            let w = &self.float_weights[c];
+            let q = quantize_weight(w, &wp, scale_t.as_ref(), *c)?;
+            self.quant_weights.insert(*c, q.to_kind(w.kind()).to_device(w.device()));
+            self.weight_plans.insert(*c, wp);
+        }
+        if let Some(s) = input_scale {
+            self.scales.insert(site.id, s);
+        }
+        Ok(())
+    }
+
+    /// The plan the walk produced.
+    pub fn into_plan(self, strategy: &str) -> QuantPlan {
+        let mut sites: Vec<SitePlan> = Vec::new();
+        for s in &self.sites {
+            if let Some(d) = self.decided.get(&s.id) {
+                sites.push(d.clone());
+            }
+        }
+        QuantPlan {
+            strategy: strategy.to_string(),
+            scheme: self.scheme,
+            sites,
+            weights: self.weight_plans,
+            groups: vec![],
+            dependencies: BTreeMap::new(),
+            cost: self.meter.finish(),
+            notes: BTreeMap::new(),
+            ded: self.ded,
+        }
+    }
+}
+
+/// Whether the scheme quantizes the site's activations at all.
+pub fn quantizes_activations(scheme: &Scheme, site: &Site) -> bool {
+    scheme.tower(site.tower()).act.is_some()
+}

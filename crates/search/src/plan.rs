@@ -1,0 +1,276 @@
+//! Plan → search → apply. A [`Scheme`] says what to quantize (per tower, possibly nothing); a
+//! strategy turns it into a [`QuantPlan`] — every site's activation range, every layer's weight
+//! treatment, the groups it formed and why, and what the search cost — which is plain data
+//! (serde) so a costly search is reused; [`apply`] puts a plan onto a model.
+
+use std::collections::BTreeMap;
+
+use qvlm_core::model::hook::LinearHook;
+use qvlm_core::model::layer_id::{LayerId, Tower};
+use qvlm_core::model::linear::LinearWeight;
+use qvlm_core::model::llava::Llava;
+use qvlm_core::quant::activation::ActQuantizer;
+use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode, WeightSpec};
+use qvlm_core::quant::uniform::Grid;
+use qvlm_core::quant::weight::QuantizedWeight;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::cost::CostReport;
+use crate::error::{setting, Result, SearchError};
+use crate::site::Site;
+
+/// How one tower's activations are quantized (the clipping range is the search's business).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActScheme {
+    pub bits: u8,
+    #[serde(default)]
+    pub symmetric: bool,
+    pub granularity: Granularity,
+    pub range: RangeMode,
+}
+
+impl ActScheme {
+    pub fn spec(&self, clip: Clip) -> Result<ActSpec> {
+        let grid =
+            Grid::new(self.bits, self.symmetric).map_err(|e| setting("act.bits", e.to_string()))?;
+        Ok(ActSpec { grid, granularity: self.granularity, range: self.range, clip })
+    }
+}
+
+/// What happens to one tower: weights and activations each quantized or left in float.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TowerScheme {
+    #[serde(default)]
+    pub weight: Option<WeightSpec>,
+    #[serde(default)]
+    pub act: Option<ActScheme>,
+}
+
+/// The quantization scheme of a whole LLaVA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scheme {
+    #[serde(default)]
+    pub vision: TowerScheme,
+    #[serde(default)]
+    pub projector: TowerScheme,
+    #[serde(default)]
+    pub language: TowerScheme,
+}
+
+impl Scheme {
+    pub fn tower(&self, tower: Tower) -> &TowerScheme {
+        match tower {
+            Tower::Vision => &self.vision,
+            Tower::Projector => &self.projector,
+            Tower::Language => &self.language,
+        }
+    }
+}
+
+/// A tensor as plain data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorData {
+    pub shape: Vec<i64>,
+    pub values: Vec<f32>,
+}
+
+impl TensorData {
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let t = t.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+        let values = Vec::<f32>::try_from(&t.reshape([-1]))?;
+        Ok(Self { shape: t.size(), values })
+    }
+
+    pub fn to_tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.values).reshape(self.shape.as_slice())
+    }
+}
+
+/// A site's chosen activation quantizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteAct {
+    pub spec: ActSpec,
+    /// Static ranges (broadcast against the site's input), absent for dynamic ranges.
+    pub range: Option<(TensorData, TensorData)>,
+}
+
+impl SiteAct {
+    pub fn quantizer(&self) -> ActQuantizer {
+        match &self.range {
+            Some((lo, hi)) => ActQuantizer::with_range(self.spec, &lo.to_tensor(), &hi.to_tensor()),
+            None => ActQuantizer { spec: self.spec, params: None },
+        }
+    }
+}
+
+/// What happens to one site's input and consumers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SitePlan {
+    pub site: Site,
+    pub act: Option<SiteAct>,
+    /// AWQ's per-input-channel scale s: the input is divided by s (folded into the previous op in
+    /// a deployment), the consumers' weight columns multiplied by s before quantization.
+    pub input_scale: Option<TensorData>,
+}
+
+/// One linear's weight treatment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightPlan {
+    pub spec: WeightSpec,
+    /// Per-output-row clipping ratio of the weight range (AWQ's clip search); 1 = min–max.
+    pub clip_ratio: Option<TensorData>,
+}
+
+/// Consecutive sites searched jointly, and why they were grouped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub sites: Vec<LayerId>,
+    /// Dependency of each consecutive pair inside the group (or of the pair that closed it).
+    pub dependencies: Vec<f64>,
+    pub reason: String,
+    /// Chosen candidate index per site.
+    pub choice: Vec<usize>,
+    /// Objective (error at the group's last site) of the chosen combination.
+    pub objective: f64,
+    /// The same objective at the sequential (layer-wise) solution the joint search started from.
+    pub sequential_objective: f64,
+}
+
+/// One point of the paper's Fig. 2: for a group and a calibration sample, the discretization
+/// error difference DED = error after layer-wise search − error after joint search, beside the
+/// sample's dependency (conditional entropy) at the group's first pair.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DedPoint {
+    pub site: LayerId,
+    pub sample: usize,
+    pub ded: f64,
+    pub entropy: f64,
+}
+
+/// The result of a strategy: enough to apply it, explain it and account for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantPlan {
+    pub strategy: String,
+    pub scheme: Scheme,
+    pub sites: Vec<SitePlan>,
+    pub weights: BTreeMap<LayerId, WeightPlan>,
+    pub groups: Vec<GroupRecord>,
+    /// Dependency D(k, k+1) between consecutive sites (entropy or the chosen proxy), by the
+    /// first site's id, when the strategy measured it.
+    pub dependencies: BTreeMap<LayerId, f64>,
+    pub cost: CostReport,
+    /// Free-form notes (e.g. VEO's loss curve).
+    pub notes: BTreeMap<String, String>,
+    /// DED measurements (joint searches only).
+    #[serde(default)]
+    pub ded: Vec<DedPoint>,
+}
+
+/// The hook a plan puts on the model: AWQ input scaling, then activation fake-quantization.
+#[derive(Debug, Default)]
+pub struct PlanHook {
+    sites: BTreeMap<LayerId, (Option<Tensor>, Option<ActQuantizer>)>,
+}
+
+impl PlanHook {
+    pub fn new(plan: &QuantPlan) -> Self {
+        let mut sites = BTreeMap::new();
+        for sp in &plan.sites {
+            let inv = sp.input_scale.as_ref().map(|s| s.to_tensor().reciprocal());
+            let q = sp.act.as_ref().map(SiteAct::quantizer);
+            for c in &sp.site.consumers {
+                sites.insert(*c, (inv.as_ref().map(Tensor::shallow_clone), q.clone()));
+            }
+        }
+        Self { sites }
+    }
+
+    /// Replaces (or removes, with `None`) one site's quantizer — search candidates.
+    pub fn set_site(
+        &mut self,
+        site: &Site,
+        act: Option<ActQuantizer>,
+        input_scale: Option<&Tensor>,
+    ) {
+        for c in &site.consumers {
+            let inv = input_scale.map(Tensor::reciprocal);
+            self.sites.insert(*c, (inv, act.clone()));
+        }
+    }
+}
+
+impl LinearHook for PlanHook {
+    fn input(&mut self, id: LayerId, x: Tensor) -> Tensor {
+        match self.sites.get(&id) {
+            None => x,
+            Some((inv, q)) => {
+                let x = match inv {
+                    Some(inv) => {
+                        let inv = inv.to_device(x.device()).to_kind(x.kind());
+                        x * inv
+                    }
+                    None => x,
+                };
+                match q {
+                    Some(q) => q.apply(&x),
+                    None => x,
+                }
+            }
+        }
+    }
+}
+
+/// Quantized weight of one linear under a plan: `Q(W · s) ` (fake-quantized, f32), with the AWQ
+/// scale `s` of its site and the plan's clipping ratios.
+pub fn quantize_weight(
+    w: &Tensor,
+    plan: &WeightPlan,
+    input_scale: Option<&Tensor>,
+    layer: LayerId,
+) -> Result<Tensor> {
+    let w = w.to_kind(Kind::Float);
+    let w = match input_scale {
+        Some(s) => &w * s.to_device(w.device()).unsqueeze(0),
+        None => w,
+    };
+    let name = layer.to_string();
+    let deq = match (&plan.clip_ratio, plan.spec) {
+        (Some(ratio), WeightSpec::Rtn { grid, granularity }) => {
+            let r = ratio.to_tensor().to_device(w.device()).view([-1, 1]);
+            crate::awq::clipped_rtn(&w, grid, granularity, &r, &name)?
+        }
+        _ => QuantizedWeight::quantize(&w, &plan.spec, &name)?.dequantize().to_device(w.device()),
+    };
+    Ok(deq)
+}
+
+/// Fake-quantizes the model's weights in place as the plan says; returns the hook for the
+/// activations. The model's float weights are replaced: keep a copy if you need them.
+pub fn apply(model: &mut Llava, plan: &QuantPlan) -> Result<PlanHook> {
+    let scales: BTreeMap<LayerId, Tensor> = plan
+        .sites
+        .iter()
+        .filter_map(|sp| sp.input_scale.as_ref().map(|s| (sp, s.to_tensor())))
+        .flat_map(|(sp, s)| sp.site.consumers.iter().map(move |c| (*c, s.shallow_clone())))
+        .collect();
+    let _guard = tch::no_grad_guard();
+    for linear in model.linears_mut() {
+        let Some(wp) = plan.weights.get(&linear.id) else {
+            if scales.contains_key(&linear.id) {
+                return Err(SearchError::PlanMismatch(format!(
+                    "{} has an input scale but no weight plan",
+                    linear.id
+                )));
+            }
+            continue;
+        };
+        let w = linear.float_weight();
+        let q = quantize_weight(&w, wp, scales.get(&linear.id), linear.id)?;
+        linear.weight = LinearWeight::Float(q.to_kind(w.kind()).to_device(w.device()));
+    }
+    Ok(PlanHook::new(plan))
+}

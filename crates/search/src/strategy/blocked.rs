@@ -1,0 +1,465 @@
+//! Cross-layer dependency mining (Q-VLM Eq. 3–7): dependencies between consecutive sites,
+//! partition into blocks of jointly searched sites, and the joint search itself. Also the
+//! fixed-window oracle and the DED measurement of Fig. 2.
+//!
+//! Groups never cross a pipeline block (transformer layer or projector): a group's joint search
+//! re-runs one layer per evaluated prefix combination.
+
+use std::collections::BTreeMap;
+
+use qvlm_core::model::layer_id::LayerId;
+use qvlm_core::quant::activation::ActQuantizer;
+use qvlm_core::quant::spec::Clip;
+use qvlm_core::quant::uniform::QParams;
+use tch::{Kind, Tensor};
+
+use super::{BlockedConfig, Proxy, RuleKind};
+use crate::engine::{quantizes_activations, BlockState, Engine, WeightMethod};
+use crate::entropy::{conditional_entropy, level_distribution, subsample, EntropyConfig};
+use crate::error::Result;
+use crate::partition::{partition, PartitionRule};
+use crate::plan::{DedPoint, GroupRecord};
+use crate::site::Site;
+
+/// Static parameters standing for a quantizer when measuring entropy (dynamic quantizers use
+/// the input's own min–max per their granularity).
+fn params_for(eng: &Engine<'_>, site: &Site, q: &ActQuantizer, x: &Tensor) -> Result<QParams> {
+    if let Some(p) = &q.params {
+        return Ok(p.clone());
+    }
+    let _ = (eng, site);
+    let (lo, hi) = crate::ranges::static_range(
+        x,
+        None,
+        match q.spec.granularity {
+            g @ (qvlm_core::quant::spec::Granularity::PerTensor
+            | qvlm_core::quant::spec::Granularity::PerChannel) => g,
+            _ => qvlm_core::quant::spec::Granularity::PerChannel,
+        },
+        Clip::MinMax,
+    )?;
+    Ok(QParams::from_range(q.spec.grid, &lo, &hi))
+}
+
+/// Per-row level distributions `[N, M]` of a site's quantized input (real rows, subsampled).
+fn distributions(
+    eng: &Engine<'_>,
+    site: &Site,
+    q: &ActQuantizer,
+    x: &Tensor,
+    cfg: &EntropyConfig,
+) -> Result<Tensor> {
+    let params = params_for(eng, site, q, x)?;
+    // Per-token params [T, 1] broadcast against [B, T, C]; expand them to the rows first.
+    let full = |t: &Tensor| t.to_device(x.device()).expand_as(x).contiguous();
+    let expanded = QParams {
+        grid: params.grid,
+        scale: full(&params.scale),
+        zero_point: full(&params.zero_point),
+    };
+    let rows = eng.real_rows(site, x);
+    let pr = QParams {
+        grid: params.grid,
+        scale: eng.real_rows(site, &expanded.scale),
+        zero_point: eng.real_rows(site, &expanded.zero_point),
+    };
+    let xs = subsample(&rows, cfg);
+    let ps = QParams {
+        grid: pr.grid,
+        scale: subsample(&pr.scale, cfg),
+        zero_point: subsample(&pr.zero_point, cfg),
+    };
+    Ok(level_distribution(&xs, &ps, cfg))
+}
+
+/// Relative quantization error ‖Q(x) − x‖² / ‖x‖² on the real rows.
+fn quant_error(eng: &Engine<'_>, site: &Site, q: &ActQuantizer, x: &Tensor) -> f64 {
+    let rows = eng.real_rows(site, x);
+    let qrows = eng.real_rows(site, &q.apply(x));
+    let num = (qrows - &rows).pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]);
+    let den = rows.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]).max(1e-30);
+    num / den
+}
+
+/// Min–max quantized inputs of the block's sites in order (each under the decided prefix and the
+/// earlier sites of the block at min–max): `(site index, input, quantizer)`.
+fn minmax_chain(
+    eng: &mut Engine<'_>,
+    state: &BlockState<'_>,
+    sites: &[usize],
+) -> Result<Vec<(usize, Tensor, ActQuantizer)>> {
+    let mut overrides: BTreeMap<LayerId, Option<ActQuantizer>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for &i in sites {
+        let site = eng.sites[i].clone();
+        let cap = eng.capture_quantized(state, &overrides, &[site.id])?;
+        let x = cap[&site.id].shallow_clone();
+        if let Some(q) = eng.quantizer(&site, &x, Clip::MinMax)? {
+            overrides.insert(site.id, Some(q.clone()));
+            out.push((i, x, q));
+        }
+    }
+    Ok(out)
+}
+
+/// D(k, k+1) for consecutive quantizing sites of a block, by the configured proxy.
+fn block_dependencies(
+    eng: &mut Engine<'_>,
+    chain: &[(usize, Tensor, ActQuantizer)],
+    cfg: &BlockedConfig,
+) -> Result<Vec<f64>> {
+    let mut deps = Vec::new();
+    for pair in chain.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let (sa, sb) = (eng.sites[a.0].clone(), eng.sites[b.0].clone());
+        let d = match cfg.proxy {
+            Proxy::Entropy => {
+                let pa = distributions(eng, &sa, &a.2, &a.1, &cfg.entropy)?;
+                let pb = distributions(eng, &sb, &b.2, &b.1, &cfg.entropy)?;
+                let n = pa.size()[0].min(pb.size()[0]);
+                conditional_entropy(&pa.narrow(0, 0, n), &pb.narrow(0, 0, n)).double_value(&[])
+            }
+            Proxy::QuantError => {
+                0.5 * (quant_error(eng, &sa, &a.2, &a.1) + quant_error(eng, &sb, &b.2, &b.1))
+            }
+        };
+        deps.push(d);
+    }
+    Ok(deps)
+}
+
+/// A first walk measuring every dependency with min–max quantizers (to resolve a quantile h0);
+/// decisions are discarded afterwards.
+pub fn measure_dependencies(
+    eng: &mut Engine<'_>,
+    weights: WeightMethod,
+    cfg: &BlockedConfig,
+    progress: super::Progress<'_>,
+) -> Result<BTreeMap<LayerId, f64>> {
+    let mut all = BTreeMap::new();
+    eng.walk(
+        weights,
+        |eng, state| {
+            let quantizing: Vec<usize> = state
+                .site_indices
+                .iter()
+                .copied()
+                .filter(|&i| quantizes_activations(&eng.scheme, &eng.sites[i]))
+                .collect();
+            let chain = minmax_chain(eng, state, &quantizing)?;
+            let deps = block_dependencies(eng, &chain, cfg)?;
+            for (w, d) in chain.windows(2).zip(deps) {
+                all.insert(eng.sites[w[0].0].id, d);
+            }
+            for (i, _, q) in &chain {
+                let site = eng.sites[*i].clone();
+                eng.decide(&site, Some(q))?;
+            }
+            for &i in &state.site_indices {
+                let site = eng.sites[i].clone();
+                if !eng.decided.contains_key(&site.id) {
+                    eng.decide(&site, None)?;
+                }
+            }
+            Ok(())
+        },
+        |i, n, b| progress(i, n, &format!("dependencies {b}")),
+    )?;
+    eng.reset_decisions();
+    Ok(all)
+}
+
+/// Result of a joint search over one group.
+struct Joint {
+    choice: Vec<usize>,
+    objective: f64,
+    sequential: Vec<usize>,
+    sequential_objective: f64,
+    candidates: Vec<Vec<ActQuantizer>>,
+}
+
+/// Sequential warm start, then joint search (exhaustive or coordinate descent) of a group's
+/// candidates minimising the error at the group's last site.
+fn joint_search(
+    eng: &mut Engine<'_>,
+    state: &BlockState<'_>,
+    group: &[usize],
+    clips: &[Clip],
+    limit: usize,
+) -> Result<Joint> {
+    let ids: Vec<LayerId> = group.iter().map(|&i| eng.sites[i].id).collect();
+    let mut overrides: BTreeMap<LayerId, Option<ActQuantizer>> = BTreeMap::new();
+    let mut candidates: Vec<Vec<ActQuantizer>> = Vec::new();
+    let mut sequential = Vec::new();
+    for (k, &i) in group.iter().enumerate() {
+        let site = eng.sites[i].clone();
+        let cap = eng.capture_quantized(state, &overrides, &[site.id])?;
+        let xq = &cap[&site.id];
+        let xr = state.float_inputs[&site.id].shallow_clone();
+        let mut cands = Vec::new();
+        let mut best = (f64::INFINITY, 0);
+        for (ci, &clip) in clips.iter().enumerate() {
+            let Some(q) = eng.quantizer(&site, xq, clip)? else { continue };
+            let err = eng.site_error(&site, Some(&q), xq, &xr)?;
+            if err < best.0 {
+                best = (err, ci);
+            }
+            cands.push(q);
+        }
+        overrides.insert(ids[k], Some(cands[best.1].clone()));
+        sequential.push(best.1);
+        candidates.push(cands);
+    }
+    let last = group[group.len() - 1];
+    let last_site = eng.sites[last].clone();
+    let xr_last = state.float_inputs[&last_site.id].shallow_clone();
+    let mut prefix_cache: BTreeMap<Vec<usize>, Tensor> = BTreeMap::new();
+    let mut evaluate = |eng: &mut Engine<'_>, combo: &[usize]| -> Result<f64> {
+        let prefix = combo[..combo.len() - 1].to_vec();
+        if !prefix_cache.contains_key(&prefix) {
+            let ov: BTreeMap<LayerId, Option<ActQuantizer>> = prefix
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| (ids[k], Some(candidates[k][c].clone())))
+                .collect();
+            let cap = eng.capture_quantized(state, &ov, &[last_site.id])?;
+            prefix_cache.insert(prefix.clone(), cap[&last_site.id].shallow_clone());
+        }
+        let xq = prefix_cache[&prefix].shallow_clone();
+        eng.site_error(
+            &last_site,
+            Some(&candidates[combo.len() - 1][combo[combo.len() - 1]]),
+            &xq,
+            &xr_last,
+        )
+    };
+    let sequential_objective = evaluate(eng, &sequential)?;
+    let sizes: Vec<usize> = candidates.iter().map(Vec::len).collect();
+    let combos: usize = sizes.iter().product();
+    let (mut choice, mut objective) = (sequential.clone(), sequential_objective);
+    if combos <= limit {
+        let mut combo = vec![0usize; sizes.len()];
+        loop {
+            let v = evaluate(eng, &combo)?;
+            if v < objective {
+                objective = v;
+                choice = combo.clone();
+            }
+            // Odometer increment.
+            let mut k = sizes.len();
+            loop {
+                if k == 0 {
+                    break;
+                }
+                k -= 1;
+                combo[k] += 1;
+                if combo[k] < sizes[k] {
+                    break;
+                }
+                combo[k] = 0;
+                if k == 0 {
+                    k = usize::MAX;
+                    break;
+                }
+            }
+            if k == usize::MAX {
+                break;
+            }
+        }
+    } else {
+        // Coordinate descent from the sequential solution.
+        for _sweep in 0..3 {
+            let mut improved = false;
+            for k in 0..sizes.len() {
+                for c in 0..sizes[k] {
+                    let mut trial = choice.clone();
+                    trial[k] = c;
+                    let v = evaluate(eng, &trial)?;
+                    if v < objective {
+                        objective = v;
+                        choice = trial;
+                        improved = true;
+                    }
+                }
+            }
+            if !improved {
+                break;
+            }
+        }
+    }
+    Ok(Joint { choice, objective, sequential, sequential_objective, candidates })
+}
+
+/// Per-sample DED of a group and the per-sample dependency of its first pair.
+fn ded_points(
+    eng: &mut Engine<'_>,
+    state: &BlockState<'_>,
+    group: &[usize],
+    joint: &Joint,
+    cfg: &EntropyConfig,
+) -> Result<Vec<DedPoint>> {
+    let ids: Vec<LayerId> = group.iter().map(|&i| eng.sites[i].id).collect();
+    let last_site = eng.sites[group[group.len() - 1]].clone();
+    let xr = state.float_inputs[&last_site.id].shallow_clone();
+    let mut per_sample = Vec::new();
+    for combo in [&joint.sequential, &joint.choice] {
+        let ov: BTreeMap<LayerId, Option<ActQuantizer>> = combo[..combo.len() - 1]
+            .iter()
+            .enumerate()
+            .map(|(k, &c)| (ids[k], Some(joint.candidates[k][c].clone())))
+            .collect();
+        let cap = eng.capture_quantized(state, &ov, &[ids[0], last_site.id])?;
+        let xq = cap[&last_site.id].shallow_clone();
+        let rows = eng.site_error_rows(
+            &last_site,
+            Some(&joint.candidates[combo.len() - 1][combo[combo.len() - 1]]),
+            &xq,
+            &xr,
+        )?;
+        let samples = eng.row_samples(&last_site, &xq);
+        let count = samples.max().int64_value(&[]) + 1;
+        let sums =
+            Tensor::zeros([count], (Kind::Double, rows.device())).index_add(0, &samples, &rows);
+        per_sample.push((sums, cap));
+    }
+    let ded = (&per_sample[0].0 - &per_sample[1].0).to_device(tch::Device::Cpu);
+    // Per-sample dependency of the first pair under the sequential solution.
+    let (cap, first, second) =
+        (&per_sample[0].1, &eng.sites[group[0]].clone(), &eng.sites[group[1]].clone());
+    let mut points = Vec::new();
+    if let (Some(xa), Some(xb)) =
+        (cap.get(&first.id), cap.get(&second.id).or_else(|| cap.get(&last_site.id)))
+    {
+        let qa = &joint.candidates[0][joint.sequential[0]];
+        let qb = &joint.candidates[1][joint.sequential[1]];
+        let sa = eng.row_samples(first, xa);
+        let sb = eng.row_samples(second, xb);
+        let pa = distributions(
+            eng,
+            first,
+            qa,
+            xa,
+            &EntropyConfig { max_rows: i64::MAX, max_channels: cfg.max_channels, ..*cfg },
+        )?;
+        let pb = distributions(
+            eng,
+            second,
+            qb,
+            xb,
+            &EntropyConfig { max_rows: i64::MAX, max_channels: cfg.max_channels, ..*cfg },
+        )?;
+        for s in 0..ded.size()[0] {
+            let ia = sa.eq(s).nonzero().squeeze_dim(1);
+            let ib = sb.eq(s).nonzero().squeeze_dim(1);
+            let n = ia.size()[0].min(ib.size()[0]);
+            if n == 0 {
+                continue;
+            }
+            let h = conditional_entropy(
+                &pa.index_select(0, &ia.narrow(0, 0, n)),
+                &pb.index_select(0, &ib.narrow(0, 0, n)),
+            );
+            points.push(DedPoint {
+                site: ids[0],
+                sample: s as usize,
+                ded: ded.double_value(&[s]),
+                entropy: h.double_value(&[]),
+            });
+        }
+    }
+    Ok(points)
+}
+
+fn record(
+    eng: &mut Engine<'_>,
+    group: &[usize],
+    joint: &Joint,
+    deps: Vec<f64>,
+    reason: String,
+) -> Result<GroupRecord> {
+    for (k, &i) in group.iter().enumerate() {
+        let site = eng.sites[i].clone();
+        eng.decide(&site, Some(&joint.candidates[k][joint.choice[k]]))?;
+    }
+    Ok(GroupRecord {
+        sites: group.iter().map(|&i| eng.sites[i].id).collect(),
+        dependencies: deps,
+        reason,
+        choice: joint.choice.clone(),
+        objective: joint.objective,
+        sequential_objective: joint.sequential_objective,
+    })
+}
+
+/// Eq. 3–7 on one block: dependencies, partition, joint search per group.
+pub fn decide_blocked(
+    eng: &mut Engine<'_>,
+    state: &BlockState<'_>,
+    sites: &[usize],
+    cfg: &BlockedConfig,
+    h0: f64,
+    running: &mut Vec<f64>,
+) -> Result<(Vec<GroupRecord>, BTreeMap<LayerId, f64>)> {
+    let clips = cfg.candidates.clips()?;
+    let quantizing: Vec<usize> = sites
+        .iter()
+        .copied()
+        .filter(|&i| quantizes_activations(&eng.scheme, &eng.sites[i]))
+        .collect();
+    for &i in sites.iter().filter(|i| !quantizing.contains(i)) {
+        let site = eng.sites[i].clone();
+        eng.decide(&site, None)?;
+    }
+    let chain = minmax_chain(eng, state, &quantizing)?;
+    let deps = block_dependencies(eng, &chain, cfg)?;
+    let mut dep_map = BTreeMap::new();
+    for (w, d) in chain.windows(2).zip(&deps) {
+        dep_map.insert(eng.sites[w[0].0].id, *d);
+    }
+    let rule = match cfg.rule {
+        RuleKind::Eq7 => PartitionRule::Eq7 { h0, max_depth: cfg.max_depth },
+        RuleKind::ReleasedGate => PartitionRule::ReleasedGate { max_depth: cfg.max_depth },
+    };
+    let groups = partition(&deps, quantizing.len(), rule, running);
+    let mut records = Vec::new();
+    for g in groups {
+        let members: Vec<usize> = quantizing[g.start..g.end].to_vec();
+        let joint = joint_search(eng, state, &members, &clips, cfg.exhaustive_limit)?;
+        let gdeps = deps
+            .get(g.start..g.end.saturating_sub(1).max(g.start))
+            .map(<[f64]>::to_vec)
+            .unwrap_or_default();
+        records.push(record(eng, &members, &joint, gdeps, g.reason)?);
+    }
+    Ok((records, dep_map))
+}
+
+/// The oracle: fixed windows of `window` consecutive sites searched jointly (exhaustively when
+/// small), with DED points recorded for every window of two or more sites.
+pub fn decide_windows(
+    eng: &mut Engine<'_>,
+    state: &BlockState<'_>,
+    sites: &[usize],
+    clips: &[Clip],
+    window: usize,
+) -> Result<Vec<GroupRecord>> {
+    let quantizing: Vec<usize> = sites
+        .iter()
+        .copied()
+        .filter(|&i| quantizes_activations(&eng.scheme, &eng.sites[i]))
+        .collect();
+    for &i in sites.iter().filter(|i| !quantizing.contains(i)) {
+        let site = eng.sites[i].clone();
+        eng.decide(&site, None)?;
+    }
+    let mut records = Vec::new();
+    for members in quantizing.chunks(window.max(1)) {
+        let joint = joint_search(eng, state, members, clips, usize::MAX)?;
+        if members.len() >= 2 {
+            let points = ded_points(eng, state, members, &joint, &EntropyConfig::default())?;
+            eng.ded.extend(points);
+        }
+        records.push(record(eng, members, &joint, vec![], format!("window of {}", members.len()))?);
+    }
+    Ok(records)
+}
