@@ -115,6 +115,89 @@ fn draw_bars<DB: DrawingBackend>(
     Ok(())
 }
 
+/// A heatmap: `rows` × `cols` cells coloured by value (white → blue), values printed inside.
+pub fn heatmap(
+    path: &Path,
+    title: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<Option<f64>>],
+) -> Result<()> {
+    for svg in [false, true] {
+        let file = path.with_extension(if svg { "svg" } else { "png" });
+        let size = (220 + 150 * cols.len() as u32, 120 + 44 * rows.len() as u32);
+        if svg {
+            let root = SVGBackend::new(&file, size).into_drawing_area();
+            draw_heatmap(&root, title, rows, cols, values)?;
+            root.present().map_err(err)?;
+        } else {
+            let root = BitMapBackend::new(&file, size).into_drawing_area();
+            draw_heatmap(&root, title, rows, cols, values)?;
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn draw_heatmap<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<Option<f64>>],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let (nr, nc) = (rows.len().max(1), cols.len().max(1));
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0f64..nc as f64, 0f64..nr as f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(nc)
+        .y_labels(nr)
+        .x_label_formatter(&|x| cols.get(x.floor() as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&|y| {
+            rows.get(nr - 1 - (y.floor() as usize).min(nr - 1)).cloned().unwrap_or_default()
+        })
+        .draw()
+        .map_err(err)?;
+    let flat: Vec<f64> = values.iter().flatten().flatten().copied().collect();
+    let (lo, hi) = (
+        flat.iter().copied().fold(f64::INFINITY, f64::min),
+        flat.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    for (r, row) in values.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            let y = (nr - 1 - r) as f64;
+            let (x0, x1) = (c as f64 + 0.02, c as f64 + 0.98);
+            let color = match v {
+                Some(v) => {
+                    let t = if hi > lo { (v - lo) / (hi - lo) } else { 1.0 };
+                    RGBColor((255.0 - 200.0 * t) as u8, (255.0 - 140.0 * t) as u8, 255)
+                }
+                None => RGBColor(230, 230, 230),
+            };
+            chart
+                .draw_series([Rectangle::new([(x0, y + 0.04), (x1, y + 0.96)], color.filled())])
+                .map_err(err)?;
+            let text = v.map_or("–".to_string(), |v| format!("{v:.1}"));
+            chart
+                .draw_series([Text::new(
+                    text,
+                    (c as f64 + 0.4, y + 0.4),
+                    ("sans-serif", 15).into_font(),
+                )])
+                .map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 /// A scatter plot with a least-squares line.
 pub fn scatter(
     path: &Path,

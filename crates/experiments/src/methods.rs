@@ -11,7 +11,7 @@ use qvlm_search::strategy::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Bits, QuantSettings};
+use crate::config::{ActSettings, Bits, QuantSettings};
 
 /// How weights are quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,12 @@ pub struct MethodSpec {
     /// ZeroQuant-V2-style dynamic per-token activation ranges in every tower.
     #[serde(default)]
     pub dynamic_activations: bool,
+    /// Overrides of `quant.vision_act` / `quant.language_act` for this method (e.g. to map how
+    /// granularity and static vs dynamic ranges change round-to-nearest).
+    #[serde(default)]
+    pub vision_act: Option<ActSettings>,
+    #[serde(default)]
+    pub language_act: Option<ActSettings>,
     /// How tables name the method (default: its name).
     #[serde(default)]
     pub label: Option<String>,
@@ -79,14 +85,16 @@ impl MethodSpec {
                 range,
             })
         };
-        let language = TowerScheme { weight, act: act(q.language_act) };
+        let language_act = self.language_act.unwrap_or(q.language_act);
+        let vision_act = self.vision_act.unwrap_or(q.vision_act);
+        let language = TowerScheme { weight, act: act(language_act) };
         let vision = if q.quantize_vision {
-            TowerScheme { weight, act: act(q.vision_act) }
+            TowerScheme { weight, act: act(vision_act) }
         } else {
             TowerScheme::default()
         };
         let projector = if q.quantize_projector {
-            TowerScheme { weight, act: act(q.language_act) }
+            TowerScheme { weight, act: act(language_act) }
         } else {
             TowerScheme::default()
         };
@@ -128,6 +136,8 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
         weights,
         strategy,
         dynamic_activations: false,
+        vision_act: None,
+        language_act: None,
         label: Some(label.to_string()),
     };
     Some(match name {

@@ -87,7 +87,44 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
         (col_str(summary, "model")?, col_str(summary, "bits")?, col_str(summary, "method")?);
     let acc = col_f64(summary, "accuracy")?;
     match fig {
-        "accuracy_by_method" | "sensitivity_heatmap" => {
+        "sensitivity_heatmap" => {
+            for model in cfg.grid.models.iter() {
+                let values: Vec<Vec<Option<f64>>> = cfg
+                    .grid
+                    .bits
+                    .iter()
+                    .map(|b| {
+                        cfg.grid
+                            .methods
+                            .iter()
+                            .map(|m| {
+                                (0..models.len())
+                                    .find(|&i| {
+                                        &models[i] == model && &bits[i] == b && &methods[i] == m
+                                    })
+                                    .and_then(|i| acc[i])
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let float = (0..models.len())
+                    .find(|&i| &models[i] == model && bits[i] == "FP")
+                    .and_then(|i| acc[i]);
+                let title = format!(
+                    "{} — accuracy (%) by bits and activation ranges (float {})",
+                    labels.get(model).cloned().unwrap_or_default(),
+                    float.map_or("–".into(), |f| format!("{f:.1}"))
+                );
+                figure::heatmap(
+                    &out.join(format!("{fig}_{model}")),
+                    &title,
+                    &cfg.grid.bits,
+                    &cfg.grid.methods,
+                    &values,
+                )?;
+            }
+        }
+        "accuracy_by_method" => {
             for model in cfg.grid.models.iter() {
                 let float = (0..models.len())
                     .find(|&i| &models[i] == model && bits[i] == "FP")

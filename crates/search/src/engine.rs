@@ -56,6 +56,8 @@ pub struct Engine<'a> {
     quantized_loaded: bool,
     /// DED points recorded by joint searches.
     pub ded: Vec<crate::plan::DedPoint>,
+    /// Float outputs `W_r x_r` (real rows) of the current block's consumers, computed once.
+    float_outputs: BTreeMap<LayerId, Tensor>,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -90,6 +92,7 @@ impl<'a> Engine<'a> {
             weight_plans: BTreeMap::new(),
             quantized_loaded: false,
             ded: Vec::new(),
+            float_outputs: BTreeMap::new(),
         })
     }
 
@@ -170,22 +173,41 @@ impl<'a> Engine<'a> {
 
     /// The quantizer a clip setting gives for a site whose quantized-path input is `xq`.
     pub fn quantizer(&self, site: &Site, xq: &Tensor, clip: Clip) -> Result<Option<ActQuantizer>> {
-        let Some(act) = self.scheme.tower(site.tower()).act else { return Ok(None) };
-        let spec = act.spec(clip)?;
-        if spec.range == RangeMode::Dynamic {
-            return Ok(Some(ActQuantizer { spec, params: None }));
+        Ok(self.quantizers(site, xq, &[clip])?.pop().flatten())
+    }
+
+    /// The quantizers of several clip settings (the input is sorted once).
+    pub fn quantizers(
+        &self,
+        site: &Site,
+        xq: &Tensor,
+        clips: &[Clip],
+    ) -> Result<Vec<Option<ActQuantizer>>> {
+        let Some(act) = self.scheme.tower(site.tower()).act else {
+            return Ok(vec![None; clips.len()]);
+        };
+        if act.range == RangeMode::Dynamic {
+            return clips
+                .iter()
+                .map(|&c| Ok(Some(ActQuantizer { spec: act.spec(c)?, params: None })))
+                .collect();
         }
         let x = match self.input_scale(site) {
             Some(s) => xq * s.reciprocal().to_device(xq.device()),
             None => xq.shallow_clone(),
         };
-        let (lo, hi) = crate::ranges::static_range(
+        let sorted = crate::ranges::SortedInput::new(
             &x,
             self.pipe.real_rows(site.block).as_ref(),
             act.granularity,
-            clip,
         )?;
-        Ok(Some(ActQuantizer::with_range(spec, &lo, &hi)))
+        clips
+            .iter()
+            .map(|&c| {
+                let (lo, hi) = sorted.range(c);
+                Ok(Some(ActQuantizer::with_range(act.spec(c)?, &lo, &hi)))
+            })
+            .collect()
     }
 
     /// Σ over the site's consumers of ‖W_q Q(x_q) − W_r x_r‖² on the real rows (Eq. 2).
@@ -217,18 +239,21 @@ impl<'a> Engine<'a> {
             None => x,
         };
         let x = self.real_rows(site, &x);
-        let r = self.real_rows(site, xr);
         let mut total = Tensor::zeros([x.size()[0]], (Kind::Double, x.device()));
         for c in &site.consumers {
             let wr = self
                 .float_weights
                 .get(c)
                 .ok_or_else(|| SearchError::PlanMismatch(format!("no weight for {c}")))?;
+            if !self.float_outputs.contains_key(c) {
+                let r = self.real_rows(site, xr);
+                self.float_outputs.insert(*c, r.matmul(&wr.to_kind(Kind::Float).tr()));
+                self.meter.report.layer_forwards += 1;
+            }
             let wq = self.quant_weights.get(c).unwrap_or(wr);
-            let diff =
-                x.matmul(&wq.to_kind(Kind::Float).tr()) - r.matmul(&wr.to_kind(Kind::Float).tr());
+            let diff = x.matmul(&wq.to_kind(Kind::Float).tr()) - &self.float_outputs[c];
             total += diff.pow_tensor_scalar(2).sum_dim_intlist(1, false, Kind::Double);
-            self.meter.report.layer_forwards += 2;
+            self.meter.report.layer_forwards += 1;
         }
         self.meter.report.candidate_evaluations += 1;
         Ok(total)
@@ -244,7 +269,7 @@ impl<'a> Engine<'a> {
             Some(idx) => idx.to_device(x.device()),
             None => flat,
         };
-        flat / t
+        flat.divide_scalar_mode(t, "floor")
     }
 
     /// Forgets every decision (weights stay quantized): for strategies that walk twice.
@@ -298,6 +323,7 @@ impl<'a> Engine<'a> {
                 .collect();
             let ids: Vec<LayerId> = site_indices.iter().map(|&i| self.sites[i].id).collect();
             // Float path with captures.
+            self.float_outputs.clear();
             self.load_weights(false);
             let mut no = NoHook;
             let mut cap = Capture::new(&mut no, ids.clone());

@@ -31,7 +31,7 @@ pub struct EntropyConfig {
 
 impl Default for EntropyConfig {
     fn default() -> Self {
-        Self { temperature: 1.0, max_rows: 4096, max_channels: 256 }
+        Self { temperature: 1.0, max_rows: 1024, max_channels: 64 }
     }
 }
 

@@ -6,103 +6,110 @@ use tch::Tensor;
 
 use crate::error::{setting, Result};
 
-/// Quantiles `q` and `1 − q` of `x` along `dim` (exact, by sorting).
-fn quantile_pair(x: &Tensor, dim: i64, p: f64, keepdim: bool) -> (Tensor, Tensor) {
-    let n = x.size()[dim as usize];
-    let (sorted, _) = x.sort(dim, false);
-    let at = |q: f64| {
-        let pos = q * (n - 1) as f64;
-        let (lo, hi) = (pos.floor() as i64, pos.ceil() as i64);
-        let a = sorted.select(dim, lo);
-        let b = sorted.select(dim, hi);
-        let v = &a + (b - &a) * (pos - lo as f64);
-        if keepdim {
-            v.unsqueeze(dim)
-        } else {
-            v
-        }
-    };
-    (at(1.0 - p), at(p))
-}
-
 /// At most this many values enter a per-tensor quantile (evenly strided beyond it).
 const MAX_TENSOR_VALUES: i64 = 1 << 22;
 
-/// `(lo, hi)` of `x` (`[B, T, C]` or `[N, C]`) for a granularity and clip, broadcastable against
-/// `x`: `[]` per tensor, `[C]` per channel, `[T, 1]` per token position, `[G, 1]` per group.
-/// `real_rows` selects the rows (flattened B·T) that count (padding excluded); per-token ranges
-/// need all rows (vision).
-pub fn static_range(
-    x: &Tensor,
-    real_rows: Option<&Tensor>,
+/// A site input prepared for range queries at one granularity: sorted once, so every candidate
+/// clip is a cheap lookup.
+pub struct SortedInput {
+    /// Values sorted along `dim`.
+    sorted: Tensor,
+    dim: i64,
     granularity: Granularity,
-    clip: Clip,
-) -> Result<(Tensor, Tensor)> {
-    let x = qvlm_core::quant::uniform::finite(x);
-    let c = *x.size().last().unwrap_or(&1);
-    let rows = {
-        let r = x.reshape([-1, c]);
-        match real_rows {
-            Some(idx) => r.index_select(0, &idx.to_device(r.device())),
-            None => r,
-        }
-    };
-    let p = match clip {
-        Clip::Percentile(p) => Some(p),
-        _ => None,
-    };
-    let (lo, hi) = match granularity {
-        Granularity::PerTensor => {
-            let flat = rows.reshape([-1]);
-            let n = flat.size()[0];
-            let flat = if n > MAX_TENSOR_VALUES {
-                let idx: Vec<i64> =
-                    (0..MAX_TENSOR_VALUES).map(|i| i * n / MAX_TENSOR_VALUES).collect();
-                flat.index_select(0, &Tensor::from_slice(&idx).to_device(flat.device()))
-            } else {
-                flat
-            };
-            match p {
-                Some(p) => quantile_pair(&flat, 0, p, false),
-                None => (flat.min(), flat.max()),
+    channels: i64,
+}
+
+impl SortedInput {
+    /// `x` is `[B, T, C]` or `[N, C]`; `real_rows` selects the rows (flattened B·T) that count
+    /// (padding excluded); per-token ranges use all rows (vision).
+    pub fn new(x: &Tensor, real_rows: Option<&Tensor>, granularity: Granularity) -> Result<Self> {
+        let x = qvlm_core::quant::uniform::finite(x);
+        let c = *x.size().last().unwrap_or(&1);
+        let rows = {
+            let r = x.reshape([-1, c]);
+            match real_rows {
+                Some(idx) => r.index_select(0, &idx.to_device(r.device())),
+                None => r,
             }
-        }
-        Granularity::PerChannel | Granularity::PerGroup { .. } => match p {
-            Some(p) => quantile_pair(&rows, 0, p, false),
-            None => (rows.amin(0, false), rows.amax(0, false)),
-        },
-        Granularity::PerToken => {
-            if x.dim() < 3 {
-                return Err(setting(
-                    "granularity",
-                    "static per-token ranges need [batch, tokens, channels] inputs",
-                ));
+        };
+        let (values, dim) = match granularity {
+            Granularity::PerTensor => {
+                let flat = rows.reshape([-1]);
+                let n = flat.size()[0];
+                let flat = if n > MAX_TENSOR_VALUES {
+                    let idx: Vec<i64> =
+                        (0..MAX_TENSOR_VALUES).map(|i| i * n / MAX_TENSOR_VALUES).collect();
+                    flat.index_select(0, &Tensor::from_slice(&idx).to_device(flat.device()))
+                } else {
+                    flat
+                };
+                (flat, 0)
             }
-            let t = x.size()[x.dim() - 2];
-            // Per position: over batch and channels.
-            let per_pos = x.reshape([-1, t, c]).transpose(0, 1).reshape([t, -1]);
-            match p {
-                Some(p) => quantile_pair(&per_pos, 1, p, true),
-                None => (per_pos.amin(1, true), per_pos.amax(1, true)),
+            Granularity::PerChannel | Granularity::PerGroup { .. } => (rows, 0),
+            Granularity::PerToken => {
+                if x.dim() < 3 {
+                    return Err(setting(
+                        "granularity",
+                        "static per-token ranges need [batch, tokens, channels] inputs",
+                    ));
+                }
+                let t = x.size()[x.dim() - 2];
+                // Per position: over batch and channels.
+                (x.reshape([-1, t, c]).transpose(0, 1).reshape([t, -1]), 1)
             }
-        }
-    };
-    let (lo, hi) = match clip {
-        Clip::Ratio(r) => (lo * r, hi * r),
-        _ => (lo, hi),
-    };
-    Ok(match granularity {
-        Granularity::PerGroup { size } => {
+        };
+        if let Granularity::PerGroup { size } = granularity {
             if size <= 0 || c % size != 0 {
                 return Err(setting(
                     "granularity.size",
                     format!("group size {size} does not divide {c} channels"),
                 ));
             }
-            (lo.reshape([c / size, size]).amin(1, true), hi.reshape([c / size, size]).amax(1, true))
         }
-        _ => (lo, hi),
-    })
+        let (sorted, _) = values.sort(dim, false);
+        Ok(Self { sorted, dim, granularity, channels: c })
+    }
+
+    fn quantile(&self, q: f64) -> Tensor {
+        let n = self.sorted.size()[self.dim as usize];
+        let pos = q.clamp(0.0, 1.0) * (n - 1) as f64;
+        let (lo, hi) = (pos.floor() as i64, pos.ceil() as i64);
+        let a = self.sorted.select(self.dim, lo);
+        let b = self.sorted.select(self.dim, hi);
+        let v = &a + (b - &a) * (pos - lo as f64);
+        if self.granularity == Granularity::PerToken {
+            v.unsqueeze(1)
+        } else {
+            v
+        }
+    }
+
+    /// `(lo, hi)` for a clip, broadcastable against the input: `[]` per tensor, `[C]` per
+    /// channel, `[T, 1]` per token position, `[G, 1]` per group.
+    pub fn range(&self, clip: Clip) -> (Tensor, Tensor) {
+        let (lo, hi) = match clip {
+            Clip::Percentile(p) => (self.quantile(1.0 - p), self.quantile(p)),
+            Clip::MinMax => (self.quantile(0.0), self.quantile(1.0)),
+            Clip::Ratio(r) => (self.quantile(0.0) * r, self.quantile(1.0) * r),
+        };
+        match self.granularity {
+            Granularity::PerGroup { size } => {
+                let g = self.channels / size;
+                (lo.reshape([g, size]).amin(1, true), hi.reshape([g, size]).amax(1, true))
+            }
+            _ => (lo, hi),
+        }
+    }
+}
+
+/// `(lo, hi)` of `x` for one granularity and clip (see [`SortedInput`]).
+pub fn static_range(
+    x: &Tensor,
+    real_rows: Option<&Tensor>,
+    granularity: Granularity,
+    clip: Clip,
+) -> Result<(Tensor, Tensor)> {
+    Ok(SortedInput::new(x, real_rows, granularity)?.range(clip))
 }
 
 #[cfg(test)]

@@ -146,6 +146,7 @@ pub fn save_quantized(model: &Llava, dir: &Path) -> Result<QuantManifest> {
             packed_weights.insert(format!("{prefix}.weight"));
         }
     }
+    // (`named_tensors` dequantizes packed weights too; those copies are dropped unused.)
     let named = model.named_tensors();
     let names: BTreeSet<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
     if let Some(missing) = packed_weights.iter().find(|n| !names.contains(n.as_str())) {

@@ -525,6 +525,14 @@ impl PackedWeight {
                 Ok(operand) => {
                     weight.kernel = kernel;
                     weight.operand = operand;
+                    // One zero row through the kernel: a device or build without it (e.g. int4
+                    // tinygemm below sm80) is found here, not on every forward.
+                    let probe = Tensor::zeros([1, in_features], (Kind::Float, device));
+                    if let Some(Err(e)) = weight.kernel_matmul(&probe) {
+                        weight.fallback = Some(format!("{} refused: {e}", kernel.name()));
+                        weight.kernel = Kernel::Dequantized;
+                        weight.operand = Operand::None;
+                    }
                 }
                 Err(e) => weight.fallback = Some(format!("{} refused: {e}", kernel.name())),
             },

@@ -20,11 +20,15 @@ use tch::{Device, Kind, Tensor};
 
 use super::common::{llava_fixtures, max_abs_diff, TempDir};
 
-/// bf16 kernels (W4A16, W8A16) against the f32 reference, relative to the largest |output|:
-/// activations, scales and zero points are each rounded to bf16 once (unit roundoff 2⁻⁸) and the
-/// output once more, while products accumulate in f32; four roundings bound the error by 2⁻⁶
-/// (measured: 0.2–0.5%).
+/// bf16 kernels (W4A16, W8A16) against the f32 fake-quant reference, relative to the largest
+/// |output|: activations, scales and zero points are each rounded to bf16 once (unit roundoff
+/// 2⁻⁸) and the output once more, products accumulate in f32; each rounding contributes about
+/// 2⁻⁸ of the largest output, four of them 2⁻⁶. Measured: at most 0.96% (W4), 0.52% (W8).
 const BF16_KERNEL_RTOL: f64 = 1.0 / 64.0;
+/// bf16 kernels against a reference that rounds activations, scales and zeros to bf16 as torch
+/// does (the kernels' documented arithmetic): only the output's rounding to bf16 (≤ 2⁻⁸ of it)
+/// and the f32 summation order remain, so one bf16 ulp (2⁻⁷) of the largest output bounds it.
+const BF16_EMULATED_RTOL: f64 = 1.0 / 128.0;
 /// W8A8 against its fake-quant reference, relative to the largest |output|: the integer dot
 /// products are exact in int32; only the f32 rescale and the reference's f32 sums round.
 const F32_KERNEL_RTOL: f64 = 1e-5;
@@ -52,6 +56,24 @@ fn rel_err(y: &Tensor, want: &Tensor) -> f64 {
 /// The fake-quant weight of `spec` (quantize → dequantize, f32).
 fn fake_quant_weight(w: &Tensor, spec: &PackedSpec) -> Tensor {
     QuantizedWeight::quantize(w, &spec.weight_spec(), "test").expect("quantize").dequantize()
+}
+
+fn bf16(t: &Tensor) -> Tensor {
+    t.to_kind(Kind::BFloat16).to_kind(Kind::Float)
+}
+
+/// The weight the int4 kernels multiply by: `(c − 8)·scale + zero` with `scale` and
+/// `zero = (8 + qmin − zp)·scale` rounded to bf16, from the packed parts.
+fn int4_kernel_weight(p: &PackedWeight, grid: Grid, group: i64) -> Tensor {
+    let parts: BTreeMap<&str, Tensor> = p.parts().into_iter().collect();
+    let [n, k] = p.shape();
+    let c = unpack_nibbles(&parts["codes"], k).to_kind(Kind::Float);
+    let s = &parts["scale"];
+    let zp = parts.get("zero_point").map_or_else(|| s.zeros_like(), |z| z.to_kind(Kind::Float));
+    let (qmin, _) = grid.range();
+    let zero = bf16(&((zp.neg() + (8 + qmin) as f64) * s));
+    let per_input = |t: &Tensor| t.repeat_interleave_self_int(group, 1, None);
+    ((c - 8.0) * per_input(&bf16(s)) + per_input(&zero)).reshape([n, k])
 }
 
 fn uniform(bits: u8, symmetric: bool, group: Option<i64>, act: ActMode) -> PackedSpec {
@@ -95,13 +117,16 @@ fn w4a16_cpu_kernel_matches_the_dequantized_reference() {
         assert_eq!(p.kernel(), Kernel::Int4Cpu, "[{n}, {k}] g{group}: {:?}", p.fallback_reason());
         let w_fake = fake_quant_weight(&w, &spec);
         assert!(p.dequantize().equal(&w_fake));
+        let grid = Grid::new(bits, sym).expect("grid");
+        let w_kernel = int4_kernel_weight(&p, grid, group);
         for m in [1, 5, 33] {
             let x = randn(&[m, k]);
-            let want = x.matmul(&w_fake.tr());
             let y = p.matmul(&x);
             assert_eq!(y.kind(), Kind::Float);
-            let e = rel_err(&y, &want);
+            let e = rel_err(&y, &x.matmul(&w_fake.tr()));
             assert!(e <= BF16_KERNEL_RTOL, "W4A16 [{n}, {k}] g{group} b{bits} M={m}: {e}");
+            let e = rel_err(&y, &bf16(&x).matmul(&w_kernel.tr()));
+            assert!(e <= BF16_EMULATED_RTOL, "W4A16 emulated [{n}, {k}] g{group} M={m}: {e}");
         }
         // bf16 inputs give bf16 outputs; leading dims are kept.
         let x = randn(&[2, 3, k]);
@@ -123,10 +148,16 @@ fn w8a16_kernel_matches_the_dequantized_reference() {
         assert_eq!(p.kernel(), Kernel::Int8Weight, "{:?}", p.fallback_reason());
         let w_fake = fake_quant_weight(&w, &spec);
         assert!(p.dequantize().equal(&w_fake));
+        // What `_weight_int8pack_mm` multiplies by: int8 codes times bf16 scales.
+        let parts: BTreeMap<&str, Tensor> = p.parts().into_iter().collect();
+        let w_kernel = parts["codes"].to_kind(Kind::Float) * bf16(&parts["scale"]);
         for m in [1, 7, 64] {
             let x = randn(&[m, k]);
-            let e = rel_err(&p.matmul(&x), &x.matmul(&w_fake.tr()));
+            let y = p.matmul(&x);
+            let e = rel_err(&y, &x.matmul(&w_fake.tr()));
             assert!(e <= BF16_KERNEL_RTOL, "W8A16 [{n}, {k}] M={m}: {e}");
+            let e = rel_err(&y, &bf16(&x).matmul(&w_kernel.tr()));
+            assert!(e <= BF16_EMULATED_RTOL, "W8A16 emulated [{n}, {k}] M={m}: {e}");
         }
     }
 }
@@ -423,4 +454,46 @@ fn embedded_tiny_llava_packed_w4a16_tracks_fake_quant() {
     let d = max_abs_diff(&logits(&packed, &mut NoHook), &want);
     let scale = want.abs().max().double_value(&[]);
     assert!(d <= TINY_LOGITS_RTOL * scale, "tiny-llava: {d} (|logits| ≤ {scale})");
+}
+
+/// Opt-in on a GPU machine (`cargo test -p qvlm-core --features cuda`): the CUDA kernels (tinygemm
+/// int4, int8 weight-only, `_int_mm` with decode rows padded to 17) against the same references,
+/// computed on the device.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_match_the_references() {
+    tch::manual_seed(18);
+    let _guard = tch::no_grad_guard();
+    let dev = Device::Cuda(0);
+    let w4 = PackedSpec::w4a16(128).expect("spec");
+    for (spec, kernel, n, k) in [
+        (w4, Kernel::Int4Cuda, 256, 512),
+        (PackedSpec::w8a16(), Kernel::Int8Weight, 64, 256),
+        (PackedSpec::w8a8(), Kernel::Int8Int8, 64, 256),
+    ] {
+        let w = randn(&[n, k]).to_device(dev);
+        let p = PackedWeight::quantize(&w, spec, "cuda").expect("pack");
+        assert_eq!(p.kernel(), kernel, "{:?}", p.fallback_reason());
+        let w_fake = fake_quant_weight(&w, &spec);
+        assert!(max_abs_diff(&p.dequantize(), &w_fake) <= 1e-6);
+        for m in [1, 5, 64] {
+            let x = randn(&[m, k]).to_device(dev);
+            let y = p.matmul(&x);
+            assert_eq!(y.device(), dev);
+            let (want, tol) = match spec.act {
+                ActMode::Float => (x.matmul(&w_fake.tr()), BF16_KERNEL_RTOL),
+                ActMode::Int8PerToken => (w8a8_reference(&x, &w_fake), F32_KERNEL_RTOL),
+            };
+            let e = rel_err(&y, &want);
+            assert!(e <= tol, "{kernel:?} M={m}: {e}");
+        }
+        if kernel == Kernel::Int4Cuda {
+            let grid = Grid::new(4, false).expect("grid");
+            let x = randn(&[3, k]);
+            let w_kernel = int4_kernel_weight(&p, grid, 128);
+            let y = p.matmul(&x.to_device(dev)).to_device(Device::Cpu);
+            let e = rel_err(&y, &bf16(&x).matmul(&w_kernel.tr()));
+            assert!(e <= BF16_EMULATED_RTOL, "int4 CUDA emulated: {e}");
+        }
+    }
 }

@@ -198,8 +198,8 @@ fn joint_search(
         let xr = state.float_inputs[&site.id].shallow_clone();
         let mut cands = Vec::new();
         let mut best = (f64::INFINITY, 0);
-        for (ci, &clip) in clips.iter().enumerate() {
-            let Some(q) = eng.quantizer(&site, xq, clip)? else { continue };
+        for (ci, q) in eng.quantizers(&site, xq, clips)?.into_iter().enumerate() {
+            let Some(q) = q else { continue };
             let err = eng.site_error(&site, Some(&q), xq, &xr)?;
             if err < best.0 {
                 best = (err, ci);

@@ -51,8 +51,8 @@ pub fn decide_lp(
             None => x.shallow_clone(),
         };
         let mut best = (f64::INFINITY, None);
-        for &r in ratios {
-            let q = eng.quantizer(&site, x, Clip::Ratio(r))?;
+        let clips: Vec<Clip> = ratios.iter().map(|&r| Clip::Ratio(r)).collect();
+        for q in eng.quantizers(&site, x, &clips)? {
             let Some(q) = q else { continue };
             let rows = eng.real_rows(&site, &scaled);
             let qrows = eng.real_rows(&site, &q.apply(&scaled));
@@ -85,8 +85,7 @@ pub fn decide_sequential(
         let xq = &xq[&site.id];
         let xr = state.float_inputs[&site.id].shallow_clone();
         let mut best = (f64::INFINITY, None);
-        for &clip in clips {
-            let q = eng.quantizer(&site, xq, clip)?;
+        for q in eng.quantizers(&site, xq, clips)? {
             let err = eng.site_error(&site, q.as_ref(), xq, &xr)?;
             if err < best.0 {
                 best = (err, q);

@@ -19,7 +19,7 @@ use qvlm_core::model::llava::Llava;
 use qvlm_core::optim::{AdamW, AdamWConfig};
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::{ActSpec, RangeMode};
-use qvlm_core::quant::uniform::QParams;
+use qvlm_core::quant::uniform::{QParams, MIN_SCALE};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -104,18 +104,27 @@ impl Learnable {
         (lo, hi)
     }
 
-    /// Differentiable fake quantization: clamp to [lo, hi] (gradients reach the bounds), round
-    /// with a straight-through estimator.
+    /// Differentiable fake quantization, the same arithmetic as the deployed quantizer
+    /// (`QParams::from_range` + fake-quant: range widened to include 0, zero point rounded,
+    /// codes clamped) with straight-through rounding, so what VEO trains is what runs.
     fn quantize(&self, x: &Tensor) -> (Tensor, QParams) {
+        let ste_round = |t: &Tensor| t + (t.round() - t).detach();
         let (qmin, qmax) = self.spec.grid.range();
         let (lo, hi) = self.bounds();
-        let hi = hi.maximum(&(&lo + 1e-6));
-        let scale = (&hi - &lo) / (qmax - qmin) as f64;
-        let xc = x.to_kind(Kind::Float).minimum(&hi).maximum(&lo);
-        let u = (&xc - &lo) / &scale;
-        let q = &u + (u.round() - &u).detach();
-        let zero_point = Tensor::from(qmin as f64) - &lo / &scale;
-        ((q * &scale + &lo).to_kind(x.kind()), QParams { grid: self.spec.grid, scale, zero_point })
+        let (lo, hi) = (lo.clamp_max(0.0), hi.clamp_min(0.0));
+        let (scale, zero_point) = if self.spec.grid.symmetric {
+            let amax = lo.abs().maximum(&hi);
+            ((amax / ((qmax - qmin) as f64 / 2.0)).clamp_min(MIN_SCALE), lo.zeros_like())
+        } else {
+            let scale = ((&hi - &lo) / (qmax - qmin) as f64).clamp_min(MIN_SCALE);
+            let zp = ste_round(&(Tensor::from(qmin as f64).to_device(lo.device()) - &lo / &scale))
+                .clamp(qmin, qmax);
+            (scale, zp)
+        };
+        let u = x.to_kind(Kind::Float) / &scale + &zero_point;
+        let q = ste_round(&u).clamp(qmin, qmax);
+        let xq = (q - &zero_point) * &scale;
+        (xq.to_kind(x.kind()), QParams { grid: self.spec.grid, scale, zero_point })
     }
 
     fn quantizer(&self) -> ActQuantizer {
@@ -202,7 +211,7 @@ fn rel_mse(a: &Tensor, b: &Tensor) -> Tensor {
     num / b.to_kind(Kind::Float).pow_tensor_scalar(2).mean(Kind::Float).clamp_min(1e-12)
 }
 
-/// L_ent over consecutive learnable sites: Σ_k w_k D(k, k+1).
+/// L_ent over consecutive learnable sites: the mean of w_k·D(k, k+1) over the pairs.
 fn entropy_term(
     seen: &BTreeMap<usize, (Tensor, QParams)>,
     weights: &[f64],
@@ -221,14 +230,16 @@ fn entropy_term(
         };
         Some(level_distribution(&subsample(&rows, cfg), &qp, cfg))
     };
+    let mut pairs = 0usize;
     for k in 0..weights.len() {
         if let (Some(a), Some(b)) = (dist(k), dist(k + 1)) {
             let n = a.size()[0].min(b.size()[0]);
             total = total.to_device(a.device())
                 + conditional_entropy(&a.narrow(0, 0, n), &b.narrow(0, 0, n)) * weights[k];
+            pairs += 1;
         }
     }
-    total
+    total / pairs.max(1) as f64
 }
 
 pub fn run(
@@ -332,14 +343,22 @@ pub fn run(
     let total_steps = cfg.epochs * batches.len();
     let mut step = 0;
     let mut model_passes = 0u64;
+    // The float references of each batch do not change: compute them once.
+    set_weights(model, &float_weights);
+    let references: Vec<(Tensor, Tensor)> = batches
+        .iter()
+        .map(|&(s, len)| {
+            let part = calib.slice(s, len);
+            tch::no_grad(|| forward(model, &part, &mut NoHook)).map(|(h, v, _, _)| (h, v))
+        })
+        .collect::<Result<_>>()?;
+    model_passes += batches.len() as u64;
+    set_weights(model, &quant_weights);
     for epoch in 0..cfg.epochs {
         let mut epoch_loss = 0.0;
-        for &(s, len) in &batches {
+        for (&(s, len), (h_r, v_r)) in batches.iter().zip(&references) {
             progress(step, total_steps, &format!("VEO epoch {epoch}"));
             let part = calib.slice(s, len);
-            set_weights(model, &float_weights);
-            let (h_r, v_r, _, _) = tch::no_grad(|| forward(model, &part, &mut NoHook))?;
-            set_weights(model, &quant_weights);
             let mut hook = VeoHook {
                 learnable: &learnable,
                 consumer_to_site: consumer_to_site.clone(),
@@ -358,12 +377,12 @@ pub fn run(
                     0.0,
                 );
             let l_ent = entropy_term(&hook.seen, &pair_weights, &cfg.entropy);
-            let l_err = rel_mse(&v_q, &v_r) + rel_mse(&h_q, &h_r) * cfg.eta;
+            let l_err = rel_mse(&v_q, v_r) + rel_mse(&h_q, h_r) * cfg.eta;
             let loss = &l_reg + l_ent.to_device(l_reg.device()) * cfg.lambda1 + l_err * cfg.lambda2;
             opt.zero_grad();
             loss.backward();
             opt.step(cfg.lr);
-            model_passes += 2;
+            model_passes += 1;
             epoch_loss += loss.double_value(&[]) / batches.len() as f64;
             step += 1;
         }

@@ -1,0 +1,250 @@
+//! Every strategy runs from its config on the embedded tiny LLaVA (planted-outlier variant, where
+//! clipping decides the result), returns a plan that covers every site, serializes, and applies;
+//! joint search never ends worse than the sequential start; costs are counted.
+
+use std::path::PathBuf;
+
+use qvlm_core::io::prompt::Template;
+use qvlm_core::model::hook::NoHook;
+use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
+use qvlm_core::model::outliers::{plant_outliers, OutlierSpec};
+use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
+use qvlm_core::quant::uniform::Grid;
+use qvlm_search::calib::CalibrationSet;
+use qvlm_search::engine::WeightMethod;
+use qvlm_search::partition::Threshold;
+use qvlm_search::plan::{apply, ActScheme, QuantPlan, Scheme, TowerScheme};
+use qvlm_search::site::sites;
+use qvlm_search::strategy::{
+    self, veo::VeoConfig, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig,
+};
+use tch::{Kind, Tensor};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn easy_vqa_train_image(id: usize) -> PathBuf {
+    let lib = root().join(".venv/lib");
+    let py = std::fs::read_dir(&lib).expect(".venv/lib").flatten().next().expect("python").path();
+    py.join("site-packages/easy_vqa/data/train/images").join(format!("{id}.png"))
+}
+
+fn setup() -> (LlavaBundle, CalibrationSet) {
+    let mut bundle = LlavaBundle::load(&root().join("models/tiny-llava"), &LoadOptions::default())
+        .expect("tiny model");
+    plant_outliers(&mut bundle.model, &OutlierSpec::default());
+    let questions = [
+        "what color is the shape?",
+        "is there a circle in the image?",
+        "what shape is present?",
+        "is there not a red shape?",
+    ];
+    let answers = ["blue", "no", "rectangle", "yes"];
+    let n = 12;
+    let mut pixels = Vec::new();
+    let mut prompts = Vec::new();
+    let mut ans = Vec::new();
+    for i in 0..n {
+        pixels.push(bundle.images.preprocess_file(&easy_vqa_train_image(i)).expect("image"));
+        let prompt = Template::LlavaV1.render(&Template::image_question(questions[i % 4], false));
+        prompts.push(bundle.tokenizer.tokenize_prompt(&prompt, 1).expect("tokenize"));
+        let mut a = bundle.tokenizer.encode_text(answers[i % 4], false).expect("answer");
+        a.extend(bundle.eos_ids());
+        ans.push(a);
+    }
+    (bundle, CalibrationSet { pixels: Tensor::stack(&pixels, 0), prompts, answers: ans })
+}
+
+fn w4a4() -> Scheme {
+    let weight = Some(WeightSpec::Rtn {
+        grid: Grid::new(4, false).expect("grid"),
+        granularity: Granularity::PerGroup { size: 64 },
+    });
+    Scheme {
+        vision: TowerScheme {
+            weight,
+            act: Some(ActScheme {
+                bits: 4,
+                symmetric: false,
+                granularity: Granularity::PerToken,
+                range: RangeMode::Static,
+            }),
+        },
+        projector: TowerScheme::default(),
+        language: TowerScheme {
+            weight,
+            act: Some(ActScheme {
+                bits: 4,
+                symmetric: false,
+                granularity: Granularity::PerChannel,
+                range: RangeMode::Static,
+            }),
+        },
+    }
+}
+
+fn run(bundle: &mut LlavaBundle, calib: &CalibrationSet, strategy: &StrategyConfig) -> QuantPlan {
+    let mut progress = |_: usize, _: usize, _: &str| {};
+    strategy::run(&mut bundle.model, calib, w4a4(), WeightMethod::Plain, strategy, &mut progress)
+        .expect("strategy runs")
+}
+
+fn blocked(proxy: Proxy, rule: RuleKind) -> StrategyConfig {
+    StrategyConfig::EntropyBlocked(BlockedConfig {
+        proxy,
+        rule,
+        h0: Threshold::Quantile(0.3),
+        ..BlockedConfig::default()
+    })
+}
+
+#[test]
+fn every_strategy_plans_every_site_and_the_plan_round_trips() {
+    let (mut bundle, calib) = setup();
+    let n_sites = sites(&bundle.model).len();
+    let weights_before: Vec<Tensor> =
+        bundle.model.linears().iter().map(|l| l.float_weight().copy()).collect();
+    let strategies = [
+        StrategyConfig::Rtn,
+        StrategyConfig::LpInit { p: 2.4, ratios: vec![1.0, 0.9, 0.8] },
+        StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+        blocked(Proxy::Entropy, RuleKind::Eq7),
+        blocked(Proxy::QuantError, RuleKind::Eq7),
+        blocked(Proxy::Entropy, RuleKind::ReleasedGate),
+        StrategyConfig::Oracle {
+            candidates: CandidateGrid::Percentile(vec![1.0, 0.99]),
+            window: 3,
+        },
+        StrategyConfig::Disentangled {
+            veo: VeoConfig { epochs: 1, batch_size: 6, ..VeoConfig::default() },
+            then: Box::new(blocked(Proxy::Entropy, RuleKind::Eq7)),
+        },
+    ];
+    for s in &strategies {
+        let plan = run(&mut bundle, &calib, s);
+        assert_eq!(plan.sites.len(), n_sites, "{}: every site planned", s.name());
+        assert!(
+            plan.sites.iter().all(|sp| sp.act.is_some()
+                == (sp.site.tower() != qvlm_core::model::layer_id::Tower::Projector)),
+            "{}: every vision/language site quantized, the projector in float",
+            s.name()
+        );
+        assert_eq!(
+            plan.weights.len(),
+            bundle.model.linears().len() - 2,
+            "{}: every vision/language linear (projector stays float)",
+            s.name()
+        );
+        // The model's float weights are untouched by a search.
+        for (l, w) in bundle.model.linears().iter().zip(&weights_before) {
+            assert_eq!(
+                (l.float_weight() - w).abs().max().double_value(&[]),
+                0.0,
+                "{}: {} changed",
+                s.name(),
+                l.id
+            );
+        }
+        let json = serde_json::to_string(&plan).expect("serialize");
+        let back: QuantPlan = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, plan, "{}: plan round-trips through JSON", s.name());
+        assert!(
+            plan.cost.peak_cache_bytes > 0 && plan.cost.block_forwards > 0,
+            "{}: cost counted",
+            s.name()
+        );
+    }
+}
+
+#[test]
+fn joint_search_never_ends_worse_than_the_sequential_start() {
+    let (mut bundle, calib) = setup();
+    for s in [
+        blocked(Proxy::Entropy, RuleKind::Eq7),
+        StrategyConfig::Oracle { candidates: CandidateGrid::default(), window: 3 },
+    ] {
+        let plan = run(&mut bundle, &calib, &s);
+        assert!(plan.groups.iter().any(|g| g.sites.len() > 1), "{}: some joint groups", s.name());
+        for g in &plan.groups {
+            assert!(
+                g.objective <= g.sequential_objective * (1.0 + 1e-9),
+                "{}: group {:?} joint {} > sequential {}",
+                s.name(),
+                g.sites,
+                g.objective,
+                g.sequential_objective
+            );
+        }
+        if let StrategyConfig::Oracle { .. } = s {
+            assert!(!plan.ded.is_empty(), "oracle records DED points");
+            assert!(plan.ded.iter().all(|d| d.ded.is_finite() && d.entropy.is_finite()));
+            // Per sample the joint solution may lose; summed over samples it cannot.
+            let mut by_site = std::collections::BTreeMap::new();
+            for d in &plan.ded {
+                *by_site.entry(d.site).or_insert(0.0) += d.ded;
+            }
+            for (site, total) in by_site {
+                assert!(total >= -1e-6, "{site}: summed DED {total} < 0");
+            }
+        }
+    }
+}
+
+#[test]
+fn cost_accounting_counts_what_each_strategy_does() {
+    let (mut bundle, calib) = setup();
+    let n_sites = sites(&bundle.model)
+        .iter()
+        .filter(|s| s.id.tower != qvlm_core::model::layer_id::Tower::Projector)
+        .count() as u64;
+    let rtn = run(&mut bundle, &calib, &StrategyConfig::Rtn);
+    assert_eq!(rtn.cost.candidate_evaluations, 0);
+    let seq = run(
+        &mut bundle,
+        &calib,
+        &StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+    );
+    assert_eq!(
+        seq.cost.candidate_evaluations,
+        5 * n_sites,
+        "one evaluation per site and candidate"
+    );
+    let blocks = qvlm_search::site::blocks(&bundle.model).len() as u64;
+    // Float and quantized pass per block, plus one capture per site.
+    assert_eq!(seq.cost.block_forwards, 2 * blocks + n_sites);
+    // One quantized-consumer product per evaluation, plus each float output once.
+    assert!(seq.cost.layer_forwards > seq.cost.candidate_evaluations);
+}
+
+#[test]
+fn searched_clipping_beats_min_max_on_the_planted_model() {
+    let (mut bundle, calib) = setup();
+    let rtn = run(&mut bundle, &calib, &StrategyConfig::Rtn);
+    let seq = run(
+        &mut bundle,
+        &calib,
+        &StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+    );
+    // Output error of the final hidden states on the calibration data.
+    let _guard = tch::no_grad_guard();
+    let float = {
+        let f = bundle.model.image_features(&calib.pixels, &mut NoHook);
+        let imgs: Vec<Tensor> = (0..f.size()[0]).map(|b| f.narrow(0, b, 1)).collect();
+        let batch = bundle.model.prepare(&calib.prompts, &imgs).expect("prepare");
+        bundle.model.decode_hidden(&batch, None, &mut NoHook)
+    };
+    let err = |plan: &QuantPlan| -> f64 {
+        let mut b = LlavaBundle::load(&root().join("models/tiny-llava"), &LoadOptions::default())
+            .expect("load");
+        plant_outliers(&mut b.model, &OutlierSpec::default());
+        let mut hook = apply(&mut b.model, plan).expect("apply");
+        let f = b.model.image_features(&calib.pixels, &mut hook);
+        let imgs: Vec<Tensor> = (0..f.size()[0]).map(|i| f.narrow(0, i, 1)).collect();
+        let batch = b.model.prepare(&calib.prompts, &imgs).expect("prepare");
+        let h = b.model.decode_hidden(&batch, None, &mut hook);
+        (h - &float).pow_tensor_scalar(2).mean(Kind::Double).double_value(&[])
+    };
+    let (e_rtn, e_seq) = (err(&rtn), err(&seq));
+    assert!(e_seq < e_rtn, "sequential {e_seq} vs min-max {e_rtn}");
+}

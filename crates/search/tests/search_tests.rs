@@ -1,0 +1,3 @@
+//! The search crate's one integration-test binary (each binary links libtorch).
+
+mod search;
