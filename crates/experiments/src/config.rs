@@ -302,12 +302,24 @@ fn validate(cfg: &Config) -> Result<()> {
             bail!("{f}: key `grid.bits`: `{b}` is not W<bits>A<bits> with bits 2–8 or 16");
         }
     }
+    if cfg.quant.language_act.granularity == Granularity::PerToken
+        && cfg.quant.language_act.range == RangeMode::Static
+    {
+        bail!("{f}: key `quant.language_act`: static per-token ranges need a fixed sequence length; use range = \"dynamic\" for per-token language activations");
+    }
     for m in &cfg.grid.methods {
-        if resolve_method(cfg, m).is_none() {
+        let Some(spec) = resolve_method(cfg, m) else {
             bail!(
                 "{f}: key `grid.methods`: unknown method `{m}` (presets: {}; or define it under [[methods]])",
                 crate::methods::PRESETS.join(", ")
             );
+        };
+        let act = spec.language_act.unwrap_or(cfg.quant.language_act);
+        if act.granularity == Granularity::PerToken
+            && act.range == RangeMode::Static
+            && !spec.dynamic_activations
+        {
+            bail!("{f}: method `{m}`: static per-token language activations need a fixed sequence length; use range = \"dynamic\"");
         }
     }
     if cfg.calibration.samples == 0 {
@@ -326,11 +338,6 @@ fn validate(cfg: &Config) -> Result<()> {
                 bail!("{f}: key `{key}.granularity.size`: must be positive");
             }
         }
-    }
-    if q.language_act.granularity == Granularity::PerToken
-        && q.language_act.range == RangeMode::Static
-    {
-        bail!("{f}: key `quant.language_act`: static per-token ranges need a fixed sequence length; use range = \"dynamic\" for per-token language activations");
     }
     if let Some(p) = &cfg.dataset.path {
         if !p.exists() {

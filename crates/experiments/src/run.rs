@@ -182,6 +182,10 @@ pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
         test,
         reference: BTreeMap::new(),
     };
+    remove_stale_temporaries(&dir.join("cells"))?;
+    for cell in cells {
+        check_widths(cell)?;
+    }
     let total = cells.len();
     for (i, cell) in cells.iter().enumerate() {
         let out = cell_dir(cfg, &cell.id);
@@ -207,6 +211,63 @@ pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
         })?;
     }
     crate::report::write_all(cfg, cells)?;
+    Ok(())
+}
+
+/// Removes half-written cell folders (`<id>.tmp-<pid>`) of runs that no longer exist.
+fn remove_stale_temporaries(cells: &Path) -> Result<()> {
+    for entry in
+        std::fs::read_dir(cells).with_context(|| format!("reading {}", cells.display()))?.flatten()
+    {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
+        if pid == std::process::id().to_string() || !Path::new("/proc").join(pid).exists() {
+            let path = entry.path();
+            tracing::info!("removing the unfinished cell folder {}", path.display());
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, before any cell runs, a weight group size that does not divide a quantized layer's
+/// input width (read from the model's config.json).
+fn check_widths(cell: &Cell) -> Result<()> {
+    let Some(spec) = &cell.spec else { return Ok(()) };
+    let group = cell.quant.weight_group;
+    if group == 0 || cell.bits.is_some_and(|b| b.w == 16) {
+        return Ok(());
+    }
+    if spec.weights == WeightFormat::Nf4 && cell.bits.is_some_and(|b| b.w == 4) {
+        return Ok(());
+    }
+    let config = cell.model.path.join("config.json");
+    let cfg = match qvlm_core::io::config::detect_format(&config)? {
+        qvlm_core::io::config::CheckpointFormat::LlavaHf => {
+            qvlm_core::io::config::LlavaConfig::from_hf_json(&config)?
+        }
+        // Original LLaVA needs its CLIP directory for the vision widths; checked when quantizing.
+        qvlm_core::io::config::CheckpointFormat::Original => return Ok(()),
+    };
+    let (v, t) = (&cfg.vision, &cfg.text);
+    let mut widths = vec![
+        ("language hidden_size", t.hidden_size),
+        ("language intermediate_size", t.intermediate_size),
+    ];
+    if cell.quant.quantize_vision {
+        widths.push(("vision hidden_size", v.hidden_size));
+        widths.push(("vision intermediate_size", v.intermediate_size));
+    }
+    for (name, w) in widths {
+        if w % group != 0 {
+            bail!(
+                "key `quant.weight_group`: {group} does not divide the {name} {w} of model `{}` ({})",
+                cell.model.name,
+                config.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -317,6 +378,7 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
         )?;
         pb.finish_and_clear();
         timings.insert("search_seconds", start.elapsed().as_secs_f64());
+        nonfinite += p.nonfinite_inputs;
         hook = Box::new(apply(&mut bundle.model, &p)?);
         write_atomic(&tmp.join("plan.json"), serde_json::to_string_pretty(&p)?.as_bytes())?;
         plan = Some(p);

@@ -2,11 +2,21 @@
 //! Markdown.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use polars::prelude::{
-    Column, CsvReadOptions, CsvWriter, DataFrame, DataType, SerReader, SerWriter,
+    Column, CsvReadOptions, CsvWriter, DataFrame, DataType, Field, Schema, SerReader, SerWriter,
 };
+
+/// The schema of a cell's `metrics.csv` (ids stay strings even when all digits).
+fn metrics_schema() -> Arc<Schema> {
+    let text = ["cell", "model", "bits", "method", "metric"]
+        .map(|n| Field::new(n.into(), DataType::String));
+    Arc::new(Schema::from_iter(
+        text.into_iter().chain([Field::new("value".into(), DataType::Float64)]),
+    ))
+}
 
 /// All metric rows of the given cell folders (long format: cell, model, bits, method, metric,
 /// value), in the order given.
@@ -15,6 +25,7 @@ pub fn load_metrics(files: &[std::path::PathBuf]) -> Result<DataFrame> {
     for f in files {
         let df = CsvReadOptions::default()
             .with_has_header(true)
+            .with_schema(Some(metrics_schema()))
             .try_into_reader_with_file_path(Some(f.clone()))
             .and_then(|r| r.finish())
             .with_context(|| format!("reading {}", f.display()))?;

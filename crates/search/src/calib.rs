@@ -50,6 +50,21 @@ impl CalibrationSet {
         Ok(())
     }
 
+    /// Non-finite pixel values (NaN, ±inf), replaced by [`CalibrationSet::sanitized`].
+    pub fn nonfinite_pixels(&self) -> u64 {
+        self.pixels.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]) as u64
+    }
+
+    /// The set with non-finite pixels replaced (NaN → 0, ±inf → ±f32::MAX, then clamped to
+    /// ±1e4 so one bad pixel cannot dominate a range).
+    pub fn sanitized(&self) -> CalibrationSet {
+        CalibrationSet {
+            pixels: qvlm_core::quant::uniform::finite(&self.pixels).clamp(-1e4, 1e4),
+            prompts: self.prompts.clone(),
+            answers: self.answers.clone(),
+        }
+    }
+
     /// Samples `range` as a new set (shallow tensor views).
     pub fn slice(&self, start: usize, len: usize) -> CalibrationSet {
         CalibrationSet {
@@ -146,23 +161,32 @@ impl<'c> Pipeline<'c> {
 }
 
 /// A hook that records the (pre-quantization) input of chosen layers and then passes the input
-/// to an inner hook.
+/// to an inner hook. Non-finite values in a captured input are counted and replaced (NaN → 0,
+/// ±inf → ±f32::MAX) in the copy the search sees, so statistics and objectives stay finite.
 pub struct Capture<'h> {
     pub inner: &'h mut dyn LinearHook,
     pub wanted: Vec<LayerId>,
     pub captured: BTreeMap<LayerId, Tensor>,
+    pub nonfinite: u64,
 }
 
 impl<'h> Capture<'h> {
     pub fn new(inner: &'h mut dyn LinearHook, wanted: Vec<LayerId>) -> Self {
-        Self { inner, wanted, captured: BTreeMap::new() }
+        Self { inner, wanted, captured: BTreeMap::new(), nonfinite: 0 }
     }
 }
 
 impl LinearHook for Capture<'_> {
     fn input(&mut self, id: LayerId, x: Tensor) -> Tensor {
         if self.wanted.contains(&id) {
-            self.captured.insert(id, x.detach());
+            let bad = x.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+            let copy = if bad > 0 {
+                self.nonfinite += bad as u64;
+                qvlm_core::quant::uniform::finite(&x.detach()).to_kind(x.kind())
+            } else {
+                x.detach()
+            };
+            self.captured.insert(id, copy);
         }
         self.inner.input(id, x)
     }

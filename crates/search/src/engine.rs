@@ -58,6 +58,8 @@ pub struct Engine<'a> {
     pub ded: Vec<crate::plan::DedPoint>,
     /// Float outputs `W_r x_r` (real rows) of the current block's consumers, computed once.
     float_outputs: BTreeMap<LayerId, Tensor>,
+    /// Non-finite values met in captured site inputs (replaced before use).
+    pub nonfinite: u64,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -93,6 +95,7 @@ impl<'a> Engine<'a> {
             quantized_loaded: false,
             ded: Vec::new(),
             float_outputs: BTreeMap::new(),
+            nonfinite: 0,
         })
     }
 
@@ -126,6 +129,7 @@ impl<'a> Engine<'a> {
             cost: Default::default(),
             notes: BTreeMap::new(),
             ded: vec![],
+            nonfinite_inputs: 0,
         });
         // Undecided sites with an AWQ scale still need x/s: their weights are Q(W·s).
         for site in &self.sites {
@@ -154,6 +158,7 @@ impl<'a> Engine<'a> {
         let mut cap = Capture::new(&mut hook, capture.to_vec());
         let _ = self.pipe.run_block(self.model, state.block, &state.quant_in, &mut cap)?;
         self.meter.report.block_forwards += 1;
+        self.nonfinite += cap.nonfinite;
         Ok(cap.captured)
     }
 
@@ -329,6 +334,7 @@ impl<'a> Engine<'a> {
             let mut cap = Capture::new(&mut no, ids.clone());
             let xr_out = self.pipe.run_block(self.model, block, &xr, &mut cap)?;
             self.meter.report.block_forwards += 1;
+            self.nonfinite += cap.nonfinite;
             let float_inputs = cap.captured;
             let held: u64 = float_inputs.values().map(bytes_of).sum();
             self.meter.hold(held);
@@ -442,6 +448,7 @@ impl<'a> Engine<'a> {
             cost: self.meter.finish(),
             notes: BTreeMap::new(),
             ded: self.ded,
+            nonfinite_inputs: self.nonfinite,
         }
     }
 }

@@ -168,6 +168,9 @@ pub struct QuantPlan {
     /// DED measurements (joint searches only).
     #[serde(default)]
     pub ded: Vec<DedPoint>,
+    /// Non-finite values met in calibration activations (replaced before use; an incident).
+    #[serde(default)]
+    pub nonfinite_inputs: u64,
 }
 
 /// The hook a plan puts on the model: AWQ input scaling, then activation fake-quantization.

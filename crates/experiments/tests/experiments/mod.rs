@@ -1,1 +1,2 @@
+mod reliability;
 mod tiny_model;

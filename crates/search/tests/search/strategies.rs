@@ -248,3 +248,47 @@ fn searched_clipping_beats_min_max_on_the_planted_model() {
     let (e_rtn, e_seq) = (err(&rtn), err(&seq));
     assert!(e_seq < e_rtn, "sequential {e_seq} vs min-max {e_rtn}");
 }
+
+#[test]
+fn constant_zero_nan_and_inf_calibration_data_give_finite_plans() {
+    let (mut bundle, calib) = setup();
+    // Blank (constant) images, then NaN and ±inf pixels in two samples.
+    let pixels = calib.pixels.zeros_like();
+    let _ = pixels.get(1).get(0).fill_(f64::NAN);
+    let _ = pixels.get(2).get(1).narrow(0, 0, 4).fill_(f64::INFINITY);
+    let _ = pixels.get(2).get(2).narrow(0, 0, 4).fill_(f64::NEG_INFINITY);
+    let broken =
+        CalibrationSet { pixels, prompts: calib.prompts.clone(), answers: calib.answers.clone() };
+    assert!(broken.nonfinite_pixels() > 0);
+    for s in
+        [StrategyConfig::Rtn, StrategyConfig::Sequential { candidates: CandidateGrid::default() }]
+    {
+        let plan = run(&mut bundle, &broken, &s);
+        for sp in &plan.sites {
+            if let Some((lo, hi)) = sp.act.as_ref().and_then(|a| a.range.as_ref()) {
+                assert!(
+                    lo.values.iter().chain(&hi.values).all(|v| v.is_finite()),
+                    "{}: {} has a non-finite range",
+                    s.name(),
+                    sp.site.id
+                );
+            }
+        }
+        // The quantized model's outputs on the broken data are finite too.
+        let mut b = LlavaBundle::load(&root().join("models/tiny-llava"), &LoadOptions::default())
+            .expect("load");
+        plant_outliers(&mut b.model, &OutlierSpec::default());
+        let mut hook = apply(&mut b.model, &plan).expect("apply");
+        let _guard = tch::no_grad_guard();
+        let clean = broken.sanitized();
+        let f = b.model.image_features(&clean.pixels, &mut hook);
+        let imgs: Vec<Tensor> = (0..f.size()[0]).map(|i| f.narrow(0, i, 1)).collect();
+        let batch = b.model.prepare(&clean.prompts, &imgs).expect("prepare");
+        let logits = b.model.logits(&batch, &mut hook);
+        assert!(
+            bool::try_from(logits.isfinite().all()).unwrap_or(false),
+            "{}: non-finite logits",
+            s.name()
+        );
+    }
+}
