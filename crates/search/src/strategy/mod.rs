@@ -202,6 +202,14 @@ pub fn run(
     strategy: &StrategyConfig,
     progress: Progress<'_>,
 ) -> Result<QuantPlan> {
+    // Non-finite pixels are replaced up front (the runner records how many there were).
+    let sanitized;
+    let calib = if calib.nonfinite_pixels() > 0 {
+        sanitized = calib.sanitized();
+        &sanitized
+    } else {
+        calib
+    };
     match strategy {
         StrategyConfig::Disentangled { veo, then } => {
             veo::run(model, calib, scheme, weights, veo, then, progress)
