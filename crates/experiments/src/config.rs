@@ -75,7 +75,13 @@ pub struct ModelEntry {
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DatasetKind {
+    /// easy-VQA (`path`: its `data` folder; default inside `.venv`).
     EasyVqa,
+    /// ScienceQA's official layout (`path`: the folder with problems.json, pid_splits.json and
+    /// images/); `split`, `prompt_format` ("QCM-LEPA" or "CQM-A"), `image_layout`.
+    Scienceqa,
+    /// VQA-style jsonl questions (`questions`, `images`, optional `answers`): VQAv2, VizWiz.
+    Vqa,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -92,6 +98,27 @@ pub struct DatasetConfig {
     pub template: Template,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// ScienceQA: the evaluated split (default "test"); calibration uses "train".
+    #[serde(default)]
+    pub split: Option<String>,
+    /// ScienceQA: "QCM-LEPA" (LLaVA-v1.3, Q-VLM) or "CQM-A" (LLaVA-1.5).
+    #[serde(default)]
+    pub prompt_format: Option<String>,
+    /// ScienceQA: "official" (`images/<split>/<pid>/`) or "flat" (`images` is one split's folder).
+    #[serde(default)]
+    pub image_layout: Option<String>,
+    /// VQA: the jsonl question file.
+    #[serde(default)]
+    pub questions: Option<PathBuf>,
+    /// VQA: human answers (optional; without them no accuracy, only agreement with float).
+    #[serde(default)]
+    pub answers: Option<PathBuf>,
+    /// VQA: the image folder; ScienceQA with the flat layout: the split's image folder.
+    #[serde(default)]
+    pub images: Option<PathBuf>,
+    /// Generation length (ScienceQA default 1024 as LLaVA; VQA 128; easy-VQA 4).
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
 }
 
 fn default_template() -> Template {
@@ -322,6 +349,50 @@ fn validate(cfg: &Config) -> Result<()> {
             bail!("{f}: method `{m}`: static per-token language activations need a fixed sequence length; use range = \"dynamic\"");
         }
     }
+    let d = &cfg.dataset;
+    match d.kind {
+        DatasetKind::EasyVqa => {
+            for (key, set) in [
+                ("split", d.split.is_some()),
+                ("prompt_format", d.prompt_format.is_some()),
+                ("questions", d.questions.is_some()),
+                ("answers", d.answers.is_some()),
+                ("images", d.images.is_some()),
+                ("image_layout", d.image_layout.is_some()),
+            ] {
+                if set {
+                    bail!("{f}: key `dataset.{key}`: not used by easy_vqa");
+                }
+            }
+        }
+        DatasetKind::Scienceqa => {
+            if d.path.is_none() {
+                bail!("{f}: key `dataset.path`: ScienceQA needs the folder holding problems.json and pid_splits.json");
+            }
+            if let Some(s) = &d.split {
+                s.parse::<crate::data::scienceqa::Split>()
+                    .map_err(|e| anyhow::anyhow!("{f}: key `dataset.split`: {e}"))?;
+            }
+            if let Some(p) = &d.prompt_format {
+                p.parse::<crate::data::scienceqa::PromptFormat>()
+                    .map_err(|e| anyhow::anyhow!("{f}: key `dataset.prompt_format`: {e}"))?;
+            }
+            match d.image_layout.as_deref() {
+                None | Some("official") => {}
+                Some("flat") if d.images.is_some() => {}
+                Some("flat") => bail!("{f}: key `dataset.images`: the flat image layout needs the split's image folder"),
+                Some(other) => bail!("{f}: key `dataset.image_layout`: unknown layout `{other}` (official, flat)"),
+            }
+        }
+        DatasetKind::Vqa => {
+            if d.questions.is_none() || d.images.is_none() {
+                bail!("{f}: keys `dataset.questions` and `dataset.images` are required for vqa");
+            }
+        }
+    }
+    if d.max_new_tokens == Some(0) {
+        bail!("{f}: key `dataset.max_new_tokens`: must be at least 1");
+    }
     if cfg.calibration.samples == 0 {
         bail!("{f}: key `calibration.samples`: must be at least 1");
     }
@@ -339,13 +410,8 @@ fn validate(cfg: &Config) -> Result<()> {
             }
         }
     }
-    if let Some(p) = &cfg.dataset.path {
-        if !p.exists() {
-            bail!("{f}: key `dataset.path`: {} does not exist", p.display());
-        }
-    }
     for o in &cfg.outputs.paper {
-        if !Path::new("paper").join(format!("{o}.csv")).is_file() {
+        if !paper_dir(cfg).join(format!("{o}.csv")).is_file() {
             bail!("{f}: key `outputs.paper`: no paper/{o}.csv");
         }
     }
@@ -358,6 +424,45 @@ fn validate(cfg: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks the paths a run reads (dataset, models) before anything runs; separate from [`load`]
+/// so that configs for data this machine lacks still parse, resolve and dry-run.
+pub fn check_paths(cfg: &Config) -> Result<()> {
+    let f = cfg.file.display();
+    let d = &cfg.dataset;
+    for (key, p) in [
+        ("path", &d.path),
+        ("questions", &d.questions),
+        ("answers", &d.answers),
+        ("images", &d.images),
+    ] {
+        if let Some(p) = p {
+            if !p.exists() {
+                bail!("{f}: key `dataset.{key}`: {} does not exist", p.display());
+            }
+        }
+    }
+    for m in cfg.models.iter().filter(|m| cfg.grid.models.contains(&m.name)) {
+        if !m.path.join("config.json").is_file() {
+            bail!(
+                "{f}: key `models.path` of `{}`: {} is not a checkpoint directory (no config.json)",
+                m.name,
+                m.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The `paper/` folder: in the working directory, else in the nearest folder above the config
+/// that has one (`configs/../paper`, `configs/real/../../paper`).
+pub fn paper_dir(cfg: &Config) -> PathBuf {
+    let here = PathBuf::from("paper");
+    if here.is_dir() {
+        return here;
+    }
+    cfg.file.ancestors().skip(1).map(|a| a.join("paper")).find(|p| p.is_dir()).unwrap_or(here)
 }
 
 /// A method by name: defined in the config, else a preset.

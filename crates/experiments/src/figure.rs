@@ -369,6 +369,88 @@ fn draw_dual<DB: DrawingBackend>(
     Ok(())
 }
 
+/// The decode roofline: tokens per second against the weight bytes one decode step reads, one
+/// labelled point per configuration, under the bound `tokens/s = bandwidth / bytes` that a
+/// purely memory-bound decode would reach at the measured bandwidth.
+pub fn roofline(
+    path: &Path,
+    title: &str,
+    bandwidth_gbs: f64,
+    points: &[(String, f64, f64)],
+) -> Result<()> {
+    for svg in [false, true] {
+        let file = path.with_extension(if svg { "svg" } else { "png" });
+        if svg {
+            let root = SVGBackend::new(&file, (820, 560)).into_drawing_area();
+            draw_roofline(&root, title, bandwidth_gbs, points)?;
+            root.present().map_err(err)?;
+        } else {
+            let root = BitMapBackend::new(&file, (820, 560)).into_drawing_area();
+            draw_roofline(&root, title, bandwidth_gbs, points)?;
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn draw_roofline<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    bandwidth_gbs: f64,
+    points: &[(String, f64, f64)],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let x_max = points.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let x_min = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).min(x_max) * 0.8;
+    let bound = |x: f64| bandwidth_gbs / x;
+    let y_max = points.iter().map(|p| p.2).chain([bound(x_min)]).fold(0.0f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(14)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max.max(1e-9))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("weight GB read per decode token")
+        .y_desc("decode tokens / s")
+        .draw()
+        .map_err(err)?;
+    let curve: Vec<(f64, f64)> = (0..=200)
+        .map(|i| x_min + (x_max - x_min) * i as f64 / 200.0)
+        .map(|x| (x, bound(x)))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(curve, BLACK.stroke_width(2)))
+        .map_err(err)?
+        .label(format!("bandwidth bound ({bandwidth_gbs:.1} GB/s)"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+    for (i, (label, x, y)) in points.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series([Circle::new((*x, *y), 5, color.filled())])
+            .map_err(err)?
+            .label(label.clone())
+            .legend(move |(x, y)| Circle::new((x + 5, y), 4, color.filled()));
+        chart
+            .draw_series([Text::new(
+                label.clone(),
+                (*x, *y + 0.03 * y_max),
+                ("sans-serif", 13).into_font(),
+            )])
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

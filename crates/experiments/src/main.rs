@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use experiments::{cli, config, tiny};
+use experiments::{bench, cli, config, tiny};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +37,12 @@ enum Command {
     /// Train the embedded tiny LLaVA on easy-VQA (configs/train-tiny.toml).
     TrainTiny {
         #[arg(default_value = "configs/train-tiny.toml")]
+        config: PathBuf,
+    },
+    /// Memory and generation speed of FP32/BF16/W8A16/W8A8/W4A16 on LLaVA-shaped models with
+    /// random weights, against the measured memory bandwidth (configs/efficiency.toml).
+    Bench {
+        #[arg(default_value = "configs/efficiency.toml")]
         config: PathBuf,
     },
 }
@@ -75,6 +81,7 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        (Some(Command::Bench { config }), _) => run_bench(&config),
         (None, Some(config)) => run_config(&config, args.dry_run),
         (None, None) => {
             anyhow::bail!("nothing to do: pass a config (e.g. `experiments configs/ablation.toml`) or a subcommand (--help)")
@@ -89,7 +96,30 @@ fn run_config(path: &std::path::Path, dry_run: bool) -> Result<()> {
     if dry_run {
         return Ok(());
     }
+    config::check_paths(&cfg)?;
     experiments::run::run(&cfg, &cells)?;
     println!("results in {}", config::results_dir(&cfg).display());
+    Ok(())
+}
+
+fn run_bench(path: &std::path::Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let cfg = bench::config::load(path)?;
+    let out = bench::run(&cfg)?;
+    let md = out.dir.join("efficiency.md");
+    let text = std::fs::read_to_string(&md)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", md.display()))?;
+    println!("{text}");
+    for t in &out.report.targets {
+        println!("target: {}", t.line());
+    }
+    for s in &out.info.skipped {
+        println!("not run: {} ({}): {}", s.model, s.schemes, s.reason);
+    }
+    println!(
+        "results in {} ({:.0} s wall time)",
+        out.dir.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

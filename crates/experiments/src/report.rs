@@ -241,11 +241,21 @@ fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) 
         "# {} — paper vs this run\n\n{}\n\n",
         cfg.experiment.name, cfg.experiment.description
     );
+    let (data, calib_source) = match cfg.dataset.kind {
+        crate::config::DatasetKind::EasyVqa => ("easy-VQA test", "easy-VQA training"),
+        crate::config::DatasetKind::Scienceqa => ("ScienceQA", "ScienceQA training"),
+        crate::config::DatasetKind::Vqa => ("the VQA question file", "evaluated-file"),
+    };
     s.push_str(&format!(
-        "This run: {} on easy-VQA (first {} test questions), calibration {} easy-VQA training pairs. \
-         The paper: LLaVA on ScienceQA and others (see paper/README.md). The absolute numbers are not comparable — \
-         different models, data and scale; compare orderings and gaps.\n\n",
-        cfg.grid.models.iter().map(|m| labels.get(m).cloned().unwrap_or_default()).collect::<Vec<_>>().join(", "),
+        "This run: {} on {data} (first {} questions), calibration {} {calib_source} pairs. \
+         The paper: LLaVA on ScienceQA and others (see paper/README.md). Where the models and data \
+         differ, the absolute numbers are not comparable; compare orderings and gaps.\n\n",
+        cfg.grid
+            .models
+            .iter()
+            .map(|m| labels.get(m).cloned().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", "),
         cfg.dataset.limit.map_or("all".to_string(), |l| l.to_string()),
         cfg.calibration.samples,
     ));
@@ -255,7 +265,7 @@ fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) 
     let evals = col_f64(summary, "candidate_evaluations")?;
     let mem = col_f64(summary, "weight_bytes")?;
     for name in &cfg.outputs.paper {
-        let paper = table::read_csv(&Path::new("paper").join(format!("{name}.csv")))?;
+        let paper = table::read_csv(&crate::config::paper_dir(cfg).join(format!("{name}.csv")))?;
         s.push_str(&table::markdown(&paper, &format!("Paper: {name} (LLaVA, as published)"), "")?);
         s.push('\n');
         s.push_str(&format!("### This run, same rows ({})\n\n| model | bits | method | accuracy | memory (MB) | candidate evaluations |\n|---|---|---|---|---|---|\n", name));

@@ -18,10 +18,8 @@ use qvlm_search::strategy;
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::calib::easy_vqa_calibration;
 use crate::config::{results_dir, Cell, Config};
-use crate::data::easy_vqa::{EasyVqa, Split};
-use crate::eval::easy_vqa::{evaluate, EvalOutput};
+use crate::eval::dataset::EvalData;
 use crate::memory::model_bytes;
 use crate::methods::WeightFormat;
 
@@ -149,9 +147,7 @@ pub fn format_value(v: f64) -> String {
 
 /// Everything loaded once per run.
 struct Shared {
-    train: EasyVqa,
-    test: EasyVqa,
-    eval_questions: Vec<crate::data::easy_vqa::Question>,
+    data: EvalData,
     /// Float answer distributions per model name (the reference for KL / agreement).
     reference: BTreeMap<String, Tensor>,
 }
@@ -170,18 +166,10 @@ pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
     let _lock = Lock::acquire(&dir)?;
     std::fs::create_dir_all(dir.join("cells"))
         .with_context(|| format!("creating {}", dir.join("cells").display()))?;
-    let root = match &cfg.dataset.path {
-        Some(p) => p.clone(),
-        None => EasyVqa::default_root()?,
-    };
-    let test = EasyVqa::load(&root, Split::Test)?;
-    let limit = cfg.dataset.limit.unwrap_or(test.questions.len()).min(test.questions.len());
-    let mut shared = Shared {
-        train: EasyVqa::load(&root, Split::Train)?,
-        eval_questions: test.questions[..limit].to_vec(),
-        test,
-        reference: BTreeMap::new(),
-    };
+    let mut shared = Shared { data: EvalData::load(&cfg.dataset)?, reference: BTreeMap::new() };
+    if shared.data.is_empty() {
+        bail!("{}: the dataset has no questions to evaluate", cfg.file.display());
+    }
     remove_stale_temporaries(&dir.join("cells"))?;
     for cell in cells {
         check_widths(cell)?;
@@ -304,25 +292,17 @@ fn reference(
         return Ok(t);
     }
     let bundle = load_model(cell, device)?;
-    let pb = bar(shared.eval_questions.len() as u64, "float ref");
-    let out = evaluate(
-        &bundle,
-        &shared.test,
-        &shared.eval_questions,
-        cell.dataset.template,
-        cell.dataset.batch_size,
-        &mut NoHook,
-        &pb,
-    )?;
+    let pb = bar(shared.data.len() as u64, "float ref");
+    let out = tch::no_grad(|| shared.data.evaluate(&bundle, &mut NoHook, &pb))?;
     pb.finish_and_clear();
     std::fs::create_dir_all(path.parent().context("reference dir")?)?;
     qvlm_core::io::safetensors::write_safetensors(
         &path,
-        &[("log_probs".into(), out.first_log_probs.shallow_clone())],
+        &[("log_probs".into(), out.log_probs.shallow_clone())],
         &Default::default(),
     )?;
-    shared.reference.insert(cell.model.name.clone(), out.first_log_probs.shallow_clone());
-    Ok(out.first_log_probs)
+    shared.reference.insert(cell.model.name.clone(), out.log_probs.shallow_clone());
+    Ok(out.log_probs)
 }
 
 /// The float reference depends on the model and the evaluated questions only.
@@ -348,13 +328,7 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
     let mut hook: Box<dyn qvlm_core::model::hook::LinearHook> = Box::new(NoHook);
     if let (Some(spec), Some(bits)) = (&cell.spec, cell.bits) {
         let scheme = spec.scheme(bits, &cell.quant)?;
-        let calib = easy_vqa_calibration(
-            &bundle,
-            &shared.train,
-            cell.dataset.template,
-            cell.calibration.samples,
-            cell.seed,
-        )?;
+        let calib = shared.data.calibration(&bundle, cell.calibration.samples, cell.seed)?;
         nonfinite =
             calib.pixels.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]) as u64;
         let weights = match spec.weights {
@@ -384,21 +358,11 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
         plan = Some(p);
     }
     let start = Instant::now();
-    let pb = bar(shared.eval_questions.len() as u64, "evaluate");
-    let out: EvalOutput = evaluate(
-        &bundle,
-        &shared.test,
-        &shared.eval_questions,
-        cell.dataset.template,
-        cell.dataset.batch_size,
-        hook.as_mut(),
-        &pb,
-    )?;
+    let pb = bar(shared.data.len() as u64, "evaluate");
+    let out = tch::no_grad(|| shared.data.evaluate(&bundle, hook.as_mut(), &pb))?;
     pb.finish_and_clear();
     timings.insert("eval_seconds", start.elapsed().as_secs_f64());
-    let acc = out.accuracy();
-    let reference_out = EvalOutput { answered: vec![], first_log_probs: reference_lp };
-    let (kl, agree) = out.agreement_with(&reference_out);
+    let (kl, agree) = crate::eval::vqa::first_token_agreement(&reference_lp, &out.log_probs);
     let bits = bits_label(cell);
     let mut rows = Vec::new();
     let mut push = |metric: &str, value: f64| {
@@ -411,11 +375,9 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
             value,
         });
     };
-    push("accuracy", acc.overall);
-    for (t, v) in &acc.by_type {
-        push(&format!("accuracy_{}", serde_json::to_value(t)?.as_str().unwrap_or("type")), *v);
+    for (metric, value) in &out.metrics {
+        push(metric, *value);
     }
-    push("questions", acc.count as f64);
     push("kl_vs_float", kl);
     push("top1_agreement", agree);
     let mem = model_bytes(&bundle.model, plan.as_ref())?;
@@ -465,18 +427,7 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
         seed: cell.seed,
         nonfinite_calibration_values: nonfinite,
     };
-    let mut answers = String::from("index,kind,answer,predicted,correct\n");
-    for a in &out.answered {
-        answers.push_str(&format!(
-            "{},{:?},{},{},{}\n",
-            a.index,
-            a.kind,
-            a.answer,
-            a.predicted.replace([',', '\n'], " "),
-            a.correct
-        ));
-    }
-    write_atomic(&tmp.join("answers.csv"), answers.as_bytes())?;
+    write_atomic(&tmp.join("answers.csv"), out.answers_csv.as_bytes())?;
     write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(cell)?.as_bytes())?;
     write_atomic(&tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     write_atomic(&tmp.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
@@ -488,6 +439,7 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("renaming {} into place", tmp.display()))?;
-    tracing::info!(accuracy = acc.overall, kl, agree, "cell {} done", cell.id);
+    let accuracy = out.metrics.iter().find(|(m, _)| m == "accuracy").map_or(f64::NAN, |(_, v)| *v);
+    tracing::info!(accuracy, kl, agree, "cell {} done", cell.id);
     Ok(())
 }

@@ -142,3 +142,92 @@ mod tests {
         Ok(())
     }
 }
+
+/// The reference fake-quant equals libtorch's own ops bit for bit, and the quantizer's
+/// invariants hold for arbitrary inputs (property tests).
+#[cfg(test)]
+mod parity {
+    use proptest::prelude::*;
+    use tch::{Device, Kind, Tensor};
+
+    use super::{Grid, QParams};
+
+    fn f32s(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(&t.reshape([-1])).unwrap_or_default()
+    }
+
+    #[test]
+    fn equals_fake_quantize_per_tensor_affine_bit_for_bit() {
+        tch::manual_seed(0);
+        let x = Tensor::randn([64, 33], (Kind::Float, Device::Cpu)) * 3.0;
+        for (bits, symmetric) in
+            [(8, false), (8, true), (6, false), (4, false), (4, true), (2, false)]
+        {
+            let grid = Grid { bits, symmetric };
+            let (qmin, qmax) = grid.range();
+            let qp = QParams::from_range(grid, &x.min(), &x.max());
+            let scale = qp.scale.double_value(&[]);
+            let zp = qp.zero_point.double_value(&[]) as i64;
+            let ours = qp.fake_quant(&x);
+            let torch = x.fake_quantize_per_tensor_affine(scale, zp, qmin, qmax);
+            assert_eq!(f32s(&ours), f32s(&torch), "W{bits} symmetric={symmetric}");
+        }
+    }
+
+    #[test]
+    fn equals_fake_quantize_per_channel_affine_bit_for_bit() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([40, 24], (Kind::Float, Device::Cpu))
+            * Tensor::linspace(0.1, 10.0, 24, (Kind::Float, Device::Cpu));
+        for (bits, symmetric) in [(8, false), (4, false), (4, true), (3, false)] {
+            let grid = Grid { bits, symmetric };
+            let (qmin, qmax) = grid.range();
+            let qp = QParams::from_range(grid, &x.amin(0, false), &x.amax(0, false));
+            let ours = qp.fake_quant(&x);
+            let torch = x.fake_quantize_per_channel_affine(
+                &qp.scale,
+                &qp.zero_point.to_kind(Kind::Int),
+                1,
+                qmin,
+                qmax,
+            );
+            assert_eq!(f32s(&ours), f32s(&torch), "W{bits} symmetric={symmetric}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn idempotent_on_grid_and_within_half_a_step(
+            values in proptest::collection::vec(-1.0e3f32..1.0e3, 1..64),
+            bits in 2u8..=8,
+            symmetric in any::<bool>(),
+        ) {
+            let grid = Grid { bits, symmetric };
+            let x = Tensor::from_slice(&values);
+            let qp = QParams::from_range(grid, &x.min(), &x.max());
+            let y = qp.fake_quant(&x);
+            // Idempotence.
+            prop_assert_eq!(f32s(&qp.fake_quant(&y)), f32s(&y));
+            // On the grid: (y / scale + zp) is an integer in [qmin, qmax].
+            let (qmin, qmax) = grid.range();
+            let codes = &y / &qp.scale + &qp.zero_point;
+            let err = (&codes - codes.round()).abs().max().double_value(&[]);
+            prop_assert!(err < 1e-3, "off-grid by {}", err);
+            prop_assert!(codes.min().double_value(&[]) >= qmin as f64 - 1e-3);
+            prop_assert!(codes.max().double_value(&[]) <= qmax as f64 + 1e-3);
+            // Error ≤ scale/2 for inputs inside the representable range [(qmin − z)·s, (qmax − z)·s]
+            // (a symmetric grid's range stops half a step short of amax, as PyTorch's does).
+            let scale = qp.scale.double_value(&[]);
+            let zp = qp.zero_point.double_value(&[]);
+            let (lo, hi) = ((qmin as f64 - zp) * scale, (qmax as f64 - zp) * scale);
+            let inside = x.ge(lo).logical_and(&x.le(hi));
+            let err = (&y - &x).abs().masked_select(&inside);
+            if err.numel() > 0 {
+                let max_err = err.max().double_value(&[]);
+                prop_assert!(max_err <= scale / 2.0 * (1.0 + 1e-5) + 1e-6, "error {} > scale/2 {}", max_err, scale / 2.0);
+            }
+        }
+    }
+}

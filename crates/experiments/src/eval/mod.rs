@@ -1,1 +1,4 @@
+pub mod dataset;
 pub mod easy_vqa;
+pub mod scienceqa;
+pub mod vqa;

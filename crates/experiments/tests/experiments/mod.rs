@@ -1,2 +1,5 @@
+mod bench;
+mod configs;
+mod datasets;
 mod reliability;
 mod tiny_model;

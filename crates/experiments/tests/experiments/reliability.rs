@@ -103,7 +103,8 @@ fn broken_configs_are_refused_naming_the_key() {
         ("unknown top-level table", format!("{base}\n[extra]\nx = 1\n"), "unknown field `extra`"),
         ("unknown key in experiment", base.replace("threads = 1", "threads = 1\ncolour = 1"), "unknown field `colour`"),
         ("unknown key in models", base.replace("name = \"tiny\"\npath", "name = \"tiny\"\nweights = 1\npath"), "unknown field `weights`"),
-        ("unknown key in dataset", base.replace("limit = 12", "limit = 12\nsplit = \"x\""), "unknown field `split`"),
+        ("unknown key in dataset", base.replace("limit = 12", "limit = 12\nsubset = \"x\""), "unknown field `subset`"),
+        ("key of another dataset kind", base.replace("limit = 12", "limit = 12\nsplit = \"x\""), "dataset.split"),
         ("unknown key in calibration", base.replace("samples = 4", "samples = 4\nsize = 2"), "unknown field `size`"),
         ("unknown key in quant", format!("{base}\n[quant]\nbits = 4\n"), "unknown field `bits`"),
         ("unknown key in grid", base.replace("methods = [\"rtn\"]", "methods = [\"rtn\"]\nmodel = 1"), "unknown field `model`"),
@@ -123,7 +124,6 @@ fn broken_configs_are_refused_naming_the_key() {
         ("unknown strategy", format!("{base}{method}strategy = {{ kind = \"greedy\" }}\n"), "greedy"),
         ("unknown model in grid", base.replace("models = [\"tiny\"]", "models = [\"nope\"]"), "grid.models"),
         ("empty grid", base.replace("methods = [\"rtn\"]", "methods = []"), "grid"),
-        ("missing dataset path", base.replace("batch_size = 12", "batch_size = 12\npath = \"/nonexistent/easy-vqa\""), "dataset.path"),
         ("zero calibration samples", base.replace("samples = 4", "samples = 0"), "calibration.samples"),
         ("duplicate model", format!("{base}\n[[models]]\nname = \"tiny\"\npath = \"x\"\n"), "defined twice"),
         ("unknown figure", format!("{base}\n[outputs]\nfigures = [\"pie\"]\n"), "outputs.figures"),
@@ -142,6 +142,19 @@ fn broken_configs_are_refused_naming_the_key() {
             assert_rejected(&out, "rel.toml", case);
         }
     }
+    // Paths are checked when a run starts (a dry run works without the data).
+    let path = tmp.0.join("rel.toml");
+    std::fs::write(
+        &path,
+        base.replace("batch_size = 12", "batch_size = 12\npath = \"/nonexistent/easy-vqa\""),
+    )
+    .expect("write");
+    let out = experiments(&[path.to_str().expect("utf8")]);
+    assert_rejected(&out, "dataset.path", "missing dataset path");
+    std::fs::write(&path, base.replace("models/tiny-llava", "models/no-such-model"))
+        .expect("write");
+    let out = experiments(&[path.to_str().expect("utf8")]);
+    assert_rejected(&out, "models.path", "missing model directory");
     // A group size that does not divide a layer's width is refused before any cell runs.
     let path = tmp.0.join("rel.toml");
     std::fs::write(&path, format!("{base}\n[quant]\nweight_group = 50\n")).expect("write");

@@ -22,7 +22,7 @@ fn model_dir() -> PathBuf {
 }
 
 fn easy_vqa_test_image(id: u64) -> PathBuf {
-    let root = std::env::current_dir().expect("cwd").join("../..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let lib = root.join(".venv/lib");
     let py =
         std::fs::read_dir(&lib).expect(".venv/lib").flatten().next().expect("python dir").path();

@@ -1,0 +1,275 @@
+//! `configs/efficiency.toml`: which LLaVA shapes `experiments bench` builds (random weights), which
+//! weight schemes it packs them with, and how it times prefill, decode and the memory bandwidth.
+//! TOML with `deny_unknown_fields` everywhere; every error names the file and the key.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use qvlm_core::device::DeviceSpec;
+use serde::{Deserialize, Serialize};
+
+use super::scheme::Scheme;
+use super::shape::{Shape, ShapeDims};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchConfig {
+    pub bench: BenchSettings,
+    #[serde(default)]
+    pub model: ModelSettings,
+    #[serde(default)]
+    pub measure: MeasureSettings,
+    #[serde(default)]
+    pub bandwidth: BandwidthSettings,
+    /// Custom shapes (`[[shape]]`), named in `model.shapes` like the presets.
+    #[serde(default, rename = "shape")]
+    pub custom_shapes: Vec<ShapeDims>,
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchSettings {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// libtorch intra-op threads (0 = libtorch's default, one per core).
+    #[serde(default)]
+    pub threads: i32,
+    /// Seeds the random weights and prompt tokens.
+    #[serde(default)]
+    pub seed: u64,
+    /// Results folder (default `results/<name>`).
+    #[serde(default)]
+    pub results_dir: Option<PathBuf>,
+    /// Memory kept free when deciding whether a model fits (GiB of `MemAvailable`, CPU only).
+    #[serde(default = "default_headroom")]
+    pub memory_headroom_gib: f64,
+}
+
+fn default_headroom() -> f64 {
+    2.0
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Presets (`llava-7b`, `llava-13b`) or names of `[[shape]]` tables, in run order.
+    #[serde(default = "default_shapes")]
+    pub shapes: Vec<String>,
+    /// Decoder layers built per shape, capped at the shape's own count (fewer for quick runs;
+    /// rows are then labelled with the count built). Default: all.
+    #[serde(default)]
+    pub layers: Option<i64>,
+    /// Build FP32 with at most this many decoder layers and extrapolate latency and memory per
+    /// layer to the shape's count (FP32 LLaVA-7B needs ~28 GB). Default: all layers.
+    #[serde(default)]
+    pub fp32_layers: Option<i64>,
+    /// Weight schemes, reported in this order.
+    #[serde(default = "default_schemes")]
+    pub schemes: Vec<Scheme>,
+    /// W4A16 group size (inputs per scale and zero point).
+    #[serde(default = "default_group")]
+    pub w4_group: i64,
+}
+
+fn default_shapes() -> Vec<String> {
+    vec!["llava-7b".into()]
+}
+fn default_schemes() -> Vec<Scheme> {
+    Scheme::ALL.to_vec()
+}
+fn default_group() -> i64 {
+    128
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            shapes: default_shapes(),
+            layers: None,
+            fp32_layers: None,
+            schemes: default_schemes(),
+            w4_group: default_group(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureSettings {
+    /// Prompt tokens of the timed prefill (batch 1).
+    #[serde(default = "default_prefill")]
+    pub prefill_tokens: i64,
+    /// Put one image (vision tower + projector, spliced into the prompt) into the prefill; off,
+    /// the prefill is text only.
+    #[serde(default)]
+    pub prefill_image: bool,
+    /// Decode steps run and discarded before timing.
+    #[serde(default = "default_warmup")]
+    pub warmup_tokens: usize,
+    /// Decode steps timed (M = 1 with the KV cache), averaged.
+    #[serde(default = "default_decode")]
+    pub decode_tokens: usize,
+}
+
+fn default_prefill() -> i64 {
+    64
+}
+fn default_warmup() -> usize {
+    2
+}
+fn default_decode() -> usize {
+    8
+}
+
+impl Default for MeasureSettings {
+    fn default() -> Self {
+        Self {
+            prefill_tokens: default_prefill(),
+            prefill_image: false,
+            warmup_tokens: default_warmup(),
+            decode_tokens: default_decode(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthSettings {
+    /// Size of the copied tensor (MiB); well above the last-level cache.
+    #[serde(default = "default_mib")]
+    pub mib: i64,
+    /// Timed copies; the best is kept.
+    #[serde(default = "default_repeats")]
+    pub repeats: usize,
+}
+
+fn default_mib() -> i64 {
+    1024
+}
+fn default_repeats() -> usize {
+    5
+}
+
+impl Default for BandwidthSettings {
+    fn default() -> Self {
+        Self { mib: default_mib(), repeats: default_repeats() }
+    }
+}
+
+impl BenchConfig {
+    /// The shapes of `model.shapes`, resolved (presets or `[[shape]]` tables).
+    pub fn shapes(&self) -> Result<Vec<Shape>> {
+        let f = self.file.display();
+        self.model
+            .shapes
+            .iter()
+            .map(|name| {
+                Shape::resolve(name, &self.custom_shapes).with_context(|| {
+                    format!("{f}: key `model.shapes`: unknown shape `{name}` (presets: {}; or define it under [[shape]])", Shape::PRESETS.join(", "))
+                })
+            })
+            .collect()
+    }
+
+    pub fn results_dir(&self) -> PathBuf {
+        self.bench
+            .results_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("results").join(&self.bench.name))
+    }
+}
+
+/// Reads and validates a bench config.
+pub fn load(path: &Path) -> Result<BenchConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` names the file in errors.
+pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
+    let mut cfg: BenchConfig =
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    cfg.file = path.to_path_buf();
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn validate(cfg: &BenchConfig) -> Result<()> {
+    let f = cfg.file.display();
+    let b = &cfg.bench;
+    if b.name.trim().is_empty() || b.name.contains(['/', '\\']) {
+        bail!("{f}: key `bench.name`: must be a non-empty folder name");
+    }
+    if b.threads < 0 {
+        bail!("{f}: key `bench.threads`: must be ≥ 0");
+    }
+    if b.memory_headroom_gib.is_nan() || b.memory_headroom_gib < 0.0 {
+        bail!("{f}: key `bench.memory_headroom_gib`: must be ≥ 0");
+    }
+    let m = &cfg.model;
+    if m.shapes.is_empty() {
+        bail!("{f}: key `model.shapes`: name at least one shape");
+    }
+    if m.schemes.is_empty() {
+        bail!("{f}: key `model.schemes`: name at least one scheme");
+    }
+    let mut seen = BTreeSet::new();
+    for s in &m.schemes {
+        if !seen.insert(*s) {
+            bail!("{f}: key `model.schemes`: `{}` is listed twice", s.key());
+        }
+    }
+    for (key, v) in [("model.layers", m.layers), ("model.fp32_layers", m.fp32_layers)] {
+        if v.is_some_and(|v| v < 1) {
+            bail!("{f}: key `{key}`: must be at least 1");
+        }
+    }
+    if m.w4_group <= 0 {
+        bail!("{f}: key `model.w4_group`: must be positive");
+    }
+    let mut names = BTreeSet::new();
+    for (i, s) in cfg.custom_shapes.iter().enumerate() {
+        if Shape::PRESETS.contains(&s.name.as_str()) || !names.insert(s.name.as_str()) {
+            bail!("{f}: key `shape[{i}].name`: `{}` is defined twice (or is a preset)", s.name);
+        }
+        if let Err(reason) = s.check() {
+            bail!("{f}: key `shape[{i}]` (`{}`): {reason}", s.name);
+        }
+    }
+    let mut listed = BTreeSet::new();
+    for shape in cfg.shapes()? {
+        if !listed.insert(shape.name.clone()) {
+            bail!("{f}: key `model.shapes`: `{}` is listed twice", shape.name);
+        }
+        let d = &shape.dims;
+        if m.schemes.contains(&Scheme::W4a16)
+            && (d.text_hidden % m.w4_group != 0 || d.text_intermediate % m.w4_group != 0)
+        {
+            bail!(
+                "{f}: key `model.w4_group`: {} does not divide `{}`'s decoder inputs ({} and {})",
+                m.w4_group,
+                shape.name,
+                d.text_hidden,
+                d.text_intermediate
+            );
+        }
+    }
+    let me = &cfg.measure;
+    if me.prefill_tokens < 1 {
+        bail!("{f}: key `measure.prefill_tokens`: must be at least 1");
+    }
+    if me.decode_tokens < 1 {
+        bail!("{f}: key `measure.decode_tokens`: must be at least 1");
+    }
+    if cfg.bandwidth.mib < 1 || cfg.bandwidth.repeats < 1 {
+        bail!("{f}: key `bandwidth.mib`/`bandwidth.repeats`: must be at least 1");
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Timing one built model: a prefill of a batch-1 prompt into a fresh KV cache, then greedy decode
+//! steps (M = 1) with that cache — warm-up steps discarded, the rest timed one by one. The decoder
+//! layers and the head (final norm, `lm_head`, argmax) are timed apart, so a model built with
+//! fewer layers than its shape can be extrapolated per layer.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::ProgressBar;
+use qvlm_core::io::prompt::Piece;
+use qvlm_core::model::hook::NoHook;
+use qvlm_core::model::llama::KvCache;
+use qvlm_core::model::llava::{Llava, PreparedBatch};
+use tch::{Device, Kind, Tensor};
+
+use super::config::MeasureSettings;
+use super::machine::sync;
+
+/// Milliseconds of one forward pass, split where extrapolation needs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Split {
+    /// Vision tower + projector (prefill with an image only).
+    pub vision_ms: f64,
+    /// Embedding lookup (or image splice) and every decoder layer.
+    pub layers_ms: f64,
+    /// Final norm, `lm_head` and argmax.
+    pub head_ms: f64,
+}
+
+impl Split {
+    pub fn total_ms(&self) -> f64 {
+        self.vision_ms + self.layers_ms + self.head_ms
+    }
+}
+
+/// What one model's prefill and decode took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timings {
+    /// Positions the prefill ran through the decoder (text tokens + image features).
+    pub prefill_positions: i64,
+    pub prefill: Split,
+    /// One entry per timed decode step.
+    pub decode: Vec<Split>,
+}
+
+impl Timings {
+    /// Mean of the timed decode steps.
+    pub fn decode_mean(&self) -> Split {
+        let n = self.decode.len().max(1) as f64;
+        let sum = |f: fn(&Split) -> f64| self.decode.iter().map(f).sum::<f64>() / n;
+        Split { vision_ms: 0.0, layers_ms: sum(|s| s.layers_ms), head_ms: sum(|s| s.head_ms) }
+    }
+
+    /// Fastest timed decode step (total).
+    pub fn decode_min_ms(&self) -> f64 {
+        self.decode.iter().map(Split::total_ms).fold(f64::INFINITY, f64::min)
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Random prompt ids (ids 0–2 are BOS/EOS/UNK in LLaMA's vocabulary).
+fn prompt_ids(vocab: i64, n: i64) -> Result<Vec<i64>> {
+    let ids = Tensor::randint_low(3.min(vocab - 1), vocab, [n], (Kind::Int64, Device::Cpu));
+    Vec::<i64>::try_from(&ids).context("reading prompt ids")
+}
+
+/// Times `model` as the module doc says; `bar` advances once per decode step.
+pub fn run(model: &Llava, spec: &MeasureSettings, bar: &ProgressBar) -> Result<Timings> {
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let vocab = model.cfg.text.vocab_size;
+    let layers = model.language_model.layers.len();
+    let ids = prompt_ids(vocab, spec.prefill_tokens)?;
+
+    // Untimed: one short forward pays one-time costs (thread pool, kernel selection, first-touch
+    // of activation buffers) outside the timed prefill.
+    let warm = model
+        .prepare(&[vec![Piece::Tokens(ids[..ids.len().min(4)].to_vec())]], &[])
+        .context("preparing the warm-up prompt")?;
+    let h = model.decode_hidden(&warm, None, &mut NoHook);
+    let _ = model.language_model.head(&h.select(1, -1)).argmax(-1, false);
+    sync(device);
+
+    // Prefill.
+    let mut prefill = Split::default();
+    let t = Instant::now();
+    let (pieces, images) = if spec.prefill_image {
+        let s = model.cfg.vision.image_size;
+        let pixels = Tensor::randn([1, 3, s, s], (model.kind(), device));
+        let feats = model.image_features(&pixels, &mut NoHook);
+        sync(device);
+        let half = ids.len() / 2;
+        let pieces = vec![
+            Piece::Tokens(ids[..half].to_vec()),
+            Piece::Image(0),
+            Piece::Tokens(ids[half..].to_vec()),
+        ];
+        (pieces, vec![feats])
+    } else {
+        (vec![Piece::Tokens(ids.clone())], Vec::new())
+    };
+    prefill.vision_ms = ms(t);
+    let t = Instant::now();
+    let batch = model.prepare(&[pieces], &images).context("preparing the prompt")?;
+    let positions = batch.embeds.size()[1];
+    let mut cache = KvCache::new(layers);
+    let h = model.decode_hidden(&batch, Some(&mut cache), &mut NoHook);
+    sync(device);
+    prefill.layers_ms = ms(t);
+    let t = Instant::now();
+    let mut next = model.language_model.head(&h.select(1, -1)).argmax(-1, false);
+    sync(device);
+    prefill.head_ms = ms(t);
+
+    // Decode.
+    let mut decode = Vec::with_capacity(spec.decode_tokens);
+    let first = batch.positions.select(1, -1) + 1;
+    for step in 0..spec.warmup_tokens + spec.decode_tokens {
+        let t = Instant::now();
+        let step_batch = PreparedBatch {
+            embeds: model.language_model.embed(&next.view([1, 1])),
+            mask: Tensor::ones([1, 1], (Kind::Int64, device)),
+            positions: (&first + step as i64).view([1, 1]),
+        };
+        let h = model.decode_hidden(&step_batch, Some(&mut cache), &mut NoHook);
+        sync(device);
+        let layers_ms = ms(t);
+        let t = Instant::now();
+        next = model.language_model.head(&h.select(1, -1)).argmax(-1, false);
+        sync(device);
+        let head_ms = ms(t);
+        if step >= spec.warmup_tokens {
+            decode.push(Split { vision_ms: 0.0, layers_ms, head_ms });
+        }
+        bar.inc(1);
+    }
+    Ok(Timings { prefill_positions: positions, prefill, decode })
+}

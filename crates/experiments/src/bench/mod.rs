@@ -1,0 +1,450 @@
+//! `experiments bench CONFIG`: the paper's Table 4 for real — weight memory, resident memory,
+//! prefill and per-token decode latency of FP32, BF16, W8A16, W8A8 and W4A16 on LLaVA-shaped
+//! models with random weights (nothing is downloaded; accuracy is irrelevant), against the
+//! machine's measured memory bandwidth (the decode roofline).
+//!
+//! Per shape, one model is built in bf16 and the schemes are put into its decoder one after the
+//! other (each packed linear replaces the previous weight, so one configuration's decoder is
+//! resident at a time); FP32 is a separate build, with fewer layers when configured, extrapolated
+//! per layer. Vision tower, projector, embeddings, norms and `lm_head` stay in the model's float
+//! dtype in every scheme. Results: tidy rows (`measurements.csv`) and `run.json` → a table
+//! (`efficiency.csv`, `efficiency.md`) → a figure (`decode_roofline.{png,svg}`).
+
+pub mod config;
+pub mod machine;
+pub mod measure;
+pub mod report;
+pub mod scheme;
+pub mod shape;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use qvlm_core::io::weights::VarBuilder;
+use qvlm_core::model::linear::LinearWeight;
+use qvlm_core::model::llava::Llava;
+use qvlm_core::quant::packed::Kernel;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+use config::BenchConfig;
+use machine::{Machine, GIB};
+use measure::{Split, Timings};
+use scheme::Scheme;
+use shape::Shape;
+
+/// One measured (or per-layer extrapolated) configuration of one shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The shape's name (`llava-7b`).
+    pub shape: String,
+    /// The shape, with `(built/real layers)` when built with fewer layers than the shape has.
+    pub model: String,
+    pub scheme: Scheme,
+    /// The scheme's table label (`W4A16 g128`).
+    pub label: String,
+    /// The decoder linears' code path: `dense`, a [`Kernel`] name, or a mix with counts.
+    pub kernel: String,
+    /// Decoder layers the row stands for.
+    pub layers: i64,
+    /// Decoder layers of the model actually built (fewer: the row is extrapolated per layer).
+    pub layers_built: i64,
+    /// Every weight of the model (exact: packed storage `bytes()`, float `numel · size`).
+    pub weight_bytes: i64,
+    /// The decoder linears' share of `weight_bytes`.
+    pub decoder_linear_bytes: i64,
+    /// Weights one decode step reads: decoder linears and norms, final norm, `lm_head`, one
+    /// embedding row.
+    pub decode_bytes_per_token: i64,
+    /// Growth of `VmRSS` from before the model was built to after its measurement.
+    pub rss_delta_bytes: Option<i64>,
+    /// Positions of the prefill (prompt tokens + image features).
+    pub prefill_positions: i64,
+    pub prefill: Split,
+    /// Mean of the timed decode steps.
+    pub decode: Split,
+    /// The fastest timed decode step (total).
+    pub decode_min_ms: f64,
+    /// Decoder linears on the dequantized fallback.
+    pub fallback_linears: usize,
+}
+
+impl Row {
+    pub fn extrapolated(&self) -> bool {
+        self.layers_built < self.layers
+    }
+}
+
+/// A shape (or part of one) that was not run, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub model: String,
+    pub schemes: String,
+    pub reason: String,
+}
+
+/// Everything besides the rows that the table needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub config: BenchConfig,
+    pub config_file: PathBuf,
+    pub machine: Machine,
+    pub skipped: Vec<Skipped>,
+    /// Wall time of the measurements (the report is built after).
+    pub wall_seconds: f64,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub rows: Vec<Row>,
+    pub info: RunInfo,
+    pub report: report::Report,
+    pub dir: PathBuf,
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>22} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+fn spinner(what: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>22} {spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.set_prefix(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Runs the bench of `cfg` and writes its results folder.
+pub fn run(cfg: &BenchConfig) -> Result<Outcome> {
+    let started = Instant::now();
+    let device = cfg
+        .bench
+        .device
+        .resolve()
+        .with_context(|| format!("{}: key `bench.device`", cfg.file.display()))?;
+    if cfg.bench.threads > 0 {
+        tch::set_num_threads(cfg.bench.threads);
+    }
+    tch::manual_seed(cfg.bench.seed as i64);
+    let dir = cfg.results_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let pb = spinner("memory bandwidth");
+    let bw = machine::bandwidth(device, cfg.bandwidth.mib << 20, cfg.bandwidth.repeats)
+        .context("measuring the memory bandwidth")?;
+    pb.finish_and_clear();
+    let machine = machine::describe(device, bw);
+    tracing::info!("{}", machine.describe());
+
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    for shape in cfg.shapes()? {
+        run_shape(cfg, &shape, device, &mut rows, &mut skipped)
+            .with_context(|| format!("benchmarking {}", shape.name))?;
+    }
+    let order = |s: Scheme| cfg.model.schemes.iter().position(|&x| x == s);
+    rows.sort_by_key(|r| (cfg.model.shapes.iter().position(|s| *s == r.shape), order(r.scheme)));
+    let info = RunInfo {
+        config: cfg.clone(),
+        config_file: cfg.file.clone(),
+        machine,
+        skipped,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    report::write_results(&dir, &rows, &info)?;
+    let report = report::build(&dir)?;
+    Ok(Outcome { rows, info, report, dir })
+}
+
+/// Decoder layers the rows of `shape` stand for.
+fn layers_of(cfg: &BenchConfig, shape: &Shape) -> i64 {
+    let real = shape.dims.text_layers;
+    cfg.model.layers.map_or(real, |l| l.min(real))
+}
+
+/// Why a model of `params` parameters at `kind` would not fit, if it would not (CPU only: host
+/// memory is what the weights take there).
+fn does_not_fit(cfg: &BenchConfig, device: Device, params: i64, kind: Kind) -> Option<String> {
+    if device != Device::Cpu {
+        return None;
+    }
+    let need = params as f64 * kind.elt_size_in_bytes() as f64;
+    let available = machine::meminfo("MemAvailable")? as f64;
+    let headroom = cfg.bench.memory_headroom_gib * GIB;
+    (need + headroom > available).then(|| {
+        format!(
+            "building it needs {:.1} GiB of {kind:?} weights (+ {:.1} GiB headroom) but only {:.1} GiB is available (the model is built in this dtype before its decoder is packed, so this size decides)",
+            need / GIB,
+            headroom / GIB,
+            available / GIB
+        )
+    })
+}
+
+fn run_shape(
+    cfg: &BenchConfig,
+    shape: &Shape,
+    device: Device,
+    rows: &mut Vec<Row>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<()> {
+    let real = shape.dims.text_layers;
+    let layers = layers_of(cfg, shape);
+    let model = if layers == real {
+        shape.name.clone()
+    } else {
+        format!("{} ({layers}/{real} layers)", shape.name)
+    };
+    let schemes = &cfg.model.schemes;
+    let dense16: Vec<Scheme> =
+        Scheme::ALL.into_iter().filter(|s| *s != Scheme::Fp32 && schemes.contains(s)).collect();
+    if !dense16.is_empty() {
+        // The packed schemes start from a bf16 build, so this decides for the whole shape.
+        if let Some(reason) =
+            does_not_fit(cfg, device, shape.dims.parameters(layers), Kind::BFloat16)
+        {
+            tracing::warn!("skipping {model}: {reason}");
+            let schemes = schemes.iter().map(|s| s.label(cfg.model.w4_group)).collect();
+            skipped.push(Skipped { model, schemes: join(schemes), reason });
+            return Ok(());
+        }
+    }
+    if schemes.contains(&Scheme::Fp32) {
+        let built = cfg.model.fp32_layers.map_or(layers, |l| l.min(layers));
+        match does_not_fit(cfg, device, shape.dims.parameters(built), Kind::Float) {
+            Some(reason) => {
+                tracing::warn!("skipping FP32 of {model}: {reason}");
+                skipped.push(Skipped { model: model.clone(), schemes: "FP32".into(), reason });
+            }
+            None => rows.push(run_fp32(cfg, shape, &model, layers, built, device)?),
+        }
+    }
+    if !dense16.is_empty() {
+        run_bf16_family(cfg, shape, &model, layers, &dense16, device, rows)?;
+    }
+    Ok(())
+}
+
+fn join(v: Vec<String>) -> String {
+    v.join(", ")
+}
+
+/// A model of `shape` with `layers` decoder layers and random float weights of `kind`.
+fn build(shape: &Shape, layers: i64, kind: Kind, device: Device, what: &str) -> Result<Llava> {
+    let pb = spinner(what);
+    pb.set_message(format!("random {kind:?} weights, {layers} decoder layers"));
+    let vb = VarBuilder::fresh(device, kind);
+    let started = Instant::now();
+    let model = Llava::build(&vb, &shape.llava_config(layers))
+        .with_context(|| format!("building {} with random weights", shape.name))?;
+    // The builder keeps a handle on every variable it created: drop it so that replaced
+    // weights are freed.
+    drop(vb);
+    pb.finish_and_clear();
+    tracing::info!("{what}: built in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(model)
+}
+
+/// Bytes of the model's weights: all of them, and the decoder linears' share.
+fn weight_bytes(model: &Llava) -> (i64, i64) {
+    let size = |t: &tch::Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+    let linears: i64 = scheme::decoder_linears(model)
+        .iter()
+        .map(|l| match &l.weight {
+            LinearWeight::Float(w) => size(w),
+            LinearWeight::Packed(p) => p.bytes(),
+        })
+        .sum();
+    // Packed linears would be dequantized by `named_tensors`: callers take the other parts'
+    // bytes from the float model.
+    let all = if scheme::decoder_linears(model)
+        .iter()
+        .any(|l| matches!(l.weight, LinearWeight::Packed(_)))
+    {
+        linears
+    } else {
+        model.named_tensors().iter().map(|(_, t)| size(t)).sum()
+    };
+    (all, linears)
+}
+
+/// Weights one decode step reads besides the decoder linears: the layers' norms, the final norm,
+/// `lm_head` (or the tied embedding) and one embedding row.
+fn decode_extra_bytes(model: &Llava) -> i64 {
+    let lm = &model.language_model;
+    let size = |t: &tch::Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+    let norms: i64 = lm
+        .layers
+        .iter()
+        .map(|l| size(&l.input_layernorm.weight) + size(&l.post_attention_layernorm.weight))
+        .sum();
+    let head = size(lm.lm_head.as_ref().unwrap_or(&lm.embed_tokens));
+    let row = lm.cfg.hidden_size * lm.embed_tokens.kind().elt_size_in_bytes() as i64;
+    norms + size(&lm.norm.weight) + head + row
+}
+
+/// The decoder linears' kernels: one name, or `name×count` joined by `+`; and the fallbacks.
+fn kernels(model: &Llava) -> (String, usize) {
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut fallbacks = 0;
+    for l in scheme::decoder_linears(model) {
+        let name = match &l.weight {
+            LinearWeight::Float(_) => "dense",
+            LinearWeight::Packed(p) => {
+                if p.kernel() == Kernel::Dequantized {
+                    fallbacks += 1;
+                    tracing::warn!(
+                        layer = %l.id,
+                        reason = p.fallback_reason().unwrap_or(""),
+                        "dequantized fallback"
+                    );
+                }
+                p.kernel().name()
+            }
+        };
+        *counts.entry(name).or_default() += 1;
+    }
+    let text = if counts.len() == 1 {
+        counts.keys().next().map(|s| s.to_string()).unwrap_or_default()
+    } else {
+        counts.iter().map(|(k, n)| format!("{k}×{n}")).collect::<Vec<_>>().join("+")
+    };
+    (text, fallbacks)
+}
+
+fn measure(model: &Llava, cfg: &BenchConfig, what: &str) -> Result<Timings> {
+    let m = &cfg.measure;
+    let pb = bar((m.warmup_tokens + m.decode_tokens) as u64, what);
+    pb.set_message(format!("prefill {} tokens, then decode", m.prefill_tokens));
+    let timings = measure::run(model, m, &pb)?;
+    pb.finish_and_clear();
+    Ok(timings)
+}
+
+fn rss_delta(base: Option<u64>) -> Option<i64> {
+    Some(machine::rss_bytes()? as i64 - base? as i64)
+}
+
+/// FP32 with `built` decoder layers, extrapolated per layer to `layers` when fewer.
+fn run_fp32(
+    cfg: &BenchConfig,
+    shape: &Shape,
+    model_label: &str,
+    layers: i64,
+    built: i64,
+    device: Device,
+) -> Result<Row> {
+    let base = machine::rss_bytes();
+    let what = format!("{} FP32", shape.name);
+    let model = build(shape, built, Kind::Float, device, &what)?;
+    let (all, linears) = weight_bytes(&model);
+    let extra = decode_extra_bytes(&model);
+    let (kernel, fallbacks) = kernels(&model);
+    let t = measure(&model, cfg, &what)?;
+    let rss = rss_delta(base);
+    drop(model);
+    // Per-layer extrapolation: every decoder layer has the same weights and work.
+    let scale = layers as f64 / built as f64;
+    let add_layers = layers - built;
+    let layer_bytes = shape.dims.decoder_layer_parameters() * 4;
+    let linear_bytes = linears / built * layers;
+    let stretch = |s: Split| Split { layers_ms: s.layers_ms * scale, ..s };
+    let min_step = t
+        .decode
+        .iter()
+        .copied()
+        .min_by(|a, b| a.total_ms().total_cmp(&b.total_ms()))
+        .unwrap_or_default();
+    Ok(Row {
+        shape: shape.name.clone(),
+        model: model_label.to_string(),
+        scheme: Scheme::Fp32,
+        label: Scheme::Fp32.label(cfg.model.w4_group),
+        kernel,
+        layers,
+        layers_built: built,
+        weight_bytes: all + add_layers * layer_bytes,
+        decoder_linear_bytes: linear_bytes,
+        decode_bytes_per_token: linear_bytes + extra + add_layers * 2 * shape.dims.text_hidden * 4,
+        rss_delta_bytes: rss.map(|r| r + add_layers * layer_bytes),
+        prefill_positions: t.prefill_positions,
+        prefill: stretch(t.prefill),
+        decode: stretch(t.decode_mean()),
+        decode_min_ms: stretch(min_step).total_ms(),
+        fallback_linears: fallbacks,
+    })
+}
+
+/// One bf16 build of `shape`; `schemes` (BF16 and the packed ones, in [`Scheme::ALL`] order) are
+/// put into its decoder one after the other and measured.
+fn run_bf16_family(
+    cfg: &BenchConfig,
+    shape: &Shape,
+    model_label: &str,
+    layers: i64,
+    schemes: &[Scheme],
+    device: Device,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let group = cfg.model.w4_group;
+    let base = machine::rss_bytes();
+    let mut model = build(shape, layers, Kind::BFloat16, device, &format!("{} BF16", shape.name))?;
+    let (float_all, float_linears) = weight_bytes(&model);
+    let others = float_all - float_linears;
+    let extra = decode_extra_bytes(&model);
+    for &s in schemes {
+        let what = format!("{} {}", shape.name, s.label(group));
+        let n = scheme::decoder_linears(&model).len() as u64;
+        let pb = bar(n, &format!("packing {}", s.label(group)));
+        let started = Instant::now();
+        scheme::apply(&mut model, s, group, &pb)?;
+        pb.finish_and_clear();
+        if s != Scheme::Bf16 {
+            tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
+        }
+        let (_, linears) = weight_bytes(&model);
+        let (kernel, fallbacks) = kernels(&model);
+        let t = measure(&model, cfg, &what)?;
+        let min_step = t.decode_min_ms();
+        rows.push(Row {
+            shape: shape.name.clone(),
+            model: model_label.to_string(),
+            scheme: s,
+            label: s.label(group),
+            kernel,
+            layers,
+            layers_built: layers,
+            weight_bytes: others + linears,
+            decoder_linear_bytes: linears,
+            decode_bytes_per_token: linears + extra,
+            rss_delta_bytes: rss_delta(base),
+            prefill_positions: t.prefill_positions,
+            prefill: t.prefill,
+            decode: t.decode_mean(),
+            decode_min_ms: min_step,
+            fallback_linears: fallbacks,
+        });
+        tracing::info!(
+            "{what}: decode {:.1} ms/token, prefill {:.0} ms",
+            rows.last().map_or(0.0, |r| r.decode.total_ms()),
+            rows.last().map_or(0.0, |r| r.prefill.total_ms())
+        );
+    }
+    Ok(())
+}

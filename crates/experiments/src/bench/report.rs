@@ -1,0 +1,414 @@
+//! The bench's outputs: tidy rows (`measurements.csv`, the table helpers' long format) and
+//! `run.json` are written first; the table (`efficiency.csv`, `efficiency.md`, with ratios against
+//! BF16 and FP32 of the same run and the targets' verdicts) is built only from them, and the
+//! roofline figure only from the table.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use polars::prelude::{Column, DataFrame, DataType};
+
+use super::{Row, RunInfo};
+use crate::{figure, table};
+
+/// Metrics of `measurements.csv`, one row each per configuration.
+const METRICS: [&str; 16] = [
+    "layers",
+    "layers_built",
+    "weight_bytes",
+    "decoder_linear_bytes",
+    "decode_bytes_per_token",
+    "rss_delta_bytes",
+    "prefill_positions",
+    "prefill_ms",
+    "prefill_vision_ms",
+    "prefill_layers_ms",
+    "prefill_head_ms",
+    "decode_ms",
+    "decode_ms_min",
+    "decode_layers_ms",
+    "decode_head_ms",
+    "fallback_linears",
+];
+
+/// The issue's targets on this CPU (W4A16 against BF16, the FP16-class reference).
+pub const TARGET_SPEEDUP: f64 = 3.0;
+pub const TARGET_BANDWIDTH_PCT: f64 = 70.0;
+pub const TARGET_MEMORY_RATIO: f64 = 3.5;
+
+/// One target, measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub model: String,
+    pub what: String,
+    pub value: f64,
+    pub threshold: f64,
+    pub met: bool,
+}
+
+impl Target {
+    pub fn line(&self) -> String {
+        format!(
+            "{}: {} = {:.2} (target ≥ {:.2}): {}",
+            self.model,
+            self.what,
+            self.value,
+            self.threshold,
+            if self.met { "met" } else { "NOT met" }
+        )
+    }
+}
+
+/// The built table and where it went.
+#[derive(Debug)]
+pub struct Report {
+    pub table: DataFrame,
+    pub targets: Vec<Target>,
+    pub files: Vec<PathBuf>,
+}
+
+fn csv_field(s: &str) -> String {
+    s.replace([',', '\n'], ";")
+}
+
+/// Writes `measurements.csv` (cell, model, bits, method, metric, value; `bits` holds the scheme
+/// label and `method` the kernel) and `run.json`.
+pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
+    let mut csv = String::from("cell,model,bits,method,metric,value\n");
+    for r in rows {
+        let cell = format!("{}/{}", r.shape, r.scheme.key());
+        let mut push = |metric: &str, value: f64| {
+            csv.push_str(&format!(
+                "{},{},{},{},{metric},{value}\n",
+                csv_field(&cell),
+                csv_field(&r.model),
+                csv_field(&r.label),
+                csv_field(&r.kernel)
+            ));
+        };
+        push("layers", r.layers as f64);
+        push("layers_built", r.layers_built as f64);
+        push("weight_bytes", r.weight_bytes as f64);
+        push("decoder_linear_bytes", r.decoder_linear_bytes as f64);
+        push("decode_bytes_per_token", r.decode_bytes_per_token as f64);
+        if let Some(rss) = r.rss_delta_bytes {
+            push("rss_delta_bytes", rss as f64);
+        }
+        push("prefill_positions", r.prefill_positions as f64);
+        push("prefill_ms", r.prefill.total_ms());
+        push("prefill_vision_ms", r.prefill.vision_ms);
+        push("prefill_layers_ms", r.prefill.layers_ms);
+        push("prefill_head_ms", r.prefill.head_ms);
+        push("decode_ms", r.decode.total_ms());
+        push("decode_ms_min", r.decode_min_ms);
+        push("decode_layers_ms", r.decode.layers_ms);
+        push("decode_head_ms", r.decode.head_ms);
+        push("fallback_linears", r.fallback_linears as f64);
+    }
+    let path = dir.join("measurements.csv");
+    std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+    let path = dir.join("run.json");
+    std::fs::write(&path, serde_json::to_string_pretty(info)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    let col = df.column(name)?.cast(&DataType::String)?;
+    Ok(col.str()?.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+}
+
+fn floats(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
+    let col = df.column(name)?.cast(&DataType::Float64)?;
+    Ok(col.f64()?.iter().collect())
+}
+
+/// `a / b` where both exist and `b > 0`.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Builds the table, the Markdown report and the figure from `measurements.csv` and `run.json`.
+pub fn build(dir: &Path) -> Result<Report> {
+    let info_path = dir.join("run.json");
+    let info: RunInfo = serde_json::from_str(
+        &std::fs::read_to_string(&info_path)
+            .with_context(|| format!("reading {}", info_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", info_path.display()))?;
+    let long = table::load_metrics(&[dir.join("measurements.csv")])?;
+    let wide = table::wide(&long, &METRICS)?;
+    let bandwidth = info.machine.bandwidth_bytes_per_s;
+
+    let model = strings(&wide, "model")?;
+    let scheme = strings(&wide, "bits")?;
+    let kernel = strings(&wide, "method")?;
+    let get = |m: &str| floats(&wide, m);
+    let (layers, built) = (get("layers")?, get("layers_built")?);
+    let (weights, linears) = (get("weight_bytes")?, get("decoder_linear_bytes")?);
+    let (decode_bytes, rss) = (get("decode_bytes_per_token")?, get("rss_delta_bytes")?);
+    let (positions, prefill) = (get("prefill_positions")?, get("prefill_ms")?);
+    let (decode, head) = (get("decode_ms")?, get("decode_head_ms")?);
+    let fallbacks = get("fallback_linears")?;
+    let n = model.len();
+    // The reference row of the same model for a scheme label.
+    let find = |i: usize, label: &str| (0..n).find(|&j| model[j] == model[i] && scheme[j] == label);
+    let gib = |v: Option<f64>| v.map(|b| b / (1u64 << 30) as f64);
+
+    let mut c = Columns::default();
+    for i in 0..n {
+        let (bf16, fp32) = (find(i, "BF16"), find(i, "FP32"));
+        let speedup = |j: Option<usize>| j.and_then(|j| ratio(decode[j], decode[i]));
+        let smaller = |j: Option<usize>| j.and_then(|j| ratio(weights[j], weights[i]));
+        let gbs = ratio(decode_bytes[i], decode[i].map(|ms| ms / 1e3)).map(|b| b / 1e9);
+        let mut notes = Vec::new();
+        if let (Some(l), Some(b)) = (layers[i], built[i]) {
+            if b < l {
+                notes.push(format!(
+                    "built with {b:.0} of {l:.0} layers; latency, memory and RSS extrapolated per layer"
+                ));
+            }
+        }
+        if let Some(f) = fallbacks[i].filter(|&f| f > 0.0) {
+            notes.push(format!("{f:.0} linears on the dequantized fallback"));
+        }
+        c.model.push(model[i].clone());
+        c.scheme.push(scheme[i].clone());
+        c.kernel.push(kernel[i].clone());
+        c.layers.push(match (layers[i], built[i]) {
+            (Some(l), Some(b)) if b < l => format!("{l:.0} (from {b:.0})"),
+            (Some(l), _) => format!("{l:.0}"),
+            _ => String::new(),
+        });
+        c.weights_gib.push(gib(weights[i]));
+        c.linears_gib.push(gib(linears[i]));
+        c.rss_gib.push(gib(rss[i]));
+        c.prefill_ms.push(prefill[i]);
+        c.prefill_tok_s.push(ratio(positions[i], prefill[i].map(|ms| ms / 1e3)));
+        c.decode_ms.push(decode[i]);
+        c.decode_tok_s.push(decode[i].and_then(|ms| ratio(Some(1e3), Some(ms))));
+        c.speedup_bf16.push(speedup(bf16));
+        c.speedup_fp32.push(speedup(fp32));
+        c.mem_bf16.push(smaller(bf16));
+        c.mem_fp32.push(smaller(fp32));
+        c.linears_mem_bf16.push(bf16.and_then(|j| ratio(linears[j], linears[i])));
+        c.decode_gb.push(decode_bytes[i].map(|b| b / 1e9));
+        c.decode_gbs.push(gbs);
+        c.bw_pct.push(gbs.map(|g| 100.0 * g * 1e9 / bandwidth));
+        c.read_bw_pct.push(gbs.map(|g| 100.0 * g * 1e9 / info.machine.read_bandwidth_bytes_per_s));
+        c.head_pct.push(ratio(head[i], decode[i]).map(|r| 100.0 * r));
+        c.note.push(notes.join("; "));
+    }
+    for s in &info.skipped {
+        c.skip(s);
+    }
+    let targets = targets(&c);
+    let mut df = c.frame()?;
+
+    let csv = dir.join("efficiency.csv");
+    let md = dir.join("efficiency.md");
+    let title =
+        "Efficiency — FP32 / BF16 / W8A16 / W8A8 / W4A16 on LLaVA-shaped models (random weights)";
+    let note = format!(
+        "Machine: {}. Run wall time {:.0} s (config `{}`).",
+        info.machine.describe(),
+        info.wall_seconds,
+        info.config_file.display()
+    );
+    table::write(&mut df, &csv, &md, title, &note)?;
+    let mut text = String::from("\n#### Targets (issue 8, this machine)\n\n");
+    for t in &targets {
+        text.push_str(&format!("- {}\n", t.line()));
+    }
+    if targets.is_empty() {
+        text.push_str("- no shape had both BF16 and W4A16 rows: nothing to check\n");
+    }
+    text.push_str(&method_notes(&info));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&md)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", md.display()))?;
+
+    let points: Vec<(String, f64, f64)> = (0..n)
+        .filter_map(|i| {
+            let x = c.decode_gb[i]?;
+            let y = c.decode_tok_s[i]?;
+            let label = if info.config.model.shapes.len() > 1 {
+                format!("{} · {}", c.scheme[i], c.model[i])
+            } else {
+                c.scheme[i].clone()
+            };
+            Some((label, x, y))
+        })
+        .collect();
+    let fig = dir.join("decode_roofline.png");
+    figure::roofline(&fig, "Decode vs the memory-bandwidth bound", bandwidth / 1e9, &points)?;
+    Ok(Report { table: df, targets, files: vec![csv, md, fig.clone(), fig.with_extension("svg")] })
+}
+
+/// The table's columns, filled row by row.
+#[derive(Default)]
+struct Columns {
+    model: Vec<String>,
+    scheme: Vec<String>,
+    kernel: Vec<String>,
+    layers: Vec<String>,
+    weights_gib: Vec<Option<f64>>,
+    linears_gib: Vec<Option<f64>>,
+    rss_gib: Vec<Option<f64>>,
+    prefill_ms: Vec<Option<f64>>,
+    prefill_tok_s: Vec<Option<f64>>,
+    decode_ms: Vec<Option<f64>>,
+    decode_tok_s: Vec<Option<f64>>,
+    speedup_bf16: Vec<Option<f64>>,
+    speedup_fp32: Vec<Option<f64>>,
+    mem_bf16: Vec<Option<f64>>,
+    mem_fp32: Vec<Option<f64>>,
+    linears_mem_bf16: Vec<Option<f64>>,
+    decode_gb: Vec<Option<f64>>,
+    decode_gbs: Vec<Option<f64>>,
+    bw_pct: Vec<Option<f64>>,
+    read_bw_pct: Vec<Option<f64>>,
+    head_pct: Vec<Option<f64>>,
+    note: Vec<String>,
+}
+
+impl Columns {
+    fn skip(&mut self, s: &super::Skipped) {
+        self.model.push(s.model.clone());
+        self.scheme.push(s.schemes.clone());
+        self.kernel.push("–".into());
+        self.layers.push(String::new());
+        for col in [
+            &mut self.weights_gib,
+            &mut self.linears_gib,
+            &mut self.rss_gib,
+            &mut self.prefill_ms,
+            &mut self.prefill_tok_s,
+            &mut self.decode_ms,
+            &mut self.decode_tok_s,
+            &mut self.speedup_bf16,
+            &mut self.speedup_fp32,
+            &mut self.mem_bf16,
+            &mut self.mem_fp32,
+            &mut self.linears_mem_bf16,
+            &mut self.decode_gb,
+            &mut self.decode_gbs,
+            &mut self.bw_pct,
+            &mut self.read_bw_pct,
+            &mut self.head_pct,
+        ] {
+            col.push(None);
+        }
+        self.note.push(format!("skipped: {}", s.reason));
+    }
+
+    fn frame(&self) -> Result<DataFrame> {
+        let f = |name: &str, v: &Vec<Option<f64>>| Column::new(name.into(), v.clone());
+        Ok(DataFrame::new_infer_height(vec![
+            Column::new("model".into(), self.model.clone()),
+            Column::new("scheme".into(), self.scheme.clone()),
+            Column::new("kernel".into(), self.kernel.clone()),
+            Column::new("layers".into(), self.layers.clone()),
+            f("weights_gib", &self.weights_gib),
+            f("dec_linears_gib", &self.linears_gib),
+            f("rss_delta_gib", &self.rss_gib),
+            f("prefill_ms", &self.prefill_ms),
+            f("prefill_tok_s", &self.prefill_tok_s),
+            f("decode_ms", &self.decode_ms),
+            f("decode_tok_s", &self.decode_tok_s),
+            f("speedup_vs_bf16", &self.speedup_bf16),
+            f("speedup_vs_fp32", &self.speedup_fp32),
+            f("mem_x_vs_bf16", &self.mem_bf16),
+            f("mem_x_vs_fp32", &self.mem_fp32),
+            f("dec_linears_x_vs_bf16", &self.linears_mem_bf16),
+            f("decode_gb_per_tok", &self.decode_gb),
+            f("decode_gb_s", &self.decode_gbs),
+            f("bw_pct", &self.bw_pct),
+            f("read_bw_pct", &self.read_bw_pct),
+            f("head_pct", &self.head_pct),
+            Column::new("note".into(), self.note.clone()),
+        ])?)
+    }
+}
+
+/// The targets, for every model with a W4A16 row.
+fn targets(c: &Columns) -> Vec<Target> {
+    let mut out = Vec::new();
+    for i in 0..c.model.len() {
+        if !c.scheme[i].starts_with("W4A16") {
+            continue;
+        }
+        let model = &c.model[i];
+        let mut push = |what: &str, value: Option<f64>, threshold: f64| {
+            if let Some(value) = value {
+                let met = value >= threshold;
+                out.push(Target { model: model.clone(), what: what.into(), value, threshold, met });
+            }
+        };
+        push("W4A16 decode speed-up over BF16 (×)", c.speedup_bf16[i], TARGET_SPEEDUP);
+        push(
+            "W4A16 decode weight traffic, % of measured bandwidth",
+            c.bw_pct[i],
+            TARGET_BANDWIDTH_PCT,
+        );
+        push(
+            "W4 g128 whole-model memory, BF16/FP16 bytes ÷ W4 bytes (×)",
+            c.mem_bf16[i],
+            TARGET_MEMORY_RATIO,
+        );
+        push(
+            "W4 g128 decoder-linear memory, BF16/FP16 bytes ÷ W4 bytes (×)",
+            c.linears_mem_bf16[i],
+            TARGET_MEMORY_RATIO,
+        );
+    }
+    out
+}
+
+/// How the numbers were taken, for the report.
+fn method_notes(info: &RunInfo) -> String {
+    let cfg = &info.config;
+    let m = &cfg.measure;
+    let prefill = if m.prefill_image {
+        format!(
+            "{} random text tokens around one random image (vision tower + projector + its features in the decoder, all timed)",
+            m.prefill_tokens
+        )
+    } else {
+        format!(
+            "{} random text tokens, text only (no image: the vision tower is not timed)",
+            m.prefill_tokens
+        )
+    };
+    let mut s = String::from("\n#### How it was measured\n\n");
+    s.push_str(&format!(
+        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) with random weights; nothing downloaded, accuracy irrelevant. Every decoder linear (q/k/v/o, gate/up/down) holds the scheme's weight; the vision tower, projector, embeddings, norms and `lm_head` stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values).\n\
+         - One bf16 model per shape; BF16 is measured first, then each packed scheme replaces the decoder's weights linear by linear (W8A8 reuses W8A16's int8 codes), so one configuration's decoder is resident at a time. FP32 is a separate build{}.\n\
+         - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
+         - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\
+         - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for the decoder linears, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, for W4A16, the int4 kernel's own copy of the codes that `bytes()` does not count).\n\
+         - Roofline: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time; `bw_pct` = that / the measured copy bandwidth (bytes read + written by one large tensor copy, best of {}: the issue's reference); `read_bw_pct` = that / the read-only bandwidth (an f32 GEMV over the same bytes, best of as many: what a perfectly memory-bound decode would stream). A copy also reads each target line before writing it, so it moves more bytes than it is credited with, which a decode's weight stream does not: `bw_pct` above 100 is possible.\n\
+         - Ratios: `speedup_vs_*` = reference decode time / this decode time; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
+        match cfg.model.fp32_layers {
+            Some(l) => format!(
+                " with at most {l} decoder layers, its latency (decoder part), weight bytes and RSS extrapolated linearly per layer to the shape's count (the `note` column says so)"
+            ),
+            None => String::new(),
+        },
+        m.warmup_tokens,
+        m.decode_tokens,
+        cfg.bandwidth.repeats,
+    ));
+    if !info.skipped.is_empty() {
+        s.push_str("\n#### Not run\n\n");
+        for k in &info.skipped {
+            s.push_str(&format!("- {} ({}): {}\n", k.model, k.schemes, k.reason));
+        }
+    }
+    s
+}

@@ -1,0 +1,154 @@
+//! Weight schemes the bench compares, and how one is put into a built model: every decoder linear
+//! gets the scheme's weight (float or packed); everything else (vision tower, projector,
+//! embeddings, norms, `lm_head`) keeps the model's float dtype.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use qvlm_core::model::linear::{Linear, LinearWeight};
+use qvlm_core::model::llava::Llava;
+use qvlm_core::quant::packed::{PackedSpec, PackedWeight};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// One row of the efficiency table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheme {
+    /// Dense f32 weights and activations.
+    Fp32,
+    /// Dense bf16 weights and activations (the FP16-class reference).
+    Bf16,
+    /// int8 weights per output channel, bf16 activations (`_weight_int8pack_mm`).
+    W8a16,
+    /// int8 weights per output channel, int8 activations per token (`_int_mm`).
+    W8a8,
+    /// Asymmetric 4-bit weights in groups, bf16 activations (`_weight_int4pack_mm_for_cpu`).
+    W4a16,
+}
+
+impl Scheme {
+    pub const ALL: [Scheme; 5] =
+        [Scheme::Fp32, Scheme::Bf16, Scheme::W8a16, Scheme::W8a8, Scheme::W4a16];
+
+    /// The config key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Scheme::Fp32 => "fp32",
+            Scheme::Bf16 => "bf16",
+            Scheme::W8a16 => "w8a16",
+            Scheme::W8a8 => "w8a8",
+            Scheme::W4a16 => "w4a16",
+        }
+    }
+
+    /// The table label (`group` is W4A16's group size).
+    pub fn label(self, group: i64) -> String {
+        match self {
+            Scheme::Fp32 => "FP32".into(),
+            Scheme::Bf16 => "BF16".into(),
+            Scheme::W8a16 => "W8A16".into(),
+            Scheme::W8a8 => "W8A8".into(),
+            Scheme::W4a16 => format!("W4A16 g{group}"),
+        }
+    }
+
+    /// The dtype of the model's float parts (and of the activations around packed linears).
+    pub fn float_kind(self) -> Kind {
+        match self {
+            Scheme::Fp32 => Kind::Float,
+            _ => Kind::BFloat16,
+        }
+    }
+
+    /// The packed storage of the decoder linears; `None` for the dense schemes.
+    pub fn packed_spec(self, group: i64) -> Result<Option<PackedSpec>> {
+        Ok(match self {
+            Scheme::Fp32 | Scheme::Bf16 => None,
+            Scheme::W8a16 => Some(PackedSpec::w8a16()),
+            Scheme::W8a8 => Some(PackedSpec::w8a8()),
+            Scheme::W4a16 => Some(PackedSpec::w4a16(group)?),
+        })
+    }
+}
+
+/// Every decoder linear of `model`, in execution order.
+pub fn decoder_linears(model: &Llava) -> Vec<&Linear> {
+    model.language_model.layers.iter().flat_map(|l| l.linears()).collect()
+}
+
+/// Puts `scheme` into every decoder linear of a model built with float weights. A packed weight
+/// replaces the previous weight one linear at a time, so two configurations' decoders are never
+/// resident together. Codes are random (speed and bytes do not depend on their values); W8A8
+/// takes over W8A16's codes when those are in place (the same storage, other activations).
+pub fn apply(model: &mut Llava, scheme: Scheme, group: i64, bar: &ProgressBar) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let Some(spec) = scheme.packed_spec(group)? else {
+        let packed =
+            decoder_linears(model).iter().any(|l| matches!(l.weight, LinearWeight::Packed(_)));
+        if packed {
+            bail!("{} needs the float decoder, but it was already packed", scheme.label(group));
+        }
+        return Ok(());
+    };
+    let device = model.device();
+    for layer in &mut model.language_model.layers {
+        for linear in layer.linears_mut() {
+            let name = linear.id.to_string();
+            let (out, inp, kind) = (linear.out_features, linear.in_features, linear.kind());
+            let mut parts = match &linear.weight {
+                LinearWeight::Packed(p) if p.spec().format == spec.format => {
+                    p.parts().into_iter().map(|(n, t)| (n.to_string(), t)).collect()
+                }
+                _ => random_parts(spec, out, inp, group)?,
+            };
+            let mut read = |part: &str| {
+                parts.remove(part).ok_or_else(|| {
+                    qvlm_core::error::Error::Invalid(format!("no random part `{part}`"))
+                })
+            };
+            let packed = PackedWeight::from_parts(spec, out, inp, &mut read, kind, device, &name)
+                .with_context(|| format!("packing {name} as {}", scheme.label(group)))?;
+            // Assigning drops the previous weight (float or packed) of this linear.
+            linear.weight = LinearWeight::Packed(packed);
+            bar.inc(1);
+        }
+    }
+    Ok(())
+}
+
+/// Random stored parts of a packed weight `[out, in]`: uniform codes, scales of a weight with
+/// standard deviation ≈ 0.02 (as the random float weights), zero points mid-grid.
+fn random_parts(
+    spec: PackedSpec,
+    out: i64,
+    inp: i64,
+    group: i64,
+) -> Result<BTreeMap<String, Tensor>> {
+    let cpu = Device::Cpu;
+    let mut parts = BTreeMap::new();
+    match spec {
+        s if s == PackedSpec::w8a16() || s == PackedSpec::w8a8() => {
+            parts.insert(
+                "codes".into(),
+                Tensor::randint_low(-127, 128, [out, inp], (Kind::Int8, cpu)),
+            );
+            parts.insert("scale".into(), Tensor::full([out, 1], 0.1 / 127.0, (Kind::Float, cpu)));
+        }
+        s if s == PackedSpec::w4a16(group)? => {
+            let groups = inp / group;
+            parts.insert(
+                "codes".into(),
+                Tensor::randint_low(0, 256, [out, (inp + 1) / 2], (Kind::Uint8, cpu)),
+            );
+            parts.insert(
+                "scale".into(),
+                Tensor::full([out, groups], 0.1 / 15.0, (Kind::Float, cpu)),
+            );
+            parts.insert("zero_point".into(), Tensor::full([out, groups], 8, (Kind::Uint8, cpu)));
+        }
+        other => bail!("no random parts for {other:?}"),
+    }
+    Ok(parts)
+}

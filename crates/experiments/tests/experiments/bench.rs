@@ -1,0 +1,174 @@
+//! `experiments bench` on a tiny LLaVA shape: every configuration row is produced, weight bytes
+//! are exactly the analytic storage sizes, the bandwidth is positive and the table and figure are
+//! written. No timing is asserted (speed is measured by the bench itself, never in tests).
+
+use std::path::{Path, PathBuf};
+
+use experiments::bench::{self, config, scheme::Scheme};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A results folder under the target directory, emptied first.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+const TINY: &str = r#"
+[bench]
+name = "tiny-bench"
+device = "cpu"
+threads = 1
+memory_headroom_gib = 0.0
+
+[model]
+shapes = ["tiny"]
+fp32_layers = 1
+schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16"]
+w4_group = 128
+
+[measure]
+prefill_tokens = 8
+warmup_tokens = 1
+decode_tokens = 2
+
+[bandwidth]
+mib = 16
+repeats = 2
+
+[[shape]]
+name = "tiny"
+vision_hidden = 64
+vision_layers = 2
+vision_heads = 2
+vision_intermediate = 128
+image_size = 28
+patch_size = 14
+text_hidden = 256
+text_layers = 2
+text_heads = 4
+text_intermediate = 512
+vocab = 320
+"#;
+
+fn tiny_config(results: &Path) -> config::BenchConfig {
+    let text = TINY.replace(
+        "name = \"tiny-bench\"",
+        &format!("name = \"tiny-bench\"\nresults_dir = \"{}\"", results.display()),
+    );
+    config::parse(&text, Path::new("tiny-bench.toml")).expect("tiny config")
+}
+
+#[test]
+fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
+    let results = scratch("tiny");
+    let cfg = tiny_config(&results);
+    let out = bench::run(&cfg).expect("bench run");
+
+    // Every configuration, in the config's order, on the kernels (no fallback).
+    let schemes: Vec<Scheme> = out.rows.iter().map(|r| r.scheme).collect();
+    assert_eq!(schemes, Scheme::ALL.to_vec());
+    assert!(out.info.skipped.is_empty(), "{:?}", out.info.skipped);
+    for r in &out.rows {
+        assert_eq!(r.fallback_linears, 0, "{}: {}", r.label, r.kernel);
+        assert_eq!(r.layers, 2);
+        assert!(r.decode.total_ms() > 0.0 && r.prefill.total_ms() > 0.0);
+        assert_eq!(r.prefill_positions, 8);
+    }
+    let kernel = |s: Scheme| out.rows.iter().find(|r| r.scheme == s).map(|r| r.kernel.clone());
+    assert_eq!(kernel(Scheme::W4a16).as_deref(), Some("int4_cpu"));
+    assert_eq!(kernel(Scheme::W8a16).as_deref(), Some("int8_weight"));
+    assert_eq!(kernel(Scheme::W8a8).as_deref(), Some("int8_int8"));
+    assert_eq!(kernel(Scheme::Bf16).as_deref(), Some("dense"));
+
+    // Analytic bytes of the decoder linears: 2 layers × (q, k, v, o [256, 256]; gate, up
+    // [512, 256]; down [256, 512]).
+    let shapes: Vec<(i64, i64)> =
+        [(256, 256), (256, 256), (256, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
+            .repeat(2);
+    let dense = |elt: i64| shapes.iter().map(|(o, i)| o * i * elt).sum::<i64>();
+    // W4 g128: two codes a byte, an f32 scale and a u8 zero point per 128 inputs of a row.
+    let w4: i64 = shapes.iter().map(|(o, i)| o * i / 2 + o * (i / 128) * (4 + 1)).sum();
+    // W8 per channel: a byte a code, one f32 scale per row.
+    let w8: i64 = shapes.iter().map(|(o, i)| o * i + o * 4).sum();
+    let row = |s: Scheme| out.rows.iter().find(|r| r.scheme == s).expect("row");
+    assert_eq!(row(Scheme::Bf16).decoder_linear_bytes, dense(2));
+    assert_eq!(row(Scheme::Fp32).decoder_linear_bytes, dense(4));
+    assert_eq!(row(Scheme::W4a16).decoder_linear_bytes, w4);
+    assert_eq!(row(Scheme::W8a16).decoder_linear_bytes, w8);
+    assert_eq!(row(Scheme::W8a8).decoder_linear_bytes, w8);
+    // The rest of the model is the same bf16 in every bf16-built scheme.
+    let others = row(Scheme::Bf16).weight_bytes - dense(2);
+    assert_eq!(row(Scheme::W4a16).weight_bytes, others + w4);
+    assert_eq!(row(Scheme::W8a8).weight_bytes, others + w8);
+    // Whole-model bytes: parameters × element size (the shape's analytic count).
+    let params = cfg.shapes().expect("shapes")[0].dims.parameters(2);
+    assert_eq!(row(Scheme::Bf16).weight_bytes, 2 * params);
+    // FP32 was built with 1 of 2 layers and extrapolated: exact all the same.
+    assert!(row(Scheme::Fp32).extrapolated());
+    assert_eq!(row(Scheme::Fp32).layers_built, 1);
+    assert_eq!(row(Scheme::Fp32).weight_bytes, 4 * params);
+
+    assert!(out.info.machine.bandwidth_bytes_per_s > 0.0);
+    assert!(out.info.machine.read_bandwidth_bytes_per_s > 0.0);
+    assert!(out.info.machine.threads >= 1);
+
+    // The table has every row and the exact byte ratio; files exist.
+    let t = &out.report.table;
+    assert_eq!(t.height(), 5);
+    let ratio = t.column("dec_linears_x_vs_bf16").expect("column").f64().expect("f64").get(4);
+    assert_eq!(ratio, Some(dense(2) as f64 / w4 as f64));
+    for f in &out.report.files {
+        assert!(f.is_file(), "{} missing", f.display());
+    }
+    let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
+    assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
+    assert_eq!(out.report.targets.len(), 4);
+}
+
+#[test]
+fn a_model_that_does_not_fit_is_reported_not_run() {
+    let results = scratch("skip");
+    // 10⁶ GiB of headroom: nothing fits, and the run still writes its table.
+    let text =
+        TINY.replace("memory_headroom_gib = 0.0", "memory_headroom_gib = 1000000.0").replace(
+            "name = \"tiny-bench\"",
+            &format!("name = \"tiny-bench\"\nresults_dir = \"{}\"", results.display()),
+        );
+    let cfg = config::parse(&text, Path::new("skip.toml")).expect("config");
+    let out = bench::run(&cfg).expect("bench run");
+    assert!(out.rows.is_empty());
+    assert_eq!(out.info.skipped.len(), 1);
+    assert!(out.info.skipped[0].reason.contains("available"), "{:?}", out.info.skipped);
+    let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
+    assert!(md.contains("Not run"), "{md}");
+}
+
+#[test]
+fn the_efficiency_config_parses_and_bad_keys_are_named() {
+    let path = root().join("configs/efficiency.toml");
+    let cfg = config::load(&path).expect("configs/efficiency.toml");
+    let shapes = cfg.shapes().expect("shapes");
+    assert_eq!(shapes[0].dims.text_hidden, 4096);
+    assert_eq!(shapes[1].dims.text_layers, 40);
+    assert_eq!(cfg.model.schemes, Scheme::ALL.to_vec());
+
+    let cases = [
+        (TINY.replace("w4_group = 128", "w4_group = 128\ngroup = 1"), "unknown field `group`"),
+        (TINY.replace("decode_tokens = 2", "decode_tokens = 0"), "measure.decode_tokens"),
+        (TINY.replace("shapes = [\"tiny\"]", "shapes = [\"llava-70b\"]"), "model.shapes"),
+        (TINY.replace("\"w4a16\"]", "\"w3a16\"]"), "w3a16"),
+        (TINY.replace("w4_group = 128", "w4_group = 96"), "model.w4_group"),
+        (TINY.replace("text_heads = 4", "text_heads = 3"), "shape[0]"),
+        (TINY.replace("fp32_layers = 1", "fp32_layers = 0"), "model.fp32_layers"),
+    ];
+    for (text, expected) in cases {
+        let err = config::parse(&text, Path::new("bad.toml")).expect_err(expected);
+        let msg = format!("{err:#}");
+        assert!(msg.contains(expected) && msg.contains("bad.toml"), "{expected}: {msg}");
+    }
+}
