@@ -64,7 +64,8 @@ fn draw_bars<DB: DrawingBackend>(
         .fold(0.0f64, f64::max);
     let min = series.iter().flat_map(|(_, v)| v.iter().flatten()).copied().fold(max, f64::min);
     let lo = (min - 0.1 * (max - min).max(1.0)).floor().max(0.0);
-    let hi = max + 0.08 * (max - lo).max(1.0);
+    // Headroom above the tallest bar for the legend.
+    let hi = max + 0.3 * (max - lo).max(1.0);
     let n = groups.len().max(1);
     let k = series.len().max(1);
     let mut chart = ChartBuilder::on(root)
@@ -77,8 +78,16 @@ fn draw_bars<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| groups.get(x.floor() as usize).cloned().unwrap_or_default())
+        // Ticks every half unit; group names at the group centres (x = i + 0.5).
+        .x_labels(2 * n + 1)
+        .x_label_formatter(&|x| {
+            let i = (x - 0.5).round();
+            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                groups.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
         .y_desc(y_label)
         .draw()
         .map_err(err)?;
@@ -109,7 +118,7 @@ fn draw_bars<DB: DrawingBackend>(
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(err)?;
     Ok(())

@@ -150,9 +150,8 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                     })
                     .collect();
                 let title = format!(
-                    "{} — accuracy by method ({})",
-                    labels.get(model).cloned().unwrap_or_default(),
-                    fig.replace('_', " ")
+                    "{} — accuracy by method",
+                    labels.get(model).cloned().unwrap_or_default()
                 );
                 figure::grouped_bars(
                     &out.join(format!("{fig}_{model}")),
