@@ -6,8 +6,13 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
 /// Figures a config can ask for.
-pub const FIGURES: [&str; 4] =
-    ["accuracy_by_method", "ded_vs_entropy", "depth_tradeoff", "sensitivity_heatmap"];
+pub const FIGURES: [&str; 5] = [
+    "accuracy_by_method",
+    "accuracy_vs_sweep",
+    "ded_vs_entropy",
+    "depth_tradeoff",
+    "sensitivity_heatmap",
+];
 
 const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -254,7 +259,7 @@ fn draw_scatter<DB: DrawingBackend>(
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(45)
-        .y_label_area_size(70)
+        .y_label_area_size(85)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(err)?;
     chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(err)?;
@@ -279,6 +284,7 @@ fn draw_scatter<DB: DrawingBackend>(
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(err)?;
     Ok(())
@@ -308,6 +314,78 @@ pub fn pearson(points: &[(f64, f64)]) -> Option<f64> {
     let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
     (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
+/// Lines over a numeric x, one per series (e.g. accuracy vs the clipping percentile p), with an
+/// optional horizontal reference line (the float model).
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    reference: Option<(String, f64)>,
+) -> Result<()> {
+    for svg in [false, true] {
+        let file = path.with_extension(if svg { "svg" } else { "png" });
+        if svg {
+            let root = SVGBackend::new(&file, (720, 520)).into_drawing_area();
+            draw_lines(&root, title, x_label, y_label, series, &reference)?;
+            root.present().map_err(err)?;
+        } else {
+            let root = BitMapBackend::new(&file, (720, 520)).into_drawing_area();
+            draw_lines(&root, title, x_label, y_label, series, &reference)?;
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn draw_lines<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    reference: &Option<(String, f64)>,
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let points = || series.iter().flat_map(|(_, p)| p.iter());
+    let (x0, x1) = bounds(points().map(|p| p.0));
+    let (y0, y1) = bounds(points().map(|p| p.1).chain(reference.iter().map(|r| r.1)));
+    // Headroom above for the legend.
+    let y1 = y1 + 0.25 * (y1 - y0);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(err)?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(err)?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)).point_size(4))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], color.stroke_width(2)));
+    }
+    if let Some((name, v)) = reference {
+        chart
+            .draw_series(LineSeries::new([(x0, *v), (x1, *v)], BLACK.stroke_width(2)))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
 }
 
 /// Two y-series over a shared numeric x (e.g. accuracy and search cost vs maximum depth).
@@ -373,6 +451,7 @@ fn draw_dual<DB: DrawingBackend>(
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(err)?;
     Ok(())

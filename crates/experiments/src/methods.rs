@@ -43,6 +43,18 @@ pub struct MethodSpec {
     /// How tables name the method (default: its name).
     #[serde(default)]
     pub label: Option<String>,
+    /// This method's point on a one-parameter sweep (Fig. 3b): the `accuracy_vs_sweep` figure
+    /// draws accuracy against `value`, one plot per `axis`. Not part of the cell id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepPoint>,
+}
+
+/// A named numeric setting a method stands for, e.g. `{ axis = "p", value = 0.99 }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepPoint {
+    pub axis: String,
+    pub value: f64,
 }
 
 impl MethodSpec {
@@ -139,6 +151,7 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
         vision_act: None,
         language_act: None,
         label: Some(label.to_string()),
+        sweep: None,
     };
     Some(match name {
         "rtn" => m(WeightFormat::Rtn, StrategyConfig::Rtn, "RTN"),

@@ -163,6 +163,59 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 )?;
             }
         }
+        "accuracy_vs_sweep" => {
+            // One plot per (model, sweep axis): accuracy against the methods' sweep values, one
+            // line per bit-width.
+            for model in cfg.grid.models.iter() {
+                let float = (0..models.len())
+                    .find(|&i| &models[i] == model && bits[i] == "FP")
+                    .and_then(|i| acc[i]);
+                let mut axes: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+                for c in cells.iter().filter(|c| &c.model.name == model) {
+                    let (Some(spec), Some(b)) = (&c.spec, c.bits) else { continue };
+                    let Some(sweep) = &spec.sweep else { continue };
+                    let label = b.label();
+                    let i = (0..models.len()).find(|&i| {
+                        &models[i] == model && bits[i] == label && methods[i] == c.method
+                    });
+                    if let Some(a) = i.and_then(|i| acc[i]) {
+                        axes.entry(sweep.axis.clone())
+                            .or_default()
+                            .entry(label)
+                            .or_default()
+                            .push((sweep.value, a));
+                    }
+                }
+                for (axis, by_bits) in axes {
+                    let series: Vec<(String, Vec<(f64, f64)>)> = by_bits
+                        .into_iter()
+                        .map(|(b, mut pts)| {
+                            pts.sort_by(|x, y| x.0.total_cmp(&y.0));
+                            (b, pts)
+                        })
+                        .collect();
+                    let title = format!(
+                        "{} — accuracy vs {axis}",
+                        labels.get(model).cloned().unwrap_or_default()
+                    );
+                    let safe: String = axis
+                        .chars()
+                        .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { ' ' })
+                        .collect::<String>()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join("_");
+                    figure::lines(
+                        &out.join(format!("accuracy_vs_{safe}_{model}")),
+                        &title,
+                        &axis,
+                        "accuracy (%)",
+                        &series,
+                        float.map(|f| ("float".to_string(), f)),
+                    )?;
+                }
+            }
+        }
         "ded_vs_entropy" => {
             let mut points = Vec::new();
             for c in cells {
@@ -182,7 +235,8 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 &out.join("ded_vs_entropy"),
                 &title,
                 "conditional entropy D (nats)",
-                "DED = layer-wise − joint error",
+                // (No "j": plotters drops it from rotated labels here.)
+                "DED = layer-wise minus block-wise error",
                 &points,
             )?;
         }
@@ -263,20 +317,39 @@ fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) 
     let acc = col_f64(summary, "accuracy")?;
     let evals = col_f64(summary, "candidate_evaluations")?;
     let mem = col_f64(summary, "weight_bytes")?;
+    // Per-class accuracy (easy-VQA question types; ScienceQA's NAT/SOC/…): every `accuracy_*`
+    // column of the summary with at least one value, in the summary's order.
+    let mut classes = Vec::new();
+    for c in summary.get_column_names() {
+        if c.starts_with("accuracy_") {
+            let v = col_f64(summary, c)?;
+            if v.iter().any(Option::is_some) {
+                classes.push((c.to_string(), v));
+            }
+        }
+    }
     for name in &cfg.outputs.paper {
         let paper = table::read_csv(&crate::config::paper_dir(cfg).join(format!("{name}.csv")))?;
         s.push_str(&table::markdown(&paper, &format!("Paper: {name} (LLaVA, as published)"), "")?);
         s.push('\n');
-        s.push_str(&format!("### This run, same rows ({})\n\n| model | bits | method | accuracy | memory (MB) | candidate evaluations |\n|---|---|---|---|---|---|\n", name));
+        let class_names: Vec<String> =
+            classes.iter().map(|(c, _)| c.trim_start_matches("accuracy_").to_string()).collect();
+        s.push_str(&format!(
+            "### This run, same rows ({name})\n\n| model | bits | method | accuracy |{} memory (MB) | candidate evaluations |\n|---|---|---|---|{}---|---|\n",
+            class_names.iter().map(|c| format!(" {c} |")).collect::<String>(),
+            "---|".repeat(class_names.len()),
+        ));
+        let fmt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
         for i in 0..models.len() {
             let label =
                 method_labels.get(&methods[i]).cloned().unwrap_or_else(|| methods[i].clone());
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} |{} {} | {} |\n",
                 labels.get(&models[i]).cloned().unwrap_or_default(),
                 bits[i],
                 label,
-                acc[i].map_or("–".into(), |v| format!("{v:.2}")),
+                fmt(acc[i]),
+                classes.iter().map(|(_, v)| format!(" {} |", fmt(v[i]))).collect::<String>(),
                 mem[i].map_or("–".into(), |v| format!("{:.3}", v / 1e6)),
                 evals[i].map_or("–".into(), |v| format!("{v:.0}")),
             ));

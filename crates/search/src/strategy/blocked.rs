@@ -308,7 +308,11 @@ fn ded_points(
             .enumerate()
             .map(|(k, &c)| (ids[k], Some(joint.candidates[k][c].clone())))
             .collect();
-        let cap = eng.capture_quantized(state, &ov, &[ids[0], last_site.id])?;
+        // The first pair's inputs (for its dependency) and the last site's (for the DED).
+        let mut wanted = vec![ids[0]];
+        wanted.extend(ids.get(1).copied().filter(|id| *id != last_site.id));
+        wanted.push(last_site.id);
+        let cap = eng.capture_quantized(state, &ov, &wanted)?;
         let xq = cap[&last_site.id].shallow_clone();
         let rows = eng.site_error_rows(
             &last_site,
@@ -327,9 +331,7 @@ fn ded_points(
     let (cap, first, second) =
         (&per_sample[0].1, &eng.sites[group[0]].clone(), &eng.sites[group[1]].clone());
     let mut points = Vec::new();
-    if let (Some(xa), Some(xb)) =
-        (cap.get(&first.id), cap.get(&second.id).or_else(|| cap.get(&last_site.id)))
-    {
+    if let (Some(xa), Some(xb)) = (cap.get(&first.id), cap.get(&second.id)) {
         let qa = &joint.candidates[0][joint.sequential[0]];
         let qb = &joint.candidates[1][joint.sequential[1]];
         let sa = eng.row_samples(first, xa);
