@@ -23,6 +23,24 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// Draws one figure twice, as `path`.png and `path`.svg: `$draw` is an expression over
+/// `$root`, a drawing area of either backend (the two backend types differ, hence a macro).
+macro_rules! png_and_svg {
+    ($path:expr, $size:expr, |$root:ident| $draw:expr) => {{
+        let size = $size;
+        let (png, svg) = ($path.with_extension("png"), $path.with_extension("svg"));
+        {
+            let $root = BitMapBackend::new(&png, size).into_drawing_area();
+            $draw?;
+            $root.present().map_err(err)?;
+        }
+        let $root = SVGBackend::new(&svg, size).into_drawing_area();
+        $draw?;
+        $root.present().map_err(err)?;
+        Ok(())
+    }};
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
@@ -36,20 +54,15 @@ pub fn grouped_bars(
     series: &[(String, Vec<Option<f64>>)],
     reference: Option<(String, f64)>,
 ) -> Result<()> {
-    for svg in [false, true] {
-        let file = path.with_extension(if svg { "svg" } else { "png" });
-        let size = (160 + 110 * groups.len() as u32, 520);
-        if svg {
-            let root = SVGBackend::new(&file, size).into_drawing_area();
-            draw_bars(&root, title, y_label, groups, series, reference.as_ref())?;
-            root.present().map_err(err)?;
-        } else {
-            let root = BitMapBackend::new(&file, size).into_drawing_area();
-            draw_bars(&root, title, y_label, groups, series, reference.as_ref())?;
-            root.present().map_err(err)?;
-        }
-    }
-    Ok(())
+    let size = (160 + 110 * groups.len() as u32, 520);
+    png_and_svg!(path, size, |root| draw_bars(
+        &root,
+        title,
+        y_label,
+        groups,
+        series,
+        reference.as_ref()
+    ))
 }
 
 fn draw_bars<DB: DrawingBackend>(
@@ -137,20 +150,8 @@ pub fn heatmap(
     cols: &[String],
     values: &[Vec<Option<f64>>],
 ) -> Result<()> {
-    for svg in [false, true] {
-        let file = path.with_extension(if svg { "svg" } else { "png" });
-        let size = (220 + 150 * cols.len() as u32, 120 + 44 * rows.len() as u32);
-        if svg {
-            let root = SVGBackend::new(&file, size).into_drawing_area();
-            draw_heatmap(&root, title, rows, cols, values)?;
-            root.present().map_err(err)?;
-        } else {
-            let root = BitMapBackend::new(&file, size).into_drawing_area();
-            draw_heatmap(&root, title, rows, cols, values)?;
-            root.present().map_err(err)?;
-        }
-    }
-    Ok(())
+    let size = (220 + 150 * cols.len() as u32, 120 + 44 * rows.len() as u32);
+    png_and_svg!(path, size, |root| draw_heatmap(&root, title, rows, cols, values))
 }
 
 fn draw_heatmap<DB: DrawingBackend>(
@@ -220,19 +221,7 @@ pub fn scatter(
     y_label: &str,
     points: &[(f64, f64)],
 ) -> Result<()> {
-    for svg in [false, true] {
-        let file = path.with_extension(if svg { "svg" } else { "png" });
-        if svg {
-            let root = SVGBackend::new(&file, (720, 520)).into_drawing_area();
-            draw_scatter(&root, title, x_label, y_label, points)?;
-            root.present().map_err(err)?;
-        } else {
-            let root = BitMapBackend::new(&file, (720, 520)).into_drawing_area();
-            draw_scatter(&root, title, x_label, y_label, points)?;
-            root.present().map_err(err)?;
-        }
-    }
-    Ok(())
+    png_and_svg!(path, (720, 520), |root| draw_scatter(&root, title, x_label, y_label, points))
 }
 
 fn bounds(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
@@ -326,19 +315,9 @@ pub fn lines(
     series: &[(String, Vec<(f64, f64)>)],
     reference: Option<(String, f64)>,
 ) -> Result<()> {
-    for svg in [false, true] {
-        let file = path.with_extension(if svg { "svg" } else { "png" });
-        if svg {
-            let root = SVGBackend::new(&file, (720, 520)).into_drawing_area();
-            draw_lines(&root, title, x_label, y_label, series, &reference)?;
-            root.present().map_err(err)?;
-        } else {
-            let root = BitMapBackend::new(&file, (720, 520)).into_drawing_area();
-            draw_lines(&root, title, x_label, y_label, series, &reference)?;
-            root.present().map_err(err)?;
-        }
-    }
-    Ok(())
+    png_and_svg!(path, (720, 520), |root| draw_lines(
+        &root, title, x_label, y_label, series, &reference
+    ))
 }
 
 fn draw_lines<DB: DrawingBackend>(
@@ -396,19 +375,7 @@ pub fn dual_line(
     left: (&str, &[(f64, f64)]),
     right: (&str, &[(f64, f64)]),
 ) -> Result<()> {
-    for svg in [false, true] {
-        let file = path.with_extension(if svg { "svg" } else { "png" });
-        if svg {
-            let root = SVGBackend::new(&file, (720, 520)).into_drawing_area();
-            draw_dual(&root, title, x_label, left, right)?;
-            root.present().map_err(err)?;
-        } else {
-            let root = BitMapBackend::new(&file, (720, 520)).into_drawing_area();
-            draw_dual(&root, title, x_label, left, right)?;
-            root.present().map_err(err)?;
-        }
-    }
-    Ok(())
+    png_and_svg!(path, (720, 520), |root| draw_dual(&root, title, x_label, left, right))
 }
 
 fn draw_dual<DB: DrawingBackend>(
@@ -466,19 +433,7 @@ pub fn roofline(
     bandwidth_gbs: f64,
     points: &[(String, f64, f64)],
 ) -> Result<()> {
-    for svg in [false, true] {
-        let file = path.with_extension(if svg { "svg" } else { "png" });
-        if svg {
-            let root = SVGBackend::new(&file, (820, 560)).into_drawing_area();
-            draw_roofline(&root, title, bandwidth_gbs, points)?;
-            root.present().map_err(err)?;
-        } else {
-            let root = BitMapBackend::new(&file, (820, 560)).into_drawing_area();
-            draw_roofline(&root, title, bandwidth_gbs, points)?;
-            root.present().map_err(err)?;
-        }
-    }
-    Ok(())
+    png_and_svg!(path, (820, 560), |root| draw_roofline(&root, title, bandwidth_gbs, points))
 }
 
 fn draw_roofline<DB: DrawingBackend>(

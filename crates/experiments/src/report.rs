@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use polars::prelude::{DataFrame, DataType};
+use polars::prelude::DataFrame;
 
 use crate::config::{model_labels, results_dir, Cell, Config};
 use crate::figure;
@@ -27,20 +27,6 @@ pub const SUMMARY_METRICS: [&str; 12] = [
     "groups",
     "mean_group_depth",
 ];
-
-fn col_f64(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
-    Ok(df.column(name)?.cast(&DataType::Float64)?.f64()?.iter().collect())
-}
-
-fn col_str(df: &DataFrame, name: &str) -> Result<Vec<String>> {
-    Ok(df
-        .column(name)?
-        .cast(&DataType::String)?
-        .str()?
-        .iter()
-        .map(|v| v.unwrap_or_default().to_string())
-        .collect())
-}
 
 pub fn write_all(cfg: &Config, cells: &[Cell]) -> Result<()> {
     let dir = results_dir(cfg);
@@ -83,9 +69,12 @@ pub fn write_all(cfg: &Config, cells: &[Cell]) -> Result<()> {
 
 fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path) -> Result<()> {
     let labels = model_labels(cfg);
-    let (models, bits, methods) =
-        (col_str(summary, "model")?, col_str(summary, "bits")?, col_str(summary, "method")?);
-    let acc = col_f64(summary, "accuracy")?;
+    let (models, bits, methods) = (
+        table::strings(summary, "model")?,
+        table::strings(summary, "bits")?,
+        table::strings(summary, "method")?,
+    );
+    let acc = table::floats(summary, "accuracy")?;
     match fig {
         "sensitivity_heatmap" => {
             for model in cfg.grid.models.iter() {
@@ -222,7 +211,7 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 let path = cell_dir(cfg, &c.id).join("ded.csv");
                 if path.is_file() {
                     let df = table::read_csv(&path)?;
-                    let (d, e) = (col_f64(&df, "ded")?, col_f64(&df, "entropy")?);
+                    let (d, e) = (table::floats(&df, "ded")?, table::floats(&df, "entropy")?);
                     points.extend(d.iter().zip(&e).filter_map(|(d, e)| Some((((*e)?), (*d)?))));
                 }
             }
@@ -260,7 +249,7 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                         && Some(bits[i].as_str()) == c.bits.map(|b| b.label()).as_deref()
                         && methods[i] == c.method
                 });
-                let evals = col_f64(summary, "candidate_evaluations")?;
+                let evals = table::floats(summary, "candidate_evaluations")?;
                 if let Some(i) = i {
                     if let (Some(a), Some(e)) = (acc[i], evals[i]) {
                         acc_pts.push((depth as f64, a));
@@ -312,17 +301,20 @@ fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) 
         cfg.dataset.limit.map_or("all".to_string(), |l| l.to_string()),
         cfg.calibration.samples,
     ));
-    let (models, bits, methods) =
-        (col_str(summary, "model")?, col_str(summary, "bits")?, col_str(summary, "method")?);
-    let acc = col_f64(summary, "accuracy")?;
-    let evals = col_f64(summary, "candidate_evaluations")?;
-    let mem = col_f64(summary, "weight_bytes")?;
+    let (models, bits, methods) = (
+        table::strings(summary, "model")?,
+        table::strings(summary, "bits")?,
+        table::strings(summary, "method")?,
+    );
+    let acc = table::floats(summary, "accuracy")?;
+    let evals = table::floats(summary, "candidate_evaluations")?;
+    let mem = table::floats(summary, "weight_bytes")?;
     // Per-class accuracy (easy-VQA question types; ScienceQA's NAT/SOC/…): every `accuracy_*`
     // column of the summary with at least one value, in the summary's order.
     let mut classes = Vec::new();
     for c in summary.get_column_names() {
         if c.starts_with("accuracy_") {
-            let v = col_f64(summary, c)?;
+            let v = table::floats(summary, c)?;
             if v.iter().any(Option::is_some) {
                 classes.push((c.to_string(), v));
             }

@@ -47,12 +47,14 @@ pub fn load_metrics(files: &[std::path::PathBuf]) -> Result<DataFrame> {
     }
 }
 
-fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+/// A column as strings (nulls as "").
+pub fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
     let col = df.column(name)?.cast(&DataType::String)?;
     Ok(col.str()?.iter().map(|v| v.unwrap_or_default().to_string()).collect())
 }
 
-fn floats(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
+/// A column as optional f64.
+pub fn floats(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
     let col = df.column(name)?.cast(&DataType::Float64)?;
     Ok(col.f64()?.iter().collect())
 }

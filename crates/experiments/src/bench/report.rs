@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use polars::prelude::{Column, DataFrame, DataType};
+use polars::prelude::{Column, DataFrame};
 
 use super::{Row, RunInfo};
 use crate::{figure, table};
@@ -113,16 +113,6 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
-    let col = df.column(name)?.cast(&DataType::String)?;
-    Ok(col.str()?.iter().map(|v| v.unwrap_or_default().to_string()).collect())
-}
-
-fn floats(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
-    let col = df.column(name)?.cast(&DataType::Float64)?;
-    Ok(col.f64()?.iter().collect())
-}
-
 /// `a / b` where both exist and `b > 0`.
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
@@ -143,10 +133,10 @@ pub fn build(dir: &Path) -> Result<Report> {
     let wide = table::wide(&long, &METRICS)?;
     let bandwidth = info.machine.bandwidth_bytes_per_s;
 
-    let model = strings(&wide, "model")?;
-    let scheme = strings(&wide, "bits")?;
-    let kernel = strings(&wide, "method")?;
-    let get = |m: &str| floats(&wide, m);
+    let model = table::strings(&wide, "model")?;
+    let scheme = table::strings(&wide, "bits")?;
+    let kernel = table::strings(&wide, "method")?;
+    let get = |m: &str| table::floats(&wide, m);
     let (layers, built) = (get("layers")?, get("layers_built")?);
     let (weights, linears) = (get("weight_bytes")?, get("decoder_linear_bytes")?);
     let (decode_bytes, rss) = (get("decode_bytes_per_token")?, get("rss_delta_bytes")?);
