@@ -315,7 +315,8 @@ pub fn lines(
     series: &[(String, Vec<(f64, f64)>)],
     reference: Option<(String, f64)>,
 ) -> Result<()> {
-    png_and_svg!(path, (720, 520), |root| draw_lines(
+    // Wide enough for a model label and a sweep axis in the title.
+    png_and_svg!(path, (920, 560), |root| draw_lines(
         &root, title, x_label, y_label, series, &reference
     ))
 }
