@@ -62,7 +62,11 @@ fn kernels(c: &mut Criterion) {
             assert_ne!(p.kernel(), Kernel::Dequantized, "{:?}", p.fallback_reason());
             p
         };
+        // W4A16 on the default kernel (the own AVX-512 one where the CPU has it) and on libtorch's.
         let w4 = pack(PackedSpec::w4a16(GROUP).expect("spec"));
+        let w4_torch = pack(PackedSpec::w4a16(GROUP).expect("spec"))
+            .with_kernel(Kernel::Int4Cpu)
+            .expect("libtorch int4");
         let w8 = pack(PackedSpec::w8a16());
         let w8a8 = pack(PackedSpec::w8a8());
         for m in TOKENS {
@@ -71,7 +75,10 @@ fn kernels(c: &mut Criterion) {
             let id = |name: &str| BenchmarkId::new(name, format!("{n}x{k}/M={m}"));
             group.bench_function(id("f32"), |b| b.iter(|| x.matmul(&w.tr())));
             group.bench_function(id("bf16"), |b| b.iter(|| xb.matmul(&wb.tr())));
-            group.bench_function(id("w4a16_g128"), |b| b.iter(|| w4.matmul(&x)));
+            group.bench_function(id(&format!("w4a16_g128_{}", w4.kernel().name())), |b| {
+                b.iter(|| w4.matmul(&x))
+            });
+            group.bench_function(id("w4a16_g128_int4_cpu"), |b| b.iter(|| w4_torch.matmul(&x)));
             group.bench_function(id("w8a16"), |b| b.iter(|| w8.matmul(&x)));
             group.bench_function(id("w8a8"), |b| b.iter(|| w8a8.matmul(&x)));
         }

@@ -18,6 +18,32 @@ pub enum LinearWeight {
     Packed(PackedWeight),
 }
 
+impl LinearWeight {
+    /// `x Wᵀ` (no bias).
+    pub fn matmul(&self, x: &Tensor) -> Tensor {
+        match self {
+            LinearWeight::Float(w) => x.linear(w, None::<Tensor>),
+            LinearWeight::Packed(p) => p.matmul(x),
+        }
+    }
+
+    /// The float weight (dequantized when packed), `[out, in]`.
+    pub fn float(&self) -> Tensor {
+        match self {
+            LinearWeight::Float(w) => w.shallow_clone(),
+            LinearWeight::Packed(p) => p.dequantize().to_kind(p.kind()),
+        }
+    }
+
+    /// The weight's bytes as held: `numel · element size`, or the packed storage's exact bytes.
+    pub fn bytes(&self) -> i64 {
+        match self {
+            LinearWeight::Float(w) => w.numel() as i64 * w.kind().elt_size_in_bytes() as i64,
+            LinearWeight::Packed(p) => p.bytes(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Linear {
     pub id: LayerId,
@@ -79,10 +105,7 @@ impl Linear {
 
     /// The float weight (dequantized when packed), `[out, in]`.
     pub fn float_weight(&self) -> Tensor {
-        match &self.weight {
-            LinearWeight::Float(w) => w.shallow_clone(),
-            LinearWeight::Packed(p) => p.dequantize().to_kind(p.kind()),
-        }
+        self.weight.float()
     }
 
     /// The compute dtype of the layer.

@@ -9,7 +9,7 @@ use crate::io::config::{LlamaConfig, RopeScaling};
 use crate::io::weights::{Init, VarBuilder};
 use crate::model::hook::LinearHook;
 use crate::model::layer_id::{LayerId, Slot, Tower};
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, LinearWeight};
 use crate::model::norm::RmsNorm;
 
 /// Cosine and sine tables for the positions of one forward pass, `[B, T, head_dim]`.
@@ -277,8 +277,9 @@ pub struct LlamaModel {
     pub embed_tokens: Tensor,
     pub layers: Vec<LlamaDecoderLayer>,
     pub norm: RmsNorm,
-    /// `None` when tied to `embed_tokens`.
-    pub lm_head: Option<Tensor>,
+    /// `None` when tied to `embed_tokens`. Float as loaded; packed only where a caller packs it
+    /// (the efficiency bench): it is not a quantization site of the searches.
+    pub lm_head: Option<LinearWeight>,
     pub cfg: LlamaConfig,
 }
 
@@ -293,7 +294,11 @@ impl LlamaModel {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(head.pp("lm_head").get("weight", &[v, h], Init::Normal { std: 0.02 })?)
+            Some(LinearWeight::Float(head.pp("lm_head").get(
+                "weight",
+                &[v, h],
+                Init::Normal { std: 0.02 },
+            )?))
         };
         Ok(Self {
             embed_tokens: vb.pp("embed_tokens").get(
@@ -313,9 +318,12 @@ impl LlamaModel {
         Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
     }
 
-    /// Final norm and the language-model head (kept in float: not a quantization site).
+    /// Final norm and the language-model head (not a quantization site of the searches).
     pub fn head(&self, hidden: &Tensor) -> Tensor {
         let h = self.norm.forward(hidden);
-        h.linear(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None::<Tensor>)
+        match &self.lm_head {
+            Some(head) => head.matmul(&h),
+            None => h.linear(&self.embed_tokens, None::<Tensor>),
+        }
     }
 }

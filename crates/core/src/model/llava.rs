@@ -233,7 +233,7 @@ impl Llava {
         }
         push("language_model.norm.weight".into(), &lm.norm.weight);
         if let Some(head) = &lm.lm_head {
-            push("lm_head.weight".into(), head);
+            push("lm_head.weight".into(), &head.float());
         }
         out
     }

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod checkpoint;
+pub mod int4_avx512;
 pub mod nf4;
 pub mod observer;
 pub mod packed;

@@ -24,6 +24,7 @@ use tch::{Device, Kind, TchError, Tensor};
 use crate::error::{Error, Result};
 use crate::model::layer_id::LayerId;
 use crate::model::linear::{Linear, LinearWeight};
+use crate::quant::int4_avx512::{self, Int4Weight};
 use crate::quant::nf4::{Absmax, Nf4Weight};
 use crate::quant::spec::{Granularity, WeightSpec};
 use crate::quant::uniform::{finite, Grid, QParams};
@@ -112,6 +113,9 @@ impl PackedSpec {
 pub enum Kernel {
     /// `_weight_int4pack_mm_for_cpu`: 4-bit codes, bf16 activations.
     Int4Cpu,
+    /// This crate's own AVX-512 kernel ([`crate::quant::int4_avx512`]): 4-bit codes, f32
+    /// arithmetic on any float activations; the CPU default where its shape rules hold.
+    Int4Avx512,
     /// `_weight_int4pack_mm`: CUDA tinygemm on tensor cores, bf16 activations.
     Int4Cuda,
     /// `_weight_int8pack_mm`: int8 weights with per-channel scales, bf16 activations.
@@ -127,6 +131,7 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Int4Cpu => "int4_cpu",
+            Kernel::Int4Avx512 => "int4_avx512",
             Kernel::Int4Cuda => "int4_cuda",
             Kernel::Int8Weight => "int8_weight",
             Kernel::Int8Int8 => "int8_int8",
@@ -154,7 +159,14 @@ enum Store {
         codes: Tensor,
         absmax: Absmax,
     },
+    /// A uniform ≤ 4-bit grid held only in the own kernel's layout (the one copy of the codes;
+    /// the portable tensors are rebuilt from it on demand).
+    Int4Avx512 { grid: Grid, group: i64, weight: Box<Int4Weight> },
 }
+
+/// The portable tensors of a uniform store (shallow clones, or rebuilt from the own kernel's
+/// layout): grid, group, codes, scale, zero point.
+type UniformTensors = (Grid, i64, Tensor, Tensor, Option<Tensor>);
 
 /// The tensors a kernel takes besides the activations, derived from the storage.
 #[derive(Debug)]
@@ -384,7 +396,7 @@ impl PackedWeight {
                 let store =
                     Store::Uniform { grid: *grid, group: *group, codes: stored, scale, zero_point };
                 let format = PackedFormat::Uniform { grid: *grid, group: Some(*group) };
-                Ok(Self::assemble(PackedSpec { format, act }, out, inp, store, kind, device))
+                Self::assemble(PackedSpec { format, act }, out, inp, store, kind, device, None)
             }
             QuantizedWeight::Nf4(n) => {
                 let [out, inp] = n.shape[..] else {
@@ -411,7 +423,7 @@ impl PackedWeight {
                 let codes = pack_nibbles(&n.codes.to_device(Device::Cpu).reshape([-1]));
                 let store = Store::Nf4 { block: n.block, codes, absmax };
                 let format = PackedFormat::Nf4 { block: n.block, double_quant };
-                Ok(Self::assemble(PackedSpec { format, act }, out, inp, store, kind, device))
+                Self::assemble(PackedSpec { format, act }, out, inp, store, kind, device, None)
             }
         }
     }
@@ -485,11 +497,12 @@ impl PackedWeight {
                 Store::Nf4 { block, codes, absmax }
             }
         };
-        Ok(Self::assemble(spec, out, inp, store, kind, device))
+        Self::assemble(spec, out, inp, store, kind, device, None)
     }
 
-    /// Moves the storage to `device`, picks the kernel and builds its operand (falling back to
-    /// the dequantized path, with the reason kept, when torch refuses).
+    /// Moves the storage to `device`, picks the kernel (`force`, or the fastest whose rules
+    /// hold) and builds its operand, falling back to the dequantized path, with the reason kept,
+    /// when torch refuses. A forced kernel that does not apply is an error.
     fn assemble(
         spec: PackedSpec,
         out_features: i64,
@@ -497,7 +510,8 @@ impl PackedWeight {
         store: Store,
         kind: Kind,
         device: Device,
-    ) -> Self {
+        force: Option<Kernel>,
+    ) -> Result<Self> {
         let store = match store {
             Store::Uniform { grid, group, codes, scale, zero_point } => Store::Uniform {
                 grid,
@@ -506,8 +520,9 @@ impl PackedWeight {
                 scale: scale.to_device(device),
                 zero_point: zero_point.map(|z| z.to_device(device)),
             },
-            // NF4 dequantizes through `Nf4Weight`, which works on the CPU.
-            nf4 @ Store::Nf4 { .. } => nf4,
+            // NF4 dequantizes through `Nf4Weight`, which works on the CPU; the own int4 layout
+            // lives on the CPU.
+            other => other,
         };
         let mut weight = Self {
             spec,
@@ -520,7 +535,41 @@ impl PackedWeight {
             fallback: None,
             operand: Operand::None,
         };
-        match plan_kernel(spec.format, spec.act, out_features, in_features, device) {
+        let mut planned = plan_kernel(spec.format, spec.act, out_features, in_features, device);
+        // The own int4 kernel first (its rules are its own: libtorch's need not hold).
+        if matches!(force, None | Some(Kernel::Int4Avx512)) {
+            match weight.own_int4() {
+                Ok(own) => {
+                    // The own layout replaces the portable tensors: one copy of the codes.
+                    if let Store::Uniform { grid, group, .. } = weight.store {
+                        weight.store = Store::Int4Avx512 { grid, group, weight: Box::new(own) };
+                        planned = Ok(Kernel::Int4Avx512);
+                    }
+                }
+                Err(reason) if force == Some(Kernel::Int4Avx512) => planned = Err(reason),
+                Err(_) => {}
+            }
+        }
+        if let Some(f) = force {
+            match &planned {
+                Ok(k) if *k == f => {}
+                Ok(k) => {
+                    return Err(Error::Invalid(format!(
+                        "kernel {} does not apply: {} does here",
+                        f.name(),
+                        k.name()
+                    )))
+                }
+                Err(reason) => {
+                    return Err(Error::Invalid(format!(
+                        "kernel {} does not apply: {reason}",
+                        f.name()
+                    )))
+                }
+            }
+        }
+        match planned {
+            Ok(Kernel::Int4Avx512) => weight.kernel = Kernel::Int4Avx512,
             Ok(kernel) => match weight.build_operand(kernel) {
                 Ok(operand) => {
                     weight.kernel = kernel;
@@ -538,14 +587,82 @@ impl PackedWeight {
             },
             Err(reason) => weight.fallback = Some(reason),
         }
-        weight
+        if force.is_some_and(|f| f != weight.kernel) {
+            return Err(Error::Invalid(format!(
+                "kernel {} refused: {}",
+                force.map_or("", Kernel::name),
+                weight.fallback.as_deref().unwrap_or("")
+            )));
+        }
+        Ok(weight)
+    }
+
+    /// The same weight with `kernel` (e.g. libtorch's [`Kernel::Int4Cpu`] instead of the own
+    /// [`Kernel::Int4Avx512`], to compare them); an error naming the rule when it does not apply.
+    pub fn with_kernel(self, kernel: Kernel) -> Result<Self> {
+        let (spec, out, inp, kind, device) =
+            (self.spec, self.out_features, self.in_features, self.kind, self.device);
+        let store = match self.uniform_tensors() {
+            Some((grid, group, codes, scale, zero_point)) => {
+                Store::Uniform { grid, group, codes, scale, zero_point }
+            }
+            None => self.store,
+        };
+        Self::assemble(spec, out, inp, store, kind, device, Some(kernel))
+    }
+
+    /// The uniform store in the own kernel's layout, or why it cannot be (CPU, float activations,
+    /// ≤ 4 bits, [`int4_avx512::unsupported`]'s shape rules).
+    fn own_int4(&self) -> std::result::Result<Int4Weight, String> {
+        let Store::Uniform { grid, group, codes, scale, zero_point } = &self.store else {
+            return Err("not a uniform grid".into());
+        };
+        if self.device != Device::Cpu || grid.bits > 4 || self.spec.act != ActMode::Float {
+            return Err("own int4 kernel: CPU, ≤ 4-bit weights, float activations only".into());
+        }
+        let (n, k) = (self.out_features as usize, self.in_features as usize);
+        if let Some(reason) = int4_avx512::unsupported(n, k, *group as usize) {
+            return Err(reason);
+        }
+        let bytes = |t: &Tensor| Vec::<u8>::try_from(&t.contiguous().reshape([-1]));
+        let nibbles = bytes(codes).map_err(|e| e.to_string())?;
+        let scale =
+            Vec::<f32>::try_from(&scale.contiguous().reshape([-1])).map_err(|e| e.to_string())?;
+        let zp = zero_point.as_ref().map(bytes).transpose().map_err(|e| e.to_string())?;
+        let (qmin, _) = grid.range();
+        Int4Weight::from_nibbles(&nibbles, scale, zp, qmin as i32, n, k, *group as usize)
+            .ok_or_else(|| "own int4 kernel: storage lengths do not match the shape".into())
+    }
+
+    /// Grid, group, codes, scale and zero point of a uniform store, on the weight's device.
+    fn uniform_tensors(&self) -> Option<UniformTensors> {
+        match &self.store {
+            Store::Uniform { grid, group, codes, scale, zero_point } => Some((
+                *grid,
+                *group,
+                codes.shallow_clone(),
+                scale.shallow_clone(),
+                zero_point.as_ref().map(Tensor::shallow_clone),
+            )),
+            Store::Int4Avx512 { grid, group, weight } => {
+                let [n, k] = weight.shape().map(|d| d as i64);
+                let groups = k / group;
+                let codes = Tensor::from_slice(&weight.nibbles()).reshape([n, k / 2]);
+                let scale = Tensor::from_slice(weight.scale()).reshape([n, groups]);
+                let zero_point =
+                    weight.zero_point().map(|z| Tensor::from_slice(z).reshape([n, groups]));
+                Some((*grid, *group, codes, scale, zero_point))
+            }
+            Store::Nf4 { .. } => None,
+        }
     }
 
     fn build_operand(&self, kernel: Kernel) -> std::result::Result<Operand, TchError> {
         let _guard = tch::no_grad_guard();
-        let Store::Uniform { grid, group, codes, scale, zero_point } = &self.store else {
+        let Some((grid, group, codes, scale, zero_point)) = self.uniform_tensors() else {
             return Ok(Operand::None);
         };
+        let (grid, group, codes, scale, zero_point) = (&grid, &group, &codes, &scale, &zero_point);
         let (n, k) = (self.out_features, self.in_features);
         match kernel {
             Kernel::Int4Cpu | Kernel::Int4Cuda => {
@@ -583,7 +700,7 @@ impl PackedWeight {
                 codes: codes.contiguous(),
                 scales: scale.reshape([1, n]).to_kind(Kind::Float),
             }),
-            Kernel::Dequantized => Ok(Operand::None),
+            Kernel::Dequantized | Kernel::Int4Avx512 => Ok(Operand::None),
         }
     }
 
@@ -619,14 +736,15 @@ impl PackedWeight {
     /// `absmax_codes`, `absmax_scales`, `absmax_offset`), on the CPU.
     pub fn parts(&self) -> Vec<(&'static str, Tensor)> {
         let cpu = |t: &Tensor| t.to_device(Device::Cpu);
-        match &self.store {
-            Store::Uniform { codes, scale, zero_point, .. } => {
-                let mut parts = vec![("codes", cpu(codes)), ("scale", cpu(scale))];
-                if let Some(z) = zero_point {
-                    parts.push(("zero_point", cpu(z)));
-                }
-                parts
+        if let Some((_, _, codes, scale, zero_point)) = self.uniform_tensors() {
+            let mut parts = vec![("codes", cpu(&codes)), ("scale", cpu(&scale))];
+            if let Some(z) = zero_point {
+                parts.push(("zero_point", cpu(&z)));
             }
+            return parts;
+        }
+        match &self.store {
+            Store::Uniform { .. } | Store::Int4Avx512 { .. } => Vec::new(),
             Store::Nf4 { codes, absmax, .. } => {
                 let mut parts = vec![("codes", cpu(codes))];
                 match absmax {
@@ -644,6 +762,10 @@ impl PackedWeight {
 
     /// Exact storage bytes: the sum of the parts' sizes (codes, scales, zero points or absmax).
     pub fn bytes(&self) -> i64 {
+        if let Store::Int4Avx512 { weight, .. } = &self.store {
+            // The same byte count as the portable parts, without rebuilding them.
+            return weight.bytes() as i64;
+        }
         self.parts().iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as i64).sum()
     }
 
@@ -652,22 +774,22 @@ impl PackedWeight {
     pub fn dequantize(&self) -> Tensor {
         let _guard = tch::no_grad_guard();
         let (out, inp) = (self.out_features, self.in_features);
+        if let Some((grid, group, codes, scale, zero_point)) = self.uniform_tensors() {
+            let (qmin, _) = grid.range();
+            // Same operations in the same order as QuantizedWeight::dequantize.
+            let q = if grid.bits <= 4 {
+                unpack_nibbles(&codes, inp).to_kind(Kind::Float) + qmin as f64
+            } else {
+                codes.to_kind(Kind::Float)
+            };
+            let q = q.reshape([out, inp / group, group]);
+            let q = match zero_point {
+                Some(z) => q - z.to_kind(Kind::Float).unsqueeze(-1),
+                None => q,
+            };
+            return (q * scale.unsqueeze(-1)).reshape([out, inp]);
+        }
         match &self.store {
-            Store::Uniform { grid, group, codes, scale, zero_point } => {
-                let (qmin, _) = grid.range();
-                // Same operations in the same order as QuantizedWeight::dequantize.
-                let q = if grid.bits <= 4 {
-                    unpack_nibbles(codes, inp).to_kind(Kind::Float) + qmin as f64
-                } else {
-                    codes.to_kind(Kind::Float)
-                };
-                let q = q.reshape([out, inp / group, *group]);
-                let q = match zero_point {
-                    Some(z) => q - z.to_kind(Kind::Float).unsqueeze(-1),
-                    None => q,
-                };
-                (q * scale.unsqueeze(-1)).reshape([out, inp])
-            }
             Store::Nf4 { block, codes, absmax } => {
                 let numel = out * inp;
                 let absmax = match absmax {
@@ -686,6 +808,9 @@ impl PackedWeight {
                     absmax,
                 };
                 n.dequantize().to_device(self.device)
+            }
+            Store::Uniform { .. } | Store::Int4Avx512 { .. } => {
+                unreachable!("uniform stores are dequantized above")
             }
         }
     }
@@ -722,6 +847,9 @@ impl PackedWeight {
         let kind = x.kind();
         let group = match &self.store {
             Store::Uniform { group, .. } => *group,
+            Store::Int4Avx512 { weight, .. } => {
+                return Some(own_int4_matmul(weight, x).map(|y| y.to_kind(kind)))
+            }
             Store::Nf4 { .. } => return None,
         };
         let bf16 = || x.to_kind(Kind::BFloat16).contiguous();
@@ -773,6 +901,20 @@ impl PackedWeight {
         let w = self.dequantize().to_device(x.device()).to_kind(x.kind());
         x.matmul(&w.tr())
     }
+}
+
+/// `x Wᵀ` through the own AVX-512 kernel: `x` `[M, K]` read as f32, the result f32 `[M, N]`.
+fn own_int4_matmul(w: &Int4Weight, x: &Tensor) -> std::result::Result<Tensor, TchError> {
+    let [m, _] = x.size()[..] else {
+        return Err(TchError::Shape(format!("expected [M, K] activations, got {:?}", x.size())));
+    };
+    let n = w.shape()[0];
+    let xf = x.to_kind(Kind::Float).contiguous();
+    let xs = Vec::<f32>::try_from(&xf.reshape([-1]))?;
+    let y = w.matmul(&xs, m as usize).ok_or_else(|| {
+        TchError::Kind(format!("own int4 kernel refused activations {:?}", x.size()))
+    })?;
+    Ok(Tensor::from_slice(&y).reshape([m, n as i64]).to_device(x.device()))
 }
 
 /// Replaces the weight of every linear that `spec_of` names a spec for by its packed form;

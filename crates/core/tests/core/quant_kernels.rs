@@ -10,6 +10,7 @@ use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{Llava, LlavaBundle, LoadOptions};
 use qvlm_core::quant::activation::{ActQuantHook, ActQuantizer};
 use qvlm_core::quant::checkpoint::{apply_quantized, read_manifest, save_quantized, TENSORS_FILE};
+use qvlm_core::quant::int4_avx512;
 use qvlm_core::quant::packed::{
     pack_linears, unpack_nibbles, ActMode, Kernel, PackedFormat, PackedSpec, PackedWeight,
 };
@@ -29,6 +30,10 @@ const BF16_KERNEL_RTOL: f64 = 1.0 / 64.0;
 /// does (the kernels' documented arithmetic): only the output's rounding to bf16 (≤ 2⁻⁸ of it)
 /// and the f32 summation order remain, so one bf16 ulp (2⁻⁷) of the largest output bounds it.
 const BF16_EMULATED_RTOL: f64 = 1.0 / 128.0;
+/// The own AVX-512 int4 kernel against the f32 fake-quant reference, relative to the largest
+/// |output|: it multiplies the exact f32 dequantized weight by the f32 activations, so only the
+/// summation order differs (f32 sums of up to 512 terms of mixed sign).
+const OWN_INT4_RTOL: f64 = 1e-5;
 /// W8A8 against its fake-quant reference, relative to the largest |output|: the integer dot
 /// products are exact in int32; only the f32 rescale and the reference's f32 sums round.
 const F32_KERNEL_RTOL: f64 = 1e-5;
@@ -99,35 +104,68 @@ fn w8a8_reference(x: &Tensor, w_fake: &Tensor) -> Tensor {
 }
 
 #[test]
-fn w4a16_cpu_kernel_matches_the_dequantized_reference() {
+fn w4a16_cpu_kernels_match_the_dequantized_reference() {
     tch::manual_seed(11);
     let _guard = tch::no_grad_guard();
     // (out, in, group, bits, symmetric): groups 32–256, symmetric and asymmetric grids, and a
-    // 3-bit grid (any ≤ 4-bit grid maps onto the kernel's (c − 8)·scale + zero).
+    // 3-bit grid (any ≤ 4-bit grid maps onto libtorch's (c − 8)·scale + zero and onto the own
+    // kernel's lookup table). in = 64 and 96 are below the own kernel's 128-input blocks.
     for (n, k, group, bits, sym) in [
         (48, 64, 32, 4, false),
         (32, 256, 64, 4, false),
         (64, 256, 128, 4, true),
         (16, 512, 256, 4, false),
         (32, 96, 32, 3, false),
+        (8, 384, 32, 3, true),
     ] {
         let w = randn(&[n, k]);
         let spec = uniform(bits, sym, Some(group), ActMode::Float);
         let p = PackedWeight::quantize(&w, spec, "w4").expect("pack");
-        assert_eq!(p.kernel(), Kernel::Int4Cpu, "[{n}, {k}] g{group}: {:?}", p.fallback_reason());
+        let own = int4_avx512::unsupported(n as usize, k as usize, group as usize).is_none();
+        let default = if own { Kernel::Int4Avx512 } else { Kernel::Int4Cpu };
+        assert_eq!(p.kernel(), default, "[{n}, {k}] g{group}: {:?}", p.fallback_reason());
         let w_fake = fake_quant_weight(&w, &spec);
         assert!(p.dequantize().equal(&w_fake));
         let grid = Grid::new(bits, sym).expect("grid");
-        let w_kernel = int4_kernel_weight(&p, grid, group);
-        for m in [1, 5, 33] {
-            let x = randn(&[m, k]);
-            let y = p.matmul(&x);
-            assert_eq!(y.kind(), Kind::Float);
-            let e = rel_err(&y, &x.matmul(&w_fake.tr()));
-            assert!(e <= BF16_KERNEL_RTOL, "W4A16 [{n}, {k}] g{group} b{bits} M={m}: {e}");
-            let e = rel_err(&y, &bf16(&x).matmul(&w_kernel.tr()));
-            assert!(e <= BF16_EMULATED_RTOL, "W4A16 emulated [{n}, {k}] g{group} M={m}: {e}");
+
+        // libtorch's kernel (bf16 arithmetic), where its rules hold.
+        let torch =
+            PackedWeight::quantize(&w, spec, "w4").and_then(|p| p.with_kernel(Kernel::Int4Cpu));
+        if n % 16 == 0 {
+            let torch = torch.expect("libtorch int4 applies");
+            assert_eq!(torch.kernel(), Kernel::Int4Cpu);
+            assert!(torch.dequantize().equal(&w_fake));
+            assert_eq!(torch.bytes(), p.bytes());
+            let w_kernel = int4_kernel_weight(&torch, grid, group);
+            for m in [1, 5, 33] {
+                let x = randn(&[m, k]);
+                let y = torch.matmul(&x);
+                assert_eq!(y.kind(), Kind::Float);
+                let e = rel_err(&y, &x.matmul(&w_fake.tr()));
+                assert!(e <= BF16_KERNEL_RTOL, "W4A16 [{n}, {k}] g{group} b{bits} M={m}: {e}");
+                let e = rel_err(&y, &bf16(&x).matmul(&w_kernel.tr()));
+                assert!(e <= BF16_EMULATED_RTOL, "W4A16 emulated [{n}, {k}] g{group} M={m}: {e}");
+            }
+        } else {
+            let e = torch.expect_err("out % 16 != 0").to_string();
+            assert!(e.contains("out % 16"), "{e}");
         }
+
+        // The own kernel (f32 arithmetic on the exact dequantized weight).
+        if own {
+            for m in [1, 5, 33] {
+                let x = randn(&[m, k]);
+                let e = rel_err(&p.matmul(&x), &x.matmul(&w_fake.tr()));
+                assert!(e <= OWN_INT4_RTOL, "own W4A16 [{n}, {k}] g{group} b{bits} M={m}: {e}");
+            }
+        } else {
+            let e = PackedWeight::quantize(&w, spec, "w4")
+                .and_then(|p| p.with_kernel(Kernel::Int4Avx512))
+                .expect_err("own kernel does not apply")
+                .to_string();
+            assert!(e.contains("int4_avx512 does not apply"), "{e}");
+        }
+
         // bf16 inputs give bf16 outputs; leading dims are kept.
         let x = randn(&[2, 3, k]);
         let y = p.matmul(&x.to_kind(Kind::BFloat16));
@@ -303,7 +341,11 @@ fn bytes_are_exact() {
     // W4 g128: 8 MiB of codes, f32 scales and u8 zero points per group.
     let w4 = PackedWeight::quantize(&w, PackedSpec::w4a16(128).expect("spec"), "w4").expect("pack");
     assert_eq!(w4.bytes(), 8 * MIB + groups * 4 + groups);
-    assert_eq!(w4.kernel(), Kernel::Int4Cpu);
+    let own = if int4_avx512::available() { Kernel::Int4Avx512 } else { Kernel::Int4Cpu };
+    assert_eq!(w4.kernel(), own);
+    // libtorch's kernel (a second, kernel-layout copy in memory) counts the same stored parts.
+    let w4 = w4.with_kernel(Kernel::Int4Cpu).expect("libtorch int4");
+    assert_eq!(w4.bytes(), 8 * MIB + groups * 4 + groups);
     // W8 per channel: 16 MiB of codes and one f32 scale per row; W8A8 stores the same.
     let w8 = PackedWeight::quantize(&w, PackedSpec::w8a16(), "w8").expect("pack");
     assert_eq!(w8.bytes(), 16 * MIB + 4096 * 4);

@@ -75,6 +75,39 @@ pub struct ModelSettings {
     /// W4A16 group size (inputs per scale and zero point).
     #[serde(default = "default_group")]
     pub w4_group: i64,
+    /// Which weights the packed schemes pack (the rest stay in the model's float dtype).
+    /// Default: the decoder's linears only.
+    #[serde(default = "default_parts")]
+    pub packed_parts: Vec<Part>,
+}
+
+/// A group of weights a packed scheme can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// q/k/v/o and gate/up/down of every decoder layer.
+    Decoder,
+    /// Every linear of the CLIP vision tower (the paper's Q-VLM also quantizes CLIP, Table 4).
+    Vision,
+    /// The multimodal projector's linears.
+    Projector,
+    /// The language-model head (when not tied to the embeddings).
+    LmHead,
+}
+
+impl Part {
+    pub fn key(self) -> &'static str {
+        match self {
+            Part::Decoder => "decoder",
+            Part::Vision => "vision",
+            Part::Projector => "projector",
+            Part::LmHead => "lm_head",
+        }
+    }
+}
+
+fn default_parts() -> Vec<Part> {
+    vec![Part::Decoder]
 }
 
 fn default_shapes() -> Vec<String> {
@@ -95,6 +128,7 @@ impl Default for ModelSettings {
             fp32_layers: None,
             schemes: default_schemes(),
             w4_group: default_group(),
+            packed_parts: default_parts(),
         }
     }
 }
@@ -231,6 +265,17 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
             bail!("{f}: key `{key}`: must be at least 1");
         }
     }
+    let mut parts = BTreeSet::new();
+    for p in &m.packed_parts {
+        if !parts.insert(*p) {
+            bail!("{f}: key `model.packed_parts`: `{}` is listed twice", p.key());
+        }
+    }
+    if !parts.contains(&Part::Decoder) {
+        bail!(
+            "{f}: key `model.packed_parts`: must include `decoder` (the schemes are defined by it)"
+        );
+    }
     if m.w4_group <= 0 {
         bail!("{f}: key `model.w4_group`: must be positive");
     }
@@ -249,15 +294,22 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
             bail!("{f}: key `model.shapes`: `{}` is listed twice", shape.name);
         }
         let d = &shape.dims;
-        if m.schemes.contains(&Scheme::W4a16)
-            && (d.text_hidden % m.w4_group != 0 || d.text_intermediate % m.w4_group != 0)
-        {
+        if !(m.schemes.contains(&Scheme::W4a16) || m.schemes.contains(&Scheme::W4a16Libtorch)) {
+            continue;
+        }
+        // The inputs of every packed linear must split into whole groups.
+        let mut inputs = vec![("decoder", d.text_hidden), ("decoder", d.text_intermediate)];
+        if parts.contains(&Part::Vision) {
+            inputs.extend([("vision", d.vision_hidden), ("vision", d.vision_intermediate)]);
+        }
+        if parts.contains(&Part::Projector) {
+            inputs.extend([("projector", d.vision_hidden), ("projector", d.text_hidden)]);
+        }
+        if let Some((part, k)) = inputs.into_iter().find(|(_, k)| k % m.w4_group != 0) {
             bail!(
-                "{f}: key `model.w4_group`: {} does not divide `{}`'s decoder inputs ({} and {})",
+                "{f}: key `model.w4_group`: {} does not divide `{}`'s {part} inputs ({k})",
                 m.w4_group,
                 shape.name,
-                d.text_hidden,
-                d.text_intermediate
             );
         }
     }

@@ -3,12 +3,14 @@
 //! models with random weights (nothing is downloaded; accuracy is irrelevant), against the
 //! machine's measured memory bandwidth (the decode roofline).
 //!
-//! Per shape, one model is built in bf16 and the schemes are put into its decoder one after the
-//! other (each packed linear replaces the previous weight, so one configuration's decoder is
+//! Per shape, one model is built in bf16 and the schemes are put into it one after the other
+//! (each packed weight replaces the previous one, so one configuration's packed weights are
 //! resident at a time); FP32 is a separate build, with fewer layers when configured, extrapolated
-//! per layer. Vision tower, projector, embeddings, norms and `lm_head` stay in the model's float
-//! dtype in every scheme. Results: tidy rows (`measurements.csv`) and `run.json` → a table
-//! (`efficiency.csv`, `efficiency.md`) → a figure (`decode_roofline.{png,svg}`).
+//! per layer. The packed schemes pack the parts `model.packed_parts` lists (the decoder's linears,
+//! and optionally CLIP's, the projector's and `lm_head`); embeddings, norms and biases stay in
+//! the model's float dtype in every scheme. Results: tidy rows (`measurements.csv`) and
+//! `run.json` → a table (`efficiency.csv`, `efficiency.md`) → a figure
+//! (`decode_roofline.{png,svg}`).
 
 pub mod config;
 pub mod machine;
@@ -68,7 +70,7 @@ pub struct Row {
     pub decode: Split,
     /// The fastest timed decode step (total).
     pub decode_min_ms: f64,
-    /// Decoder linears on the dequantized fallback.
+    /// Packed weights (any part) on the dequantized fallback.
     pub fallback_linears: usize,
 }
 
@@ -261,31 +263,22 @@ fn build(shape: &Shape, layers: i64, kind: Kind, device: Device, what: &str) -> 
     Ok(model)
 }
 
-/// Bytes of the model's weights: all of them, and the decoder linears' share.
-fn weight_bytes(model: &Llava) -> (i64, i64) {
-    let size = |t: &tch::Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-    let linears: i64 = scheme::decoder_linears(model)
+/// Bytes of every weight of a model that holds no packed weight: `numel · element size`.
+fn float_bytes(model: &Llava) -> i64 {
+    model
+        .named_tensors()
         .iter()
-        .map(|l| match &l.weight {
-            LinearWeight::Float(w) => size(w),
-            LinearWeight::Packed(p) => p.bytes(),
-        })
-        .sum();
-    // Packed linears would be dequantized by `named_tensors`: callers take the other parts'
-    // bytes from the float model.
-    let all = if scheme::decoder_linears(model)
-        .iter()
-        .any(|l| matches!(l.weight, LinearWeight::Packed(_)))
-    {
-        linears
-    } else {
-        model.named_tensors().iter().map(|(_, t)| size(t)).sum()
-    };
-    (all, linears)
+        .map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+        .sum()
+}
+
+/// Bytes of the decoder linears as held (float or packed storage).
+fn decoder_linear_bytes(model: &Llava) -> i64 {
+    scheme::decoder_linears(model).iter().map(|l| l.weight.bytes()).sum()
 }
 
 /// Weights one decode step reads besides the decoder linears: the layers' norms, the final norm,
-/// `lm_head` (or the tied embedding) and one embedding row.
+/// `lm_head` (or the tied embedding) as held, and one embedding row.
 fn decode_extra_bytes(model: &Llava) -> i64 {
     let lm = &model.language_model;
     let size = |t: &tch::Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
@@ -294,31 +287,36 @@ fn decode_extra_bytes(model: &Llava) -> i64 {
         .iter()
         .map(|l| size(&l.input_layernorm.weight) + size(&l.post_attention_layernorm.weight))
         .sum();
-    let head = size(lm.lm_head.as_ref().unwrap_or(&lm.embed_tokens));
+    let head = lm.lm_head.as_ref().map_or_else(|| size(&lm.embed_tokens), LinearWeight::bytes);
     let row = lm.cfg.hidden_size * lm.embed_tokens.kind().elt_size_in_bytes() as i64;
     norms + size(&lm.norm.weight) + head + row
 }
 
-/// The decoder linears' kernels: one name, or `name×count` joined by `+`; and the fallbacks.
+/// The decoder linears' kernels (one name, or `name×count` joined by `+`), and how many packed
+/// weights anywhere in the model are on the dequantized fallback.
 fn kernels(model: &Llava) -> (String, usize) {
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let mut fallbacks = 0;
     for l in scheme::decoder_linears(model) {
         let name = match &l.weight {
             LinearWeight::Float(_) => "dense",
-            LinearWeight::Packed(p) => {
-                if p.kernel() == Kernel::Dequantized {
-                    fallbacks += 1;
-                    tracing::warn!(
-                        layer = %l.id,
-                        reason = p.fallback_reason().unwrap_or(""),
-                        "dequantized fallback"
-                    );
-                }
-                p.kernel().name()
-            }
+            LinearWeight::Packed(p) => p.kernel().name(),
         };
         *counts.entry(name).or_default() += 1;
+    }
+    let head = model.language_model.lm_head.as_ref().map(|h| ("lm_head".to_string(), h));
+    let all = model.linears().into_iter().map(|l| (l.id.to_string(), &l.weight)).chain(head);
+    let mut fallbacks = 0;
+    for (name, weight) in all {
+        if let LinearWeight::Packed(p) = weight {
+            if p.kernel() == Kernel::Dequantized {
+                fallbacks += 1;
+                tracing::warn!(
+                    layer = %name,
+                    reason = p.fallback_reason().unwrap_or(""),
+                    "dequantized fallback"
+                );
+            }
+        }
     }
     let text = if counts.len() == 1 {
         counts.keys().next().map(|s| s.to_string()).unwrap_or_default()
@@ -353,7 +351,7 @@ fn run_fp32(
     let base = machine::rss_bytes();
     let what = format!("{} FP32", shape.name);
     let model = build(shape, built, Kind::Float, device, &what)?;
-    let (all, linears) = weight_bytes(&model);
+    let (all, linears) = (float_bytes(&model), decoder_linear_bytes(&model));
     let extra = decode_extra_bytes(&model);
     let (kernel, fallbacks) = kernels(&model);
     let t = measure(&model, cfg, &what)?;
@@ -405,20 +403,23 @@ fn run_bf16_family(
     let group = cfg.model.w4_group;
     let base = machine::rss_bytes();
     let mut model = build(shape, layers, Kind::BFloat16, device, &format!("{} BF16", shape.name))?;
-    let (float_all, float_linears) = weight_bytes(&model);
-    let others = float_all - float_linears;
-    let extra = decode_extra_bytes(&model);
+    // Whole-model bytes of a scheme: the float build's, with the packable weights as now held.
+    let float_all = float_bytes(&model);
+    let float_packable = scheme::packable_bytes(&model);
+    let parts = &cfg.model.packed_parts;
     for &s in schemes {
         let what = format!("{} {}", shape.name, s.label(group));
-        let n = scheme::decoder_linears(&model).len() as u64;
+        let n = scheme::packed_count(&model, parts) as u64;
         let pb = bar(n, &format!("packing {}", s.label(group)));
         let started = Instant::now();
-        scheme::apply(&mut model, s, group, &pb)?;
+        scheme::apply(&mut model, s, group, parts, &pb)?;
         pb.finish_and_clear();
         if s != Scheme::Bf16 {
             tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
         }
-        let (_, linears) = weight_bytes(&model);
+        let linears = decoder_linear_bytes(&model);
+        let all = float_all - float_packable + scheme::packable_bytes(&model);
+        let extra = decode_extra_bytes(&model);
         let (kernel, fallbacks) = kernels(&model);
         let t = measure(&model, cfg, &what)?;
         let min_step = t.decode_min_ms();
@@ -430,7 +431,7 @@ fn run_bf16_family(
             kernel,
             layers,
             layers_built: layers,
-            weight_bytes: others + linears,
+            weight_bytes: all,
             decoder_linear_bytes: linears,
             decode_bytes_per_token: linears + extra,
             rss_delta_bytes: rss_delta(base),

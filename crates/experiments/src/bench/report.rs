@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use polars::prelude::{Column, DataFrame};
 
+use super::config::Part;
 use super::{Row, RunInfo};
 use crate::{figure, table};
 
@@ -340,19 +341,20 @@ fn targets(c: &Columns) -> Vec<Target> {
                 out.push(Target { model: model.clone(), what: what.into(), value, threshold, met });
             }
         };
-        push("W4A16 decode speed-up over BF16 (×)", c.speedup_bf16[i], TARGET_SPEEDUP);
+        let label = &c.scheme[i];
+        push(&format!("{label} decode speed-up over BF16 (×)"), c.speedup_bf16[i], TARGET_SPEEDUP);
         push(
-            "W4A16 decode weight traffic, % of measured bandwidth",
+            &format!("{label} decode weight traffic, % of measured bandwidth"),
             c.bw_pct[i],
             TARGET_BANDWIDTH_PCT,
         );
         push(
-            "W4 g128 whole-model memory, BF16/FP16 bytes ÷ W4 bytes (×)",
+            &format!("{label} whole-model memory, BF16/FP16 bytes ÷ W4 bytes (×)"),
             c.mem_bf16[i],
             TARGET_MEMORY_RATIO,
         );
         push(
-            "W4 g128 decoder-linear memory, BF16/FP16 bytes ÷ W4 bytes (×)",
+            &format!("{label} decoder-linear memory, BF16/FP16 bytes ÷ W4 bytes (×)"),
             c.linears_mem_bf16[i],
             TARGET_MEMORY_RATIO,
         );
@@ -375,13 +377,35 @@ fn method_notes(info: &RunInfo) -> String {
             m.prefill_tokens
         )
     };
+    let parts = &cfg.model.packed_parts;
+    let packed = parts
+        .iter()
+        .map(|p| match p {
+            Part::Decoder => "every decoder linear (q/k/v/o, gate/up/down)",
+            Part::Vision => "every CLIP linear",
+            Part::Projector => "the projector's linears",
+            Part::LmHead => "`lm_head`",
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut float = vec!["embeddings", "norms", "biases"];
+    for (p, name) in [
+        (Part::Vision, "the CLIP tower"),
+        (Part::Projector, "the projector"),
+        (Part::LmHead, "`lm_head`"),
+    ] {
+        if !parts.contains(&p) {
+            float.push(name);
+        }
+    }
+    let float = float.join(", ");
     let mut s = String::from("\n#### How it was measured\n\n");
     s.push_str(&format!(
-        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) with random weights; nothing downloaded, accuracy irrelevant. Every decoder linear (q/k/v/o, gate/up/down) holds the scheme's weight; the vision tower, projector, embeddings, norms and `lm_head` stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values).\n\
-         - One bf16 model per shape; BF16 is measured first, then each packed scheme replaces the decoder's weights linear by linear (W8A8 reuses W8A16's int8 codes), so one configuration's decoder is resident at a time. FP32 is a separate build{}.\n\
+        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) with random weights; nothing downloaded, accuracy irrelevant. The packed schemes pack {packed}; {float} stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values). The `kernel` column names the decoder linears' kernel: `int4_avx512` is this project's own W4A16 kernel (`qvlm_core::quant::int4_avx512`), `int4_cpu` libtorch's `_weight_int4pack_mm_for_cpu`.\n\
+         - One bf16 model per shape; BF16 is measured first, then each packed scheme replaces the weights linear by linear (W8A8 reuses W8A16's int8 codes, W4A16 its libtorch twin's codes), so one configuration's packed weights are resident at a time. FP32 is a separate build{}.\n\
          - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
          - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\
-         - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for the decoder linears, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, for W4A16, the int4 kernel's own copy of the codes that `bytes()` does not count).\n\
+         - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for the decoder linears, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, on libtorch's int4 kernel, its own second copy of the codes that `bytes()` does not count; the own AVX-512 kernel holds the only copy).\n\
          - Roofline: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time; `bw_pct` = that / the measured copy bandwidth (bytes read + written by one large tensor copy, best of {}: the issue's reference); `read_bw_pct` = that / the read-only bandwidth (an f32 GEMV over the same bytes, best of as many: what a perfectly memory-bound decode would stream). A copy also reads each target line before writing it, so it moves more bytes than it is credited with, which a decode's weight stream does not: `bw_pct` above 100 is possible.\n\
          - Ratios: `speedup_vs_*` = reference decode time / this decode time; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
         match cfg.model.fp32_layers {

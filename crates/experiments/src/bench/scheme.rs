@@ -1,16 +1,20 @@
-//! Weight schemes the bench compares, and how one is put into a built model: every decoder linear
-//! gets the scheme's weight (float or packed); everything else (vision tower, projector,
-//! embeddings, norms, `lm_head`) keeps the model's float dtype.
+//! Weight schemes the bench compares, and how one is put into a built model: the linears of the
+//! configured parts (`model.packed_parts`: the decoder, and optionally the vision tower, the
+//! projector and `lm_head`) get the scheme's weight; everything else (embeddings, norms, biases,
+//! the parts not listed) keeps the model's float dtype.
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
+use qvlm_core::model::layer_id::{LayerId, Tower};
 use qvlm_core::model::linear::{Linear, LinearWeight};
 use qvlm_core::model::llava::Llava;
-use qvlm_core::quant::packed::{PackedSpec, PackedWeight};
+use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+use super::config::Part;
 
 /// One row of the efficiency table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -24,13 +28,22 @@ pub enum Scheme {
     W8a16,
     /// int8 weights per output channel, int8 activations per token (`_int_mm`).
     W8a8,
-    /// Asymmetric 4-bit weights in groups, bf16 activations (`_weight_int4pack_mm_for_cpu`).
+    /// Asymmetric 4-bit weights in groups, bf16 activations: the crate's own AVX-512 kernel on
+    /// CPUs that have it, libtorch's int4 kernels elsewhere.
     W4a16,
+    /// The same weights through libtorch's `_weight_int4pack_mm_for_cpu` (to compare kernels).
+    W4a16Libtorch,
 }
 
 impl Scheme {
-    pub const ALL: [Scheme; 5] =
-        [Scheme::Fp32, Scheme::Bf16, Scheme::W8a16, Scheme::W8a8, Scheme::W4a16];
+    pub const ALL: [Scheme; 6] = [
+        Scheme::Fp32,
+        Scheme::Bf16,
+        Scheme::W8a16,
+        Scheme::W8a8,
+        Scheme::W4a16Libtorch,
+        Scheme::W4a16,
+    ];
 
     /// The config key.
     pub fn key(self) -> &'static str {
@@ -40,6 +53,7 @@ impl Scheme {
             Scheme::W8a16 => "w8a16",
             Scheme::W8a8 => "w8a8",
             Scheme::W4a16 => "w4a16",
+            Scheme::W4a16Libtorch => "w4a16_libtorch",
         }
     }
 
@@ -51,6 +65,7 @@ impl Scheme {
             Scheme::W8a16 => "W8A16".into(),
             Scheme::W8a8 => "W8A8".into(),
             Scheme::W4a16 => format!("W4A16 g{group}"),
+            Scheme::W4a16Libtorch => format!("W4A16 g{group} libtorch"),
         }
     }
 
@@ -62,13 +77,21 @@ impl Scheme {
         }
     }
 
+    /// The kernel the scheme insists on; `None`: the fastest that applies.
+    pub fn kernel(self) -> Option<Kernel> {
+        match self {
+            Scheme::W4a16Libtorch => Some(Kernel::Int4Cpu),
+            _ => None,
+        }
+    }
+
     /// The packed storage of the decoder linears; `None` for the dense schemes.
     pub fn packed_spec(self, group: i64) -> Result<Option<PackedSpec>> {
         Ok(match self {
             Scheme::Fp32 | Scheme::Bf16 => None,
             Scheme::W8a16 => Some(PackedSpec::w8a16()),
             Scheme::W8a8 => Some(PackedSpec::w8a8()),
-            Scheme::W4a16 => Some(PackedSpec::w4a16(group)?),
+            Scheme::W4a16 | Scheme::W4a16Libtorch => Some(PackedSpec::w4a16(group)?),
         })
     }
 }
@@ -78,43 +101,106 @@ pub fn decoder_linears(model: &Llava) -> Vec<&Linear> {
     model.language_model.layers.iter().flat_map(|l| l.linears()).collect()
 }
 
-/// Puts `scheme` into every decoder linear of a model built with float weights. A packed weight
-/// replaces the previous weight one linear at a time, so two configurations' decoders are never
-/// resident together. Codes are random (speed and bytes do not depend on their values); W8A8
-/// takes over W8A16's codes when those are in place (the same storage, other activations).
-pub fn apply(model: &mut Llava, scheme: Scheme, group: i64, bar: &ProgressBar) -> Result<()> {
+/// The part a linear belongs to.
+fn part_of(id: LayerId) -> Part {
+    match id.tower {
+        Tower::Vision => Part::Vision,
+        Tower::Projector => Part::Projector,
+        Tower::Language => Part::Decoder,
+    }
+}
+
+/// Bytes of every weight a scheme can pack (all linears and `lm_head`) as they are held now:
+/// float `numel · size` or the packed storage's exact bytes. Biases, embeddings and norms stay
+/// float in every scheme and are not counted.
+pub fn packable_bytes(model: &Llava) -> i64 {
+    let linears: i64 = model.linears().iter().map(|l| l.weight.bytes()).sum();
+    linears + model.language_model.lm_head.as_ref().map_or(0, LinearWeight::bytes)
+}
+
+/// How many weights [`apply`] packs for `parts`.
+pub fn packed_count(model: &Llava, parts: &[Part]) -> usize {
+    let linears = model.linears().iter().filter(|l| parts.contains(&part_of(l.id))).count();
+    let head = parts.contains(&Part::LmHead) && model.language_model.lm_head.is_some();
+    linears + usize::from(head)
+}
+
+/// Puts `scheme` into the weights of `parts` of a model built with float weights. A packed weight
+/// replaces the previous weight one linear at a time, so two configurations' packed parts are
+/// never resident together. Codes are random (speed and bytes do not depend on their values); a
+/// scheme with the same storage as the one in place (W8A8 after W8A16, W4A16 after its libtorch
+/// twin) takes over its codes.
+pub fn apply(
+    model: &mut Llava,
+    scheme: Scheme,
+    group: i64,
+    parts: &[Part],
+    bar: &ProgressBar,
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let Some(spec) = scheme.packed_spec(group)? else {
-        let packed =
-            decoder_linears(model).iter().any(|l| matches!(l.weight, LinearWeight::Packed(_)));
+        let packed = model.linears().iter().any(|l| matches!(l.weight, LinearWeight::Packed(_)))
+            || matches!(model.language_model.lm_head, Some(LinearWeight::Packed(_)));
         if packed {
-            bail!("{} needs the float decoder, but it was already packed", scheme.label(group));
+            bail!("{} needs the float model, but it was already packed", scheme.label(group));
         }
         return Ok(());
     };
     let device = model.device();
-    for layer in &mut model.language_model.layers {
-        for linear in layer.linears_mut() {
-            let name = linear.id.to_string();
-            let (out, inp, kind) = (linear.out_features, linear.in_features, linear.kind());
-            let mut parts = match &linear.weight {
-                LinearWeight::Packed(p) if p.spec().format == spec.format => {
-                    p.parts().into_iter().map(|(n, t)| (n.to_string(), t)).collect()
-                }
-                _ => random_parts(spec, out, inp, group)?,
+    for linear in model.linears_mut() {
+        if !parts.contains(&part_of(linear.id)) {
+            continue;
+        }
+        let (out, inp) = (linear.out_features, linear.in_features);
+        pack(&mut linear.weight, scheme, spec, group, [out, inp], device, &linear.id.to_string())?;
+        bar.inc(1);
+    }
+    if parts.contains(&Part::LmHead) {
+        if let Some(head) = &mut model.language_model.lm_head {
+            let shape = match head {
+                LinearWeight::Float(w) => [w.size()[0], w.size()[1]],
+                LinearWeight::Packed(p) => p.shape(),
             };
-            let mut read = |part: &str| {
-                parts.remove(part).ok_or_else(|| {
-                    qvlm_core::error::Error::Invalid(format!("no random part `{part}`"))
-                })
-            };
-            let packed = PackedWeight::from_parts(spec, out, inp, &mut read, kind, device, &name)
-                .with_context(|| format!("packing {name} as {}", scheme.label(group)))?;
-            // Assigning drops the previous weight (float or packed) of this linear.
-            linear.weight = LinearWeight::Packed(packed);
+            pack(head, scheme, spec, group, shape, device, "lm_head")?;
             bar.inc(1);
         }
     }
+    Ok(())
+}
+
+/// Replaces `weight` `[out, in]` by its packed form under `scheme`.
+fn pack(
+    weight: &mut LinearWeight,
+    scheme: Scheme,
+    spec: PackedSpec,
+    group: i64,
+    [out, inp]: [i64; 2],
+    device: Device,
+    name: &str,
+) -> Result<()> {
+    let kind = match weight {
+        LinearWeight::Float(w) => w.kind(),
+        LinearWeight::Packed(p) => p.kind(),
+    };
+    let mut parts = match weight {
+        LinearWeight::Packed(p) if p.spec().format == spec.format => {
+            p.parts().into_iter().map(|(n, t)| (n.to_string(), t)).collect()
+        }
+        _ => random_parts(spec, out, inp, group)?,
+    };
+    let mut read = |part: &str| {
+        parts
+            .remove(part)
+            .ok_or_else(|| qvlm_core::error::Error::Invalid(format!("no random part `{part}`")))
+    };
+    let packed = PackedWeight::from_parts(spec, out, inp, &mut read, kind, device, name)
+        .and_then(|p| match scheme.kernel() {
+            Some(kernel) => p.with_kernel(kernel),
+            None => Ok(p),
+        })
+        .with_context(|| format!("packing {name} as {}", scheme.label(group)))?;
+    // Assigning drops the previous weight (float or packed).
+    *weight = LinearWeight::Packed(packed);
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use experiments::bench::{self, config, scheme::Scheme};
+use qvlm_core::quant::int4_avx512;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -28,7 +29,7 @@ memory_headroom_gib = 0.0
 [model]
 shapes = ["tiny"]
 fp32_layers = 1
-schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16"]
+schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]
 w4_group = 128
 
 [measure]
@@ -80,7 +81,9 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
         assert_eq!(r.prefill_positions, 8);
     }
     let kernel = |s: Scheme| out.rows.iter().find(|r| r.scheme == s).map(|r| r.kernel.clone());
-    assert_eq!(kernel(Scheme::W4a16).as_deref(), Some("int4_cpu"));
+    let own = if int4_avx512::available() { "int4_avx512" } else { "int4_cpu" };
+    assert_eq!(kernel(Scheme::W4a16).as_deref(), Some(own));
+    assert_eq!(kernel(Scheme::W4a16Libtorch).as_deref(), Some("int4_cpu"));
     assert_eq!(kernel(Scheme::W8a16).as_deref(), Some("int8_weight"));
     assert_eq!(kernel(Scheme::W8a8).as_deref(), Some("int8_int8"));
     assert_eq!(kernel(Scheme::Bf16).as_deref(), Some("dense"));
@@ -99,11 +102,13 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     assert_eq!(row(Scheme::Bf16).decoder_linear_bytes, dense(2));
     assert_eq!(row(Scheme::Fp32).decoder_linear_bytes, dense(4));
     assert_eq!(row(Scheme::W4a16).decoder_linear_bytes, w4);
+    assert_eq!(row(Scheme::W4a16Libtorch).decoder_linear_bytes, w4);
     assert_eq!(row(Scheme::W8a16).decoder_linear_bytes, w8);
     assert_eq!(row(Scheme::W8a8).decoder_linear_bytes, w8);
     // The rest of the model is the same bf16 in every bf16-built scheme.
     let others = row(Scheme::Bf16).weight_bytes - dense(2);
     assert_eq!(row(Scheme::W4a16).weight_bytes, others + w4);
+    assert_eq!(row(Scheme::W4a16Libtorch).weight_bytes, others + w4);
     assert_eq!(row(Scheme::W8a8).weight_bytes, others + w8);
     // Whole-model bytes: parameters × element size (the shape's analytic count).
     let params = cfg.shapes().expect("shapes")[0].dims.parameters(2);
@@ -119,15 +124,66 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
 
     // The table has every row and the exact byte ratio; files exist.
     let t = &out.report.table;
-    assert_eq!(t.height(), 5);
-    let ratio = t.column("dec_linears_x_vs_bf16").expect("column").f64().expect("f64").get(4);
+    assert_eq!(t.height(), 6);
+    let ratio = t.column("dec_linears_x_vs_bf16").expect("column").f64().expect("f64").get(5);
     assert_eq!(ratio, Some(dense(2) as f64 / w4 as f64));
     for f in &out.report.files {
         assert!(f.is_file(), "{} missing", f.display());
     }
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
     assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
-    assert_eq!(out.report.targets.len(), 4);
+    // Four targets for each of the two W4A16 rows.
+    assert_eq!(out.report.targets.len(), 8);
+}
+
+#[test]
+fn packing_vision_projector_and_lm_head_counts_their_exact_bytes() {
+    let results = scratch("parts");
+    // Groups of 64: CLIP's 64-wide inputs split into whole groups.
+    let text = TINY
+        .replace(
+            "w4_group = 128",
+            "w4_group = 64\npacked_parts = [\"decoder\", \"vision\", \"projector\", \"lm_head\"]",
+        )
+        .replace("fp32_layers = 1", "")
+        .replace(
+            r#"schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]"#,
+            r#"schemes = ["bf16", "w8a8", "w4a16"]"#,
+        )
+        .replace(
+            "name = \"tiny-bench\"",
+            &format!("name = \"tiny-bench\"\nresults_dir = \"{}\"", results.display()),
+        );
+    let cfg = config::parse(&text, Path::new("parts.toml")).expect("config");
+    let out = bench::run(&cfg).expect("bench run");
+    let row = |s: Scheme| out.rows.iter().find(|r| r.scheme == s).expect("row");
+    for r in &out.rows {
+        assert_eq!(r.fallback_linears, 0, "{}", r.label);
+    }
+    // [out, in] of every packed weight: 1 CLIP layer (q, k, v, out [64, 64]; fc1 [128, 64];
+    // fc2 [64, 128]; LLaVA reads the second-to-last of the 2, so the last is not built), the
+    // projector ([256, 64], [256, 256]), 2 decoder layers, lm_head.
+    let vision = [(64, 64), (64, 64), (64, 64), (64, 64), (128, 64), (64, 128)];
+    let decoder =
+        [(256, 256), (256, 256), (256, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
+            .repeat(2);
+    let mut all = vision.to_vec();
+    all.extend([(256, 64), (256, 256)]);
+    all.extend(decoder.iter().copied());
+    all.push((320, 256));
+    let w4 = |v: &[(i64, i64)]| v.iter().map(|(o, i)| o * i / 2 + o * (i / 64) * 5).sum::<i64>();
+    let w8 = |v: &[(i64, i64)]| v.iter().map(|(o, i)| o * i + o * 4).sum::<i64>();
+    let bf16 = |v: &[(i64, i64)]| v.iter().map(|(o, i)| o * i * 2).sum::<i64>();
+    let dense_all = row(Scheme::Bf16).weight_bytes;
+    assert_eq!(row(Scheme::W4a16).weight_bytes, dense_all - bf16(&all) + w4(&all));
+    assert_eq!(row(Scheme::W8a8).weight_bytes, dense_all - bf16(&all) + w8(&all));
+    assert_eq!(row(Scheme::W4a16).decoder_linear_bytes, w4(&decoder));
+    // A decode step reads the packed lm_head: decoder linears, 2 × 2 layer norms and the final
+    // norm (bf16 [256]), lm_head, one embedding row (bf16 [256]).
+    let extra = (2 * 2 + 1) * 256 * 2 + 256 * 2;
+    assert_eq!(row(Scheme::W4a16).decode_bytes_per_token, w4(&decoder) + w4(&[(320, 256)]) + extra);
+    let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
+    assert!(md.contains("every CLIP linear") && md.contains("`lm_head`"), "{md}");
 }
 
 #[test]
@@ -156,6 +212,15 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
     assert_eq!(shapes[0].dims.text_hidden, 4096);
     assert_eq!(shapes[1].dims.text_layers, 40);
     assert_eq!(cfg.model.schemes, Scheme::ALL.to_vec());
+    assert_eq!(
+        cfg.model.packed_parts,
+        [
+            config::Part::Decoder,
+            config::Part::Vision,
+            config::Part::Projector,
+            config::Part::LmHead
+        ]
+    );
 
     let cases = [
         (TINY.replace("w4_group = 128", "w4_group = 128\ngroup = 1"), "unknown field `group`"),
@@ -165,6 +230,31 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
         (TINY.replace("w4_group = 128", "w4_group = 96"), "model.w4_group"),
         (TINY.replace("text_heads = 4", "text_heads = 3"), "shape[0]"),
         (TINY.replace("fp32_layers = 1", "fp32_layers = 0"), "model.fp32_layers"),
+        (
+            TINY.replace("w4_group = 128", "w4_group = 128\npacked_parts = [\"vision\"]"),
+            "model.packed_parts",
+        ),
+        (
+            TINY.replace(
+                "w4_group = 128",
+                "w4_group = 128\npacked_parts = [\"decoder\", \"decoder\"]",
+            ),
+            "model.packed_parts",
+        ),
+        (
+            TINY.replace(
+                "w4_group = 128",
+                "w4_group = 128\npacked_parts = [\"decoder\", \"vision\"]",
+            ),
+            "vision inputs (64)",
+        ),
+        (
+            TINY.replace(
+                "w4_group = 128",
+                "w4_group = 128\npacked_parts = [\"decoder\", \"kv_cache\"]",
+            ),
+            "kv_cache",
+        ),
     ];
     for (text, expected) in cases {
         let err = config::parse(&text, Path::new("bad.toml")).expect_err(expected);
