@@ -3,8 +3,8 @@
 //!
 //! Why it exists: decode is one row of activations against every weight (a GEMV), so its speed is
 //! the rate at which the 4-bit codes stream from memory. libtorch's `_weight_int4pack_mm_for_cpu`
-//! reaches about 10 GB/s on the 2-core development machine (`python/profile_decode_kernels.py`),
-//! under half of its memory bandwidth; this kernel is built to keep up with the memory.
+//! streams about 17 GB/s on the 2-core development machine (63 % of its copy bandwidth in the
+//! efficiency bench); this kernel streams 21.7 GB/s (74 % in the bench).
 //!
 //! Layout (`words`, u32): rows are taken four at a time (a *quad*); a quad's codes are one
 //! contiguous stream of 64-byte blocks, block `b` of row `i` of the quad at
@@ -12,20 +12,22 @@
 //! of columns `128·b + 16·s + j` for `s` = 0..8, column `s` in bits `4s..4s + 4`. One block is
 //! 128 inputs of one row (exactly one group of 128).
 //!
-//! Inner step (16 weights of one row, three instructions): shift the block right by `4s` bits,
-//! `vpermps` with it as indices into the row's current lookup table (`vpermps` reads only the
+//! Inner step (16 weights of one row, three instructions): bring nibble `s` of every lane to its
+//! low 4 bits (a lane shift or a byte shift, see `nibble`), `vpermps` with that as indices into the row's current lookup table (`vpermps` reads only the
 //! low 4 bits of each index), `vfmadd` with 16 activations. The table of a group is
 //! `(c − (zero_point − qmin)) · scale` for `c` = 0..16, in f32 — the same values
 //! [`crate::quant::packed::PackedWeight::dequantize`] computes, so only the summation order
 //! differs from a dequantized f32 matmul. Each thread streams a contiguous range of quads with a
-//! software prefetch [`PREFETCH_BYTES`] ahead (measured: 4.7 → 11.4 GB/s on one core of the
-//! development machine, where the hardware prefetcher alone leaves the core waiting on memory).
+//! software prefetch [`PREFETCH_BYTES`] ahead (measured on a prototype of this loop: 4.7 → 11.4
+//! GB/s on one core of the development machine, where the hardware prefetcher alone leaves the
+//! core waiting on memory). The threads are libtorch's OpenMP team (see `parallel`).
 //!
 //! More than one row of activations (prefill): each quad is dequantized once into a scratch row
 //! of f32 and multiplied with every activation row from there.
 //!
-//! This is the crate's only `unsafe` code: the AVX-512 intrinsics and their unaligned loads. Every
-//! load is bounds-checked against the slice lengths before the unchecked loop starts.
+//! This is the workspace's only `unsafe` code: the AVX-512 intrinsics and their unaligned loads
+//! (every load's range is checked against the slice lengths before the unchecked loop starts),
+//! and the calls into libgomp found with `dlsym`.
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
@@ -42,7 +44,7 @@ pub const PREFETCH_BYTES: usize = 4096;
 /// Why this kernel cannot take a weight `[n, k]` in groups of `group`, if it cannot.
 pub fn unsupported(n: usize, k: usize, group: usize) -> Option<String> {
     if !available() {
-        return Some("the CPU has no AVX-512F".into());
+        return Some("the CPU has no AVX-512F + AVX-512BW".into());
     }
     if !n.is_multiple_of(QUAD) {
         return Some(format!("own int4 kernel needs out % {QUAD} == 0, out = {n}"));
@@ -63,6 +65,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -78,8 +81,8 @@ pub fn available() -> bool {
 /// which are still spinning from the previous operator and start at once. A second pool beside
 /// them would compete with those spinning threads for the cores: measured on the 2-core
 /// development machine, decode of an 8-layer LLaVA-7B-shaped W4 model took 77 ms with a rayon
-/// pool and 58 ms once OpenMP's threads stopped spinning (`OMP_WAIT_POLICY=passive`). Without
-/// libgomp, a rayon pool of one thread per core runs the team.
+/// pool, 58 ms with it once OpenMP's threads stopped spinning (`OMP_WAIT_POLICY=passive`), and
+/// 51 ms on libtorch's team. Without libgomp, a rayon pool of one thread per core runs the team.
 fn parallel(f: &(dyn Fn(usize, usize) + Sync)) {
     match omp::team() {
         Some(team) => team.run(f),
@@ -304,7 +307,7 @@ impl Int4Weight {
     }
 
     /// `x Wᵀ` for `x` `[m, k]` f32 (row-major): `[m, n]` f32, on the kernel's threads. `None`
-    /// when the CPU lacks AVX-512F or `x` is not `m · k` long.
+    /// when the CPU lacks AVX-512F+BW or `x` is not `m · k` long.
     pub fn matmul(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
         self.matmul_on(x, m, parallel)
     }
@@ -340,7 +343,7 @@ impl Int4Weight {
     }
 
     /// Rows `4·first .. 4·(first + count)` dequantized, `[4·count, k]` f32 row-major (the values
-    /// of [`crate::quant::packed::PackedWeight::dequantize`]). `None` without AVX-512F or past
+    /// of [`crate::quant::packed::PackedWeight::dequantize`]). `None` without AVX-512F+BW or past
     /// the last quad.
     pub fn dequantize_quads(&self, first: usize, count: usize) -> Option<Vec<f32>> {
         if !available() || (first + count) * QUAD > self.n {
@@ -349,7 +352,7 @@ impl Int4Weight {
         let mut out = vec![0f32; count * QUAD * self.k];
         #[cfg(target_arch = "x86_64")]
         for (q, rows) in out.chunks_mut(QUAD * self.k).enumerate() {
-            // SAFETY: AVX-512F is present and quad `first + q` exists (checked above); `rows` is
+            // SAFETY: AVX-512F+BW is present and quad `first + q` exists (checked above); `rows` is
             // `4 · k` long.
             unsafe { avx512::dequantize_quad(self, first + q, rows) };
         }
@@ -365,7 +368,7 @@ impl Int4Weight {
         assert!(x.len() == m * self.k && out.len() == count * QUAD * m);
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: AVX-512F is present (asserted above); every index the loops form is below
+            // SAFETY: AVX-512F+BW is present (asserted above); every index the loops form is below
             // the lengths asserted above.
             if m == 1 {
                 unsafe { avx512::gemv(self, x, first, count, out) }
@@ -413,15 +416,35 @@ mod avx512 {
 
     /// The 16-entry table `(c − offset) · scale`, c = 0..16 (same f32 operations as the
     /// dequantization: an exact small integer times the scale).
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw")]
     fn lut(offset: f32, scale: f32) -> __m512 {
         let iota =
             _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
         _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(offset)), _mm512_set1_ps(scale))
     }
 
+    /// Lanes whose low 4 bits are nibble `S` of `v`'s lanes (`vpermps` ignores the upper bits).
+    /// Half of the steps shift each lane (`vpsrld`, port 0, which also runs the FMAs on a CPU
+    /// with one 512-bit FMA unit), half shift each 128-bit lane by whole bytes (`vpsrldq`, port
+    /// 5, beside the `vpermps`). Measured on the development machine against shifts alone: one
+    /// core, weights in cache, 12.3 → 13.1 GB/s; two cores from memory 21.0 → 21.7 GB/s.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn nibble<const S: i32>(v: __m512i) -> __m512i {
+        match S {
+            0 => v,
+            2 => _mm512_bsrli_epi128::<1>(v),
+            4 => _mm512_bsrli_epi128::<2>(v),
+            6 => _mm512_bsrli_epi128::<3>(v),
+            1 => _mm512_srli_epi32::<4>(v),
+            3 => _mm512_srli_epi32::<12>(v),
+            5 => _mm512_srli_epi32::<20>(v),
+            _ => _mm512_srli_epi32::<28>(v),
+        }
+    }
+
     /// The table of row `row`, group `g` (unchecked: the caller's bounds).
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn lut_at(w: &Int4Weight, row: usize, g: usize) -> __m512 {
         let i = row * (w.k / w.group) + g;
         let zp = match &w.zero_point {
@@ -433,9 +456,9 @@ mod avx512 {
 
     /// One row of activations against quads `first..first + count`: `out[4q + i]`.
     ///
-    /// SAFETY: the caller checked AVX-512F and that the quads, their scales and `x` (`k` long)
+    /// SAFETY: the caller checked AVX-512F+BW and that the quads, their scales and `x` (`k` long)
     /// are in bounds.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn gemv(w: &Int4Weight, x: &[f32], first: usize, count: usize, out: &mut [f32]) {
         // Groups of whole blocks (128, 256, …) change tables only between blocks: a constant, so
         // that the common case has no test inside a block.
@@ -446,7 +469,7 @@ mod avx512 {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn gemv_groups<const WHOLE_BLOCKS: bool>(
         w: &Int4Weight,
         x: &[f32],
@@ -489,7 +512,7 @@ mod avx512 {
                         }
                         let xv = _mm512_loadu_ps(xp.add($s * 16));
                         for i in 0..QUAD {
-                            let idx = _mm512_srli_epi32::<{ $s * 4 }>(v[i]);
+                            let idx = nibble::<$s>(v[i]);
                             let wf = _mm512_permutexvar_ps(idx, luts[i]);
                             acc[i] = _mm512_fmadd_ps(wf, xv, acc[i]);
                         }
@@ -515,7 +538,7 @@ mod avx512 {
     /// The four rows of quad `quad` dequantized into `scratch` `[4, k]` f32.
     ///
     /// SAFETY: as [`gemv`]; `scratch` is `4 · k` long.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn dequantize_quad(w: &Int4Weight, quad: usize, scratch: &mut [f32]) {
         let blocks = w.k / BLOCK;
         debug_assert!(scratch.len() == QUAD * w.k);
@@ -543,9 +566,9 @@ mod avx512 {
     /// Dot products over inputs `c0..c0 + len` of the four rows of `rows` (stride `rs`) with
     /// the four rows of `x` (stride `xs`): `[row][x row]`.
     ///
-    /// SAFETY: AVX-512F; `rows` holds `3·rs + c0 + len` and `x` `3·xs + c0 + len` values; `c0`
+    /// SAFETY: AVX-512F+BW; `rows` holds `3·rs + c0 + len` and `x` `3·xs + c0 + len` values; `c0`
     /// and `len` are multiples of 16.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn dot4x4(
         rows: &[f32],
         rs: usize,
@@ -573,8 +596,8 @@ mod avx512 {
 
     /// Dot products of the four `k`-long rows of `rows` with `x`.
     ///
-    /// SAFETY: AVX-512F; `rows` is `4 · k` and `x` `k` long, `k` a multiple of 16.
-    #[target_feature(enable = "avx512f")]
+    /// SAFETY: AVX-512F+BW; `rows` is `4 · k` and `x` `k` long, `k` a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn dot4(rows: &[f32], x: &[f32], k: usize) -> [f32; QUAD] {
         debug_assert!(rows.len() == QUAD * k && x.len() == k && k.is_multiple_of(16));
         let mut acc = [_mm512_setzero_ps(); QUAD];

@@ -1,6 +1,6 @@
 //! Real low-bit weights: portable packed storage with exact byte accounting, and `x Wᵀ` through
-//! libtorch's low-bit kernels wherever their shape rules hold (a dequantized matmul elsewhere,
-//! never a wrong result).
+//! real low-bit kernels (libtorch's, and the crate's own AVX-512 W4A16 kernel) wherever their shape
+//! rules hold (a dequantized matmul elsewhere, never a wrong result).
 //!
 //! Storage (what [`PackedWeight::bytes`] counts and checkpoints hold; the same on every CPU ISA
 //! and device):
@@ -15,8 +15,10 @@
 //!   as [`Nf4Weight`] holds them (f32, or 8-bit codes + f32 scales + an f64 offset).
 //!
 //! The kernels' own operands (torch's int4 layouts depend on the CPU ISA and on the device) are
-//! derived from this storage when a weight is packed and are never written to disk. On the int4
-//! paths they hold a second copy of the 4-bit codes in memory; the int8 paths use the stored codes.
+//! derived from this storage when a weight is packed and are never written to disk. libtorch's
+//! int4 paths hold a second copy of the 4-bit codes in memory; the int8 paths use the stored
+//! codes; the crate's own AVX-512 int4 kernel ([`crate::quant::int4_avx512`], the CPU default
+//! where it applies) keeps the codes only in its layout and rebuilds this storage on demand.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};

@@ -65,8 +65,16 @@ const GEMV_COLS: i64 = 4096;
 pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// ISA flags of `/proc/cpuinfo` worth recording: they pick libtorch's bf16/int8 CPU paths.
-const ISA_FLAGS: [&str; 7] =
-    ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"];
+const ISA_FLAGS: [&str; 8] = [
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+];
 
 /// Describes this machine; the bandwidth is measured by [`bandwidth`] and passed in.
 pub fn describe(device: Device, bandwidth: Bandwidth) -> Machine {

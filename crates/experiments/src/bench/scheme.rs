@@ -29,7 +29,7 @@ pub enum Scheme {
     /// int8 weights per output channel, int8 activations per token (`_int_mm`).
     W8a8,
     /// Asymmetric 4-bit weights in groups, bf16 activations: the crate's own AVX-512 kernel on
-    /// CPUs that have it, libtorch's int4 kernels elsewhere.
+    /// CPUs with AVX-512F+BW, libtorch's int4 kernels elsewhere.
     W4a16,
     /// The same weights through libtorch's `_weight_int4pack_mm_for_cpu` (to compare kernels).
     W4a16Libtorch,
