@@ -75,6 +75,10 @@ pub struct ModelSettings {
     /// W4A16 group size (inputs per scale and zero point).
     #[serde(default = "default_group")]
     pub w4_group: i64,
+    /// Decoder layers built for a shape whose whole bf16 build does not fit in memory (capped by
+    /// what fits); its rows are extrapolated per layer. Default 8.
+    #[serde(default = "default_partial_layers")]
+    pub partial_layers: i64,
     /// Which weights the packed schemes pack (the rest stay in the model's float dtype).
     /// Default: the decoder's linears only.
     #[serde(default = "default_parts")]
@@ -106,6 +110,10 @@ impl Part {
     }
 }
 
+fn default_partial_layers() -> i64 {
+    8
+}
+
 fn default_parts() -> Vec<Part> {
     vec![Part::Decoder]
 }
@@ -128,6 +136,7 @@ impl Default for ModelSettings {
             fp32_layers: None,
             schemes: default_schemes(),
             w4_group: default_group(),
+            partial_layers: default_partial_layers(),
             packed_parts: default_parts(),
         }
     }
@@ -260,7 +269,11 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
             bail!("{f}: key `model.schemes`: `{}` is listed twice", s.key());
         }
     }
-    for (key, v) in [("model.layers", m.layers), ("model.fp32_layers", m.fp32_layers)] {
+    for (key, v) in [
+        ("model.layers", m.layers),
+        ("model.fp32_layers", m.fp32_layers),
+        ("model.partial_layers", Some(m.partial_layers)),
+    ] {
         if v.is_some_and(|v| v < 1) {
             bail!("{f}: key `{key}`: must be at least 1");
         }

@@ -156,19 +156,27 @@ pub fn run(cfg: &BenchConfig) -> Result<Outcome> {
 
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
+    let info = |rows: &mut Vec<Row>, skipped: &[Skipped]| {
+        let order = |s: Scheme| cfg.model.schemes.iter().position(|&x| x == s);
+        rows.sort_by_key(|r| {
+            (cfg.model.shapes.iter().position(|s| *s == r.shape), order(r.scheme))
+        });
+        RunInfo {
+            config: cfg.clone(),
+            config_file: cfg.file.clone(),
+            machine: machine.clone(),
+            skipped: skipped.to_vec(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+        }
+    };
     for shape in cfg.shapes()? {
         run_shape(cfg, &shape, device, &mut rows, &mut skipped)
             .with_context(|| format!("benchmarking {}", shape.name))?;
+        // The measurements so far are on disk before the next (larger) shape is built.
+        let so_far = info(&mut rows, &skipped);
+        report::write_results(&dir, &rows, &so_far)?;
     }
-    let order = |s: Scheme| cfg.model.schemes.iter().position(|&x| x == s);
-    rows.sort_by_key(|r| (cfg.model.shapes.iter().position(|s| *s == r.shape), order(r.scheme)));
-    let info = RunInfo {
-        config: cfg.clone(),
-        config_file: cfg.file.clone(),
-        machine,
-        skipped,
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
+    let info = info(&mut rows, &skipped);
     report::write_results(&dir, &rows, &info)?;
     let report = report::build(&dir)?;
     Ok(Outcome { rows, info, report, dir })
@@ -183,20 +191,60 @@ fn layers_of(cfg: &BenchConfig, shape: &Shape) -> i64 {
 /// Why a model of `params` parameters at `kind` would not fit, if it would not (CPU only: host
 /// memory is what the weights take there).
 fn does_not_fit(cfg: &BenchConfig, device: Device, params: i64, kind: Kind) -> Option<String> {
+    let budget = memory_budget(cfg, device)?;
+    let need = params as f64 * kind.elt_size_in_bytes() as f64;
+    (need > budget.available - budget.headroom).then(|| {
+        format!(
+            "building it needs {:.1} GiB of {kind:?} weights (+ {:.1} GiB headroom) but only {:.1} GiB is available (the model is built in this dtype before it is packed, so this size decides)",
+            need / GIB,
+            budget.headroom / GIB,
+            budget.available / GIB
+        )
+    })
+}
+
+/// Host memory for a build: what is available now and what must stay free.
+struct Budget {
+    available: f64,
+    headroom: f64,
+}
+
+/// `None` off the CPU (or where `/proc/meminfo` cannot be read): no limit is checked.
+fn memory_budget(cfg: &BenchConfig, device: Device) -> Option<Budget> {
     if device != Device::Cpu {
         return None;
     }
-    let need = params as f64 * kind.elt_size_in_bytes() as f64;
     let available = machine::meminfo("MemAvailable")? as f64;
-    let headroom = cfg.bench.memory_headroom_gib * GIB;
-    (need + headroom > available).then(|| {
-        format!(
-            "building it needs {:.1} GiB of {kind:?} weights (+ {:.1} GiB headroom) but only {:.1} GiB is available (the model is built in this dtype before its decoder is packed, so this size decides)",
-            need / GIB,
-            headroom / GIB,
-            available / GIB
-        )
-    })
+    Some(Budget { available, headroom: cfg.bench.memory_headroom_gib * GIB })
+}
+
+/// How many of `layers` decoder layers of `shape` to build at `kind`: all when they fit in
+/// memory, else `model.partial_layers` (or as many as fit, if fewer); or why not even one fits.
+fn layers_that_fit(
+    cfg: &BenchConfig,
+    device: Device,
+    shape: &Shape,
+    layers: i64,
+    kind: Kind,
+) -> std::result::Result<i64, String> {
+    let Some(budget) = memory_budget(cfg, device) else { return Ok(layers) };
+    let bytes = |l: i64| shape.dims.parameters(l) as f64 * kind.elt_size_in_bytes() as f64;
+    let fits = |l: i64| bytes(l) <= budget.available - budget.headroom;
+    if fits(layers) {
+        return Ok(layers);
+    }
+    let most = cfg.model.partial_layers.min(layers);
+    match largest_count(1, most, fits) {
+        1 if !fits(1) => Err(does_not_fit(cfg, device, shape.dims.parameters(1), kind)
+            .unwrap_or_else(|| "one decoder layer does not fit".into())),
+        built => Ok(built),
+    }
+}
+
+/// The largest `l` in `least..=most` for which `fits(l)` holds (`fits` is monotone, decreasing in
+/// `l`); `least` when none does.
+fn largest_count(least: i64, most: i64, fits: impl Fn(i64) -> bool) -> i64 {
+    (least..=most).rev().find(|&l| fits(l)).unwrap_or(least)
 }
 
 fn run_shape(
@@ -216,15 +264,23 @@ fn run_shape(
     let schemes = &cfg.model.schemes;
     let dense16: Vec<Scheme> =
         Scheme::ALL.into_iter().filter(|s| *s != Scheme::Fp32 && schemes.contains(s)).collect();
+    // The packed schemes start from a bf16 build: when the whole shape does not fit, as many
+    // decoder layers as fit are built and every row of the family is extrapolated per layer.
+    let mut bf16_built = layers;
     if !dense16.is_empty() {
-        // The packed schemes start from a bf16 build, so this decides for the whole shape.
-        if let Some(reason) =
-            does_not_fit(cfg, device, shape.dims.parameters(layers), Kind::BFloat16)
-        {
-            tracing::warn!("skipping {model}: {reason}");
-            let schemes = schemes.iter().map(|s| s.label(cfg.model.w4_group)).collect();
-            skipped.push(Skipped { model, schemes: join(schemes), reason });
-            return Ok(());
+        match layers_that_fit(cfg, device, shape, layers, Kind::BFloat16) {
+            Ok(built) => bf16_built = built,
+            Err(reason) => {
+                tracing::warn!("skipping {model}: {reason}");
+                let schemes = schemes.iter().map(|s| s.label(cfg.model.w4_group)).collect();
+                skipped.push(Skipped { model, schemes: join(schemes), reason });
+                return Ok(());
+            }
+        }
+        if bf16_built < layers {
+            tracing::warn!(
+                "{model}: building {bf16_built} of {layers} decoder layers in bf16 (all do not fit in memory); its rows are extrapolated per layer"
+            );
         }
     }
     if schemes.contains(&Scheme::Fp32) {
@@ -238,7 +294,7 @@ fn run_shape(
         }
     }
     if !dense16.is_empty() {
-        run_bf16_family(cfg, shape, &model, layers, &dense16, device, rows)?;
+        run_bf16_family(cfg, shape, &model, layers, bf16_built, &dense16, device, rows)?;
     }
     Ok(())
 }
@@ -339,6 +395,58 @@ fn rss_delta(base: Option<u64>) -> Option<i64> {
     Some(machine::rss_bytes()? as i64 - base? as i64)
 }
 
+/// What one configuration measured on a model built with `built` of `layers` decoder layers.
+struct Measured {
+    scheme: Scheme,
+    kernel: String,
+    fallbacks: usize,
+    /// Whole-model weight bytes of the built model.
+    all: i64,
+    /// Decoder-linear bytes of the built model.
+    linears: i64,
+    /// [`decode_extra_bytes`] of the built model.
+    extra: i64,
+    /// Element size of the norm weights (the rest of a decoder layer).
+    norm_elt: i64,
+    rss: Option<i64>,
+    timings: Timings,
+}
+
+/// A table row, extrapolated per layer to `layers` when fewer were built: every decoder layer has
+/// the same weights and work, so the decoder's time, bytes and memory scale with the count.
+fn row(cfg: &BenchConfig, shape: &Shape, model: &str, layers: i64, built: i64, m: Measured) -> Row {
+    let scale = layers as f64 / built as f64;
+    let add_layers = layers - built;
+    let layer_linears = m.linears / built;
+    let layer_bytes = layer_linears + 2 * shape.dims.text_hidden * m.norm_elt;
+    let stretch = |s: Split| Split { layers_ms: s.layers_ms * scale, ..s };
+    let t = &m.timings;
+    let min_step = t
+        .decode
+        .iter()
+        .copied()
+        .min_by(|a, b| a.total_ms().total_cmp(&b.total_ms()))
+        .unwrap_or_default();
+    Row {
+        shape: shape.name.clone(),
+        model: model.to_string(),
+        scheme: m.scheme,
+        label: m.scheme.label(cfg.model.w4_group),
+        kernel: m.kernel,
+        layers,
+        layers_built: built,
+        weight_bytes: m.all + add_layers * layer_bytes,
+        decoder_linear_bytes: layer_linears * layers,
+        decode_bytes_per_token: m.linears + m.extra + add_layers * layer_bytes,
+        rss_delta_bytes: m.rss.map(|r| r + add_layers * layer_bytes),
+        prefill_positions: t.prefill_positions,
+        prefill: stretch(t.prefill),
+        decode: stretch(t.decode_mean()),
+        decode_min_ms: stretch(min_step).total_ms(),
+        fallback_linears: m.fallbacks,
+    }
+}
+
 /// FP32 with `built` decoder layers, extrapolated per layer to `layers` when fewer.
 fn run_fp32(
     cfg: &BenchConfig,
@@ -351,58 +459,37 @@ fn run_fp32(
     let base = machine::rss_bytes();
     let what = format!("{} FP32", shape.name);
     let model = build(shape, built, Kind::Float, device, &what)?;
-    let (all, linears) = (float_bytes(&model), decoder_linear_bytes(&model));
-    let extra = decode_extra_bytes(&model);
     let (kernel, fallbacks) = kernels(&model);
-    let t = measure(&model, cfg, &what)?;
-    let rss = rss_delta(base);
-    drop(model);
-    // Per-layer extrapolation: every decoder layer has the same weights and work.
-    let scale = layers as f64 / built as f64;
-    let add_layers = layers - built;
-    let layer_bytes = shape.dims.decoder_layer_parameters() * 4;
-    let linear_bytes = linears / built * layers;
-    let stretch = |s: Split| Split { layers_ms: s.layers_ms * scale, ..s };
-    let min_step = t
-        .decode
-        .iter()
-        .copied()
-        .min_by(|a, b| a.total_ms().total_cmp(&b.total_ms()))
-        .unwrap_or_default();
-    Ok(Row {
-        shape: shape.name.clone(),
-        model: model_label.to_string(),
+    let m = Measured {
         scheme: Scheme::Fp32,
-        label: Scheme::Fp32.label(cfg.model.w4_group),
         kernel,
-        layers,
-        layers_built: built,
-        weight_bytes: all + add_layers * layer_bytes,
-        decoder_linear_bytes: linear_bytes,
-        decode_bytes_per_token: linear_bytes + extra + add_layers * 2 * shape.dims.text_hidden * 4,
-        rss_delta_bytes: rss.map(|r| r + add_layers * layer_bytes),
-        prefill_positions: t.prefill_positions,
-        prefill: stretch(t.prefill),
-        decode: stretch(t.decode_mean()),
-        decode_min_ms: stretch(min_step).total_ms(),
-        fallback_linears: fallbacks,
-    })
+        fallbacks,
+        all: float_bytes(&model),
+        linears: decoder_linear_bytes(&model),
+        extra: decode_extra_bytes(&model),
+        norm_elt: 4,
+        timings: measure(&model, cfg, &what)?,
+        rss: rss_delta(base),
+    };
+    drop(model);
+    Ok(row(cfg, shape, model_label, layers, built, m))
 }
 
-/// One bf16 build of `shape`; `schemes` (BF16 and the packed ones, in [`Scheme::ALL`] order) are
-/// put into its decoder one after the other and measured.
+/// One bf16 build of `shape` with `built` of its `layers` decoder layers; `schemes` (BF16 and the
+/// packed ones, in [`Scheme::ALL`] order) are put into it one after the other and measured.
 fn run_bf16_family(
     cfg: &BenchConfig,
     shape: &Shape,
     model_label: &str,
     layers: i64,
+    built: i64,
     schemes: &[Scheme],
     device: Device,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let group = cfg.model.w4_group;
     let base = machine::rss_bytes();
-    let mut model = build(shape, layers, Kind::BFloat16, device, &format!("{} BF16", shape.name))?;
+    let mut model = build(shape, built, Kind::BFloat16, device, &format!("{} BF16", shape.name))?;
     // Whole-model bytes of a scheme: the float build's, with the packable weights as now held.
     let float_all = float_bytes(&model);
     let float_packable = scheme::packable_bytes(&model);
@@ -417,35 +504,40 @@ fn run_bf16_family(
         if s != Scheme::Bf16 {
             tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
         }
-        let linears = decoder_linear_bytes(&model);
-        let all = float_all - float_packable + scheme::packable_bytes(&model);
-        let extra = decode_extra_bytes(&model);
         let (kernel, fallbacks) = kernels(&model);
-        let t = measure(&model, cfg, &what)?;
-        let min_step = t.decode_min_ms();
-        rows.push(Row {
-            shape: shape.name.clone(),
-            model: model_label.to_string(),
+        let m = Measured {
             scheme: s,
-            label: s.label(group),
             kernel,
-            layers,
-            layers_built: layers,
-            weight_bytes: all,
-            decoder_linear_bytes: linears,
-            decode_bytes_per_token: linears + extra,
-            rss_delta_bytes: rss_delta(base),
-            prefill_positions: t.prefill_positions,
-            prefill: t.prefill,
-            decode: t.decode_mean(),
-            decode_min_ms: min_step,
-            fallback_linears: fallbacks,
-        });
+            fallbacks,
+            all: float_all - float_packable + scheme::packable_bytes(&model),
+            linears: decoder_linear_bytes(&model),
+            extra: decode_extra_bytes(&model),
+            norm_elt: 2,
+            timings: measure(&model, cfg, &what)?,
+            rss: rss_delta(base),
+        };
+        let r = row(cfg, shape, model_label, layers, built, m);
         tracing::info!(
-            "{what}: decode {:.1} ms/token, prefill {:.0} ms",
-            rows.last().map_or(0.0, |r| r.decode.total_ms()),
-            rows.last().map_or(0.0, |r| r.prefill.total_ms())
+            "{what}: decode {:.1} ms/token, prefill {:.0} ms{}",
+            r.decode.total_ms(),
+            r.prefill.total_ms(),
+            if r.extrapolated() { " (extrapolated per layer)" } else { "" }
         );
+        rows.push(r);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_fitting_layer_count_is_found() {
+        // 40 layers of 0.6 GiB over 1.3 GiB of the rest, 12 GiB to spend → 17 layers.
+        let bytes = |l: i64| 1.3 + 0.6 * l as f64;
+        assert_eq!(largest_count(4, 40, |l| bytes(l) <= 12.0), 17);
+        assert_eq!(largest_count(4, 40, |l| bytes(l) <= 100.0), 40);
+        assert_eq!(largest_count(4, 40, |_| false), 4);
+    }
 }

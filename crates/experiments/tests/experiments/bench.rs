@@ -231,6 +231,10 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
         (TINY.replace("text_heads = 4", "text_heads = 3"), "shape[0]"),
         (TINY.replace("fp32_layers = 1", "fp32_layers = 0"), "model.fp32_layers"),
         (
+            TINY.replace("fp32_layers = 1", "fp32_layers = 1\npartial_layers = 0"),
+            "model.partial_layers",
+        ),
+        (
             TINY.replace("w4_group = 128", "w4_group = 128\npacked_parts = [\"vision\"]"),
             "model.packed_parts",
         ),
