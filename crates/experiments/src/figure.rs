@@ -425,29 +425,71 @@ fn draw_dual<DB: DrawingBackend>(
     Ok(())
 }
 
+/// One configuration on the roofline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RooflinePoint {
+    /// The scheme (one colour each).
+    pub scheme: String,
+    /// The model (one marker shape each).
+    pub model: String,
+    /// Weight GB read per decode token.
+    pub gb_per_token: f64,
+    pub tokens_per_s: f64,
+}
+
 /// The decode roofline: tokens per second against the weight bytes one decode step reads, one
-/// labelled point per configuration, under the bound `tokens/s = bandwidth / bytes` that a
-/// purely memory-bound decode would reach at the measured bandwidth.
+/// point per configuration (colour: scheme; marker: model, and a text label when there is one
+/// model), under the bound `tokens/s = bandwidth / bytes` that a purely memory-bound decode would
+/// reach at the measured bandwidth.
 pub fn roofline(
     path: &Path,
     title: &str,
     bandwidth_gbs: f64,
-    points: &[(String, f64, f64)],
+    points: &[RooflinePoint],
 ) -> Result<()> {
     png_and_svg!(path, (820, 560), |root| draw_roofline(&root, title, bandwidth_gbs, points))
+}
+
+/// `items` without repeats, in first-seen order.
+fn distinct<'a>(items: impl Iterator<Item = &'a String>) -> Vec<&'a String> {
+    let mut seen = Vec::new();
+    for item in items {
+        if !seen.contains(&item) {
+            seen.push(item);
+        }
+    }
+    seen
+}
+
+/// A filled marker of shape `index` (circle, triangle, square, …) centred at `at`.
+fn marker<DB: DrawingBackend>(
+    index: usize,
+    at: (i32, i32),
+    size: i32,
+    color: RGBColor,
+) -> DynElement<'static, DB, (i32, i32)> {
+    let style = color.filled();
+    match index % 3 {
+        0 => Circle::new(at, size, style).into_dyn(),
+        1 => TriangleMarker::new(at, size + 1, style).into_dyn(),
+        _ => Rectangle::new([(at.0 - size, at.1 - size), (at.0 + size, at.1 + size)], style)
+            .into_dyn(),
+    }
 }
 
 fn draw_roofline<DB: DrawingBackend>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     bandwidth_gbs: f64,
-    points: &[(String, f64, f64)],
+    points: &[RooflinePoint],
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
-    let x_max = points.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.1;
-    let x_min = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).min(x_max) * 0.8;
+    let xs = || points.iter().map(|p| p.gb_per_token);
+    let x_max = xs().fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let x_min = xs().fold(f64::INFINITY, f64::min).min(x_max) * 0.8;
     let bound = |x: f64| bandwidth_gbs / x;
-    let y_max = points.iter().map(|p| p.2).chain([bound(x_min)]).fold(0.0f64, f64::max) * 1.1;
+    let y_max =
+        points.iter().map(|p| p.tokens_per_s).chain([bound(x_min)]).fold(0.0f64, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(14)
@@ -470,20 +512,45 @@ fn draw_roofline<DB: DrawingBackend>(
         .map_err(err)?
         .label(format!("bandwidth bound ({bandwidth_gbs:.1} GB/s)"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
-    for (i, (label, x, y)) in points.iter().enumerate() {
+    let schemes = distinct(points.iter().map(|p| &p.scheme));
+    let models = distinct(points.iter().map(|p| &p.model));
+    let color_of = |p: &RooflinePoint| {
+        COLORS[schemes.iter().position(|s| **s == p.scheme).unwrap_or(0) % COLORS.len()]
+    };
+    let shape_of = |p: &RooflinePoint| models.iter().position(|m| **m == p.model).unwrap_or(0);
+    for p in points {
+        let (color, shape) = (color_of(p), shape_of(p));
+        chart
+            .draw_series([EmptyElement::at((p.gb_per_token, p.tokens_per_s))
+                + marker::<DB>(shape, (0, 0), 5, color)])
+            .map_err(err)?;
+        if models.len() == 1 {
+            chart
+                .draw_series([Text::new(
+                    p.scheme.clone(),
+                    (p.gb_per_token, p.tokens_per_s + 0.03 * y_max),
+                    ("sans-serif", 13).into_font(),
+                )])
+                .map_err(err)?;
+        }
+    }
+    // Legend: a colour per scheme, then (several models) a grey marker per model.
+    for (i, scheme) in schemes.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
-            .draw_series([Circle::new((*x, *y), 5, color.filled())])
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
             .map_err(err)?
-            .label(label.clone())
+            .label(scheme.to_string())
             .legend(move |(x, y)| Circle::new((x + 5, y), 4, color.filled()));
-        chart
-            .draw_series([Text::new(
-                label.clone(),
-                (*x, *y + 0.03 * y_max),
-                ("sans-serif", 13).into_font(),
-            )])
-            .map_err(err)?;
+    }
+    if models.len() > 1 {
+        for (i, model) in models.iter().enumerate() {
+            chart
+                .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+                .map_err(err)?
+                .label(model.to_string())
+                .legend(move |(x, y)| marker::<DB>(i, (x + 5, y), 4, RGBColor(90, 90, 90)));
+        }
     }
     chart
         .configure_series_labels()

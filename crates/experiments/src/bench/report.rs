@@ -224,16 +224,14 @@ pub fn build(dir: &Path) -> Result<Report> {
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .with_context(|| format!("writing {}", md.display()))?;
 
-    let points: Vec<(String, f64, f64)> = (0..n)
+    let points: Vec<figure::RooflinePoint> = (0..n)
         .filter_map(|i| {
-            let x = c.decode_gb[i]?;
-            let y = c.decode_tok_s[i]?;
-            let label = if info.config.model.shapes.len() > 1 {
-                format!("{} · {}", c.scheme[i], c.model[i])
-            } else {
-                c.scheme[i].clone()
-            };
-            Some((label, x, y))
+            Some(figure::RooflinePoint {
+                scheme: c.scheme[i].clone(),
+                model: c.model[i].clone(),
+                gb_per_token: c.decode_gb[i]?,
+                tokens_per_s: c.decode_tok_s[i]?,
+            })
         })
         .collect();
     let fig = dir.join("decode_roofline.png");
