@@ -45,6 +45,40 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
 
+/// A horizontal black reference line at `y` over `x0..x1` (e.g. the float model's accuracy),
+/// named in the legend.
+fn draw_reference<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    label: &str,
+    (x0, x1): (f64, f64),
+    y: f64,
+) -> Result<()> {
+    chart
+        .draw_series(LineSeries::new([(x0, y), (x1, y)], BLACK.stroke_width(2)))
+        .map_err(err)?
+        .label(label)
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+    Ok(())
+}
+
+/// The series legend every figure draws: a framed, lightly opaque box at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(err)
+}
+
 /// Grouped bars: `groups` along x, one bar per series in each group.
 pub fn grouped_bars(
     path: &Path,
@@ -125,20 +159,9 @@ fn draw_bars<DB: DrawingBackend>(
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
     if let Some((label, v)) = reference {
-        let v = *v;
-        chart
-            .draw_series(LineSeries::new([(0.0, v), (n as f64, v)], BLACK.stroke_width(2)))
-            .map_err(err)?
-            .label(label.clone())
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+        draw_reference(&mut chart, label, (0.0, n as f64), *v)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -269,13 +292,7 @@ fn draw_scatter<DB: DrawingBackend>(
             .label("least squares")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], COLORS[3].stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
@@ -352,19 +369,9 @@ fn draw_lines<DB: DrawingBackend>(
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], color.stroke_width(2)));
     }
     if let Some((name, v)) = reference {
-        chart
-            .draw_series(LineSeries::new([(x0, *v), (x1, *v)], BLACK.stroke_width(2)))
-            .map_err(err)?
-            .label(name.as_str())
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
+        draw_reference(&mut chart, name, (x0, x1), *v)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -415,13 +422,7 @@ fn draw_dual<DB: DrawingBackend>(
         .map_err(err)?
         .label(right.0)
         .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], COLORS[1].stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
@@ -552,13 +553,7 @@ fn draw_roofline<DB: DrawingBackend>(
                 .legend(move |(x, y)| marker::<DB>(i, (x + 5, y), 4, RGBColor(90, 90, 90)));
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
