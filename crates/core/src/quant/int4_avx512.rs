@@ -398,8 +398,7 @@ impl Int4Weight {
                     for r in (0..whole).step_by(4) {
                         let xr = &x[r * self.k..(r + 4) * self.k];
                         // SAFETY: four rows of `k` in both operands.
-                        let dots =
-                            unsafe { avx512::dot4x4(&scratch, self.k, xr, self.k, 0, self.k) };
+                        let dots = unsafe { avx512::dot4x4(&scratch, xr, self.k) };
                         for (i, row) in dots.into_iter().enumerate() {
                             out[(q * QUAD + i) * m + r..][..4].copy_from_slice(&row);
                         }
@@ -580,28 +579,20 @@ mod avx512 {
         }
     }
 
-    /// Dot products over inputs `c0..c0 + len` of the four rows of `rows` (stride `rs`) with
-    /// the four rows of `x` (stride `xs`): `[row][x row]`.
+    /// Dot products of the four `k`-long rows of `rows` with the four `k`-long rows of `x`:
+    /// `[row][x row]`.
     ///
-    /// SAFETY: AVX-512F+BW; `rows` holds `3·rs + c0 + len` and `x` `3·xs + c0 + len` values; `c0`
-    /// and `len` are multiples of 16.
+    /// SAFETY: AVX-512F+BW; `rows` and `x` are `4 · k` long, `k` a multiple of 16.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn dot4x4(
-        rows: &[f32],
-        rs: usize,
-        x: &[f32],
-        xs: usize,
-        c0: usize,
-        len: usize,
-    ) -> [[f32; 4]; QUAD] {
-        assert!(rows.len() >= 3 * rs + c0 + len && x.len() >= 3 * xs + c0 + len);
+    pub unsafe fn dot4x4(rows: &[f32], x: &[f32], k: usize) -> [[f32; 4]; QUAD] {
+        assert!(rows.len() == QUAD * k && x.len() == 4 * k && k.is_multiple_of(16));
         let mut acc = [[_mm512_setzero_ps(); 4]; QUAD];
         let (r, xp) = (rows.as_ptr(), x.as_ptr());
-        let mut c = c0;
-        while c < c0 + len {
-            let xv = [0, 1, 2, 3].map(|j| _mm512_loadu_ps(xp.add(j * xs + c)));
+        let mut c = 0;
+        while c < k {
+            let xv = [0, 1, 2, 3].map(|j| _mm512_loadu_ps(xp.add(j * k + c)));
             for i in 0..QUAD {
-                let wv = _mm512_loadu_ps(r.add(i * rs + c));
+                let wv = _mm512_loadu_ps(r.add(i * k + c));
                 for j in 0..4 {
                     acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
                 }

@@ -746,7 +746,9 @@ impl PackedWeight {
             return parts;
         }
         match &self.store {
-            Store::Uniform { .. } | Store::Int4Avx512 { .. } => Vec::new(),
+            Store::Uniform { .. } | Store::Int4Avx512 { .. } => {
+                unreachable!("uniform stores return their parts above")
+            }
             Store::Nf4 { codes, absmax, .. } => {
                 let mut parts = vec![("codes", cpu(codes))];
                 match absmax {

@@ -233,18 +233,16 @@ fn layers_that_fit(
     if fits(layers) {
         return Ok(layers);
     }
-    let most = cfg.model.partial_layers.min(layers);
-    match largest_count(1, most, fits) {
-        1 if !fits(1) => Err(does_not_fit(cfg, device, shape.dims.parameters(1), kind)
-            .unwrap_or_else(|| "one decoder layer does not fit".into())),
-        built => Ok(built),
-    }
+    largest_count(cfg.model.partial_layers.min(layers), fits).ok_or_else(|| {
+        does_not_fit(cfg, device, shape.dims.parameters(1), kind)
+            .unwrap_or_else(|| "one decoder layer does not fit".into())
+    })
 }
 
-/// The largest `l` in `least..=most` for which `fits(l)` holds (`fits` is monotone, decreasing in
-/// `l`); `least` when none does.
-fn largest_count(least: i64, most: i64, fits: impl Fn(i64) -> bool) -> i64 {
-    (least..=most).rev().find(|&l| fits(l)).unwrap_or(least)
+/// The largest `l` in `1..=most` for which `fits(l)` holds (`fits` is monotone, decreasing in
+/// `l`); `None` when none does.
+fn largest_count(most: i64, fits: impl Fn(i64) -> bool) -> Option<i64> {
+    (1..=most).rev().find(|&l| fits(l))
 }
 
 fn run_shape(
@@ -536,8 +534,9 @@ mod tests {
     fn the_largest_fitting_layer_count_is_found() {
         // 40 layers of 0.6 GiB over 1.3 GiB of the rest, 12 GiB to spend → 17 layers.
         let bytes = |l: i64| 1.3 + 0.6 * l as f64;
-        assert_eq!(largest_count(4, 40, |l| bytes(l) <= 12.0), 17);
-        assert_eq!(largest_count(4, 40, |l| bytes(l) <= 100.0), 40);
-        assert_eq!(largest_count(4, 40, |_| false), 4);
+        assert_eq!(largest_count(40, |l| bytes(l) <= 12.0), Some(17));
+        assert_eq!(largest_count(40, |l| bytes(l) <= 100.0), Some(40));
+        assert_eq!(largest_count(8, |l| bytes(l) <= 12.0), Some(8));
+        assert_eq!(largest_count(40, |_| false), None);
     }
 }
