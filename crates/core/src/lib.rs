@@ -1,12 +1,25 @@
 //! qvlm-core: a LLaVA (CLIP vision tower, projector, LLaMA decoder) over libtorch, strict
 //! checkpoint loading, preprocessing, and the quantizers Q-VLM and its baselines use.
 //!
-//! Layers are named by [`model::layer_id::LayerId`]; quantization plugs into the one model
-//! definition through a [`model::hook::LinearHook`] passed explicitly to `forward`.
+//! Layers are named by [`layer_id::LayerId`]; quantization plugs into the one model
+//! definition through a [`hook::LinearHook`] passed explicitly to `forward`.
+//!
+//! Modules, bottom to top (each imports only from those above it in this list):
+//! - [`error`], [`device`], [`rng`], [`optim`]: errors, devices and dtypes, the seeded generator,
+//!   AdamW;
+//! - [`layer_id`], [`hook`]: how layers are named and how code plugs into their inputs;
+//! - [`io`]: files — safetensors, shards, key layouts, strict weight loading, configs, images,
+//!   prompts and tokenizers;
+//! - [`quant`]: quantizers, observers, packed weights and the low-bit kernels (no model types);
+//! - [`model`]: the one LLaVA definition (float and quantized runs alike);
+//! - [`checkpoint`]: whole-model files — quantized checkpoints and llava-hf export.
 
+pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod hook;
 pub mod io;
+pub mod layer_id;
 pub mod model;
 pub mod optim;
 pub mod quant;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use qvlm_core::device::{DType, DeviceSpec};
+use qvlm_core::hook::NoHook;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::hook::NoHook;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
 use tch::Tensor;
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use qvlm_core::model::hook::NoHook;
+use qvlm_core::hook::NoHook;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::plant_outliers;
 use qvlm_search::engine::WeightMethod;
@@ -325,7 +325,7 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
     let mut timings = BTreeMap::new();
     let mut plan: Option<QuantPlan> = None;
     let mut nonfinite = 0u64;
-    let mut hook: Box<dyn qvlm_core::model::hook::LinearHook> = Box::new(NoHook);
+    let mut hook: Box<dyn qvlm_core::hook::LinearHook> = Box::new(NoHook);
     if let (Some(spec), Some(bits)) = (&cell.spec, cell.bits) {
         let scheme = spec.scheme(bits, &cell.quant)?;
         let calib = shared.data.calibration(&bundle, cell.calibration.samples, cell.seed)?;

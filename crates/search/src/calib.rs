@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use qvlm_core::hook::LinearHook;
 use qvlm_core::io::prompt::Piece;
-use qvlm_core::model::hook::LinearHook;
-use qvlm_core::model::layer_id::LayerId;
+use qvlm_core::layer_id::LayerId;
 use qvlm_core::model::llama::DecoderContext;
 use qvlm_core::model::llava::Llava;
 use tch::{Kind, Tensor};

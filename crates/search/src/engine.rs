@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use qvlm_core::model::hook::NoHook;
-use qvlm_core::model::layer_id::LayerId;
+use qvlm_core::hook::NoHook;
+use qvlm_core::layer_id::LayerId;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::activation::ActQuantizer;

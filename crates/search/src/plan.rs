@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use qvlm_core::model::hook::LinearHook;
-use qvlm_core::model::layer_id::{LayerId, Tower};
+use qvlm_core::hook::LinearHook;
+use qvlm_core::layer_id::{LayerId, Tower};
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::activation::ActQuantizer;

@@ -3,7 +3,7 @@
 //! function is its clipping range. Sites are listed in execution order, grouped by block
 //! (transformer layer or projector).
 
-use qvlm_core::model::layer_id::{LayerId, Slot, Tower};
+use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::llava::Llava;
 use serde::{Deserialize, Serialize};
 

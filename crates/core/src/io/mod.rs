@@ -1,7 +1,7 @@
 pub mod config;
-pub mod export;
 pub mod image;
 pub mod naming;
 pub mod prompt;
 pub mod safetensors;
+pub mod shards;
 pub mod weights;

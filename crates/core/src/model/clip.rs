@@ -6,10 +6,10 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::hook::LinearHook;
 use crate::io::config::{Activation, ClipVisionConfig, LlavaConfig, SelectFeature};
 use crate::io::weights::{Init, VarBuilder};
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::{LayerId, Slot, Tower};
+use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::linear::Linear;
 use crate::model::norm::LayerNorm;
 
@@ -36,6 +36,8 @@ pub struct ClipEmbeddings {
     pub class_embedding: Tensor,
     pub position_embedding: Tensor,
     patch_size: i64,
+    /// The canonical name it was loaded under (`vision_tower.embeddings`).
+    pub path: String,
 }
 
 impl ClipEmbeddings {
@@ -58,7 +60,18 @@ impl ClipEmbeddings {
                 Init::Normal { std: 0.02 },
             )?,
             patch_size: cfg.patch_size,
+            path: vb.path(),
         })
+    }
+
+    fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        let p = &self.path;
+        out.push((format!("{p}.patch_embedding.weight"), self.patch_embedding.shallow_clone()));
+        out.push((format!("{p}.class_embedding"), self.class_embedding.shallow_clone()));
+        out.push((
+            format!("{p}.position_embedding.weight"),
+            self.position_embedding.shallow_clone(),
+        ));
     }
 
     /// `[B, C, H, W]` pixels → `[B, 1 + patches, hidden]`.
@@ -163,6 +176,14 @@ impl ClipEncoderLayer {
         &x + self.fc2.forward(&activate(self.act, &h), hook)
     }
 
+    fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        self.layer_norm1.named_tensors(out);
+        self.layer_norm2.named_tensors(out);
+        for l in self.linears() {
+            l.named_tensors(out);
+        }
+    }
+
     pub fn linears(&self) -> [&Linear; 6] {
         let a = &self.self_attn;
         [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &self.fc1, &self.fc2]
@@ -206,6 +227,16 @@ impl ClipVisionTower {
             layers_used: cfg.vision_layers_used() as usize,
             select: cfg.select_feature,
         })
+    }
+
+    /// Every tensor under its canonical name (the unused layers and `post_layernorm` too).
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        self.embeddings.named_tensors(out);
+        self.pre_layrnorm.named_tensors(out);
+        for layer in &self.layers {
+            layer.named_tensors(out);
+        }
+        self.post_layernorm.named_tensors(out);
     }
 
     /// The encoder layers whose output reaches LLaVA's image features, in execution order.

@@ -4,10 +4,10 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::hook::LinearHook;
 use crate::io::weights::{Init, VarBuilder};
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::LayerId;
-use crate::quant::packed::PackedWeight;
+use crate::layer_id::LayerId;
+use crate::quant::packed::{PackedSpec, PackedWeight};
 
 /// How a linear's weight is held.
 #[derive(Debug)]
@@ -47,6 +47,9 @@ impl LinearWeight {
 #[derive(Debug)]
 pub struct Linear {
     pub id: LayerId,
+    /// The canonical name it was loaded under (`language_model.layers.3.self_attn.q_proj`); its
+    /// tensors are `<path>.weight` and `<path>.bias`.
+    pub path: String,
     pub in_features: i64,
     pub out_features: i64,
     pub weight: LinearWeight,
@@ -77,7 +80,22 @@ impl Linear {
     ) -> Result<Self> {
         let weight = vb.get("weight", &[out_features, in_features], Init::Normal { std })?;
         let bias = if bias { Some(vb.get("bias", &[out_features], Init::Zeros)?) } else { None };
-        Ok(Self { id, in_features, out_features, weight: LinearWeight::Float(weight), bias })
+        Ok(Self {
+            id,
+            path: vb.path(),
+            in_features,
+            out_features,
+            weight: LinearWeight::Float(weight),
+            bias,
+        })
+    }
+
+    /// Its tensors under their canonical names; a packed weight is dequantized.
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{}.weight", self.path), self.float_weight()));
+        if let Some(b) = &self.bias {
+            out.push((format!("{}.bias", self.path), b.shallow_clone()));
+        }
     }
 
     /// `y = x Wᵀ + b`, after the hook has seen (and possibly replaced) `x`.
@@ -115,4 +133,22 @@ impl Linear {
             LinearWeight::Packed(p) => p.kind(),
         }
     }
+}
+
+/// Replaces the weight of every linear that `spec_of` names a spec for by its packed form;
+/// returns how many were packed. A linear keeps its dtype and device.
+pub fn pack_linears<'a>(
+    linears: impl IntoIterator<Item = &'a mut Linear>,
+    mut spec_of: impl FnMut(LayerId) -> Option<PackedSpec>,
+) -> Result<usize> {
+    let _guard = tch::no_grad_guard();
+    let mut packed = 0;
+    for linear in linears {
+        let Some(spec) = spec_of(linear.id) else { continue };
+        let w = linear.float_weight();
+        let p = PackedWeight::quantize(&w, spec, &linear.id.to_string())?;
+        linear.weight = LinearWeight::Packed(p);
+        packed += 1;
+    }
+    Ok(packed)
 }

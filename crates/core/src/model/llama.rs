@@ -5,11 +5,11 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::hook::LinearHook;
 use crate::io::config::{LlamaConfig, RopeScaling};
 use crate::io::weights::{Init, VarBuilder};
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::{LayerId, Slot, Tower};
-use crate::model::linear::{Linear, LinearWeight};
+use crate::layer_id::{LayerId, Slot, Tower};
+use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
 
 /// Cosine and sine tables for the positions of one forward pass, `[B, T, head_dim]`.
@@ -245,6 +245,14 @@ impl LlamaDecoderLayer {
         &x + self.down_proj.forward(&(gate.silu() * up), hook)
     }
 
+    fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        self.input_layernorm.named_tensors(out);
+        self.post_attention_layernorm.named_tensors(out);
+        for l in self.linears() {
+            l.named_tensors(out);
+        }
+    }
+
     pub fn linears(&self) -> [&Linear; 7] {
         let a = &self.self_attn;
         [
@@ -279,8 +287,10 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`. Float as loaded; packed only where a caller packs it
     /// (the efficiency bench): it is not a quantization site of the searches.
-    pub lm_head: Option<LinearWeight>,
+    pub lm_head: Option<Linear>,
     pub cfg: LlamaConfig,
+    /// The canonical name of the decoder (`language_model`).
+    pub path: String,
 }
 
 impl LlamaModel {
@@ -294,11 +304,8 @@ impl LlamaModel {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(LinearWeight::Float(head.pp("lm_head").get(
-                "weight",
-                &[v, h],
-                Init::Normal { std: 0.02 },
-            )?))
+            let id = LayerId::new(Tower::Language, cfg.num_hidden_layers as u32, Slot::LmHead);
+            Some(Linear::load(&head.pp("lm_head"), id, h, v, false)?)
         };
         Ok(Self {
             embed_tokens: vb.pp("embed_tokens").get(
@@ -310,7 +317,20 @@ impl LlamaModel {
             norm: RmsNorm::load(&vb.pp("norm"), h, cfg.rms_norm_eps)?,
             lm_head,
             cfg: cfg.clone(),
+            path: vb.path(),
         })
+    }
+
+    /// Every tensor under its canonical name, `lm_head` last.
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{}.embed_tokens.weight", self.path), self.embed_tokens.shallow_clone()));
+        for layer in &self.layers {
+            layer.named_tensors(out);
+        }
+        self.norm.named_tensors(out);
+        if let Some(head) = &self.lm_head {
+            head.named_tensors(out);
+        }
     }
 
     /// Token ids `[..]` → embeddings `[.., hidden]`.
@@ -322,7 +342,7 @@ impl LlamaModel {
     pub fn head(&self, hidden: &Tensor) -> Tensor {
         let h = self.norm.forward(hidden);
         match &self.lm_head {
-            Some(head) => head.matmul(&h),
+            Some(head) => head.forward_raw(&h),
             None => h.linear(&self.embed_tokens, None::<Tensor>),
         }
     }

@@ -7,16 +7,17 @@ use tch::{Device, Kind, Tensor};
 
 use crate::device::DType;
 use crate::error::{Error, Result};
+use crate::hook::LinearHook;
 use crate::io::config::{
     detect_format, CheckpointFiles, CheckpointFormat, LlavaConfig, ProjectorKind,
 };
 use crate::io::image::{ImageProcessor, ImageProcessorConfig};
 use crate::io::naming::Naming;
 use crate::io::prompt::{ImageSplice, Piece, PromptTokenizer};
-use crate::io::weights::{ShardSet, VarBuilder};
+use crate::io::shards::ShardSet;
+use crate::io::weights::VarBuilder;
+use crate::layer_id::{LayerId, Slot};
 use crate::model::clip::ClipVisionTower;
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::LayerId;
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
 use crate::model::projector::Projector;
@@ -150,7 +151,34 @@ impl Llava {
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out: Vec<&mut Linear> = Vec::new();
+        let mut out = self.linears_and_head_mut();
+        if out.last().is_some_and(|l| l.id.slot == Slot::LmHead) {
+            out.pop();
+        }
+        out
+    }
+
+    /// Every weight under its canonical name (the names the loaders asked `VarBuilder` for,
+    /// which each module keeps), for saving. Quantized layers contribute their float
+    /// (dequantized) weight.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        self.vision_tower.named_tensors(&mut out);
+        self.projector.named_tensors(&mut out);
+        self.language_model.named_tensors(&mut out);
+        out
+    }
+
+    /// [`Llava::linears`] and, when untied, `lm_head` (last): every linear a checkpoint may
+    /// hold packed.
+    pub fn linears_and_head(&self) -> Vec<&Linear> {
+        let mut out = self.linears();
+        out.extend(self.language_model.lm_head.as_ref());
+        out
+    }
+
+    pub fn linears_and_head_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
         for layer in self.vision_tower.used_layers_mut() {
             out.extend(layer.linears_mut());
         }
@@ -158,83 +186,7 @@ impl Llava {
         for layer in &mut self.language_model.layers {
             out.extend(layer.linears_mut());
         }
-        out
-    }
-
-    /// Every weight under its canonical name (the names `VarBuilder` asks for), for saving.
-    /// Quantized layers contribute their float (dequantized) weight.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        let mut push = |name: String, t: &Tensor| out.push((name, t.shallow_clone()));
-        let linear = |push: &mut dyn FnMut(String, &Tensor), prefix: String, l: &Linear| {
-            push(format!("{prefix}.weight"), &l.float_weight());
-            if let Some(b) = &l.bias {
-                push(format!("{prefix}.bias"), b);
-            }
-        };
-        let vt = &self.vision_tower;
-        let e = &vt.embeddings;
-        push("vision_tower.embeddings.patch_embedding.weight".into(), &e.patch_embedding);
-        push("vision_tower.embeddings.class_embedding".into(), &e.class_embedding);
-        push("vision_tower.embeddings.position_embedding.weight".into(), &e.position_embedding);
-        let norm = |push: &mut dyn FnMut(String, &Tensor),
-                    prefix: String,
-                    n: &crate::model::norm::LayerNorm| {
-            push(format!("{prefix}.weight"), &n.weight);
-            push(format!("{prefix}.bias"), &n.bias);
-        };
-        norm(&mut push, "vision_tower.pre_layrnorm".into(), &vt.pre_layrnorm);
-        for (i, layer) in vt.layers.iter().enumerate() {
-            let p = format!("vision_tower.encoder.layers.{i}");
-            norm(&mut push, format!("{p}.layer_norm1"), &layer.layer_norm1);
-            norm(&mut push, format!("{p}.layer_norm2"), &layer.layer_norm2);
-            let a = &layer.self_attn;
-            for (name, l) in [
-                ("q_proj", &a.q_proj),
-                ("k_proj", &a.k_proj),
-                ("v_proj", &a.v_proj),
-                ("out_proj", &a.out_proj),
-            ] {
-                linear(&mut push, format!("{p}.self_attn.{name}"), l);
-            }
-            linear(&mut push, format!("{p}.mlp.fc1"), &layer.fc1);
-            linear(&mut push, format!("{p}.mlp.fc2"), &layer.fc2);
-        }
-        norm(&mut push, "vision_tower.post_layernorm".into(), &vt.post_layernorm);
-        linear(&mut push, "multi_modal_projector.linear_1".into(), &self.projector.linear_1);
-        if let Some(l2) = &self.projector.linear_2 {
-            linear(&mut push, "multi_modal_projector.linear_2".into(), l2);
-        }
-        let lm = &self.language_model;
-        push("language_model.embed_tokens.weight".into(), &lm.embed_tokens);
-        for (i, layer) in lm.layers.iter().enumerate() {
-            let p = format!("language_model.layers.{i}");
-            push(format!("{p}.input_layernorm.weight"), &layer.input_layernorm.weight);
-            push(
-                format!("{p}.post_attention_layernorm.weight"),
-                &layer.post_attention_layernorm.weight,
-            );
-            let a = &layer.self_attn;
-            for (name, l) in [
-                ("q_proj", &a.q_proj),
-                ("k_proj", &a.k_proj),
-                ("v_proj", &a.v_proj),
-                ("o_proj", &a.o_proj),
-            ] {
-                linear(&mut push, format!("{p}.self_attn.{name}"), l);
-            }
-            for (name, l) in [
-                ("gate_proj", &layer.gate_proj),
-                ("up_proj", &layer.up_proj),
-                ("down_proj", &layer.down_proj),
-            ] {
-                linear(&mut push, format!("{p}.mlp.{name}"), l);
-            }
-        }
-        push("language_model.norm.weight".into(), &lm.norm.weight);
-        if let Some(head) = &lm.lm_head {
-            push("lm_head.weight".into(), &head.float());
-        }
+        out.extend(self.language_model.lm_head.as_mut());
         out
     }
 

@@ -1,6 +1,4 @@
 pub mod clip;
-pub mod hook;
-pub mod layer_id;
 pub mod linear;
 pub mod llama;
 pub mod llava;

@@ -10,6 +10,8 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+    /// The canonical name it was loaded under.
+    pub path: String,
 }
 
 impl LayerNorm {
@@ -18,7 +20,13 @@ impl LayerNorm {
             weight: vb.get("weight", &[size], Init::Ones)?,
             bias: vb.get("bias", &[size], Init::Zeros)?,
             eps,
+            path: vb.path(),
         })
+    }
+
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{}.weight", self.path), self.weight.shallow_clone()));
+        out.push((format!("{}.bias", self.path), self.bias.shallow_clone()));
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -34,11 +42,17 @@ impl LayerNorm {
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+    /// The canonical name it was loaded under.
+    pub path: String,
 }
 
 impl RmsNorm {
     pub fn load(vb: &VarBuilder, size: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get("weight", &[size], Init::Ones)?, eps })
+        Ok(Self { weight: vb.get("weight", &[size], Init::Ones)?, eps, path: vb.path() })
+    }
+
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{}.weight", self.path), self.weight.shallow_clone()));
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

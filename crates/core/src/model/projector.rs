@@ -4,11 +4,11 @@
 use tch::Tensor;
 
 use crate::error::Result;
+use crate::hook::LinearHook;
 use crate::io::config::{Activation, LlavaConfig, ProjectorKind};
 use crate::io::weights::VarBuilder;
+use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::clip::activate;
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::{LayerId, Slot, Tower};
 use crate::model::linear::Linear;
 
 #[derive(Debug)]
@@ -39,6 +39,12 @@ impl Projector {
         match &self.linear_2 {
             Some(l2) => l2.forward(&activate(self.act, &h), hook),
             None => h,
+        }
+    }
+
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        for l in self.linears() {
+            l.named_tensors(out);
         }
     }
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::LayerId;
+use crate::hook::LinearHook;
+use crate::layer_id::LayerId;
 use crate::quant::observer::SiteStats;
 use crate::quant::spec::{ActSpec, Clip, Granularity, RangeMode};
 use crate::quant::uniform::QParams;

@@ -2,7 +2,6 @@
 //! observers, weight quantizers (RTN, NF4, AWQ), packed storage and real low-bit kernels.
 
 pub mod activation;
-pub mod checkpoint;
 pub mod int4_avx512;
 pub mod nf4;
 pub mod observer;

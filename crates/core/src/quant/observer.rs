@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::model::hook::LinearHook;
-use crate::model::layer_id::LayerId;
+use crate::hook::LinearHook;
+use crate::layer_id::LayerId;
 
 /// Histograms of rows (one per channel, token position, or the whole tensor) over fixed ranges.
 #[derive(Debug)]
@@ -265,7 +265,7 @@ impl LinearHook for Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layer_id::{Slot, Tower};
+    use crate::layer_id::{Slot, Tower};
 
     fn id() -> LayerId {
         LayerId::new(Tower::Language, 0, Slot::QProj)

@@ -24,8 +24,6 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::layer_id::LayerId;
-use crate::model::linear::{Linear, LinearWeight};
 use crate::quant::int4_avx512::{self, Int4Weight};
 use crate::quant::nf4::{Absmax, Nf4Weight};
 use crate::quant::spec::{Granularity, WeightSpec};
@@ -919,24 +917,6 @@ fn own_int4_matmul(w: &Int4Weight, x: &Tensor) -> std::result::Result<Tensor, Tc
         TchError::Kind(format!("own int4 kernel refused activations {:?}", x.size()))
     })?;
     Ok(Tensor::from_slice(&y).reshape([m, n as i64]).to_device(x.device()))
-}
-
-/// Replaces the weight of every linear that `spec_of` names a spec for by its packed form;
-/// returns how many were packed. A linear keeps its dtype and device.
-pub fn pack_linears<'a>(
-    linears: impl IntoIterator<Item = &'a mut Linear>,
-    mut spec_of: impl FnMut(LayerId) -> Option<PackedSpec>,
-) -> Result<usize> {
-    let _guard = tch::no_grad_guard();
-    let mut packed = 0;
-    for linear in linears {
-        let Some(spec) = spec_of(linear.id) else { continue };
-        let w = linear.float_weight();
-        let p = PackedWeight::quantize(&w, spec, &linear.id.to_string())?;
-        linear.weight = LinearWeight::Packed(p);
-        packed += 1;
-    }
-    Ok(packed)
 }
 
 #[cfg(test)]

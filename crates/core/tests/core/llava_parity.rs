@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use qvlm_core::device::DType;
+use qvlm_core::hook::NoHook;
 use qvlm_core::io::image::{AspectMode, ImageProcessor, ImageProcessorConfig, Rgb8};
 use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::SafetensorsFile;
-use qvlm_core::model::hook::NoHook;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
 use serde_json::Value;
 
@@ -275,7 +275,7 @@ fn stop_strings_end_generation_and_cut_the_answer() {
 
 #[test]
 fn saved_llava_hf_directory_reloads_strictly_with_identical_logits() {
-    use qvlm_core::io::export::save_llava_hf;
+    use qvlm_core::checkpoint::llava_hf::save_llava_hf;
     let dir = llava_fixtures().join("hf_prefixed_sharded");
     let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
     let tmp = super::common::TempDir::new("export");
@@ -295,4 +295,52 @@ fn saved_llava_hf_directory_reloads_strictly_with_identical_logits() {
         b.model.logits(&b.model.prepare(&[p], &[f]).expect("p"), &mut NoHook)
     };
     assert_eq!(max_abs_diff(&run(&bundle), &run(&again)), 0.0);
+}
+
+/// Loading, naming and saving share one set of names: every module keeps the canonical name it
+/// was loaded under, and the model's walk (`named_tensors`) gives each stored tensor exactly once,
+/// under the key the layout stores (the derived buffers transformers writes aside).
+#[test]
+fn the_walk_names_every_stored_tensor_once_under_its_loaded_name() {
+    use qvlm_core::io::naming::Naming;
+    use qvlm_core::io::shards::ShardSet;
+    use qvlm_core::layer_id::{LayerId, Slot, Tower};
+    for fixture in ["hf_mha_mlp", "hf_gqa_full", "hf_prefixed_sharded"] {
+        let dir = llava_fixtures().join(fixture);
+        let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+        let shards = ShardSet::open_dir(&dir).expect("shards");
+        let naming = Naming::detect_hf(&shards, &dir).expect("naming");
+        let mut named: Vec<String> = bundle
+            .model
+            .named_tensors()
+            .into_iter()
+            .map(|(name, _)| naming.stored_key(&name).1)
+            .collect();
+        let count = named.len();
+        named.sort();
+        named.dedup();
+        assert_eq!(named.len(), count, "{fixture}: a tensor is named twice");
+        let stored: Vec<String> =
+            shards.keys().filter(|k| !naming.ignorable(0, k)).map(String::from).collect();
+        assert_eq!(named, stored, "{fixture}");
+    }
+    let bundle = LlavaBundle::load(&llava_fixtures().join("hf_mha_mlp"), &LoadOptions::default())
+        .expect("load");
+    let model = &bundle.model;
+    let layers = model.cfg.text.num_hidden_layers as u32;
+    for (id, path) in [
+        (
+            LayerId::new(Tower::Vision, 0, Slot::OutProj),
+            "vision_tower.encoder.layers.0.self_attn.out_proj",
+        ),
+        (LayerId::new(Tower::Vision, 0, Slot::Fc2), "vision_tower.encoder.layers.0.mlp.fc2"),
+        (LayerId::new(Tower::Projector, 0, Slot::Linear1), "multi_modal_projector.linear_1"),
+        (LayerId::new(Tower::Language, 1, Slot::UpProj), "language_model.layers.1.mlp.up_proj"),
+        (LayerId::new(Tower::Language, 1, Slot::OProj), "language_model.layers.1.self_attn.o_proj"),
+        (LayerId::new(Tower::Language, layers, Slot::LmHead), "lm_head"),
+    ] {
+        let linear = model.linears_and_head().into_iter().find(|l| l.id == id);
+        assert_eq!(linear.map(|l| l.path.as_str()), Some(path), "{id}");
+    }
+    assert!(model.linears().iter().all(|l| l.id.slot != Slot::LmHead));
 }

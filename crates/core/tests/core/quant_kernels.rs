@@ -4,15 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use qvlm_core::model::hook::{LinearHook, NoHook};
-use qvlm_core::model::layer_id::{LayerId, Slot, Tower};
-use qvlm_core::model::linear::LinearWeight;
+use qvlm_core::checkpoint::packed::{apply_quantized, read_manifest, save_quantized, TENSORS_FILE};
+use qvlm_core::hook::{LinearHook, NoHook};
+use qvlm_core::layer_id::{LayerId, Slot, Tower};
+use qvlm_core::model::linear::{pack_linears, LinearWeight};
 use qvlm_core::model::llava::{Llava, LlavaBundle, LoadOptions};
 use qvlm_core::quant::activation::{ActQuantHook, ActQuantizer};
-use qvlm_core::quant::checkpoint::{apply_quantized, read_manifest, save_quantized, TENSORS_FILE};
 use qvlm_core::quant::int4_avx512;
 use qvlm_core::quant::packed::{
-    pack_linears, unpack_nibbles, ActMode, Kernel, PackedFormat, PackedSpec, PackedWeight,
+    unpack_nibbles, ActMode, Kernel, PackedFormat, PackedSpec, PackedWeight,
 };
 use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode};
 use qvlm_core::quant::uniform::Grid;

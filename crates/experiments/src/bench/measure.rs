@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use qvlm_core::hook::NoHook;
 use qvlm_core::io::prompt::Piece;
-use qvlm_core::model::hook::NoHook;
 use qvlm_core::model::llama::KvCache;
 use qvlm_core::model::llava::{Llava, PreparedBatch};
 use tch::{Device, Kind, Tensor};

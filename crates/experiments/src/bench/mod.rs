@@ -341,7 +341,7 @@ fn decode_extra_bytes(model: &Llava) -> i64 {
         .iter()
         .map(|l| size(&l.input_layernorm.weight) + size(&l.post_attention_layernorm.weight))
         .sum();
-    let head = lm.lm_head.as_ref().map_or_else(|| size(&lm.embed_tokens), LinearWeight::bytes);
+    let head = lm.lm_head.as_ref().map_or_else(|| size(&lm.embed_tokens), |h| h.weight.bytes());
     let row = lm.cfg.hidden_size * lm.embed_tokens.kind().elt_size_in_bytes() as i64;
     norms + size(&lm.norm.weight) + head + row
 }
@@ -357,15 +357,13 @@ fn kernels(model: &Llava) -> (String, usize) {
         };
         *counts.entry(name).or_default() += 1;
     }
-    let head = model.language_model.lm_head.as_ref().map(|h| ("lm_head".to_string(), h));
-    let all = model.linears().into_iter().map(|l| (l.id.to_string(), &l.weight)).chain(head);
     let mut fallbacks = 0;
-    for (name, weight) in all {
-        if let LinearWeight::Packed(p) = weight {
+    for linear in model.linears_and_head() {
+        if let LinearWeight::Packed(p) = &linear.weight {
             if p.kernel() == Kernel::Dequantized {
                 fallbacks += 1;
                 tracing::warn!(
-                    layer = %name,
+                    layer = %linear.id,
                     reason = p.fallback_reason().unwrap_or(""),
                     "dequantized fallback"
                 );

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use qvlm_core::model::layer_id::{LayerId, Tower};
+use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::linear::{Linear, LinearWeight};
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
@@ -103,10 +103,11 @@ pub fn decoder_linears(model: &Llava) -> Vec<&Linear> {
 
 /// The part a linear belongs to.
 fn part_of(id: LayerId) -> Part {
-    match id.tower {
-        Tower::Vision => Part::Vision,
-        Tower::Projector => Part::Projector,
-        Tower::Language => Part::Decoder,
+    match (id.tower, id.slot) {
+        (_, Slot::LmHead) => Part::LmHead,
+        (Tower::Vision, _) => Part::Vision,
+        (Tower::Projector, _) => Part::Projector,
+        (Tower::Language, _) => Part::Decoder,
     }
 }
 
@@ -114,15 +115,12 @@ fn part_of(id: LayerId) -> Part {
 /// float `numel · size` or the packed storage's exact bytes. Biases, embeddings and norms stay
 /// float in every scheme and are not counted.
 pub fn packable_bytes(model: &Llava) -> i64 {
-    let linears: i64 = model.linears().iter().map(|l| l.weight.bytes()).sum();
-    linears + model.language_model.lm_head.as_ref().map_or(0, LinearWeight::bytes)
+    model.linears_and_head().iter().map(|l| l.weight.bytes()).sum()
 }
 
 /// How many weights [`apply`] packs for `parts`.
 pub fn packed_count(model: &Llava, parts: &[Part]) -> usize {
-    let linears = model.linears().iter().filter(|l| parts.contains(&part_of(l.id))).count();
-    let head = parts.contains(&Part::LmHead) && model.language_model.lm_head.is_some();
-    linears + usize::from(head)
+    model.linears_and_head().iter().filter(|l| parts.contains(&part_of(l.id))).count()
 }
 
 /// Puts `scheme` into the weights of `parts` of a model built with float weights. A packed weight
@@ -139,31 +137,21 @@ pub fn apply(
 ) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let Some(spec) = scheme.packed_spec(group)? else {
-        let packed = model.linears().iter().any(|l| matches!(l.weight, LinearWeight::Packed(_)))
-            || matches!(model.language_model.lm_head, Some(LinearWeight::Packed(_)));
+        let packed =
+            model.linears_and_head().iter().any(|l| matches!(l.weight, LinearWeight::Packed(_)));
         if packed {
             bail!("{} needs the float model, but it was already packed", scheme.label(group));
         }
         return Ok(());
     };
     let device = model.device();
-    for linear in model.linears_mut() {
+    for linear in model.linears_and_head_mut() {
         if !parts.contains(&part_of(linear.id)) {
             continue;
         }
         let (out, inp) = (linear.out_features, linear.in_features);
         pack(&mut linear.weight, scheme, spec, group, [out, inp], device, &linear.id.to_string())?;
         bar.inc(1);
-    }
-    if parts.contains(&Part::LmHead) {
-        if let Some(head) = &mut model.language_model.lm_head {
-            let shape = match head {
-                LinearWeight::Float(w) => [w.size()[0], w.size()[1]],
-                LinearWeight::Packed(p) => p.shape(),
-            };
-            pack(head, scheme, spec, group, shape, device, "lm_head")?;
-            bar.inc(1);
-        }
     }
     Ok(())
 }

@@ -4,8 +4,8 @@
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use qvlm_core::hook::LinearHook;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::hook::LinearHook;
 use qvlm_core::model::llava::LlavaBundle;
 use qvlm_search::calib::CalibrationSet;
 use tch::Tensor;

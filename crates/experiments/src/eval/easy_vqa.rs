@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use qvlm_core::hook::LinearHook;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::hook::LinearHook;
 use qvlm_core::model::llava::LlavaBundle;
 use serde::Serialize;
 use tch::Tensor;

@@ -21,9 +21,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::{AspectMode, ImageProcessor, ImageProcessorConfig};
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::hook::LinearHook;
 use qvlm_core::model::llava::LlavaBundle;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -378,7 +378,7 @@ mod tests {
     use crate::data::scienceqa::tests::{magnet_problem, temp_dir};
     use crate::data::scienceqa::{ImageLayout, Split};
     use crate::eval::vqa::tests::{assert_same_first_tokens, easy_vqa_image, tiny_bundle};
-    use qvlm_core::model::hook::NoHook;
+    use qvlm_core::hook::NoHook;
     use serde_json::json;
 
     /// Image and text-only questions in one batch: a text-only row has no image slot, and batching

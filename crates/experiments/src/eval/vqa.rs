@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::ImageProcessor;
 use qvlm_core::io::prompt::{Piece, Template};
-use qvlm_core::model::hook::LinearHook;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -258,7 +258,7 @@ pub fn evaluate(
 pub(crate) mod tests {
     use super::*;
     use crate::data::scienceqa::tests::temp_dir;
-    use qvlm_core::model::hook::NoHook;
+    use qvlm_core::hook::NoHook;
     use qvlm_core::model::llava::LoadOptions;
     use serde_json::json;
 

@@ -7,15 +7,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use qvlm_core::checkpoint::llava_hf::save_llava_hf;
+use qvlm_core::hook::NoHook;
 use qvlm_core::io::config::{
     Activation, CheckpointFormat, ClipVisionConfig, LlamaConfig, LlavaConfig, ProjectorKind,
     RopeScaling, SelectFeature,
 };
-use qvlm_core::io::export::save_llava_hf;
 use qvlm_core::io::image::{ImageProcessor, ImageProcessorConfig};
 use qvlm_core::io::prompt::{ImageSplice, Piece, PromptTokenizer, Template, IMAGE_PLACEHOLDER};
 use qvlm_core::io::weights::VarBuilder;
-use qvlm_core::model::hook::NoHook;
 use qvlm_core::model::llava::{Llava, LlavaBundle, LoadOptions};
 use qvlm_core::optim::{AdamW, AdamWConfig};
 use serde::Serialize;

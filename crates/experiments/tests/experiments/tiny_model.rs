@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use experiments::eval::easy_vqa::prompt;
 use experiments::tiny::train::TEMPLATE;
+use qvlm_core::hook::NoHook;
 use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::SafetensorsFile;
-use qvlm_core::model::hook::NoHook;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::{plant_outliers, OutlierSpec};
 use tch::Tensor;

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use qvlm_core::model::layer_id::LayerId;
+use qvlm_core::layer_id::LayerId;
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::Clip;
 use qvlm_core::quant::uniform::QParams;

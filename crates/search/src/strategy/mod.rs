@@ -233,13 +233,13 @@ pub(crate) fn walk_with(
     weights: WeightMethod,
     strategy: &StrategyConfig,
     fixed: &std::collections::BTreeMap<
-        qvlm_core::model::layer_id::LayerId,
+        qvlm_core::layer_id::LayerId,
         Option<qvlm_core::quant::activation::ActQuantizer>,
     >,
     progress: Progress<'_>,
 ) -> Result<(
     Vec<crate::plan::GroupRecord>,
-    std::collections::BTreeMap<qvlm_core::model::layer_id::LayerId, f64>,
+    std::collections::BTreeMap<qvlm_core::layer_id::LayerId, f64>,
 )> {
     let mut groups = Vec::new();
     let mut deps = std::collections::BTreeMap::new();

@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
+use qvlm_core::hook::NoHook;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::hook::NoHook;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::{plant_outliers, OutlierSpec};
 use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
@@ -125,8 +125,10 @@ fn every_strategy_plans_every_site_and_the_plan_round_trips() {
         let plan = run(&mut bundle, &calib, s);
         assert_eq!(plan.sites.len(), n_sites, "{}: every site planned", s.name());
         assert!(
-            plan.sites.iter().all(|sp| sp.act.is_some()
-                == (sp.site.tower() != qvlm_core::model::layer_id::Tower::Projector)),
+            plan.sites
+                .iter()
+                .all(|sp| sp.act.is_some()
+                    == (sp.site.tower() != qvlm_core::layer_id::Tower::Projector)),
             "{}: every vision/language site quantized, the projector in float",
             s.name()
         );
@@ -201,7 +203,7 @@ fn cost_accounting_counts_what_each_strategy_does() {
     let (mut bundle, calib) = setup();
     let n_sites = sites(&bundle.model)
         .iter()
-        .filter(|s| s.id.tower != qvlm_core::model::layer_id::Tower::Projector)
+        .filter(|s| s.id.tower != qvlm_core::layer_id::Tower::Projector)
         .count() as u64;
     let rtn = run(&mut bundle, &calib, &StrategyConfig::Rtn);
     assert_eq!(rtn.cost.candidate_evaluations, 0);

@@ -20,7 +20,7 @@ use tch::Tensor;
 use crate::error::{Error, Result};
 use crate::io::config::LlavaConfig;
 use crate::io::safetensors::{write_safetensors, SafetensorsFile};
-use crate::model::layer_id::{LayerId, Slot, Tower};
+use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::linear::LinearWeight;
 use crate::model::llava::{Llava, LoadOptions};
 use crate::quant::packed::{Kernel, PackedSpec, PackedWeight};
@@ -57,8 +57,8 @@ pub struct ByteReport {
     pub vision: i64,
     pub projector: i64,
     pub language: i64,
-    /// Everything else, in the model's dtype: embeddings, norms, lm_head, and vision layers past
-    /// the feature layer (which never run).
+    /// Everything else: embeddings, norms and vision layers past the feature layer (which never
+    /// run) in the model's dtype, and `lm_head` as held (packed where it is).
     pub float_remainder: i64,
 }
 
@@ -90,22 +90,6 @@ pub struct QuantManifest {
     pub bytes: ByteReport,
 }
 
-/// The canonical tensor prefix of a linear, as `Llava::named_tensors` names it.
-pub fn canonical_prefix(id: LayerId) -> String {
-    let (b, s) = (id.block, id.slot.name());
-    match (id.tower, id.slot) {
-        (Tower::Vision, Slot::Fc1 | Slot::Fc2) => {
-            format!("vision_tower.encoder.layers.{b}.mlp.{s}")
-        }
-        (Tower::Vision, _) => format!("vision_tower.encoder.layers.{b}.self_attn.{s}"),
-        (Tower::Projector, _) => format!("multi_modal_projector.{s}"),
-        (Tower::Language, Slot::GateProj | Slot::UpProj | Slot::DownProj) => {
-            format!("language_model.layers.{b}.mlp.{s}")
-        }
-        (Tower::Language, _) => format!("language_model.layers.{b}.self_attn.{s}"),
-    }
-}
-
 fn packed_name(id: &str, part: &str) -> String {
     format!("{PACKED_PREFIX}.{id}.{part}")
 }
@@ -124,10 +108,13 @@ pub fn save_quantized(model: &Llava, dir: &Path) -> Result<QuantManifest> {
     // Names covered by the quantizable linears: packed weights are replaced by their parts.
     let mut linear_names: BTreeMap<String, Tower> = BTreeMap::new();
     let mut packed_weights: BTreeSet<String> = BTreeSet::new();
-    for linear in model.linears() {
-        let prefix = canonical_prefix(linear.id);
-        linear_names.insert(format!("{prefix}.weight"), linear.id.tower);
-        linear_names.insert(format!("{prefix}.bias"), linear.id.tower);
+    for linear in model.linears_and_head() {
+        let prefix = &linear.path;
+        // lm_head is not a tower's quantizable linear: its bytes count in the remainder.
+        if linear.id.slot != Slot::LmHead {
+            linear_names.insert(format!("{prefix}.weight"), linear.id.tower);
+            linear_names.insert(format!("{prefix}.bias"), linear.id.tower);
+        }
         if let LinearWeight::Packed(p) = &linear.weight {
             let id = linear.id.to_string();
             for (part, t) in p.parts() {
@@ -141,7 +128,10 @@ pub fn save_quantized(model: &Llava, dir: &Path) -> Result<QuantManifest> {
                 bytes: p.bytes(),
                 kernel: p.kernel(),
             };
-            *bytes.tower_mut(linear.id.tower) += entry.bytes;
+            match linear.id.slot {
+                Slot::LmHead => bytes.float_remainder += entry.bytes,
+                _ => *bytes.tower_mut(linear.id.tower) += entry.bytes,
+            }
             layers.insert(id, entry);
             packed_weights.insert(format!("{prefix}.weight"));
         }
@@ -227,8 +217,17 @@ pub fn apply_quantized(model: &mut Llava, dir: &Path) -> Result<QuantManifest> {
     for (id, entry) in &manifest.layers {
         packed.insert(id.parse::<LayerId>()?, entry);
     }
-    let packed_weights: BTreeSet<String> =
-        packed.keys().map(|id| format!("{}.weight", canonical_prefix(*id))).collect();
+    let mut packed_weights: BTreeSet<String> = BTreeSet::new();
+    for id in packed.keys() {
+        let linear =
+            model.linears_and_head().into_iter().find(|l| l.id == *id).ok_or_else(|| {
+                Error::Quant {
+                    layer: id.to_string(),
+                    reason: format!("{}: the model has no such linear", path.display()),
+                }
+            })?;
+        packed_weights.insert(format!("{}.weight", linear.path));
+    }
 
     // Float tensors: overwrite the model's in place (the named tensors share its storage).
     for (name, mut t) in model.named_tensors() {
@@ -255,12 +254,12 @@ pub fn apply_quantized(model: &mut Llava, dir: &Path) -> Result<QuantManifest> {
 
     // Packed layers.
     let device = model.device();
-    let mut linears = model.linears_mut();
+    let mut linears = model.linears_and_head_mut();
     for (id, entry) in &packed {
         let layer = id.to_string();
         let linear = linears.iter_mut().find(|l| l.id == *id).ok_or_else(|| Error::Quant {
             layer: layer.clone(),
-            reason: "the model has no such quantizable linear".into(),
+            reason: "the model has no such linear".into(),
         })?;
         if [linear.out_features, linear.in_features] != [entry.out_features, entry.in_features] {
             return Err(Error::ShapeMismatch {
@@ -315,29 +314,4 @@ pub fn load_quantized(
     let mut model = Llava::load(float_dir, opts)?;
     let manifest = apply_quantized(&mut model, quant_dir)?;
     Ok((model, manifest))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn canonical_prefixes_follow_the_module_tree() {
-        let cases = [
-            (
-                LayerId::new(Tower::Vision, 2, Slot::OutProj),
-                "vision_tower.encoder.layers.2.self_attn.out_proj",
-            ),
-            (LayerId::new(Tower::Vision, 0, Slot::Fc2), "vision_tower.encoder.layers.0.mlp.fc2"),
-            (LayerId::new(Tower::Projector, 0, Slot::Linear1), "multi_modal_projector.linear_1"),
-            (LayerId::new(Tower::Language, 5, Slot::UpProj), "language_model.layers.5.mlp.up_proj"),
-            (
-                LayerId::new(Tower::Language, 1, Slot::OProj),
-                "language_model.layers.1.self_attn.o_proj",
-            ),
-        ];
-        for (id, want) in cases {
-            assert_eq!(canonical_prefix(id), want);
-        }
-    }
 }

@@ -51,6 +51,9 @@ pub enum Slot {
     /// Projector layers (`linear_1`, `linear_2`).
     Linear1,
     Linear2,
+    /// The language model's head (`lm_head`), block = the decoder's layer count (it runs after
+    /// the last layer). Not a search site: `Llava::linears` leaves it out.
+    LmHead,
 }
 
 impl Slot {
@@ -69,10 +72,11 @@ impl Slot {
             Slot::DownProj => "down_proj",
             Slot::Linear1 => "linear_1",
             Slot::Linear2 => "linear_2",
+            Slot::LmHead => "lm_head",
         }
     }
 
-    const ALL: [Slot; 12] = [
+    const ALL: [Slot; 13] = [
         Slot::QProj,
         Slot::KProj,
         Slot::VProj,
@@ -85,6 +89,7 @@ impl Slot {
         Slot::DownProj,
         Slot::Linear1,
         Slot::Linear2,
+        Slot::LmHead,
     ];
 }
 
@@ -150,6 +155,7 @@ mod tests {
             LayerId::new(Tower::Language, 12, Slot::DownProj),
             LayerId::new(Tower::Vision, 0, Slot::Fc1),
             LayerId::new(Tower::Projector, 0, Slot::Linear2),
+            LayerId::new(Tower::Language, 32, Slot::LmHead),
         ] {
             assert_eq!(id.to_string().parse::<LayerId>().ok(), Some(id));
         }

@@ -4,7 +4,7 @@
 
 use tch::Tensor;
 
-use crate::model::layer_id::LayerId;
+use crate::layer_id::LayerId;
 
 /// Sees — and may replace — the input activation of every quantizable linear.
 pub trait LinearHook {
