@@ -10,7 +10,7 @@ use qvlm_core::device::{DType, DeviceSpec};
 use qvlm_core::io::prompt::Template;
 use qvlm_core::model::outliers::OutlierSpec;
 use qvlm_core::quant::spec::{Granularity, RangeMode};
-use qvlm_search::strategy::StrategyConfig;
+use qvlm_search::strategy::config::StrategyConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

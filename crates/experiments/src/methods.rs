@@ -6,8 +6,8 @@ use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
 use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{ActScheme, Scheme, TowerScheme};
-use qvlm_search::strategy::{
-    veo::VeoConfig, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig,
+use qvlm_search::strategy::config::{
+    BaseStrategy, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig, VeoConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -128,8 +128,8 @@ pub const PRESETS: [&str; 11] = [
     "oracle",
 ];
 
-fn blocked(proxy: Proxy, rule: RuleKind) -> StrategyConfig {
-    StrategyConfig::EntropyBlocked(BlockedConfig {
+fn blocked(proxy: Proxy, rule: RuleKind) -> BaseStrategy {
+    BaseStrategy::EntropyBlocked(BlockedConfig {
         proxy,
         rule,
         h0: Threshold::Quantile(0.5),
@@ -137,13 +137,13 @@ fn blocked(proxy: Proxy, rule: RuleKind) -> StrategyConfig {
     })
 }
 
-fn lp_init() -> StrategyConfig {
-    StrategyConfig::LpInit { p: 2.4, ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect() }
+fn lp_init() -> BaseStrategy {
+    BaseStrategy::LpInit { p: 2.4, ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect() }
 }
 
 /// A preset method by name.
 pub fn preset(name: &str) -> Option<MethodSpec> {
-    let m = |weights, strategy, label: &str| MethodSpec {
+    let m = |weights, strategy: StrategyConfig, label: &str| MethodSpec {
         name: name.to_string(),
         weights,
         strategy,
@@ -154,45 +154,45 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
         sweep: None,
     };
     Some(match name {
-        "rtn" => m(WeightFormat::Rtn, StrategyConfig::Rtn, "RTN"),
-        "qlora" => m(WeightFormat::Nf4, lp_init(), "QLoRA"),
-        "awq" => m(WeightFormat::Awq, lp_init(), "AWQ"),
+        "rtn" => m(WeightFormat::Rtn, BaseStrategy::Rtn.into(), "RTN"),
+        "qlora" => m(WeightFormat::Nf4, lp_init().into(), "QLoRA"),
+        "awq" => m(WeightFormat::Awq, lp_init().into(), "AWQ"),
         "zeroquant" => MethodSpec {
             dynamic_activations: true,
-            ..m(WeightFormat::Rtn, StrategyConfig::Rtn, "ZeroQuant-V2")
+            ..m(WeightFormat::Rtn, BaseStrategy::Rtn.into(), "ZeroQuant-V2")
         },
         "sequential" => m(
             WeightFormat::Nf4,
-            StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+            BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
             "Sequential (Eq. 2)",
         ),
-        "cdm" => m(WeightFormat::Nf4, blocked(Proxy::Entropy, RuleKind::Eq7), "+CDM"),
+        "cdm" => m(WeightFormat::Nf4, blocked(Proxy::Entropy, RuleKind::Eq7).into(), "+CDM"),
         "cdm_quant_error" => m(
             WeightFormat::Nf4,
-            blocked(Proxy::QuantError, RuleKind::Eq7),
+            blocked(Proxy::QuantError, RuleKind::Eq7).into(),
             "+CDM (quant-error proxy)",
         ),
         "cdm_released_gate" => m(
             WeightFormat::Nf4,
-            blocked(Proxy::Entropy, RuleKind::ReleasedGate),
+            blocked(Proxy::Entropy, RuleKind::ReleasedGate).into(),
             "+CDM (released gate)",
         ),
         "veo" => m(
             WeightFormat::Nf4,
-            StrategyConfig::Disentangled { veo: VeoConfig::default(), then: Box::new(lp_init()) },
+            StrategyConfig::Disentangled { veo: VeoConfig::default(), then: lp_init() },
             "+VEO",
         ),
         "qvlm" => m(
             WeightFormat::Nf4,
             StrategyConfig::Disentangled {
                 veo: VeoConfig::default(),
-                then: Box::new(blocked(Proxy::Entropy, RuleKind::Eq7)),
+                then: blocked(Proxy::Entropy, RuleKind::Eq7),
             },
             "Q-VLM (CDM+VEO)",
         ),
         "oracle" => m(
             WeightFormat::Nf4,
-            StrategyConfig::Oracle { candidates: CandidateGrid::default(), window: 4 },
+            BaseStrategy::Oracle { candidates: CandidateGrid::default(), window: 4 }.into(),
             "Oracle (joint windows)",
         ),
         _ => return None,

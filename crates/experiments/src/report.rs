@@ -234,14 +234,8 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
             let mut cost_pts = Vec::new();
             for c in cells {
                 let Some(spec) = &c.spec else { continue };
-                let depth = match &spec.strategy {
-                    qvlm_search::strategy::StrategyConfig::EntropyBlocked(b) => b.max_depth,
-                    qvlm_search::strategy::StrategyConfig::Disentangled { then, .. } => {
-                        match then.as_ref() {
-                            qvlm_search::strategy::StrategyConfig::EntropyBlocked(b) => b.max_depth,
-                            _ => continue,
-                        }
-                    }
+                let depth = match spec.strategy.base() {
+                    qvlm_search::strategy::config::BaseStrategy::EntropyBlocked(b) => b.max_depth,
                     _ => continue,
                 };
                 let i = (0..models.len()).find(|&i| {

@@ -13,7 +13,7 @@ use qvlm_core::quant::spec::Clip;
 use qvlm_core::quant::uniform::QParams;
 use tch::{Kind, Tensor};
 
-use super::{BlockedConfig, Proxy, RuleKind};
+use super::config::{BlockedConfig, Progress, Proxy, RuleKind};
 use crate::engine::{quantizes_activations, BlockState, Engine, WeightMethod};
 use crate::entropy::{conditional_entropy, level_distribution, subsample, EntropyConfig};
 use crate::error::Result;
@@ -134,7 +134,7 @@ pub fn measure_dependencies(
     eng: &mut Engine<'_>,
     weights: WeightMethod,
     cfg: &BlockedConfig,
-    progress: super::Progress<'_>,
+    progress: Progress<'_>,
 ) -> Result<BTreeMap<LayerId, f64>> {
     let mut all = BTreeMap::new();
     eng.walk(
@@ -393,6 +393,21 @@ fn record(
     })
 }
 
+/// Decides the sites whose activations stay in float (no quantizer) and returns the others, in
+/// order: what a joint search works on.
+fn decide_float_sites(eng: &mut Engine<'_>, sites: &[usize]) -> Result<Vec<usize>> {
+    let quantizing: Vec<usize> = sites
+        .iter()
+        .copied()
+        .filter(|&i| quantizes_activations(&eng.scheme, &eng.sites[i]))
+        .collect();
+    for &i in sites.iter().filter(|i| !quantizing.contains(i)) {
+        let site = eng.sites[i].clone();
+        eng.decide(&site, None)?;
+    }
+    Ok(quantizing)
+}
+
 /// Eq. 3–7 on one block: dependencies, partition, joint search per group.
 pub fn decide_blocked(
     eng: &mut Engine<'_>,
@@ -403,15 +418,7 @@ pub fn decide_blocked(
     running: &mut Vec<f64>,
 ) -> Result<(Vec<GroupRecord>, BTreeMap<LayerId, f64>)> {
     let clips = cfg.candidates.clips()?;
-    let quantizing: Vec<usize> = sites
-        .iter()
-        .copied()
-        .filter(|&i| quantizes_activations(&eng.scheme, &eng.sites[i]))
-        .collect();
-    for &i in sites.iter().filter(|i| !quantizing.contains(i)) {
-        let site = eng.sites[i].clone();
-        eng.decide(&site, None)?;
-    }
+    let quantizing = decide_float_sites(eng, sites)?;
     let chain = minmax_chain(eng, state, &quantizing)?;
     let deps = block_dependencies(eng, &chain, cfg)?;
     let mut dep_map = BTreeMap::new();
@@ -445,15 +452,7 @@ pub fn decide_windows(
     clips: &[Clip],
     window: usize,
 ) -> Result<Vec<GroupRecord>> {
-    let quantizing: Vec<usize> = sites
-        .iter()
-        .copied()
-        .filter(|&i| quantizes_activations(&eng.scheme, &eng.sites[i]))
-        .collect();
-    for &i in sites.iter().filter(|i| !quantizing.contains(i)) {
-        let site = eng.sites[i].clone();
-        eng.decide(&site, None)?;
-    }
+    let quantizing = decide_float_sites(eng, sites)?;
     let mut records = Vec::new();
     for members in quantizing.chunks(window.max(1)) {
         let joint = joint_search(eng, state, members, clips, usize::MAX)?;

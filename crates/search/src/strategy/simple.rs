@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
+use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::Clip;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use crate::engine::{quantizes_activations, BlockState, Engine};
 use crate::error::Result;
+use crate::site::Site;
 
 /// Every site of the block with one clip setting.
 pub fn decide_fixed(
@@ -16,17 +18,7 @@ pub fn decide_fixed(
     sites: &[usize],
     clip: Clip,
 ) -> Result<()> {
-    for &i in sites {
-        let site = eng.sites[i].clone();
-        if !quantizes_activations(&eng.scheme, &site) {
-            eng.decide(&site, None)?;
-            continue;
-        }
-        let xq = eng.capture_quantized(state, &BTreeMap::new(), &[site.id])?;
-        let q = eng.quantizer(&site, &xq[&site.id], clip)?;
-        eng.decide(&site, q.as_ref())?;
-    }
-    Ok(())
+    decide_each(eng, state, sites, |eng, site, xq| eng.quantizer(site, xq, clip))
 }
 
 /// QLoRA-style initialization: per site, the clip ratio minimising ‖Q(x) − x‖_p^p on the site's
@@ -38,33 +30,21 @@ pub fn decide_lp(
     p: f64,
     ratios: &[f64],
 ) -> Result<()> {
-    for &i in sites {
-        let site = eng.sites[i].clone();
-        if !quantizes_activations(&eng.scheme, &site) {
-            eng.decide(&site, None)?;
-            continue;
-        }
-        let xq = eng.capture_quantized(state, &BTreeMap::new(), &[site.id])?;
-        let x = &xq[&site.id];
-        let scaled = match eng.input_scale(&site) {
+    let clips: Vec<Clip> = ratios.iter().map(|&r| Clip::Ratio(r)).collect();
+    decide_each(eng, state, sites, |eng, site, x| {
+        let scaled = match eng.input_scale(site) {
             Some(s) => x * s.reciprocal().to_device(x.device()),
             None => x.shallow_clone(),
         };
-        let mut best = (f64::INFINITY, None);
-        let clips: Vec<Clip> = ratios.iter().map(|&r| Clip::Ratio(r)).collect();
-        for q in eng.quantizers(&site, x, &clips)? {
-            let Some(q) = q else { continue };
-            let rows = eng.real_rows(&site, &scaled);
-            let qrows = eng.real_rows(&site, &q.apply(&scaled));
+        let candidates = eng.quantizers(site, x, &clips)?.into_iter().flatten();
+        lowest_error(candidates, |q| {
+            let rows = eng.real_rows(site, &scaled);
+            let qrows = eng.real_rows(site, &q.apply(&scaled));
             let err = (qrows - rows).abs().pow_tensor_scalar(p).sum(Kind::Double).double_value(&[]);
             eng.meter.report.candidate_evaluations += 1;
-            if err < best.0 {
-                best = (err, Some(q));
-            }
-        }
-        eng.decide(&site, best.1.as_ref())?;
-    }
-    Ok(())
+            Ok(err)
+        })
+    })
 }
 
 /// Eq. 2: sites in execution order, each picking the candidate that minimises its own
@@ -75,6 +55,22 @@ pub fn decide_sequential(
     sites: &[usize],
     clips: &[Clip],
 ) -> Result<()> {
+    decide_each(eng, state, sites, |eng, site, xq| {
+        let xr = state.float_inputs[&site.id].shallow_clone();
+        let candidates = eng.quantizers(site, xq, clips)?;
+        let best = lowest_error(candidates, |q| eng.site_error(site, q.as_ref(), xq, &xr))?;
+        Ok(best.flatten())
+    })
+}
+
+/// Decides `sites` in order: a site whose activations stay in float gets no quantizer, any other
+/// the one `choose` picks from its input under the already-quantized prefix.
+fn decide_each(
+    eng: &mut Engine<'_>,
+    state: &BlockState<'_>,
+    sites: &[usize],
+    mut choose: impl FnMut(&mut Engine<'_>, &Site, &Tensor) -> Result<Option<ActQuantizer>>,
+) -> Result<()> {
     for &i in sites {
         let site = eng.sites[i].clone();
         if !quantizes_activations(&eng.scheme, &site) {
@@ -82,16 +78,24 @@ pub fn decide_sequential(
             continue;
         }
         let xq = eng.capture_quantized(state, &BTreeMap::new(), &[site.id])?;
-        let xq = &xq[&site.id];
-        let xr = state.float_inputs[&site.id].shallow_clone();
-        let mut best = (f64::INFINITY, None);
-        for q in eng.quantizers(&site, xq, clips)? {
-            let err = eng.site_error(&site, q.as_ref(), xq, &xr)?;
-            if err < best.0 {
-                best = (err, q);
-            }
-        }
-        eng.decide(&site, best.1.as_ref())?;
+        let q = choose(eng, &site, &xq[&site.id])?;
+        eng.decide(&site, q.as_ref())?;
     }
     Ok(())
+}
+
+/// The candidate with the strictly lowest error (the first on ties); `None` when none has a
+/// finite error.
+fn lowest_error<T>(
+    candidates: impl IntoIterator<Item = T>,
+    mut error: impl FnMut(&T) -> Result<f64>,
+) -> Result<Option<T>> {
+    let mut best = (f64::INFINITY, None);
+    for c in candidates {
+        let err = error(&c)?;
+        if err < best.0 {
+            best = (err, Some(c));
+        }
+    }
+    Ok(best.1)
 }

@@ -20,72 +20,16 @@ use qvlm_core::optim::{AdamW, AdamWConfig};
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::{ActSpec, RangeMode};
 use qvlm_core::quant::uniform::{QParams, MIN_SCALE};
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{Progress, StrategyConfig};
+use super::config::{BaseStrategy, Progress, VeoConfig};
+use super::walk::{self, walk_with};
 use crate::calib::CalibrationSet;
 use crate::engine::{Engine, WeightMethod};
 use crate::entropy::{conditional_entropy, level_distribution, subsample, EntropyConfig};
 use crate::error::{setting, Result};
 use crate::plan::{PlanHook, QuantPlan, Scheme};
 use crate::site::{sites, Site};
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VeoConfig {
-    /// λ1, weight of the dependency term L_ent.
-    #[serde(default = "d_lambda1")]
-    pub lambda1: f64,
-    /// λ2, weight of the discretization-error term L_err.
-    #[serde(default = "d_lambda2")]
-    pub lambda2: f64,
-    /// η, weight of the final-output error inside L_err.
-    #[serde(default = "d_eta")]
-    pub eta: f64,
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    #[serde(default = "d_batch")]
-    pub batch_size: usize,
-    /// Learning rate of the range offsets (units of the initial range width).
-    #[serde(default = "d_lr")]
-    pub lr: f64,
-    #[serde(default)]
-    pub entropy: EntropyConfig,
-}
-
-fn d_lambda1() -> f64 {
-    0.1
-}
-fn d_lambda2() -> f64 {
-    1.0
-}
-fn d_eta() -> f64 {
-    0.5
-}
-fn d_epochs() -> usize {
-    10
-}
-fn d_batch() -> usize {
-    8
-}
-fn d_lr() -> f64 {
-    0.01
-}
-
-impl Default for VeoConfig {
-    fn default() -> Self {
-        Self {
-            lambda1: d_lambda1(),
-            lambda2: d_lambda2(),
-            eta: d_eta(),
-            epochs: d_epochs(),
-            batch_size: d_batch(),
-            lr: d_lr(),
-            entropy: EntropyConfig::default(),
-        }
-    }
-}
 
 /// A vision site's learnable range.
 struct Learnable {
@@ -248,7 +192,7 @@ pub fn run(
     scheme: Scheme,
     weights: WeightMethod,
     cfg: &VeoConfig,
-    then: &StrategyConfig,
+    then: &BaseStrategy,
     progress: Progress<'_>,
 ) -> Result<QuantPlan> {
     let vision_act = scheme.vision.act.ok_or_else(|| {
@@ -264,12 +208,12 @@ pub fn run(
         return Err(setting("veo", "epochs and batch_size must be positive"));
     }
     // 1. QLoRA-style initialization of every site (and the weights).
-    let init = super::run(
+    let init = walk::plan(
         model,
         calib,
         scheme,
         weights,
-        &StrategyConfig::LpInit {
+        &BaseStrategy::LpInit {
             p: 2.4,
             ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect(),
         },
@@ -398,7 +342,7 @@ pub fn run(
     let mut engine = Engine::new(model, calib, scheme)?;
     engine.meter.report = init.cost.clone();
     engine.meter.report.model_passes += model_passes + 2 * batches.len() as u64;
-    let (groups, deps) = super::walk_with(&mut engine, weights, then, &fixed, progress)?;
+    let (groups, deps) = walk_with(&mut engine, weights, then, &fixed, progress)?;
     let mut plan = engine.into_plan(&format!("disentangled+{}", then.name()));
     plan.groups = groups;
     plan.dependencies = deps;

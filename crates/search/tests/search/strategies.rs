@@ -15,8 +15,8 @@ use qvlm_search::engine::WeightMethod;
 use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{apply, ActScheme, QuantPlan, Scheme, TowerScheme};
 use qvlm_search::site::sites;
-use qvlm_search::strategy::{
-    self, veo::VeoConfig, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig,
+use qvlm_search::strategy::config::{
+    BaseStrategy, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig, VeoConfig,
 };
 use tch::{Kind, Tensor};
 
@@ -86,12 +86,19 @@ fn w4a4() -> Scheme {
 
 fn run(bundle: &mut LlavaBundle, calib: &CalibrationSet, strategy: &StrategyConfig) -> QuantPlan {
     let mut progress = |_: usize, _: usize, _: &str| {};
-    strategy::run(&mut bundle.model, calib, w4a4(), WeightMethod::Plain, strategy, &mut progress)
-        .expect("strategy runs")
+    qvlm_search::strategy::run(
+        &mut bundle.model,
+        calib,
+        w4a4(),
+        WeightMethod::Plain,
+        strategy,
+        &mut progress,
+    )
+    .expect("strategy runs")
 }
 
-fn blocked(proxy: Proxy, rule: RuleKind) -> StrategyConfig {
-    StrategyConfig::EntropyBlocked(BlockedConfig {
+fn blocked(proxy: Proxy, rule: RuleKind) -> BaseStrategy {
+    BaseStrategy::EntropyBlocked(BlockedConfig {
         proxy,
         rule,
         h0: Threshold::Quantile(0.3),
@@ -106,19 +113,17 @@ fn every_strategy_plans_every_site_and_the_plan_round_trips() {
     let weights_before: Vec<Tensor> =
         bundle.model.linears().iter().map(|l| l.float_weight().copy()).collect();
     let strategies = [
-        StrategyConfig::Rtn,
-        StrategyConfig::LpInit { p: 2.4, ratios: vec![1.0, 0.9, 0.8] },
-        StrategyConfig::Sequential { candidates: CandidateGrid::default() },
-        blocked(Proxy::Entropy, RuleKind::Eq7),
-        blocked(Proxy::QuantError, RuleKind::Eq7),
-        blocked(Proxy::Entropy, RuleKind::ReleasedGate),
-        StrategyConfig::Oracle {
-            candidates: CandidateGrid::Percentile(vec![1.0, 0.99]),
-            window: 3,
-        },
+        BaseStrategy::Rtn.into(),
+        BaseStrategy::LpInit { p: 2.4, ratios: vec![1.0, 0.9, 0.8] }.into(),
+        BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
+        blocked(Proxy::Entropy, RuleKind::Eq7).into(),
+        blocked(Proxy::QuantError, RuleKind::Eq7).into(),
+        blocked(Proxy::Entropy, RuleKind::ReleasedGate).into(),
+        BaseStrategy::Oracle { candidates: CandidateGrid::Percentile(vec![1.0, 0.99]), window: 3 }
+            .into(),
         StrategyConfig::Disentangled {
             veo: VeoConfig { epochs: 1, batch_size: 6, ..VeoConfig::default() },
-            then: Box::new(blocked(Proxy::Entropy, RuleKind::Eq7)),
+            then: blocked(Proxy::Entropy, RuleKind::Eq7),
         },
     ];
     for s in &strategies {
@@ -166,12 +171,12 @@ fn joint_search_never_ends_worse_than_the_sequential_start() {
         blocked(Proxy::Entropy, RuleKind::Eq7),
         // A window of 4 spans sites of different widths (192 → 384), so the DED pair is not the
         // window's ends; three candidates keep its exhaustive search (3⁴ per window) quick.
-        StrategyConfig::Oracle {
+        BaseStrategy::Oracle {
             candidates: CandidateGrid::Percentile(vec![1.0, 0.999, 0.99]),
             window: 4,
         },
     ] {
-        let plan = run(&mut bundle, &calib, &s);
+        let plan = run(&mut bundle, &calib, &s.clone().into());
         assert!(plan.groups.iter().any(|g| g.sites.len() > 1), "{}: some joint groups", s.name());
         for g in &plan.groups {
             assert!(
@@ -183,7 +188,7 @@ fn joint_search_never_ends_worse_than_the_sequential_start() {
                 g.sequential_objective
             );
         }
-        if let StrategyConfig::Oracle { .. } = s {
+        if let BaseStrategy::Oracle { .. } = s {
             assert!(!plan.ded.is_empty(), "oracle records DED points");
             assert!(plan.ded.iter().all(|d| d.ded.is_finite() && d.entropy.is_finite()));
             // Per sample the joint solution may lose; summed over samples it cannot.
@@ -205,12 +210,12 @@ fn cost_accounting_counts_what_each_strategy_does() {
         .iter()
         .filter(|s| s.id.tower != qvlm_core::layer_id::Tower::Projector)
         .count() as u64;
-    let rtn = run(&mut bundle, &calib, &StrategyConfig::Rtn);
+    let rtn = run(&mut bundle, &calib, &BaseStrategy::Rtn.into());
     assert_eq!(rtn.cost.candidate_evaluations, 0);
     let seq = run(
         &mut bundle,
         &calib,
-        &StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+        &BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
     );
     assert_eq!(
         seq.cost.candidate_evaluations,
@@ -227,11 +232,11 @@ fn cost_accounting_counts_what_each_strategy_does() {
 #[test]
 fn searched_clipping_beats_min_max_on_the_planted_model() {
     let (mut bundle, calib) = setup();
-    let rtn = run(&mut bundle, &calib, &StrategyConfig::Rtn);
+    let rtn = run(&mut bundle, &calib, &BaseStrategy::Rtn.into());
     let seq = run(
         &mut bundle,
         &calib,
-        &StrategyConfig::Sequential { candidates: CandidateGrid::default() },
+        &BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
     );
     // Output error of the final hidden states on the calibration data.
     let _guard = tch::no_grad_guard();
@@ -267,9 +272,10 @@ fn constant_zero_nan_and_inf_calibration_data_give_finite_plans() {
     let broken =
         CalibrationSet { pixels, prompts: calib.prompts.clone(), answers: calib.answers.clone() };
     assert!(broken.nonfinite_pixels() > 0);
-    for s in
-        [StrategyConfig::Rtn, StrategyConfig::Sequential { candidates: CandidateGrid::default() }]
-    {
+    for s in [
+        StrategyConfig::from(BaseStrategy::Rtn),
+        BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
+    ] {
         let plan = run(&mut bundle, &broken, &s);
         for sp in &plan.sites {
             if let Some((lo, hi)) = sp.act.as_ref().and_then(|a| a.range.as_ref()) {

@@ -1,0 +1,313 @@
+//! What a strategy is, as configured: the candidate grids, the blocked search's settings, VEO's
+//! settings, the base strategies and the one that wraps a base strategy after VEO. Types only;
+//! no search runs here.
+
+use qvlm_core::quant::spec::Clip;
+use serde::{Deserialize, Serialize};
+
+use crate::entropy::EntropyConfig;
+use crate::error::{setting, Result};
+use crate::partition::Threshold;
+
+/// The paper's percentile grid p ∈ {1.0, 0.995, 0.99, 0.985, 0.98}.
+pub fn paper_percentiles() -> Vec<f64> {
+    vec![1.0, 0.995, 0.99, 0.985, 0.98]
+}
+
+/// Candidate rounding functions of a site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "values")]
+pub enum CandidateGrid {
+    /// Percentiles p of the site's distribution (the paper).
+    Percentile(Vec<f64>),
+    /// Shrink factors of min/max (the released code: 1.0, 0.9, …, 0.4).
+    Ratio(Vec<f64>),
+}
+
+impl Default for CandidateGrid {
+    fn default() -> Self {
+        CandidateGrid::Percentile(paper_percentiles())
+    }
+}
+
+impl CandidateGrid {
+    pub fn clips(&self) -> Result<Vec<Clip>> {
+        let clips: Vec<Clip> = match self {
+            CandidateGrid::Percentile(v) => v.iter().map(|&p| Clip::Percentile(p)).collect(),
+            CandidateGrid::Ratio(v) => v.iter().map(|&r| Clip::Ratio(r)).collect(),
+        };
+        if clips.is_empty() {
+            return Err(setting("candidates", "the candidate grid is empty"));
+        }
+        for c in &clips {
+            c.validate().map_err(|e| setting("candidates", e.to_string()))?;
+        }
+        Ok(clips)
+    }
+}
+
+/// What drives the partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Proxy {
+    /// Conditional entropy of consecutive quantized activations (Eq. 4–6).
+    #[default]
+    Entropy,
+    /// Relative quantization error of consecutive sites (the paper's Table 5 alternative).
+    QuantError,
+}
+
+/// Which partition rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// Eq. 7 (primary).
+    #[default]
+    Eq7,
+    /// The released code's running-mean gate (variant).
+    ReleasedGate,
+}
+
+/// Settings of the cross-layer-dependency-mining search.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockedConfig {
+    #[serde(default)]
+    pub candidates: CandidateGrid,
+    #[serde(default = "default_h0")]
+    pub h0: Threshold,
+    #[serde(default = "default_depth")]
+    pub max_depth: usize,
+    #[serde(default)]
+    pub proxy: Proxy,
+    #[serde(default)]
+    pub rule: RuleKind,
+    /// Joint search is exhaustive while the number of combinations is at most this, coordinate
+    /// descent (from the sequential solution) otherwise.
+    #[serde(default = "default_exhaustive")]
+    pub exhaustive_limit: usize,
+    #[serde(default)]
+    pub entropy: EntropyConfig,
+}
+
+fn default_h0() -> Threshold {
+    Threshold::Quantile(0.5)
+}
+fn default_depth() -> usize {
+    3
+}
+fn default_exhaustive() -> usize {
+    125
+}
+
+impl Default for BlockedConfig {
+    fn default() -> Self {
+        Self {
+            candidates: CandidateGrid::default(),
+            h0: default_h0(),
+            max_depth: default_depth(),
+            proxy: Proxy::Entropy,
+            rule: RuleKind::Eq7,
+            exhaustive_limit: default_exhaustive(),
+            entropy: EntropyConfig::default(),
+        }
+    }
+}
+
+/// A strategy that decides the sites itself (every strategy but `disentangled`, which runs one
+/// of these after VEO).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum BaseStrategy {
+    /// Min–max ranges, no search.
+    Rtn,
+    /// Clip ratio per site minimising the lp distance ‖Q(x) − x‖_p^p (QLoRA-style initialization).
+    LpInit {
+        #[serde(default = "default_lp")]
+        p: f64,
+        #[serde(default = "default_lp_ratios")]
+        ratios: Vec<f64>,
+    },
+    /// Eq. 2: each site minimises its own layer-output error, prefix quantized.
+    Sequential {
+        #[serde(default)]
+        candidates: CandidateGrid,
+    },
+    /// Eq. 3–7.
+    EntropyBlocked(BlockedConfig),
+    /// Joint search over fixed windows of `window` sites (an upper reference for tiny models).
+    Oracle {
+        #[serde(default)]
+        candidates: CandidateGrid,
+        #[serde(default = "default_window")]
+        window: usize,
+    },
+}
+
+/// A strategy, as configured: a base strategy, or VEO followed by one. Written as one table with
+/// a `kind` (`{ kind = "entropy_blocked", … }`, `{ kind = "disentangled", veo = {…}, then =
+/// { kind = "lp_init" } }`); the type admits no nesting of `disentangled`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StrategyConfig {
+    Base(BaseStrategy),
+    /// VEO (Eq. 8–10) on the vision tower, then `then` on the remaining sites.
+    Disentangled {
+        veo: VeoConfig,
+        then: BaseStrategy,
+    },
+}
+
+impl From<BaseStrategy> for StrategyConfig {
+    fn from(base: BaseStrategy) -> Self {
+        StrategyConfig::Base(base)
+    }
+}
+
+/// `disentangled`'s table (its tag first, as serde writes an internally tagged variant, so
+/// serialized plans and cell ids keep the form they had when this was one flat enum).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisentangledTable<V, B> {
+    kind: String,
+    #[serde(default)]
+    veo: V,
+    then: B,
+}
+
+const DISENTANGLED: &str = "disentangled";
+
+impl Serialize for StrategyConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            StrategyConfig::Base(b) => b.serialize(s),
+            StrategyConfig::Disentangled { veo, then } => {
+                DisentangledTable { kind: DISENTANGLED.to_string(), veo, then }.serialize(s)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StrategyConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let table = serde_json::Value::deserialize(d)?;
+        if table.get("kind").and_then(|k| k.as_str()) == Some(DISENTANGLED) {
+            let t: DisentangledTable<VeoConfig, BaseStrategy> = serde_json::from_value(table)
+                .map_err(|e| D::Error::custom(format!("{DISENTANGLED}: {e}")))?;
+            Ok(StrategyConfig::Disentangled { veo: t.veo, then: t.then })
+        } else {
+            let base: BaseStrategy = serde_json::from_value(table).map_err(|e| {
+                let e = e.to_string();
+                // serde lists the base kinds only; `disentangled` is a kind too.
+                D::Error::custom(
+                    e.replace("expected one of ", "expected `disentangled` or one of "),
+                )
+            })?;
+            Ok(StrategyConfig::Base(base))
+        }
+    }
+}
+
+fn default_lp() -> f64 {
+    2.4
+}
+fn default_lp_ratios() -> Vec<f64> {
+    (0..10).map(|i| 1.0 - 0.05 * i as f64).collect()
+}
+fn default_window() -> usize {
+    4
+}
+
+impl BaseStrategy {
+    pub fn name(&self) -> String {
+        match self {
+            BaseStrategy::Rtn => "rtn".into(),
+            BaseStrategy::LpInit { .. } => "lp_init".into(),
+            BaseStrategy::Sequential { .. } => "sequential".into(),
+            BaseStrategy::EntropyBlocked(c) => match (c.proxy, c.rule) {
+                (Proxy::Entropy, RuleKind::Eq7) => "entropy_blocked".into(),
+                (Proxy::QuantError, RuleKind::Eq7) => "entropy_blocked[quant_error]".into(),
+                (Proxy::Entropy, RuleKind::ReleasedGate) => "entropy_blocked[released_gate]".into(),
+                (Proxy::QuantError, RuleKind::ReleasedGate) => {
+                    "entropy_blocked[quant_error,released_gate]".into()
+                }
+            },
+            BaseStrategy::Oracle { window, .. } => format!("oracle[{window}]"),
+        }
+    }
+}
+
+impl StrategyConfig {
+    pub fn name(&self) -> String {
+        match self {
+            StrategyConfig::Base(b) => b.name(),
+            StrategyConfig::Disentangled { then, .. } => format!("{DISENTANGLED}+{}", then.name()),
+        }
+    }
+
+    /// The strategy that decides the sites VEO leaves (all of them without VEO).
+    pub fn base(&self) -> &BaseStrategy {
+        match self {
+            StrategyConfig::Base(b) | StrategyConfig::Disentangled { then: b, .. } => b,
+        }
+    }
+}
+
+/// Progress callback: (done, total, what).
+pub type Progress<'p> = &'p mut dyn FnMut(usize, usize, &str);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VeoConfig {
+    /// λ1, weight of the dependency term L_ent.
+    #[serde(default = "d_lambda1")]
+    pub lambda1: f64,
+    /// λ2, weight of the discretization-error term L_err.
+    #[serde(default = "d_lambda2")]
+    pub lambda2: f64,
+    /// η, weight of the final-output error inside L_err.
+    #[serde(default = "d_eta")]
+    pub eta: f64,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Learning rate of the range offsets (units of the initial range width).
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub entropy: EntropyConfig,
+}
+
+fn d_lambda1() -> f64 {
+    0.1
+}
+fn d_lambda2() -> f64 {
+    1.0
+}
+fn d_eta() -> f64 {
+    0.5
+}
+fn d_epochs() -> usize {
+    10
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_lr() -> f64 {
+    0.01
+}
+
+impl Default for VeoConfig {
+    fn default() -> Self {
+        Self {
+            lambda1: d_lambda1(),
+            lambda2: d_lambda2(),
+            eta: d_eta(),
+            epochs: d_epochs(),
+            batch_size: d_batch(),
+            lr: d_lr(),
+            entropy: EntropyConfig::default(),
+        }
+    }
+}
