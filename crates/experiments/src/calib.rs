@@ -1,44 +1,110 @@
-//! Calibration sets for the searches: vision-language pairs drawn (seeded) from a dataset's
-//! training split.
+//! Calibration sets for the searches, one path for every dataset: `n` vision-language pairs
+//! (prompt, image, answer) drawn without replacement with a seed, tokenized and preprocessed.
+//! easy-VQA and ScienceQA draw from their training splits (image questions only — a calibration
+//! sample carries one image); VQA files draw from the evaluated file itself, as Q-VLM's VQA path
+//! does.
 
-use anyhow::{Context, Result};
-use qvlm_core::io::prompt::Template;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 use qvlm_core::model::llava::LlavaBundle;
+use qvlm_core::rng::SplitMix64;
 use qvlm_search::calib::CalibrationSet;
 use tch::Tensor;
 
-use crate::data::easy_vqa::EasyVqa;
-use crate::data::SplitMix64;
-use crate::eval::easy_vqa::prompt;
+use crate::eval::dataset::EvalData;
+use crate::prompt;
+use crate::prompt::scienceqa::{items, target_text, SqaItem};
 
-/// `n` questions of easy-VQA's training split drawn without replacement with `seed`; each
-/// sample is the prompt, its image and the answer tokens (answer + EOS) for VEO's L_reg.
-pub fn easy_vqa_calibration(
+/// Answers longer than this many tokens are cut (VEO's L_reg needs the first few only).
+const MAX_ANSWER_TOKENS: usize = 64;
+
+/// `n` calibration pairs of `data`, drawn with `seed`.
+pub fn calibration(
+    data: &EvalData,
     bundle: &LlavaBundle,
-    train: &EasyVqa,
-    template: Template,
     n: usize,
     seed: u64,
 ) -> Result<CalibrationSet> {
-    let mut order: Vec<usize> = (0..train.questions.len()).collect();
+    let pairs: Vec<(String, PathBuf, String)> = match data {
+        EvalData::EasyVqa { train, template, .. } => pick(&train.questions, n, seed)
+            .into_iter()
+            .map(|q| {
+                let image = train.image_path(q.image_id).context("image id without a file")?;
+                let prompt = prompt::easy_vqa::prompt(*template, &q.text);
+                Ok((prompt, image.to_path_buf(), q.answer.clone()))
+            })
+            .collect::<Result<_>>()?,
+        EvalData::Scienceqa { train, test, opts, .. } => {
+            let source = train.as_ref().unwrap_or(test);
+            let with_image: Vec<SqaItem> =
+                items(source, opts.format).into_iter().filter(|i| i.image.is_some()).collect();
+            pick(&with_image, n, seed)
+                .into_iter()
+                .map(|item| {
+                    let problem =
+                        source.problem(&item.pid).context("calibration item without a problem")?;
+                    let message = prompt::scienceqa::user_message(
+                        item,
+                        opts.format.single_pred(),
+                        bundle.model.cfg.use_im_start_end,
+                    );
+                    Ok((
+                        opts.template.render(&message),
+                        item.image.clone().context("image")?,
+                        target_text(problem, opts.format),
+                    ))
+                })
+                .collect::<Result<_>>()?
+        }
+        EvalData::Vqa { data, questions, opts } => pick(questions, n, seed)
+            .into_iter()
+            .map(|q| {
+                let message = prompt::vqa::user_message(
+                    q,
+                    opts.short_answer,
+                    bundle.model.cfg.use_im_start_end,
+                );
+                let answer = data
+                    .answers(&q.question_id)
+                    .and_then(|a| a.first().cloned())
+                    .unwrap_or_default();
+                (opts.template.render(&message), data.image_path(q), answer)
+            })
+            .collect(),
+    };
+    build(bundle, pairs)
+}
+
+/// `n` of `items` drawn without replacement with `seed` (all when there are fewer).
+fn pick<T>(items: &[T], n: usize, seed: u64) -> Vec<&T> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
     SplitMix64::new(seed).shuffle(&mut order);
+    order.into_iter().take(n).map(|i| &items[i]).collect()
+}
+
+/// Prompts, images and answer texts (truncated to [`MAX_ANSWER_TOKENS`], EOS appended) → a
+/// calibration set.
+fn build(bundle: &LlavaBundle, pairs: Vec<(String, PathBuf, String)>) -> Result<CalibrationSet> {
+    if pairs.is_empty() {
+        bail!("no calibration pairs with an image in the dataset");
+    }
     let eos = bundle.eos_ids().first().copied();
-    let mut pixels = Vec::with_capacity(n);
-    let mut prompts = Vec::with_capacity(n);
-    let mut answers = Vec::with_capacity(n);
-    for &i in order.iter().take(n) {
-        let q = &train.questions[i];
-        let path = train.image_path(q.image_id).context("image id without a file")?;
+    let mut pixels = Vec::with_capacity(pairs.len());
+    let mut prompts = Vec::with_capacity(pairs.len());
+    let mut answers = Vec::with_capacity(pairs.len());
+    for (prompt, image, answer) in pairs {
         pixels.push(
             bundle
                 .images
-                .preprocess_file(path)
-                .with_context(|| format!("reading {}", path.display()))?,
+                .preprocess_file(&image)
+                .with_context(|| format!("reading {}", image.display()))?,
         );
-        prompts.push(bundle.tokenizer.tokenize_prompt(&prompt(template, &q.text), 1)?);
-        let mut ans = bundle.tokenizer.encode_text(&q.answer, false)?;
-        ans.extend(eos);
-        answers.push(ans);
+        prompts.push(bundle.tokenizer.tokenize_prompt(&prompt, 1)?);
+        let mut ids = bundle.tokenizer.encode_text(&answer, false)?;
+        ids.truncate(MAX_ANSWER_TOKENS);
+        ids.extend(eos);
+        answers.push(ids);
     }
     Ok(CalibrationSet { pixels: Tensor::stack(&pixels, 0), prompts, answers })
 }

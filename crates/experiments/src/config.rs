@@ -1,25 +1,26 @@
-//! The experiment config: TOML with `deny_unknown_fields` everywhere, validated across fields,
-//! resolved into a grid of cells (model × bit-width × method), each with an id that hashes its
-//! resolved settings.
+//! The experiment config: TOML with `deny_unknown_fields` everywhere, typed so that what parses
+//! is valid field by field (bit widths, figures, dataset kinds with only their own keys, counts
+//! that cannot be zero); [`load`] then checks the rules that span fields.
 
-use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use qvlm_core::device::{DType, DeviceSpec};
 use qvlm_core::io::prompt::Template;
 use qvlm_core::model::outliers::OutlierSpec;
-use qvlm_core::quant::spec::{Granularity, RangeMode};
-use qvlm_search::strategy::config::StrategyConfig;
+use qvlm_core::quant::spec::Granularity;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::methods::{preset, MethodSpec};
+use crate::data::scienceqa::Split;
+use crate::methods::{preset, MethodSpec, WeightFormat, PRESETS};
+use crate::prompt::scienceqa::PromptFormat;
+use crate::settings::{Bits, QuantSettings};
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub experiment: Experiment,
+    pub experiment: RunHeader,
     #[serde(default)]
     pub models: Vec<ModelEntry>,
     pub dataset: DatasetConfig,
@@ -36,22 +37,45 @@ pub struct Config {
     pub file: PathBuf,
 }
 
+/// The head of every command's config (`[experiment]`, the bench's `[bench]`): what the run is
+/// called, where it runs, and where its results go.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct Experiment {
+pub struct RunHeader {
     pub name: String,
     #[serde(default)]
     pub description: String,
     #[serde(default)]
     pub device: DeviceSpec,
-    /// libtorch intra-op threads (0 = libtorch's default).
+    /// libtorch intra-op threads (0 = libtorch's default, one per core).
     #[serde(default)]
-    pub threads: i32,
+    pub threads: u16,
     #[serde(default)]
     pub seed: u64,
     /// Results folder (default `results/<name>`).
     #[serde(default)]
     pub results_dir: Option<PathBuf>,
+}
+
+impl RunHeader {
+    /// The results folder: `results_dir`, else `results/<name>`.
+    pub fn results_dir(&self) -> PathBuf {
+        self.results_dir.clone().unwrap_or_else(|| PathBuf::from("results").join(&self.name))
+    }
+
+    /// `name` must be a plain folder name (it becomes `results/<name>`); `table` names the table
+    /// in errors (`experiment`, `bench`).
+    pub fn check(&self, file: &Path, table: &str) -> Result<()> {
+        let name = self.name.trim();
+        if name.is_empty() || name == "." || name == ".." || self.name.contains(['/', '\\']) {
+            bail!(
+                "{}: key `{table}.name`: `{}` is not a plain folder name (it becomes results/<name>)",
+                file.display(),
+                self.name
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -72,60 +96,268 @@ pub struct ModelEntry {
     pub label: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum DatasetKind {
-    /// easy-VQA (`path`: its `data` folder; default inside `.venv`).
-    EasyVqa,
-    /// ScienceQA's official layout (`path`: the folder with problems.json, pid_splits.json and
-    /// images/); `split`, `prompt_format` ("QCM-LEPA" or "CQM-A"), `image_layout`.
-    Scienceqa,
-    /// VQA-style jsonl questions (`questions`, `images`, optional `answers`): VQAv2, VizWiz.
-    Vqa,
+impl ModelEntry {
+    pub fn label(&self) -> String {
+        self.label.clone().unwrap_or_else(|| self.name.clone())
+    }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// `[dataset]`: which benchmark a run evaluates (and draws calibration pairs from), and how its
+/// questions are asked. Written as one flat table with a `kind`; each kind accepts only its own
+/// keys.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(try_from = "DatasetTable", into = "DatasetTable")]
 pub struct DatasetConfig {
-    pub kind: DatasetKind,
-    /// Dataset root (easy-VQA: default inside `.venv`).
-    #[serde(default)]
-    pub path: Option<PathBuf>,
+    pub benchmark: Benchmark,
     /// Evaluate the first `limit` questions of the split (all when absent).
-    #[serde(default)]
-    pub limit: Option<usize>,
-    #[serde(default = "default_template")]
+    pub limit: Option<NonZeroUsize>,
     pub template: Template,
+    pub batch_size: NonZeroUsize,
+    /// Generation length (default per benchmark: ScienceQA 1024 as LLaVA, VQA 128, easy-VQA 4).
+    pub max_new_tokens: Option<NonZeroUsize>,
+}
+
+/// The benchmark and its files.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Benchmark {
+    /// easy-VQA (`path`: its `data` folder; default inside `.venv`).
+    EasyVqa { path: Option<PathBuf> },
+    /// ScienceQA's official layout: `path` holds problems.json, pid_splits.json and images/.
+    Scienceqa {
+        path: PathBuf,
+        /// The evaluated split (default test); calibration pairs come from train.
+        split: Option<Split>,
+        /// QCM-LEPA (LLaVA-v1.3, Q-VLM; the default) or CQM-A (LLaVA-1.5).
+        prompt_format: Option<PromptFormat>,
+        /// Where the images are (default: the official `images/<split>/<pid>/`).
+        images: Option<SqaImages>,
+    },
+    /// VQA-style jsonl questions (VQAv2, VizWiz); without `answers` no accuracy, only agreement
+    /// with float.
+    Vqa { questions: PathBuf, images: PathBuf, answers: Option<PathBuf> },
+}
+
+/// Where a ScienceQA split's images are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqaImages {
+    /// `images/<split>/<pid>/<image>` below the dataset folder (`image_layout = "official"`).
+    Official,
+    /// One split's folder, `<folder>/<pid>/<image>` (`image_layout = "flat"`, `images = …`).
+    Flat(PathBuf),
+}
+
+impl Benchmark {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Benchmark::EasyVqa { .. } => "easy_vqa",
+            Benchmark::Scienceqa { .. } => "scienceqa",
+            Benchmark::Vqa { .. } => "vqa",
+        }
+    }
+
+    /// The files a run reads, by key (checked before a run, not at parse time, so that configs
+    /// for data this machine lacks still parse and dry-run).
+    fn paths(&self) -> Vec<(&'static str, &Path)> {
+        match self {
+            Benchmark::EasyVqa { path } => path.iter().map(|p| ("path", p.as_path())).collect(),
+            Benchmark::Scienceqa { path, images, .. } => {
+                let mut out = vec![("path", path.as_path())];
+                if let Some(SqaImages::Flat(dir)) = images {
+                    out.push(("images", dir.as_path()));
+                }
+                out
+            }
+            Benchmark::Vqa { questions, images, answers } => {
+                let mut out =
+                    vec![("questions", questions.as_path()), ("images", images.as_path())];
+                out.extend(answers.iter().map(|a| ("answers", a.as_path())));
+                out
+            }
+        }
+    }
+}
+
+/// `[dataset]` as written: one flat table. Parsing turns it into a [`DatasetConfig`] (refusing
+/// keys of another kind); serializing a `DatasetConfig` writes it back, so that cell ids (which
+/// hash it) and `config.json` keep the form they always had.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct DatasetTable {
+    kind: DatasetKind,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    limit: Option<NonZeroUsize>,
+    #[serde(default = "default_template")]
+    template: Template,
     #[serde(default = "default_eval_batch")]
-    pub batch_size: usize,
-    /// ScienceQA: the evaluated split (default "test"); calibration uses "train".
+    batch_size: NonZeroUsize,
     #[serde(default)]
-    pub split: Option<String>,
-    /// ScienceQA: "QCM-LEPA" (LLaVA-v1.3, Q-VLM) or "CQM-A" (LLaVA-1.5).
+    split: Option<String>,
     #[serde(default)]
-    pub prompt_format: Option<String>,
-    /// ScienceQA: "official" (`images/<split>/<pid>/`) or "flat" (`images` is one split's folder).
+    prompt_format: Option<String>,
     #[serde(default)]
-    pub image_layout: Option<String>,
-    /// VQA: the jsonl question file.
+    image_layout: Option<String>,
     #[serde(default)]
-    pub questions: Option<PathBuf>,
-    /// VQA: human answers (optional; without them no accuracy, only agreement with float).
+    questions: Option<PathBuf>,
     #[serde(default)]
-    pub answers: Option<PathBuf>,
-    /// VQA: the image folder; ScienceQA with the flat layout: the split's image folder.
+    answers: Option<PathBuf>,
     #[serde(default)]
-    pub images: Option<PathBuf>,
-    /// Generation length (ScienceQA default 1024 as LLaVA; VQA 128; easy-VQA 4).
+    images: Option<PathBuf>,
     #[serde(default)]
-    pub max_new_tokens: Option<usize>,
+    max_new_tokens: Option<NonZeroUsize>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum DatasetKind {
+    EasyVqa,
+    Scienceqa,
+    Vqa,
 }
 
 fn default_template() -> Template {
     Template::LlavaV1
 }
-fn default_eval_batch() -> usize {
-    64
+fn default_eval_batch() -> NonZeroUsize {
+    NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN)
+}
+
+impl TryFrom<DatasetTable> for DatasetConfig {
+    type Error = String;
+
+    fn try_from(t: DatasetTable) -> Result<Self, String> {
+        let kind = t.kind;
+        let unused = |key: &str, set: bool| -> Result<(), String> {
+            match set {
+                true => Err(format!("key `dataset.{key}`: not used by kind = \"{}\"", kind.name())),
+                false => Ok(()),
+            }
+        };
+        let benchmark = match kind {
+            DatasetKind::EasyVqa => {
+                unused("split", t.split.is_some())?;
+                unused("prompt_format", t.prompt_format.is_some())?;
+                unused("image_layout", t.image_layout.is_some())?;
+                unused("questions", t.questions.is_some())?;
+                unused("answers", t.answers.is_some())?;
+                unused("images", t.images.is_some())?;
+                Benchmark::EasyVqa { path: t.path }
+            }
+            DatasetKind::Scienceqa => {
+                unused("questions", t.questions.is_some())?;
+                unused("answers", t.answers.is_some())?;
+                let path = t.path.ok_or(
+                    "key `dataset.path`: ScienceQA needs the folder holding problems.json and \
+                     pid_splits.json",
+                )?;
+                let split = t
+                    .split
+                    .map(|s| s.parse::<Split>().map_err(|e| format!("key `dataset.split`: {e}")))
+                    .transpose()?;
+                let prompt_format = t
+                    .prompt_format
+                    .map(|s| {
+                        s.parse::<PromptFormat>()
+                            .map_err(|e| format!("key `dataset.prompt_format`: {e}"))
+                    })
+                    .transpose()?;
+                let images = match (t.image_layout.as_deref(), t.images) {
+                    (None, None) => None,
+                    (Some("official"), None) => Some(SqaImages::Official),
+                    (Some("flat"), Some(dir)) => Some(SqaImages::Flat(dir)),
+                    (Some("flat"), None) => {
+                        return Err("key `dataset.images`: the flat image layout needs the \
+                                    split's image folder"
+                            .into())
+                    }
+                    (None | Some("official"), Some(_)) => {
+                        return Err("key `dataset.images`: only read with image_layout = \
+                                    \"flat\" (the official layout is images/<split>/<pid>/)"
+                            .into())
+                    }
+                    (Some(other), _) => {
+                        return Err(format!(
+                            "key `dataset.image_layout`: unknown layout `{other}` (official, flat)"
+                        ))
+                    }
+                };
+                Benchmark::Scienceqa { path, split, prompt_format, images }
+            }
+            DatasetKind::Vqa => {
+                unused("path", t.path.is_some())?;
+                unused("split", t.split.is_some())?;
+                unused("prompt_format", t.prompt_format.is_some())?;
+                unused("image_layout", t.image_layout.is_some())?;
+                let (Some(questions), Some(images)) = (t.questions, t.images) else {
+                    return Err("keys `dataset.questions` and `dataset.images` are required for \
+                                kind = \"vqa\""
+                        .into());
+                };
+                Benchmark::Vqa { questions, images, answers: t.answers }
+            }
+        };
+        Ok(DatasetConfig {
+            benchmark,
+            limit: t.limit,
+            template: t.template,
+            batch_size: t.batch_size,
+            max_new_tokens: t.max_new_tokens,
+        })
+    }
+}
+
+impl DatasetKind {
+    fn name(self) -> &'static str {
+        match self {
+            DatasetKind::EasyVqa => "easy_vqa",
+            DatasetKind::Scienceqa => "scienceqa",
+            DatasetKind::Vqa => "vqa",
+        }
+    }
+}
+
+impl From<DatasetConfig> for DatasetTable {
+    fn from(d: DatasetConfig) -> Self {
+        let mut t = DatasetTable {
+            kind: DatasetKind::EasyVqa,
+            path: None,
+            limit: d.limit,
+            template: d.template,
+            batch_size: d.batch_size,
+            split: None,
+            prompt_format: None,
+            image_layout: None,
+            questions: None,
+            answers: None,
+            images: None,
+            max_new_tokens: d.max_new_tokens,
+        };
+        match d.benchmark {
+            Benchmark::EasyVqa { path } => t.path = path,
+            Benchmark::Scienceqa { path, split, prompt_format, images } => {
+                t.kind = DatasetKind::Scienceqa;
+                t.path = Some(path);
+                t.split = split.map(|s| s.name().to_string());
+                t.prompt_format = prompt_format.map(|f| f.name().to_string());
+                match images {
+                    None => {}
+                    Some(SqaImages::Official) => t.image_layout = Some("official".into()),
+                    Some(SqaImages::Flat(dir)) => {
+                        t.image_layout = Some("flat".into());
+                        t.images = Some(dir);
+                    }
+                }
+            }
+            Benchmark::Vqa { questions, images, answers } => {
+                t.kind = DatasetKind::Vqa;
+                t.questions = Some(questions);
+                t.images = Some(images);
+                t.answers = answers;
+            }
+        }
+        t
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -133,11 +365,11 @@ fn default_eval_batch() -> usize {
 pub struct CalibrationConfig {
     /// Vision-language pairs drawn (seeded) from the training split (the paper: 64).
     #[serde(default = "default_calib_samples")]
-    pub samples: usize,
+    pub samples: NonZeroUsize,
 }
 
-fn default_calib_samples() -> usize {
-    64
+fn default_calib_samples() -> NonZeroUsize {
+    NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN)
 }
 
 impl Default for CalibrationConfig {
@@ -146,82 +378,48 @@ impl Default for CalibrationConfig {
     }
 }
 
-/// Activation granularity and range mode of one tower.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ActSettings {
-    pub granularity: Granularity,
-    pub range: RangeMode,
-    #[serde(default)]
-    pub symmetric: bool,
-}
-
-/// Which towers are quantized and how (the bit widths come from the grid).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct QuantSettings {
-    /// Weight group size along the input dimension for RTN/AWQ weights (0 = per output channel).
-    #[serde(default = "default_group")]
-    pub weight_group: i64,
-    /// NF4 block size (QLoRA: 64) and double quantization.
-    #[serde(default = "default_nf4_block")]
-    pub nf4_block: i64,
-    #[serde(default = "default_true")]
-    pub nf4_double_quant: bool,
-    /// Vision activations: per token, static (Outlier Suppression-style, as in the paper).
-    #[serde(default = "default_vision_act")]
-    pub vision_act: ActSettings,
-    /// Language activations: per channel, static (RPTQ-style, as in the paper).
-    #[serde(default = "default_language_act")]
-    pub language_act: ActSettings,
-    /// Quantize the projector (Q-VLM's code keeps it in float).
-    #[serde(default)]
-    pub quantize_projector: bool,
-    /// Quantize the vision tower (the paper does; Q-VLM's released code does not).
-    #[serde(default = "default_true")]
-    pub quantize_vision: bool,
-}
-
-fn default_group() -> i64 {
-    64
-}
-fn default_nf4_block() -> i64 {
-    64
-}
-fn default_true() -> bool {
-    true
-}
-fn default_vision_act() -> ActSettings {
-    ActSettings { granularity: Granularity::PerToken, range: RangeMode::Static, symmetric: false }
-}
-fn default_language_act() -> ActSettings {
-    ActSettings { granularity: Granularity::PerChannel, range: RangeMode::Static, symmetric: false }
-}
-
-impl Default for QuantSettings {
-    fn default() -> Self {
-        Self {
-            weight_group: default_group(),
-            nf4_block: default_nf4_block(),
-            nf4_double_quant: true,
-            vision_act: default_vision_act(),
-            language_act: default_language_act(),
-            quantize_projector: false,
-            quantize_vision: true,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GridConfig {
     pub models: Vec<String>,
     /// Bit settings like "W4A4", "W6A6", "W8A8", "W4A16" (16 = float).
-    pub bits: Vec<String>,
+    pub bits: Vec<Bits>,
     pub methods: Vec<String>,
     /// Also evaluate each model in float (the reference for KL / agreement).
     #[serde(default = "default_true")]
     pub include_float: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A figure a run can draw (from its tables).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Figure {
+    /// Grouped bars: accuracy per method, one group per bit width (Table 1).
+    AccuracyByMethod,
+    /// Accuracy against the methods' `sweep` values, one line per bit width (Fig. 3b).
+    AccuracyVsSweep,
+    /// DED against the dependency entropy per calibration sample (Fig. 2).
+    DedVsEntropy,
+    /// Accuracy and search cost against the maximum block depth (Fig. 3a).
+    DepthTradeoff,
+    /// Accuracy by bits × method (the sensitivity map).
+    SensitivityHeatmap,
+}
+
+impl Figure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Figure::AccuracyByMethod => "accuracy_by_method",
+            Figure::AccuracyVsSweep => "accuracy_vs_sweep",
+            Figure::DedVsEntropy => "ded_vs_entropy",
+            Figure::DepthTradeoff => "depth_tradeoff",
+            Figure::SensitivityHeatmap => "sensitivity_heatmap",
+        }
+    }
 }
 
 /// Which tables and figures the run writes.
@@ -231,57 +429,8 @@ pub struct Outputs {
     /// Paper tables to compare against (file names under `paper/`), e.g. "table1_components".
     #[serde(default)]
     pub paper: Vec<String>,
-    /// Figures: "accuracy_by_method", "ded_vs_entropy", "depth_tradeoff", "sensitivity_heatmap".
     #[serde(default)]
-    pub figures: Vec<String>,
-}
-
-/// Bit widths of a cell; 16 means float.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
-pub struct Bits {
-    pub w: u8,
-    pub a: u8,
-}
-
-impl Bits {
-    pub fn parse(s: &str) -> Option<Bits> {
-        let rest = s.strip_prefix('W')?;
-        let (w, a) = rest.split_once('A')?;
-        let (w, a): (u8, u8) = (w.parse().ok()?, a.parse().ok()?);
-        let ok = |b: u8| (2..=8).contains(&b) || b == 16;
-        (ok(w) && ok(a)).then_some(Bits { w, a })
-    }
-
-    pub fn label(self) -> String {
-        format!("W{}A{}", self.w, self.a)
-    }
-}
-
-/// One resolved cell of the grid.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Cell {
-    pub id: String,
-    pub model: ModelEntry,
-    pub bits: Option<Bits>,
-    pub method: String,
-    /// Resolved method (weights + strategy); absent for the float reference.
-    pub spec: Option<MethodSpec>,
-    pub quant: QuantSettings,
-    pub calibration: CalibrationConfig,
-    pub dataset: DatasetConfig,
-    pub seed: u64,
-}
-
-impl Cell {
-    pub fn is_float(&self) -> bool {
-        self.spec.is_none()
-    }
-}
-
-fn cell_id(value: &impl Serialize) -> Result<String> {
-    let json = serde_json::to_string(value)?;
-    let digest = Sha256::digest(json.as_bytes());
-    Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
+    pub figures: Vec<Figure>,
 }
 
 pub fn load(path: &Path) -> Result<Config> {
@@ -294,23 +443,19 @@ pub fn load(path: &Path) -> Result<Config> {
     Ok(cfg)
 }
 
+/// The rules that span fields (or reach into types of the other crates).
 fn validate(cfg: &Config) -> Result<()> {
     let f = cfg.file.display();
-    if cfg.experiment.name.trim().is_empty() || cfg.experiment.name.contains(['/', '\\']) {
-        bail!("{f}: key `experiment.name`: must be a non-empty folder name");
-    }
-    if cfg.experiment.threads < 0 {
-        bail!("{f}: key `experiment.threads`: must be ≥ 0");
-    }
+    cfg.experiment.check(&cfg.file, "experiment")?;
     let mut names = std::collections::BTreeSet::new();
     for m in &cfg.models {
         if !names.insert(m.name.as_str()) {
             bail!("{f}: key `models`: model `{}` is defined twice", m.name);
         }
         if let Some(o) = &m.outliers {
-            if o.channels == 0 || o.scale <= 0.0 {
+            if o.channels == 0 || !(o.scale.is_finite() && o.scale > 0.0) {
                 bail!(
-                    "{f}: key `models.outliers` of `{}`: channels and scale must be positive",
+                    "{f}: key `models.outliers` of `{}`: channels and scale must be positive (and finite)",
                     m.name
                 );
             }
@@ -324,80 +469,25 @@ fn validate(cfg: &Config) -> Result<()> {
             bail!("{f}: key `grid.models`: unknown model `{m}` (define it under [[models]])");
         }
     }
-    for b in &cfg.grid.bits {
-        if Bits::parse(b).is_none() {
-            bail!("{f}: key `grid.bits`: `{b}` is not W<bits>A<bits> with bits 2–8 or 16");
-        }
-    }
-    if cfg.quant.language_act.granularity == Granularity::PerToken
-        && cfg.quant.language_act.range == RangeMode::Static
-    {
+    if cfg.quant.language_act.is_static_per_token() {
         bail!("{f}: key `quant.language_act`: static per-token ranges need a fixed sequence length; use range = \"dynamic\" for per-token language activations");
     }
     for m in &cfg.grid.methods {
         let Some(spec) = resolve_method(cfg, m) else {
             bail!(
                 "{f}: key `grid.methods`: unknown method `{m}` (presets: {}; or define it under [[methods]])",
-                crate::methods::PRESETS.join(", ")
+                PRESETS.join(", ")
             );
         };
         let act = spec.language_act.unwrap_or(cfg.quant.language_act);
-        if act.granularity == Granularity::PerToken
-            && act.range == RangeMode::Static
-            && !spec.dynamic_activations
-        {
+        if act.is_static_per_token() && !spec.dynamic_activations {
             bail!("{f}: method `{m}`: static per-token language activations need a fixed sequence length; use range = \"dynamic\"");
         }
-    }
-    let d = &cfg.dataset;
-    match d.kind {
-        DatasetKind::EasyVqa => {
-            for (key, set) in [
-                ("split", d.split.is_some()),
-                ("prompt_format", d.prompt_format.is_some()),
-                ("questions", d.questions.is_some()),
-                ("answers", d.answers.is_some()),
-                ("images", d.images.is_some()),
-                ("image_layout", d.image_layout.is_some()),
-            ] {
-                if set {
-                    bail!("{f}: key `dataset.{key}`: not used by easy_vqa");
-                }
+        if let WeightFormat::Awq(a) = spec.weights {
+            if a.grid == 0 || a.clip_steps < 2 {
+                bail!("{f}: method `{m}`: awq needs grid ≥ 1 and clip_steps ≥ 2");
             }
         }
-        DatasetKind::Scienceqa => {
-            if d.path.is_none() {
-                bail!("{f}: key `dataset.path`: ScienceQA needs the folder holding problems.json and pid_splits.json");
-            }
-            if let Some(s) = &d.split {
-                s.parse::<crate::data::scienceqa::Split>()
-                    .map_err(|e| anyhow::anyhow!("{f}: key `dataset.split`: {e}"))?;
-            }
-            if let Some(p) = &d.prompt_format {
-                p.parse::<crate::data::scienceqa::PromptFormat>()
-                    .map_err(|e| anyhow::anyhow!("{f}: key `dataset.prompt_format`: {e}"))?;
-            }
-            match d.image_layout.as_deref() {
-                None | Some("official") => {}
-                Some("flat") if d.images.is_some() => {}
-                Some("flat") => bail!("{f}: key `dataset.images`: the flat image layout needs the split's image folder"),
-                Some(other) => bail!("{f}: key `dataset.image_layout`: unknown layout `{other}` (official, flat)"),
-            }
-        }
-        DatasetKind::Vqa => {
-            if d.questions.is_none() || d.images.is_none() {
-                bail!("{f}: keys `dataset.questions` and `dataset.images` are required for vqa");
-            }
-        }
-    }
-    if d.max_new_tokens == Some(0) {
-        bail!("{f}: key `dataset.max_new_tokens`: must be at least 1");
-    }
-    if cfg.calibration.samples == 0 {
-        bail!("{f}: key `calibration.samples`: must be at least 1");
-    }
-    if cfg.dataset.batch_size == 0 {
-        bail!("{f}: key `dataset.batch_size`: must be at least 1");
     }
     let q = &cfg.quant;
     if q.weight_group < 0 || q.nf4_block <= 0 {
@@ -415,14 +505,6 @@ fn validate(cfg: &Config) -> Result<()> {
             bail!("{f}: key `outputs.paper`: no paper/{o}.csv");
         }
     }
-    for fig in &cfg.outputs.figures {
-        if !crate::figure::FIGURES.contains(&fig.as_str()) {
-            bail!(
-                "{f}: key `outputs.figures`: unknown figure `{fig}` ({})",
-                crate::figure::FIGURES.join(", ")
-            );
-        }
-    }
     Ok(())
 }
 
@@ -430,17 +512,9 @@ fn validate(cfg: &Config) -> Result<()> {
 /// so that configs for data this machine lacks still parse, resolve and dry-run.
 pub fn check_paths(cfg: &Config) -> Result<()> {
     let f = cfg.file.display();
-    let d = &cfg.dataset;
-    for (key, p) in [
-        ("path", &d.path),
-        ("questions", &d.questions),
-        ("answers", &d.answers),
-        ("images", &d.images),
-    ] {
-        if let Some(p) = p {
-            if !p.exists() {
-                bail!("{f}: key `dataset.{key}`: {} does not exist", p.display());
-            }
+    for (key, p) in cfg.dataset.benchmark.paths() {
+        if !p.exists() {
+            bail!("{f}: key `dataset.{key}`: {} does not exist", p.display());
         }
     }
     for m in cfg.models.iter().filter(|m| cfg.grid.models.contains(&m.name)) {
@@ -470,75 +544,76 @@ pub fn resolve_method(cfg: &Config, name: &str) -> Option<MethodSpec> {
     cfg.methods.iter().find(|m| m.name == name).cloned().or_else(|| preset(name))
 }
 
-/// The grid's cells in a stable order (model, bits, method), float references first.
-pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
-    let mut out = Vec::new();
-    for model_name in &cfg.grid.models {
-        let model = cfg
-            .models
-            .iter()
-            .find(|m| &m.name == model_name)
-            .context("model checked in validate")?;
-        let mut push = |bits: Option<Bits>, method: &str, spec: Option<MethodSpec>| -> Result<()> {
-            let mut cell = Cell {
-                id: String::new(),
-                model: model.clone(),
-                bits,
-                method: method.to_string(),
-                spec,
-                quant: cfg.quant.clone(),
-                calibration: cfg.calibration.clone(),
-                dataset: cfg.dataset.clone(),
-                seed: cfg.experiment.seed,
-            };
-            cell.id = cell_id(&cell)?;
-            out.push(cell);
-            Ok(())
-        };
-        if cfg.grid.include_float {
-            push(None, "fp", None)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset(text: &str) -> Result<DatasetConfig, String> {
+        #[derive(Deserialize)]
+        struct Wrap {
+            dataset: DatasetConfig,
         }
-        for b in &cfg.grid.bits {
-            let bits = Bits::parse(b).context("bits checked in validate")?;
-            for m in &cfg.grid.methods {
-                let spec = resolve_method(cfg, m).context("method checked in validate")?;
-                push(Some(bits), m, Some(spec))?;
+        toml::from_str::<Wrap>(text).map(|w| w.dataset).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn each_dataset_kind_takes_only_its_own_keys() {
+        let sqa = dataset(
+            "[dataset]\nkind = \"scienceqa\"\npath = \"x\"\nsplit = \"val\"\nprompt_format = \"CQM-A\"",
+        )
+        .expect("scienceqa");
+        assert_eq!(
+            sqa.benchmark,
+            Benchmark::Scienceqa {
+                path: "x".into(),
+                split: Some(Split::Val),
+                prompt_format: Some(PromptFormat::CqmA),
+                images: None
             }
+        );
+        for (text, wanted) in [
+            (
+                "kind = \"easy_vqa\"\nsplit = \"test\"",
+                "key `dataset.split`: not used by kind = \"easy_vqa\"",
+            ),
+            (
+                "kind = \"vqa\"\nquestions = \"q\"\nimages = \"i\"\npath = \"p\"",
+                "key `dataset.path`",
+            ),
+            ("kind = \"vqa\"\nquestions = \"q\"", "`dataset.images` are required"),
+            ("kind = \"scienceqa\"", "key `dataset.path`"),
+            ("kind = \"scienceqa\"\npath = \"p\"\nsplit = \"dev\"", "unknown ScienceQA split"),
+            ("kind = \"scienceqa\"\npath = \"p\"\nimages = \"i\"", "only read with image_layout"),
+            (
+                "kind = \"scienceqa\"\npath = \"p\"\nimage_layout = \"flat\"",
+                "needs the split's image folder",
+            ),
+            ("kind = \"easy_vqa\"\nbatch_size = 0", "nonzero"),
+            ("kind = \"easy_vqa\"\nlimitt = 3", "unknown field `limitt`"),
+        ] {
+            let err = dataset(&format!("[dataset]\n{text}")).expect_err(text);
+            assert!(err.contains(wanted), "{text}: {err}");
         }
     }
-    Ok(out)
-}
 
-pub fn print_plan(cfg: &Config, cells: &[Cell]) {
-    println!(
-        "experiment `{}` from {} — {} cells",
-        cfg.experiment.name,
-        cfg.file.display(),
-        cells.len()
-    );
-    for c in cells {
-        let bits = c.bits.map(Bits::label).unwrap_or_else(|| "FP".into());
-        let strategy = c.spec.as_ref().map(|s| s.strategy_name()).unwrap_or_else(|| "float".into());
-        println!("  {}  {:<22} {:<6} {:<14} {}", c.id, c.model.name, bits, c.method, strategy);
+    #[test]
+    fn a_dataset_serializes_to_the_table_it_was_read_from() {
+        for text in [
+            "kind = \"easy_vqa\"\nlimit = 10",
+            "kind = \"scienceqa\"\npath = \"p\"\nimage_layout = \"flat\"\nimages = \"i\"",
+            "kind = \"vqa\"\nquestions = \"q\"\nimages = \"i\"\nanswers = \"a\"\nmax_new_tokens = 3",
+        ] {
+            let d = dataset(&format!("[dataset]\n{text}")).expect(text);
+            let table: toml::Value = toml::from_str(text).expect("toml");
+            let mut written = serde_json::to_value(&d).expect("json");
+            // Absent keys are written as null (and defaults filled in): compare what was given.
+            let given = serde_json::to_value(&table).expect("json");
+            for (k, v) in given.as_object().expect("table") {
+                assert_eq!(written[k], *v, "{text}: {k}");
+            }
+            written.as_object_mut().expect("object").retain(|_, v| !v.is_null());
+            let again: DatasetConfig = serde_json::from_value(written).expect("reparse");
+            assert_eq!(again, d);
+        }
     }
-}
-
-pub fn results_dir(cfg: &Config) -> PathBuf {
-    cfg.experiment
-        .results_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("results").join(&cfg.experiment.name))
-}
-
-/// Strategy names by cell (for reports).
-pub fn strategy_of(spec: &MethodSpec) -> &StrategyConfig {
-    &spec.strategy
-}
-
-/// Labels of models for tables.
-pub fn model_labels(cfg: &Config) -> BTreeMap<String, String> {
-    cfg.models
-        .iter()
-        .map(|m| (m.name.clone(), m.label.clone().unwrap_or_else(|| m.name.clone())))
-        .collect()
 }

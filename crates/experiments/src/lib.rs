@@ -1,5 +1,15 @@
 //! The experiments crate: configs, the grid runner, evaluations, tables and figures, and the
 //! embedded tiny LLaVA. The `experiments` binary (main.rs) is a thin CLI over this library.
+//!
+//! Modules, bottom to top (each imports only from those above it in this list):
+//! - [`progress`], [`results`] (a run's results folder: layout, lock, atomic writes), [`memory`];
+//! - [`settings`] (bit widths, activation and weight settings) ← [`methods`] (presets and
+//!   `[[methods]]`) ← [`config`] (the experiment config) ← [`grid`] (cells and their ids);
+//! - [`data`] (dataset files, read only) ← [`prompt`] (every benchmark's prompts) ← [`eval`]
+//!   (generation and scoring per benchmark) ← [`calib`] (calibration pairs of every dataset);
+//! - [`run`] (the grid runner) → [`table`] (tables from the cells' result files) → [`report`]
+//!   (figures and `report.md` from the tables) with [`figure`] (plotters);
+//! - [`bench`] (the efficiency benchmark), [`tiny`] (the embedded model's training), [`cli`].
 
 pub mod bench;
 pub mod calib;
@@ -8,9 +18,14 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod figure;
+pub mod grid;
 pub mod memory;
 pub mod methods;
+pub mod progress;
+pub mod prompt;
 pub mod report;
+pub mod results;
 pub mod run;
+pub mod settings;
 pub mod table;
 pub mod tiny;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use experiments::{bench, cli, config, tiny};
+use experiments::{bench, cli, config, grid, tiny};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,14 +91,14 @@ fn run() -> Result<()> {
 
 fn run_config(path: &std::path::Path, dry_run: bool) -> Result<()> {
     let cfg = config::load(path)?;
-    let cells = config::cells(&cfg)?;
-    config::print_plan(&cfg, &cells);
+    let cells = grid::cells(&cfg)?;
+    grid::print_plan(&cfg, &cells);
     if dry_run {
         return Ok(());
     }
     config::check_paths(&cfg)?;
     experiments::run::run(&cfg, &cells)?;
-    println!("results in {}", config::results_dir(&cfg).display());
+    println!("results in {}", cfg.experiment.results_dir().display());
     Ok(())
 }
 

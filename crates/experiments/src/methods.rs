@@ -4,6 +4,7 @@
 
 use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
+use qvlm_search::engine::WeightMethod;
 use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{ActScheme, Scheme, TowerScheme};
 use qvlm_search::strategy::config::{
@@ -11,18 +12,97 @@ use qvlm_search::strategy::config::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ActSettings, Bits, QuantSettings};
+use crate::settings::{ActSettings, Bits, QuantSettings};
 
-/// How weights are quantized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// How weights are quantized. Written `"rtn"`, `"nf4"`, `"awq"` (AWQ at its default search), or
+/// `{ awq = { grid = 20, clip_steps = 11 } }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
     /// Round-to-nearest, group-wise (`quant.weight_group`).
     Rtn,
     /// QLoRA's NF4 (4-bit only; other widths fall back to group-wise RTN).
     Nf4,
     /// AWQ scales and clipping, then group-wise RTN.
-    Awq,
+    Awq(AwqSettings),
+}
+
+/// AWQ's search (llm-awq's `auto_scale` grid of α values and `auto_clip` steps; the defaults are
+/// llm-awq's `n_grid = 20` and the clip ratios 1.0 … 0.5 in 11 steps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwqSettings {
+    #[serde(default = "default_awq_grid")]
+    pub grid: usize,
+    #[serde(default = "default_awq_clip_steps")]
+    pub clip_steps: usize,
+}
+
+fn default_awq_grid() -> usize {
+    20
+}
+fn default_awq_clip_steps() -> usize {
+    11
+}
+
+impl Default for AwqSettings {
+    fn default() -> Self {
+        Self { grid: default_awq_grid(), clip_steps: default_awq_clip_steps() }
+    }
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Rtn => "rtn",
+            WeightFormat::Nf4 => "nf4",
+            WeightFormat::Awq(_) => "awq",
+        }
+    }
+
+    /// How the search treats the weights.
+    pub fn search_method(self) -> WeightMethod {
+        match self {
+            WeightFormat::Awq(a) => WeightMethod::Awq { grid: a.grid, clip_steps: a.clip_steps },
+            WeightFormat::Rtn | WeightFormat::Nf4 => WeightMethod::Plain,
+        }
+    }
+}
+
+impl Serialize for WeightFormat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // The bare name at AWQ's defaults, as before AWQ had settings (cell ids hash this).
+            WeightFormat::Awq(a) if *a != AwqSettings::default() => {
+                std::collections::BTreeMap::from([("awq", a)]).serialize(s)
+            }
+            other => s.serialize_str(other.name()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WeightFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        match &value {
+            serde_json::Value::String(name) => match name.as_str() {
+                "rtn" => Ok(WeightFormat::Rtn),
+                "nf4" => Ok(WeightFormat::Nf4),
+                "awq" => Ok(WeightFormat::Awq(AwqSettings::default())),
+                other => Err(D::Error::custom(format!(
+                    "unknown weight format `{other}` (rtn, nf4, awq, or {{ awq = {{ grid, clip_steps }} }})"
+                ))),
+            },
+            serde_json::Value::Object(table) if table.len() == 1 && table.contains_key("awq") => {
+                let settings = serde_json::from_value(table["awq"].clone())
+                    .map_err(|e| D::Error::custom(format!("awq: {e}")))?;
+                Ok(WeightFormat::Awq(settings))
+            }
+            _ => Err(D::Error::custom(
+                "weights: expected rtn, nf4, awq or { awq = { grid, clip_steps } }",
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,7 +139,7 @@ pub struct SweepPoint {
 
 impl MethodSpec {
     pub fn strategy_name(&self) -> String {
-        format!("{:?}/{}", self.weights, self.strategy.name()).to_lowercase()
+        format!("{}/{}", self.weights.name(), self.strategy.name())
     }
 
     pub fn label(&self) -> String {
@@ -84,7 +164,7 @@ impl MethodSpec {
                 _ => rtn,
             })
         };
-        let act = |s: crate::config::ActSettings| -> Option<ActScheme> {
+        let act = |s: ActSettings| -> Option<ActScheme> {
             let (granularity, range) = if self.dynamic_activations {
                 (Granularity::PerToken, RangeMode::Dynamic)
             } else {
@@ -156,7 +236,7 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
     Some(match name {
         "rtn" => m(WeightFormat::Rtn, BaseStrategy::Rtn.into(), "RTN"),
         "qlora" => m(WeightFormat::Nf4, lp_init().into(), "QLoRA"),
-        "awq" => m(WeightFormat::Awq, lp_init().into(), "AWQ"),
+        "awq" => m(WeightFormat::Awq(AwqSettings::default()), lp_init().into(), "AWQ"),
         "zeroquant" => MethodSpec {
             dynamic_activations: true,
             ..m(WeightFormat::Rtn, BaseStrategy::Rtn.into(), "ZeroQuant-V2")

@@ -1,5 +1,4 @@
-//! After a run: the tables (polars, from the cells' metric files only), the figures (from the
-//! tables only) and the "paper vs this run" report.
+//! After a run: the figures (from the tables only) and the "paper vs this run" report.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,68 +6,35 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use polars::prelude::DataFrame;
 
-use crate::config::{model_labels, results_dir, Cell, Config};
+use crate::config::{paper_dir, Benchmark, Config, Figure};
 use crate::figure;
-use crate::run::cell_dir;
-use crate::table;
+use crate::results::ResultsDir;
+use crate::table::{self, Tables};
 
-/// Metrics of the summary table, in column order.
-pub const SUMMARY_METRICS: [&str; 12] = [
-    "accuracy",
-    "accuracy_yes_no",
-    "accuracy_shape",
-    "accuracy_color",
-    "kl_vs_float",
-    "top1_agreement",
-    "weight_bytes",
-    "candidate_evaluations",
-    "block_forwards",
-    "model_passes",
-    "groups",
-    "mean_group_depth",
-];
-
-pub fn write_all(cfg: &Config, cells: &[Cell]) -> Result<()> {
-    let dir = results_dir(cfg);
-    let tables = dir.join("tables");
-    let figures = dir.join("figures");
-    std::fs::create_dir_all(&tables).with_context(|| format!("creating {}", tables.display()))?;
-    std::fs::create_dir_all(&figures).with_context(|| format!("creating {}", figures.display()))?;
-    let files: Vec<_> = cells
-        .iter()
-        .map(|c| cell_dir(cfg, &c.id).join("metrics.csv"))
-        .filter(|p| p.is_file())
-        .collect();
-    let long = table::load_metrics(&files)?;
-    let mut long_out = long.clone();
-    table::write(
-        &mut long_out,
-        &tables.join("metrics_long.csv"),
-        &tables.join("metrics_long.md"),
-        "All metrics (long format)",
-        "",
-    )?;
-    let mut summary = table::wide(&long, &SUMMARY_METRICS)?;
-    let note = format!(
-        "Embedded default: {}. Accuracy in %, on the evaluated questions; KL and top-1 agreement of the first answer token against the float model; weight_bytes as stored (quantized layers at their bit width with scales, the rest fp16); search cost as counted by the search.",
-        cfg.experiment.description
-    );
-    table::write(
-        &mut summary,
-        &tables.join("summary.csv"),
-        &tables.join("summary.md"),
-        &format!("{} — summary", cfg.experiment.name),
-        &note,
-    )?;
-    for fig in &cfg.outputs.figures {
-        draw(fig, cfg, cells, &summary, &figures).with_context(|| format!("figure {fig}"))?;
+/// Draws the configured figures and writes `report.md`.
+pub fn write_all(cfg: &Config, tables: &Tables, results: &ResultsDir) -> Result<()> {
+    let figures = results.figures()?;
+    for &fig in &cfg.outputs.figures {
+        draw(fig, cfg, tables, &figures).with_context(|| format!("figure {}", fig.name()))?;
     }
-    paper_report(cfg, cells, &summary, &dir.join("report.md"))?;
-    Ok(())
+    paper_report(cfg, tables, &results.report())
 }
 
-fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path) -> Result<()> {
-    let labels = model_labels(cfg);
+/// `column` of the `cells` table by `key_column` (first row per key).
+fn by_key(cells: &DataFrame, key_column: &str, column: &str) -> Result<BTreeMap<String, String>> {
+    let (keys, values) = (table::strings(cells, key_column)?, table::strings(cells, column)?);
+    let mut out = BTreeMap::new();
+    for (k, v) in keys.into_iter().zip(values) {
+        out.entry(k).or_insert(v);
+    }
+    Ok(out)
+}
+
+fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
+    let summary = &tables.summary;
+    let labels = by_key(&tables.cells, "model", "model_label")?;
+    let grid_bits: Vec<String> = cfg.grid.bits.iter().map(|b| b.label()).collect();
+    let name = fig.name();
     let (models, bits, methods) = (
         table::strings(summary, "model")?,
         table::strings(summary, "bits")?,
@@ -76,11 +42,9 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
     );
     let acc = table::floats(summary, "accuracy")?;
     match fig {
-        "sensitivity_heatmap" => {
+        Figure::SensitivityHeatmap => {
             for model in cfg.grid.models.iter() {
-                let values: Vec<Vec<Option<f64>>> = cfg
-                    .grid
-                    .bits
+                let values: Vec<Vec<Option<f64>>> = grid_bits
                     .iter()
                     .map(|b| {
                         cfg.grid
@@ -105,22 +69,20 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                     float.map_or("–".into(), |f| format!("{f:.1}"))
                 );
                 figure::heatmap(
-                    &out.join(format!("{fig}_{model}")),
+                    &out.join(format!("{name}_{model}")),
                     &title,
-                    &cfg.grid.bits,
+                    &grid_bits,
                     &cfg.grid.methods,
                     &values,
                 )?;
             }
         }
-        "accuracy_by_method" => {
+        Figure::AccuracyByMethod => {
             for model in cfg.grid.models.iter() {
                 let float = (0..models.len())
                     .find(|&i| &models[i] == model && bits[i] == "FP")
                     .and_then(|i| acc[i]);
-                let series: Vec<(String, Vec<Option<f64>>)> = cfg
-                    .grid
-                    .bits
+                let series: Vec<(String, Vec<Option<f64>>)> = grid_bits
                     .iter()
                     .map(|b| {
                         let v = cfg
@@ -143,7 +105,7 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                     labels.get(model).cloned().unwrap_or_default()
                 );
                 figure::grouped_bars(
-                    &out.join(format!("{fig}_{model}")),
+                    &out.join(format!("{name}_{model}")),
                     &title,
                     "accuracy (%)",
                     &cfg.grid.methods,
@@ -152,27 +114,35 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 )?;
             }
         }
-        "accuracy_vs_sweep" => {
+        Figure::AccuracyVsSweep => {
             // One plot per (model, sweep axis): accuracy against the methods' sweep values, one
             // line per bit-width.
+            let c = &tables.cells;
+            let (c_models, c_bits, c_methods) = (
+                table::strings(c, "model")?,
+                table::strings(c, "bits")?,
+                table::strings(c, "method")?,
+            );
+            let (axis_of, value_of) =
+                (table::strings(c, "sweep_axis")?, table::floats(c, "sweep_value")?);
             for model in cfg.grid.models.iter() {
                 let float = (0..models.len())
                     .find(|&i| &models[i] == model && bits[i] == "FP")
                     .and_then(|i| acc[i]);
                 let mut axes: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
-                for c in cells.iter().filter(|c| &c.model.name == model) {
-                    let (Some(spec), Some(b)) = (&c.spec, c.bits) else { continue };
-                    let Some(sweep) = &spec.sweep else { continue };
-                    let label = b.label();
+                for j in (0..c.height()).filter(|&j| &c_models[j] == model) {
+                    let (Some(value), false) = (value_of[j], axis_of[j].is_empty()) else {
+                        continue;
+                    };
                     let i = (0..models.len()).find(|&i| {
-                        &models[i] == model && bits[i] == label && methods[i] == c.method
+                        &models[i] == model && bits[i] == c_bits[j] && methods[i] == c_methods[j]
                     });
                     if let Some(a) = i.and_then(|i| acc[i]) {
-                        axes.entry(sweep.axis.clone())
+                        axes.entry(axis_of[j].clone())
                             .or_default()
-                            .entry(label)
+                            .entry(c_bits[j].clone())
                             .or_default()
-                            .push((sweep.value, a));
+                            .push((value, a));
                     }
                 }
                 for (axis, by_bits) in axes {
@@ -205,16 +175,11 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 }
             }
         }
-        "ded_vs_entropy" => {
-            let mut points = Vec::new();
-            for c in cells {
-                let path = cell_dir(cfg, &c.id).join("ded.csv");
-                if path.is_file() {
-                    let df = table::read_csv(&path)?;
-                    let (d, e) = (table::floats(&df, "ded")?, table::floats(&df, "entropy")?);
-                    points.extend(d.iter().zip(&e).filter_map(|(d, e)| Some((((*e)?), (*d)?))));
-                }
-            }
+        Figure::DedVsEntropy => {
+            let (d, e) =
+                (table::floats(&tables.ded, "ded")?, table::floats(&tables.ded, "entropy")?);
+            let points: Vec<(f64, f64)> =
+                d.iter().zip(&e).filter_map(|(d, e)| Some(((*e)?, (*d)?))).collect();
             let r = figure::pearson(&points);
             let title = format!(
                 "DED vs dependency entropy per sample (Pearson r = {})",
@@ -229,25 +194,26 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 &points,
             )?;
         }
-        "depth_tradeoff" => {
+        Figure::DepthTradeoff => {
+            let c = &tables.cells;
+            let (c_models, c_bits, c_methods, depth) = (
+                table::strings(c, "model")?,
+                table::strings(c, "bits")?,
+                table::strings(c, "method")?,
+                table::floats(c, "max_depth")?,
+            );
+            let evals = table::floats(summary, "candidate_evaluations")?;
             let mut acc_pts = Vec::new();
             let mut cost_pts = Vec::new();
-            for c in cells {
-                let Some(spec) = &c.spec else { continue };
-                let depth = match spec.strategy.base() {
-                    qvlm_search::strategy::config::BaseStrategy::EntropyBlocked(b) => b.max_depth,
-                    _ => continue,
-                };
+            for j in 0..c.height() {
+                let Some(depth) = depth[j] else { continue };
                 let i = (0..models.len()).find(|&i| {
-                    models[i] == c.model.name
-                        && Some(bits[i].as_str()) == c.bits.map(|b| b.label()).as_deref()
-                        && methods[i] == c.method
+                    models[i] == c_models[j] && bits[i] == c_bits[j] && methods[i] == c_methods[j]
                 });
-                let evals = table::floats(summary, "candidate_evaluations")?;
                 if let Some(i) = i {
                     if let (Some(a), Some(e)) = (acc[i], evals[i]) {
-                        acc_pts.push((depth as f64, a));
-                        cost_pts.push((depth as f64, e));
+                        acc_pts.push((depth, a));
+                        cost_pts.push((depth, e));
                     }
                 }
             }
@@ -261,26 +227,23 @@ fn draw(fig: &str, cfg: &Config, cells: &[Cell], summary: &DataFrame, out: &Path
                 ("candidate evaluations", &cost_pts),
             )?;
         }
-        other => anyhow::bail!("unknown figure `{other}`"),
     }
     Ok(())
 }
 
 /// Our rows beside the paper's, each labelled with the model and dataset behind it.
-fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) -> Result<()> {
-    let labels = model_labels(cfg);
-    let method_labels: BTreeMap<String, String> = cells
-        .iter()
-        .filter_map(|c| c.spec.as_ref().map(|s| (c.method.clone(), s.label())))
-        .collect();
+fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
+    let summary = &tables.summary;
+    let labels = by_key(&tables.cells, "model", "model_label")?;
+    let method_labels = by_key(&tables.cells, "method", "method_label")?;
     let mut s = format!(
         "# {} — paper vs this run\n\n{}\n\n",
         cfg.experiment.name, cfg.experiment.description
     );
-    let (data, calib_source) = match cfg.dataset.kind {
-        crate::config::DatasetKind::EasyVqa => ("easy-VQA test", "easy-VQA training"),
-        crate::config::DatasetKind::Scienceqa => ("ScienceQA", "ScienceQA training"),
-        crate::config::DatasetKind::Vqa => ("the VQA question file", "evaluated-file"),
+    let (data, calib_source) = match cfg.dataset.benchmark {
+        Benchmark::EasyVqa { .. } => ("easy-VQA test", "easy-VQA training"),
+        Benchmark::Scienceqa { .. } => ("ScienceQA", "ScienceQA training"),
+        Benchmark::Vqa { .. } => ("the VQA question file", "evaluated-file"),
     };
     s.push_str(&format!(
         "This run: {} on {data} (first {} questions), calibration {} {calib_source} pairs. \
@@ -315,7 +278,7 @@ fn paper_report(cfg: &Config, cells: &[Cell], summary: &DataFrame, path: &Path) 
         }
     }
     for name in &cfg.outputs.paper {
-        let paper = table::read_csv(&crate::config::paper_dir(cfg).join(format!("{name}.csv")))?;
+        let paper = table::read_csv(&paper_dir(cfg).join(format!("{name}.csv")))?;
         s.push_str(&table::markdown(&paper, &format!("Paper: {name} (LLaVA, as published)"), "")?);
         s.push('\n');
         let class_names: Vec<String> =

@@ -1,27 +1,25 @@
-//! The grid runner: every cell of a config, each written to `results/<experiment>/cells/<id>/`
-//! atomically (a temporary folder renamed into place), finished cells skipped on a re-run, a lock
-//! so that two runs never share a results folder, and the tables/figures/report at the end.
+//! The grid runner: every cell of a config, each written to its results folder's `cells/<id>/`
+//! atomically, finished cells skipped on a re-run, then the tables, figures and report.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use qvlm_core::hook::NoHook;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::plant_outliers;
-use qvlm_search::engine::WeightMethod;
 use qvlm_search::plan::{apply, QuantPlan};
 use qvlm_search::strategy;
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::config::{results_dir, Cell, Config};
+use crate::config::Config;
 use crate::eval::dataset::EvalData;
+use crate::grid::{short_hash, Cell, CellKind};
 use crate::memory::model_bytes;
 use crate::methods::WeightFormat;
+use crate::progress;
+use crate::results::ResultsDir;
 
 /// Environment of a run, recorded with each cell.
 #[derive(Debug, Serialize, Clone)]
@@ -45,68 +43,6 @@ pub fn git_revision() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
-}
-
-/// Exclusive use of a results folder for one run; removed on drop. A lock left by a process
-/// that no longer exists is taken over.
-pub struct Lock(PathBuf);
-
-impl Lock {
-    pub fn acquire(dir: &Path) -> Result<Lock> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(".lock");
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    write!(f, "{}", std::process::id())
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    return Ok(Lock(path));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
-                    let alive = !pid.is_empty() && Path::new("/proc").join(&pid).exists();
-                    if alive {
-                        bail!(
-                            "{}: another run (pid {pid}) is using this results folder; wait for it or remove the lock if that process is gone",
-                            path.display()
-                        );
-                    }
-                    tracing::warn!(pid, "taking over a stale lock at {}", path.display());
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("removing stale {}", path.display()))?;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("creating {} (is the results folder writable?)", path.display())
-                    })
-                }
-            }
-        }
-        bail!("{}: could not take the lock", path.display())
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
-}
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
 }
 
 /// One metric row of a cell (tidy: one value per row).
@@ -152,82 +88,45 @@ struct Shared {
     reference: BTreeMap<String, Tensor>,
 }
 
-pub fn cell_dir(cfg: &Config, id: &str) -> PathBuf {
-    results_dir(cfg).join("cells").join(id)
-}
-
 /// Runs every unfinished cell, then writes tables, figures and the report.
 pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
     let device = cfg.experiment.device.resolve()?;
     if cfg.experiment.threads > 0 {
-        tch::set_num_threads(cfg.experiment.threads);
+        tch::set_num_threads(i32::from(cfg.experiment.threads));
     }
-    let dir = results_dir(cfg);
-    let _lock = Lock::acquire(&dir)?;
-    std::fs::create_dir_all(dir.join("cells"))
-        .with_context(|| format!("creating {}", dir.join("cells").display()))?;
+    let results = ResultsDir::open(&cfg.experiment.results_dir())?;
     let mut shared = Shared { data: EvalData::load(&cfg.dataset)?, reference: BTreeMap::new() };
     if shared.data.is_empty() {
         bail!("{}: the dataset has no questions to evaluate", cfg.file.display());
     }
-    remove_stale_temporaries(&dir.join("cells"))?;
     for cell in cells {
         check_widths(cell)?;
     }
     let total = cells.len();
     for (i, cell) in cells.iter().enumerate() {
-        let out = cell_dir(cfg, &cell.id);
-        if out.join("metrics.csv").is_file() {
-            tracing::info!(
-                "[{}/{total}] {} {} {}: done already, skipped",
-                i + 1,
-                cell.model.name,
-                bits_label(cell),
-                cell.method
-            );
+        if results.is_done(&cell.id) {
+            tracing::info!("[{}/{total}] {}: done already, skipped", i + 1, cell.title());
             continue;
         }
-        tracing::info!(
-            "[{}/{total}] {} {} {}: running",
-            i + 1,
-            cell.model.name,
-            bits_label(cell),
-            cell.method
-        );
-        run_cell(cfg, cell, device, &mut shared).with_context(|| {
-            format!("cell {} ({} {} {})", cell.id, cell.model.name, bits_label(cell), cell.method)
-        })?;
+        tracing::info!("[{}/{total}] {}: running", i + 1, cell.title());
+        run_cell(cfg, cell, device, &results, &mut shared)
+            .with_context(|| format!("cell {} ({})", cell.id, cell.title()))?;
     }
-    crate::report::write_all(cfg, cells)?;
-    Ok(())
-}
-
-/// Removes half-written cell folders (`<id>.tmp-<pid>`) of runs that no longer exist.
-fn remove_stale_temporaries(cells: &Path) -> Result<()> {
-    for entry in
-        std::fs::read_dir(cells).with_context(|| format!("reading {}", cells.display()))?.flatten()
-    {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
-        if pid == std::process::id().to_string() || !Path::new("/proc").join(pid).exists() {
-            let path = entry.path();
-            tracing::info!("removing the unfinished cell folder {}", path.display());
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("removing {}", path.display()))?;
-        }
-    }
+    let tables = crate::table::Tables::build(&results, cells)?;
+    tables.write(&results, cfg)?;
+    crate::report::write_all(cfg, &tables, &results)?;
     Ok(())
 }
 
 /// Refuses, before any cell runs, a weight group size that does not divide a quantized layer's
 /// input width (read from the model's config.json).
 fn check_widths(cell: &Cell) -> Result<()> {
-    let Some(spec) = &cell.spec else { return Ok(()) };
+    let CellKind::Quantized { bits, method } = &cell.kind else { return Ok(()) };
     let group = cell.quant.weight_group;
-    if group == 0 || cell.bits.is_some_and(|b| b.w == 16) {
+    if group == 0 || bits.w == 16 {
         return Ok(());
     }
-    if spec.weights == WeightFormat::Nf4 && cell.bits.is_some_and(|b| b.w == 4) {
+    if method.weights == WeightFormat::Nf4 && bits.w == 4 {
         return Ok(());
     }
     let config = cell.model.path.join("config.json");
@@ -259,10 +158,6 @@ fn check_widths(cell: &Cell) -> Result<()> {
     Ok(())
 }
 
-pub fn bits_label(cell: &Cell) -> String {
-    cell.bits.map(|b| b.label()).unwrap_or_else(|| "FP".into())
-}
-
 fn load_model(cell: &Cell, device: tch::Device) -> Result<LlavaBundle> {
     let opts = LoadOptions { device, dtype: cell.model.dtype, clip_dir: cell.model.clip.clone() };
     let mut bundle = LlavaBundle::load(&cell.model.path, &opts).with_context(|| {
@@ -274,25 +169,25 @@ fn load_model(cell: &Cell, device: tch::Device) -> Result<LlavaBundle> {
     Ok(bundle)
 }
 
-/// Float answer distributions of a model, from its float cell when the run has one.
+/// Float answer distributions of a model (cached in the results folder: they depend on the model
+/// and the evaluated questions only).
 fn reference(
-    cfg: &Config,
     cell: &Cell,
     device: tch::Device,
+    results: &ResultsDir,
     shared: &mut Shared,
 ) -> Result<Tensor> {
     if let Some(t) = shared.reference.get(&cell.model.name) {
         return Ok(t.shallow_clone());
     }
-    let path =
-        results_dir(cfg).join("reference").join(format!("{}.safetensors", reference_key(cell)?));
+    let path = results.reference(&short_hash(&(&cell.model, &cell.dataset))?);
     if path.is_file() {
         let t = qvlm_core::io::safetensors::SafetensorsFile::open(&path)?.read("log_probs")?;
         shared.reference.insert(cell.model.name.clone(), t.shallow_clone());
         return Ok(t);
     }
     let bundle = load_model(cell, device)?;
-    let pb = bar(shared.data.len() as u64, "float ref");
+    let pb = progress::bar(shared.data.len() as u64, "float ref");
     let out = tch::no_grad(|| shared.data.evaluate(&bundle, &mut NoHook, &pb))?;
     pb.finish_and_clear();
     std::fs::create_dir_all(path.parent().context("reference dir")?)?;
@@ -305,37 +200,32 @@ fn reference(
     Ok(out.log_probs)
 }
 
-/// The float reference depends on the model and the evaluated questions only.
-fn reference_key(cell: &Cell) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let json = serde_json::to_string(&(&cell.model, &cell.dataset))?;
-    Ok(Sha256::digest(json.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect())
-}
-
-fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared) -> Result<()> {
-    let final_dir = cell_dir(cfg, &cell.id);
-    let tmp = final_dir.with_extension(format!("tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+fn run_cell(
+    cfg: &Config,
+    cell: &Cell,
+    device: tch::Device,
+    results: &ResultsDir,
+    shared: &mut Shared,
+) -> Result<()> {
+    let out_cell = results.begin_cell(&cell.id)?;
     tch::manual_seed(cell.seed as i64);
-    let reference_lp = reference(cfg, cell, device, shared)?;
+    let reference_lp = reference(cell, device, results, shared)?;
     let mut bundle = load_model(cell, device)?;
     let mut timings = BTreeMap::new();
     let mut plan: Option<QuantPlan> = None;
     let mut nonfinite = 0u64;
     let mut hook: Box<dyn qvlm_core::hook::LinearHook> = Box::new(NoHook);
-    if let (Some(spec), Some(bits)) = (&cell.spec, cell.bits) {
-        let scheme = spec.scheme(bits, &cell.quant)?;
-        let calib = shared.data.calibration(&bundle, cell.calibration.samples, cell.seed)?;
+    if let CellKind::Quantized { bits, method } = &cell.kind {
+        let scheme = method.scheme(*bits, &cell.quant)?;
+        let calib = crate::calib::calibration(
+            &shared.data,
+            &bundle,
+            cell.calibration.samples.get(),
+            cell.seed,
+        )?;
         nonfinite =
             calib.pixels.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]) as u64;
-        let weights = match spec.weights {
-            WeightFormat::Awq => WeightMethod::Awq { grid: 20, clip_steps: 11 },
-            _ => WeightMethod::Plain,
-        };
-        let pb = bar(1, "search");
+        let pb = progress::bar(1, "search");
         let mut progress = |done: usize, total: usize, what: &str| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);
@@ -346,31 +236,31 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
             &mut bundle.model,
             &calib,
             scheme,
-            weights,
-            &spec.strategy,
+            method.weights.search_method(),
+            &method.strategy,
             &mut progress,
         )?;
         pb.finish_and_clear();
         timings.insert("search_seconds", start.elapsed().as_secs_f64());
         nonfinite += p.nonfinite_inputs;
         hook = Box::new(apply(&mut bundle.model, &p)?);
-        write_atomic(&tmp.join("plan.json"), serde_json::to_string_pretty(&p)?.as_bytes())?;
+        out_cell.write("plan.json", serde_json::to_string_pretty(&p)?.as_bytes())?;
         plan = Some(p);
     }
     let start = Instant::now();
-    let pb = bar(shared.data.len() as u64, "evaluate");
+    let pb = progress::bar(shared.data.len() as u64, "evaluate");
     let out = tch::no_grad(|| shared.data.evaluate(&bundle, hook.as_mut(), &pb))?;
     pb.finish_and_clear();
     timings.insert("eval_seconds", start.elapsed().as_secs_f64());
-    let (kl, agree) = crate::eval::vqa::first_token_agreement(&reference_lp, &out.log_probs);
-    let bits = bits_label(cell);
+    let (kl, agree) = crate::eval::generate::first_token_agreement(&reference_lp, &out.log_probs);
+    let bits = cell.bits_label();
     let mut rows = Vec::new();
     let mut push = |metric: &str, value: f64| {
         rows.push(MetricRow {
             cell: cell.id.clone(),
             model: cell.model.name.clone(),
             bits: bits.clone(),
-            method: cell.method.clone(),
+            method: cell.method_name().to_string(),
             metric: metric.into(),
             value,
         });
@@ -412,7 +302,7 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
                     format_value(d.entropy)
                 ));
             }
-            write_atomic(&tmp.join("ded.csv"), ded.as_bytes())?;
+            out_cell.write("ded.csv", ded.as_bytes())?;
         }
     }
     push("nonfinite_calibration_values", nonfinite as f64);
@@ -427,18 +317,11 @@ fn run_cell(cfg: &Config, cell: &Cell, device: tch::Device, shared: &mut Shared)
         seed: cell.seed,
         nonfinite_calibration_values: nonfinite,
     };
-    write_atomic(&tmp.join("answers.csv"), out.answers_csv.as_bytes())?;
-    write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(cell)?.as_bytes())?;
-    write_atomic(&tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    write_atomic(&tmp.join("timings.json"), serde_json::to_string_pretty(&timings)?.as_bytes())?;
-    // metrics.csv last: its presence marks the cell complete inside the folder too.
-    write_atomic(&tmp.join("metrics.csv"), metric_csv(&rows).as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("removing incomplete {}", final_dir.display()))?;
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    out_cell.write("answers.csv", out.answers_csv.as_bytes())?;
+    out_cell.write("config.json", serde_json::to_string_pretty(cell)?.as_bytes())?;
+    out_cell.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    out_cell.write("timings.json", serde_json::to_string_pretty(&timings)?.as_bytes())?;
+    out_cell.finish(metric_csv(&rows).as_bytes())?;
     let accuracy = out.metrics.iter().find(|(m, _)| m == "accuracy").map_or(f64::NAN, |(_, v)| *v);
     tracing::info!(accuracy, kl, agree, "cell {} done", cell.id);
     Ok(())

@@ -1,5 +1,6 @@
-//! Tables: polars DataFrames built only from the cells' metric files, written as CSV and
-//! Markdown.
+//! Tables: polars DataFrames built only from the cells' result files (plus an index of the
+//! cells' resolved settings), written as CSV and Markdown. Figures and the report are drawn from
+//! these tables alone.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +9,151 @@ use anyhow::{Context, Result};
 use polars::prelude::{
     Column, CsvReadOptions, CsvWriter, DataFrame, DataType, Field, Schema, SerReader, SerWriter,
 };
+use qvlm_search::strategy::config::BaseStrategy;
+
+use crate::config::Config;
+use crate::grid::Cell;
+use crate::results::ResultsDir;
+
+/// Metrics of the summary table, in column order.
+pub const SUMMARY_METRICS: [&str; 12] = [
+    "accuracy",
+    "accuracy_yes_no",
+    "accuracy_shape",
+    "accuracy_color",
+    "kl_vs_float",
+    "top1_agreement",
+    "weight_bytes",
+    "candidate_evaluations",
+    "block_forwards",
+    "model_passes",
+    "groups",
+    "mean_group_depth",
+];
+
+/// A run's tables.
+#[derive(Debug)]
+pub struct Tables {
+    /// Every metric row of every finished cell (cell, model, bits, method, metric, value).
+    pub long: DataFrame,
+    /// One row per (model, bits, method), [`SUMMARY_METRICS`] as columns.
+    pub summary: DataFrame,
+    /// One row per cell of the grid: cell, model, model_label, bits, method, method_label,
+    /// max_depth (entropy-blocked strategies), sweep_axis, sweep_value.
+    pub cells: DataFrame,
+    /// The DED points the cells recorded (Fig. 2): cell, model, bits, method, site, sample, ded,
+    /// entropy.
+    pub ded: DataFrame,
+}
+
+impl Tables {
+    /// Reads the finished cells' `metrics.csv` and `ded.csv` files; indexes `cells`.
+    pub fn build(results: &ResultsDir, cells: &[Cell]) -> Result<Tables> {
+        let finished: Vec<&Cell> = cells.iter().filter(|c| results.is_done(&c.id)).collect();
+        let files: Vec<_> =
+            finished.iter().map(|c| results.cell(&c.id).join("metrics.csv")).collect();
+        let long = load_metrics(&files)?;
+        let summary = wide(&long, &SUMMARY_METRICS)?;
+        Ok(Tables {
+            long,
+            summary,
+            cells: cell_index(cells)?,
+            ded: ded_points(results, &finished)?,
+        })
+    }
+
+    /// Writes `tables/`: metrics_long and summary (CSV + Markdown), cells.csv, ded.csv.
+    pub fn write(&self, results: &ResultsDir, cfg: &Config) -> Result<()> {
+        let dir = results.tables()?;
+        write(
+            &mut self.long.clone(),
+            &dir.join("metrics_long.csv"),
+            &dir.join("metrics_long.md"),
+            "All metrics (long format)",
+            "",
+        )?;
+        let note = format!(
+            "Embedded default: {}. Accuracy in %, on the evaluated questions; KL and top-1 agreement of the first answer token against the float model; weight_bytes as stored (quantized layers at their bit width with scales, the rest fp16); search cost as counted by the search.",
+            cfg.experiment.description
+        );
+        write(
+            &mut self.summary.clone(),
+            &dir.join("summary.csv"),
+            &dir.join("summary.md"),
+            &format!("{} — summary", cfg.experiment.name),
+            &note,
+        )?;
+        write_csv(&mut self.cells.clone(), &dir.join("cells.csv"))?;
+        write_csv(&mut self.ded.clone(), &dir.join("ded.csv"))
+    }
+}
+
+/// What the report and figures need to know of each cell besides its metrics.
+fn cell_index(cells: &[Cell]) -> Result<DataFrame> {
+    let text = |f: &dyn Fn(&Cell) -> String| cells.iter().map(f).collect::<Vec<String>>();
+    let depth = |c: &Cell| match c.method().map(|m| m.strategy.base()) {
+        Some(BaseStrategy::EntropyBlocked(b)) => Some(b.max_depth as f64),
+        _ => None,
+    };
+    let sweep = |c: &Cell| c.method().and_then(|m| m.sweep.clone());
+    Ok(DataFrame::new_infer_height(vec![
+        Column::new("cell".into(), text(&|c| c.id.clone())),
+        Column::new("model".into(), text(&|c| c.model.name.clone())),
+        Column::new("model_label".into(), text(&|c| c.model.label())),
+        Column::new("bits".into(), text(&|c| c.bits_label())),
+        Column::new("method".into(), text(&|c| c.method_name().to_string())),
+        Column::new(
+            "method_label".into(),
+            text(&|c| c.method().map_or_else(|| c.method_name().to_string(), |m| m.label())),
+        ),
+        Column::new("max_depth".into(), cells.iter().map(depth).collect::<Vec<_>>()),
+        Column::new("sweep_axis".into(), text(&|c| sweep(c).map(|s| s.axis).unwrap_or_default())),
+        Column::new(
+            "sweep_value".into(),
+            cells.iter().map(|c| sweep(c).map(|s| s.value)).collect::<Vec<_>>(),
+        ),
+    ])?)
+}
+
+/// The `ded.csv` rows of the finished cells that have one, with the cell's keys.
+fn ded_points(results: &ResultsDir, cells: &[&Cell]) -> Result<DataFrame> {
+    let (mut keys, mut site, mut sample, mut ded, mut entropy) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for c in cells {
+        let path = results.cell(&c.id).join("ded.csv");
+        if !path.is_file() {
+            continue;
+        }
+        let df = read_csv(&path)?;
+        let (s, n) = (strings(&df, "site")?, floats(&df, "sample")?);
+        let (d, e) = (floats(&df, "ded")?, floats(&df, "entropy")?);
+        for i in 0..df.height() {
+            keys.push((
+                c.id.clone(),
+                c.model.name.clone(),
+                c.bits_label(),
+                c.method_name().to_string(),
+            ));
+            site.push(s[i].clone());
+            sample.push(n[i]);
+            ded.push(d[i]);
+            entropy.push(e[i]);
+        }
+    }
+    let key = |f: fn(&(String, String, String, String)) -> &String| {
+        keys.iter().map(|k| f(k).clone()).collect::<Vec<String>>()
+    };
+    Ok(DataFrame::new_infer_height(vec![
+        Column::new("cell".into(), key(|k| &k.0)),
+        Column::new("model".into(), key(|k| &k.1)),
+        Column::new("bits".into(), key(|k| &k.2)),
+        Column::new("method".into(), key(|k| &k.3)),
+        Column::new("site".into(), site),
+        Column::new("sample".into(), sample),
+        Column::new("ded".into(), ded),
+        Column::new("entropy".into(), entropy),
+    ])?)
+}
 
 /// The schema of a cell's `metrics.csv` (ids stay strings even when all digits).
 fn metrics_schema() -> Arc<Schema> {
@@ -97,16 +243,27 @@ pub fn wide(long: &DataFrame, metrics: &[&str]) -> Result<DataFrame> {
     Ok(DataFrame::new_infer_height(cols)?)
 }
 
+/// A free-text value made safe for this project's comma-separated files (no quoting: commas and
+/// line breaks become spaces).
+pub fn csv_field(s: &str) -> String {
+    s.replace([',', '\n', '\r'], " ")
+}
+
 /// Writes `df` as CSV and as a Markdown table.
 pub fn write(df: &mut DataFrame, csv: &Path, md: &Path, title: &str, note: &str) -> Result<()> {
+    write_csv(df, csv)?;
+    std::fs::write(md, markdown(df, title, note)?)
+        .with_context(|| format!("writing {}", md.display()))
+}
+
+/// Writes `df` as CSV.
+pub fn write_csv(df: &mut DataFrame, csv: &Path) -> Result<()> {
     let mut f =
         std::fs::File::create(csv).with_context(|| format!("creating {}", csv.display()))?;
     CsvWriter::new(&mut f)
         .include_header(true)
         .finish(df)
-        .with_context(|| format!("writing {}", csv.display()))?;
-    std::fs::write(md, markdown(df, title, note)?)
-        .with_context(|| format!("writing {}", md.display()))
+        .with_context(|| format!("writing {}", csv.display()))
 }
 
 /// A Markdown rendering of a DataFrame (floats with 2 decimals, big counts as integers).

@@ -6,16 +6,16 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use qvlm_core::device::DeviceSpec;
 use serde::{Deserialize, Serialize};
 
-use super::scheme::Scheme;
+use super::scheme::{Part, Scheme};
 use super::shape::{Shape, ShapeDims};
+use crate::config::RunHeader;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BenchConfig {
-    pub bench: BenchSettings,
+    pub bench: RunHeader,
     #[serde(default)]
     pub model: ModelSettings,
     #[serde(default)]
@@ -27,32 +27,6 @@ pub struct BenchConfig {
     pub custom_shapes: Vec<ShapeDims>,
     #[serde(skip)]
     pub file: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BenchSettings {
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-    #[serde(default)]
-    pub device: DeviceSpec,
-    /// libtorch intra-op threads (0 = libtorch's default, one per core).
-    #[serde(default)]
-    pub threads: i32,
-    /// Seeds the random weights and prompt tokens.
-    #[serde(default)]
-    pub seed: u64,
-    /// Results folder (default `results/<name>`).
-    #[serde(default)]
-    pub results_dir: Option<PathBuf>,
-    /// Memory kept free when deciding whether a model fits (GiB of `MemAvailable`, CPU only).
-    #[serde(default = "default_headroom")]
-    pub memory_headroom_gib: f64,
-}
-
-fn default_headroom() -> f64 {
-    2.0
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -83,31 +57,13 @@ pub struct ModelSettings {
     /// Default: the decoder's linears only.
     #[serde(default = "default_parts")]
     pub packed_parts: Vec<Part>,
+    /// Memory kept free when deciding whether a model fits (GiB of `MemAvailable`, CPU only).
+    #[serde(default = "default_headroom")]
+    pub memory_headroom_gib: f64,
 }
 
-/// A group of weights a packed scheme can hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Part {
-    /// q/k/v/o and gate/up/down of every decoder layer.
-    Decoder,
-    /// Every linear of the CLIP vision tower (the paper's Q-VLM also quantizes CLIP, Table 4).
-    Vision,
-    /// The multimodal projector's linears.
-    Projector,
-    /// The language-model head (when not tied to the embeddings).
-    LmHead,
-}
-
-impl Part {
-    pub fn key(self) -> &'static str {
-        match self {
-            Part::Decoder => "decoder",
-            Part::Vision => "vision",
-            Part::Projector => "projector",
-            Part::LmHead => "lm_head",
-        }
-    }
+fn default_headroom() -> f64 {
+    2.0
 }
 
 fn default_partial_layers() -> i64 {
@@ -138,6 +94,7 @@ impl Default for ModelSettings {
             w4_group: default_group(),
             partial_layers: default_partial_layers(),
             packed_parts: default_parts(),
+            memory_headroom_gib: default_headroom(),
         }
     }
 }
@@ -221,10 +178,7 @@ impl BenchConfig {
     }
 
     pub fn results_dir(&self) -> PathBuf {
-        self.bench
-            .results_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("results").join(&self.bench.name))
+        self.bench.results_dir()
     }
 }
 
@@ -237,6 +191,15 @@ pub fn load(path: &Path) -> Result<BenchConfig> {
 
 /// Parses and validates config text; `path` names the file in errors.
 pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
+    // `[bench]` is the run header every command shares; the one bench-only key it held moved.
+    if let Ok(toml::Value::Table(t)) = text.parse::<toml::Value>() {
+        if t.get("bench").and_then(|b| b.get("memory_headroom_gib")).is_some() {
+            bail!(
+                "{}: key `bench.memory_headroom_gib` is now `model.memory_headroom_gib` (move it to [model])",
+                path.display()
+            );
+        }
+    }
     let mut cfg: BenchConfig =
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     cfg.file = path.to_path_buf();
@@ -246,17 +209,11 @@ pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
 
 fn validate(cfg: &BenchConfig) -> Result<()> {
     let f = cfg.file.display();
-    let b = &cfg.bench;
-    if b.name.trim().is_empty() || b.name.contains(['/', '\\']) {
-        bail!("{f}: key `bench.name`: must be a non-empty folder name");
-    }
-    if b.threads < 0 {
-        bail!("{f}: key `bench.threads`: must be ≥ 0");
-    }
-    if b.memory_headroom_gib.is_nan() || b.memory_headroom_gib < 0.0 {
-        bail!("{f}: key `bench.memory_headroom_gib`: must be ≥ 0");
-    }
+    cfg.bench.check(&cfg.file, "bench")?;
     let m = &cfg.model;
+    if !(m.memory_headroom_gib.is_finite() && m.memory_headroom_gib >= 0.0) {
+        bail!("{f}: key `model.memory_headroom_gib`: must be a finite number ≥ 0");
+    }
     if m.shapes.is_empty() {
         bail!("{f}: key `model.shapes`: name at least one shape");
     }

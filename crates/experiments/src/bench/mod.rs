@@ -16,88 +16,30 @@ pub mod config;
 pub mod machine;
 pub mod measure;
 pub mod report;
+pub mod rows;
 pub mod scheme;
 pub mod shape;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::packed::Kernel;
-use serde::{Deserialize, Serialize};
+
 use tch::{Device, Kind};
 
 use config::BenchConfig;
-use machine::{Machine, GIB};
+use machine::GIB;
 use measure::{Split, Timings};
+use rows::{Row, RunInfo, Skipped};
 use scheme::Scheme;
 use shape::Shape;
 
-/// One measured (or per-layer extrapolated) configuration of one shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    /// The shape's name (`llava-7b`).
-    pub shape: String,
-    /// The shape, with `(built/real layers)` when built with fewer layers than the shape has.
-    pub model: String,
-    pub scheme: Scheme,
-    /// The scheme's table label (`W4A16 g128`).
-    pub label: String,
-    /// The decoder linears' code path: `dense`, a [`Kernel`] name, or a mix with counts.
-    pub kernel: String,
-    /// Decoder layers the row stands for.
-    pub layers: i64,
-    /// Decoder layers of the model actually built (fewer: the row is extrapolated per layer).
-    pub layers_built: i64,
-    /// Every weight of the model (exact: packed storage `bytes()`, float `numel · size`).
-    pub weight_bytes: i64,
-    /// The decoder linears' share of `weight_bytes`.
-    pub decoder_linear_bytes: i64,
-    /// Weights one decode step reads: decoder linears and norms, final norm, `lm_head`, one
-    /// embedding row.
-    pub decode_bytes_per_token: i64,
-    /// Growth of `VmRSS` from before the model was built to after its measurement.
-    pub rss_delta_bytes: Option<i64>,
-    /// Positions of the prefill (prompt tokens + image features).
-    pub prefill_positions: i64,
-    pub prefill: Split,
-    /// Mean of the timed decode steps.
-    pub decode: Split,
-    /// The fastest timed decode step (total).
-    pub decode_min_ms: f64,
-    /// Packed weights (any part) on the dequantized fallback.
-    pub fallback_linears: usize,
-}
-
-impl Row {
-    pub fn extrapolated(&self) -> bool {
-        self.layers_built < self.layers
-    }
-}
-
-/// A shape (or part of one) that was not run, and why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Skipped {
-    pub model: String,
-    pub schemes: String,
-    pub reason: String,
-}
-
-/// Everything besides the rows that the table needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunInfo {
-    pub config: BenchConfig,
-    pub config_file: PathBuf,
-    pub machine: Machine,
-    pub skipped: Vec<Skipped>,
-    /// Wall time of the measurements (the report is built after).
-    pub wall_seconds: f64,
-}
+use crate::progress;
 
 /// What a run produced.
 #[derive(Debug)]
@@ -106,30 +48,6 @@ pub struct Outcome {
     pub info: RunInfo,
     pub report: report::Report,
     pub dir: PathBuf,
-}
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>22} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
-}
-
-fn spinner(what: &str) -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>22} {spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.set_prefix(what.to_string());
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
 }
 
 /// Runs the bench of `cfg` and writes its results folder.
@@ -141,13 +59,13 @@ pub fn run(cfg: &BenchConfig) -> Result<Outcome> {
         .resolve()
         .with_context(|| format!("{}: key `bench.device`", cfg.file.display()))?;
     if cfg.bench.threads > 0 {
-        tch::set_num_threads(cfg.bench.threads);
+        tch::set_num_threads(i32::from(cfg.bench.threads));
     }
     tch::manual_seed(cfg.bench.seed as i64);
     let dir = cfg.results_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let pb = spinner("memory bandwidth");
+    let pb = progress::spinner("memory bandwidth");
     let bw = machine::bandwidth(device, cfg.bandwidth.mib << 20, cfg.bandwidth.repeats)
         .context("measuring the memory bandwidth")?;
     pb.finish_and_clear();
@@ -215,7 +133,7 @@ fn memory_budget(cfg: &BenchConfig, device: Device) -> Option<Budget> {
         return None;
     }
     let available = machine::meminfo("MemAvailable")? as f64;
-    Some(Budget { available, headroom: cfg.bench.memory_headroom_gib * GIB })
+    Some(Budget { available, headroom: cfg.model.memory_headroom_gib * GIB })
 }
 
 /// How many of `layers` decoder layers of `shape` to build at `kind`: all when they fit in
@@ -303,7 +221,7 @@ fn join(v: Vec<String>) -> String {
 
 /// A model of `shape` with `layers` decoder layers and random float weights of `kind`.
 fn build(shape: &Shape, layers: i64, kind: Kind, device: Device, what: &str) -> Result<Llava> {
-    let pb = spinner(what);
+    let pb = progress::spinner(what);
     pb.set_message(format!("random {kind:?} weights, {layers} decoder layers"));
     let vb = VarBuilder::fresh(device, kind);
     let started = Instant::now();
@@ -380,7 +298,7 @@ fn kernels(model: &Llava) -> (String, usize) {
 
 fn measure(model: &Llava, cfg: &BenchConfig, what: &str) -> Result<Timings> {
     let m = &cfg.measure;
-    let pb = bar((m.warmup_tokens + m.decode_tokens) as u64, what);
+    let pb = progress::bar((m.warmup_tokens + m.decode_tokens) as u64, what);
     pb.set_message(format!("prefill {} tokens, then decode", m.prefill_tokens));
     let timings = measure::run(model, m, &pb)?;
     pb.finish_and_clear();
@@ -493,7 +411,7 @@ fn run_bf16_family(
     for &s in schemes {
         let what = format!("{} {}", shape.name, s.label(group));
         let n = scheme::packed_count(&model, parts) as u64;
-        let pb = bar(n, &format!("packing {}", s.label(group)));
+        let pb = progress::bar(n, &format!("packing {}", s.label(group)));
         let started = Instant::now();
         scheme::apply(&mut model, s, group, parts, &pb)?;
         pb.finish_and_clear();

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use polars::prelude::{Column, DataFrame};
 
-use super::config::Part;
-use super::{Row, RunInfo};
+use super::rows::{Row, RunInfo, Skipped};
+use super::scheme::Part;
+use crate::table::csv_field;
 use crate::{figure, table};
 
 /// Metrics of `measurements.csv`, one row each per configuration.
@@ -67,10 +68,6 @@ pub struct Report {
     pub table: DataFrame,
     pub targets: Vec<Target>,
     pub files: Vec<PathBuf>,
-}
-
-fn csv_field(s: &str) -> String {
-    s.replace([',', '\n'], ";")
 }
 
 /// Writes `measurements.csv` (cell, model, bits, method, metric, value; `bits` holds the scheme
@@ -267,7 +264,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn skip(&mut self, s: &super::Skipped) {
+    fn skip(&mut self, s: &Skipped) {
         self.model.push(s.model.clone());
         self.scheme.push(s.schemes.clone());
         self.kernel.push("–".into());

@@ -14,7 +14,30 @@ use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::config::Part;
+/// A group of weights a packed scheme can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// q/k/v/o and gate/up/down of every decoder layer.
+    Decoder,
+    /// Every linear of the CLIP vision tower (the paper's Q-VLM also quantizes CLIP, Table 4).
+    Vision,
+    /// The multimodal projector's linears.
+    Projector,
+    /// The language-model head (when not tied to the embeddings).
+    LmHead,
+}
+
+impl Part {
+    pub fn key(self) -> &'static str {
+        match self {
+            Part::Decoder => "decoder",
+            Part::Vision => "vision",
+            Part::Projector => "projector",
+            Part::LmHead => "lm_head",
+        }
+    }
+}
 
 /// One row of the efficiency table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

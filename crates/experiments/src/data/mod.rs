@@ -1,5 +1,6 @@
+//! Dataset files, read and validated (errors name the file and the entry); nothing here builds
+//! prompts or scores answers.
+
 pub mod easy_vqa;
 pub mod scienceqa;
 pub mod vqa;
-
-pub use qvlm_core::rng::SplitMix64;

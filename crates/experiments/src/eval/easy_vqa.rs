@@ -12,12 +12,8 @@ use serde::Serialize;
 use tch::Tensor;
 
 use crate::data::easy_vqa::{EasyVqa, Question, QuestionType};
-use crate::eval::vqa::{self, Request};
-
-/// The prompt of an easy-VQA question: LLaVA's `<image>\n{question}` in a conversation template.
-pub fn prompt(template: Template, question: &str) -> String {
-    template.render(&Template::image_question(question, false))
-}
+use crate::eval::generate::{first_token_agreement, generate, Request};
+use crate::prompt::easy_vqa::user_message;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Answered {
@@ -65,12 +61,12 @@ impl EvalOutput {
 
     /// Mean KL(reference ‖ self) of the answer distributions and the top-1 agreement (%).
     pub fn agreement_with(&self, reference: &EvalOutput) -> (f64, f64) {
-        vqa::first_token_agreement(&reference.first_log_probs, &self.first_log_probs)
+        first_token_agreement(&reference.first_log_probs, &self.first_log_probs)
     }
 }
 
 /// Answers `questions` greedily in batches of `batch_size` (at most 4 new tokens: every
-/// easy-VQA answer is one word) through [`vqa::generate`]; `hook` sees every linear input.
+/// easy-VQA answer is one word) through [`generate`]; `hook` sees every linear input.
 pub fn evaluate(
     bundle: &LlavaBundle,
     data: &EasyVqa,
@@ -84,14 +80,11 @@ pub fn evaluate(
         .iter()
         .map(|q| {
             let path = data.image_path(q.image_id).context("image id without a file")?;
-            Ok(Request {
-                message: Template::image_question(&q.text, false),
-                image: Some(path.to_path_buf()),
-            })
+            Ok(Request { message: user_message(&q.text), image: Some(path.to_path_buf()) })
         })
         .collect::<Result<Vec<_>>>()?;
     let generated =
-        vqa::generate(bundle, &requests, template, &bundle.images, batch_size, 4, hook, progress)?;
+        generate(bundle, &requests, template, &bundle.images, batch_size, 4, hook, progress)?;
     let answered = questions
         .iter()
         .zip(generated.texts)

@@ -28,10 +28,9 @@ use qvlm_core::model::llava::LlavaBundle;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::data::scienceqa::{
-    user_message, Problem, PromptFormat, ScienceQa, SqaItem, Subject, OPTIONS,
-};
-use crate::eval::vqa::{first_token_agreement, generate, Request};
+use crate::data::scienceqa::{Problem, ScienceQa, Subject, OPTIONS};
+use crate::eval::generate::{first_token_agreement, generate, Request};
+use crate::prompt::scienceqa::{user_message, PromptFormat, SqaItem};
 
 /// Which upstream scorer parses the generated text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -377,7 +376,8 @@ mod tests {
     use super::*;
     use crate::data::scienceqa::tests::{magnet_problem, temp_dir};
     use crate::data::scienceqa::{ImageLayout, Split};
-    use crate::eval::vqa::tests::{assert_same_first_tokens, easy_vqa_image, tiny_bundle};
+    use crate::eval::generate::tests::{assert_same_first_tokens, easy_vqa_image, tiny_bundle};
+    use crate::prompt::scienceqa::items;
     use qvlm_core::hook::NoHook;
     use serde_json::json;
 
@@ -410,15 +410,15 @@ mod tests {
         let data = ScienceQa::load(&dir, Split::Test, ImageLayout::official(&dir)).expect("load");
         let pb = ProgressBar::hidden();
         for format in [PromptFormat::QcmLepa, PromptFormat::CqmA] {
-            let items = data.items(format);
-            assert_eq!(items[1].image, None);
+            let questions = items(&data, format);
+            assert_eq!(questions[1].image, None);
             let opts = SqaEvalOptions {
                 template: crate::tiny::train::TEMPLATE,
                 batch_size: 3,
                 max_new_tokens: 4,
                 ..SqaEvalOptions::for_format(format)
             };
-            let out = evaluate(&bundle, &data, &items, &opts, &mut NoHook, &pb).expect("eval");
+            let out = evaluate(&bundle, &data, &questions, &opts, &mut NoHook, &pb).expect("eval");
             assert_eq!(out.rows.len(), 3);
             assert_eq!(out.rows[1].classes, vec![SqaClass::Nat, SqaClass::No, SqaClass::G1To6]);
             let vocab = bundle.model.cfg.text.vocab_size;
@@ -428,7 +428,8 @@ mod tests {
             let acc = out.accuracy();
             assert_eq!((acc.average.count, acc.average.unparsed, acc.average.correct), (3, 3, 0));
             let single = SqaEvalOptions { batch_size: 1, ..opts };
-            let one = evaluate(&bundle, &data, &items, &single, &mut NoHook, &pb).expect("eval");
+            let one =
+                evaluate(&bundle, &data, &questions, &single, &mut NoHook, &pb).expect("eval");
             assert_same_first_tokens(&out.first_log_probs, &one.first_log_probs);
             assert_eq!(out.rows, one.rows);
         }

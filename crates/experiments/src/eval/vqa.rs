@@ -1,131 +1,18 @@
-//! VQA-style evaluation (VQAv2, VizWiz, ... as LLaVA-1.5's `model_vqa_loader` runs them): batched
-//! greedy decoding, EvalAI-normalized answers and the VQA accuracy, plus the first-token
-//! distribution for KL / top-1 agreement against the float model. The batched generation here is
-//! shared with the ScienceQA evaluation (questions with or without an image).
+//! VQA-style evaluation (VQAv2, VizWiz, ... as LLaVA-1.5's `model_vqa_loader` runs them): greedy
+//! answers, EvalAI-normalized, and the VQA accuracy.
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
-use qvlm_core::io::image::ImageProcessor;
-use qvlm_core::io::prompt::{Piece, Template};
-use qvlm_core::model::llava::{GenerateOptions, LlavaBundle};
+use qvlm_core::io::prompt::Template;
+use qvlm_core::model::llava::LlavaBundle;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
-use crate::data::vqa::{normalize_answer, prompt_text, vqa_accuracy, QuestionId, Vqa, VqaQuestion};
-
-/// One prompt for the model: the user turn (with the image placeholder when there is an image).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Request {
-    pub message: String,
-    pub image: Option<PathBuf>,
-}
-
-/// Decoded answers and the first generated position's log-probabilities.
-#[derive(Debug)]
-pub struct Generated {
-    /// Decoded new tokens (special tokens skipped), trimmed — `model_vqa_*`'s `outputs`.
-    pub texts: Vec<String>,
-    /// `[N, vocab]` f32 log-probabilities of the first generated token (CPU).
-    pub first_log_probs: Tensor,
-}
-
-/// Greedy decoding of `requests` in batches of `batch_size` under `template`, until EOS or
-/// `max_new_tokens`; images through `images` (rows without an image get no image slot).
-pub fn generate(
-    bundle: &LlavaBundle,
-    requests: &[Request],
-    template: Template,
-    images: &ImageProcessor,
-    batch_size: usize,
-    max_new_tokens: usize,
-    hook: &mut dyn LinearHook,
-    progress: &ProgressBar,
-) -> Result<Generated> {
-    let _guard = tch::no_grad_guard();
-    let model = &bundle.model;
-    let eos = bundle.eos_ids();
-    let mut texts = Vec::with_capacity(requests.len());
-    let mut log_probs = Vec::new();
-    for chunk in requests.chunks(batch_size.max(1)) {
-        // Image features once per distinct image of the batch.
-        let mut paths: Vec<&PathBuf> = chunk.iter().filter_map(|r| r.image.as_ref()).collect();
-        paths.sort();
-        paths.dedup();
-        let feats = if paths.is_empty() {
-            None
-        } else {
-            let pixels = paths
-                .iter()
-                .map(|p| {
-                    images
-                        .preprocess_file(p)
-                        .with_context(|| format!("preprocessing {}", p.display()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Some(model.image_features(&Tensor::stack(&pixels, 0), hook))
-        };
-        let mut sequences: Vec<Vec<Piece>> = Vec::with_capacity(chunk.len());
-        let mut row_images = Vec::with_capacity(chunk.len());
-        for r in chunk {
-            let prompt = template.render(&r.message);
-            let n_images = usize::from(r.image.is_some());
-            sequences.push(
-                bundle
-                    .tokenizer
-                    .tokenize_prompt(&prompt, n_images)
-                    .with_context(|| format!("tokenizing the prompt {prompt:?}"))?,
-            );
-            let row = match (&r.image, &feats) {
-                (Some(p), Some(f)) => {
-                    let i = paths.binary_search(&p).unwrap_or(0) as i64;
-                    f.narrow(0, i, 1)
-                }
-                // No image slot in this row's prompt: `prepare` never reads its features.
-                _ => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
-            };
-            row_images.push(row);
-        }
-        let batch = model.prepare(&sequences, &row_images)?;
-        let gen = GenerateOptions { max_new_tokens, eos_token_ids: eos.clone(), stop: None };
-        let out = model.generate(&batch, &gen, hook);
-        log_probs.push(
-            out.first_logits
-                .to_kind(Kind::Float)
-                .log_softmax(-1, Kind::Float)
-                .to_device(Device::Cpu),
-        );
-        for tokens in &out.tokens {
-            texts.push(bundle.tokenizer.decode(tokens, true)?.trim().to_string());
-        }
-        progress.inc(chunk.len() as u64);
-    }
-    let first_log_probs = if log_probs.is_empty() {
-        Tensor::zeros([0], (Kind::Float, Device::Cpu))
-    } else {
-        Tensor::cat(&log_probs, 0)
-    };
-    Ok(Generated { texts, first_log_probs })
-}
-
-/// Mean KL(reference ‖ other) of first-token distributions (`[N, vocab]` log-probabilities) and
-/// the top-1 agreement (%).
-pub fn first_token_agreement(reference: &Tensor, other: &Tensor) -> (f64, f64) {
-    let (p, q) = (reference, other);
-    let kl = (p.exp() * (p - q))
-        .sum_dim_intlist(-1, false, Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[]);
-    let agree = p
-        .argmax(-1, false)
-        .eq_tensor(&q.argmax(-1, false))
-        .to_kind(Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[]);
-    (kl, 100.0 * agree)
-}
+use crate::data::vqa::{QuestionId, Vqa, VqaQuestion};
+use crate::eval::evalai::{normalize_answer, vqa_accuracy};
+use crate::eval::generate::{first_token_agreement, generate, Request};
+use crate::prompt::vqa::user_message;
 
 /// How a VQA-style set is asked (LLaVA-1.5: `vicuna_v1`, `--temperature 0`, `model_vqa_loader`'s
 /// default `--max_new_tokens 128`,
@@ -135,7 +22,7 @@ pub struct VqaEvalOptions {
     pub template: Template,
     pub batch_size: usize,
     pub max_new_tokens: usize,
-    /// Append [`crate::data::vqa::SHORT_ANSWER_PROMPT`] when a question's text lacks it.
+    /// Append [`crate::prompt::vqa::SHORT_ANSWER_PROMPT`] when a question's text lacks it.
     pub short_answer: bool,
 }
 
@@ -212,13 +99,6 @@ impl VqaEvalOutput {
     }
 }
 
-/// The user turn of `model_vqa_loader`: `"<image>\n" + text` (wrapped in `<im_start>`/`<im_end>`
-/// when the model uses them)
-/// (<https://github.com/haotian-liu/LLaVA/blob/10462fee8afae4fdea9330e450af0bab1e0c9a44/llava/eval/model_vqa_loader.py>).
-pub fn user_message(question: &VqaQuestion, short_answer: bool, use_im_start_end: bool) -> String {
-    Template::image_question(&prompt_text(&question.text, short_answer), use_im_start_end)
-}
-
 /// Answers `questions` (of `data`) greedily; `hook` sees every linear input.
 pub fn evaluate(
     bundle: &LlavaBundle,
@@ -258,29 +138,9 @@ pub fn evaluate(
 pub(crate) mod tests {
     use super::*;
     use crate::data::scienceqa::tests::temp_dir;
+    use crate::eval::generate::tests::{assert_same_first_tokens, easy_vqa_image, tiny_bundle};
     use qvlm_core::hook::NoHook;
-    use qvlm_core::model::llava::LoadOptions;
     use serde_json::json;
-
-    /// The committed tiny LLaVA (llava-hf layout, trained on easy-VQA).
-    pub(crate) fn tiny_bundle() -> LlavaBundle {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava");
-        LlavaBundle::load(&dir, &LoadOptions::default()).expect("load the tiny model")
-    }
-
-    /// An easy-VQA test image from the bootstrap's environment.
-    pub(crate) fn easy_vqa_image(id: u32) -> PathBuf {
-        let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/lib");
-        let py = std::fs::read_dir(&lib).expect(".venv/lib").flatten().next().expect("python dir");
-        py.path().join(format!("site-packages/easy_vqa/data/test/images/{id}.png"))
-    }
-
-    /// Batching (left padding, shared image features) must not change a row's answer.
-    pub(crate) fn assert_same_first_tokens(a: &Tensor, b: &Tensor) {
-        assert_eq!(a.size(), b.size());
-        let d = (a - b).abs().max().double_value(&[]);
-        assert!(d < 1e-3, "batched and single-row log-probabilities differ by {d}");
-    }
 
     #[test]
     fn tiny_model_answers_a_question_file() {
@@ -343,38 +203,5 @@ pub(crate) mod tests {
         let acc = accuracy(&[a, b, c.clone()]).expect("scored rows");
         assert_eq!(acc, VqaAccuracy { accuracy: 50.0, scored: 2, count: 3 });
         assert_eq!(accuracy(&[c]), None);
-    }
-
-    #[test]
-    fn loader_prompt_puts_the_image_first() {
-        let q = VqaQuestion {
-            line: 1,
-            question_id: QuestionId::Int(7),
-            image: "a.jpg".into(),
-            text: "What color is the bus?".into(),
-        };
-        let msg = user_message(&q, true, false);
-        assert_eq!(
-            msg,
-            "<image>\nWhat color is the bus?\nAnswer the question using a single word or phrase."
-        );
-        assert_eq!(
-            Template::VicunaV1.render(&msg),
-            "A chat between a curious user and an artificial intelligence assistant. The assistant \
-             gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n\
-             What color is the bus?\nAnswer the question using a single word or phrase. ASSISTANT:"
-        );
-    }
-
-    #[test]
-    fn agreement_of_identical_distributions() {
-        let p = Tensor::from_slice(&[0.1f32, 0.7, 0.2, 0.5, 0.25, 0.25]).view([2, 3]).log();
-        let (kl, top1) = first_token_agreement(&p, &p);
-        assert!(kl.abs() < 1e-9);
-        assert_eq!(top1, 100.0);
-        let q = Tensor::from_slice(&[0.7f32, 0.1, 0.2, 0.5, 0.25, 0.25]).view([2, 3]).log();
-        let (kl, top1) = first_token_agreement(&p, &q);
-        assert!(kl > 0.0);
-        assert_eq!(top1, 50.0);
     }
 }

@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use qvlm_core::checkpoint::llava_hf::save_llava_hf;
 use qvlm_core::hook::NoHook;
 use qvlm_core::io::config::{
@@ -23,8 +22,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::{tokenizer, TinyArch, TrainTinyConfig};
 use crate::data::easy_vqa::{EasyVqa, Question, QuestionType, Split, COLORS, SHAPES};
-use crate::data::SplitMix64;
-use crate::eval::easy_vqa::{evaluate, prompt, Accuracy};
+use crate::eval::easy_vqa::{evaluate, Accuracy};
+use crate::progress;
+use crate::prompt::easy_vqa::prompt;
+use qvlm_core::rng::SplitMix64;
 
 /// The template every easy-VQA prompt of the tiny model goes through.
 pub const TEMPLATE: Template = Template::LlavaV1;
@@ -73,19 +74,6 @@ pub fn llava_config(arch: &TinyArch, vocab: i64, image_token: i64) -> LlavaConfi
     }
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>14} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
-}
-
 /// Linear warm-up then cosine decay to zero (a one-cycle schedule).
 fn lr_at(step: usize, total: usize, peak: f64, warmup_fraction: f64) -> f64 {
     let warm = ((total as f64 * warmup_fraction) as usize).max(1);
@@ -99,7 +87,7 @@ fn lr_at(step: usize, total: usize, peak: f64, warmup_fraction: f64) -> f64 {
 /// All images of a split, preprocessed: `[N, 3, 64, 64]` and id → row.
 fn load_pixels(data: &EasyVqa, proc: &ImageProcessor) -> Result<(Tensor, BTreeMap<u32, i64>)> {
     let ids = data.image_ids();
-    let pb = bar(ids.len(), &format!("images {}", data.split.name()));
+    let pb = progress::bar(ids.len() as u64, &format!("images {}", data.split.name()));
     let mut rows = Vec::with_capacity(ids.len());
     let mut index = BTreeMap::new();
     for (i, id) in ids.iter().enumerate() {
@@ -224,7 +212,7 @@ pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
     let (shape_y, color_y) = image_labels(&train_set, &train_idx);
     let n_img = train_px.size()[0] as usize;
     let steps1 = t.vision_epochs * n_img.div_ceil(t.batch_size);
-    let pb = bar(steps1, "① vision");
+    let pb = progress::bar(steps1 as u64, "① vision");
     let pool =
         |px: &Tensor| model.vision_tower.forward(px, &mut NoHook).mean_dim(1, false, Kind::Float);
     let mut step = 0;
@@ -308,7 +296,7 @@ pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
         train_set.questions.iter().map(|q| with_answer(&ptok, q)).collect::<Result<_>>()?;
     let n_q = train_set.questions.len();
     let steps2 = t.lm_epochs * n_q.div_ceil(t.batch_size);
-    let pb = bar(steps2, "② language");
+    let pb = progress::bar(steps2 as u64, "② language");
     let mut step = 0;
     let s2_start = Instant::now();
     for epoch in 0..t.lm_epochs {
@@ -358,7 +346,7 @@ pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
     save_llava_hf(&model, &proc_cfg, &cfg.out)?;
     drop(model);
     let bundle = LlavaBundle::load(&cfg.out, &LoadOptions::default())?;
-    let pb = bar(test_set.questions.len(), "test eval");
+    let pb = progress::bar(test_set.questions.len() as u64, "test eval");
     let out = evaluate(&bundle, &test_set, &test_set.questions, TEMPLATE, 128, &mut NoHook, &pb)?;
     pb.finish_and_clear();
     let record = TrainRecord {

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use experiments::bench::{self, config, scheme::Scheme};
+use experiments::bench::scheme::{self, Scheme};
+use experiments::bench::{self, config};
 use qvlm_core::quant::int4_avx512;
 
 fn root() -> PathBuf {
@@ -24,9 +25,9 @@ const TINY: &str = r#"
 name = "tiny-bench"
 device = "cpu"
 threads = 1
-memory_headroom_gib = 0.0
 
 [model]
+memory_headroom_gib = 0.0
 shapes = ["tiny"]
 fp32_layers = 1
 schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]
@@ -215,10 +216,10 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
     assert_eq!(
         cfg.model.packed_parts,
         [
-            config::Part::Decoder,
-            config::Part::Vision,
-            config::Part::Projector,
-            config::Part::LmHead
+            scheme::Part::Decoder,
+            scheme::Part::Vision,
+            scheme::Part::Projector,
+            scheme::Part::LmHead
         ]
     );
 

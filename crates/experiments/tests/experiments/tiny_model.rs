@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use experiments::eval::easy_vqa::prompt;
+use experiments::prompt::easy_vqa::prompt;
 use experiments::tiny::train::TEMPLATE;
 use qvlm_core::hook::NoHook;
 use qvlm_core::io::prompt::Piece;

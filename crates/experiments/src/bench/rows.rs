@@ -1,0 +1,72 @@
+//! What a bench run measured: one row per (shape, scheme), what was not run, and the run's
+//! settings and machine. The report turns these into the table and the figure.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::BenchConfig;
+use super::machine::Machine;
+use super::measure::Split;
+use super::scheme::Scheme;
+
+/// One measured (or per-layer extrapolated) configuration of one shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The shape's name (`llava-7b`).
+    pub shape: String,
+    /// The shape, with `(built/real layers)` when built with fewer layers than the shape has.
+    pub model: String,
+    pub scheme: Scheme,
+    /// The scheme's table label (`W4A16 g128`).
+    pub label: String,
+    /// The decoder linears' code path: `dense`, a [`Kernel`] name, or a mix with counts.
+    pub kernel: String,
+    /// Decoder layers the row stands for.
+    pub layers: i64,
+    /// Decoder layers of the model actually built (fewer: the row is extrapolated per layer).
+    pub layers_built: i64,
+    /// Every weight of the model (exact: packed storage `bytes()`, float `numel · size`).
+    pub weight_bytes: i64,
+    /// The decoder linears' share of `weight_bytes`.
+    pub decoder_linear_bytes: i64,
+    /// Weights one decode step reads: decoder linears and norms, final norm, `lm_head`, one
+    /// embedding row.
+    pub decode_bytes_per_token: i64,
+    /// Growth of `VmRSS` from before the model was built to after its measurement.
+    pub rss_delta_bytes: Option<i64>,
+    /// Positions of the prefill (prompt tokens + image features).
+    pub prefill_positions: i64,
+    pub prefill: Split,
+    /// Mean of the timed decode steps.
+    pub decode: Split,
+    /// The fastest timed decode step (total).
+    pub decode_min_ms: f64,
+    /// Packed weights (any part) on the dequantized fallback.
+    pub fallback_linears: usize,
+}
+
+impl Row {
+    pub fn extrapolated(&self) -> bool {
+        self.layers_built < self.layers
+    }
+}
+
+/// A shape (or part of one) that was not run, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub model: String,
+    pub schemes: String,
+    pub reason: String,
+}
+
+/// Everything besides the rows that the table needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub config: BenchConfig,
+    pub config_file: PathBuf,
+    pub machine: Machine,
+    pub skipped: Vec<Skipped>,
+    /// Wall time of the measurements (the report is built after).
+    pub wall_seconds: f64,
+}

@@ -1,0 +1,180 @@
+//! A run's results folder, owned by one value: its layout (`cells/<id>/`, `reference/`,
+//! `tables/`, `figures/`, `report.md`), the lock that makes one process its only writer, and
+//! atomic writes (a file is written beside its place and renamed into it; a cell is written into
+//! `cells/<id>.tmp-<pid>/` and renamed into place when complete).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// A results folder opened for writing (locked until dropped).
+#[derive(Debug)]
+pub struct ResultsDir {
+    root: PathBuf,
+    _lock: Lock,
+}
+
+impl ResultsDir {
+    /// Creates the folder if needed and takes its lock; half-written cells of processes that no
+    /// longer exist are removed.
+    pub fn open(root: &Path) -> Result<Self> {
+        let lock = Lock::acquire(root)?;
+        let dir = Self { root: root.to_path_buf(), _lock: lock };
+        let cells = dir.cells();
+        std::fs::create_dir_all(&cells).with_context(|| format!("creating {}", cells.display()))?;
+        dir.remove_stale_temporaries()?;
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn cells(&self) -> PathBuf {
+        self.root.join("cells")
+    }
+
+    /// A finished cell's folder.
+    pub fn cell(&self, id: &str) -> PathBuf {
+        self.cells().join(id)
+    }
+
+    /// A cell is finished once its `metrics.csv` is in place (written last).
+    pub fn is_done(&self, id: &str) -> bool {
+        self.cell(id).join("metrics.csv").is_file()
+    }
+
+    /// A cached float reference (`reference/<key>.safetensors`).
+    pub fn reference(&self, key: &str) -> PathBuf {
+        self.root.join("reference").join(format!("{key}.safetensors"))
+    }
+
+    /// `tables/`, created.
+    pub fn tables(&self) -> Result<PathBuf> {
+        self.subfolder("tables")
+    }
+
+    /// `figures/`, created.
+    pub fn figures(&self) -> Result<PathBuf> {
+        self.subfolder("figures")
+    }
+
+    pub fn report(&self) -> PathBuf {
+        self.root.join("report.md")
+    }
+
+    fn subfolder(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Starts writing cell `id` into a temporary folder; [`CellWriter::finish`] puts it in place.
+    pub fn begin_cell(&self, id: &str) -> Result<CellWriter> {
+        let done = self.cell(id);
+        let tmp = done.with_extension(format!("tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(CellWriter { tmp, done })
+    }
+
+    /// Removes half-written cell folders (`<id>.tmp-<pid>`) of runs that no longer exist.
+    fn remove_stale_temporaries(&self) -> Result<()> {
+        let cells = self.cells();
+        for entry in std::fs::read_dir(&cells)
+            .with_context(|| format!("reading {}", cells.display()))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
+            if pid == std::process::id().to_string() || !Path::new("/proc").join(pid).exists() {
+                let path = entry.path();
+                tracing::info!("removing the unfinished cell folder {}", path.display());
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cell being written: files go into its temporary folder.
+#[derive(Debug)]
+pub struct CellWriter {
+    tmp: PathBuf,
+    done: PathBuf,
+}
+
+impl CellWriter {
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.tmp.join(name), bytes)
+    }
+
+    /// Writes `metrics.csv` (last: its presence marks the cell complete inside the folder too)
+    /// and renames the folder into place.
+    pub fn finish(self, metrics_csv: &[u8]) -> Result<()> {
+        self.write("metrics.csv", metrics_csv)?;
+        if self.done.exists() {
+            std::fs::remove_dir_all(&self.done)
+                .with_context(|| format!("removing incomplete {}", self.done.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.done)
+            .with_context(|| format!("renaming {} into place", self.tmp.display()))
+    }
+}
+
+/// Writes `bytes` beside `path` and renames them into place, so a reader never sees half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+}
+
+/// Exclusive use of a results folder for one run; removed on drop. A lock left by a process
+/// that no longer exists is taken over.
+#[derive(Debug)]
+struct Lock(PathBuf);
+
+impl Lock {
+    fn acquire(dir: &Path) -> Result<Lock> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(".lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    return Ok(Lock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+                    let alive = !pid.is_empty() && Path::new("/proc").join(&pid).exists();
+                    if alive {
+                        bail!(
+                            "{}: another run (pid {pid}) is using this results folder; wait for it or remove the lock if that process is gone",
+                            path.display()
+                        );
+                    }
+                    tracing::warn!(pid, "taking over a stale lock at {}", path.display());
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing stale {}", path.display()))?;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("creating {} (is the results folder writable?)", path.display())
+                    })
+                }
+            }
+        }
+        bail!("{}: could not take the lock", path.display())
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
