@@ -6,9 +6,10 @@ CARGO ?= cargo
 bootstrap:
 	@scripts/bootstrap.sh
 
-# The whole test suite: formatting, lints, every test of every crate.
+# The whole test suite: formatting, the layering rules, lints, every test of every crate.
 test: bootstrap
 	$(CARGO) fmt --all --check
+	python3 scripts/check_layers.py
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked
 

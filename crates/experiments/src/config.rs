@@ -484,8 +484,8 @@ fn validate(cfg: &Config) -> Result<()> {
             bail!("{f}: method `{m}`: static per-token language activations need a fixed sequence length; use range = \"dynamic\"");
         }
         if let WeightFormat::Awq(a) = spec.weights {
-            if a.grid == 0 || a.clip_steps < 2 {
-                bail!("{f}: method `{m}`: awq needs grid ≥ 1 and clip_steps ≥ 2");
+            if a.grid < 2 || a.clip_steps < 2 {
+                bail!("{f}: method `{m}`: awq needs grid ≥ 2 and clip_steps ≥ 2");
             }
         }
     }

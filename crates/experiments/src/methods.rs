@@ -26,8 +26,8 @@ pub enum WeightFormat {
     Awq(AwqSettings),
 }
 
-/// AWQ's search (llm-awq's `auto_scale` grid of α values and `auto_clip` steps; the defaults are
-/// llm-awq's `n_grid = 20` and the clip ratios 1.0 … 0.5 in 11 steps).
+/// AWQ's search: `grid` values of α in [0, 1] for the scales (llm-awq's `auto_scale` uses
+/// `n_grid = 20`) and `clip_steps` clip ratios from 1.0 down to 0.5 (`auto_clip`'s range).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwqSettings {
@@ -234,12 +234,12 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
         sweep: None,
     };
     Some(match name {
-        "rtn" => m(WeightFormat::Rtn, BaseStrategy::Rtn.into(), "RTN"),
+        "rtn" => m(WeightFormat::Rtn, BaseStrategy::Rtn {}.into(), "RTN"),
         "qlora" => m(WeightFormat::Nf4, lp_init().into(), "QLoRA"),
         "awq" => m(WeightFormat::Awq(AwqSettings::default()), lp_init().into(), "AWQ"),
         "zeroquant" => MethodSpec {
             dynamic_activations: true,
-            ..m(WeightFormat::Rtn, BaseStrategy::Rtn.into(), "ZeroQuant-V2")
+            ..m(WeightFormat::Rtn, BaseStrategy::Rtn {}.into(), "ZeroQuant-V2")
         },
         "sequential" => m(
             WeightFormat::Nf4,
@@ -277,4 +277,41 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
         ),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(text: &str) -> Result<WeightFormat, String> {
+        #[derive(Deserialize)]
+        struct Wrap {
+            weights: WeightFormat,
+        }
+        toml::from_str::<Wrap>(text).map(|w| w.weights).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn awq_settings_live_in_the_weight_format() {
+        assert_eq!(weights("weights = \"awq\""), Ok(WeightFormat::Awq(AwqSettings::default())));
+        assert_eq!(weights("weights = \"nf4\""), Ok(WeightFormat::Nf4));
+        let custom = weights("weights = { awq = { grid = 10 } }").expect("awq table");
+        assert_eq!(custom, WeightFormat::Awq(AwqSettings { grid: 10, clip_steps: 11 }));
+        assert_eq!(
+            custom.search_method(),
+            qvlm_search::engine::WeightMethod::Awq { grid: 10, clip_steps: 11 }
+        );
+        // At the defaults the bare name is written (cell ids of earlier runs hash it).
+        let json = |w: WeightFormat| serde_json::to_string(&w).unwrap_or_default();
+        assert_eq!(json(WeightFormat::Awq(AwqSettings::default())), "\"awq\"");
+        assert_eq!(json(custom), r#"{"awq":{"grid":10,"clip_steps":11}}"#);
+        for (bad, wanted) in [
+            ("weights = \"gptq\"", "unknown weight format `gptq`"),
+            ("weights = { awq = { grid = 10, steps = 3 } }", "unknown field `steps`"),
+            ("weights = { nf4 = {} }", "expected rtn, nf4, awq"),
+        ] {
+            let err = weights(bad).expect_err(bad);
+            assert!(err.contains(wanted), "{bad}: {err}");
+        }
+    }
 }

@@ -119,8 +119,9 @@ impl Default for BlockedConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
 pub enum BaseStrategy {
-    /// Min–max ranges, no search.
-    Rtn,
+    /// Min–max ranges, no search. (A struct variant, so that stray keys are refused: serde lets
+    /// an internally tagged unit variant ignore them.)
+    Rtn {},
     /// Clip ratio per site minimising the lp distance ‖Q(x) − x‖_p^p (QLoRA-style initialization).
     LpInit {
         #[serde(default = "default_lp")]
@@ -221,7 +222,7 @@ fn default_window() -> usize {
 impl BaseStrategy {
     pub fn name(&self) -> String {
         match self {
-            BaseStrategy::Rtn => "rtn".into(),
+            BaseStrategy::Rtn {} => "rtn".into(),
             BaseStrategy::LpInit { .. } => "lp_init".into(),
             BaseStrategy::Sequential { .. } => "sequential".into(),
             BaseStrategy::EntropyBlocked(c) => match (c.proxy, c.rule) {
@@ -308,6 +309,46 @@ impl Default for VeoConfig {
             batch_size: d_batch(),
             lr: d_lr(),
             entropy: EntropyConfig::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strategy(json: &str) -> Result<StrategyConfig, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn disentangled_wraps_a_base_strategy_in_one_table() {
+        let s = strategy(
+            r#"{"kind": "disentangled", "veo": {"epochs": 2}, "then": {"kind": "lp_init"}}"#,
+        )
+        .expect("disentangled");
+        let StrategyConfig::Disentangled { veo, then } = &s else { panic!("{s:?}") };
+        assert_eq!(veo.epochs, 2);
+        assert!(matches!(then, BaseStrategy::LpInit { .. }));
+        assert_eq!(s.name(), "disentangled+lp_init");
+        // Serialized as the flat, tagged table it was read from (cell ids hash it).
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["kind"], "disentangled");
+        assert_eq!(json["then"]["kind"], "lp_init");
+        assert_eq!(serde_json::from_value::<StrategyConfig>(json).ok(), Some(s));
+        let base = strategy(r#"{"kind": "sequential"}"#).expect("base");
+        assert_eq!(base.base(), &BaseStrategy::Sequential { candidates: CandidateGrid::default() });
+        for (bad, wanted) in [
+            (
+                r#"{"kind": "disentangled", "then": {"kind": "disentangled", "then": {"kind": "rtn"}}}"#,
+                "unknown variant `disentangled`",
+            ),
+            (r#"{"kind": "veo"}"#, "expected `disentangled` or one of"),
+            (r#"{"kind": "disentangled"}"#, "missing field `then`"),
+            (r#"{"kind": "rtn", "window": 3}"#, "unknown field `window`"),
+        ] {
+            let err = strategy(bad).expect_err(bad);
+            assert!(err.contains(wanted), "{bad}: {err}");
         }
     }
 }

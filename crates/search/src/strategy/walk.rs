@@ -74,7 +74,7 @@ pub(crate) fn walk_with(
             let free: Vec<usize> =
                 state.site_indices.iter().copied().filter(|i| !fixed_here.contains(i)).collect();
             match strategy {
-                BaseStrategy::Rtn => simple::decide_fixed(eng, state, &free, Clip::MinMax),
+                BaseStrategy::Rtn {} => simple::decide_fixed(eng, state, &free, Clip::MinMax),
                 BaseStrategy::LpInit { p, ratios } => {
                     simple::decide_lp(eng, state, &free, *p, ratios)
                 }

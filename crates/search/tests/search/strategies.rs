@@ -113,7 +113,7 @@ fn every_strategy_plans_every_site_and_the_plan_round_trips() {
     let weights_before: Vec<Tensor> =
         bundle.model.linears().iter().map(|l| l.float_weight().copy()).collect();
     let strategies = [
-        BaseStrategy::Rtn.into(),
+        BaseStrategy::Rtn {}.into(),
         BaseStrategy::LpInit { p: 2.4, ratios: vec![1.0, 0.9, 0.8] }.into(),
         BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
         blocked(Proxy::Entropy, RuleKind::Eq7).into(),
@@ -210,7 +210,7 @@ fn cost_accounting_counts_what_each_strategy_does() {
         .iter()
         .filter(|s| s.id.tower != qvlm_core::layer_id::Tower::Projector)
         .count() as u64;
-    let rtn = run(&mut bundle, &calib, &BaseStrategy::Rtn.into());
+    let rtn = run(&mut bundle, &calib, &BaseStrategy::Rtn {}.into());
     assert_eq!(rtn.cost.candidate_evaluations, 0);
     let seq = run(
         &mut bundle,
@@ -232,7 +232,7 @@ fn cost_accounting_counts_what_each_strategy_does() {
 #[test]
 fn searched_clipping_beats_min_max_on_the_planted_model() {
     let (mut bundle, calib) = setup();
-    let rtn = run(&mut bundle, &calib, &BaseStrategy::Rtn.into());
+    let rtn = run(&mut bundle, &calib, &BaseStrategy::Rtn {}.into());
     let seq = run(
         &mut bundle,
         &calib,
@@ -273,7 +273,7 @@ fn constant_zero_nan_and_inf_calibration_data_give_finite_plans() {
         CalibrationSet { pixels, prompts: calib.prompts.clone(), answers: calib.answers.clone() };
     assert!(broken.nonfinite_pixels() > 0);
     for s in [
-        StrategyConfig::from(BaseStrategy::Rtn),
+        StrategyConfig::from(BaseStrategy::Rtn {}),
         BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
     ] {
         let plan = run(&mut bundle, &broken, &s);
