@@ -35,6 +35,9 @@ pub struct Config {
     pub outputs: Outputs,
     #[serde(skip)]
     pub file: PathBuf,
+    /// The config file's text (its hash is recorded with the results).
+    #[serde(skip)]
+    pub text: String,
 }
 
 /// The head of every command's config (`[experiment]`, the bench's `[bench]`): what the run is
@@ -439,6 +442,7 @@ pub fn load(path: &Path) -> Result<Config> {
     let mut cfg: Config =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     cfg.file = path.to_path_buf();
+    cfg.text = text;
     validate(&cfg)?;
     Ok(cfg)
 }

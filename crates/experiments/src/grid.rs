@@ -26,7 +26,7 @@ pub struct Cell {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CellKind {
     Float,
-    Quantized { bits: Bits, method: MethodSpec },
+    Quantized { bits: Bits, method: Box<MethodSpec> },
 }
 
 impl Cell {
@@ -69,7 +69,7 @@ impl Cell {
         let (bits, spec) = match &self.kind {
             CellKind::Float => (None, None),
             CellKind::Quantized { bits, method } => {
-                (Some(BitsRecord { w: bits.w, a: bits.a }), Some(method))
+                (Some(BitsRecord { w: bits.w, a: bits.a }), Some(method.as_ref()))
             }
         };
         CellRecord {
@@ -150,7 +150,7 @@ pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
         for &bits in &cfg.grid.bits {
             for m in &cfg.grid.methods {
                 let method = resolve_method(cfg, m).context("method checked in validate")?;
-                push(CellKind::Quantized { bits, method })?;
+                push(CellKind::Quantized { bits, method: Box::new(method) })?;
             }
         }
     }

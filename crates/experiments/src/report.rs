@@ -41,28 +41,22 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
         table::strings(summary, "method")?,
     );
     let acc = table::floats(summary, "accuracy")?;
+    // The summary row of (model, bits, method); the float reference is the row with bits "FP".
+    let row = |model: &str, b: &str, method: &str| {
+        (0..models.len()).find(|&i| models[i] == model && bits[i] == b && methods[i] == method)
+    };
+    let accuracy = |model: &str, b: &str, method: &str| row(model, b, method).and_then(|i| acc[i]);
+    let float = |model: &str| {
+        (0..models.len()).find(|&i| models[i] == model && bits[i] == "FP").and_then(|i| acc[i])
+    };
     match fig {
         Figure::SensitivityHeatmap => {
             for model in cfg.grid.models.iter() {
                 let values: Vec<Vec<Option<f64>>> = grid_bits
                     .iter()
-                    .map(|b| {
-                        cfg.grid
-                            .methods
-                            .iter()
-                            .map(|m| {
-                                (0..models.len())
-                                    .find(|&i| {
-                                        &models[i] == model && &bits[i] == b && &methods[i] == m
-                                    })
-                                    .and_then(|i| acc[i])
-                            })
-                            .collect()
-                    })
+                    .map(|b| cfg.grid.methods.iter().map(|m| accuracy(model, b, m)).collect())
                     .collect();
-                let float = (0..models.len())
-                    .find(|&i| &models[i] == model && bits[i] == "FP")
-                    .and_then(|i| acc[i]);
+                let float = float(model);
                 let title = format!(
                     "{} — accuracy (%) by bits and activation ranges (float {})",
                     labels.get(model).cloned().unwrap_or_default(),
@@ -79,24 +73,11 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
         }
         Figure::AccuracyByMethod => {
             for model in cfg.grid.models.iter() {
-                let float = (0..models.len())
-                    .find(|&i| &models[i] == model && bits[i] == "FP")
-                    .and_then(|i| acc[i]);
+                let float = float(model);
                 let series: Vec<(String, Vec<Option<f64>>)> = grid_bits
                     .iter()
                     .map(|b| {
-                        let v = cfg
-                            .grid
-                            .methods
-                            .iter()
-                            .map(|m| {
-                                (0..models.len())
-                                    .find(|&i| {
-                                        &models[i] == model && &bits[i] == b && &methods[i] == m
-                                    })
-                                    .and_then(|i| acc[i])
-                            })
-                            .collect();
+                        let v = cfg.grid.methods.iter().map(|m| accuracy(model, b, m)).collect();
                         (b.clone(), v)
                     })
                     .collect();
@@ -126,18 +107,13 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
             let (axis_of, value_of) =
                 (table::strings(c, "sweep_axis")?, table::floats(c, "sweep_value")?);
             for model in cfg.grid.models.iter() {
-                let float = (0..models.len())
-                    .find(|&i| &models[i] == model && bits[i] == "FP")
-                    .and_then(|i| acc[i]);
+                let float = float(model);
                 let mut axes: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
                 for j in (0..c.height()).filter(|&j| &c_models[j] == model) {
                     let (Some(value), false) = (value_of[j], axis_of[j].is_empty()) else {
                         continue;
                     };
-                    let i = (0..models.len()).find(|&i| {
-                        &models[i] == model && bits[i] == c_bits[j] && methods[i] == c_methods[j]
-                    });
-                    if let Some(a) = i.and_then(|i| acc[i]) {
+                    if let Some(a) = accuracy(model, &c_bits[j], &c_methods[j]) {
                         axes.entry(axis_of[j].clone())
                             .or_default()
                             .entry(c_bits[j].clone())
@@ -207,10 +183,7 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
             let mut cost_pts = Vec::new();
             for j in 0..c.height() {
                 let Some(depth) = depth[j] else { continue };
-                let i = (0..models.len()).find(|&i| {
-                    models[i] == c_models[j] && bits[i] == c_bits[j] && methods[i] == c_methods[j]
-                });
-                if let Some(i) = i {
+                if let Some(i) = row(&c_models[j], &c_bits[j], &c_methods[j]) {
                     if let (Some(a), Some(e)) = (acc[i], evals[i]) {
                         acc_pts.push((depth, a));
                         cost_pts.push((depth, e));

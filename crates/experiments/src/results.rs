@@ -1,12 +1,14 @@
 //! A run's results folder, owned by one value: its layout (`cells/<id>/`, `reference/`,
-//! `tables/`, `figures/`, `report.md`), the lock that makes one process its only writer, and
-//! atomic writes (a file is written beside its place and renamed into it; a cell is written into
-//! `cells/<id>.tmp-<pid>/` and renamed into place when complete).
+//! `tables/`, `figures/`, `report.md`), the lock that makes one process its only writer, the
+//! record of which run owns it (`owner.json`), and atomic writes (a file is written beside its
+//! place and renamed into it; a cell is written into `cells/<id>.tmp-<pid>/` and renamed into
+//! place when complete).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 /// A results folder opened for writing (locked until dropped).
 #[derive(Debug)]
@@ -15,16 +17,72 @@ pub struct ResultsDir {
     _lock: Lock,
 }
 
+/// Which run a results folder belongs to: the command and the run's name. Written on first use;
+/// a run of another command or name is refused, so one experiment's results are never replaced
+/// by another's. `config` and `config_sha256` say which config last wrote here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Owner {
+    /// `experiments` (a grid) or `bench`.
+    pub command: String,
+    pub name: String,
+    pub config: PathBuf,
+    pub config_sha256: String,
+}
+
+impl Owner {
+    /// The owner record of a run of `command` named `name` from the config file `config`, whose
+    /// text was `text`.
+    pub fn new(command: &str, name: &str, config: &Path, text: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            command: command.into(),
+            name: name.into(),
+            config: config.to_path_buf(),
+            config_sha256: digest,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("{} `{}` ({})", self.command, self.name, self.config.display())
+    }
+}
+
+const OWNER_FILE: &str = "owner.json";
+
 impl ResultsDir {
-    /// Creates the folder if needed and takes its lock; half-written cells of processes that no
-    /// longer exist are removed.
-    pub fn open(root: &Path) -> Result<Self> {
+    /// Creates the folder if needed, takes its lock and checks (or records) its owner;
+    /// half-written cells of processes that no longer exist are removed.
+    pub fn open(root: &Path, owner: &Owner) -> Result<Self> {
         let lock = Lock::acquire(root)?;
         let dir = Self { root: root.to_path_buf(), _lock: lock };
-        let cells = dir.cells();
-        std::fs::create_dir_all(&cells).with_context(|| format!("creating {}", cells.display()))?;
+        dir.claim(owner)?;
         dir.remove_stale_temporaries()?;
         Ok(dir)
+    }
+
+    /// Refuses a folder another run owns; records `owner` otherwise (a folder from before owner
+    /// records is adopted).
+    fn claim(&self, owner: &Owner) -> Result<()> {
+        let path = self.root.join(OWNER_FILE);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let recorded: Owner = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not an owner record (remove it to adopt the folder)", path.display())
+            })?;
+            if (recorded.command.as_str(), recorded.name.as_str())
+                != (owner.command.as_str(), owner.name.as_str())
+            {
+                bail!(
+                    "{}: this folder holds the results of {}; this run is {} — give it its own folder (results_dir, or another name)",
+                    self.root.display(),
+                    recorded.describe(),
+                    owner.describe()
+                );
+            }
+        }
+        write_atomic(&path, (serde_json::to_string_pretty(owner)? + "\n").as_bytes())
     }
 
     pub fn root(&self) -> &Path {
@@ -72,6 +130,8 @@ impl ResultsDir {
 
     /// Starts writing cell `id` into a temporary folder; [`CellWriter::finish`] puts it in place.
     pub fn begin_cell(&self, id: &str) -> Result<CellWriter> {
+        let cells = self.cells();
+        std::fs::create_dir_all(&cells).with_context(|| format!("creating {}", cells.display()))?;
         let done = self.cell(id);
         let tmp = done.with_extension(format!("tmp-{}", std::process::id()));
         if tmp.exists() {
@@ -84,6 +144,9 @@ impl ResultsDir {
     /// Removes half-written cell folders (`<id>.tmp-<pid>`) of runs that no longer exist.
     fn remove_stale_temporaries(&self) -> Result<()> {
         let cells = self.cells();
+        if !cells.is_dir() {
+            return Ok(());
+        }
         for entry in std::fs::read_dir(&cells)
             .with_context(|| format!("reading {}", cells.display()))?
             .flatten()
@@ -176,5 +239,44 @@ impl Lock {
 impl Drop for Lock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(command: &str, name: &str) -> Owner {
+        Owner {
+            command: command.into(),
+            name: name.into(),
+            config: PathBuf::from(format!("configs/{name}.toml")),
+            config_sha256: "0".repeat(64),
+        }
+    }
+
+    #[test]
+    fn a_folder_belongs_to_one_run() {
+        let root = std::env::temp_dir().join(format!("qvlm-results-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let first = ResultsDir::open(&root, &owner("experiments", "ablation")).expect("open");
+        // Locked while open.
+        let err = ResultsDir::open(&root, &owner("experiments", "ablation")).expect_err("locked");
+        assert!(format!("{err:#}").contains("another run"), "{err:#}");
+        drop(first);
+        // The same run again (its config may have changed): fine.
+        let mut again = owner("experiments", "ablation");
+        again.config_sha256 = "1".repeat(64);
+        drop(ResultsDir::open(&root, &again).expect("same run"));
+        // Another experiment or command: refused, naming both.
+        for other in [owner("experiments", "table2"), owner("bench", "ablation")] {
+            let err = ResultsDir::open(&root, &other).expect_err("other run");
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains("experiments `ablation`") && msg.contains(&other.describe()),
+                "{msg}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

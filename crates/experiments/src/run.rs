@@ -19,7 +19,7 @@ use crate::grid::{short_hash, Cell, CellKind};
 use crate::memory::model_bytes;
 use crate::methods::WeightFormat;
 use crate::progress;
-use crate::results::ResultsDir;
+use crate::results::{Owner, ResultsDir};
 
 /// Environment of a run, recorded with each cell.
 #[derive(Debug, Serialize, Clone)]
@@ -94,7 +94,8 @@ pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
     if cfg.experiment.threads > 0 {
         tch::set_num_threads(i32::from(cfg.experiment.threads));
     }
-    let results = ResultsDir::open(&cfg.experiment.results_dir())?;
+    let owner = Owner::new("experiments", &cfg.experiment.name, &cfg.file, &cfg.text);
+    let results = ResultsDir::open(&cfg.experiment.results_dir(), &owner)?;
     let mut shared = Shared { data: EvalData::load(&cfg.dataset)?, reference: BTreeMap::new() };
     if shared.data.is_empty() {
         bail!("{}: the dataset has no questions to evaluate", cfg.file.display());

@@ -27,6 +27,9 @@ pub struct BenchConfig {
     pub custom_shapes: Vec<ShapeDims>,
     #[serde(skip)]
     pub file: PathBuf,
+    /// The config's text (its hash is recorded with the results).
+    #[serde(skip)]
+    pub text: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -203,6 +206,7 @@ pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
     let mut cfg: BenchConfig =
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     cfg.file = path.to_path_buf();
+    cfg.text = text.to_string();
     validate(&cfg)?;
     Ok(cfg)
 }

@@ -40,6 +40,7 @@ use scheme::Scheme;
 use shape::Shape;
 
 use crate::progress;
+use crate::results::{Owner, ResultsDir};
 
 /// What a run produced.
 #[derive(Debug)]
@@ -63,7 +64,9 @@ pub fn run(cfg: &BenchConfig) -> Result<Outcome> {
     }
     tch::manual_seed(cfg.bench.seed as i64);
     let dir = cfg.results_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Held to the end: one bench at a time on a folder, and never over another run's results.
+    let owner = Owner::new("bench", &cfg.bench.name, &cfg.file, &cfg.text);
+    let _results = ResultsDir::open(&dir, &owner)?;
 
     let pb = progress::spinner("memory bandwidth");
     let bw = machine::bandwidth(device, cfg.bandwidth.mib << 20, cfg.bandwidth.repeats)
