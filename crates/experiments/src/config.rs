@@ -436,11 +436,27 @@ pub struct Outputs {
     pub figures: Vec<Figure>,
 }
 
+/// Parses TOML `text` (from the file `path`) into `T`; an error names the file and the key it is
+/// about (`key `grid.bits[0]`: …`), then the parser's message with the line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let f = path.display();
+    let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{f}: {e}"))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // Messages of this crate's own checks name their key already.
+        if key == "." || inner.starts_with("key `") || inner.contains("\nkey `") {
+            anyhow::anyhow!("{f}: {inner}")
+        } else {
+            anyhow::anyhow!("{f}: key `{key}`: {inner}")
+        }
+    })
+}
+
 pub fn load(path: &Path) -> Result<Config> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cfg: Config =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut cfg: Config = parse_toml(&text, path)?;
     cfg.file = path.to_path_buf();
     cfg.text = text;
     validate(&cfg)?;

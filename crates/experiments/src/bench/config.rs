@@ -203,8 +203,7 @@ pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
             );
         }
     }
-    let mut cfg: BenchConfig =
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut cfg: BenchConfig = crate::config::parse_toml(text, path)?;
     cfg.file = path.to_path_buf();
     cfg.text = text.to_string();
     validate(&cfg)?;

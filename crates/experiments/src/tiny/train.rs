@@ -391,5 +391,5 @@ fn last_two(pieces: &[Piece]) -> [i64; 2] {
 pub fn load_config(path: &Path) -> Result<TrainTinyConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    crate::config::parse_toml(&text, path)
 }
