@@ -19,11 +19,13 @@ use crate::prompt::scienceqa::{items, target_text, SqaItem};
 /// Answers longer than this many tokens are cut (VEO's L_reg needs the first few only).
 const MAX_ANSWER_TOKENS: usize = 64;
 
-/// `n` calibration pairs of `data`, drawn with `seed`.
+/// `n` calibration pairs of `data`, drawn with `seed`; fewer only when the source has fewer and
+/// `allow_fewer` (else an error naming both counts).
 pub fn calibration(
     data: &EvalData,
     bundle: &LlavaBundle,
     n: usize,
+    allow_fewer: bool,
     seed: u64,
 ) -> Result<CalibrationSet> {
     let pairs: Vec<(String, PathBuf, String)> = match data {
@@ -73,6 +75,13 @@ pub fn calibration(
             })
             .collect(),
     };
+    if pairs.len() < n && !allow_fewer {
+        bail!(
+            "key `calibration.samples`: {n} pairs requested, but the calibration source ({}) has only {} usable ones; lower `samples` or set `calibration.allow_fewer = true`",
+            data.calibration_source(),
+            pairs.len()
+        );
+    }
     build(bundle, pairs)
 }
 

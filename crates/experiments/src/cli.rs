@@ -35,6 +35,9 @@ pub struct GenerateArgs {
     /// Write the prompt's logits ([sequence, vocab] f32, image placeholder expanded) here.
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
+    /// Replace an existing `--dump-logits` file.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     #[arg(long, default_value = "f32")]
@@ -42,6 +45,9 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
+    if let Some(out) = args.dump_logits.as_ref().filter(|p| p.exists() && !args.force) {
+        anyhow::bail!("--dump-logits: {} exists; pass --force to replace it", out.display());
+    }
     let device = args.device.resolve()?;
     let opts = LoadOptions { device, dtype: args.dtype, clip_dir: args.clip.clone() };
     let bundle = LlavaBundle::load(&args.model, &opts)
@@ -75,8 +81,11 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Written beside `path` and renamed into place.
 fn write_logits(path: &std::path::Path, logits: &Tensor) -> Result<()> {
     let tensors = vec![("logits".to_string(), logits.shallow_clone())];
-    qvlm_core::io::safetensors::write_safetensors(path, &tensors, &Default::default())
-        .with_context(|| format!("writing {}", path.display()))
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    qvlm_core::io::safetensors::write_safetensors(&tmp, &tensors, &Default::default())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use qvlm_core::device::{DType, DeviceSpec};
 use qvlm_core::io::prompt::Template;
 use qvlm_core::model::outliers::OutlierSpec;
-use qvlm_core::quant::spec::Granularity;
 use serde::{Deserialize, Serialize};
 
 use crate::data::scienceqa::Split;
@@ -369,6 +368,11 @@ pub struct CalibrationConfig {
     /// Vision-language pairs drawn (seeded) from the training split (the paper: 64).
     #[serde(default = "default_calib_samples")]
     pub samples: NonZeroUsize,
+    /// Run with fewer pairs when the split has fewer than `samples` (each cell's manifest records
+    /// how many were used); without it that is an error. (Left out of the cell record when off,
+    /// so ids of earlier runs stay.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_fewer: bool,
 }
 
 fn default_calib_samples() -> NonZeroUsize {
@@ -377,7 +381,7 @@ fn default_calib_samples() -> NonZeroUsize {
 
 impl Default for CalibrationConfig {
     fn default() -> Self {
-        Self { samples: default_calib_samples() }
+        Self { samples: default_calib_samples(), allow_fewer: false }
     }
 }
 
@@ -436,16 +440,26 @@ pub struct Outputs {
     pub figures: Vec<Figure>,
 }
 
-/// Parses TOML `text` (from the file `path`) into `T`; an error names the file and the key it is
-/// about (`key `grid.bits[0]`: …`), then the parser's message with the line.
+/// Parses TOML `text` (from the file `path`) into `T`. An error is one line naming the file, the
+/// key it is about and the position: `f.toml: key `grid.bits[0]`: line 38, column 8: …`.
 pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
     let f = path.display();
-    let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{f}: {e}"))?;
+    let at = |e: &toml::de::Error| match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message().trim())
+        }
+        None => e.message().trim().to_string(),
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{f}: {}", at(&e)))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
-        let inner = e.into_inner().to_string();
+        let inner = at(e.inner()).replace('\n', " ");
         // Messages of this crate's own checks name their key already.
-        if key == "." || inner.starts_with("key `") || inner.contains("\nkey `") {
+        let names_key = inner.contains("key `");
+        if key == "." || names_key {
             anyhow::anyhow!("{f}: {inner}")
         } else {
             anyhow::anyhow!("{f}: key `{key}`: {inner}")
@@ -453,12 +467,75 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Re
     })
 }
 
+/// The commands whose configs this binary reads, told apart by their top-level tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigKind {
+    /// `[experiment]` + `[grid]`: `experiments CONFIG`.
+    Experiment,
+    /// `[bench]`: `experiments bench CONFIG`.
+    Bench,
+    /// `out` + `[arch]` + `[train]`: `experiments train-tiny CONFIG`.
+    TrainTiny,
+}
+
+impl ConfigKind {
+    fn of(text: &str) -> Option<ConfigKind> {
+        let t = text.parse::<toml::Table>().ok()?;
+        if t.contains_key("experiment") {
+            Some(ConfigKind::Experiment)
+        } else if t.contains_key("bench") {
+            Some(ConfigKind::Bench)
+        } else if t.contains_key("arch") && t.contains_key("train") {
+            Some(ConfigKind::TrainTiny)
+        } else {
+            None
+        }
+    }
+
+    fn command(self, file: &Path) -> String {
+        let f = file.display();
+        match self {
+            ConfigKind::Experiment => format!("experiments {f}"),
+            ConfigKind::Bench => format!("experiments bench {f}"),
+            ConfigKind::TrainTiny => format!("experiments train-tiny {f}"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ConfigKind::Experiment => "an experiment",
+            ConfigKind::Bench => "a bench",
+            ConfigKind::TrainTiny => "a train-tiny",
+        }
+    }
+
+    /// Refuses `text` when it is recognisably the config of another command, saying which.
+    pub fn expect(self, text: &str, file: &Path) -> Result<()> {
+        match ConfigKind::of(text) {
+            Some(other) if other != self => bail!(
+                "{}: this is {} config, not {} config: run `{}`",
+                file.display(),
+                other.name(),
+                self.name(),
+                other.command(file)
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 pub fn load(path: &Path) -> Result<Config> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cfg: Config = parse_toml(&text, path)?;
+    parse(&text, path)
+}
+
+/// Parses and validates config text; `path` names the file in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Config> {
+    ConfigKind::Experiment.expect(text, path)?;
+    let mut cfg: Config = parse_toml(text, path)?;
     cfg.file = path.to_path_buf();
-    cfg.text = text;
+    cfg.text = text.to_string();
     validate(&cfg)?;
     Ok(cfg)
 }
@@ -483,6 +560,28 @@ fn validate(cfg: &Config) -> Result<()> {
     }
     if cfg.grid.models.is_empty() || cfg.grid.bits.is_empty() || cfg.grid.methods.is_empty() {
         bail!("{f}: key `grid`: models, bits and methods must each name at least one entry (the grid is empty)");
+    }
+    let labels: Vec<String> = cfg.grid.bits.iter().map(|b| b.label()).collect();
+    for (key, names) in [
+        ("grid.models", cfg.grid.models.clone()),
+        ("grid.bits", labels),
+        ("grid.methods", cfg.grid.methods.clone()),
+        ("methods", cfg.methods.iter().map(|m| m.name.clone()).collect()),
+    ] {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            bail!("{f}: key `{key}`: `{twice}` is listed twice (the first would silently win)");
+        }
+    }
+    for (i, m) in cfg.methods.iter().enumerate() {
+        m.strategy
+            .check()
+            .map_err(|e| anyhow::anyhow!("{f}: key `methods[{i}].strategy` (`{}`): {e}", m.name))?;
+        if let Some(sweep) = &m.sweep {
+            if !sweep.value.is_finite() {
+                bail!("{f}: key `methods[{i}].sweep.value` (`{}`): must be finite", m.name);
+            }
+        }
     }
     for m in &cfg.grid.models {
         if !cfg.models.iter().any(|e| &e.name == m) {
@@ -512,13 +611,6 @@ fn validate(cfg: &Config) -> Result<()> {
     let q = &cfg.quant;
     if q.weight_group < 0 || q.nf4_block <= 0 {
         bail!("{f}: key `quant.weight_group`/`quant.nf4_block`: must be non-negative / positive");
-    }
-    for (key, act) in [("quant.vision_act", q.vision_act), ("quant.language_act", q.language_act)] {
-        if let Granularity::PerGroup { size } = act.granularity {
-            if size <= 0 {
-                bail!("{f}: key `{key}.granularity.size`: must be positive");
-            }
-        }
     }
     for o in &cfg.outputs.paper {
         if !paper_dir(cfg).join(format!("{o}.csv")).is_file() {

@@ -38,6 +38,9 @@ enum Command {
     TrainTiny {
         #[arg(default_value = "configs/train-tiny.toml")]
         config: PathBuf,
+        /// Replace an existing `out` folder (only once the new model is trained and saved).
+        #[arg(long)]
+        force: bool,
     },
     /// Memory and generation speed of FP32/BF16/W8A16/W8A8/W4A16 on LLaVA-shaped models with
     /// random weights, against the measured memory bandwidth (configs/efficiency.toml).
@@ -69,9 +72,9 @@ fn run() -> Result<()> {
     match (args.command, args.config) {
         (Some(Command::Run { config, dry_run }), _) => run_config(&config, dry_run || args.dry_run),
         (Some(Command::Generate(g)), _) => cli::generate(&g),
-        (Some(Command::TrainTiny { config }), _) => {
+        (Some(Command::TrainTiny { config, force }), _) => {
             let cfg = tiny::train::load_config(&config)?;
-            let record = tiny::train::train(&cfg)?;
+            let record = tiny::train::train(&cfg, force)?;
             println!("{}", serde_json::to_string_pretty(&record.test_accuracy)?);
             println!(
                 "trained in {:.1} min ({} parameters), saved to {}",

@@ -54,7 +54,8 @@ impl ResultsDir {
     /// Creates the folder if needed, takes its lock and checks (or records) its owner;
     /// half-written cells of processes that no longer exist are removed.
     pub fn open(root: &Path, owner: &Owner) -> Result<Self> {
-        let lock = Lock::acquire(root)?;
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let lock = Lock::acquire(&root.join(".lock"))?;
         let dir = Self { root: root.to_path_buf(), _lock: lock };
         dir.claim(owner)?;
         dir.remove_stale_temporaries()?;
@@ -138,7 +139,7 @@ impl ResultsDir {
             std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(CellWriter { tmp, done })
+        Ok(CellWriter { tmp, done, finished: false })
     }
 
     /// Removes half-written cell folders (`<id>.tmp-<pid>`) of runs that no longer exist.
@@ -164,11 +165,13 @@ impl ResultsDir {
     }
 }
 
-/// A cell being written: files go into its temporary folder.
+/// A cell being written: files go into its temporary folder, which is removed again unless the
+/// cell is finished (a failed cell leaves nothing behind).
 #[derive(Debug)]
 pub struct CellWriter {
     tmp: PathBuf,
     done: PathBuf,
+    finished: bool,
 }
 
 impl CellWriter {
@@ -178,14 +181,24 @@ impl CellWriter {
 
     /// Writes `metrics.csv` (last: its presence marks the cell complete inside the folder too)
     /// and renames the folder into place.
-    pub fn finish(self, metrics_csv: &[u8]) -> Result<()> {
+    pub fn finish(mut self, metrics_csv: &[u8]) -> Result<()> {
         self.write("metrics.csv", metrics_csv)?;
         if self.done.exists() {
             std::fs::remove_dir_all(&self.done)
                 .with_context(|| format!("removing incomplete {}", self.done.display()))?;
         }
         std::fs::rename(&self.tmp, &self.done)
-            .with_context(|| format!("renaming {} into place", self.tmp.display()))
+            .with_context(|| format!("renaming {} into place", self.tmp.display()))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for CellWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
     }
 }
 
@@ -196,15 +209,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
-/// Exclusive use of a results folder for one run; removed on drop. A lock left by a process
-/// that no longer exists is taken over.
+/// Exclusive use of what a lock file guards (a results folder, a model folder being written) for
+/// one process; the file holds its pid and is removed on drop. A lock left by a process that no
+/// longer exists is taken over.
 #[derive(Debug)]
-struct Lock(PathBuf);
+pub struct Lock(PathBuf);
 
 impl Lock {
-    fn acquire(dir: &Path) -> Result<Lock> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(".lock");
+    /// Creates the lock file `path` (its folder must exist), or fails naming the live holder.
+    pub fn acquire(path: &Path) -> Result<Lock> {
+        let path = path.to_path_buf();
         for _ in 0..2 {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
@@ -217,7 +231,7 @@ impl Lock {
                     let alive = !pid.is_empty() && Path::new("/proc").join(&pid).exists();
                     if alive {
                         bail!(
-                            "{}: another run (pid {pid}) is using this results folder; wait for it or remove the lock if that process is gone",
+                            "{}: another run (pid {pid}) holds this lock; wait for it or remove the lock if that process is gone",
                             path.display()
                         );
                     }
@@ -227,7 +241,7 @@ impl Lock {
                 }
                 Err(e) => {
                     return Err(e).with_context(|| {
-                        format!("creating {} (is the results folder writable?)", path.display())
+                        format!("creating {} (is the folder writable?)", path.display())
                     })
                 }
             }

@@ -33,6 +33,9 @@ pub struct Manifest {
     pub threads: i32,
     pub seed: u64,
     pub nonfinite_calibration_values: u64,
+    /// Calibration pairs requested and used (0 for the float reference).
+    pub calibration_samples_requested: usize,
+    pub calibration_samples_used: usize,
 }
 
 pub fn git_revision() -> String {
@@ -215,15 +218,19 @@ fn run_cell(
     let mut timings = BTreeMap::new();
     let mut plan: Option<QuantPlan> = None;
     let mut nonfinite = 0u64;
+    let mut calibration_used = 0;
     let mut hook: Box<dyn qvlm_core::hook::LinearHook> = Box::new(NoHook);
     if let CellKind::Quantized { bits, method } = &cell.kind {
         let scheme = method.scheme(*bits, &cell.quant)?;
+        let c = &cell.calibration;
         let calib = crate::calib::calibration(
             &shared.data,
             &bundle,
-            cell.calibration.samples.get(),
+            c.samples.get(),
+            c.allow_fewer,
             cell.seed,
         )?;
+        calibration_used = calib.prompts.len();
         nonfinite =
             calib.pixels.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]) as u64;
         let pb = progress::bar(1, "search");
@@ -317,7 +324,20 @@ fn run_cell(
         threads: tch::get_num_threads(),
         seed: cell.seed,
         nonfinite_calibration_values: nonfinite,
+        calibration_samples_requested: match cell.kind {
+            CellKind::Float => 0,
+            CellKind::Quantized { .. } => cell.calibration.samples.get(),
+        },
+        calibration_samples_used: calibration_used,
     };
+    // A number that is not finite is not a result: nothing of this cell is kept.
+    if let Some(bad) = rows.iter().find(|r| !r.value.is_finite()) {
+        bail!(
+            "metric `{}` is {} (are the model's outputs finite?); the cell is not saved as a result",
+            bad.metric,
+            bad.value
+        );
+    }
     out_cell.write("answers.csv", out.answers_csv.as_bytes())?;
     out_cell.write("config.json", serde_json::to_string_pretty(cell)?.as_bytes())?;
     out_cell.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// h0: an absolute value, or a quantile of all dependencies measured in the model (the paper
 /// gives no value; a quantile adapts to bit width and estimator scale).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value", deny_unknown_fields)]
 pub enum Threshold {
     Absolute(f64),
     Quantile(f64),

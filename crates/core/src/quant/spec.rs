@@ -5,9 +5,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::quant::uniform::Grid;
 
-/// Which elements share a scale.
+/// Which elements share a scale. Written `{ kind = "per_token" }`, `{ kind = "per_group", size =
+/// 64 }`; other keys and a group size below 1 are refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case", tag = "kind", try_from = "GranularityTable")]
 pub enum Granularity {
     PerTensor,
     /// One range per input channel (last axis), shared by all tokens (RPTQ-style, LLM side).
@@ -19,6 +20,34 @@ pub enum Granularity {
     PerGroup {
         size: i64,
     },
+}
+
+/// [`Granularity`] as written: struct variants, so that stray keys are refused (serde lets an
+/// internally tagged unit variant ignore them).
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+#[allow(clippy::enum_variant_names)] // the names are the kinds users write (`per_token`, …)
+enum GranularityTable {
+    PerTensor {},
+    PerChannel {},
+    PerToken {},
+    PerGroup { size: i64 },
+}
+
+impl TryFrom<GranularityTable> for Granularity {
+    type Error = String;
+
+    fn try_from(t: GranularityTable) -> std::result::Result<Self, String> {
+        Ok(match t {
+            GranularityTable::PerTensor {} => Granularity::PerTensor,
+            GranularityTable::PerChannel {} => Granularity::PerChannel,
+            GranularityTable::PerToken {} => Granularity::PerToken,
+            GranularityTable::PerGroup { size } if size >= 1 => Granularity::PerGroup { size },
+            GranularityTable::PerGroup { size } => {
+                return Err(format!("per_group size {size} must be at least 1"))
+            }
+        })
+    }
 }
 
 /// Where ranges come from.

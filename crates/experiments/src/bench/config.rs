@@ -194,8 +194,9 @@ pub fn load(path: &Path) -> Result<BenchConfig> {
 
 /// Parses and validates config text; `path` names the file in errors.
 pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
+    crate::config::ConfigKind::Bench.expect(text, path)?;
     // `[bench]` is the run header every command shares; the one bench-only key it held moved.
-    if let Ok(toml::Value::Table(t)) = text.parse::<toml::Value>() {
+    if let Ok(t) = text.parse::<toml::Table>() {
         if t.get("bench").and_then(|b| b.get("memory_headroom_gib")).is_some() {
             bail!(
                 "{}: key `bench.memory_headroom_gib` is now `model.memory_headroom_gib` (move it to [model])",
@@ -293,8 +294,23 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
     if me.decode_tokens < 1 {
         bail!("{f}: key `measure.decode_tokens`: must be at least 1");
     }
-    if cfg.bandwidth.mib < 1 || cfg.bandwidth.repeats < 1 {
-        bail!("{f}: key `bandwidth.mib`/`bandwidth.repeats`: must be at least 1");
+    if !(1..=1 << 20).contains(&cfg.bandwidth.mib) || cfg.bandwidth.repeats < 1 {
+        bail!(
+            "{f}: key `bandwidth.mib`/`bandwidth.repeats`: must be at least 1 (mib at most 2^20)"
+        );
+    }
+    for (key, v) in [
+        ("measure.prefill_tokens", me.prefill_tokens as u128),
+        ("measure.warmup_tokens", me.warmup_tokens as u128),
+        ("measure.decode_tokens", me.decode_tokens as u128),
+        ("model.layers", m.layers.unwrap_or(1) as u128),
+        ("model.fp32_layers", m.fp32_layers.unwrap_or(1) as u128),
+        ("model.partial_layers", m.partial_layers as u128),
+        ("model.w4_group", m.w4_group as u128),
+    ] {
+        if v > 1 << 20 {
+            bail!("{f}: key `{key}`: {v} is above 2^20");
+        }
     }
     Ok(())
 }

@@ -7,6 +7,13 @@ use qvlm_core::io::config::{
 };
 use serde::{Deserialize, Serialize};
 
+/// Largest width, vocabulary or head count a shape may have (2^20).
+pub const MAX_WIDTH: i64 = 1 << 20;
+/// Largest layer count of either tower.
+pub const MAX_LAYERS: i64 = 1 << 12;
+/// Largest image side in pixels.
+pub const MAX_IMAGE: i64 = 1 << 14;
+
 /// Every dimension that sets a LLaVA model's weight shapes.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +50,19 @@ impl ShapeDims {
         ];
         if all.iter().any(|&v| v < 1) {
             return Err("every dimension must be at least 1".into());
+        }
+        // Bounds far above any real model, so that parameter and byte counts cannot overflow.
+        for (name, v, max) in [
+            ("vision_layers", self.vision_layers, MAX_LAYERS),
+            ("text_layers", self.text_layers, MAX_LAYERS),
+            ("image_size", self.image_size, MAX_IMAGE),
+        ] {
+            if v > max {
+                return Err(format!("{name} {v} is above {max}"));
+            }
+        }
+        if let Some(v) = all.iter().find(|&&v| v > MAX_WIDTH) {
+            return Err(format!("a dimension of {v} is above {MAX_WIDTH}"));
         }
         if self.vision_hidden % self.vision_heads != 0 {
             return Err("vision_heads must divide vision_hidden".into());

@@ -116,6 +116,20 @@ impl EvalData {
         }
     }
 
+    /// Where calibration pairs come from, for messages.
+    pub fn calibration_source(&self) -> &'static str {
+        match self {
+            EvalData::EasyVqa { .. } => "easy-VQA's train split",
+            EvalData::Scienceqa { train: Some(_), .. } => {
+                "ScienceQA's train split, image questions"
+            }
+            EvalData::Scienceqa { train: None, .. } => {
+                "the evaluated ScienceQA split, image questions (no images/train)"
+            }
+            EvalData::Vqa { .. } => "the evaluated VQA questions",
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -2,7 +2,7 @@
 //! as a llava-hf directory with its tokenizer and a training record.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +25,7 @@ use crate::data::easy_vqa::{EasyVqa, Question, QuestionType, Split, COLORS, SHAP
 use crate::eval::easy_vqa::{evaluate, Accuracy};
 use crate::progress;
 use crate::prompt::easy_vqa::prompt;
+use crate::results::Lock;
 use qvlm_core::rng::SplitMix64;
 
 /// The template every easy-VQA prompt of the tiny model goes through.
@@ -147,17 +148,12 @@ pub struct TrainRecord {
     pub libtorch: String,
 }
 
-pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
+pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
+    cfg.check()?;
     let t = &cfg.train;
-    if cfg.arch.text_hidden % cfg.arch.text_heads != 0 {
-        bail!(
-            "arch.text_heads {} does not divide arch.text_hidden {}",
-            cfg.arch.text_heads,
-            cfg.arch.text_hidden
-        );
-    }
+    let staged = Staged::begin(&cfg.out, force)?;
     if t.threads > 0 {
-        tch::set_num_threads(t.threads);
+        tch::set_num_threads(i32::from(t.threads));
     }
     tch::manual_seed(t.seed);
     let root = match &cfg.data {
@@ -166,12 +162,12 @@ pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
     };
     let train_set = EasyVqa::load(&root, Split::Train)?;
     let test_set = EasyVqa::load(&root, Split::Test)?;
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    let dir = staged.dir();
 
     // Tokenizer and model.
     let texts: Vec<&str> = train_set.questions.iter().map(|q| q.text.as_str()).collect();
     let tok = tokenizer::build(&texts)?;
-    let tok_path = cfg.out.join("tokenizer.json");
+    let tok_path = dir.join("tokenizer.json");
     tokenizer::save(&tok, &tok_path)?;
     let image_token = i64::from(tok.token_to_id(IMAGE_PLACEHOLDER).context("no <image> token")?);
     let vocab = i64::from(tok.get_vocab_size(true) as u32);
@@ -339,13 +335,10 @@ pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
     let stage2_seconds = s2_start.elapsed().as_secs_f64();
     let train_seconds = start.elapsed().as_secs_f64();
 
-    if t.lm_epochs == 0 {
-        bail!("lm_epochs = 0: stage ① only (shape {shape_acc:.1}%, color {color_acc:.1}%), nothing saved");
-    }
     // Save, reload strictly through the public loader, evaluate on the full test split.
-    save_llava_hf(&model, &proc_cfg, &cfg.out)?;
+    save_llava_hf(&model, &proc_cfg, dir)?;
     drop(model);
-    let bundle = LlavaBundle::load(&cfg.out, &LoadOptions::default())?;
+    let bundle = LlavaBundle::load(dir, &LoadOptions::default())?;
     let pb = progress::bar(test_set.questions.len() as u64, "test eval");
     let out = evaluate(&bundle, &test_set, &test_set.questions, TEMPLATE, 128, &mut NoHook, &pb)?;
     pb.finish_and_clear();
@@ -362,10 +355,87 @@ pub fn train(cfg: &TrainTinyConfig) -> Result<TrainRecord> {
         torch_threads: tch::get_num_threads(),
         libtorch: qvlm_core::device::libtorch_version(),
     };
-    let path = cfg.out.join("training.json");
+    let path = dir.join("training.json");
     std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
+    drop(bundle);
+    staged.commit()?;
     Ok(record)
+}
+
+/// The output folder written beside its place (`<out>.tmp-<pid>`) under a lock (`<out>.lock`) and
+/// renamed into it only when training finished; an existing `out` is replaced only when asked
+/// (`--force`), and then only once the new model is complete. Dropped before [`Staged::commit`],
+/// the staging folder is removed and `out` is left as it was.
+struct Staged {
+    out: PathBuf,
+    staging: PathBuf,
+    force: bool,
+    committed: bool,
+    _lock: Lock,
+}
+
+impl Staged {
+    fn begin(out: &Path, force: bool) -> Result<Self> {
+        let name = out.file_name().and_then(|n| n.to_str()).context("out names no folder")?;
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let lock = Lock::acquire(&parent.join(format!("{name}.lock")))?;
+        if out.exists() && !force {
+            bail!(
+                "{} exists (the committed embedded model lives in models/tiny-llava); pass --force to replace it once the new model is trained, or set `out` to a new folder",
+                out.display()
+            );
+        }
+        let staging = parent.join(format!("{name}.tmp-{}", std::process::id()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("removing {}", staging.display()))?;
+        }
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+        Ok(Self { out: out.to_path_buf(), staging, force, committed: false, _lock: lock })
+    }
+
+    fn dir(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Puts the finished model in place (the previous one, with `--force`, removed after).
+    fn commit(mut self) -> Result<()> {
+        let old = self.staging.with_extension(format!("old-{}", std::process::id()));
+        if self.out.exists() {
+            if !self.force {
+                bail!(
+                    "{} appeared while training; the new model is in {}",
+                    self.out.display(),
+                    self.staging.display()
+                );
+            }
+            std::fs::rename(&self.out, &old)
+                .with_context(|| format!("moving {} aside", self.out.display()))?;
+        }
+        std::fs::rename(&self.staging, &self.out).with_context(|| {
+            format!("renaming {} into {}", self.staging.display(), self.out.display())
+        })?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
 }
 
 /// The prompt pieces of a question with `[answer, </s>]` appended.
@@ -391,5 +461,14 @@ fn last_two(pieces: &[Piece]) -> [i64; 2] {
 pub fn load_config(path: &Path) -> Result<TrainTinyConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    crate::config::parse_toml(&text, path)
+    parse_config(&text, path)
+}
+
+/// Parses and validates config text; `path` names the file in errors.
+pub fn parse_config(text: &str, path: &Path) -> Result<TrainTinyConfig> {
+    crate::config::ConfigKind::TrainTiny.expect(text, path)?;
+    let mut cfg: TrainTinyConfig = crate::config::parse_toml(text, path)?;
+    cfg.file = path.to_path_buf();
+    cfg.check()?;
+    Ok(cfg)
 }

@@ -16,7 +16,7 @@ pub fn paper_percentiles() -> Vec<f64> {
 
 /// Candidate rounding functions of a site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind", content = "values")]
+#[serde(rename_all = "snake_case", tag = "kind", content = "values", deny_unknown_fields)]
 pub enum CandidateGrid {
     /// Percentiles p of the site's distribution (the paper).
     Percentile(Vec<f64>),
@@ -310,6 +310,87 @@ impl Default for VeoConfig {
             lr: d_lr(),
             entropy: EntropyConfig::default(),
         }
+    }
+}
+
+/// A number that must be finite and at least `min` (strictly above it when `open`).
+fn finite_at_least(key: &str, v: f64, min: f64, open: bool) -> Result<()> {
+    let ok = v.is_finite() && if open { v > min } else { v >= min };
+    if ok {
+        return Ok(());
+    }
+    let bound = if open { ">" } else { "≥" };
+    Err(setting(key, format!("{v} is not a finite number {bound} {min}")))
+}
+
+/// A count that must be at least 1.
+fn positive(key: &str, v: impl Into<i128>) -> Result<()> {
+    match v.into() {
+        n if n >= 1 => Ok(()),
+        n => Err(setting(key, format!("{n} must be at least 1"))),
+    }
+}
+
+impl EntropyConfig {
+    pub fn check(&self, key: &str) -> Result<()> {
+        finite_at_least(&format!("{key}.temperature"), self.temperature, 0.0, true)?;
+        positive(&format!("{key}.max_rows"), self.max_rows)?;
+        positive(&format!("{key}.max_channels"), self.max_channels)
+    }
+}
+
+impl VeoConfig {
+    pub fn check(&self) -> Result<()> {
+        for (key, v) in
+            [("veo.lambda1", self.lambda1), ("veo.lambda2", self.lambda2), ("veo.eta", self.eta)]
+        {
+            finite_at_least(key, v, 0.0, false)?;
+        }
+        finite_at_least("veo.lr", self.lr, 0.0, true)?;
+        positive("veo.epochs", self.epochs as u64)?;
+        positive("veo.batch_size", self.batch_size as u64)?;
+        self.entropy.check("veo.entropy")
+    }
+}
+
+impl BaseStrategy {
+    /// Every setting in range (finite, positive counts, candidates in their intervals), before
+    /// anything runs.
+    pub fn check(&self) -> Result<()> {
+        match self {
+            BaseStrategy::Rtn {} => Ok(()),
+            BaseStrategy::LpInit { p, ratios } => {
+                finite_at_least("p", *p, 0.0, true)?;
+                CandidateGrid::Ratio(ratios.clone()).clips().map(drop)
+            }
+            BaseStrategy::Sequential { candidates } => candidates.clips().map(drop),
+            BaseStrategy::EntropyBlocked(c) => {
+                c.candidates.clips()?;
+                match c.h0 {
+                    Threshold::Absolute(v) => finite_at_least("h0.value", v, f64::MIN, false)?,
+                    Threshold::Quantile(q) if !(0.0..=1.0).contains(&q) => {
+                        return Err(setting("h0.value", format!("quantile {q} is not in [0, 1]")))
+                    }
+                    Threshold::Quantile(_) => {}
+                }
+                positive("max_depth", c.max_depth as u64)?;
+                positive("exhaustive_limit", c.exhaustive_limit as u64)?;
+                c.entropy.check("entropy")
+            }
+            BaseStrategy::Oracle { candidates, window } => {
+                candidates.clips()?;
+                positive("window", *window as u64)
+            }
+        }
+    }
+}
+
+impl StrategyConfig {
+    pub fn check(&self) -> Result<()> {
+        if let StrategyConfig::Disentangled { veo, .. } = self {
+            veo.check()?;
+        }
+        self.base().check()
     }
 }
 

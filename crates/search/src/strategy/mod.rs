@@ -32,6 +32,7 @@ pub fn run(
     strategy: &StrategyConfig,
     progress: Progress<'_>,
 ) -> Result<QuantPlan> {
+    strategy.check()?;
     // Non-finite pixels are replaced up front (the runner records how many there were).
     let sanitized;
     let calib = if calib.nonfinite_pixels() > 0 {

@@ -204,9 +204,7 @@ pub fn run(
             "VEO learns static vision ranges; set vision act range = \"static\"",
         ));
     }
-    if cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(setting("veo", "epochs and batch_size must be positive"));
-    }
+    cfg.check()?;
     // 1. QLoRA-style initialization of every site (and the weights).
     let init = walk::plan(
         model,
