@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use qvlm_core::hook::NoHook;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::plant_outliers;
-use qvlm_search::plan::{apply, QuantPlan};
+use qvlm_core::quant::spec::{Granularity, WeightSpec};
+use qvlm_search::plan::{apply, ActScheme, QuantPlan};
 use qvlm_search::strategy;
 use serde::Serialize;
 use tch::Tensor;
@@ -17,7 +18,6 @@ use crate::config::Config;
 use crate::eval::dataset::EvalData;
 use crate::grid::{short_hash, Cell, CellKind};
 use crate::memory::model_bytes;
-use crate::methods::WeightFormat;
 use crate::progress;
 use crate::results::{Owner, ResultsDir};
 
@@ -122,17 +122,10 @@ pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
     Ok(())
 }
 
-/// Refuses, before any cell runs, a weight group size that does not divide a quantized layer's
-/// input width (read from the model's config.json).
+/// Refuses, before any cell runs, a weight or activation group size that does not divide the
+/// input width of a layer it applies to (widths read from the model's config.json).
 fn check_widths(cell: &Cell) -> Result<()> {
     let CellKind::Quantized { bits, method } = &cell.kind else { return Ok(()) };
-    let group = cell.quant.weight_group;
-    if group == 0 || bits.w == 16 {
-        return Ok(());
-    }
-    if method.weights == WeightFormat::Nf4 && bits.w == 4 {
-        return Ok(());
-    }
     let config = cell.model.path.join("config.json");
     let cfg = match qvlm_core::io::config::detect_format(&config)? {
         qvlm_core::io::config::CheckpointFormat::LlavaHf => {
@@ -142,21 +135,49 @@ fn check_widths(cell: &Cell) -> Result<()> {
         qvlm_core::io::config::CheckpointFormat::Original => return Ok(()),
     };
     let (v, t) = (&cfg.vision, &cfg.text);
-    let mut widths = vec![
-        ("language hidden_size", t.hidden_size),
-        ("language intermediate_size", t.intermediate_size),
+    let scheme = method.scheme(*bits, &cell.quant)?;
+    let towers = [
+        (
+            "vision",
+            &scheme.vision,
+            vec![("hidden_size", v.hidden_size), ("intermediate_size", v.intermediate_size)],
+        ),
+        (
+            "projector",
+            &scheme.projector,
+            vec![("vision hidden_size", v.hidden_size), ("text hidden_size", t.hidden_size)],
+        ),
+        (
+            "language",
+            &scheme.language,
+            vec![
+                ("hidden_size", t.hidden_size),
+                ("intermediate_size", t.intermediate_size),
+                ("attention width", t.num_attention_heads * t.head_dim),
+            ],
+        ),
     ];
-    if cell.quant.quantize_vision {
-        widths.push(("vision hidden_size", v.hidden_size));
-        widths.push(("vision intermediate_size", v.intermediate_size));
-    }
-    for (name, w) in widths {
-        if w % group != 0 {
-            bail!(
-                "key `quant.weight_group`: {group} does not divide the {name} {w} of model `{}` ({})",
-                cell.model.name,
-                config.display()
-            );
+    for (tower, ts, widths) in towers {
+        let weight_group = match ts.weight {
+            Some(WeightSpec::Rtn { granularity: Granularity::PerGroup { size }, .. }) => Some(size),
+            _ => None,
+        };
+        let act_group = match ts.act {
+            Some(ActScheme { granularity: Granularity::PerGroup { size }, .. }) => Some(size),
+            _ => None,
+        };
+        for (key, group) in
+            [("quant.weight_group", weight_group), ("the activation granularity", act_group)]
+        {
+            let Some(group) = group else { continue };
+            if let Some((name, w)) = widths.iter().find(|(_, w)| w % group != 0) {
+                bail!(
+                    "key `{key}` (method `{}`): group size {group} does not divide the {tower} {name} {w} of model `{}` ({})",
+                    method.name,
+                    cell.model.name,
+                    config.display()
+                );
+            }
         }
     }
     Ok(())

@@ -365,6 +365,15 @@ fn every_command_answers_malformed_input_with_one_clean_error_line() {
         let out = experiments(&args, &root());
         assert_clean_error(&out, &[file, key], &format!("case {i} ({command}, {key})"));
     }
+    // An activation group that does not divide a layer's width (a reshape deep in the forward
+    // pass once) is refused before any cell runs.
+    let groups = tmp.write(
+        "g.toml",
+        &format!("{exp}\n[quant]\nlanguage_act = {{ granularity = {{ kind = \"per_group\", size = 7 }}, range = \"dynamic\" }}\n"),
+    );
+    let out = experiments(&[groups.to_str().expect("utf8")], &root());
+    assert_clean_error(&out, &["activation granularity", "group size 7"], "activation group");
+    assert_eq!(std::fs::read_dir(results.join("cells")).map(|d| d.count()).unwrap_or(0), 0);
     // `generate` refuses to overwrite a logits file, before loading anything.
     let logits = tmp.write("logits.safetensors", "keep");
     let out = experiments(
