@@ -341,6 +341,8 @@ fn every_command_answers_malformed_input_with_one_clean_error_line() {
         ("run", "e.toml", exp.replace("methods = [\"rtn\"]", "methods = [\"rtn\", \"rtn\"]"), "grid.methods"),
         ("run", "e.toml", exp.replace("bits = [\"W8A8\"]", "bits = [\"W8A8\", \"W8A8\"]"), "grid.bits"),
         ("run", "e.toml", exp.replace("limit = 4", "limit = 4\nsplit = \"test\""), "dataset.split"),
+        ("run", "e.toml", exp.replace("kind = \"easy_vqa\"", "kind = \"vqa\"\nquestions = \"q.jsonl\"\nimages = \"img\"\nsplit = \"val\""), "dataset.split"),
+        ("run", "e.toml", exp.replace("kind = \"easy_vqa\"", "kind = \"vqa\"\nquestions = \"q.jsonl\"\nimages = \"img\"\npath = \"x\""), "dataset.path"),
         ("run", "e.toml", exp.replace("threads = 1", "threads = 1\nseed = -1"), "experiment.seed"),
         ("run", "e.toml", bench.clone(), "experiments bench"),
         ("run", "e.toml", train.clone(), "experiments train-tiny"),
