@@ -18,6 +18,31 @@ pub struct CostReport {
     pub model_passes: u64,
     /// Largest total size of the calibration tensors held at once (bytes).
     pub peak_cache_bytes: u64,
+    /// The partition proxy's own work (entropy-blocked strategies): dependencies D(k, k+1)
+    /// measured, the elements of the tensors they read (soft assignments, or the activations for
+    /// the quantization-error proxy), and the time spent computing them. Its capture passes count
+    /// in `block_forwards`.
+    #[serde(default)]
+    pub dependency_evaluations: u64,
+    #[serde(default)]
+    pub dependency_elements: u64,
+    #[serde(default)]
+    pub dependency_seconds: f64,
+}
+
+impl CostReport {
+    /// Adds the work of `other` (counts add, the peak is the larger one; wall time is left to the
+    /// caller, who measures the whole).
+    pub fn absorb(&mut self, other: &CostReport) {
+        self.candidate_evaluations += other.candidate_evaluations;
+        self.layer_forwards += other.layer_forwards;
+        self.block_forwards += other.block_forwards;
+        self.model_passes += other.model_passes;
+        self.peak_cache_bytes = self.peak_cache_bytes.max(other.peak_cache_bytes);
+        self.dependency_evaluations += other.dependency_evaluations;
+        self.dependency_elements += other.dependency_elements;
+        self.dependency_seconds += other.dependency_seconds;
+    }
 }
 
 /// Running counters for a [`CostReport`].

@@ -130,6 +130,7 @@ impl<'a> Engine<'a> {
             notes: BTreeMap::new(),
             ded: vec![],
             nonfinite_inputs: 0,
+            veo: None,
         });
         // Undecided sites with an AWQ scale still need x/s: their weights are Q(W·s).
         for site in &self.sites {
@@ -449,6 +450,7 @@ impl<'a> Engine<'a> {
             notes: BTreeMap::new(),
             ded: self.ded,
             nonfinite_inputs: self.nonfinite,
+            veo: None,
         }
     }
 }

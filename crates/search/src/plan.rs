@@ -171,6 +171,49 @@ pub struct QuantPlan {
     /// Non-finite values met in calibration activations (replaced before use; an incident).
     #[serde(default)]
     pub nonfinite_inputs: u64,
+    /// What VEO measured and learned (disentangled strategies only).
+    #[serde(default)]
+    pub veo: Option<VeoRecord>,
+}
+
+/// VEO's record in a plan: per round, the Jacobian weights of Eq. 8, the loss curve and the
+/// objective the rounds are compared by.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VeoRecord {
+    pub lambda1: f64,
+    pub lambda2: f64,
+    pub eta: f64,
+    /// Which consecutive site pairs L_ent covers (`all`: both towers; `vision`).
+    pub entropy_pairs: String,
+    pub rounds: Vec<VeoRound>,
+    /// The round whose plan this is (the lowest objective).
+    pub chosen_round: usize,
+}
+
+/// One round: VEO on the vision ranges with the rest of the plan in the loop, then the base
+/// strategy on the remaining sites.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VeoRound {
+    /// w_k = ‖∂E⁽ⁿ⁾/∂X⁽ᵏ⁾‖ per quantized site (the sum over calibration batches), at the
+    /// round's start, before normalisation.
+    pub jacobian_norms: BTreeMap<LayerId, f64>,
+    /// The weights L_ent uses: the norms normalised to mean 1 over the sites that open a pair.
+    pub jacobian_weights: BTreeMap<LayerId, f64>,
+    /// Mean loss per epoch, and its three terms in the first and last epoch.
+    pub loss_per_epoch: Vec<f64>,
+    pub first_epoch_terms: LossTerms,
+    pub last_epoch_terms: LossTerms,
+    /// Relative error of the final hidden states on the calibration set under the round's whole
+    /// plan (what the rounds are compared by).
+    pub objective: f64,
+}
+
+/// VEO's loss terms (means over a round's batches).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossTerms {
+    pub reg: f64,
+    pub ent: f64,
+    pub err: f64,
 }
 
 /// The hook a plan puts on the model: AWQ input scaling, then activation fake-quantization.
@@ -190,6 +233,11 @@ impl PlanHook {
             }
         }
         Self { sites }
+    }
+
+    /// The input scaling (1/s) and quantizer the hook applies at `consumer`, if it holds one.
+    pub fn at(&self, consumer: LayerId) -> Option<(Option<&Tensor>, Option<&ActQuantizer>)> {
+        self.sites.get(&consumer).map(|(inv, q)| (inv.as_ref(), q.as_ref()))
     }
 
     /// Replaces (or removes, with `None`) one site's quantizer — search candidates.

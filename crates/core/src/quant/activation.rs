@@ -104,6 +104,14 @@ impl ActQuantizer {
         Self { spec, params: Some(QParams::from_range(spec.grid, lo, hi)) }
     }
 
+    /// The parameters applied to `x`: the static ones, or those measured on `x` (dynamic ranges).
+    pub fn params_for(&self, x: &Tensor) -> QParams {
+        match &self.params {
+            Some(p) => p.clone(),
+            None => self.dynamic_params(x),
+        }
+    }
+
     fn dynamic_params(&self, x: &Tensor) -> QParams {
         let x = super::uniform::finite(x);
         let c = *x.size().last().unwrap_or(&1);

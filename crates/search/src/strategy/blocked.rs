@@ -108,7 +108,9 @@ fn block_dependencies(
     chain: &[(usize, Tensor, ActQuantizer)],
     cfg: &BlockedConfig,
 ) -> Result<Vec<f64>> {
+    let started = std::time::Instant::now();
     let mut deps = Vec::new();
+    let mut elements = 0u64;
     for pair in chain.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
         let (sa, sb) = (eng.sites[a.0].clone(), eng.sites[b.0].clone());
@@ -116,15 +118,21 @@ fn block_dependencies(
             Proxy::Entropy => {
                 let pa = distributions(eng, &sa, &a.2, &a.1, &cfg.entropy)?;
                 let pb = distributions(eng, &sb, &b.2, &b.1, &cfg.entropy)?;
+                elements += (pa.numel() + pb.numel()) as u64;
                 let n = pa.size()[0].min(pb.size()[0]);
                 conditional_entropy(&pa.narrow(0, 0, n), &pb.narrow(0, 0, n)).double_value(&[])
             }
             Proxy::QuantError => {
+                elements += (a.1.numel() + b.1.numel()) as u64;
                 0.5 * (quant_error(eng, &sa, &a.2, &a.1) + quant_error(eng, &sb, &b.2, &b.1))
             }
         };
         deps.push(d);
     }
+    let report = &mut eng.meter.report;
+    report.dependency_evaluations += deps.len() as u64;
+    report.dependency_elements += elements;
+    report.dependency_seconds += started.elapsed().as_secs_f64();
     Ok(deps)
 }
 
@@ -191,6 +199,10 @@ fn joint_search(
     let mut overrides: BTreeMap<LayerId, Option<ActQuantizer>> = BTreeMap::new();
     let mut candidates: Vec<Vec<ActQuantizer>> = Vec::new();
     let mut sequential = Vec::new();
+    // Objective of each combination evaluated so far: every distinct combination is evaluated
+    // (and counted) once. The warm start's last-site evaluations are combinations too (the
+    // sequential prefix + each candidate), so a group of one costs one evaluation per candidate.
+    let mut known: BTreeMap<Vec<usize>, f64> = BTreeMap::new();
     for (k, &i) in group.iter().enumerate() {
         let site = eng.sites[i].clone();
         let cap = eng.capture_quantized(state, &overrides, &[site.id])?;
@@ -198,11 +210,15 @@ fn joint_search(
         let xr = state.float_inputs[&site.id].shallow_clone();
         let mut cands = Vec::new();
         let mut best = (f64::INFINITY, 0);
-        for (ci, q) in eng.quantizers(&site, xq, clips)?.into_iter().enumerate() {
-            let Some(q) = q else { continue };
+        for q in eng.quantizers(&site, xq, clips)?.into_iter().flatten() {
             let err = eng.site_error(&site, Some(&q), xq, &xr)?;
+            if k == group.len() - 1 {
+                let mut combo = sequential.clone();
+                combo.push(cands.len());
+                known.insert(combo, err);
+            }
             if err < best.0 {
-                best = (err, ci);
+                best = (err, cands.len());
             }
             cands.push(q);
         }
@@ -215,6 +231,9 @@ fn joint_search(
     let xr_last = state.float_inputs[&last_site.id].shallow_clone();
     let mut prefix_cache: BTreeMap<Vec<usize>, Tensor> = BTreeMap::new();
     let mut evaluate = |eng: &mut Engine<'_>, combo: &[usize]| -> Result<f64> {
+        if let Some(&v) = known.get(combo) {
+            return Ok(v);
+        }
         let prefix = combo[..combo.len() - 1].to_vec();
         if !prefix_cache.contains_key(&prefix) {
             let ov: BTreeMap<LayerId, Option<ActQuantizer>> = prefix
@@ -226,12 +245,14 @@ fn joint_search(
             prefix_cache.insert(prefix.clone(), cap[&last_site.id].shallow_clone());
         }
         let xq = prefix_cache[&prefix].shallow_clone();
-        eng.site_error(
+        let v = eng.site_error(
             &last_site,
             Some(&candidates[combo.len() - 1][combo[combo.len() - 1]]),
             &xq,
             &xr_last,
-        )
+        )?;
+        known.insert(combo.to_vec(), v);
+        Ok(v)
     };
     let sequential_objective = evaluate(eng, &sequential)?;
     let sizes: Vec<usize> = candidates.iter().map(Vec::len).collect();

@@ -278,8 +278,40 @@ pub struct VeoConfig {
     pub lr: f64,
     #[serde(default)]
     pub entropy: EntropyConfig,
+    /// Which consecutive site pairs L_ent sums over: all of both towers (Eq. 8's k = 1 … n, the
+    /// default) or the vision tower's only (a named variant).
+    #[serde(default)]
+    pub entropy_pairs: EntropyPairs,
+    /// VEO rounds: 1 = VEO with the QLoRA-initialised plan in the loop, then the base strategy
+    /// once; more = alternate (each VEO round with the previous round's whole plan in the loop)
+    /// until the calibration objective stops improving, at most this many rounds.
+    #[serde(default = "d_rounds")]
+    pub rounds: usize,
 }
 
+/// The pairs of L_ent (Eq. 8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyPairs {
+    /// Consecutive quantized sites of the vision tower and of the language model.
+    #[default]
+    All,
+    /// The vision tower's pairs only (the variant the first implementation had).
+    Vision,
+}
+
+impl EntropyPairs {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntropyPairs::All => "all",
+            EntropyPairs::Vision => "vision",
+        }
+    }
+}
+
+fn d_rounds() -> usize {
+    1
+}
 fn d_lambda1() -> f64 {
     0.1
 }
@@ -309,6 +341,8 @@ impl Default for VeoConfig {
             batch_size: d_batch(),
             lr: d_lr(),
             entropy: EntropyConfig::default(),
+            entropy_pairs: EntropyPairs::All,
+            rounds: d_rounds(),
         }
     }
 }
@@ -349,6 +383,10 @@ impl VeoConfig {
         finite_at_least("veo.lr", self.lr, 0.0, true)?;
         positive("veo.epochs", self.epochs as u64)?;
         positive("veo.batch_size", self.batch_size as u64)?;
+        positive("veo.rounds", self.rounds as u64)?;
+        if self.rounds > 10 {
+            return Err(setting("veo.rounds", format!("{} rounds (at most 10)", self.rounds)));
+        }
         self.entropy.check("veo.entropy")
     }
 }

@@ -4,13 +4,18 @@
 //! the remaining sites are then searched by another strategy (e.g. entropy-blocked).
 //!
 //! Choices the paper leaves open (README, configurable): λ1, λ2, η (defaults from a small sweep);
-//! L_ent is Σ_k w_k·D(k, k+1) (the sign that lowers dependency; the printed Eq. 8 would raise
-//! it) with w_k = ‖∂E⁽ⁿ⁾/∂X⁽ᵏ⁾‖ measured once at the start and normalised to mean 1; the norms
-//! of Eq. 9 are relative mean squared errors (scale-free); the trainable tensors are the vision
-//! sites' clipping bounds (lo, hi) only, parametrised as offsets in units of the initial range
-//! width; AdamW.
+//! L_ent is Σ_k w_k·D(k, k+1) over consecutive quantized sites of both towers (the sign that
+//! lowers dependency; the printed Eq. 8 would raise it; `entropy_pairs = "vision"` keeps the
+//! vision tower's pairs only) with w_k = ‖∂E⁽ⁿ⁾/∂X⁽ᵏ⁾‖ measured at the start of a round (the
+//! input image requires grad, so every site's input is on the graph) and normalised to mean 1;
+//! the norms of Eq. 9 are relative mean squared errors (scale-free); the trainable tensors are
+//! the vision sites' clipping bounds (lo, hi) only, parametrised as offsets in units of the
+//! initial range width; AdamW. With `rounds` > 1, VEO and the base strategy alternate, each VEO
+//! round training with the previous round's whole plan (its language quantizers) in the loop,
+//! until the calibration objective stops improving.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use qvlm_core::hook::{LinearHook, NoHook};
 use qvlm_core::layer_id::{LayerId, Tower};
@@ -22,13 +27,13 @@ use qvlm_core::quant::spec::{ActSpec, RangeMode};
 use qvlm_core::quant::uniform::{QParams, MIN_SCALE};
 use tch::{Kind, Tensor};
 
-use super::config::{BaseStrategy, Progress, VeoConfig};
+use super::config::{BaseStrategy, EntropyPairs, Progress, VeoConfig};
 use super::walk::{self, walk_with};
 use crate::calib::CalibrationSet;
 use crate::engine::{Engine, WeightMethod};
 use crate::entropy::{conditional_entropy, level_distribution, subsample, EntropyConfig};
 use crate::error::{setting, Result};
-use crate::plan::{PlanHook, QuantPlan, Scheme};
+use crate::plan::{LossTerms, PlanHook, QuantPlan, Scheme, VeoRecord, VeoRound};
 use crate::site::{sites, Site};
 
 /// A vision site's learnable range.
@@ -77,26 +82,46 @@ impl Learnable {
     }
 }
 
-/// The training hook: learnable vision sites, fixed plan elsewhere; records the vision sites'
-/// (pre-quantization) inputs and their soft-assignment parameters for L_ent.
+/// The training hook: learnable vision sites, a fixed plan elsewhere (its quantizers with
+/// straight-through gradients). Records every quantized site's input (as its quantizer sees it)
+/// with the quantizer's parameters, for L_ent and the Jacobian weights.
 struct VeoHook<'l> {
     learnable: &'l [Learnable],
-    consumer_to_site: BTreeMap<LayerId, usize>,
+    /// Consumer → learnable index.
+    consumer_to_learnable: &'l BTreeMap<LayerId, usize>,
+    /// Ids of the quantized sites L_ent and the Jacobian look at (the sites' first consumers).
+    watched: &'l BTreeMap<LayerId, usize>,
     fixed: PlanHook,
     seen: BTreeMap<usize, (Tensor, QParams)>,
 }
 
 impl LinearHook for VeoHook<'_> {
     fn input(&mut self, id: LayerId, x: Tensor) -> Tensor {
-        match self.consumer_to_site.get(&id) {
+        let watched = self.watched.get(&id).copied();
+        match self.consumer_to_learnable.get(&id) {
             Some(&k) => {
                 let (xq, params) = self.learnable[k].quantize(&x);
-                if id == self.learnable[k].site.id {
-                    self.seen.insert(k, (x, params));
+                if let Some(w) = watched {
+                    self.seen.insert(w, (x, params));
                 }
                 xq
             }
-            None => self.fixed.input(id, x),
+            None => {
+                let Some((inv, q)) = self.fixed.at(id) else { return x };
+                let scaled = match inv {
+                    Some(inv) => &x * inv.to_device(x.device()),
+                    None => x.shallow_clone(),
+                };
+                if let (Some(w), Some(q)) = (watched, q) {
+                    let params = q.params_for(&scaled.detach());
+                    self.seen.insert(w, (scaled.shallow_clone(), params));
+                }
+                // Straight-through: the plan's quantized value forward, the identity backward,
+                // so gradients reach the vision ranges through every quantized layer (not only
+                // around them, through the residual stream).
+                let quantized = self.fixed.input(id, x);
+                &scaled + (quantized - &scaled).detach()
+            }
         }
     }
 }
@@ -109,13 +134,17 @@ fn set_weights(model: &mut Llava, weights: &BTreeMap<LayerId, Tensor>) {
     }
 }
 
-/// Final hidden states (before the head), vision features and logits of a batch.
+/// One calibration batch through the model: final hidden states (before the head), vision
+/// features, the padding mask `[B, T]` and the answer targets. With `track_pixels` the input
+/// image requires grad, so that every activation is on the autograd graph.
 fn forward(
     model: &Llava,
     calib: &CalibrationSet,
     hook: &mut dyn LinearHook,
+    track_pixels: bool,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let pixels = calib.pixels.to_device(model.device()).to_kind(model.kind());
+    let pixels = if track_pixels { pixels.detach().set_requires_grad(true) } else { pixels };
     let vision = model.vision_tower.forward(&pixels, hook);
     let features = model.projector.forward(&vision, hook);
     let images: Vec<Tensor> = (0..features.size()[0]).map(|b| features.narrow(0, b, 1)).collect();
@@ -155,35 +184,88 @@ fn rel_mse(a: &Tensor, b: &Tensor) -> Tensor {
     num / b.to_kind(Kind::Float).pow_tensor_scalar(2).mean(Kind::Float).clamp_min(1e-12)
 }
 
-/// L_ent over consecutive learnable sites: the mean of w_k·D(k, k+1) over the pairs.
+/// Consecutive quantized sites of one tower, by watched index: `(first, second)`.
+type Pairs = Vec<(usize, usize)>;
+
+/// The per-row level distribution of a recorded site input (real rows only: `mask` selects the
+/// language model's non-padding positions).
+fn distribution(
+    x: &Tensor,
+    params: &QParams,
+    mask: Option<&Tensor>,
+    cfg: &EntropyConfig,
+) -> Option<Tensor> {
+    let c = *x.size().last()?;
+    let full = |t: &Tensor| t.to_device(x.device()).expand_as(x).contiguous().reshape([-1, c]);
+    let (mut rows, mut scale, mut zero) =
+        (x.reshape([-1, c]), full(&params.scale), full(&params.zero_point));
+    if let Some(m) = mask {
+        let keep = m.reshape([-1]).to_device(x.device()).nonzero().squeeze_dim(1);
+        rows = rows.index_select(0, &keep);
+        scale = scale.index_select(0, &keep);
+        zero = zero.index_select(0, &keep);
+    }
+    let qp = QParams {
+        grid: params.grid,
+        scale: subsample(&scale, cfg),
+        zero_point: subsample(&zero, cfg),
+    };
+    Some(level_distribution(&subsample(&rows, cfg), &qp, cfg))
+}
+
+/// L_ent (Eq. 8, lowering form): Σ over the pairs of w_first·D(first, second), averaged over the
+/// pairs.
 fn entropy_term(
     seen: &BTreeMap<usize, (Tensor, QParams)>,
-    weights: &[f64],
+    pairs: &Pairs,
+    weights: &BTreeMap<usize, f64>,
+    language: &BTreeMap<usize, bool>,
+    mask: &Tensor,
     cfg: &EntropyConfig,
 ) -> Tensor {
-    let mut total = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
     let dist = |k: usize| -> Option<Tensor> {
         let (x, p) = seen.get(&k)?;
-        let full = |t: &Tensor| t.expand_as(x).contiguous();
-        let c = *x.size().last()?;
-        let rows = x.reshape([-1, c]);
-        let qp = QParams {
-            grid: p.grid,
-            scale: subsample(&full(&p.scale).reshape([-1, c]), cfg),
-            zero_point: subsample(&full(&p.zero_point).reshape([-1, c]), cfg),
-        };
-        Some(level_distribution(&subsample(&rows, cfg), &qp, cfg))
+        distribution(x, p, language.get(&k).copied().unwrap_or(false).then_some(mask), cfg)
     };
-    let mut pairs = 0usize;
-    for k in 0..weights.len() {
-        if let (Some(a), Some(b)) = (dist(k), dist(k + 1)) {
-            let n = a.size()[0].min(b.size()[0]);
-            total = total.to_device(a.device())
-                + conditional_entropy(&a.narrow(0, 0, n), &b.narrow(0, 0, n)) * weights[k];
-            pairs += 1;
+    let mut total: Option<Tensor> = None;
+    let mut count = 0usize;
+    for &(a, b) in pairs {
+        if let (Some(pa), Some(pb)) = (dist(a), dist(b)) {
+            let n = pa.size()[0].min(pb.size()[0]);
+            let term = conditional_entropy(&pa.narrow(0, 0, n), &pb.narrow(0, 0, n))
+                * weights.get(&a).copied().unwrap_or(1.0);
+            total = Some(match total {
+                Some(t) => t + term,
+                None => term,
+            });
+            count += 1;
         }
     }
-    total / pairs.max(1) as f64
+    match total {
+        Some(t) => t / count.max(1) as f64,
+        None => Tensor::zeros([], (Kind::Float, mask.device())),
+    }
+}
+
+/// A round's whole plan on the model: the relative error of the final hidden states against the
+/// float references, over the calibration batches.
+fn plan_objective(
+    model: &mut Llava,
+    calib: &CalibrationSet,
+    batches: &[(usize, usize)],
+    references: &[(Tensor, Tensor)],
+    plan: &QuantPlan,
+    float_weights: &BTreeMap<LayerId, Tensor>,
+) -> Result<f64> {
+    let mut hook = crate::plan::apply(model, plan)?;
+    let mut total = 0.0;
+    for (&(s, len), (h_r, _)) in batches.iter().zip(references) {
+        let part = calib.slice(s, len);
+        let (h, _, _, _) = tch::no_grad(|| forward(model, &part, &mut hook, false))?;
+        total += rel_mse(&h, h_r).double_value(&[]) * len as f64;
+    }
+    set_weights(model, float_weights);
+    Ok(total / calib.len().max(1) as f64)
 }
 
 pub fn run(
@@ -195,6 +277,7 @@ pub fn run(
     then: &BaseStrategy,
     progress: Progress<'_>,
 ) -> Result<QuantPlan> {
+    let started = Instant::now();
     let vision_act = scheme.vision.act.ok_or_else(|| {
         setting("strategy.disentangled", "VEO needs the vision tower's activations quantized")
     })?;
@@ -217,13 +300,10 @@ pub fn run(
         },
         progress,
     )?;
+    let mut cost = init.cost.clone();
     let float_weights: BTreeMap<LayerId, Tensor> =
         model.linears().iter().map(|l| (l.id, l.float_weight())).collect();
-    let fixed_hook = crate::plan::apply(model, &init)?;
-    let quant_weights: BTreeMap<LayerId, Tensor> =
-        model.linears().iter().map(|l| (l.id, l.float_weight())).collect();
     // 2. Learnable vision ranges from the initialization.
-    let all_sites = sites(model);
     let mut learnable = Vec::new();
     for sp in init.sites.iter().filter(|s| s.site.tower() == Tower::Vision) {
         let Some(act) = &sp.act else { continue };
@@ -240,115 +320,190 @@ pub fn run(
             width,
         });
     }
-    let consumer_to_site: BTreeMap<LayerId, usize> = learnable
+    let consumer_to_learnable: BTreeMap<LayerId, usize> = learnable
         .iter()
         .enumerate()
         .flat_map(|(k, l)| l.site.consumers.iter().map(move |c| (*c, k)))
         .collect();
+    // The quantized sites L_ent and the Jacobian look at, in execution order, and their pairs.
+    let quantized: Vec<Site> = sites(model)
+        .into_iter()
+        .filter(|s| init.sites.iter().any(|p| p.site.id == s.id && p.act.is_some()))
+        .filter(|s| match cfg.entropy_pairs {
+            EntropyPairs::All => s.tower() != Tower::Projector,
+            EntropyPairs::Vision => s.tower() == Tower::Vision,
+        })
+        .collect();
+    let watched: BTreeMap<LayerId, usize> =
+        quantized.iter().enumerate().map(|(k, s)| (s.id, k)).collect();
+    let language: BTreeMap<usize, bool> =
+        quantized.iter().enumerate().map(|(k, s)| (k, s.tower() == Tower::Language)).collect();
+    let pairs: Pairs = (1..quantized.len())
+        .filter(|&k| quantized[k].tower() == quantized[k - 1].tower())
+        .map(|k| (k - 1, k))
+        .collect();
     let n = calib.len();
     let batches: Vec<(usize, usize)> =
         (0..n).step_by(cfg.batch_size).map(|s| (s, cfg.batch_size.min(n - s))).collect();
-    // 3. Jacobian weights w_k = ‖∂E⁽ⁿ⁾/∂X⁽ᵏ⁾‖ at the initialization, normalised to mean 1.
-    let mut jac = vec![0.0; learnable.len()];
-    for &(s, len) in &batches {
-        let part = calib.slice(s, len);
-        set_weights(model, &float_weights);
-        let reference = tch::no_grad(|| forward(model, &part, &mut NoHook))?;
-        set_weights(model, &quant_weights);
-        let mut hook = VeoHook {
-            learnable: &learnable,
-            consumer_to_site: consumer_to_site.clone(),
-            fixed: PlanHook::new(&init),
-            seen: BTreeMap::new(),
-        };
-        let (hq, _, _, _) = forward(model, &part, &mut hook)?;
-        let err = (hq - &reference.0).pow_tensor_scalar(2).sum(Kind::Float);
-        let keys: Vec<usize> = hook.seen.keys().copied().collect();
-        let inputs: Vec<Tensor> = keys.iter().map(|k| hook.seen[k].0.shallow_clone()).collect();
-        if inputs.iter().all(|t| t.requires_grad()) && !inputs.is_empty() {
-            let grads = Tensor::run_backward(&[err], &inputs, false, false);
-            for (k, g) in keys.iter().zip(grads) {
-                jac[*k] += g.norm().double_value(&[]);
-            }
-        }
-    }
-    let mean = jac.iter().sum::<f64>() / jac.len().max(1) as f64;
-    let weights_k: Vec<f64> = jac.iter().map(|j| if mean > 0.0 { j / mean } else { 1.0 }).collect();
-    let pair_weights: Vec<f64> = weights_k.iter().skip(1).copied().collect();
-    // 4. Optimise.
-    let params: Vec<(Tensor, bool)> = learnable
-        .iter()
-        .flat_map(|l| [(l.a_lo.shallow_clone(), false), (l.a_hi.shallow_clone(), false)])
-        .collect();
-    let mut opt = AdamW::new(params, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
-    let mut curve = Vec::new();
-    let total_steps = cfg.epochs * batches.len();
-    let mut step = 0;
-    let mut model_passes = 0u64;
     // The float references of each batch do not change: compute them once.
     set_weights(model, &float_weights);
     let references: Vec<(Tensor, Tensor)> = batches
         .iter()
         .map(|&(s, len)| {
             let part = calib.slice(s, len);
-            tch::no_grad(|| forward(model, &part, &mut NoHook)).map(|(h, v, _, _)| (h, v))
+            tch::no_grad(|| forward(model, &part, &mut NoHook, false)).map(|(h, v, _, _)| (h, v))
         })
         .collect::<Result<_>>()?;
-    model_passes += batches.len() as u64;
-    set_weights(model, &quant_weights);
-    for epoch in 0..cfg.epochs {
-        let mut epoch_loss = 0.0;
-        for (&(s, len), (h_r, v_r)) in batches.iter().zip(&references) {
-            progress(step, total_steps, &format!("VEO epoch {epoch}"));
+    cost.model_passes += batches.len() as u64;
+
+    let mut in_loop = init;
+    let mut rounds: Vec<VeoRound> = Vec::new();
+    let mut best: Option<(f64, usize, QuantPlan)> = None;
+    for round in 0..cfg.rounds {
+        // The round's plan on the model: its quantized weights now, its activation quantizers
+        // (other than the learnable ones) through `PlanHook` below.
+        let _ = crate::plan::apply(model, &in_loop)?;
+        // 3. Jacobian weights w_k = ‖∂E⁽ⁿ⁾/∂X⁽ᵏ⁾‖ under the round's starting plan.
+        let mut norms = vec![0.0; quantized.len()];
+        for (&(s, len), (h_r, _)) in batches.iter().zip(&references) {
             let part = calib.slice(s, len);
             let mut hook = VeoHook {
                 learnable: &learnable,
-                consumer_to_site: consumer_to_site.clone(),
-                fixed: PlanHook::new(&init),
+                consumer_to_learnable: &consumer_to_learnable,
+                watched: &watched,
+                fixed: PlanHook::new(&in_loop),
                 seen: BTreeMap::new(),
             };
-            let (h_q, v_q, _, targets) = forward(model, &part, &mut hook)?;
-            let logits = model.language_model.head(&h_q);
-            let vocab = logits.size()[2];
-            let l_reg =
-                logits.reshape([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-                    &targets.reshape([-1]),
-                    None,
-                    tch::Reduction::Mean,
-                    -100,
-                    0.0,
-                );
-            let l_ent = entropy_term(&hook.seen, &pair_weights, &cfg.entropy);
-            let l_err = rel_mse(&v_q, v_r) + rel_mse(&h_q, h_r) * cfg.eta;
-            let loss = &l_reg + l_ent.to_device(l_reg.device()) * cfg.lambda1 + l_err * cfg.lambda2;
-            opt.zero_grad();
-            loss.backward();
-            opt.step(cfg.lr);
-            model_passes += 1;
-            epoch_loss += loss.double_value(&[]) / batches.len() as f64;
-            step += 1;
+            let (hq, _, _, _) = forward(model, &part, &mut hook, true)?;
+            let err = (hq - h_r).pow_tensor_scalar(2).sum(Kind::Float);
+            let keys: Vec<usize> = hook.seen.keys().copied().collect();
+            let inputs: Vec<Tensor> = keys.iter().map(|k| hook.seen[k].0.shallow_clone()).collect();
+            if let Some(k) = keys.iter().zip(&inputs).find(|(_, t)| !t.requires_grad()) {
+                return Err(setting(
+                    "veo",
+                    format!("the input of {} is not on the autograd graph", quantized[*k.0].id),
+                ));
+            }
+            let grads = Tensor::run_backward(&[err], &inputs, false, false);
+            for (k, g) in keys.iter().zip(grads) {
+                norms[*k] += g.norm().double_value(&[]);
+            }
+            cost.model_passes += 1;
         }
-        curve.push(epoch_loss);
-        tracing::info!(epoch, loss = epoch_loss, "VEO");
+        let openers: Vec<usize> = pairs.iter().map(|p| p.0).collect();
+        let mean = openers.iter().map(|&k| norms[k]).sum::<f64>() / openers.len().max(1) as f64;
+        if openers.is_empty() || !(mean.is_finite() && mean > 0.0) {
+            return Err(setting(
+                "veo",
+                format!("the Jacobian norms cannot weight L_ent (mean over the pairs: {mean})"),
+            ));
+        }
+        let pair_weights: BTreeMap<usize, f64> =
+            openers.iter().map(|&k| (k, norms[k] / mean)).collect();
+        // 4. Optimise the vision ranges with the round's plan in the loop.
+        let params: Vec<(Tensor, bool)> = learnable
+            .iter()
+            .flat_map(|l| [(l.a_lo.shallow_clone(), false), (l.a_hi.shallow_clone(), false)])
+            .collect();
+        let mut opt =
+            AdamW::new(params, AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() });
+        let mut curve = Vec::new();
+        let mut terms = Vec::new();
+        let total_steps = cfg.epochs * batches.len();
+        let mut step = 0;
+        for epoch in 0..cfg.epochs {
+            let mut epoch_loss = 0.0;
+            let mut epoch_terms = LossTerms::default();
+            for (&(s, len), (h_r, v_r)) in batches.iter().zip(&references) {
+                progress(step, total_steps, &format!("VEO round {round} epoch {epoch}"));
+                let part = calib.slice(s, len);
+                let mut hook = VeoHook {
+                    learnable: &learnable,
+                    consumer_to_learnable: &consumer_to_learnable,
+                    watched: &watched,
+                    fixed: PlanHook::new(&in_loop),
+                    seen: BTreeMap::new(),
+                };
+                let (h_q, v_q, mask, targets) = forward(model, &part, &mut hook, false)?;
+                let logits = model.language_model.head(&h_q);
+                let vocab = logits.size()[2];
+                let l_reg =
+                    logits.reshape([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+                        &targets.reshape([-1]),
+                        None,
+                        tch::Reduction::Mean,
+                        -100,
+                        0.0,
+                    );
+                let l_ent =
+                    entropy_term(&hook.seen, &pairs, &pair_weights, &language, &mask, &cfg.entropy);
+                let l_err = rel_mse(&v_q, v_r) + rel_mse(&h_q, h_r) * cfg.eta;
+                let loss =
+                    &l_reg + l_ent.to_device(l_reg.device()) * cfg.lambda1 + &l_err * cfg.lambda2;
+                opt.zero_grad();
+                loss.backward();
+                opt.step(cfg.lr);
+                cost.model_passes += 1;
+                let share = 1.0 / batches.len() as f64;
+                epoch_loss += loss.double_value(&[]) * share;
+                epoch_terms.reg += l_reg.double_value(&[]) * share;
+                epoch_terms.ent += l_ent.double_value(&[]) * share;
+                epoch_terms.err += l_err.double_value(&[]) * share;
+                step += 1;
+            }
+            if !epoch_loss.is_finite() {
+                return Err(setting(
+                    "veo",
+                    format!("the loss is {epoch_loss} in round {round}, epoch {epoch}"),
+                ));
+            }
+            curve.push(epoch_loss);
+            terms.push(epoch_terms);
+            tracing::info!(round, epoch, loss = epoch_loss, "VEO");
+        }
+        set_weights(model, &float_weights);
+        // 5. Vision sites fixed at the learned ranges; the rest searched by `then`.
+        let fixed: BTreeMap<LayerId, Option<ActQuantizer>> =
+            learnable.iter().map(|l| (l.site.id, Some(l.quantizer()))).collect();
+        let mut engine = Engine::new(model, calib, scheme)?;
+        let (groups, deps) = walk_with(&mut engine, weights, then, &fixed, progress)?;
+        let mut plan = engine.into_plan(&format!("disentangled+{}", then.name()));
+        plan.groups = groups;
+        plan.dependencies = deps;
+        cost.absorb(&plan.cost);
+        let objective = plan_objective(model, calib, &batches, &references, &plan, &float_weights)?;
+        cost.model_passes += batches.len() as u64;
+        let by_id = |v: &dyn Fn(usize) -> Option<f64>| -> BTreeMap<LayerId, f64> {
+            (0..quantized.len()).filter_map(|k| v(k).map(|x| (quantized[k].id, x))).collect()
+        };
+        rounds.push(VeoRound {
+            jacobian_norms: by_id(&|k| Some(norms[k])),
+            jacobian_weights: by_id(&|k| pair_weights.get(&k).copied()),
+            loss_per_epoch: curve,
+            first_epoch_terms: terms.first().copied().unwrap_or_default(),
+            last_epoch_terms: terms.last().copied().unwrap_or_default(),
+            objective,
+        });
+        tracing::info!(round, objective, "VEO round");
+        let improved = best.as_ref().is_none_or(|(b, _, _)| objective < *b);
+        if improved {
+            best = Some((objective, round, plan.clone()));
+        }
+        if !improved {
+            break;
+        }
+        in_loop = plan;
     }
-    drop(fixed_hook);
-    set_weights(model, &float_weights);
-    // 5. Vision sites fixed at the learned ranges; the rest searched by `then`.
-    let fixed: BTreeMap<LayerId, Option<ActQuantizer>> =
-        learnable.iter().map(|l| (l.site.id, Some(l.quantizer()))).collect();
-    let _ = all_sites;
-    let mut engine = Engine::new(model, calib, scheme)?;
-    engine.meter.report = init.cost.clone();
-    engine.meter.report.model_passes += model_passes + 2 * batches.len() as u64;
-    let (groups, deps) = walk_with(&mut engine, weights, then, &fixed, progress)?;
-    let mut plan = engine.into_plan(&format!("disentangled+{}", then.name()));
-    plan.groups = groups;
-    plan.dependencies = deps;
-    plan.notes.insert("veo_loss_per_epoch".into(), format!("{curve:?}"));
-    plan.notes.insert("veo_jacobian_weights".into(), format!("{weights_k:?}"));
-    plan.notes.insert(
-        "veo_lambdas".into(),
-        format!("lambda1={} lambda2={} eta={}", cfg.lambda1, cfg.lambda2, cfg.eta),
-    );
+    let (_, chosen_round, mut plan) = best.ok_or_else(|| setting("veo.rounds", "no round ran"))?;
+    cost.wall_seconds = started.elapsed().as_secs_f64();
+    plan.cost = cost;
+    plan.veo = Some(VeoRecord {
+        lambda1: cfg.lambda1,
+        lambda2: cfg.lambda2,
+        eta: cfg.eta,
+        entropy_pairs: cfg.entropy_pairs.name().into(),
+        rounds,
+        chosen_round,
+    });
     Ok(plan)
 }

@@ -16,7 +16,8 @@ use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{apply, ActScheme, QuantPlan, Scheme, TowerScheme};
 use qvlm_search::site::sites;
 use qvlm_search::strategy::config::{
-    BaseStrategy, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig, VeoConfig,
+    BaseStrategy, BlockedConfig, CandidateGrid, EntropyPairs, Proxy, RuleKind, StrategyConfig,
+    VeoConfig,
 };
 use tch::{Kind, Tensor};
 
@@ -304,4 +305,119 @@ fn constant_zero_nan_and_inf_calibration_data_give_finite_plans() {
             s.name()
         );
     }
+}
+
+/// VEO as Eq. 8–10 say, on the planted model: real Jacobian weights (not all equal; the old guard
+/// left them all at 1), L_ent over both towers' pairs, a loss that decreases, and trained vision
+/// ranges that moved away from the QLoRA initialization.
+#[test]
+fn veo_weights_its_entropy_term_by_real_jacobians_and_learns_the_vision_ranges() {
+    let (mut bundle, calib) = setup();
+    let veo = VeoConfig { epochs: 4, batch_size: 6, lr: 0.05, ..VeoConfig::default() };
+    let plan =
+        run(&mut bundle, &calib, &StrategyConfig::Disentangled { veo, then: BaseStrategy::Rtn {} });
+    let record = plan.veo.as_ref().expect("a VEO record in the plan");
+    assert_eq!(record.entropy_pairs, "all");
+    let round = &record.rounds[0];
+    // Both towers' sites have a Jacobian norm, and they differ.
+    let towers: std::collections::BTreeSet<_> =
+        round.jacobian_norms.keys().map(|id| id.tower).collect();
+    assert!(towers.contains(&qvlm_core::layer_id::Tower::Vision), "{towers:?}");
+    assert!(towers.contains(&qvlm_core::layer_id::Tower::Language), "{towers:?}");
+    let w: Vec<f64> = round.jacobian_weights.values().copied().collect();
+    assert!(w.iter().all(|v| v.is_finite() && *v > 0.0), "{w:?}");
+    let (lo, hi) = w.iter().fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    assert!(hi > 1.5 * lo, "Jacobian weights are (nearly) all equal: {w:?}");
+    let mean = w.iter().sum::<f64>() / w.len() as f64;
+    assert!((mean - 1.0).abs() < 1e-9, "normalised to mean 1: {mean}");
+    // The loss decreases over training.
+    let curve = &round.loss_per_epoch;
+    assert!(curve.last() < curve.first(), "VEO loss did not decrease: {curve:?}");
+    assert!(round.last_epoch_terms.ent > 0.0 && round.objective.is_finite());
+    // The trained vision ranges are not the QLoRA initialization's.
+    let init = run(
+        &mut bundle,
+        &calib,
+        &BaseStrategy::LpInit {
+            p: 2.4,
+            ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect(),
+        }
+        .into(),
+    );
+    let ranges = |p: &QuantPlan| -> Vec<f32> {
+        p.sites
+            .iter()
+            .filter(|s| s.site.tower() == qvlm_core::layer_id::Tower::Vision)
+            .filter_map(|s| s.act.as_ref()?.range.as_ref())
+            .flat_map(|(lo, hi)| lo.values.iter().chain(&hi.values).copied().collect::<Vec<_>>())
+            .collect()
+    };
+    let (a, b) = (ranges(&init), ranges(&plan));
+    assert_eq!(a.len(), b.len());
+    let moved = a.iter().zip(&b).filter(|(x, y)| (*x - *y).abs() > 1e-6).count();
+    assert!(moved * 2 > a.len(), "only {moved} of {} range values moved", a.len());
+    // The vision-only variant keeps the vision tower's pairs only.
+    let vision_only = VeoConfig {
+        epochs: 1,
+        batch_size: 6,
+        entropy_pairs: EntropyPairs::Vision,
+        ..VeoConfig::default()
+    };
+    let plan = run(
+        &mut bundle,
+        &calib,
+        &StrategyConfig::Disentangled { veo: vision_only, then: BaseStrategy::Rtn {} },
+    );
+    let round = &plan.veo.as_ref().expect("record").rounds[0];
+    assert!(round.jacobian_norms.keys().all(|id| id.tower == qvlm_core::layer_id::Tower::Vision));
+}
+
+/// Q-VLM joint: rounds alternate VEO (with the previous round's whole plan in the loop) and the
+/// base strategy; the chosen round has the lowest objective, and rounds stop once it stops falling.
+#[test]
+fn qvlm_rounds_alternate_and_keep_the_best_objective() {
+    let (mut bundle, calib) = setup();
+    let veo = VeoConfig { epochs: 2, batch_size: 6, rounds: 3, ..VeoConfig::default() };
+    let plan = run(
+        &mut bundle,
+        &calib,
+        &StrategyConfig::Disentangled { veo, then: blocked(Proxy::Entropy, RuleKind::Eq7) },
+    );
+    let record = plan.veo.as_ref().expect("record");
+    let objectives: Vec<f64> = record.rounds.iter().map(|r| r.objective).collect();
+    assert!(!objectives.is_empty() && objectives.len() <= 3, "{objectives:?}");
+    let best = objectives.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(objectives[record.chosen_round], best);
+    // Rounds continue only while the objective falls.
+    for k in 1..objectives.len().saturating_sub(1) {
+        assert!(objectives[k] < objectives[k - 1], "{objectives:?}");
+    }
+    assert!(plan.cost.wall_seconds > 0.0 && plan.cost.model_passes > 0);
+}
+
+/// The block search with blocks of one site is Eq. 2's sequential search: the same ranges and,
+/// with each distinct candidate evaluation counted once, the same number of evaluations (a group
+/// of one used to cost 11 for 5 candidates). The proxy's own work is counted beside them.
+#[test]
+fn depth_one_blocks_cost_and_choose_what_the_sequential_search_does() {
+    let (mut bundle, calib) = setup();
+    let seq = run(
+        &mut bundle,
+        &calib,
+        &BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
+    );
+    let depth_one = run(
+        &mut bundle,
+        &calib,
+        &BaseStrategy::EntropyBlocked(BlockedConfig { max_depth: 1, ..BlockedConfig::default() })
+            .into(),
+    );
+    assert_eq!(depth_one.cost.candidate_evaluations, seq.cost.candidate_evaluations);
+    assert!(depth_one.groups.iter().all(|g| g.sites.len() == 1));
+    for (a, b) in seq.sites.iter().zip(&depth_one.sites) {
+        assert_eq!(a.act, b.act, "{}", a.site.id);
+    }
+    assert_eq!(seq.cost.dependency_evaluations, 0);
+    assert!(depth_one.cost.dependency_evaluations > 0 && depth_one.cost.dependency_elements > 0);
+    assert!(depth_one.cost.dependency_seconds > 0.0);
 }
