@@ -395,6 +395,22 @@ pub struct GridConfig {
     /// Also evaluate each model in float (the reference for KL / agreement).
     #[serde(default = "default_true")]
     pub include_float: bool,
+    /// Calibration seeds: every quantized cell runs once per seed (a seed draws the calibration
+    /// pairs and seeds libtorch). Default: `experiment.seed` alone. Tables give the mean and the
+    /// standard deviation over seeds, and the paired tests average each question over them.
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+}
+
+impl GridConfig {
+    /// The calibration seeds of the quantized cells.
+    pub fn seeds(&self, experiment_seed: u64) -> Vec<u64> {
+        if self.seeds.is_empty() {
+            vec![experiment_seed]
+        } else {
+            self.seeds.clone()
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -438,6 +454,25 @@ pub struct Outputs {
     pub paper: Vec<String>,
     #[serde(default)]
     pub figures: Vec<Figure>,
+    /// A controlled comparison: rows in order, each naming the row it differs from and the one
+    /// change between them. `tables/comparisons.csv` and `report.md` give each row's mean ± std
+    /// over seeds and a paired test against its `vs` row (per model and bit width).
+    #[serde(default)]
+    pub rows: Vec<ComparisonRow>,
+}
+
+/// One row of a controlled comparison.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ComparisonRow {
+    /// A method of the grid.
+    pub method: String,
+    /// The method this row differs from by exactly `change` (absent for the first row).
+    #[serde(default)]
+    pub vs: Option<String>,
+    /// What differs from `vs`, in words.
+    #[serde(default)]
+    pub change: String,
 }
 
 /// Parses TOML `text` (from the file `path`) into `T`. An error is one line naming the file, the
@@ -571,6 +606,23 @@ fn validate(cfg: &Config) -> Result<()> {
         let mut seen = std::collections::BTreeSet::new();
         if let Some(twice) = names.iter().find(|n| !seen.insert(n.as_str())) {
             bail!("{f}: key `{key}`: `{twice}` is listed twice (the first would silently win)");
+        }
+    }
+    let seeds: Vec<String> = cfg.grid.seeds.iter().map(u64::to_string).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = seeds.iter().find(|n| !seen.insert(n.as_str())) {
+        bail!("{f}: key `grid.seeds`: `{twice}` is listed twice");
+    }
+    for (i, row) in cfg.outputs.rows.iter().enumerate() {
+        for (key, m) in [("method", Some(&row.method)), ("vs", row.vs.as_ref())] {
+            if let Some(m) = m {
+                if !cfg.grid.methods.contains(m) {
+                    bail!("{f}: key `outputs.rows[{i}].{key}`: `{m}` is not a method of the grid");
+                }
+            }
+        }
+        if row.vs.is_some() && row.change.trim().is_empty() {
+            bail!("{f}: key `outputs.rows[{i}].change`: say what differs from `vs`");
         }
     }
     for (i, m) in cfg.methods.iter().enumerate() {

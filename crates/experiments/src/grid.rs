@@ -130,7 +130,7 @@ pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
             .iter()
             .find(|m| &m.name == model_name)
             .context("model checked in validate")?;
-        let mut push = |kind: CellKind| -> Result<()> {
+        let mut push = |kind: CellKind, seed: u64| -> Result<()> {
             let mut cell = Cell {
                 id: String::new(),
                 model: model.clone(),
@@ -138,19 +138,22 @@ pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
                 quant: cfg.quant.clone(),
                 calibration: cfg.calibration.clone(),
                 dataset: cfg.dataset.clone(),
-                seed: cfg.experiment.seed,
+                seed,
             };
             cell.id = short_hash(&cell.record(""))?;
             out.push(cell);
             Ok(())
         };
         if cfg.grid.include_float {
-            push(CellKind::Float)?;
+            // The float reference draws no calibration set: one cell, at the experiment's seed.
+            push(CellKind::Float, cfg.experiment.seed)?;
         }
         for &bits in &cfg.grid.bits {
             for m in &cfg.grid.methods {
                 let method = resolve_method(cfg, m).context("method checked in validate")?;
-                push(CellKind::Quantized { bits, method: Box::new(method) })?;
+                for seed in cfg.grid.seeds(cfg.experiment.seed) {
+                    push(CellKind::Quantized { bits, method: Box::new(method.clone()) }, seed)?;
+                }
             }
         }
     }
@@ -166,8 +169,13 @@ pub fn print_plan(cfg: &Config, cells: &[Cell]) {
     );
     for c in cells {
         let strategy = c.method().map_or_else(|| "float".into(), MethodSpec::strategy_name);
+        let seed = match c.kind {
+            CellKind::Float => String::new(),
+            CellKind::Quantized { .. } if cfg.grid.seeds.len() > 1 => format!(" seed {}", c.seed),
+            CellKind::Quantized { .. } => String::new(),
+        };
         println!(
-            "  {}  {:<22} {:<6} {:<14} {}",
+            "  {}  {:<22} {:<6} {:<14} {}{seed}",
             c.id,
             c.model.name,
             c.bits_label(),

@@ -27,5 +27,6 @@ pub mod report;
 pub mod results;
 pub mod run;
 pub mod settings;
+pub mod stats;
 pub mod table;
 pub mod tiny;

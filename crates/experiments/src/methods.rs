@@ -8,7 +8,8 @@ use qvlm_search::engine::WeightMethod;
 use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{ActScheme, Scheme, TowerScheme};
 use qvlm_search::strategy::config::{
-    BaseStrategy, BlockedConfig, CandidateGrid, Proxy, RuleKind, StrategyConfig, VeoConfig,
+    BaseStrategy, BlockedConfig, CandidateGrid, EntropyPairs, Proxy, RuleKind, StrategyConfig,
+    VeoConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -194,16 +195,20 @@ impl MethodSpec {
     }
 }
 
-pub const PRESETS: [&str; 11] = [
+pub const PRESETS: [&str; 15] = [
     "rtn",
     "qlora",
     "awq",
     "zeroquant",
+    "seq_ratio",
     "sequential",
     "cdm",
     "cdm_quant_error",
     "cdm_released_gate",
+    "veo_noent",
     "veo",
+    "veo_vision_pairs",
+    "qvlm_veo_then_cdm",
     "qvlm",
     "oracle",
 ];
@@ -217,9 +222,18 @@ fn blocked(proxy: Proxy, rule: RuleKind) -> BaseStrategy {
     })
 }
 
-fn lp_init() -> BaseStrategy {
-    BaseStrategy::LpInit { p: 2.4, ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect() }
+/// QLoRA's shrink ratios of min/max: 1.0, 0.95, …, 0.55.
+fn lp_ratios() -> Vec<f64> {
+    (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect()
 }
+
+fn lp_init() -> BaseStrategy {
+    BaseStrategy::LpInit { p: 2.4, ratios: lp_ratios() }
+}
+
+/// At most this many VEO/CDM rounds for `qvlm` (it stops earlier once the objective stops
+/// falling).
+const QVLM_ROUNDS: usize = 3;
 
 /// A preset method by name.
 pub fn preset(name: &str) -> Option<MethodSpec> {
@@ -241,6 +255,12 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
             dynamic_activations: true,
             ..m(WeightFormat::Rtn, BaseStrategy::Rtn {}.into(), "ZeroQuant-V2")
         },
+        // Eq. 2 on QLoRA's own candidates: differs from `qlora` by the objective alone.
+        "seq_ratio" => m(
+            WeightFormat::Nf4,
+            BaseStrategy::Sequential { candidates: CandidateGrid::Ratio(lp_ratios()) }.into(),
+            "Sequential (Eq. 2), QLoRA's ratios",
+        ),
         "sequential" => m(
             WeightFormat::Nf4,
             BaseStrategy::Sequential { candidates: CandidateGrid::default() }.into(),
@@ -257,18 +277,46 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
             blocked(Proxy::Entropy, RuleKind::ReleasedGate).into(),
             "+CDM (released gate)",
         ),
+        // Learned clipping alone: VEO without its entropy term.
+        "veo_noent" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled {
+                veo: VeoConfig { lambda1: 0.0, ..VeoConfig::default() },
+                then: lp_init(),
+            },
+            "+VEO (λ1 = 0)",
+        ),
         "veo" => m(
             WeightFormat::Nf4,
             StrategyConfig::Disentangled { veo: VeoConfig::default(), then: lp_init() },
             "+VEO",
         ),
-        "qvlm" => m(
+        "veo_vision_pairs" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled {
+                veo: VeoConfig { entropy_pairs: EntropyPairs::Vision, ..VeoConfig::default() },
+                then: lp_init(),
+            },
+            "+VEO (L_ent over vision pairs)",
+        ),
+        // VEO once (with the QLoRA-initialised plan in the loop), then CDM once.
+        "qvlm_veo_then_cdm" => m(
             WeightFormat::Nf4,
             StrategyConfig::Disentangled {
                 veo: VeoConfig::default(),
                 then: blocked(Proxy::Entropy, RuleKind::Eq7),
             },
-            "Q-VLM (CDM+VEO)",
+            "CDM + VEO (VEO, then CDM)",
+        ),
+        // Joint: VEO and CDM alternate, VEO with CDM's plan in the loop, while the calibration
+        // objective falls.
+        "qvlm" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled {
+                veo: VeoConfig { rounds: QVLM_ROUNDS, ..VeoConfig::default() },
+                then: blocked(Proxy::Entropy, RuleKind::Eq7),
+            },
+            "Q-VLM (CDM+VEO, joint)",
         ),
         "oracle" => m(
             WeightFormat::Nf4,

@@ -116,7 +116,7 @@ pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
         run_cell(cfg, cell, device, &results, &mut shared)
             .with_context(|| format!("cell {} ({})", cell.id, cell.title()))?;
     }
-    let tables = crate::table::Tables::build(&results, cells)?;
+    let tables = crate::table::Tables::build(&results, cells, &cfg.outputs.rows)?;
     tables.write(&results, cfg)?;
     crate::report::write_all(cfg, &tables, &results)?;
     Ok(())
@@ -360,6 +360,7 @@ fn run_cell(
         );
     }
     out_cell.write("answers.csv", out.answers_csv.as_bytes())?;
+    out_cell.write("scores.csv", crate::eval::dataset::scores_csv(&out.scores).as_bytes())?;
     out_cell.write("config.json", serde_json::to_string_pretty(cell)?.as_bytes())?;
     out_cell.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     out_cell.write("timings.json", serde_json::to_string_pretty(&timings)?.as_bytes())?;

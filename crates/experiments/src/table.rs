@@ -2,6 +2,7 @@
 //! cells' resolved settings), written as CSV and Markdown. Figures and the report are drawn from
 //! these tables alone.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,9 +12,10 @@ use polars::prelude::{
 };
 use qvlm_search::strategy::config::BaseStrategy;
 
-use crate::config::Config;
+use crate::config::{ComparisonRow, Config};
 use crate::grid::Cell;
 use crate::results::ResultsDir;
+use crate::stats;
 
 /// Metrics of the summary table, in column order.
 pub const SUMMARY_METRICS: [&str; 12] = [
@@ -44,21 +46,27 @@ pub struct Tables {
     /// The DED points the cells recorded (Fig. 2): cell, model, bits, method, site, sample, ded,
     /// entropy.
     pub ded: DataFrame,
+    /// The controlled comparison (`outputs.rows`) per model and bit width: each row's accuracy
+    /// over seeds and its paired test against its `vs` row (see [`crate::stats`]).
+    pub comparisons: DataFrame,
 }
 
 impl Tables {
-    /// Reads the finished cells' `metrics.csv` and `ded.csv` files; indexes `cells`.
-    pub fn build(results: &ResultsDir, cells: &[Cell]) -> Result<Tables> {
+    /// Reads the finished cells' `metrics.csv`, `ded.csv` and `scores.csv` files; indexes
+    /// `cells`; compares the `rows`.
+    pub fn build(results: &ResultsDir, cells: &[Cell], rows: &[ComparisonRow]) -> Result<Tables> {
         let finished: Vec<&Cell> = cells.iter().filter(|c| results.is_done(&c.id)).collect();
         let files: Vec<_> =
             finished.iter().map(|c| results.cell(&c.id).join("metrics.csv")).collect();
         let long = load_metrics(&files)?;
         let summary = wide(&long, &SUMMARY_METRICS)?;
+        let comparisons = comparisons(results, &finished, rows, &summary)?;
         Ok(Tables {
             long,
             summary,
             cells: cell_index(cells)?,
             ded: ded_points(results, &finished)?,
+            comparisons,
         })
     }
 
@@ -84,7 +92,22 @@ impl Tables {
             &note,
         )?;
         write_csv(&mut self.cells.clone(), &dir.join("cells.csv"))?;
-        write_csv(&mut self.ded.clone(), &dir.join("ded.csv"))
+        write_csv(&mut self.ded.clone(), &dir.join("ded.csv"))?;
+        if self.comparisons.height() > 0 {
+            let note = format!(
+                "Each row differs from its `vs` row by `change`. accuracy: mean over the row's calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` in points, each question averaged over seeds, with a 95 % interval and a two-sided p-value from a paired bootstrap over images ({} resamples); significant: p < {}.",
+                stats::RESAMPLES,
+                stats::ALPHA
+            );
+            write(
+                &mut self.comparisons.clone(),
+                &dir.join("comparisons.csv"),
+                &dir.join("comparisons.md"),
+                &format!("{} — controlled comparison", cfg.experiment.name),
+                &note,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -113,6 +136,116 @@ fn cell_index(cells: &[Cell]) -> Result<DataFrame> {
             cells.iter().map(|c| sweep(c).map(|s| s.value)).collect::<Vec<_>>(),
         ),
     ])?)
+}
+
+/// The per-question scores of the finished cells of (model, bits, method), by question, with one
+/// score per cell (seed).
+fn row_scores(
+    results: &ResultsDir,
+    cells: &[&Cell],
+    key: (&str, &str, &str),
+) -> Result<stats::Scores> {
+    let mut out = stats::Scores::new();
+    for c in cells
+        .iter()
+        .filter(|c| (c.model.name.as_str(), c.bits_label().as_str(), c.method_name()) == key)
+    {
+        let path = results.cell(&c.id).join("scores.csv");
+        let df = read_csv_strings(&path)?;
+        let (q, cl, sc) =
+            (strings(&df, "question")?, strings(&df, "cluster")?, strings(&df, "score")?);
+        for i in 0..df.height() {
+            let score: f64 = sc[i]
+                .parse()
+                .with_context(|| format!("{}: row {}: score `{}`", path.display(), i + 1, sc[i]))?;
+            out.entry(q[i].clone()).or_insert_with(|| (cl[i].clone(), vec![])).1.push(score);
+        }
+    }
+    Ok(out)
+}
+
+/// The controlled comparison: per (model, bits) of the cells, every configured row.
+fn comparisons(
+    results: &ResultsDir,
+    cells: &[&Cell],
+    rows: &[ComparisonRow],
+    summary: &DataFrame,
+) -> Result<DataFrame> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for c in cells.iter().filter(|c| c.method().is_some()) {
+        let k = (c.model.name.clone(), c.bits_label());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let (s_model, s_bits, s_method) =
+        (strings(summary, "model")?, strings(summary, "bits")?, strings(summary, "method")?);
+    let (s_acc, s_std, s_seeds) =
+        (floats(summary, "accuracy")?, floats(summary, "accuracy_std")?, floats(summary, "seeds")?);
+    let find = |m: &str, b: &str, me: &str| {
+        (0..s_model.len()).find(|&i| s_model[i] == m && s_bits[i] == b && s_method[i] == me)
+    };
+    let mut cols: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    let mut text: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (model, bits) in &keys {
+        for row in rows {
+            let this = find(model, bits, &row.method);
+            let that = row.vs.as_deref().and_then(|v| find(model, bits, v));
+            let test = match &row.vs {
+                Some(vs) => {
+                    let a = row_scores(results, cells, (model, bits, &row.method))?;
+                    let b = row_scores(results, cells, (model, bits, vs))?;
+                    stats::paired_test(&a, &b)
+                }
+                None => None,
+            };
+            for (name, v) in [
+                ("model", model.clone()),
+                ("bits", bits.clone()),
+                ("method", row.method.clone()),
+                ("vs", row.vs.clone().unwrap_or_default()),
+                ("change", row.change.clone()),
+                (
+                    "significant",
+                    match &test {
+                        Some(t) if t.significant() => "yes".into(),
+                        Some(_) => "no".into(),
+                        None => String::new(),
+                    },
+                ),
+            ] {
+                text.entry(name).or_default().push(v);
+            }
+            for (name, v) in [
+                ("seeds", this.and_then(|i| s_seeds[i])),
+                ("accuracy", this.and_then(|i| s_acc[i])),
+                ("accuracy_std", this.and_then(|i| s_std[i])),
+                ("vs_accuracy", that.and_then(|i| s_acc[i])),
+                ("diff", test.as_ref().map(|t| t.diff)),
+                ("ci_low", test.as_ref().map(|t| t.ci.0)),
+                ("ci_high", test.as_ref().map(|t| t.ci.1)),
+                ("p", test.as_ref().map(|t| t.p)),
+                ("questions", test.as_ref().map(|t| t.questions as f64)),
+                ("clusters", test.as_ref().map(|t| t.clusters as f64)),
+            ] {
+                cols.entry(name).or_default().push(v);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for name in ["model", "bits", "method", "vs", "change"] {
+        out.push(Column::new(name.into(), text.remove(name).unwrap_or_default()));
+    }
+    for name in
+        ["seeds", "accuracy", "accuracy_std", "vs_accuracy", "diff", "ci_low", "ci_high", "p"]
+    {
+        out.push(Column::new(name.into(), cols.remove(name).unwrap_or_default()));
+    }
+    out.push(Column::new("significant".into(), text.remove("significant").unwrap_or_default()));
+    for name in ["questions", "clusters"] {
+        out.push(Column::new(name.into(), cols.remove(name).unwrap_or_default()));
+    }
+    Ok(DataFrame::new_infer_height(out)?)
 }
 
 /// The `ded.csv` rows of the finished cells that have one, with the cell's keys.
@@ -206,7 +339,8 @@ pub fn floats(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
 }
 
 /// Wide table: one row per (model, bits, method) in first-appearance order, one column per
-/// requested metric (null where a cell lacks it).
+/// requested metric — the mean over the row's cells (its calibration seeds; null where none has
+/// it) — then `accuracy_std` (over seeds; null below two) and `seeds` (cells with an accuracy).
 pub fn wide(long: &DataFrame, metrics: &[&str]) -> Result<DataFrame> {
     let (models, bits, methods, names) = (
         strings(long, "model")?,
@@ -222,24 +356,27 @@ pub fn wide(long: &DataFrame, metrics: &[&str]) -> Result<DataFrame> {
             keys.push(k);
         }
     }
+    let of = |k: &(String, String, String), m: &str| -> Vec<f64> {
+        (0..models.len())
+            .filter(|&i| models[i] == k.0 && bits[i] == k.1 && methods[i] == k.2 && names[i] == m)
+            .filter_map(|i| values[i])
+            .collect()
+    };
     let mut cols: Vec<Column> = vec![
         Column::new("model".into(), keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>()),
         Column::new("bits".into(), keys.iter().map(|k| k.1.clone()).collect::<Vec<_>>()),
         Column::new("method".into(), keys.iter().map(|k| k.2.clone()).collect::<Vec<_>>()),
     ];
     for m in metrics {
-        let v: Vec<Option<f64>> = keys
-            .iter()
-            .map(|k| {
-                (0..models.len())
-                    .find(|&i| {
-                        models[i] == k.0 && bits[i] == k.1 && methods[i] == k.2 && names[i] == *m
-                    })
-                    .and_then(|i| values[i])
-            })
-            .collect();
+        let v: Vec<Option<f64>> = keys.iter().map(|k| stats::mean(&of(k, m))).collect();
         cols.push(Column::new((*m).into(), v));
     }
+    let acc: Vec<Vec<f64>> = keys.iter().map(|k| of(k, "accuracy")).collect();
+    cols.push(Column::new(
+        "accuracy_std".into(),
+        acc.iter().map(|a| stats::std(a)).collect::<Vec<_>>(),
+    ));
+    cols.push(Column::new("seeds".into(), acc.iter().map(|a| a.len() as u32).collect::<Vec<_>>()));
     Ok(DataFrame::new_infer_height(cols)?)
 }
 
@@ -285,6 +422,8 @@ pub fn markdown(df: &DataFrame, title: &str, note: &str) -> Result<String> {
                     DataType::String => c.str()?.get(row).unwrap_or("").to_string(),
                     _ => match c.cast(&DataType::Float64)?.f64()?.get(row) {
                         None => "–".into(),
+                        // p-values need their small digits.
+                        Some(v) if n == "p" => format!("{v:.4}"),
                         Some(v) if v.abs() >= 1e4 => format!("{v:.0}"),
                         Some(v) => format!("{v:.2}"),
                     },
@@ -294,6 +433,16 @@ pub fn markdown(df: &DataFrame, title: &str, note: &str) -> Result<String> {
         s.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     Ok(s)
+}
+
+/// Reads a CSV with every column as text (ids stay as written).
+fn read_csv_strings(path: &Path) -> Result<DataFrame> {
+    CsvReadOptions::default()
+        .with_has_header(true)
+        .with_infer_schema_length(Some(0))
+        .try_into_reader_with_file_path(Some(path.to_path_buf()))
+        .and_then(|r| r.finish())
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// Reads a CSV of `paper/`.

@@ -47,6 +47,30 @@ pub struct Evaluated {
     pub log_probs: Tensor,
     /// Per-question CSV (with header).
     pub answers_csv: String,
+    /// Per-question scores for paired tests (empty when questions cannot be scored, e.g. VQA
+    /// without human answers).
+    pub scores: Vec<QuestionScore>,
+}
+
+/// One evaluated question's score, keyed so that two cells' scores pair up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuestionScore {
+    /// A stable question id (easy-VQA: its index; ScienceQA: the pid; VQA: the question id).
+    pub question: String,
+    /// The unit questions are resampled by in the paired bootstrap: questions about one image
+    /// are not independent (easy-VQA: the image id; ScienceQA: the pid; VQA: the image file).
+    pub cluster: String,
+    /// In [0, 1]: correct or not, or the VQA accuracy.
+    pub score: f64,
+}
+
+/// `scores.csv` of a cell: `question,cluster,score`.
+pub fn scores_csv(scores: &[QuestionScore]) -> String {
+    let mut s = String::from("question,cluster,score\n");
+    for q in scores {
+        s.push_str(&format!("{},{},{}\n", csv_field(&q.question), csv_field(&q.cluster), q.score));
+    }
+    s
 }
 
 fn limit<T: Clone>(all: &[T], n: Option<std::num::NonZeroUsize>) -> Vec<T> {
@@ -154,6 +178,17 @@ impl EvalData {
                     ));
                 }
                 metrics.push(("questions".into(), acc.count as f64));
+                let image_of: std::collections::BTreeMap<usize, u32> =
+                    questions.iter().map(|q| (q.index, q.image_id)).collect();
+                let scores = out
+                    .answered
+                    .iter()
+                    .map(|a| QuestionScore {
+                        question: a.index.to_string(),
+                        cluster: image_of.get(&a.index).map_or_else(String::new, u32::to_string),
+                        score: f64::from(u8::from(a.correct)),
+                    })
+                    .collect();
                 let mut csv = String::from("index,kind,answer,predicted,correct\n");
                 for a in &out.answered {
                     csv.push_str(&format!(
@@ -165,7 +200,7 @@ impl EvalData {
                         a.correct
                     ));
                 }
-                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv })
+                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv, scores })
             }
             EvalData::Scienceqa { test, items, opts, .. } => {
                 let out = eval_sqa::evaluate(bundle, test, items, opts, hook, pb)?;
@@ -178,6 +213,15 @@ impl EvalData {
                 for (class, score) in &acc.by_class {
                     metrics.push((format!("accuracy_{}", class.name()), score.accuracy));
                 }
+                let scores = out
+                    .rows
+                    .iter()
+                    .map(|r| QuestionScore {
+                        question: r.pid.clone(),
+                        cluster: r.pid.clone(),
+                        score: f64::from(u8::from(r.correct)),
+                    })
+                    .collect();
                 let mut csv = String::from("pid,answer,parsed,correct,prediction\n");
                 for r in &out.rows {
                     let parsed = r.parsed.map(String::from).unwrap_or_default();
@@ -190,7 +234,7 @@ impl EvalData {
                         csv_field(&r.prediction)
                     ));
                 }
-                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv })
+                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv, scores })
             }
             EvalData::Vqa { data, questions, opts } => {
                 let out = eval_vqa::evaluate(bundle, data, questions, opts, hook, pb)?;
@@ -199,6 +243,18 @@ impl EvalData {
                     metrics.push(("accuracy".into(), acc.accuracy));
                     metrics.push(("scored_questions".into(), acc.scored as f64));
                 }
+                let scores = out
+                    .rows
+                    .iter()
+                    .zip(questions)
+                    .filter_map(|(r, q)| {
+                        Some(QuestionScore {
+                            question: r.question_id.to_string(),
+                            cluster: q.image.clone(),
+                            score: r.accuracy?,
+                        })
+                    })
+                    .collect();
                 let mut csv = String::from("question_id,accuracy,normalized,prediction\n");
                 for r in &out.rows {
                     let a = r.accuracy.map(|a| format!("{a:.6}")).unwrap_or_default();
@@ -210,7 +266,7 @@ impl EvalData {
                         csv_field(&r.prediction)
                     ));
                 }
-                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv })
+                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv, scores })
             }
         }
     }
