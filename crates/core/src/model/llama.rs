@@ -79,6 +79,20 @@ impl KvCache {
         mask
     }
 
+    /// The cache of the batch rows `rows` (`[N]` int64 indices into this cache's batch, repeats
+    /// allowed): one shared prefix computed once, continued by several sequences.
+    pub fn select_rows(&self, rows: &Tensor) -> KvCache {
+        let pick = |t: &Tensor| t.index_select(0, &rows.to_device(t.device()));
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (pick(k), pick(v))))
+                .collect(),
+            key_mask: self.key_mask.as_ref().map(pick),
+        }
+    }
+
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
         let (k, v) = match &self.layers[layer] {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),

@@ -287,8 +287,20 @@ impl Llava {
         opts: &GenerateOptions,
         hook: &mut dyn LinearHook,
     ) -> Generation {
+        self.generate_after(KvCache::new(self.language_model.layers.len()), batch, opts, hook)
+    }
+
+    /// [`Llava::generate`] continuing `cache`: `batch` holds each row's tokens after the cached
+    /// positions (its `positions` counting on from them), e.g. the questions after a shared
+    /// image prefix whose keys and values were computed once ([`KvCache::select_rows`]).
+    pub fn generate_after(
+        &self,
+        mut cache: KvCache,
+        batch: &PreparedBatch,
+        opts: &GenerateOptions,
+        hook: &mut dyn LinearHook,
+    ) -> Generation {
         let b = batch.embeds.size()[0];
-        let mut cache = KvCache::new(self.language_model.layers.len());
         let h = self.decode_hidden(batch, Some(&mut cache), hook);
         let mut last_logits = self.language_model.head(&h.select(1, -1));
         let first_logits = last_logits.shallow_clone();

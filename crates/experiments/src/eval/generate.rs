@@ -9,6 +9,7 @@ use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::ImageProcessor;
 use qvlm_core::io::prompt::{Piece, Template};
+use qvlm_core::model::llama::KvCache;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle};
 use tch::{Device, Kind, Tensor};
 
@@ -64,7 +65,6 @@ pub fn generate(
             Some(model.image_features(&Tensor::stack(&pixels, 0), hook))
         };
         let mut sequences: Vec<Vec<Piece>> = Vec::with_capacity(chunk.len());
-        let mut row_images = Vec::with_capacity(chunk.len());
         for r in chunk {
             let prompt = template.render(&r.message);
             let n_images = usize::from(r.image.is_some());
@@ -74,19 +74,42 @@ pub fn generate(
                     .tokenize_prompt(&prompt, n_images)
                     .with_context(|| format!("tokenizing the prompt {prompt:?}"))?,
             );
-            let row = match (&r.image, &feats) {
-                (Some(p), Some(f)) => {
-                    let i = paths.binary_search(&p).unwrap_or(0) as i64;
-                    f.narrow(0, i, 1)
-                }
-                // No image slot in this row's prompt: `prepare` never reads its features.
-                _ => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
-            };
-            row_images.push(row);
         }
-        let batch = model.prepare(&sequences, &row_images)?;
         let gen = GenerateOptions { max_new_tokens, eos_token_ids: eos.clone(), stop: None };
-        let out = model.generate(&batch, &gen, hook);
+        let image_of =
+            |r: &Request| r.image.as_ref().map(|p| paths.binary_search(&p).unwrap_or(0) as i64);
+        let out = match (&feats, shared_prefix(&sequences)) {
+            // Every row is `prefix <image> question` with one prefix: the prefix and image run
+            // once per image, each question continues from its image's keys and values.
+            (Some(f), Some((prefix, questions))) => {
+                let rows: Vec<i64> = chunk.iter().map(|r| image_of(r).unwrap_or(0)).collect();
+                let prefixes: Vec<Vec<Piece>> = (0..f.size()[0])
+                    .map(|_| vec![Piece::Tokens(prefix.clone()), Piece::Image(0)])
+                    .collect();
+                let per_image: Vec<Tensor> = (0..f.size()[0]).map(|i| f.narrow(0, i, 1)).collect();
+                let batch = model.prepare(&prefixes, &per_image)?;
+                let mut cache = KvCache::new(model.language_model.layers.len());
+                let _ = model.decode_hidden(&batch, Some(&mut cache), hook);
+                let prefix_len = batch.mask.size()[1];
+                let cache = cache.select_rows(&Tensor::from_slice(&rows));
+                let mut rest = model.prepare(&questions, &[])?;
+                rest.positions = rest.positions + prefix_len;
+                model.generate_after(cache, &rest, &gen, hook)
+            }
+            _ => {
+                let mut row_images = Vec::with_capacity(chunk.len());
+                for r in chunk {
+                    let row = match (image_of(r), &feats) {
+                        (Some(i), Some(f)) => f.narrow(0, i, 1),
+                        // No image slot in this row's prompt: `prepare` never reads its features.
+                        _ => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+                    };
+                    row_images.push(row);
+                }
+                let batch = model.prepare(&sequences, &row_images)?;
+                model.generate(&batch, &gen, hook)
+            }
+        };
         log_probs.push(
             out.first_logits
                 .to_kind(Kind::Float)
@@ -104,6 +127,24 @@ pub fn generate(
         Tensor::cat(&log_probs, 0)
     };
     Ok(Generated { texts, first_log_probs })
+}
+
+/// When every row is `Tokens(prefix) Image(0) Tokens(question)` with one `prefix`: the prefix and
+/// each row's question pieces.
+fn shared_prefix(sequences: &[Vec<Piece>]) -> Option<(Vec<i64>, Vec<Vec<Piece>>)> {
+    let mut prefix: Option<&Vec<i64>> = None;
+    let mut questions = Vec::with_capacity(sequences.len());
+    for seq in sequences {
+        let [Piece::Tokens(pre), Piece::Image(0), Piece::Tokens(question)] = seq.as_slice() else {
+            return None;
+        };
+        if question.is_empty() || prefix.is_some_and(|p| p != pre) {
+            return None;
+        }
+        prefix = Some(pre);
+        questions.push(vec![Piece::Tokens(question.clone())]);
+    }
+    Some((prefix?.clone(), questions))
 }
 
 /// Mean KL(reference ‖ other) of first-token distributions (`[N, vocab]` log-probabilities) and
