@@ -133,6 +133,10 @@ pub enum Benchmark {
         prompt_format: Option<PromptFormat>,
         /// Where the images are (default: the official `images/<split>/<pid>/`).
         images: Option<SqaImages>,
+        /// Calibrate on the evaluated split's image questions instead of `train` (Q-VLM draws
+        /// calibration pairs from train; without `images/train` that is an error unless this is
+        /// set).
+        calibrate_on_evaluated_split: bool,
     },
     /// VQA-style jsonl questions (VQAv2, VizWiz); without `answers` no accuracy, only agreement
     /// with float.
@@ -208,6 +212,8 @@ struct DatasetTable {
     images: Option<PathBuf>,
     #[serde(default)]
     max_new_tokens: Option<NonZeroUsize>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    calibrate_on_evaluated_split: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -238,6 +244,7 @@ impl TryFrom<DatasetTable> for DatasetConfig {
         };
         let benchmark = match kind {
             DatasetKind::EasyVqa => {
+                unused("calibrate_on_evaluated_split", t.calibrate_on_evaluated_split)?;
                 unused("split", t.split.is_some())?;
                 unused("prompt_format", t.prompt_format.is_some())?;
                 unused("image_layout", t.image_layout.is_some())?;
@@ -284,9 +291,16 @@ impl TryFrom<DatasetTable> for DatasetConfig {
                         ))
                     }
                 };
-                Benchmark::Scienceqa { path, split, prompt_format, images }
+                Benchmark::Scienceqa {
+                    path,
+                    split,
+                    prompt_format,
+                    images,
+                    calibrate_on_evaluated_split: t.calibrate_on_evaluated_split,
+                }
             }
             DatasetKind::Vqa => {
+                unused("calibrate_on_evaluated_split", t.calibrate_on_evaluated_split)?;
                 unused("path", t.path.is_some())?;
                 unused("split", t.split.is_some())?;
                 unused("prompt_format", t.prompt_format.is_some())?;
@@ -334,11 +348,19 @@ impl From<DatasetConfig> for DatasetTable {
             answers: None,
             images: None,
             max_new_tokens: d.max_new_tokens,
+            calibrate_on_evaluated_split: false,
         };
         match d.benchmark {
             Benchmark::EasyVqa { path } => t.path = path,
-            Benchmark::Scienceqa { path, split, prompt_format, images } => {
+            Benchmark::Scienceqa {
+                path,
+                split,
+                prompt_format,
+                images,
+                calibrate_on_evaluated_split,
+            } => {
                 t.kind = DatasetKind::Scienceqa;
+                t.calibrate_on_evaluated_split = calibrate_on_evaluated_split;
                 t.path = Some(path);
                 t.split = split.map(|s| s.name().to_string());
                 t.prompt_format = prompt_format.map(|f| f.name().to_string());
@@ -732,7 +754,8 @@ mod tests {
                 path: "x".into(),
                 split: Some(Split::Val),
                 prompt_format: Some(PromptFormat::CqmA),
-                images: None
+                images: None,
+                calibrate_on_evaluated_split: false,
             }
         );
         for (text, wanted) in [

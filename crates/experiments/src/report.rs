@@ -215,7 +215,12 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
     );
     let (data, calib_source) = match cfg.dataset.benchmark {
         Benchmark::EasyVqa { .. } => ("easy-VQA test", "easy-VQA training"),
-        Benchmark::Scienceqa { .. } => ("ScienceQA", "ScienceQA training"),
+        Benchmark::Scienceqa { calibrate_on_evaluated_split: false, .. } => {
+            ("ScienceQA", "ScienceQA training")
+        }
+        Benchmark::Scienceqa { calibrate_on_evaluated_split: true, .. } => {
+            ("ScienceQA", "evaluated-split (calibrate_on_evaluated_split)")
+        }
         Benchmark::Vqa { .. } => ("the VQA question file", "evaluated-file"),
     };
     s.push_str(&format!(

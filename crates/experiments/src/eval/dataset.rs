@@ -92,7 +92,13 @@ impl EvalData {
                 let questions = limit(&test.questions, d.limit);
                 EvalData::EasyVqa { train, test, questions, template: d.template, batch }
             }
-            Benchmark::Scienceqa { path: root, split, prompt_format, images } => {
+            Benchmark::Scienceqa {
+                path: root,
+                split,
+                prompt_format,
+                images,
+                calibrate_on_evaluated_split,
+            } => {
                 let split = split.unwrap_or(scienceqa::Split::Test);
                 let format = prompt_format.unwrap_or(PromptFormat::QcmLepa);
                 let layout = match images {
@@ -100,12 +106,22 @@ impl EvalData {
                     None | Some(SqaImages::Official) => ImageLayout::official(root),
                 };
                 let test = ScienceQa::load(root, split, layout)?;
-                // Calibration pairs come from the training split (Q-VLM's convention) when present.
-                let train = match ImageLayout::official(root) {
-                    l if root.join("images").join("train").is_dir() => {
-                        Some(ScienceQa::load(root, scienceqa::Split::Train, l)?)
-                    }
-                    _ => None,
+                // Calibration pairs come from the training split (Q-VLM's convention); the
+                // evaluated split only when the config says so.
+                let train_images = root.join("images").join("train");
+                let train = if *calibrate_on_evaluated_split {
+                    None
+                } else if train_images.is_dir() {
+                    Some(ScienceQa::load(
+                        root,
+                        scienceqa::Split::Train,
+                        ImageLayout::official(root),
+                    )?)
+                } else {
+                    anyhow::bail!(
+                        "{}: no train images to calibrate on; set `dataset.calibrate_on_evaluated_split = true` to draw calibration pairs from the evaluated split",
+                        train_images.display()
+                    );
                 };
                 let items = limit(&items(&test, format), d.limit);
                 let mut opts = eval_sqa::SqaEvalOptions::for_format(format);
@@ -148,7 +164,7 @@ impl EvalData {
                 "ScienceQA's train split, image questions"
             }
             EvalData::Scienceqa { train: None, .. } => {
-                "the evaluated ScienceQA split, image questions (no images/train)"
+                "the evaluated ScienceQA split, image questions (calibrate_on_evaluated_split)"
             }
             EvalData::Vqa { .. } => "the evaluated VQA questions",
         }

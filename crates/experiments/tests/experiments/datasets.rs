@@ -117,6 +117,25 @@ fn scienceqa_runs_end_to_end_with_per_class_metrics() {
         assert!(m.contains(metric), "{metric} missing:\n{m}");
     }
     assert!(m.contains("questions,3"), "{m}");
+    // Without train images, calibrating on the evaluated split must be asked for.
+    std::fs::remove_dir_all(dir.join("images").join("train")).expect("rm train");
+    let _ = std::fs::remove_dir_all(dir.join("results"));
+    let (ok, err) = run(&cfg);
+    assert!(
+        !ok && err.contains("images/train") && err.contains("calibrate_on_evaluated_split"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&cfg).expect("cfg");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "max_new_tokens = 3",
+            "max_new_tokens = 3\ncalibrate_on_evaluated_split = true",
+        ),
+    )
+    .expect("cfg");
+    let (ok, err) = run(&cfg);
+    assert!(ok, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
