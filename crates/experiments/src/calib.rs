@@ -1,8 +1,9 @@
 //! Calibration sets for the searches, one path for every dataset: `n` vision-language pairs
 //! (prompt, image, answer) drawn without replacement with a seed, tokenized and preprocessed.
-//! easy-VQA and ScienceQA draw from their training splits (image questions only — a calibration
-//! sample carries one image); VQA files draw from the evaluated file itself, as Q-VLM's VQA path
-//! does.
+//! easy-VQA draws from its train split without the validation images (so tuning on validation
+//! never sees its own images in calibration), ScienceQA from its train split (image questions
+//! only — a calibration sample carries one image); VQA files draw from the evaluated file
+//! itself, as Q-VLM's VQA path does.
 
 use std::path::PathBuf;
 
@@ -29,7 +30,7 @@ pub fn calibration(
     seed: u64,
 ) -> Result<CalibrationSet> {
     let pairs: Vec<(String, PathBuf, String)> = match data {
-        EvalData::EasyVqa { train, template, .. } => pick(&train.questions, n, seed)
+        EvalData::EasyVqa { train, calibration, template, .. } => pick(calibration, n, seed)
             .into_iter()
             .map(|q| {
                 let image = train.image_path(q.image_id).context("image id without a file")?;

@@ -122,8 +122,11 @@ pub struct DatasetConfig {
 /// The benchmark and its files.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Benchmark {
-    /// easy-VQA (`path`: its `data` folder; default inside `.venv`).
-    EasyVqa { path: Option<PathBuf> },
+    /// easy-VQA (`path`: its `data` folder; default inside `.venv`). `split = "validation"`
+    /// evaluates the questions of the train split's held-out images (the last 10 % by id, for
+    /// tuning); the default is the test split. Calibration pairs always come from the other train
+    /// images.
+    EasyVqa { path: Option<PathBuf>, validation: bool },
     /// ScienceQA's official layout: `path` holds problems.json, pid_splits.json and images/.
     Scienceqa {
         path: PathBuf,
@@ -165,7 +168,7 @@ impl Benchmark {
     /// for data this machine lacks still parse and dry-run).
     fn paths(&self) -> Vec<(&'static str, &Path)> {
         match self {
-            Benchmark::EasyVqa { path } => path.iter().map(|p| ("path", p.as_path())).collect(),
+            Benchmark::EasyVqa { path, .. } => path.iter().map(|p| ("path", p.as_path())).collect(),
             Benchmark::Scienceqa { path, images, .. } => {
                 let mut out = vec![("path", path.as_path())];
                 if let Some(SqaImages::Flat(dir)) = images {
@@ -245,13 +248,21 @@ impl TryFrom<DatasetTable> for DatasetConfig {
         let benchmark = match kind {
             DatasetKind::EasyVqa => {
                 unused("calibrate_on_evaluated_split", t.calibrate_on_evaluated_split)?;
-                unused("split", t.split.is_some())?;
+                let validation = match t.split.as_deref() {
+                    None | Some("test") => false,
+                    Some("validation") => true,
+                    Some(other) => {
+                        return Err(format!(
+                            "key `dataset.split`: `{other}` is not an easy-VQA split (test, validation)"
+                        ))
+                    }
+                };
                 unused("prompt_format", t.prompt_format.is_some())?;
                 unused("image_layout", t.image_layout.is_some())?;
                 unused("questions", t.questions.is_some())?;
                 unused("answers", t.answers.is_some())?;
                 unused("images", t.images.is_some())?;
-                Benchmark::EasyVqa { path: t.path }
+                Benchmark::EasyVqa { path: t.path, validation }
             }
             DatasetKind::Scienceqa => {
                 unused("questions", t.questions.is_some())?;
@@ -351,7 +362,10 @@ impl From<DatasetConfig> for DatasetTable {
             calibrate_on_evaluated_split: false,
         };
         match d.benchmark {
-            Benchmark::EasyVqa { path } => t.path = path,
+            Benchmark::EasyVqa { path, validation } => {
+                t.path = path;
+                t.split = validation.then(|| "validation".to_string());
+            }
             Benchmark::Scienceqa {
                 path,
                 split,

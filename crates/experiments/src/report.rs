@@ -214,7 +214,13 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
         cfg.experiment.name, cfg.experiment.description
     );
     let (data, calib_source) = match cfg.dataset.benchmark {
-        Benchmark::EasyVqa { .. } => ("easy-VQA test", "easy-VQA training"),
+        Benchmark::EasyVqa { validation: false, .. } => {
+            ("easy-VQA test", "easy-VQA training (validation images excluded)")
+        }
+        Benchmark::EasyVqa { validation: true, .. } => (
+            "easy-VQA validation (the train split's last 10 % of images)",
+            "easy-VQA training (validation images excluded)",
+        ),
         Benchmark::Scienceqa { calibrate_on_evaluated_split: false, .. } => {
             ("ScienceQA", "ScienceQA training")
         }

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// The share of the train split's images held out for validation.
+pub const VALIDATION_FRACTION: f64 = 0.1;
+
 /// The 13 answers of easy-VQA, by type.
 pub const SHAPES: [&str; 3] = ["circle", "rectangle", "triangle"];
 pub const COLORS: [&str; 8] = ["red", "green", "blue", "black", "gray", "teal", "brown", "yellow"];
@@ -154,6 +157,15 @@ impl EasyVqa {
         self.images.keys().copied().collect()
     }
 
+    /// The validation slice of the train split: the last [`VALIDATION_FRACTION`] of its images by
+    /// id (at least one). Hyper-parameters are tuned on their questions; calibration pairs never
+    /// come from them.
+    pub fn validation_images(&self) -> std::collections::BTreeSet<u32> {
+        let ids = self.image_ids();
+        let n = ((ids.len() as f64 * VALIDATION_FRACTION).ceil() as usize).clamp(1, ids.len());
+        ids[ids.len() - n..].iter().copied().collect()
+    }
+
     pub fn answers() -> Vec<&'static str> {
         YES_NO.iter().chain(SHAPES.iter()).chain(COLORS.iter()).copied().collect()
     }
@@ -170,5 +182,17 @@ mod tests {
         assert_eq!(QuestionType::of_answer("teal"), Some(QuestionType::Color));
         assert_eq!(QuestionType::of_answer("maybe"), None);
         assert_eq!(EasyVqa::answers().len(), 13);
+    }
+
+    #[test]
+    fn the_validation_slice_is_the_last_tenth_of_the_images() {
+        let images: BTreeMap<u32, PathBuf> = (0..25).map(|i| (i, PathBuf::new())).collect();
+        let data = EasyVqa {
+            root: PathBuf::new(),
+            split: Split::Train,
+            questions: vec![],
+            images,
+        };
+        assert_eq!(data.validation_images().into_iter().collect::<Vec<_>>(), vec![22, 23, 24]);
     }
 }

@@ -20,8 +20,12 @@ use crate::table::csv_field;
 /// A loaded dataset and the questions a run evaluates.
 pub enum EvalData {
     EasyVqa {
+        /// The train split: calibration pairs come from `calibration`, its questions whose
+        /// images are not in the validation slice.
         train: EasyVqa,
-        test: EasyVqa,
+        calibration: Vec<easy_vqa::Question>,
+        /// The split the evaluated `questions` come from (test, or train for validation).
+        evaluated: EasyVqa,
         questions: Vec<easy_vqa::Question>,
         template: Template,
         batch: usize,
@@ -82,15 +86,30 @@ impl EvalData {
         let batch = d.batch_size.get();
         let max_new_tokens = d.max_new_tokens.map(|n| n.get());
         Ok(match &d.benchmark {
-            Benchmark::EasyVqa { path } => {
+            Benchmark::EasyVqa { path, validation } => {
                 let root = match path {
                     Some(p) => p.clone(),
                     None => EasyVqa::default_root()?,
                 };
-                let test = EasyVqa::load(&root, easy_vqa::Split::Test)?;
                 let train = EasyVqa::load(&root, easy_vqa::Split::Train)?;
-                let questions = limit(&test.questions, d.limit);
-                EvalData::EasyVqa { train, test, questions, template: d.template, batch }
+                let held_out = train.validation_images();
+                let (calibration, validation_questions): (Vec<_>, Vec<_>) =
+                    train.questions.iter().cloned().partition(|q| !held_out.contains(&q.image_id));
+                let (evaluated, questions) = if *validation {
+                    (train.clone(), limit(&validation_questions, d.limit))
+                } else {
+                    let test = EasyVqa::load(&root, easy_vqa::Split::Test)?;
+                    let questions = limit(&test.questions, d.limit);
+                    (test, questions)
+                };
+                EvalData::EasyVqa {
+                    train,
+                    calibration,
+                    evaluated,
+                    questions,
+                    template: d.template,
+                    batch,
+                }
             }
             Benchmark::Scienceqa {
                 path: root,
@@ -159,7 +178,7 @@ impl EvalData {
     /// Where calibration pairs come from, for messages.
     pub fn calibration_source(&self) -> &'static str {
         match self {
-            EvalData::EasyVqa { .. } => "easy-VQA's train split",
+            EvalData::EasyVqa { .. } => "easy-VQA's train split without its validation images",
             EvalData::Scienceqa { train: Some(_), .. } => {
                 "ScienceQA's train split, image questions"
             }
@@ -182,9 +201,9 @@ impl EvalData {
         pb: &ProgressBar,
     ) -> Result<Evaluated> {
         match self {
-            EvalData::EasyVqa { test, questions, template, batch, .. } => {
+            EvalData::EasyVqa { evaluated, questions, template, batch, .. } => {
                 let out =
-                    eval_easy::evaluate(bundle, test, questions, *template, *batch, hook, pb)?;
+                    eval_easy::evaluate(bundle, evaluated, questions, *template, *batch, hook, pb)?;
                 let acc = out.accuracy();
                 let mut metrics = vec![("accuracy".to_string(), acc.overall)];
                 for (t, v) in &acc.by_type {
