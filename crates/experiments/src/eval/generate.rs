@@ -93,7 +93,7 @@ pub fn generate(
                 let prefix_len = batch.mask.size()[1];
                 let cache = cache.select_rows(&Tensor::from_slice(&rows));
                 let mut rest = model.prepare(&questions, &[])?;
-                rest.positions = rest.positions + prefix_len;
+                rest.positions += prefix_len;
                 model.generate_after(cache, &rest, &gen, hook)
             }
             _ => {
