@@ -308,20 +308,6 @@ fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
     (sxx > 0.0).then(|| (my - sxy / sxx * mx, sxy / sxx))
 }
 
-/// Pearson correlation of (x, y) pairs.
-pub fn pearson(points: &[(f64, f64)]) -> Option<f64> {
-    let n = points.len() as f64;
-    if n < 2.0 {
-        return None;
-    }
-    let (mx, my) =
-        (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
-}
-
 /// Lines over a numeric x, one per series (e.g. accuracy vs the clipping percentile p), with an
 /// optional horizontal reference line (the float model).
 pub fn lines(
@@ -555,18 +541,4 @@ fn draw_roofline<DB: DrawingBackend>(
     }
     draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pearson_of_a_line_is_one_and_of_its_mirror_minus_one() {
-        let up: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, 2.0 * i as f64 + 1.0)).collect();
-        let down: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, -(i as f64))).collect();
-        assert!((pearson(&up).unwrap_or(0.0) - 1.0).abs() < 1e-12);
-        assert!((pearson(&down).unwrap_or(0.0) + 1.0).abs() < 1e-12);
-        assert_eq!(pearson(&[(1.0, 1.0)]), None);
-    }
 }

@@ -152,23 +152,66 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
             }
         }
         Figure::DedVsEntropy => {
-            let (d, e) =
-                (table::floats(&tables.ded, "ded")?, table::floats(&tables.ded, "entropy")?);
-            let points: Vec<(f64, f64)> =
-                d.iter().zip(&e).filter_map(|(d, e)| Some(((*e)?, (*d)?))).collect();
-            let r = figure::pearson(&points);
-            let title = format!(
-                "DED vs dependency entropy per sample (Pearson r = {})",
-                r.map_or("n/a".into(), |r| format!("{r:.3}"))
+            let ded = &tables.ded;
+            let (d, e) = (table::floats(ded, "ded")?, table::floats(ded, "entropy")?);
+            let (tower, block) = (table::strings(ded, "tower")?, table::floats(ded, "block")?);
+            let corr = &tables.ded_correlations;
+            let (c_tower, c_window, c_equal) = (
+                table::strings(corr, "tower")?,
+                table::strings(corr, "window")?,
+                table::strings(corr, "joint_equals_layerwise")?,
             );
+            let windows =
+                (0..corr.height()).filter(|&i| c_tower[i] != "all" && c_window[i] != "all");
+            let (n_windows, n_equal) =
+                windows.fold((0, 0), |(n, k), i| (n + 1, k + usize::from(c_equal[i] == "yes")));
+            let r = |pts: &[(f64, f64)], f: fn(&[(f64, f64)]) -> Option<f64>| {
+                f(pts).map_or("n/a".into(), |r| format!("{r:.2}"))
+            };
+            let select = |keep: &dyn Fn(usize) -> bool| -> Vec<(f64, f64)> {
+                (0..ded.height())
+                    .filter(|&i| keep(i))
+                    .filter_map(|i| Some((e[i]?, d[i]?)))
+                    .collect()
+            };
+            let all = select(&|_| true);
             figure::scatter(
                 &out.join("ded_vs_entropy"),
-                &title,
-                "conditional entropy D (nats)",
+                &format!(
+                    "DED vs dependency: Pearson {}, Spearman {}; joint = layer-wise in {n_equal}/{}",
+                    r(&all, crate::stats::pearson),
+                    r(&all, crate::stats::spearman),
+                    n_windows
+                ),
+                "dependency over the window (nats, Eq. 6)",
                 // (No "j": plotters drops it from rotated labels here.)
-                "DED = layer-wise minus block-wise error",
-                &points,
+                "DED / float output energy",
+                &all,
             )?;
+            // The paper's view: one layer in the middle of the language model.
+            let mut language_blocks: Vec<i64> = (0..ded.height())
+                .filter(|&i| tower[i] == "language")
+                .filter_map(|i| block[i].map(|b| b as i64))
+                .collect();
+            language_blocks.sort_unstable();
+            language_blocks.dedup();
+            if let Some(&middle) = language_blocks.get(language_blocks.len() / 2) {
+                let layer = select(&|i| {
+                    tower[i] == "language" && block[i].map(|b| b as i64) == Some(middle)
+                });
+                figure::scatter(
+                    &out.join("ded_vs_entropy_middle_layer"),
+                    &format!(
+                        "Language layer {middle}: Pearson {}, Spearman {} ({} samples)",
+                        r(&layer, crate::stats::pearson),
+                        r(&layer, crate::stats::spearman),
+                        layer.len()
+                    ),
+                    "dependency over the layer (nats, Eq. 6)",
+                    "DED / float output energy",
+                    &layer,
+                )?;
+            }
         }
         Figure::DepthTradeoff => {
             let c = &tables.cells;
@@ -290,6 +333,14 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
         s.push('\n');
     }
     s.push_str(&comparison_section(tables, &labels, &method_labels)?);
+    if tables.ded_correlations.height() > 0 {
+        s.push_str(&table::markdown(
+            &tables.ded_correlations,
+            "Fig. 2: dependency vs DED per sample",
+            "Per calibration sample and window, searched for that sample alone: DED = (layer-wise − joint) error at the window's last site over its float output energy; dependency = the window's summed conditional entropies (Eq. 6). `joint_equals_layerwise`: every sample's joint choice equals its layer-wise one (DED = 0).",
+        )?);
+        s.push('\n');
+    }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
 }
 

@@ -310,6 +310,8 @@ fn run_cell(
         push("layer_forwards", p.cost.layer_forwards as f64);
         push("model_passes", p.cost.model_passes as f64);
         push("peak_cache_bytes", p.cost.peak_cache_bytes as f64);
+        push("dependency_evaluations", p.cost.dependency_evaluations as f64);
+        push("dependency_elements", p.cost.dependency_elements as f64);
         push("groups", p.groups.len() as f64);
         let joint: Vec<_> = p.groups.iter().filter(|g| g.sites.len() > 1).collect();
         push("joint_groups", joint.len() as f64);
@@ -321,14 +323,20 @@ fn run_cell(
         push("mean_group_depth", mean_depth);
         timings.insert("search_wall_seconds_reported", p.cost.wall_seconds);
         if !p.ded.is_empty() {
-            let mut ded = String::from("site,sample,ded,entropy\n");
+            let mut ded =
+                String::from("site,sample,window,ded,entropy,layerwise_error,joint_error,energy\n");
             for d in &p.ded {
                 ded.push_str(&format!(
-                    "{},{},{},{}\n",
+                    "{},{},{},{},{},{},{},{}\n",
                     d.site,
                     d.sample,
-                    format_value(d.ded),
-                    format_value(d.entropy)
+                    d.window,
+                    // Shortest round-trip form: DED values span many decades.
+                    d.ded,
+                    d.entropy,
+                    d.layerwise_error,
+                    d.joint_error,
+                    d.energy
                 ));
             }
             out_cell.write("ded.csv", ded.as_bytes())?;

@@ -29,6 +29,45 @@ pub fn std(xs: &[f64]) -> Option<f64> {
         .then(|| (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt())
 }
 
+/// Pearson correlation of (x, y) pairs.
+pub fn pearson(points: &[(f64, f64)]) -> Option<f64> {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return None;
+    }
+    let (mx, my) =
+        (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
+/// Spearman's rank correlation: Pearson's of the ranks (ties get their average rank).
+pub fn spearman(points: &[(f64, f64)]) -> Option<f64> {
+    let ranks = |values: Vec<f64>| -> Vec<f64> {
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+        let mut ranks = vec![0.0; values.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && values[order[j + 1]] == values[order[i]] {
+                j += 1;
+            }
+            let rank = (i + j) as f64 / 2.0 + 1.0;
+            for &k in &order[i..=j] {
+                ranks[k] = rank;
+            }
+            i = j + 1;
+        }
+        ranks
+    };
+    let rx = ranks(points.iter().map(|p| p.0).collect());
+    let ry = ranks(points.iter().map(|p| p.1).collect());
+    pearson(&rx.into_iter().zip(ry).collect::<Vec<_>>())
+}
+
 /// One row's per-question scores: question → (cluster, score per seed).
 pub type Scores = BTreeMap<String, (String, Vec<f64>)>;
 
@@ -101,6 +140,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn pearson_of_a_line_is_one_and_of_its_mirror_minus_one() {
+        let up: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, 2.0 * i as f64 + 1.0)).collect();
+        let down: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, -(i as f64))).collect();
+        assert!((pearson(&up).unwrap_or(0.0) - 1.0).abs() < 1e-12);
+        assert!((pearson(&down).unwrap_or(0.0) + 1.0).abs() < 1e-12);
+        assert_eq!(pearson(&[(1.0, 1.0)]), None);
+    }
+
+    #[test]
+    fn spearman_ranks_with_ties() {
+        let monotone = [(1.0, 1.0), (2.0, 8.0), (3.0, 27.0), (4.0, 64.0)];
+        assert!((spearman(&monotone).unwrap_or(0.0) - 1.0).abs() < 1e-12);
+        assert!(pearson(&monotone).unwrap_or(1.0) < 1.0);
+        let ties = [(1.0, 1.0), (1.0, 2.0), (2.0, 3.0)];
+        assert!(spearman(&ties).is_some_and(|r| r > 0.8 && r < 1.0));
     }
 
     #[test]

@@ -12,13 +12,15 @@ use polars::prelude::{
 };
 use qvlm_search::strategy::config::BaseStrategy;
 
+use qvlm_core::layer_id::LayerId;
+
 use crate::config::{ComparisonRow, Config};
 use crate::grid::Cell;
 use crate::results::ResultsDir;
 use crate::stats;
 
 /// Metrics of the summary table, in column order.
-pub const SUMMARY_METRICS: [&str; 12] = [
+pub const SUMMARY_METRICS: [&str; 14] = [
     "accuracy",
     "accuracy_yes_no",
     "accuracy_shape",
@@ -27,6 +29,8 @@ pub const SUMMARY_METRICS: [&str; 12] = [
     "top1_agreement",
     "weight_bytes",
     "candidate_evaluations",
+    "dependency_evaluations",
+    "dependency_elements",
     "block_forwards",
     "model_passes",
     "groups",
@@ -46,6 +50,8 @@ pub struct Tables {
     /// The DED points the cells recorded (Fig. 2): cell, model, bits, method, site, sample, ded,
     /// entropy.
     pub ded: DataFrame,
+    /// Fig. 2's correlations between the dependency and DED, per window, tower and overall.
+    pub ded_correlations: DataFrame,
     /// The controlled comparison (`outputs.rows`) per model and bit width: each row's accuracy
     /// over seeds and its paired test against its `vs` row (see [`crate::stats`]).
     pub comparisons: DataFrame,
@@ -59,13 +65,16 @@ impl Tables {
         let files: Vec<_> =
             finished.iter().map(|c| results.cell(&c.id).join("metrics.csv")).collect();
         let long = load_metrics(&files)?;
-        let summary = wide(&long, &SUMMARY_METRICS)?;
+        let mut summary = wide(&long, &SUMMARY_METRICS)?;
+        summary.with_column(search_seconds(results, &finished, &summary)?)?;
         let comparisons = comparisons(results, &finished, rows, &summary)?;
+        let ded = ded_points(results, &finished)?;
         Ok(Tables {
             long,
             summary,
             cells: cell_index(cells)?,
-            ded: ded_points(results, &finished)?,
+            ded_correlations: ded_correlations(&ded)?,
+            ded,
             comparisons,
         })
     }
@@ -93,6 +102,15 @@ impl Tables {
         )?;
         write_csv(&mut self.cells.clone(), &dir.join("cells.csv"))?;
         write_csv(&mut self.ded.clone(), &dir.join("ded.csv"))?;
+        if self.ded_correlations.height() > 0 {
+            write(
+                &mut self.ded_correlations.clone(),
+                &dir.join("ded_correlations.csv"),
+                &dir.join("ded_correlations.md"),
+                "Fig. 2: dependency vs DED",
+                "Per calibration sample and window: DED = (layer-wise − joint) error at the window's last site over the sample's float output energy; dependency = the sum of the window's consecutive conditional entropies (Eq. 6). `window` names its first site; `all` pools a tower's windows (tower `all`: every window).",
+            )?;
+        }
         if self.comparisons.height() > 0 {
             let note = format!(
                 "Each row differs from its `vs` row by `change`. accuracy: mean over the row's calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` in points, each question averaged over seeds, with a 95 % interval and a two-sided p-value from a paired bootstrap over images ({} resamples); significant: p < {}.",
@@ -136,6 +154,30 @@ fn cell_index(cells: &[Cell]) -> Result<DataFrame> {
             cells.iter().map(|c| sweep(c).map(|s| s.value)).collect::<Vec<_>>(),
         ),
     ])?)
+}
+
+/// Wall seconds of the search per summary row (mean over its cells' `timings.json`; the one
+/// column of the summary that is not deterministic).
+fn search_seconds(results: &ResultsDir, cells: &[&Cell], summary: &DataFrame) -> Result<Column> {
+    let (m, b, me) =
+        (strings(summary, "model")?, strings(summary, "bits")?, strings(summary, "method")?);
+    let mut values = Vec::with_capacity(m.len());
+    for i in 0..m.len() {
+        let mut secs = Vec::new();
+        for c in cells
+            .iter()
+            .filter(|c| c.model.name == m[i] && c.bits_label() == b[i] && c.method_name() == me[i])
+        {
+            let path = results.cell(&c.id).join("timings.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let t: BTreeMap<String, f64> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a timings file", path.display()))?;
+            secs.extend(t.get("search_seconds").copied());
+        }
+        values.push(stats::mean(&secs));
+    }
+    Ok(Column::new("search_seconds".into(), values))
 }
 
 /// The per-question scores of the finished cells of (model, bits, method), by question, with one
@@ -252,6 +294,7 @@ fn comparisons(
 fn ded_points(results: &ResultsDir, cells: &[&Cell]) -> Result<DataFrame> {
     let (mut keys, mut site, mut sample, mut ded, mut entropy) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut tower, mut block) = (vec![], vec![]);
     for c in cells {
         let path = results.cell(&c.id).join("ded.csv");
         if !path.is_file() {
@@ -261,12 +304,17 @@ fn ded_points(results: &ResultsDir, cells: &[&Cell]) -> Result<DataFrame> {
         let (s, n) = (strings(&df, "site")?, floats(&df, "sample")?);
         let (d, e) = (floats(&df, "ded")?, floats(&df, "entropy")?);
         for i in 0..df.height() {
+            let id: LayerId = s[i]
+                .parse()
+                .with_context(|| format!("{}: row {}: site `{}`", path.display(), i + 1, s[i]))?;
             keys.push((
                 c.id.clone(),
                 c.model.name.clone(),
                 c.bits_label(),
                 c.method_name().to_string(),
             ));
+            tower.push(id.tower.name().to_string());
+            block.push(id.block);
             site.push(s[i].clone());
             sample.push(n[i]);
             ded.push(d[i]);
@@ -281,11 +329,65 @@ fn ded_points(results: &ResultsDir, cells: &[&Cell]) -> Result<DataFrame> {
         Column::new("model".into(), key(|k| &k.1)),
         Column::new("bits".into(), key(|k| &k.2)),
         Column::new("method".into(), key(|k| &k.3)),
+        Column::new("tower".into(), tower),
+        Column::new("block".into(), block),
         Column::new("site".into(), site),
         Column::new("sample".into(), sample),
         Column::new("ded".into(), ded),
         Column::new("entropy".into(), entropy),
     ])?)
+}
+
+/// Fig. 2's correlations: per cell, per window (its first site), per tower (`all` windows of it)
+/// and over everything: points, Pearson and Spearman r between dependency and DED, how many
+/// samples have DED = 0, and whether the joint search equals the layer-wise one for every sample.
+fn ded_correlations(ded: &DataFrame) -> Result<DataFrame> {
+    let (cell, tower, site) =
+        (strings(ded, "cell")?, strings(ded, "tower")?, strings(ded, "site")?);
+    let (d, e) = (floats(ded, "ded")?, floats(ded, "entropy")?);
+    // (cell, tower, window) → points; the window `all` pools a tower, the tower `all` everything.
+    let mut groups: BTreeMap<(String, String, String), Vec<(f64, f64)>> = BTreeMap::new();
+    for i in 0..ded.height() {
+        let (Some(dv), Some(ev)) = (d[i], e[i]) else { continue };
+        for (t, w) in [
+            (tower[i].clone(), site[i].clone()),
+            (tower[i].clone(), "all".to_string()),
+            ("all".to_string(), "all".to_string()),
+        ] {
+            groups.entry((cell[i].clone(), t, w)).or_default().push((ev, dv));
+        }
+    }
+    let mut cols: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut nums: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    for ((c, t, w), points) in &groups {
+        let zero = points.iter().filter(|p| p.1 == 0.0).count();
+        for (name, v) in [("cell", c.clone()), ("tower", t.clone()), ("window", w.clone())] {
+            cols.entry(name).or_default().push(v);
+        }
+        cols.entry("joint_equals_layerwise")
+            .or_default()
+            .push(if zero == points.len() { "yes" } else { "no" }.to_string());
+        for (name, v) in [
+            ("points", Some(points.len() as f64)),
+            ("pearson", stats::pearson(points)),
+            ("spearman", stats::spearman(points)),
+            ("zero_ded_points", Some(zero as f64)),
+        ] {
+            nums.entry(name).or_default().push(v);
+        }
+    }
+    let mut out = Vec::new();
+    for name in ["cell", "tower", "window"] {
+        out.push(Column::new(name.into(), cols.remove(name).unwrap_or_default()));
+    }
+    for name in ["points", "pearson", "spearman", "zero_ded_points"] {
+        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
+    }
+    out.push(Column::new(
+        "joint_equals_layerwise".into(),
+        cols.remove("joint_equals_layerwise").unwrap_or_default(),
+    ));
+    Ok(DataFrame::new_infer_height(out)?)
 }
 
 /// The schema of a cell's `metrics.csv` (ids stay strings even when all digits).

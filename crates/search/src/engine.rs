@@ -265,6 +265,23 @@ impl<'a> Engine<'a> {
         Ok(total)
     }
 
+    /// Per-row energy of the site's float outputs, Σ over consumers ‖W_r x_r‖², `[N]` (what a
+    /// per-sample error is normalised by).
+    pub fn float_output_energy_rows(&mut self, site: &Site, xr: &Tensor) -> Result<Tensor> {
+        let x = self.real_rows(site, xr).to_kind(Kind::Float);
+        let mut total = Tensor::zeros([x.size()[0]], (Kind::Double, x.device()));
+        for c in &site.consumers {
+            let wr = self
+                .float_weights
+                .get(c)
+                .ok_or_else(|| SearchError::PlanMismatch(format!("no weight for {c}")))?;
+            let y = x.matmul(&wr.to_kind(Kind::Float).tr());
+            total += y.pow_tensor_scalar(2).sum_dim_intlist(1, false, Kind::Double);
+            self.meter.report.layer_forwards += 1;
+        }
+        Ok(total)
+    }
+
     /// Calibration sample of each real row of a site input `x` (`[B, T, C]`), `[N]`.
     pub fn row_samples(&self, site: &Site, x: &Tensor) -> Tensor {
         let size = x.size();

@@ -140,15 +140,30 @@ pub struct GroupRecord {
     pub sequential_objective: f64,
 }
 
-/// One point of the paper's Fig. 2: for a group and a calibration sample, the discretization
-/// error difference DED = error after layer-wise search − error after joint search, beside the
-/// sample's dependency (conditional entropy) at the group's first pair.
+/// Fig. 2, one calibration sample and one window of consecutive sites: the rounding functions
+/// searched for this sample alone, layer-wise (each site in turn, Eq. 2) and jointly (the whole
+/// window), among the window's candidates. DED = (layer-wise error − joint error) at the
+/// window's last site, divided by the sample's float output energy there (≥ 0: the joint search
+/// includes the layer-wise choice); beside the sample's dependency over the window (Eq. 6: the
+/// sum of its consecutive pairs' conditional entropies, under the window's batch-level
+/// sequential quantizers).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DedPoint {
+    /// The window's first site.
     pub site: LayerId,
     pub sample: usize,
     pub ded: f64,
     pub entropy: f64,
+    /// Sites in the window.
+    #[serde(default)]
+    pub window: usize,
+    /// The unnormalised errors and the energy they are divided by.
+    #[serde(default)]
+    pub layerwise_error: f64,
+    #[serde(default)]
+    pub joint_error: f64,
+    #[serde(default)]
+    pub energy: f64,
 }
 
 /// The result of a strategy: enough to apply it, explain it and account for it.

@@ -187,12 +187,7 @@ mod tests {
     #[test]
     fn the_validation_slice_is_the_last_tenth_of_the_images() {
         let images: BTreeMap<u32, PathBuf> = (0..25).map(|i| (i, PathBuf::new())).collect();
-        let data = EasyVqa {
-            root: PathBuf::new(),
-            split: Split::Train,
-            questions: vec![],
-            images,
-        };
+        let data = EasyVqa { root: PathBuf::new(), split: Split::Train, questions: vec![], images };
         assert_eq!(data.validation_images().into_iter().collect::<Vec<_>>(), vec![22, 23, 24]);
     }
 }

@@ -311,7 +311,13 @@ fn joint_search(
     Ok(Joint { choice, objective, sequential, sequential_objective, candidates })
 }
 
-/// Per-sample DED of a group and the per-sample dependency of its first pair.
+/// Fig. 2 for one window (see [`DedPoint`]): per calibration sample, the layer-wise and the joint
+/// search among the window's candidates, and the sample's dependency over the window.
+///
+/// Every site's per-sample error is tabulated for every prefix of choices before it (Σ_k n^k
+/// captures), so both searches are exact for each sample: the layer-wise one follows the
+/// sample's own greedy path through the table, the joint one takes the table's minimum over
+/// whole combinations.
 fn ded_points(
     eng: &mut Engine<'_>,
     state: &BlockState<'_>,
@@ -320,75 +326,119 @@ fn ded_points(
     cfg: &EntropyConfig,
 ) -> Result<Vec<DedPoint>> {
     let ids: Vec<LayerId> = group.iter().map(|&i| eng.sites[i].id).collect();
-    let last_site = eng.sites[group[group.len() - 1]].clone();
-    let xr = state.float_inputs[&last_site.id].shallow_clone();
-    let mut per_sample = Vec::new();
-    for combo in [&joint.sequential, &joint.choice] {
-        let ov: BTreeMap<LayerId, Option<ActQuantizer>> = combo[..combo.len() - 1]
+    let sites: Vec<Site> = group.iter().map(|&i| eng.sites[i].clone()).collect();
+    let w = group.len();
+    let sizes: Vec<usize> = joint.candidates.iter().map(Vec::len).collect();
+    let overrides = |prefix: &[usize]| -> BTreeMap<LayerId, Option<ActQuantizer>> {
+        prefix
             .iter()
             .enumerate()
             .map(|(k, &c)| (ids[k], Some(joint.candidates[k][c].clone())))
-            .collect();
-        // The first pair's inputs (for its dependency) and the last site's (for the DED).
-        let mut wanted = vec![ids[0]];
-        wanted.extend(ids.get(1).copied().filter(|id| *id != last_site.id));
-        wanted.push(last_site.id);
-        let cap = eng.capture_quantized(state, &ov, &wanted)?;
-        let xq = cap[&last_site.id].shallow_clone();
-        let rows = eng.site_error_rows(
-            &last_site,
-            Some(&joint.candidates[combo.len() - 1][combo[combo.len() - 1]]),
-            &xq,
-            &xr,
-        )?;
-        let samples = eng.row_samples(&last_site, &xq);
-        let count = samples.max().int64_value(&[]) + 1;
-        let sums =
-            Tensor::zeros([count], (Kind::Double, rows.device())).index_add(0, &samples, &rows);
-        per_sample.push((sums, cap));
+            .collect()
+    };
+    // Per-sample sums of per-row values.
+    let per_sample = |values: &Tensor, samples: &Tensor, count: i64| -> Vec<f64> {
+        let sums = Tensor::zeros([count], (Kind::Double, values.device()))
+            .index_add(0, &samples.to_device(values.device()), &values.to_kind(Kind::Double))
+            .to_device(tch::Device::Cpu);
+        Vec::<f64>::try_from(&sums).unwrap_or_default()
+    };
+    let count = {
+        let xr = &state.float_inputs[&ids[0]];
+        eng.row_samples(&sites[0], xr).max().int64_value(&[]) + 1
+    };
+    // errors[k][prefix][c][sample]: site k's error with `prefix` before it and candidate c.
+    let mut errors: Vec<BTreeMap<Vec<usize>, Vec<Vec<f64>>>> = vec![BTreeMap::new(); w];
+    for k in 0..w {
+        let xr = state.float_inputs[&ids[k]].shallow_clone();
+        let mut prefix = vec![0usize; k];
+        loop {
+            let cap = eng.capture_quantized(state, &overrides(&prefix), &[ids[k]])?;
+            let xq = cap[&ids[k]].shallow_clone();
+            let samples = eng.row_samples(&sites[k], &xq);
+            let mut by_candidate = Vec::with_capacity(sizes[k]);
+            for c in 0..sizes[k] {
+                let rows =
+                    eng.site_error_rows(&sites[k], Some(&joint.candidates[k][c]), &xq, &xr)?;
+                by_candidate.push(per_sample(&rows, &samples, count));
+            }
+            errors[k].insert(prefix.clone(), by_candidate);
+            // Next prefix (odometer over the earlier sites' candidates).
+            let mut j = k;
+            let done = loop {
+                if j == 0 {
+                    break true;
+                }
+                j -= 1;
+                prefix[j] += 1;
+                if prefix[j] < sizes[j] {
+                    break false;
+                }
+                prefix[j] = 0;
+            };
+            if done {
+                break;
+            }
+        }
     }
-    let ded = (&per_sample[0].0 - &per_sample[1].0).to_device(tch::Device::Cpu);
-    // Per-sample dependency of the first pair under the sequential solution.
-    let (cap, first, second) =
-        (&per_sample[0].1, &eng.sites[group[0]].clone(), &eng.sites[group[1]].clone());
+    let last = w - 1;
+    let xr_last = state.float_inputs[&ids[last]].shallow_clone();
+    let energy = {
+        let rows = eng.float_output_energy_rows(&sites[last], &xr_last)?;
+        per_sample(&rows, &eng.row_samples(&sites[last], &xr_last), count)
+    };
+    // The sample's dependency over the window under the batch-level sequential quantizers.
+    let cap = eng.capture_quantized(state, &overrides(&joint.sequential[..last]), &ids)?;
+    let full = EntropyConfig { max_rows: i64::MAX, ..*cfg };
+    let mut dists = Vec::with_capacity(w);
+    for k in 0..w {
+        let x = &cap[&ids[k]];
+        let q = &joint.candidates[k][joint.sequential[k]];
+        dists.push((distributions(eng, &sites[k], q, x, &full)?, eng.row_samples(&sites[k], x)));
+    }
     let mut points = Vec::new();
-    if let (Some(xa), Some(xb)) = (cap.get(&first.id), cap.get(&second.id)) {
-        let qa = &joint.candidates[0][joint.sequential[0]];
-        let qb = &joint.candidates[1][joint.sequential[1]];
-        let sa = eng.row_samples(first, xa);
-        let sb = eng.row_samples(second, xb);
-        let pa = distributions(
-            eng,
-            first,
-            qa,
-            xa,
-            &EntropyConfig { max_rows: i64::MAX, max_channels: cfg.max_channels, ..*cfg },
-        )?;
-        let pb = distributions(
-            eng,
-            second,
-            qb,
-            xb,
-            &EntropyConfig { max_rows: i64::MAX, max_channels: cfg.max_channels, ..*cfg },
-        )?;
-        for s in 0..ded.size()[0] {
+    for s in 0..count {
+        let su = s as usize;
+        // Layer-wise for this sample: each site picks its best candidate after the sample's own
+        // earlier picks.
+        let mut path: Vec<usize> = Vec::with_capacity(w);
+        for k in 0..w {
+            let by_c = &errors[k][&path];
+            let best =
+                (0..sizes[k]).min_by(|&a, &b| by_c[a][su].total_cmp(&by_c[b][su])).unwrap_or(0);
+            path.push(best);
+        }
+        let layerwise = errors[last][&path[..last]][path[last]][su];
+        let joint_best = errors[last]
+            .values()
+            .flat_map(|by_c| by_c.iter().map(|v| v[su]))
+            .fold(f64::INFINITY, f64::min);
+        let mut entropy = 0.0;
+        for k in 0..last {
+            let (pa, sa) = &dists[k];
+            let (pb, sb) = &dists[k + 1];
             let ia = sa.eq(s).nonzero().squeeze_dim(1);
             let ib = sb.eq(s).nonzero().squeeze_dim(1);
             let n = ia.size()[0].min(ib.size()[0]);
-            if n == 0 {
-                continue;
+            if n > 0 {
+                entropy += conditional_entropy(
+                    &pa.index_select(0, &ia.narrow(0, 0, n)),
+                    &pb.index_select(0, &ib.narrow(0, 0, n)),
+                )
+                .double_value(&[]);
             }
-            let h = conditional_entropy(
-                &pa.index_select(0, &ia.narrow(0, 0, n)),
-                &pb.index_select(0, &ib.narrow(0, 0, n)),
-            );
-            points.push(DedPoint {
-                site: ids[0],
-                sample: s as usize,
-                ded: ded.double_value(&[s]),
-                entropy: h.double_value(&[]),
-            });
         }
+        let e = energy.get(su).copied().unwrap_or(0.0);
+        points.push(DedPoint {
+            site: ids[0],
+            sample: su,
+            ded: (layerwise - joint_best) / e.max(1e-30),
+            entropy,
+            window: w,
+            layerwise_error: layerwise,
+            joint_error: joint_best,
+            energy: e,
+        });
     }
     Ok(points)
 }
