@@ -773,10 +773,7 @@ mod tests {
             }
         );
         for (text, wanted) in [
-            (
-                "kind = \"easy_vqa\"\nsplit = \"test\"",
-                "key `dataset.split`: not used by kind = \"easy_vqa\"",
-            ),
+            ("kind = \"easy_vqa\"\nsplit = \"train\"", "not an easy-VQA split"),
             (
                 "kind = \"vqa\"\nquestions = \"q\"\nimages = \"i\"\npath = \"p\"",
                 "key `dataset.path`",
