@@ -79,13 +79,18 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .map_err(err)
 }
 
-/// Grouped bars: `groups` along x, one bar per series in each group.
+/// One series of grouped bars: its name, a value per group, and optionally a ± error per group
+/// (drawn as a whisker; e.g. the standard deviation over seeds).
+pub type BarSeries = (String, Vec<Option<f64>>, Vec<Option<f64>>);
+
+/// Grouped bars: `groups` along x, one bar per series in each group. The value axis starts at 0
+/// (no truncated axis).
 pub fn grouped_bars(
     path: &Path,
     title: &str,
     y_label: &str,
     groups: &[String],
-    series: &[(String, Vec<Option<f64>>)],
+    series: &[BarSeries],
     reference: Option<(String, f64)>,
 ) -> Result<()> {
     let size = (160 + 110 * groups.len() as u32, 520);
@@ -104,20 +109,22 @@ fn draw_bars<DB: DrawingBackend>(
     title: &str,
     y_label: &str,
     groups: &[String],
-    series: &[(String, Vec<Option<f64>>)],
+    series: &[BarSeries],
     reference: Option<&(String, f64)>,
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let max = series
         .iter()
-        .flat_map(|(_, v)| v.iter().flatten())
-        .copied()
+        .flat_map(|(_, v, e)| {
+            v.iter()
+                .zip(e.iter().chain(std::iter::repeat(&None)))
+                .filter_map(|(v, e)| v.map(|v| v + e.unwrap_or(0.0)))
+        })
         .chain(reference.map(|r| r.1))
         .fold(0.0f64, f64::max);
-    let min = series.iter().flat_map(|(_, v)| v.iter().flatten()).copied().fold(max, f64::min);
-    let lo = (min - 0.1 * (max - min).max(1.0)).floor().max(0.0);
+    let lo = 0.0;
     // Headroom above the tallest bar for the legend.
-    let hi = max + 0.3 * (max - lo).max(1.0);
+    let hi = max + 0.3 * max.max(1.0);
     let n = groups.len().max(1);
     let k = series.len().max(1);
     let mut chart = ChartBuilder::on(root)
@@ -144,12 +151,12 @@ fn draw_bars<DB: DrawingBackend>(
         .draw()
         .map_err(err)?;
     let width = 0.8 / k as f64;
-    for (si, (name, values)) in series.iter().enumerate() {
+    for (si, (name, values, errors)) in series.iter().enumerate() {
         let color = COLORS[si % COLORS.len()];
+        let x_of = |gi: usize| gi as f64 + 0.1 + width * si as f64;
         let bars = values.iter().enumerate().filter_map(|(gi, v)| {
             v.map(|v| {
-                let x0 = gi as f64 + 0.1 + width * si as f64;
-                Rectangle::new([(x0, lo), (x0 + width * 0.95, v)], color.filled())
+                Rectangle::new([(x_of(gi), lo), (x_of(gi) + width * 0.95, v)], color.filled())
             })
         });
         chart
@@ -157,6 +164,12 @@ fn draw_bars<DB: DrawingBackend>(
             .map_err(err)?
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+        let whiskers = values.iter().zip(errors).enumerate().filter_map(|(gi, (v, e))| {
+            let (v, e) = ((*v)?, (*e)?);
+            let x = x_of(gi) + width * 0.475;
+            Some(PathElement::new(vec![(x, v - e), (x, v + e)], BLACK.stroke_width(2)))
+        });
+        chart.draw_series(whiskers).map_err(err)?;
     }
     if let Some((label, v)) = reference {
         draw_reference(&mut chart, label, (0.0, n as f64), *v)?;

@@ -41,6 +41,7 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
         table::strings(summary, "method")?,
     );
     let acc = table::floats(summary, "accuracy")?;
+    let acc_std = table::floats(summary, "accuracy_std")?;
     // The summary row of (model, bits, method); the float reference is the row with bits "FP".
     let row = |model: &str, b: &str, method: &str| {
         (0..models.len()).find(|&i| models[i] == model && bits[i] == b && methods[i] == method)
@@ -74,15 +75,21 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
         Figure::AccuracyByMethod => {
             for model in cfg.grid.models.iter() {
                 let float = float(model);
-                let series: Vec<(String, Vec<Option<f64>>)> = grid_bits
+                let series: Vec<figure::BarSeries> = grid_bits
                     .iter()
                     .map(|b| {
-                        let v = cfg.grid.methods.iter().map(|m| accuracy(model, b, m)).collect();
-                        (b.clone(), v)
+                        let of = |col: &[Option<f64>]| -> Vec<Option<f64>> {
+                            cfg.grid
+                                .methods
+                                .iter()
+                                .map(|m| row(model, b, m).and_then(|i| col[i]))
+                                .collect()
+                        };
+                        (b.clone(), of(&acc), of(&acc_std))
                     })
                     .collect();
                 let title = format!(
-                    "{} — accuracy by method",
+                    "{} — accuracy by method (whiskers: ± std over seeds)",
                     labels.get(model).cloned().unwrap_or_default()
                 );
                 figure::grouped_bars(
