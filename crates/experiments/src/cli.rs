@@ -44,7 +44,8 @@ pub struct GenerateArgs {
     pub dtype: DType,
 }
 
-pub fn generate(args: &GenerateArgs) -> Result<()> {
+/// The answer to the prompt (and the logits file, when asked for).
+pub fn generate(args: &GenerateArgs) -> Result<String> {
     if let Some(out) = args.dump_logits.as_ref().filter(|p| p.exists() && !args.force) {
         anyhow::bail!("--dump-logits: {} exists; pass --force to replace it", out.display());
     }
@@ -77,8 +78,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let tokens = bundle.model.generate(&batch, &gen, &mut NoHook).tokens;
     let answer = bundle.tokenizer.decode(&tokens[0], true)?;
-    println!("{}", stop.trim(&answer));
-    Ok(())
+    Ok(stop.trim(&answer))
 }
 
 /// Written beside `path` and renamed into place.

@@ -323,12 +323,18 @@ fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
 
 /// Lines over a numeric x, one per series (e.g. accuracy vs the clipping percentile p), with an
 /// optional horizontal reference line (the float model).
+/// Points `(x, y, ± error)` (the error drawn as a whisker when present).
+pub type Points3 = Vec<(f64, f64, Option<f64>)>;
+/// One line: its name and points.
+pub type LineSeries3 = (String, Points3);
+
+/// Lines with whiskers; the value axis starts at 0 (no truncated axis).
 pub fn lines(
     path: &Path,
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(String, Vec<(f64, f64)>)],
+    series: &[LineSeries3],
     reference: Option<(String, f64)>,
 ) -> Result<()> {
     // Wide enough for a model label and a sweep axis in the title.
@@ -342,13 +348,15 @@ fn draw_lines<DB: DrawingBackend>(
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(String, Vec<(f64, f64)>)],
+    series: &[LineSeries3],
     reference: &Option<(String, f64)>,
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let points = || series.iter().flat_map(|(_, p)| p.iter());
     let (x0, x1) = bounds(points().map(|p| p.0));
-    let (y0, y1) = bounds(points().map(|p| p.1).chain(reference.iter().map(|r| r.1)));
+    let (_, y1) =
+        bounds(points().map(|p| p.1 + p.2.unwrap_or(0.0)).chain(reference.iter().map(|r| r.1)));
+    let y0 = 0.0;
     // Headroom above for the legend.
     let y1 = y1 + 0.25 * (y1 - y0);
     let mut chart = ChartBuilder::on(root)
@@ -362,10 +370,18 @@ fn draw_lines<DB: DrawingBackend>(
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)).point_size(4))
+            .draw_series(
+                LineSeries::new(pts.iter().map(|p| (p.0, p.1)), color.stroke_width(2))
+                    .point_size(4),
+            )
             .map_err(err)?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], color.stroke_width(2)));
+        let whiskers = pts.iter().filter_map(|&(x, y, e)| {
+            let e = e?;
+            Some(PathElement::new(vec![(x, y - e), (x, y + e)], color.stroke_width(2)))
+        });
+        chart.draw_series(whiskers).map_err(err)?;
     }
     if let Some((name, v)) = reference {
         draw_reference(&mut chart, name, (x0, x1), *v)?;

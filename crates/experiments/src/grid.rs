@@ -160,9 +160,10 @@ pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
     Ok(out)
 }
 
-pub fn print_plan(cfg: &Config, cells: &[Cell]) {
-    println!(
-        "experiment `{}` from {} — {} cells",
+/// The resolved cells as the dry run prints them.
+pub fn plan_text(cfg: &Config, cells: &[Cell]) -> String {
+    let mut out = format!(
+        "experiment `{}` from {} — {} cells\n",
         cfg.experiment.name,
         cfg.file.display(),
         cells.len()
@@ -174,13 +175,14 @@ pub fn print_plan(cfg: &Config, cells: &[Cell]) {
             CellKind::Quantized { .. } if cfg.grid.seeds.len() > 1 => format!(" seed {}", c.seed),
             CellKind::Quantized { .. } => String::new(),
         };
-        println!(
-            "  {}  {:<22} {:<6} {:<14} {}{seed}",
+        out.push_str(&format!(
+            "  {}  {:<22} {:<6} {:<14} {}{seed}\n",
             c.id,
             c.model.name,
             c.bits_label(),
             c.method_name(),
             strategy
-        );
+        ));
     }
+    out
 }

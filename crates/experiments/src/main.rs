@@ -71,17 +71,20 @@ fn run() -> Result<()> {
     let args = Args::parse();
     match (args.command, args.config) {
         (Some(Command::Run { config, dry_run }), _) => run_config(&config, dry_run || args.dry_run),
-        (Some(Command::Generate(g)), _) => cli::generate(&g),
+        (Some(Command::Generate(g)), _) => {
+            say(cli::generate(&g)?);
+            Ok(())
+        }
         (Some(Command::TrainTiny { config, force }), _) => {
             let cfg = tiny::train::load_config(&config)?;
             let record = tiny::train::train(&cfg, force)?;
-            println!("{}", serde_json::to_string_pretty(&record.test_accuracy)?);
-            println!(
+            say(serde_json::to_string_pretty(&record.test_accuracy)?);
+            say(format!(
                 "trained in {:.1} min ({} parameters), saved to {}",
                 record.train_seconds / 60.0,
                 record.parameters,
                 cfg.out.display()
-            );
+            ));
             Ok(())
         }
         (Some(Command::Bench { config }), _) => run_bench(&config),
@@ -95,13 +98,13 @@ fn run() -> Result<()> {
 fn run_config(path: &std::path::Path, dry_run: bool) -> Result<()> {
     let cfg = config::load(path)?;
     let cells = grid::cells(&cfg)?;
-    grid::print_plan(&cfg, &cells);
+    say(grid::plan_text(&cfg, &cells).trim_end());
     if dry_run {
         return Ok(());
     }
     config::check_paths(&cfg)?;
     experiments::run::run(&cfg, &cells)?;
-    println!("results in {}", cfg.experiment.results_dir().display());
+    say(format!("results in {}", cfg.experiment.results_dir().display()));
     Ok(())
 }
 
@@ -112,17 +115,31 @@ fn run_bench(path: &std::path::Path) -> Result<()> {
     let md = out.dir.join("efficiency.md");
     let text = std::fs::read_to_string(&md)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", md.display()))?;
-    println!("{text}");
+    say(text);
     for t in &out.report.targets {
-        println!("target: {}", t.line());
+        say(format!("target: {}", t.line()));
     }
     for s in &out.info.skipped {
-        println!("not run: {} ({}): {}", s.model, s.schemes, s.reason);
+        say(format!("not run: {} ({}): {}", s.model, s.schemes, s.reason));
     }
-    println!(
+    say(format!(
         "results in {} ({:.0} s wall time)",
         out.dir.display(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     Ok(())
+}
+
+/// Writes a line to stdout; a closed pipe (`experiments … | head`) ends the program quietly
+/// instead of panicking.
+fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
 }

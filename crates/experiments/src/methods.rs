@@ -9,7 +9,7 @@ use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{ActScheme, Scheme, TowerScheme};
 use qvlm_search::strategy::config::{
     BaseStrategy, BlockedConfig, CandidateGrid, EntropyPairs, Proxy, RuleKind, StrategyConfig,
-    VeoConfig,
+    VeoConfig, VeoInit,
 };
 use serde::{Deserialize, Serialize};
 
@@ -195,7 +195,7 @@ impl MethodSpec {
     }
 }
 
-pub const PRESETS: [&str; 15] = [
+pub const PRESETS: [&str; 16] = [
     "rtn",
     "qlora",
     "awq",
@@ -210,6 +210,7 @@ pub const PRESETS: [&str; 15] = [
     "veo_vision_pairs",
     "qvlm_veo_then_cdm",
     "qvlm",
+    "qvlm_from_cdm",
     "oracle",
 ];
 
@@ -317,6 +318,16 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
                 then: blocked(Proxy::Entropy, RuleKind::Eq7),
             },
             "Q-VLM (CDM+VEO, joint)",
+        ),
+        // VEO refining the block search's own ranges (not the paper's QLoRA start), alternated
+        // with it as in `qvlm`.
+        "qvlm_from_cdm" => m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled {
+                veo: VeoConfig { rounds: QVLM_ROUNDS, init: VeoInit::Base, ..VeoConfig::default() },
+                then: blocked(Proxy::Entropy, RuleKind::Eq7),
+            },
+            "Q-VLM, VEO from CDM's ranges",
         ),
         "oracle" => m(
             WeightFormat::Nf4,

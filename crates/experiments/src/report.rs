@@ -115,21 +115,29 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
                 (table::strings(c, "sweep_axis")?, table::floats(c, "sweep_value")?);
             for model in cfg.grid.models.iter() {
                 let float = float(model);
-                let mut axes: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+                // axis → bits → points (value, mean accuracy, std).
+                let mut axes: BTreeMap<String, BTreeMap<String, figure::Points3>> = BTreeMap::new();
+                let mut seen = std::collections::BTreeSet::new();
                 for j in (0..c.height()).filter(|&j| &c_models[j] == model) {
                     let (Some(value), false) = (value_of[j], axis_of[j].is_empty()) else {
                         continue;
                     };
-                    if let Some(a) = accuracy(model, &c_bits[j], &c_methods[j]) {
-                        axes.entry(axis_of[j].clone())
-                            .or_default()
-                            .entry(c_bits[j].clone())
-                            .or_default()
-                            .push((value, a));
+                    // One point per (bits, method), whatever its number of seeds.
+                    if !seen.insert((c_bits[j].clone(), c_methods[j].clone())) {
+                        continue;
+                    }
+                    if let Some(i) = row(model, &c_bits[j], &c_methods[j]) {
+                        if let Some(a) = acc[i] {
+                            axes.entry(axis_of[j].clone())
+                                .or_default()
+                                .entry(c_bits[j].clone())
+                                .or_default()
+                                .push((value, a, acc_std[i]));
+                        }
                     }
                 }
                 for (axis, by_bits) in axes {
-                    let series: Vec<(String, Vec<(f64, f64)>)> = by_bits
+                    let series: Vec<figure::LineSeries3> = by_bits
                         .into_iter()
                         .map(|(b, mut pts)| {
                             pts.sort_by(|x, y| x.0.total_cmp(&y.0));
@@ -137,7 +145,7 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
                         })
                         .collect();
                     let title = format!(
-                        "{} — accuracy vs {axis}",
+                        "{} — accuracy vs {axis} (whiskers: ± std over seeds)",
                         labels.get(model).cloned().unwrap_or_default()
                     );
                     let safe: String = axis
@@ -231,8 +239,13 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
             let evals = table::floats(summary, "candidate_evaluations")?;
             let mut acc_pts = Vec::new();
             let mut cost_pts = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
             for j in 0..c.height() {
                 let Some(depth) = depth[j] else { continue };
+                // One point per (model, bits, method): the mean over its seeds.
+                if !seen.insert((c_models[j].clone(), c_bits[j].clone(), c_methods[j].clone())) {
+                    continue;
+                }
                 if let Some(i) = row(&c_models[j], &c_bits[j], &c_methods[j]) {
                     if let (Some(a), Some(e)) = (acc[i], evals[i]) {
                         acc_pts.push((depth, a));

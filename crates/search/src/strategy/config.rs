@@ -287,6 +287,22 @@ pub struct VeoConfig {
     /// until the calibration objective stops improving, at most this many rounds.
     #[serde(default = "d_rounds")]
     pub rounds: usize,
+    /// Where the learnable vision ranges (and the plan in VEO's loop) start: QLoRA's lp
+    /// initialization (the paper's protocol) or the base strategy's own plan (VEO then refines,
+    /// e.g., the block search's ranges).
+    #[serde(default)]
+    pub init: VeoInit,
+}
+
+/// VEO's starting point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VeoInit {
+    /// QLoRA's initialization: per site, the clip ratio minimising the lp distance (p = 2.4).
+    #[default]
+    Qlora,
+    /// The base strategy (`then`) run on the whole model first.
+    Base,
 }
 
 /// The pairs of L_ent (Eq. 8).
@@ -343,6 +359,7 @@ impl Default for VeoConfig {
             entropy: EntropyConfig::default(),
             entropy_pairs: EntropyPairs::All,
             rounds: d_rounds(),
+            init: VeoInit::Qlora,
         }
     }
 }

@@ -27,7 +27,7 @@ use qvlm_core::quant::spec::{ActSpec, RangeMode};
 use qvlm_core::quant::uniform::{QParams, MIN_SCALE};
 use tch::{Kind, Tensor};
 
-use super::config::{BaseStrategy, EntropyPairs, Progress, VeoConfig};
+use super::config::{BaseStrategy, EntropyPairs, Progress, VeoConfig, VeoInit};
 use super::walk::{self, walk_with};
 use crate::calib::CalibrationSet;
 use crate::engine::{Engine, WeightMethod};
@@ -288,18 +288,16 @@ pub fn run(
         ));
     }
     cfg.check()?;
-    // 1. QLoRA-style initialization of every site (and the weights).
-    let init = walk::plan(
-        model,
-        calib,
-        scheme,
-        weights,
-        &BaseStrategy::LpInit {
+    // 1. The starting plan of every site (and the weights): QLoRA's initialization (the paper's
+    //    protocol) or the base strategy's own plan.
+    let start = match cfg.init {
+        VeoInit::Qlora => BaseStrategy::LpInit {
             p: 2.4,
             ratios: (0..10).map(|i| 1.0 - 0.05 * f64::from(i)).collect(),
         },
-        progress,
-    )?;
+        VeoInit::Base => then.clone(),
+    };
+    let init = walk::plan(model, calib, scheme, weights, &start, progress)?;
     let mut cost = init.cost.clone();
     let float_weights: BTreeMap<LayerId, Tensor> =
         model.linears().iter().map(|l| (l.id, l.float_weight())).collect();
