@@ -312,6 +312,9 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
     );
     let acc = table::floats(summary, "accuracy")?;
     let evals = table::floats(summary, "candidate_evaluations")?;
+    let deps = table::floats(summary, "dependency_evaluations")?;
+    let seconds = table::floats(summary, "search_seconds")?;
+    let acc_std = table::floats(summary, "accuracy_std")?;
     let mem = table::floats(summary, "weight_bytes")?;
     // Per-class accuracy (easy-VQA question types; ScienceQA's NAT/SOC/…): every `accuracy_*`
     // column of the summary with at least one value, in the summary's order.
@@ -331,7 +334,7 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
         let class_names: Vec<String> =
             classes.iter().map(|(c, _)| c.trim_start_matches("accuracy_").to_string()).collect();
         s.push_str(&format!(
-            "### This run, same rows ({name})\n\n| model | bits | method | accuracy |{} memory (MB) | candidate evaluations |\n|---|---|---|---|{}---|---|\n",
+            "### This run, same rows ({name})\n\nAccuracy: mean ± std over calibration seeds (per class: means). Search cost: candidate evaluations, the partition proxy's dependency evaluations, and wall seconds (mean per cell; this machine).\n\n| model | bits | method | accuracy |{} memory (MB) | candidate evaluations | dependency evaluations | search (s) |\n|---|---|---|---|{}---|---|---|---|\n",
             class_names.iter().map(|c| format!(" {c} |")).collect::<String>(),
             "---|".repeat(class_names.len()),
         ));
@@ -339,15 +342,22 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
         for i in 0..models.len() {
             let label =
                 method_labels.get(&methods[i]).cloned().unwrap_or_else(|| methods[i].clone());
+            let accuracy = match (acc[i], acc_std[i]) {
+                (Some(a), Some(sd)) => format!("{a:.2} ± {sd:.2}"),
+                (a, _) => fmt(a),
+            };
+            let count = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
             s.push_str(&format!(
-                "| {} | {} | {} | {} |{} {} | {} |\n",
+                "| {} | {} | {} | {} |{} {} | {} | {} | {} |\n",
                 labels.get(&models[i]).cloned().unwrap_or_default(),
                 bits[i],
                 label,
-                fmt(acc[i]),
+                accuracy,
                 classes.iter().map(|(_, v)| format!(" {} |", fmt(v[i]))).collect::<String>(),
                 mem[i].map_or("–".into(), |v| format!("{:.3}", v / 1e6)),
-                evals[i].map_or("–".into(), |v| format!("{v:.0}")),
+                count(evals[i]),
+                count(deps[i]),
+                seconds[i].map_or("–".into(), |v| format!("{v:.1}")),
             ));
         }
         s.push('\n');

@@ -247,17 +247,10 @@ impl<'a> Engine<'a> {
         let x = self.real_rows(site, &x);
         let mut total = Tensor::zeros([x.size()[0]], (Kind::Double, x.device()));
         for c in &site.consumers {
-            let wr = self
-                .float_weights
-                .get(c)
-                .ok_or_else(|| SearchError::PlanMismatch(format!("no weight for {c}")))?;
-            if !self.float_outputs.contains_key(c) {
-                let r = self.real_rows(site, xr);
-                self.float_outputs.insert(*c, r.matmul(&wr.to_kind(Kind::Float).tr()));
-                self.meter.report.layer_forwards += 1;
-            }
+            let reference = self.float_output(site, *c, xr)?;
+            let wr = &self.float_weights[c];
             let wq = self.quant_weights.get(c).unwrap_or(wr);
-            let diff = x.matmul(&wq.to_kind(Kind::Float).tr()) - &self.float_outputs[c];
+            let diff = x.matmul(&wq.to_kind(Kind::Float).tr()) - reference;
             total += diff.pow_tensor_scalar(2).sum_dim_intlist(1, false, Kind::Double);
             self.meter.report.layer_forwards += 1;
         }
@@ -265,19 +258,29 @@ impl<'a> Engine<'a> {
         Ok(total)
     }
 
+    /// Consumer `c`'s float output `W_r x_r` on the site's real rows (computed once per block).
+    fn float_output(&mut self, site: &Site, c: LayerId, xr: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.float_outputs.get(&c) {
+            return Ok(y.shallow_clone());
+        }
+        let wr = self
+            .float_weights
+            .get(&c)
+            .ok_or_else(|| SearchError::PlanMismatch(format!("no weight for {c}")))?;
+        let y = self.real_rows(site, xr).matmul(&wr.to_kind(Kind::Float).tr());
+        self.meter.report.layer_forwards += 1;
+        self.float_outputs.insert(c, y.shallow_clone());
+        Ok(y)
+    }
+
     /// Per-row energy of the site's float outputs, Σ over consumers ‖W_r x_r‖², `[N]` (what a
     /// per-sample error is normalised by).
     pub fn float_output_energy_rows(&mut self, site: &Site, xr: &Tensor) -> Result<Tensor> {
-        let x = self.real_rows(site, xr).to_kind(Kind::Float);
-        let mut total = Tensor::zeros([x.size()[0]], (Kind::Double, x.device()));
+        let rows = self.real_rows(site, xr).size()[0];
+        let mut total = Tensor::zeros([rows], (Kind::Double, xr.device()));
         for c in &site.consumers {
-            let wr = self
-                .float_weights
-                .get(c)
-                .ok_or_else(|| SearchError::PlanMismatch(format!("no weight for {c}")))?;
-            let y = x.matmul(&wr.to_kind(Kind::Float).tr());
+            let y = self.float_output(site, *c, xr)?;
             total += y.pow_tensor_scalar(2).sum_dim_intlist(1, false, Kind::Double);
-            self.meter.report.layer_forwards += 1;
         }
         Ok(total)
     }

@@ -95,6 +95,23 @@ struct VeoHook<'l> {
     seen: BTreeMap<usize, (Tensor, QParams)>,
 }
 
+impl<'l> VeoHook<'l> {
+    fn new(
+        learnable: &'l [Learnable],
+        consumer_to_learnable: &'l BTreeMap<LayerId, usize>,
+        watched: &'l BTreeMap<LayerId, usize>,
+        plan: &QuantPlan,
+    ) -> Self {
+        Self {
+            learnable,
+            consumer_to_learnable,
+            watched,
+            fixed: PlanHook::new(plan),
+            seen: BTreeMap::new(),
+        }
+    }
+}
+
 impl LinearHook for VeoHook<'_> {
     fn input(&mut self, id: LayerId, x: Tensor) -> Tensor {
         let watched = self.watched.get(&id).copied();
@@ -365,13 +382,7 @@ pub fn run(
         let mut norms = vec![0.0; quantized.len()];
         for (&(s, len), (h_r, _)) in batches.iter().zip(&references) {
             let part = calib.slice(s, len);
-            let mut hook = VeoHook {
-                learnable: &learnable,
-                consumer_to_learnable: &consumer_to_learnable,
-                watched: &watched,
-                fixed: PlanHook::new(&in_loop),
-                seen: BTreeMap::new(),
-            };
+            let mut hook = VeoHook::new(&learnable, &consumer_to_learnable, &watched, &in_loop);
             let (hq, _, _, _) = forward(model, &part, &mut hook, true)?;
             let err = (hq - h_r).pow_tensor_scalar(2).sum(Kind::Float);
             let keys: Vec<usize> = hook.seen.keys().copied().collect();
@@ -415,13 +426,7 @@ pub fn run(
             for (&(s, len), (h_r, v_r)) in batches.iter().zip(&references) {
                 progress(step, total_steps, &format!("VEO round {round} epoch {epoch}"));
                 let part = calib.slice(s, len);
-                let mut hook = VeoHook {
-                    learnable: &learnable,
-                    consumer_to_learnable: &consumer_to_learnable,
-                    watched: &watched,
-                    fixed: PlanHook::new(&in_loop),
-                    seen: BTreeMap::new(),
-                };
+                let mut hook = VeoHook::new(&learnable, &consumer_to_learnable, &watched, &in_loop);
                 let (h_q, v_q, mask, targets) = forward(model, &part, &mut hook, false)?;
                 let logits = model.language_model.head(&h_q);
                 let vocab = logits.size()[2];
