@@ -14,19 +14,20 @@ pub enum Threshold {
 }
 
 impl Threshold {
-    /// The threshold value for a set of dependencies (ignores non-finite ones).
-    pub fn resolve(self, all: &[f64]) -> f64 {
+    /// The threshold value for a set of dependencies (ignores non-finite ones); `None` for a
+    /// quantile of no finite dependency.
+    pub fn resolve(self, all: &[f64]) -> Option<f64> {
         match self {
-            Threshold::Absolute(v) => v,
+            Threshold::Absolute(v) => Some(v),
             Threshold::Quantile(q) => {
                 let mut v: Vec<f64> = all.iter().copied().filter(|x| x.is_finite()).collect();
                 if v.is_empty() {
-                    return f64::INFINITY;
+                    return None;
                 }
                 v.sort_by(f64::total_cmp);
                 let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
                 let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-                v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+                Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
             }
         }
     }
@@ -147,8 +148,9 @@ mod tests {
 
     #[test]
     fn quantile_threshold_interpolates() {
-        assert_eq!(Threshold::Quantile(0.5).resolve(&[1.0, 3.0, f64::NAN, 2.0]), 2.0);
-        assert_eq!(Threshold::Quantile(0.25).resolve(&[0.0, 4.0]), 1.0);
-        assert_eq!(Threshold::Absolute(7.0).resolve(&[]), 7.0);
+        assert_eq!(Threshold::Quantile(0.5).resolve(&[1.0, 3.0, f64::NAN, 2.0]), Some(2.0));
+        assert_eq!(Threshold::Quantile(0.25).resolve(&[0.0, 4.0]), Some(1.0));
+        assert_eq!(Threshold::Absolute(7.0).resolve(&[]), Some(7.0));
+        assert_eq!(Threshold::Quantile(0.5).resolve(&[f64::NAN]), None);
     }
 }

@@ -337,11 +337,11 @@ fn ded_points(
             .collect()
     };
     // Per-sample sums of per-row values.
-    let per_sample = |values: &Tensor, samples: &Tensor, count: i64| -> Vec<f64> {
+    let per_sample = |values: &Tensor, samples: &Tensor, count: i64| -> Result<Vec<f64>> {
         let sums = Tensor::zeros([count], (Kind::Double, values.device()))
             .index_add(0, &samples.to_device(values.device()), &values.to_kind(Kind::Double))
             .to_device(tch::Device::Cpu);
-        Vec::<f64>::try_from(&sums).unwrap_or_default()
+        Ok(Vec::<f64>::try_from(&sums)?)
     };
     let count = {
         let xr = &state.float_inputs[&ids[0]];
@@ -360,7 +360,7 @@ fn ded_points(
             for c in 0..sizes[k] {
                 let rows =
                     eng.site_error_rows(&sites[k], Some(&joint.candidates[k][c]), &xq, &xr)?;
-                by_candidate.push(per_sample(&rows, &samples, count));
+                by_candidate.push(per_sample(&rows, &samples, count)?);
             }
             errors[k].insert(prefix.clone(), by_candidate);
             // Next prefix (odometer over the earlier sites' candidates).
@@ -385,7 +385,7 @@ fn ded_points(
     let xr_last = state.float_inputs[&ids[last]].shallow_clone();
     let energy = {
         let rows = eng.float_output_energy_rows(&sites[last], &xr_last)?;
-        per_sample(&rows, &eng.row_samples(&sites[last], &xr_last), count)
+        per_sample(&rows, &eng.row_samples(&sites[last], &xr_last), count)?
     };
     // The sample's dependency over the window under the batch-level sequential quantizers.
     let cap = eng.capture_quantized(state, &overrides(&joint.sequential[..last]), &ids)?;
@@ -404,8 +404,8 @@ fn ded_points(
         let mut path: Vec<usize> = Vec::with_capacity(w);
         for k in 0..w {
             let by_c = &errors[k][&path];
-            let best =
-                (0..sizes[k]).min_by(|&a, &b| by_c[a][su].total_cmp(&by_c[b][su])).unwrap_or(0);
+            // (The window's candidate lists are never empty: `CandidateGrid::clips` refuses it.)
+            let best = (1..sizes[k]).fold(0, |b, c| if by_c[c][su] < by_c[b][su] { c } else { b });
             path.push(best);
         }
         let layerwise = errors[last][&path[..last]][path[last]][su];
@@ -428,11 +428,17 @@ fn ded_points(
                 .double_value(&[]);
             }
         }
-        let e = energy.get(su).copied().unwrap_or(0.0);
+        let e = energy[su];
+        if !(e > 0.0 && layerwise.is_finite() && joint_best.is_finite()) {
+            return Err(crate::error::SearchError::Calibration(format!(
+                "window at {}: sample {su} has no finite DED (errors {layerwise}, {joint_best}, float energy {e})",
+                ids[0]
+            )));
+        }
         points.push(DedPoint {
             site: ids[0],
             sample: su,
-            ded: (layerwise - joint_best) / e.max(1e-30),
+            ded: (layerwise - joint_best) / e,
             entropy,
             window: w,
             layerwise_error: layerwise,

@@ -8,7 +8,7 @@ use qvlm_core::quant::spec::Clip;
 use tch::{Kind, Tensor};
 
 use crate::engine::{quantizes_activations, BlockState, Engine};
-use crate::error::Result;
+use crate::error::{Result, SearchError};
 use crate::site::Site;
 
 /// Every site of the block with one clip setting.
@@ -79,6 +79,13 @@ fn decide_each(
         }
         let xq = eng.capture_quantized(state, &BTreeMap::new(), &[site.id])?;
         let q = choose(eng, &site, &xq[&site.id])?;
+        if q.is_none() {
+            // Leaving a quantized site in float would be a silent fallback.
+            return Err(SearchError::Calibration(format!(
+                "{}: no candidate quantizer has a finite error on the calibration data",
+                site.id
+            )));
+        }
         eng.decide(&site, q.as_ref())?;
     }
     Ok(())

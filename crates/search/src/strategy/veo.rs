@@ -231,37 +231,31 @@ fn distribution(
 }
 
 /// L_ent (Eq. 8, lowering form): Σ over the pairs of w_first·D(first, second), averaged over the
-/// pairs.
+/// pairs. `weights[k]` is the weight of watched site k (a pair's first site); `language[k]`
+/// whether its rows need the padding mask.
 fn entropy_term(
     seen: &BTreeMap<usize, (Tensor, QParams)>,
     pairs: &Pairs,
-    weights: &BTreeMap<usize, f64>,
-    language: &BTreeMap<usize, bool>,
+    weights: &[f64],
+    language: &[bool],
     mask: &Tensor,
     cfg: &EntropyConfig,
-) -> Tensor {
-    let dist = |k: usize| -> Option<Tensor> {
-        let (x, p) = seen.get(&k)?;
-        distribution(x, p, language.get(&k).copied().unwrap_or(false).then_some(mask), cfg)
+) -> Result<Tensor> {
+    let dist = |k: usize| -> Result<Tensor> {
+        let (x, p) = seen.get(&k).ok_or_else(|| {
+            setting("veo", format!("a watched site ({k}) was not reached by the forward pass"))
+        })?;
+        distribution(x, p, language[k].then_some(mask), cfg)
+            .ok_or_else(|| setting("veo", "a site input without a channel axis"))
     };
-    let mut total: Option<Tensor> = None;
-    let mut count = 0usize;
+    let mut total = Tensor::zeros([], (Kind::Float, mask.device()));
     for &(a, b) in pairs {
-        if let (Some(pa), Some(pb)) = (dist(a), dist(b)) {
-            let n = pa.size()[0].min(pb.size()[0]);
-            let term = conditional_entropy(&pa.narrow(0, 0, n), &pb.narrow(0, 0, n))
-                * weights.get(&a).copied().unwrap_or(1.0);
-            total = Some(match total {
-                Some(t) => t + term,
-                None => term,
-            });
-            count += 1;
-        }
+        let (pa, pb) = (dist(a)?, dist(b)?);
+        let n = pa.size()[0].min(pb.size()[0]);
+        total = total.to_device(pa.device())
+            + conditional_entropy(&pa.narrow(0, 0, n), &pb.narrow(0, 0, n)) * weights[a];
     }
-    match total {
-        Some(t) => t / count.max(1) as f64,
-        None => Tensor::zeros([], (Kind::Float, mask.device())),
-    }
+    Ok(total / pairs.len().max(1) as f64)
 }
 
 /// A round's whole plan on the model: the relative error of the final hidden states against the
@@ -351,8 +345,7 @@ pub fn run(
         .collect();
     let watched: BTreeMap<LayerId, usize> =
         quantized.iter().enumerate().map(|(k, s)| (s.id, k)).collect();
-    let language: BTreeMap<usize, bool> =
-        quantized.iter().enumerate().map(|(k, s)| (k, s.tower() == Tower::Language)).collect();
+    let language: Vec<bool> = quantized.iter().map(|s| s.tower() == Tower::Language).collect();
     let pairs: Pairs = (1..quantized.len())
         .filter(|&k| quantized[k].tower() == quantized[k - 1].tower())
         .map(|k| (k - 1, k))
@@ -407,8 +400,8 @@ pub fn run(
                 format!("the Jacobian norms cannot weight L_ent (mean over the pairs: {mean})"),
             ));
         }
-        let pair_weights: BTreeMap<usize, f64> =
-            openers.iter().map(|&k| (k, norms[k] / mean)).collect();
+        // Weights by watched site; only a pair's first site's weight is read.
+        let pair_weights: Vec<f64> = norms.iter().map(|n| n / mean).collect();
         // 4. Optimise the vision ranges with the round's plan in the loop.
         let params: Vec<(Tensor, bool)> = learnable
             .iter()
@@ -438,8 +431,14 @@ pub fn run(
                         -100,
                         0.0,
                     );
-                let l_ent =
-                    entropy_term(&hook.seen, &pairs, &pair_weights, &language, &mask, &cfg.entropy);
+                let l_ent = entropy_term(
+                    &hook.seen,
+                    &pairs,
+                    &pair_weights,
+                    &language,
+                    &mask,
+                    &cfg.entropy,
+                )?;
                 let l_err = rel_mse(&v_q, v_r) + rel_mse(&h_q, h_r) * cfg.eta;
                 let loss =
                     &l_reg + l_ent.to_device(l_reg.device()) * cfg.lambda1 + &l_err * cfg.lambda2;
@@ -481,7 +480,7 @@ pub fn run(
         };
         rounds.push(VeoRound {
             jacobian_norms: by_id(&|k| Some(norms[k])),
-            jacobian_weights: by_id(&|k| pair_weights.get(&k).copied()),
+            jacobian_weights: by_id(&|k| openers.contains(&k).then(|| pair_weights[k])),
             loss_per_epoch: curve,
             first_epoch_terms: terms.first().copied().unwrap_or_default(),
             last_epoch_terms: terms.last().copied().unwrap_or_default(),

@@ -13,7 +13,7 @@ use super::config::{BaseStrategy, Progress};
 use super::{blocked, simple};
 use crate::calib::CalibrationSet;
 use crate::engine::{Engine, WeightMethod};
-use crate::error::Result;
+use crate::error::{setting, Result};
 use crate::partition::Threshold;
 use crate::plan::{GroupRecord, QuantPlan, Scheme};
 
@@ -53,7 +53,10 @@ pub(crate) fn walk_with(
             Threshold::Absolute(v) => Some(v),
             Threshold::Quantile(_) => {
                 let all = blocked::measure_dependencies(engine, weights, cfg, progress)?;
-                Some(cfg.h0.resolve(&all.values().copied().collect::<Vec<_>>()))
+                let h0 = cfg.h0.resolve(&all.values().copied().collect::<Vec<_>>());
+                Some(h0.ok_or_else(|| {
+                    setting("h0", "no finite dependency in the model to take a quantile of")
+                })?)
             }
         },
         _ => None,
@@ -82,7 +85,7 @@ pub(crate) fn walk_with(
                     simple::decide_sequential(eng, state, &free, &candidates.clips()?)
                 }
                 BaseStrategy::EntropyBlocked(cfg) => {
-                    let h0 = resolved_h0.unwrap_or(f64::INFINITY);
+                    let h0 = resolved_h0.ok_or_else(|| setting("h0", "not resolved"))?;
                     let (g, d) = blocked::decide_blocked(eng, state, &free, cfg, h0, &mut running)?;
                     groups.extend(g);
                     deps.extend(d);
