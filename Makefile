@@ -1,5 +1,5 @@
 # The two commands of the README. Both bootstrap first (idempotent, quick when done).
-.PHONY: bootstrap test reproduce table1 paper tune fixtures
+.PHONY: bootstrap test test-slurm reproduce table1 paper tune fixtures
 
 CARGO ?= cargo
 
@@ -12,6 +12,12 @@ test: bootstrap
 	python3 scripts/check_layers.py
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) test --workspace --locked
+
+# A grid as a Slurm job array on a real single-node Slurm (started and stopped by the test),
+# one task killed and re-submitted, compared byte for byte with a local run. Needs root.
+test-slurm: bootstrap
+	$(CARGO) build -p experiments --locked
+	scripts/test-slurm.sh
 
 # The second target: the headline ablation extended to W6A6 and the plain model, and the paper's
 # figures (each a config of its own).

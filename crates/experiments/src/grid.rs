@@ -186,3 +186,171 @@ pub fn plan_text(cfg: &Config, cells: &[Cell]) -> String {
     }
     out
 }
+
+/// `--shard I/N`: shard `index` of `count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let parsed = s.split_once('/').and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => anyhow::bail!(
+                "`{s}` is not a shard: write I/N with 0 <= I < N (shard 0/4 is the first of four)"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Shard {
+    /// The shard of a Slurm array task: `SLURM_ARRAY_TASK_ID` within `SLURM_ARRAY_TASK_COUNT`
+    /// (ids 0..count), else within `SLURM_ARRAY_TASK_MIN..=SLURM_ARRAY_TASK_MAX` (step 1).
+    /// `None` outside an array task.
+    pub fn from_slurm_env() -> Result<Option<Shard>> {
+        Self::from_env(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Shard>> {
+        let Some(id) = var("SLURM_ARRAY_TASK_ID") else { return Ok(None) };
+        let number = |k: &str| -> Result<Option<usize>> {
+            var(k)
+                .map(|v| v.parse::<usize>().with_context(|| format!("{k}={v} is not a number")))
+                .transpose()
+        };
+        let id = id
+            .parse::<usize>()
+            .with_context(|| format!("SLURM_ARRAY_TASK_ID={id} is not a number"))?;
+        if let Some(step) = number("SLURM_ARRAY_TASK_STEP")?.filter(|&s| s != 1) {
+            anyhow::bail!("SLURM_ARRAY_TASK_STEP={step}: shards need an array of consecutive ids (or pass --shard I/N)");
+        }
+        let shard = match (number("SLURM_ARRAY_TASK_MIN")?, number("SLURM_ARRAY_TASK_MAX")?) {
+            (Some(min), Some(max)) if min <= id && id <= max => {
+                Shard { index: id - min, count: max - min + 1 }
+            }
+            _ => match number("SLURM_ARRAY_TASK_COUNT")? {
+                Some(count) if id < count => Shard { index: id, count },
+                _ => anyhow::bail!(
+                    "SLURM_ARRAY_TASK_ID={id} without a SLURM_ARRAY_TASK_COUNT above it or SLURM_ARRAY_TASK_MIN/MAX around it: pass --shard I/N"
+                ),
+            },
+        };
+        Ok(Some(shard))
+    }
+}
+
+/// Which of a grid's cells a process runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    /// The cells at positions `index`, `index + count`, … of the grid's order (round robin: the
+    /// shards of one config differ by at most one cell, and every cell is in exactly one).
+    Shard(Shard),
+    /// These cell ids (`--cell`), as the Slurm array tasks `experiments slurm` writes run them.
+    Cells(Vec<String>),
+}
+
+impl Selection {
+    /// The selected cells, in grid order; an id not in the grid is an error.
+    pub fn pick<'a>(&self, cells: &'a [Cell]) -> Result<Vec<&'a Cell>> {
+        match self {
+            Selection::All => Ok(cells.iter().collect()),
+            Selection::Shard(s) => {
+                Ok(cells.iter().skip(s.index).step_by(s.count).collect())
+            }
+            Selection::Cells(ids) => ids
+                .iter()
+                .map(|id| {
+                    cells.iter().find(|c| &c.id == id).with_context(|| {
+                        format!("cell `{id}` is not in this config's grid (`--dry-run` lists its cells)")
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// For messages: `all cells`, `shard 1/4`, `cells a, b`.
+    pub fn describe(&self) -> String {
+        match self {
+            Selection::All => "all cells".into(),
+            Selection::Shard(s) => format!("shard {s}"),
+            Selection::Cells(ids) => format!("cell {}", ids.join(", ")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_parse_and_come_from_the_slurm_array_variables() {
+        assert_eq!("1/4".parse::<Shard>().expect("shard"), Shard { index: 1, count: 4 });
+        for bad in ["4/4", "1", "a/2", "-1/2", "1/0"] {
+            let err = bad.parse::<Shard>().expect_err(bad);
+            assert!(err.to_string().contains("I/N"), "{err}");
+        }
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(Shard::from_env(env(&[])).expect("none"), None);
+        let count = env(&[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "3")]);
+        assert_eq!(Shard::from_env(count).expect("count"), Some(Shard { index: 2, count: 3 }));
+        let range = env(&[
+            ("SLURM_ARRAY_TASK_ID", "12"),
+            ("SLURM_ARRAY_TASK_MIN", "10"),
+            ("SLURM_ARRAY_TASK_MAX", "13"),
+        ]);
+        assert_eq!(Shard::from_env(range).expect("range"), Some(Shard { index: 2, count: 4 }));
+        let stepped = env(&[
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ]);
+        assert!(Shard::from_env(stepped).is_err());
+        assert!(Shard::from_env(env(&[("SLURM_ARRAY_TASK_ID", "5")])).is_err());
+    }
+
+    #[test]
+    fn the_shards_of_a_grid_cover_it_once() {
+        let text = r#"
+[experiment]
+name = "shards"
+[[models]]
+name = "m"
+path = "models/tiny-llava"
+[dataset]
+kind = "easy_vqa"
+[grid]
+models = ["m"]
+bits = ["W4A4", "W8A8"]
+methods = ["rtn", "sequential", "cdm"]
+"#;
+        let cfg = crate::config::parse(text, std::path::Path::new("shards.toml")).expect("config");
+        let cells = cells(&cfg).expect("cells");
+        assert_eq!(cells.len(), 7, "FP + 2 × 3");
+        let mut seen: Vec<&str> = Vec::new();
+        for index in 0..3 {
+            let picked = Selection::Shard(Shard { index, count: 3 }).pick(&cells).expect("pick");
+            assert!((2..=3).contains(&picked.len()));
+            seen.extend(picked.iter().map(|c| c.id.as_str()));
+        }
+        seen.sort_unstable();
+        let mut all: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        all.sort_unstable();
+        assert_eq!(seen, all);
+        let err = Selection::Cells(vec!["nope".into()]).pick(&cells).expect_err("unknown");
+        assert!(err.to_string().contains("`nope`"), "{err}");
+    }
+}

@@ -12,12 +12,18 @@ use crate::results::ResultsDir;
 use crate::table::{self, Tables};
 
 /// Draws the configured figures and writes `report.md`.
-pub fn write_all(cfg: &Config, tables: &Tables, results: &ResultsDir) -> Result<()> {
+/// `missing` lists the grid's unfinished cells (`<id> <title>`), named at the top of the report.
+pub fn write_all(
+    cfg: &Config,
+    tables: &Tables,
+    results: &ResultsDir,
+    missing: &[String],
+) -> Result<()> {
     let figures = results.figures()?;
     for &fig in &cfg.outputs.figures {
         draw(fig, cfg, tables, &figures).with_context(|| format!("figure {}", fig.name()))?;
     }
-    paper_report(cfg, tables, &results.report())
+    paper_report(cfg, tables, missing, &results.report())
 }
 
 /// `column` of the `cells` table by `key_column` (first row per key).
@@ -268,7 +274,7 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
 }
 
 /// Our rows beside the paper's, each labelled with the model and dataset behind it.
-fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
+fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) -> Result<()> {
     let summary = &tables.summary;
     let labels = by_key(&tables.cells, "model", "model_label")?;
     let method_labels = by_key(&tables.cells, "method", "method_label")?;
@@ -276,6 +282,17 @@ fn paper_report(cfg: &Config, tables: &Tables, path: &Path) -> Result<()> {
         "# {} — paper vs this run\n\n{}\n\n",
         cfg.experiment.name, cfg.experiment.description
     );
+    if !missing.is_empty() {
+        s.push_str(&format!(
+            "**Incomplete: {} cells of the grid are not finished**; the tables below hold the \
+             finished ones (`experiments report CONFIG` rebuilds them once the rest are in):\n\n",
+            missing.len()
+        ));
+        for m in missing {
+            s.push_str(&format!("- {m}\n"));
+        }
+        s.push('\n');
+    }
     let (data, calib_source) = match cfg.dataset.benchmark {
         Benchmark::EasyVqa { validation: false, .. } => {
             ("easy-VQA test", "easy-VQA training (validation images excluded)")

@@ -1,20 +1,29 @@
 //! A run's results folder, owned by one value: its layout (`cells/<id>/`, `reference/`,
-//! `tables/`, `figures/`, `report.md`), the lock that makes one process its only writer, the
-//! record of which run owns it (`owner.json`), and atomic writes (a file is written beside its
-//! place and renamed into it; a cell is written into `cells/<id>.tmp-<pid>/` and renamed into
-//! place when complete).
+//! `tables/`, `figures/`, `report.md`), the record of which run owns it (`owner.json`), the locks
+//! that keep its writers apart, and atomic writes (a file is written beside its place and renamed
+//! into it; a cell is written into `cells/<id>.tmp-<host>-<pid>-<n>/` and renamed into place when
+//! complete).
+//!
+//! Two ways to open one: [`ResultsDir::open`] for one process (the benchmark: a folder lock held
+//! until dropped) and [`ResultsDir::open_shared`] for a grid, which many processes may run at
+//! once on one machine or several sharing the folder (shards, Slurm array tasks): no folder
+//! lock, a [`LeaseLock`] per cell (`cells/<id>.lock`) and per float reference instead, and a
+//! finished cell is never replaced.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// A results folder opened for writing (locked until dropped).
+use crate::lock::{host_name, unique_suffix, Attempt, LeaseLock, Lock};
+
+/// A results folder opened for writing.
 #[derive(Debug)]
 pub struct ResultsDir {
     root: PathBuf,
-    _lock: Lock,
+    /// Held by a folder opened with [`ResultsDir::open`].
+    _lock: Option<Lock>,
 }
 
 /// Which run a results folder belongs to: the command and the run's name. Written on first use;
@@ -51,39 +60,65 @@ impl Owner {
 const OWNER_FILE: &str = "owner.json";
 
 impl ResultsDir {
-    /// Creates the folder if needed, takes its lock and checks (or records) its owner;
-    /// half-written cells of processes that no longer exist are removed.
+    /// Creates the folder if needed, takes its lock (held until dropped) and checks (or records)
+    /// its owner; half-written cells of processes of this machine that no longer exist are
+    /// removed.
     pub fn open(root: &Path, owner: &Owner) -> Result<Self> {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         let lock = Lock::acquire(&root.join(".lock"))?;
-        let dir = Self { root: root.to_path_buf(), _lock: lock };
+        let dir = Self { root: root.to_path_buf(), _lock: Some(lock) };
+        dir.claim(owner)?;
+        dir.remove_stale_temporaries()?;
+        Ok(dir)
+    }
+
+    /// Like [`ResultsDir::open`] without the folder lock: for a grid that several processes
+    /// write at once, each cell under its own lock ([`ResultsDir::try_lock_cell`]).
+    pub fn open_shared(root: &Path, owner: &Owner) -> Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let dir = Self { root: root.to_path_buf(), _lock: None };
         dir.claim(owner)?;
         dir.remove_stale_temporaries()?;
         Ok(dir)
     }
 
     /// Refuses a folder another run owns; records `owner` otherwise (a folder from before owner
-    /// records is adopted).
+    /// records is adopted). Safe without a lock: the first record is created exclusively (a
+    /// hard link fails if the name exists), later ones only update the config it came from.
     fn claim(&self, owner: &Owner) -> Result<()> {
         let path = self.root.join(OWNER_FILE);
-        if path.is_file() {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let recorded: Owner = serde_json::from_str(&text).with_context(|| {
-                format!("{}: not an owner record (remove it to adopt the folder)", path.display())
-            })?;
-            if (recorded.command.as_str(), recorded.name.as_str())
-                != (owner.command.as_str(), owner.name.as_str())
-            {
-                bail!(
-                    "{}: this folder holds the results of {}; this run is {} — give it its own folder (results_dir, or another name)",
-                    self.root.display(),
-                    recorded.describe(),
-                    owner.describe()
-                );
+        let text = serde_json::to_string_pretty(owner)? + "\n";
+        if !path.is_file() {
+            let tmp = path.with_extension(format!("tmp-{}", unique_suffix()?));
+            std::fs::write(&tmp, text.as_bytes())
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
             }
         }
-        write_atomic(&path, (serde_json::to_string_pretty(owner)? + "\n").as_bytes())
+        let recorded_text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let recorded: Owner = serde_json::from_str(&recorded_text).with_context(|| {
+            format!("{}: not an owner record (remove it to adopt the folder)", path.display())
+        })?;
+        if (recorded.command.as_str(), recorded.name.as_str())
+            != (owner.command.as_str(), owner.name.as_str())
+        {
+            bail!(
+                "{}: this folder holds the results of {}; this run is {} — give it its own folder (results_dir, or another name)",
+                self.root.display(),
+                recorded.describe(),
+                owner.describe()
+            );
+        }
+        if recorded != *owner {
+            write_atomic(&path, text.as_bytes())?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -129,72 +164,163 @@ impl ResultsDir {
         Ok(dir)
     }
 
-    /// Starts writing cell `id` into a temporary folder; [`CellWriter::finish`] puts it in place.
-    pub fn begin_cell(&self, id: &str) -> Result<CellWriter> {
+    /// Takes cell `id`'s lock (`cells/<id>.lock`), unless a live process holds it. Once held,
+    /// the half-written folders other processes left for this cell are removed.
+    pub fn try_lock_cell(&self, id: &str, lease: Duration) -> Result<Option<CellLock>> {
         let cells = self.cells();
         std::fs::create_dir_all(&cells).with_context(|| format!("creating {}", cells.display()))?;
-        let done = self.cell(id);
-        let tmp = done.with_extension(format!("tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        let lock = match LeaseLock::try_acquire(&cells.join(format!("{id}.lock")), lease)? {
+            Attempt::Acquired(lock) => lock,
+            Attempt::Busy(_) => return Ok(None),
+        };
+        let prefix = format!("{id}.tmp-");
+        for entry in std::fs::read_dir(&cells)
+            .with_context(|| format!("reading {}", cells.display()))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                remove_unfinished(&entry.path())?;
+            }
         }
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(CellWriter { tmp, done, finished: false })
+        Ok(Some(CellLock { id: id.to_string(), lock }))
     }
 
-    /// Removes half-written cell folders (`<id>.tmp-<pid>`) of runs that no longer exist.
+    /// Who holds cell `id`'s lock now, for messages (`None` when nobody does).
+    pub fn cell_holder(&self, id: &str) -> Option<String> {
+        std::fs::read_to_string(self.cells().join(format!("{id}.lock"))).ok().map(|t| {
+            serde_json::from_str::<crate::lock::Holder>(t.trim())
+                .map_or_else(|_| "a process".into(), |h| format!("host {} pid {}", h.host, h.pid))
+        })
+    }
+
+    /// Takes the lock of the float reference `key`, unless a live process holds it.
+    pub fn try_lock_reference(&self, key: &str, lease: Duration) -> Result<Option<LeaseLock>> {
+        let dir = self.subfolder("reference")?;
+        match LeaseLock::try_acquire(&dir.join(format!("{key}.lock")), lease)? {
+            Attempt::Acquired(lock) => Ok(Some(lock)),
+            Attempt::Busy(_) => Ok(None),
+        }
+    }
+
+    /// Takes the lock of the tables, figures and report, unless a live process holds it.
+    pub fn try_lock_outputs(&self, lease: Duration) -> Result<Option<LeaseLock>> {
+        match LeaseLock::try_acquire(&self.root.join("outputs.lock"), lease)? {
+            Attempt::Acquired(lock) => Ok(Some(lock)),
+            Attempt::Busy(_) => Ok(None),
+        }
+    }
+
+    /// Starts writing the locked cell into a temporary folder; [`CellWriter::finish`] puts it in
+    /// place.
+    pub fn begin_cell<'a>(&self, cell: &'a CellLock) -> Result<CellWriter<'a>> {
+        let done = self.cell(&cell.id);
+        let tmp = done.with_extension(format!("tmp-{}", unique_suffix()?));
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(CellWriter { tmp, done, lock: cell, finished: false })
+    }
+
+    /// Removes half-written cell folders (`<id>.tmp-<host>-<pid>-<n>`, or `<id>.tmp-<pid>` from
+    /// before hosts were recorded) of processes of this machine that no longer exist. Those of
+    /// other machines are removed by whoever takes their cell's lock.
     fn remove_stale_temporaries(&self) -> Result<()> {
         let cells = self.cells();
         if !cells.is_dir() {
             return Ok(());
         }
+        let host = host_name()?;
         for entry in std::fs::read_dir(&cells)
             .with_context(|| format!("reading {}", cells.display()))?
             .flatten()
         {
             let name = entry.file_name().to_string_lossy().to_string();
-            let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
-            if pid == std::process::id().to_string() || !Path::new("/proc").join(pid).exists() {
-                let path = entry.path();
-                tracing::info!("removing the unfinished cell folder {}", path.display());
-                std::fs::remove_dir_all(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
+            let Some((_, writer)) = name.rsplit_once(".tmp-") else { continue };
+            let pid = match writer.rsplitn(3, '-').collect::<Vec<_>>()[..] {
+                [_, pid, h] if h == host => pid,
+                [pid] => pid,
+                _ => continue,
+            };
+            if pid.parse::<u32>().is_ok_and(|p| p != std::process::id())
+                && !Path::new("/proc").join(pid).exists()
+            {
+                remove_unfinished(&entry.path())?;
             }
         }
         Ok(())
     }
 }
 
+fn remove_unfinished(path: &Path) -> Result<()> {
+    tracing::info!("removing the unfinished cell folder {}", path.display());
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// A cell this process holds the lock of (released on drop).
+#[derive(Debug)]
+pub struct CellLock {
+    id: String,
+    lock: LeaseLock,
+}
+
+/// How [`CellWriter::finish`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finished {
+    Written,
+    /// Another process finished the cell first (it stalled this one past its lease and took the
+    /// lock over); that result is kept and this one dropped.
+    KeptTheOther,
+}
+
 /// A cell being written: files go into its temporary folder, which is removed again unless the
 /// cell is finished (a failed cell leaves nothing behind).
 #[derive(Debug)]
-pub struct CellWriter {
+pub struct CellWriter<'a> {
     tmp: PathBuf,
     done: PathBuf,
+    lock: &'a CellLock,
     finished: bool,
 }
 
-impl CellWriter {
+impl CellWriter<'_> {
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
         write_atomic(&self.tmp.join(name), bytes)
     }
 
     /// Writes `metrics.csv` (last: its presence marks the cell complete inside the folder too)
-    /// and renames the folder into place.
-    pub fn finish(mut self, metrics_csv: &[u8]) -> Result<()> {
+    /// and renames the folder into place. A finished cell is never replaced: renaming a folder
+    /// onto a folder that has files fails.
+    pub fn finish(mut self, metrics_csv: &[u8]) -> Result<Finished> {
         self.write("metrics.csv", metrics_csv)?;
+        if self.done.join("metrics.csv").is_file() {
+            return Ok(Finished::KeptTheOther);
+        }
+        if !self.lock.lock.holds() {
+            bail!(
+                "the lock of cell {} was taken over by another process while this one ran (it stalled past its lease); this result is not written",
+                self.lock.id
+            );
+        }
         if self.done.exists() {
             std::fs::remove_dir_all(&self.done)
                 .with_context(|| format!("removing incomplete {}", self.done.display()))?;
         }
-        std::fs::rename(&self.tmp, &self.done)
-            .with_context(|| format!("renaming {} into place", self.tmp.display()))?;
+        match std::fs::rename(&self.tmp, &self.done) {
+            Ok(()) => {}
+            Err(_) if self.done.join("metrics.csv").is_file() => return Ok(Finished::KeptTheOther),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("renaming {} into place", self.tmp.display()))
+            }
+        }
         self.finished = true;
-        Ok(())
+        Ok(Finished::Written)
     }
 }
 
-impl Drop for CellWriter {
+impl Drop for CellWriter<'_> {
     fn drop(&mut self) {
         if !self.finished {
             let _ = std::fs::remove_dir_all(&self.tmp);
@@ -204,56 +330,9 @@ impl Drop for CellWriter {
 
 /// Writes `bytes` beside `path` and renames them into place, so a reader never sees half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp-{}", unique_suffix()?));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
-}
-
-/// Exclusive use of what a lock file guards (a results folder, a model folder being written) for
-/// one process; the file holds its pid and is removed on drop. A lock left by a process that no
-/// longer exists is taken over.
-#[derive(Debug)]
-pub struct Lock(PathBuf);
-
-impl Lock {
-    /// Creates the lock file `path` (its folder must exist), or fails naming the live holder.
-    pub fn acquire(path: &Path) -> Result<Lock> {
-        let path = path.to_path_buf();
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    write!(f, "{}", std::process::id())
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    return Ok(Lock(path));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
-                    let alive = !pid.is_empty() && Path::new("/proc").join(&pid).exists();
-                    if alive {
-                        bail!(
-                            "{}: another run (pid {pid}) holds this lock; wait for it or remove the lock if that process is gone",
-                            path.display()
-                        );
-                    }
-                    tracing::warn!(pid, "taking over a stale lock at {}", path.display());
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("removing stale {}", path.display()))?;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("creating {} (is the folder writable?)", path.display())
-                    })
-                }
-            }
-        }
-        bail!("{}: could not take the lock", path.display())
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[cfg(test)]

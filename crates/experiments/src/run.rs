@@ -1,8 +1,9 @@
-//! The grid runner: every cell of a config, each written to its results folder's `cells/<id>/`
-//! atomically, finished cells skipped on a re-run, then the tables, figures and report.
+//! The grid runner: every cell of a config (or a shard of them), each written to its results
+//! folder's `cells/<id>/` atomically under its own lock, finished cells skipped on a re-run, then
+//! the tables, figures and report once the grid is complete.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qvlm_core::hook::NoHook;
@@ -16,10 +17,10 @@ use tch::Tensor;
 
 use crate::config::Config;
 use crate::eval::dataset::EvalData;
-use crate::grid::{short_hash, Cell, CellKind};
+use crate::grid::{short_hash, Cell, CellKind, Selection};
 use crate::memory::model_bytes;
 use crate::progress;
-use crate::results::{Owner, ResultsDir};
+use crate::results::{CellLock, Finished, Owner, ResultsDir};
 
 /// Environment of a run, recorded with each cell.
 #[derive(Debug, Serialize, Clone)]
@@ -36,6 +37,9 @@ pub struct Manifest {
     /// Calibration pairs requested and used (0 for the float reference).
     pub calibration_samples_requested: usize,
     pub calibration_samples_used: usize,
+    /// Where it ran: the host, and the Slurm job (`JOB` or `ARRAYJOB_TASK`) when one ran it.
+    pub host: String,
+    pub slurm_job: Option<String>,
 }
 
 pub fn git_revision() -> String {
@@ -89,37 +93,193 @@ struct Shared {
     data: EvalData,
     /// Float answer distributions per model name (the reference for KL / agreement).
     reference: BTreeMap<String, Tensor>,
+    /// How long this process's locks last without a heartbeat, and how often it looks again at
+    /// what another process holds.
+    lease: Duration,
+    poll: Duration,
 }
 
-/// Runs every unfinished cell, then writes tables, figures and the report.
-pub fn run(cfg: &Config, cells: &[Cell]) -> Result<()> {
+/// How a grid is run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The cells this process runs (the others are someone else's).
+    pub selection: Selection,
+    /// The lease of this process's cell locks (see [`crate::lock::LeaseLock`]): another process
+    /// takes a cell over once this one has not renewed it for this long.
+    pub lease: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { selection: Selection::All, lease: Duration::from_secs(120) }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// The cells this process ran.
+    pub ran: Vec<String>,
+    /// Selected cells that were finished already, or that another process finished meanwhile.
+    pub done_elsewhere: Vec<String>,
+    /// The grid's cells not finished when this process stopped (`<id> <title>`).
+    pub missing: Vec<String>,
+    /// Whether this process wrote the tables, figures and report.
+    pub wrote_outputs: bool,
+}
+
+/// Runs the selected cells that are not finished, each under its cell lock, so any number of
+/// processes (shards, Slurm array tasks, a second local run) may run one config into one
+/// results folder at once: a cell another process is running is waited for, and taken over if
+/// that process dies. Once the whole grid is finished, writes the tables, figures and report.
+pub fn run(cfg: &Config, cells: &[Cell], opts: &RunOptions) -> Result<RunSummary> {
     let device = cfg.experiment.device.resolve()?;
     if cfg.experiment.threads > 0 {
         tch::set_num_threads(i32::from(cfg.experiment.threads));
     }
     let owner = Owner::new("experiments", &cfg.experiment.name, &cfg.file, &cfg.text);
-    let results = ResultsDir::open(&cfg.experiment.results_dir(), &owner)?;
-    let mut shared = Shared { data: EvalData::load(&cfg.dataset)?, reference: BTreeMap::new() };
+    let results = ResultsDir::open_shared(&cfg.experiment.results_dir(), &owner)?;
+    let mine = opts.selection.pick(cells)?;
+    let poll = (opts.lease / 10).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut shared = Shared {
+        data: EvalData::load(&cfg.dataset)?,
+        reference: BTreeMap::new(),
+        lease: opts.lease,
+        poll,
+    };
     if shared.data.is_empty() {
         bail!("{}: the dataset has no questions to evaluate", cfg.file.display());
     }
-    for cell in cells {
+    for cell in &mine {
         check_widths(cell)?;
     }
-    let total = cells.len();
-    for (i, cell) in cells.iter().enumerate() {
-        if results.is_done(&cell.id) {
-            tracing::info!("[{}/{total}] {}: done already, skipped", i + 1, cell.title());
-            continue;
+    let mut summary = RunSummary::default();
+    let total = mine.len();
+    let mut waiting: Vec<(usize, &Cell)> = Vec::new();
+    for (i, &cell) in mine.iter().enumerate() {
+        let step = format!("[{}/{total}] {}", i + 1, cell.title());
+        if !try_cell(cfg, cell, &step, device, &results, &mut shared, &mut summary)? {
+            waiting.push((i, cell));
         }
-        tracing::info!("[{}/{total}] {}: running", i + 1, cell.title());
-        run_cell(cfg, cell, device, &results, &mut shared)
-            .with_context(|| format!("cell {} ({})", cell.id, cell.title()))?;
     }
-    let tables = crate::table::Tables::build(&results, cells, &cfg.outputs.rows)?;
-    tables.write(&results, cfg)?;
-    crate::report::write_all(cfg, &tables, &results)?;
-    Ok(())
+    // Cells another live process holds: look again until they are finished (by it) or free (it
+    // died and its lease ran out: run them here).
+    let mut last_said = Instant::now() - Duration::from_secs(3600);
+    while !waiting.is_empty() {
+        if last_said.elapsed() >= Duration::from_secs(60) {
+            let held: Vec<String> = waiting
+                .iter()
+                .map(|(_, c)| {
+                    let who = results.cell_holder(&c.id).unwrap_or_else(|| "nobody now".into());
+                    format!("{} ({who})", c.id)
+                })
+                .collect();
+            tracing::info!(
+                "waiting for {} cells other processes are running: {}",
+                held.len(),
+                held.join(", ")
+            );
+            last_said = Instant::now();
+        }
+        std::thread::sleep(poll);
+        let mut still = Vec::new();
+        for (i, cell) in waiting {
+            let step = format!("[{}/{total}] {}", i + 1, cell.title());
+            if !try_cell(cfg, cell, &step, device, &results, &mut shared, &mut summary)? {
+                still.push((i, cell));
+            }
+        }
+        waiting = still;
+    }
+    summary.missing = missing(cells, &results);
+    if summary.missing.is_empty() {
+        write_outputs(cfg, cells, &results, poll, opts.lease)?;
+        summary.wrote_outputs = true;
+    } else {
+        tracing::info!(
+            "{} of the grid's {} cells are not finished yet; `experiments report {}` builds the tables from what exists",
+            summary.missing.len(),
+            cells.len(),
+            cfg.file.display()
+        );
+    }
+    Ok(summary)
+}
+
+/// Runs `cell` unless it is finished (`true`) or another live process holds it (`false`).
+fn try_cell(
+    cfg: &Config,
+    cell: &Cell,
+    step: &str,
+    device: tch::Device,
+    results: &ResultsDir,
+    shared: &mut Shared,
+    summary: &mut RunSummary,
+) -> Result<bool> {
+    if results.is_done(&cell.id) {
+        tracing::info!("{step}: done already, skipped");
+        summary.done_elsewhere.push(cell.id.clone());
+        return Ok(true);
+    }
+    let Some(lock) = results.try_lock_cell(&cell.id, shared.lease)? else {
+        return Ok(false);
+    };
+    // It may have been finished between the look and the lock.
+    if results.is_done(&cell.id) {
+        summary.done_elsewhere.push(cell.id.clone());
+        return Ok(true);
+    }
+    tracing::info!("{step}: running");
+    let finished = run_cell(cfg, cell, device, results, &lock, shared)
+        .with_context(|| format!("cell {} ({})", cell.id, cell.title()))?;
+    match finished {
+        Finished::Written => summary.ran.push(cell.id.clone()),
+        Finished::KeptTheOther => {
+            tracing::warn!("{step}: another process finished it first; its result is kept");
+            summary.done_elsewhere.push(cell.id.clone());
+        }
+    }
+    Ok(true)
+}
+
+/// The grid's unfinished cells, `<id> <title>`.
+pub fn missing(cells: &[Cell], results: &ResultsDir) -> Vec<String> {
+    cells
+        .iter()
+        .filter(|c| !results.is_done(&c.id))
+        .map(|c| format!("{} {}", c.id, c.title()))
+        .collect()
+}
+
+/// Writes the tables, figures and report from the finished cells (under the folder's outputs
+/// lock: a process that finds it held waits, then writes them again from what exists then).
+pub fn write_outputs(
+    cfg: &Config,
+    cells: &[Cell],
+    results: &ResultsDir,
+    poll: Duration,
+    lease: Duration,
+) -> Result<()> {
+    let _lock = loop {
+        if let Some(lock) = results.try_lock_outputs(lease)? {
+            break lock;
+        }
+        std::thread::sleep(poll);
+    };
+    let missing = missing(cells, results);
+    let tables = crate::table::Tables::build(results, cells, &cfg.outputs.rows)?;
+    tables.write(results, cfg)?;
+    crate::report::write_all(cfg, &tables, results, &missing)
+}
+
+/// `experiments report CONFIG`: the tables, figures and report from whatever cells are finished;
+/// returns the unfinished ones (`<id> <title>`).
+pub fn report(cfg: &Config, cells: &[Cell]) -> Result<Vec<String>> {
+    let owner = Owner::new("experiments", &cfg.experiment.name, &cfg.file, &cfg.text);
+    let results = ResultsDir::open_shared(&cfg.experiment.results_dir(), &owner)?;
+    let opts = RunOptions::default();
+    write_outputs(cfg, cells, &results, Duration::from_secs(1), opts.lease)?;
+    Ok(missing(cells, &results))
 }
 
 /// Refuses, before any cell runs, a weight or activation group size that does not divide the
@@ -195,7 +355,8 @@ fn load_model(cell: &Cell, device: tch::Device) -> Result<LlavaBundle> {
 }
 
 /// Float answer distributions of a model (cached in the results folder: they depend on the model
-/// and the evaluated questions only).
+/// and the evaluated questions only). One process computes them, under the reference's lock;
+/// others running at the same time wait for its file.
 fn reference(
     cell: &Cell,
     device: tch::Device,
@@ -205,22 +366,41 @@ fn reference(
     if let Some(t) = shared.reference.get(&cell.model.name) {
         return Ok(t.shallow_clone());
     }
-    let path = results.reference(&short_hash(&(&cell.model, &cell.dataset))?);
-    if path.is_file() {
-        let t = qvlm_core::io::safetensors::SafetensorsFile::open(&path)?.read("log_probs")?;
-        shared.reference.insert(cell.model.name.clone(), t.shallow_clone());
-        return Ok(t);
-    }
+    let key = short_hash(&(&cell.model, &cell.dataset))?;
+    let path = results.reference(&key);
+    let mut waited = false;
+    let _lock = loop {
+        if path.is_file() {
+            let t = qvlm_core::io::safetensors::SafetensorsFile::open(&path)?.read("log_probs")?;
+            shared.reference.insert(cell.model.name.clone(), t.shallow_clone());
+            return Ok(t);
+        }
+        match results.try_lock_reference(&key, shared.lease)? {
+            Some(lock) if !path.is_file() => break lock,
+            Some(_) => continue,
+            None => {
+                if !waited {
+                    tracing::info!(
+                        "waiting for another process's float reference {}",
+                        path.display()
+                    );
+                    waited = true;
+                }
+                std::thread::sleep(shared.poll);
+            }
+        }
+    };
     let bundle = load_model(cell, device)?;
     let pb = progress::bar(shared.data.len() as u64, "float ref");
     let out = tch::no_grad(|| shared.data.evaluate(&bundle, &mut NoHook, &pb))?;
     pb.finish_and_clear();
-    std::fs::create_dir_all(path.parent().context("reference dir")?)?;
+    let tmp = path.with_extension(format!("tmp-{}", crate::lock::unique_suffix()?));
     qvlm_core::io::safetensors::write_safetensors(
-        &path,
+        &tmp,
         &[("log_probs".into(), out.log_probs.shallow_clone())],
         &Default::default(),
     )?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming into {}", path.display()))?;
     shared.reference.insert(cell.model.name.clone(), out.log_probs.shallow_clone());
     Ok(out.log_probs)
 }
@@ -230,9 +410,10 @@ fn run_cell(
     cell: &Cell,
     device: tch::Device,
     results: &ResultsDir,
+    lock: &CellLock,
     shared: &mut Shared,
-) -> Result<()> {
-    let out_cell = results.begin_cell(&cell.id)?;
+) -> Result<Finished> {
+    let out_cell = results.begin_cell(lock)?;
     tch::manual_seed(cell.seed as i64);
     let reference_lp = reference(cell, device, results, shared)?;
     let mut bundle = load_model(cell, device)?;
@@ -358,6 +539,8 @@ fn run_cell(
             CellKind::Quantized { .. } => cell.calibration.samples.get(),
         },
         calibration_samples_used: calibration_used,
+        host: crate::lock::host_name()?.to_string(),
+        slurm_job: crate::lock::slurm_job(),
     };
     // A number that is not finite is not a result: nothing of this cell is kept.
     if let Some(bad) = rows.iter().find(|r| !r.value.is_finite()) {
@@ -372,8 +555,8 @@ fn run_cell(
     out_cell.write("config.json", serde_json::to_string_pretty(cell)?.as_bytes())?;
     out_cell.write("manifest.json", serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     out_cell.write("timings.json", serde_json::to_string_pretty(&timings)?.as_bytes())?;
-    out_cell.finish(metric_csv(&rows).as_bytes())?;
+    let finished = out_cell.finish(metric_csv(&rows).as_bytes())?;
     let accuracy = out.metrics.iter().find(|(m, _)| m == "accuracy").map_or(f64::NAN, |(_, v)| *v);
     tracing::info!(accuracy, kl, agree, "cell {} done", cell.id);
-    Ok(())
+    Ok(finished)
 }

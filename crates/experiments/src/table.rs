@@ -505,7 +505,8 @@ pub fn write_csv(df: &mut DataFrame, csv: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", csv.display()))
 }
 
-/// A Markdown rendering of a DataFrame (floats with 2 decimals, big counts as integers).
+/// A Markdown rendering of a DataFrame (floats with 2 decimals; counts, big numbers and columns
+/// of whole numbers as integers).
 pub fn markdown(df: &DataFrame, title: &str, note: &str) -> Result<String> {
     let names: Vec<String> = df.get_column_names().iter().map(|n| n.to_string()).collect();
     let mut s = format!("### {title}\n\n");
@@ -515,10 +516,23 @@ pub fn markdown(df: &DataFrame, title: &str, note: &str) -> Result<String> {
     }
     s.push_str(&format!("| {} |\n", names.join(" | ")));
     s.push_str(&format!("|{}\n", names.iter().map(|_| "---|").collect::<String>()));
+    let whole: Vec<bool> = names
+        .iter()
+        .map(|n| -> Result<bool> {
+            let c = df.column(n)?;
+            if c.dtype() == &DataType::String {
+                return Ok(false);
+            }
+            let values = c.cast(&DataType::Float64)?;
+            let values = values.f64()?;
+            Ok((0..values.len()).filter_map(|i| values.get(i)).all(|v| v.fract() == 0.0))
+        })
+        .collect::<Result<_>>()?;
     for row in 0..df.height() {
         let cells: Vec<String> = names
             .iter()
-            .map(|n| -> Result<String> {
+            .zip(&whole)
+            .map(|(n, &whole)| -> Result<String> {
                 let c = df.column(n)?;
                 Ok(match c.dtype() {
                     DataType::String => c.str()?.get(row).unwrap_or("").to_string(),
@@ -526,7 +540,7 @@ pub fn markdown(df: &DataFrame, title: &str, note: &str) -> Result<String> {
                         None => "–".into(),
                         // p-values need their small digits.
                         Some(v) if n == "p" => format!("{v:.4}"),
-                        Some(v) if v.abs() >= 1e4 => format!("{v:.0}"),
+                        Some(v) if whole || v.abs() >= 1e4 => format!("{v:.0}"),
                         Some(v) => format!("{v:.2}"),
                     },
                 })

@@ -23,9 +23,9 @@ use tch::{Device, Kind, Tensor};
 use super::{tokenizer, TinyArch, TrainTinyConfig};
 use crate::data::easy_vqa::{EasyVqa, Question, QuestionType, Split, COLORS, SHAPES};
 use crate::eval::easy_vqa::{evaluate, Accuracy};
+use crate::lock::Lock;
 use crate::progress;
 use crate::prompt::easy_vqa::prompt;
-use crate::results::Lock;
 use qvlm_core::rng::SplitMix64;
 
 /// The template every easy-VQA prompt of the tiny model goes through.

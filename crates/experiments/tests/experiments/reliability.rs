@@ -349,10 +349,16 @@ fn broken_datasets_are_refused_naming_the_file_and_entry() {
     }
 }
 
+/// Every cell folder's `metrics.csv` (`<incomplete>` where it has none yet), and every other file
+/// in `cells/` (locks) as `<file>`.
 fn metric_files(results: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(results.join("cells")).expect("cells").flatten() {
         let name = e.file_name().to_string_lossy().to_string();
+        if !e.path().is_dir() {
+            out.insert(name, "<file>".into());
+            continue;
+        }
         let metrics = e.path().join("metrics.csv");
         out.insert(
             name,
@@ -396,7 +402,7 @@ fn killed_runs_resume_exactly_and_identical_configs_give_identical_metrics() {
         let _ = child.wait();
         // Nothing half-written is ever read as complete.
         for (cell, metrics) in metric_files(&b) {
-            if !cell.contains(".tmp-") {
+            if !cell.contains(".tmp-") && !cell.ends_with(".lock") {
                 assert_eq!(Some(&metrics), reference.get(&cell), "{cell} complete but different");
             }
         }
@@ -404,27 +410,161 @@ fn killed_runs_resume_exactly_and_identical_configs_give_identical_metrics() {
     let out = experiments(&[cfg_b.to_str().expect("utf8")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let resumed = metric_files(&b);
-    assert_eq!(resumed, reference, "every cell exactly once, byte-identical metrics");
-    assert!(!b.join(".lock").exists(), "lock released");
+    assert_eq!(resumed, reference, "every cell exactly once, byte-identical metrics, no lock left");
+}
+
+/// The cell ids a run's stdout says it ran (`ran N cells: a b c`).
+fn ran_cells(out: &Output) -> Vec<String> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ran "))
+        .unwrap_or_else(|| panic!("no `ran` line:\n{text}"));
+    line.split_once(": ")
+        .map(|(_, ids)| {
+            ids.split(';').next().unwrap_or_default().split_whitespace().map(String::from).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts `experiments` with each argument list at the same moment; their outputs, in order.
+fn at_once(runs: &[Vec<String>]) -> Vec<Output> {
+    let children: Vec<_> = runs
+        .iter()
+        .map(|args| {
+            Command::new(env!("CARGO_BIN_EXE_experiments"))
+                .args(args)
+                .current_dir(root())
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    children.into_iter().map(|c| c.wait_with_output().expect("wait")).collect()
 }
 
 #[test]
-fn a_second_run_on_the_same_folder_stops_and_unwritable_folders_are_reported() {
-    let tmp = Scratch::new("lock");
+fn shards_and_runs_started_at_once_on_one_folder_run_every_cell_exactly_once() {
+    let tmp = Scratch::new("shards");
+    let cfg_text = |results: &Path| {
+        base_config(results, None)
+            .replace("methods = [\"rtn\"]", "methods = [\"rtn\", \"sequential\"]")
+            .replace("bits = [\"W4A4\"]", "bits = [\"W4A4\", \"W8A8\"]")
+    };
+    let config = |name: &str| {
+        let results = tmp.0.join(name);
+        let path = tmp.0.join(format!("{name}.toml"));
+        std::fs::write(&path, cfg_text(&results)).expect("write");
+        (results, path.to_str().expect("utf8").to_string())
+    };
+    // Reference: one process.
+    let (a, cfg_a) = config("a");
+    let out = experiments(&[&cfg_a]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = metric_files(&a);
+    let mut all = ran_cells(&out);
+    all.sort();
+    assert_eq!(all.len(), 5, "FP + 2 methods x 2 bit widths");
+    assert_eq!(reference.keys().cloned().collect::<Vec<_>>(), all);
+    // Two shards, and two whole-grid runs, started at the same moment on one folder each.
+    for (name, args) in
+        [("shards", [vec!["--shard", "0/2"], vec!["--shard", "1/2"]]), ("whole", [vec![], vec![]])]
+    {
+        let (results, cfg) = config(name);
+        let runs: Vec<Vec<String>> = args
+            .iter()
+            .map(|extra| {
+                std::iter::once(cfg.clone()).chain(extra.iter().map(|s| s.to_string())).collect()
+            })
+            .collect();
+        let outs = at_once(&runs);
+        let mut ran = Vec::new();
+        for out in &outs {
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+            ran.extend(ran_cells(out));
+        }
+        ran.sort();
+        assert_eq!(ran, all, "{name}: every cell run by exactly one of the processes");
+        assert_eq!(metric_files(&results), reference, "{name}: the cells of one run, no lock left");
+        assert!(results.join("report.md").is_file(), "{name}: the last to finish wrote the report");
+        let report = std::fs::read_to_string(results.join("report.md")).expect("report");
+        assert!(!report.contains("Incomplete"), "{name}: {report}");
+    }
+}
+
+#[test]
+fn a_shard_leaves_the_rest_and_report_names_the_missing_cells() {
+    let tmp = Scratch::new("report");
     let results = tmp.0.join("results");
-    std::fs::create_dir_all(&results).expect("dir");
-    // A lock held by a live process (this test's own pid).
-    std::fs::write(results.join(".lock"), std::process::id().to_string()).expect("lock");
+    let cfg = tmp.0.join("rel.toml");
+    let text = base_config(&results, None)
+        .replace("methods = [\"rtn\"]", "methods = [\"rtn\", \"sequential\"]");
+    std::fs::write(&cfg, text).expect("write");
+    let cfg = cfg.to_str().expect("utf8");
+    // The dry run of a shard lists just its cells.
+    let out = experiments(&[cfg, "--shard", "1/2", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("shard 1/2: 1 of the grid's 3 cells"), "{text}");
+    let out = experiments(&[cfg, "--shard", "1/2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ran_cells(&out).len(), 1);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 of 3 cells missing"));
+    assert!(
+        !results.join("report.md").exists(),
+        "an incomplete shard leaves the report to `report`"
+    );
+    let out = experiments(&["report", cfg]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("missing (2):"), "{text}");
+    let report = std::fs::read_to_string(results.join("report.md")).expect("report");
+    assert!(report.contains("Incomplete: 2 cells"), "{report}");
+    // The Slurm array task environment picks the shard; a bad shard is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_experiments"))
+        .args([cfg, "--dry-run"])
+        .env("SLURM_ARRAY_TASK_ID", "0")
+        .env("SLURM_ARRAY_TASK_COUNT", "3")
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("shard 0/3: 1 of the grid's 3 cells"));
+    assert_rejected(&experiments(&[cfg, "--shard", "2/2"]), "not a shard", "shard out of range");
+    assert_rejected(&experiments(&[cfg, "--cell", "abc"]), "`abc`", "unknown cell");
+}
+
+#[test]
+fn a_cell_locked_by_a_dead_task_elsewhere_is_taken_over_after_its_lease() {
+    let tmp = Scratch::new("lease");
+    let results = tmp.0.join("results");
     let cfg = tmp.0.join("rel.toml");
     std::fs::write(&cfg, base_config(&results, None)).expect("write");
-    let out = experiments(&[cfg.to_str().expect("utf8")]);
-    assert_rejected(&out, "another run", "concurrent run");
-    assert_rejected(&out, ".lock", "concurrent run");
-    // A lock of a process that no longer exists is taken over.
-    std::fs::write(results.join(".lock"), "999999999").expect("lock");
-    let out = experiments(&[cfg.to_str().expect("utf8"), "--dry-run"]);
-    assert!(out.status.success());
-    // A results folder that cannot be created.
+    let cfg = cfg.to_str().expect("utf8");
+    let out = experiments(&[cfg, "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let ids: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("  ")).map(|l| &l[..12]).collect();
+    assert_eq!(ids.len(), 2, "{text}");
+    // A task on another host locked the first cell and died: nothing here can see its pid, so
+    // the lock is live until its 3 s lease runs out without a heartbeat.
+    std::fs::create_dir_all(results.join("cells")).expect("cells");
+    let holder = r#"{"host":"node-elsewhere","pid":1,"token":"t","job":"7_0","lease_seconds":3.0}"#;
+    std::fs::write(results.join("cells").join(format!("{}.lock", ids[0])), holder).expect("lock");
+    let start = std::time::Instant::now();
+    let out = experiments(&[cfg, "--lease-seconds", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(start.elapsed() >= Duration::from_secs(3), "waited for the lease");
+    let mut ran = ran_cells(&out);
+    ran.sort();
+    let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(ran, want);
+    assert!(!results.join("cells").join(format!("{}.lock", ids[0])).exists());
+}
+
+#[test]
+fn unwritable_results_folders_are_reported() {
+    let tmp = Scratch::new("lock");
+    let cfg = tmp.0.join("rel.toml");
     std::fs::write(&cfg, base_config(Path::new("/proc/qvlm-results"), None)).expect("write");
     let out = experiments(&[cfg.to_str().expect("utf8")]);
     assert_rejected(&out, "/proc/qvlm-results", "unwritable results folder");
