@@ -310,7 +310,7 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
         Benchmark::Vqa { .. } => ("the VQA question file", "evaluated-file"),
     };
     s.push_str(&format!(
-        "This run: {} on {data} (first {} questions), calibration {} {calib_source} pairs. \
+        "This run: {} on {data} ({}), calibration {} {calib_source} pairs. \
          The paper: LLaVA on ScienceQA and others (see paper/README.md). Where the models and data \
          differ, the absolute numbers are not comparable; compare orderings and gaps.\n\n",
         cfg.grid
@@ -319,7 +319,9 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
             .map(|m| labels.get(m).cloned().unwrap_or_default())
             .collect::<Vec<_>>()
             .join(", "),
-        cfg.dataset.limit.map_or("all".to_string(), |l| l.to_string()),
+        cfg.dataset
+            .limit
+            .map_or("every question of the split".to_string(), |l| format!("first {l} questions")),
         cfg.calibration.samples,
     ));
     let (models, bits, methods) = (
