@@ -131,6 +131,7 @@ impl<'a> Engine<'a> {
             ded: vec![],
             nonfinite_inputs: 0,
             veo: None,
+            model: None,
         });
         // Undecided sites with an AWQ scale still need x/s: their weights are Q(W·s).
         for site in &self.sites {
@@ -471,6 +472,7 @@ impl<'a> Engine<'a> {
             ded: self.ded,
             nonfinite_inputs: self.nonfinite,
             veo: None,
+            model: None,
         }
     }
 }

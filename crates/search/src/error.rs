@@ -13,6 +13,8 @@ pub enum SearchError {
     Calibration(String),
     #[error("plan does not fit the model: {0}")]
     PlanMismatch(String),
+    #[error("{layer}: {reason}")]
+    Unsupported { layer: String, reason: String },
 }
 
 pub type Result<T, E = SearchError> = std::result::Result<T, E>;

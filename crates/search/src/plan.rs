@@ -189,6 +189,47 @@ pub struct QuantPlan {
     /// What VEO measured and learned (disentangled strategies only).
     #[serde(default)]
     pub veo: Option<VeoRecord>,
+    /// The model the plan was searched on; applying the plan to a model with other weights is
+    /// an error ([`ModelIdentity::check`]). Absent in plans written before it was recorded.
+    #[serde(default)]
+    pub model: Option<ModelIdentity>,
+}
+
+/// Which model a plan belongs to: its name as the run knew it and a hash of its weights.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    /// The run's model name (e.g. `tiny-llava-outliers`) and where it was loaded from.
+    pub name: String,
+    pub path: String,
+    /// [`Llava::weights_sha256`]: every tensor's name, dtype, shape and bytes as searched on
+    /// (after any outlier planting, before quantization).
+    pub weights_sha256: String,
+}
+
+impl ModelIdentity {
+    pub fn of(model: &Llava, name: &str, path: &str) -> Result<Self> {
+        Ok(Self { name: name.into(), path: path.into(), weights_sha256: model.weights_sha256()? })
+    }
+
+    /// An error unless `model`'s weights are the ones `plan` was searched on.
+    pub fn check(plan: &QuantPlan, model: &Llava) -> Result<()> {
+        let Some(id) = &plan.model else {
+            return Err(SearchError::PlanMismatch(
+                "the plan records no model (it was written before plans recorded one): run the \
+                 search again to get a plan that can be applied outside its run"
+                    .into(),
+            ));
+        };
+        let have = model.weights_sha256()?;
+        if have != id.weights_sha256 {
+            return Err(SearchError::PlanMismatch(format!(
+                "the plan was searched on `{}` ({}; weights sha256 {}), this model's weights hash \
+                 to {have}: a plan applies only to the model it was found on",
+                id.name, id.path, id.weights_sha256
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// VEO's record in a plan: per round, the Jacobian weights of Eq. 8, the loss curve and the

@@ -101,7 +101,7 @@ pub fn preprocessor_json(p: &ImageProcessorConfig) -> Value {
     v
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;

@@ -3,5 +3,6 @@
 //! loads ([`llava_hf`]). Both walk the model through [`crate::model::llava::Llava::named_tensors`],
 //! the names the loaders gave every tensor.
 
+pub mod compressed;
 pub mod llava_hf;
 pub mod packed;

@@ -1,3 +1,4 @@
+pub mod compressed;
 pub mod config;
 pub mod image;
 pub mod naming;

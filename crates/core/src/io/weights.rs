@@ -8,11 +8,15 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::rc::Rc;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::quant::packed::PackedWeight;
+
 use crate::error::{Error, Result};
+use crate::io::compressed::{module_names, read_layer, CompressedConfig};
 use crate::io::naming::Naming;
 use crate::io::shards::ShardSet;
 
@@ -27,7 +31,14 @@ pub enum Init {
 /// Where weights come from.
 enum Backend {
     /// Stored checkpoints (one or more shard sets, e.g. original LLaVA + its CLIP directory).
-    Checkpoint { stores: Vec<ShardSet>, naming: Naming, used: RefCell<BTreeSet<(usize, String)>> },
+    /// `compressed`: a compressed-tensors checkpoint's `quantization_config` and the
+    /// `config.json` it came from; the linears it covers load packed.
+    Checkpoint {
+        stores: Vec<ShardSet>,
+        naming: Naming,
+        used: RefCell<BTreeSet<(usize, String)>>,
+        compressed: Option<Box<(CompressedConfig, PathBuf)>>,
+    },
     /// Fresh trainable variables (seeded by libtorch's generator), kept in creation order.
     Init { created: RefCell<Vec<(String, Tensor)>> },
 }
@@ -59,8 +70,70 @@ impl VarBuilder {
         device: Device,
         kind: Kind,
     ) -> Self {
-        let backend = Backend::Checkpoint { stores, naming, used: RefCell::new(BTreeSet::new()) };
+        Self::from_compressed_checkpoint(stores, naming, None, device, kind)
+    }
+
+    /// As [`VarBuilder::from_checkpoint`], for a checkpoint whose linears may be stored in
+    /// compressed-tensors form (`compressed`: its `quantization_config` and `config.json` path):
+    /// [`VarBuilder::compressed_linear`] reads those.
+    pub fn from_compressed_checkpoint(
+        stores: Vec<ShardSet>,
+        naming: Naming,
+        compressed: Option<(CompressedConfig, PathBuf)>,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
+        let used = RefCell::new(BTreeSet::new());
+        let compressed = compressed.map(Box::new);
+        let backend = Backend::Checkpoint { stores, naming, used, compressed };
         Self { shared: Rc::new(Shared { backend, device, kind }), prefix: vec![] }
+    }
+
+    /// The packed weight `[out, in]` of the linear at this scope when the checkpoint is a
+    /// compressed-tensors one and a config group quantizes it (its tensors are then marked
+    /// used); `None` for a float linear. `layer` names it in errors.
+    pub fn compressed_linear(
+        &self,
+        out: i64,
+        inp: i64,
+        layer: &str,
+    ) -> Result<Option<PackedWeight>> {
+        let Backend::Checkpoint { stores, naming, used, compressed: Some(compressed) } =
+            &self.shared.backend
+        else {
+            return Ok(None);
+        };
+        let (cfg, config_file) = &**compressed;
+        let canonical = self.path();
+        let Some(group) = cfg.group_of(&module_names(&canonical), config_file)? else {
+            return Ok(None);
+        };
+        let format = cfg.group_format(&group, config_file)?;
+        let (store, weight_key) = naming.stored_key(&format!("{canonical}.weight"));
+        let set = stores.get(store).ok_or_else(|| {
+            Error::Invalid(format!("naming maps `{canonical}` to missing store {store}"))
+        })?;
+        let file = set.file_of(&weight_key);
+        let mut read = |suffix: &str| -> Result<Option<Tensor>> {
+            let key = naming.stored_key(&format!("{canonical}.{suffix}")).1;
+            if !set.contains(&key) {
+                return Ok(None);
+            }
+            let t = set.read(&key)?;
+            used.borrow_mut().insert((store, key));
+            Ok(Some(t))
+        };
+        let packed = read_layer(
+            format,
+            out,
+            inp,
+            &mut read,
+            self.shared.kind,
+            self.shared.device,
+            layer,
+            &file,
+        )?;
+        Ok(Some(packed))
     }
 
     /// Fresh trainable variables, initialised as each module asks (for training from scratch).
@@ -111,7 +184,7 @@ impl VarBuilder {
     pub fn get(&self, name: &str, shape: &[i64], init: Init) -> Result<Tensor> {
         let canonical = self.canonical(name);
         match &self.shared.backend {
-            Backend::Checkpoint { stores, naming, used } => {
+            Backend::Checkpoint { stores, naming, used, .. } => {
                 let (store, key) = naming.stored_key(&canonical);
                 let set = stores.get(store).ok_or_else(|| {
                     Error::Invalid(format!("naming maps `{canonical}` to missing store {store}"))
@@ -161,7 +234,7 @@ impl VarBuilder {
     /// After the model is built: every stored tensor must have been used, except keys the naming
     /// declares as ignorable (derived buffers, CLIP's text tower in a CLIPModel checkpoint).
     pub fn finish(&self) -> Result<()> {
-        let Backend::Checkpoint { stores, naming, used } = &self.shared.backend else {
+        let Backend::Checkpoint { stores, naming, used, .. } = &self.shared.backend else {
             return Ok(());
         };
         let used = used.borrow();

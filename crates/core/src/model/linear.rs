@@ -78,16 +78,17 @@ impl Linear {
         bias: bool,
         std: f64,
     ) -> Result<Self> {
-        let weight = vb.get("weight", &[out_features, in_features], Init::Normal { std })?;
+        // A compressed-tensors checkpoint stores some linears packed (see io::compressed).
+        let weight = match vb.compressed_linear(out_features, in_features, &id.to_string())? {
+            Some(packed) => LinearWeight::Packed(packed),
+            None => LinearWeight::Float(vb.get(
+                "weight",
+                &[out_features, in_features],
+                Init::Normal { std },
+            )?),
+        };
         let bias = if bias { Some(vb.get("bias", &[out_features], Init::Zeros)?) } else { None };
-        Ok(Self {
-            id,
-            path: vb.path(),
-            in_features,
-            out_features,
-            weight: LinearWeight::Float(weight),
-            bias,
-        })
+        Ok(Self { id, path: vb.path(), in_features, out_features, weight, bias })
     }
 
     /// Its tensors under their canonical names; a packed weight is dequantized.

@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::device::DType;
 use crate::error::{Error, Result};
 use crate::hook::LinearHook;
+use crate::io::compressed::CompressedConfig;
 use crate::io::config::{
     detect_format, CheckpointFiles, CheckpointFormat, LlavaConfig, ProjectorKind,
 };
@@ -111,7 +112,15 @@ impl Llava {
                 let cfg = LlavaConfig::from_hf_json(&files.config)?;
                 let shards = ShardSet::open_dir(dir)?;
                 let naming = Naming::detect_hf(&shards, &shards.file_of(""))?;
-                let vb = VarBuilder::from_checkpoint(vec![shards], naming, opts.device, kind);
+                let compressed = CompressedConfig::from_config_json(&files.config)?
+                    .map(|c| (c, files.config.clone()));
+                let vb = VarBuilder::from_compressed_checkpoint(
+                    vec![shards],
+                    naming,
+                    compressed,
+                    opts.device,
+                    kind,
+                );
                 Self::build(&vb, &cfg)
             }
             CheckpointFormat::Original => {
@@ -130,6 +139,25 @@ impl Llava {
 
     pub fn device(&self) -> Device {
         self.language_model.embed_tokens.device()
+    }
+
+    /// SHA-256 over every tensor (canonical name, dtype, shape, then its bytes), in name order:
+    /// the identity of the weights, whatever file layout they came from.
+    pub fn weights_sha256(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let _guard = tch::no_grad_guard();
+        let mut named = self.named_tensors();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut hasher = Sha256::new();
+        for (name, t) in named {
+            let t = t.detach().to_device(Device::Cpu).contiguous();
+            hasher.update(format!("{name}|{:?}|{:?}\n", t.kind(), t.size()).as_bytes());
+            let bytes = t.numel() * t.kind().elt_size_in_bytes();
+            let mut buf = vec![0u8; bytes];
+            t.f_copy_data_u8(&mut buf, t.numel())?;
+            hasher.update(&buf);
+        }
+        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 
     pub fn kind(&self) -> Kind {

@@ -166,7 +166,7 @@ enum Store {
 
 /// The portable tensors of a uniform store (shallow clones, or rebuilt from the own kernel's
 /// layout): grid, group, codes, scale, zero point.
-type UniformTensors = (Grid, i64, Tensor, Tensor, Option<Tensor>);
+pub type UniformTensors = (Grid, i64, Tensor, Tensor, Option<Tensor>);
 
 /// The tensors a kernel takes besides the activations, derived from the storage.
 #[derive(Debug)]
@@ -632,6 +632,21 @@ impl PackedWeight {
         let (qmin, _) = grid.range();
         Int4Weight::from_nibbles(&nibbles, scale, zp, qmin as i32, n, k, *group as usize)
             .ok_or_else(|| "own int4 kernel: storage lengths do not match the shape".into())
+    }
+
+    /// A uniform weight's integer form with the codes unpacked, on the CPU: grid, group, codes
+    /// `[out, in]` u8 as `q − qmin` (the [`QuantizedWeight`] convention), scale `[out, groups]`
+    /// f32 and, asymmetric grids only, zero points `[out, groups]` u8; `None` for NF4.
+    pub fn uniform_codes(&self) -> Option<UniformTensors> {
+        let (grid, group, codes, scale, zero_point) = self.uniform_tensors()?;
+        let codes = codes.to_device(Device::Cpu);
+        let codes = if grid.bits <= 4 {
+            unpack_nibbles(&codes, self.in_features)
+        } else {
+            (codes.to_kind(Kind::Int) - grid.range().0).to_kind(Kind::Uint8)
+        };
+        let cpu = |t: Tensor| t.to_device(Device::Cpu);
+        Some((grid, group, codes, cpu(scale), zero_point.map(cpu)))
     }
 
     /// Grid, group, codes, scale and zero point of a uniform store, on the weight's device.

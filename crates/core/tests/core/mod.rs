@@ -1,4 +1,5 @@
 mod common;
+mod compressed;
 mod llava_parity;
 mod loading_errors;
 mod quant_kernels;
