@@ -26,6 +26,7 @@ pub mod memory;
 pub mod methods;
 pub mod progress;
 pub mod prompt;
+pub mod quantize;
 pub mod report;
 pub mod results;
 pub mod run;

@@ -60,6 +60,9 @@ enum Command {
     Slurm(SlurmArgs),
     /// Answer a prompt about an image with a checkpoint directory.
     Generate(cli::GenerateArgs),
+    /// Apply a stored plan to its model (no search) and write a checkpoint: compressed-tensors
+    /// (vLLM, SGLang, transformers), qvlm (packed) or llava-hf (dequantized).
+    Quantize(experiments::quantize::QuantizeArgs),
     /// Train the embedded tiny LLaVA on easy-VQA (configs/train-tiny.toml).
     TrainTiny {
         #[arg(default_value = "configs/train-tiny.toml")]
@@ -137,6 +140,20 @@ fn run() -> Result<()> {
         }
         (Some(Command::Report { config }), _) => report(&config),
         (Some(Command::Slurm(s)), _) => slurm(&s),
+        (Some(Command::Quantize(q)), _) => {
+            let r = experiments::quantize::quantize(&q)?;
+            say(format!(
+                "{}: {} packed layers of plan `{}` ({}), {:.2} MiB written = {:.3}× the fp16 size ({:.2} MiB)",
+                q.out.display(),
+                r.packed_layers,
+                r.plan.display(),
+                r.strategy,
+                r.bytes as f64 / 1048576.0,
+                r.bytes as f64 / r.fp16_bytes as f64,
+                r.fp16_bytes as f64 / 1048576.0
+            ));
+            Ok(())
+        }
         (Some(Command::Generate(g)), _) => {
             say(cli::generate(&g)?);
             Ok(())

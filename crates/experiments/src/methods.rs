@@ -157,7 +157,7 @@ impl MethodSpec {
             } else {
                 Granularity::PerGroup { size: q.weight_group }
             };
-            let rtn = WeightSpec::Rtn { grid: Grid::new(bits.w, false)?, granularity };
+            let rtn = WeightSpec::Rtn { grid: Grid::new(bits.w, q.weight_symmetric)?, granularity };
             Some(match self.weights {
                 WeightFormat::Nf4 if bits.w == 4 => {
                     WeightSpec::Nf4 { block: q.nf4_block, double_quant: q.nf4_double_quant }

@@ -10,7 +10,7 @@ use qvlm_core::hook::NoHook;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::plant_outliers;
 use qvlm_core::quant::spec::{Granularity, WeightSpec};
-use qvlm_search::plan::{apply, ActScheme, QuantPlan};
+use qvlm_search::plan::{apply, ActScheme, ModelIdentity, QuantPlan};
 use qvlm_search::strategy;
 use serde::Serialize;
 use tch::Tensor;
@@ -441,8 +441,14 @@ fn run_cell(
             pb.set_position(done as u64);
             pb.set_message(what.to_string());
         };
+        // The model as searched on (after outlier planting), for `experiments quantize`.
+        let identity = ModelIdentity::of(
+            &bundle.model,
+            &cell.model.name,
+            &cell.model.path.display().to_string(),
+        )?;
         let start = Instant::now();
-        let p = strategy::run(
+        let mut p = strategy::run(
             &mut bundle.model,
             &calib,
             scheme,
@@ -453,6 +459,7 @@ fn run_cell(
         pb.finish_and_clear();
         timings.insert("search_seconds", start.elapsed().as_secs_f64());
         nonfinite += p.nonfinite_inputs;
+        p.model = Some(identity);
         hook = Box::new(apply(&mut bundle.model, &p)?);
         out_cell.write("plan.json", serde_json::to_string_pretty(&p)?.as_bytes())?;
         plan = Some(p);

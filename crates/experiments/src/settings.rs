@@ -65,6 +65,11 @@ pub struct QuantSettings {
     /// Weight group size along the input dimension for RTN/AWQ weights (0 = per output channel).
     #[serde(default = "default_group")]
     pub weight_group: i64,
+    /// Symmetric RTN/AWQ weight grids (zero points 0; what compressed-tensors checkpoints that
+    /// transformers 5.24 can load need). Default asymmetric, as every result so far; left out of
+    /// the hashed cell config when false, so existing cell ids stay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub weight_symmetric: bool,
     /// NF4 block size (QLoRA: 64) and double quantization.
     #[serde(default = "default_nf4_block")]
     pub nf4_block: i64,
@@ -104,6 +109,7 @@ impl Default for QuantSettings {
     fn default() -> Self {
         Self {
             weight_group: default_group(),
+            weight_symmetric: false,
             nf4_block: default_nf4_block(),
             nf4_double_quant: true,
             vision_act: default_vision_act(),

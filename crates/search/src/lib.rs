@@ -8,6 +8,7 @@ pub mod cost;
 pub mod engine;
 pub mod entropy;
 pub mod error;
+pub mod pack;
 pub mod partition;
 pub mod plan;
 pub mod ranges;
