@@ -273,7 +273,7 @@ def load_transformers(model_dir, qcfg, dequantize):
     return model.eval(), "transformers-dequantize", act
 
 
-def load_ct_decompress(model_dir, qcfg):
+def load_ct_decompress(model_dir, qcfg, weights_only=False):
     config = LlavaConfig.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
     schemes = module_schemes(model, qcfg)
@@ -309,6 +309,8 @@ def load_ct_decompress(model_dir, qcfg):
     check_loading_info(
         {"missing_keys": missing, "unexpected_keys": result.unexpected_keys}, source="decompressed state dict"
     )
+    if weights_only:
+        return model, "compressed-tensors-decompress", "off (--weights-only)"
     qparams = static_input_qparams(tensors, schemes)
     act = add_activation_fake_quant(model, schemes, qparams)
     return model, "compressed-tensors-decompress", act
@@ -324,13 +326,17 @@ def read_inputs(path):
     return ids, pix
 
 
-def reference_logits(model_dir, ids, pix, dequantize=False, decompress=False):
+def reference_logits(model_dir, ids, pix, dequantize=False, decompress=False, weights_only=False):
     """(logits [T, vocab] float32, metadata dict) for one checkpoint and one prompt."""
     qcfg = read_quant_config(model_dir)
+    if weights_only:
+        if dequantize:
+            raise LoadError("--weights-only takes the decompress path; --dequantize excludes it")
+        decompress = True
     if dequantize and decompress:
         raise LoadError("--dequantize and --decompress exclude each other")
     if decompress or (needs_ct_decompress(qcfg) and not dequantize):
-        model, loaded_by, act = load_ct_decompress(model_dir, qcfg)
+        model, loaded_by, act = load_ct_decompress(model_dir, qcfg, weights_only)
     else:
         model, loaded_by, act = load_transformers(model_dir, qcfg, dequantize)
     with torch.no_grad():
@@ -352,11 +358,13 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--dequantize", action="store_true", help="load with CompressedTensorsConfig(dequantize=True)")
     ap.add_argument("--decompress", action="store_true", help="always use compressed-tensors' decompressor")
+    ap.add_argument("--weights-only", action="store_true",
+                    help="decompress the weights and leave activations in float (checks W8A8 weights exactly)")
     a = ap.parse_args()
     torch.manual_seed(0)
     try:
         ids, pix = read_inputs(a.inputs)
-        logits, meta = reference_logits(a.model_dir, ids, pix, a.dequantize, a.decompress)
+        logits, meta = reference_logits(a.model_dir, ids, pix, a.dequantize, a.decompress, a.weights_only)
     except LoadError as e:
         sys.exit(f"ct_reference: {e}")
     save_file({"logits": logits}, a.out, metadata=meta)

@@ -18,9 +18,11 @@ use tch::{Kind, Tensor};
 
 /// f32, weight-only: transformers dequantizes q·scale exactly as we do; float forward parity.
 const LOGITS_ATOL_WEIGHT_ONLY: f64 = 1e-4;
-/// W8A8, dynamic per-token activations: the rounding-convention difference of
-/// crates/core/tests/core/compressed.rs (`LOGITS_ATOL_W8A8`), on the embedded model.
-const LOGITS_ATOL_W8A8: f64 = 0.15;
+/// W8A8 with dynamic per-token activations, whole forward: two implementations differ by
+/// per-token rounding flips that compound through the model (crates/core/tests/core/compressed.rs
+/// `LOGITS_ATOL_W8A8`); measured 0.135 here on this machine. A wrong scale layout or code offset
+/// moves logits by several units. The W8A8 weights themselves are compared exactly (weights-only).
+const LOGITS_ATOL_W8A8: f64 = 0.5;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
@@ -82,6 +84,7 @@ fn reference_logits(
     pieces: &[Piece],
     pixels: &Tensor,
     tmp: &Path,
+    extra: &[&str],
 ) -> Tensor {
     let image = model.cfg.image_token_id.expect("llava-hf image token");
     let mut ids = Vec::new();
@@ -112,6 +115,7 @@ fn reference_logits(
             inputs.as_os_str(),
             out.as_os_str(),
         ])
+        .args(extra)
         .current_dir(root())
         .output()
         .expect("python");
@@ -202,7 +206,7 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
             ours.linears().iter().filter(|l| matches!(l.weight, LinearWeight::Packed(_))).count();
         assert_eq!(packed, plan.weights.len(), "{tag}: every planned linear loads packed");
         let (pieces, pixels) = inputs(&ours);
-        let reference = reference_logits(&out, &ours, &pieces, &pixels, &tmp);
+        let reference = reference_logits(&out, &ours, &pieces, &pixels, &tmp, &[]);
 
         // The plan's fake-quant model (float weights Q(W), the plan's activation hook).
         let mut float = Llava::load(&model_dir, &LoadOptions::default()).expect("float");
@@ -212,13 +216,18 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         let vs_plan = max_abs_diff(&packed_logits, &fake);
         let vs_reference = max_abs_diff(&packed_logits, &reference);
         eprintln!("{tag}: packed vs plan {vs_plan:.2e}, packed (own kernels) vs transformers {vs_reference:.2e}");
-        // Printed, not asserted: on the embedded model the own kernels differ from the plan's
-        // fake-quant logits (W4A16 symmetric per channel: 1.44; W8A8: 0.36) while the exported
-        // weights are exact — an open kernel item recorded on issue #18.
+        // Printed, not asserted: the own kernels' logits differ from the plan's fake-quant ones
+        // (W4A16: 1.44, W8A8: 0.36 on the embedded model) although every layer matches alone
+        // (int4 with bf16 activations within 0.5 % relative, `_int_mm` exactly): the trained
+        // tiny LLaVA's language activations are large (down_proj inputs differ by 7 after three
+        // layers of bf16 rounding) and per-token int8 codes flip at rounding boundaries once
+        // inputs differ at all. The dequantized export is compared exactly below.
         if w8a8 {
             assert!(vs_reference <= LOGITS_ATOL_W8A8, "{tag}: {vs_reference}");
-        } else {
-            // Weight-only: the exported format's exact weights in a float forward.
+        }
+        {
+            // The exported format's exact weights in a float forward (W8A8: activations in float
+            // on both sides, `--weights-only`).
             let mut exact = Llava::load(&out, &LoadOptions::default()).expect("load");
             for linear in exact.linears_mut() {
                 if let LinearWeight::Packed(p) = &linear.weight {
@@ -226,10 +235,20 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
                 }
             }
             let exact_logits = logits(&exact, &pieces, &pixels, &mut NoHook);
-            let d = max_abs_diff(&exact_logits, &reference);
-            let d_plan = max_abs_diff(&exact_logits, &fake);
-            eprintln!("{tag}: dequantized export vs transformers {d:.2e}, vs plan {d_plan:.2e}");
+            let weights_reference = if w8a8 {
+                reference_logits(&out, &ours, &pieces, &pixels, &tmp, &["--weights-only"])
+            } else {
+                reference.shallow_clone()
+            };
+            let d = max_abs_diff(&exact_logits, &weights_reference);
+            eprintln!("{tag}: dequantized export vs transformers/compressed-tensors {d:.2e}");
             assert!(d <= LOGITS_ATOL_WEIGHT_ONLY, "{tag}: {d}");
+            // The export's weights are the plan's (the fake-quant model, its activation hook
+            // included, equals the dequantized export under the same hook).
+            let mut hook =
+                apply(&mut Llava::load(&model_dir, &LoadOptions::default()).expect("float"), &plan)
+                    .expect("apply");
+            let d_plan = max_abs_diff(&logits(&exact, &pieces, &pixels, &mut hook), &fake);
             assert!(d_plan <= LOGITS_ATOL_WEIGHT_ONLY, "{tag}: export vs plan {d_plan}");
         }
         // Bytes against fp16, recorded by quantize.
