@@ -10,7 +10,7 @@
 //! - [`layer_id`], [`hook`]: how layers are named and how code plugs into their inputs;
 //! - [`io`]: files — safetensors, shards, key layouts, strict weight loading, configs, images,
 //!   prompts and tokenizers;
-//! - [`quant`]: quantizers, observers, packed weights and the low-bit kernels (no model types);
+//! - [`quant`]: quantizers, packed weights and the low-bit kernels (no model types);
 //! - [`model`]: the one LLaVA definition (float and quantized runs alike);
 //! - [`checkpoint`]: whole-model files — quantized checkpoints and llava-hf export.
 

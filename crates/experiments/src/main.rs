@@ -152,6 +152,13 @@ fn run() -> Result<()> {
                 r.bytes as f64 / r.fp16_bytes as f64,
                 r.fp16_bytes as f64 / 1048576.0
             ));
+            if !r.vllm_marlin_misfits.is_empty() {
+                say(format!(
+                    "note: {} layers miss vLLM's fast int4/int8 kernel shapes (listed in quantize.json), e.g. {}",
+                    r.vllm_marlin_misfits.len(),
+                    r.vllm_marlin_misfits[0]
+                ));
+            }
             Ok(())
         }
         (Some(Command::Generate(g)), _) => {

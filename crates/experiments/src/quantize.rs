@@ -59,6 +59,10 @@ pub struct QuantizeReport {
     pub bytes: u64,
     /// The model's parameters at 2 bytes each.
     pub fp16_bytes: u64,
+    /// compressed-tensors: layers outside vLLM's fast-kernel shape rules (see core
+    /// `checkpoint::compressed::CompressedExport`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vllm_marlin_misfits: Vec<String>,
 }
 
 /// Tokenizer and generation files copied next to the exported weights when the model has them.
@@ -107,12 +111,15 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
+    let mut misfits = Vec::new();
     let written = (|| -> Result<usize> {
         let images = bundle.images.cfg.clone();
         match args.format {
             ExportFormat::CompressedTensors => {
                 let packed = pack(&mut bundle.model, &plan)?;
-                save_compressed(&bundle.model, &images, &packed.static_input_scales, &tmp)?;
+                let export =
+                    save_compressed(&bundle.model, &images, &packed.static_input_scales, &tmp)?;
+                misfits = export.vllm_marlin_misfits;
                 Ok(packed.layers.len())
             }
             ExportFormat::Qvlm => {
@@ -167,6 +174,7 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
         packed_layers,
         bytes: 0,
         fp16_bytes,
+        vllm_marlin_misfits: misfits,
     };
     report.bytes = dir_bytes(&tmp)?;
     std::fs::write(tmp.join("quantize.json"), serde_json::to_string_pretty(&report)? + "\n")?;

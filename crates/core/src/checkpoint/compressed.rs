@@ -41,6 +41,30 @@ pub struct CompressedExport {
     pub tensor_bytes: u64,
     /// The same model's parameters at 2 bytes each (an fp16 checkpoint's tensor bytes).
     pub fp16_bytes: u64,
+    /// Weight-only layers outside vLLM's fast (Marlin) kernel rules — group size in
+    /// {channel, 32, 64, 128}, out features divisible by 64, in features by 128 — which vLLM then
+    /// runs on a slower path or refuses; empty when every layer fits.
+    pub vllm_marlin_misfits: Vec<String>,
+}
+
+/// Why a weight-only layer misses vLLM's Marlin rules (`None` when it fits).
+fn marlin_misfit(format: LayerFormat, out: i64, inp: i64) -> Option<String> {
+    if format.input != InputFormat::Float {
+        return None;
+    }
+    let mut why = Vec::new();
+    if let Some(g) = format.weight.group {
+        if ![32, 64, 128].contains(&g) {
+            why.push(format!("group {g}"));
+        }
+    }
+    if out % 64 != 0 {
+        why.push(format!("out {out} % 64 != 0"));
+    }
+    if inp % 128 != 0 {
+        why.push(format!("in {inp} % 128 != 0"));
+    }
+    (!why.is_empty()).then(|| why.join(", "))
 }
 
 fn unsupported(layer: LayerId, reason: impl std::fmt::Display) -> Error {
@@ -180,6 +204,7 @@ pub fn save_compressed(
         ignored: Vec::new(),
         tensor_bytes: 0,
         fp16_bytes: 0,
+        vllm_marlin_misfits: Vec::new(),
     };
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut packed_names: BTreeSet<String> = BTreeSet::new();
@@ -198,6 +223,10 @@ pub fn save_compressed(
                     None => groups.push((format, vec![target])),
                 }
                 report.quantized.insert(linear.id.to_string(), format.format_name().to_string());
+                let [out, inp] = p.shape();
+                if let Some(why) = marlin_misfit(format, out, inp) {
+                    report.vllm_marlin_misfits.push(format!("{}: {why}", linear.id));
+                }
             }
             LinearWeight::Float(_) => {
                 ignore.push(exact_target(&linear.path));

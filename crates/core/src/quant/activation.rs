@@ -1,4 +1,4 @@
-//! Activation quantizers: static (from calibration statistics) or dynamic ranges at any
+//! Activation quantizers: static (ranges measured by a search) or dynamic ranges at any
 //! granularity, applied at linear inputs through a [`LinearHook`].
 
 use std::collections::BTreeMap;
@@ -8,7 +8,6 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::hook::LinearHook;
 use crate::layer_id::LayerId;
-use crate::quant::observer::SiteStats;
 use crate::quant::spec::{ActSpec, Clip, Granularity, RangeMode};
 use crate::quant::uniform::QParams;
 
@@ -20,83 +19,17 @@ pub struct ActQuantizer {
     pub params: Option<QParams>,
 }
 
-/// Range of `stats` for a granularity, narrowed by `clip`.
-fn static_range(
-    stats: &SiteStats,
-    granularity: Granularity,
-    clip: Clip,
-    layer: LayerId,
-) -> Result<(Tensor, Tensor)> {
-    let missing_hist = || Error::Quant {
-        layer: layer.to_string(),
-        reason: "percentile clipping needs histogram statistics (calibration pass 2)".into(),
-    };
-    let quantiles = |h: Option<&super::observer::Histograms>, p: f64| -> Result<(Tensor, Tensor)> {
-        let h = h.ok_or_else(missing_hist)?;
-        Ok((h.quantile(1.0 - p), h.quantile(p)))
-    };
-    let (lo, hi) = match (granularity, clip) {
-        (Granularity::PerTensor, Clip::Percentile(p)) => {
-            let (a, b) = quantiles(stats.tensor_hist.as_ref(), p)?;
-            (a.reshape([]), b.reshape([]))
-        }
-        (Granularity::PerTensor, _) => stats.min_max(),
-        (Granularity::PerChannel | Granularity::PerGroup { .. }, Clip::Percentile(p)) => {
-            quantiles(stats.channel_hist.as_ref(), p)?
-        }
-        (Granularity::PerChannel | Granularity::PerGroup { .. }, _) => {
-            (stats.channel_min.shallow_clone(), stats.channel_max.shallow_clone())
-        }
-        (Granularity::PerToken, clip) => {
-            let (tmin, tmax) = stats.token_range.as_ref().ok_or_else(|| Error::Quant {
-                layer: layer.to_string(),
-                reason: "static per-token ranges need a fixed sequence length (use them on the vision tower, \
-                         or dynamic ranges)"
-                    .into(),
-            })?;
-            match clip {
-                Clip::Percentile(p) => quantiles(stats.token_hist.as_ref(), p)?,
-                _ => (tmin.shallow_clone(), tmax.shallow_clone()),
-            }
-        }
-    };
-    let (lo, hi) = match clip {
-        Clip::Ratio(r) => (lo * r, hi * r),
-        _ => (lo, hi),
-    };
-    Ok(match granularity {
-        Granularity::PerGroup { size } => {
-            let c = stats.channels;
-            if size <= 0 || c % size != 0 {
-                return Err(Error::Quant {
-                    layer: layer.to_string(),
-                    reason: format!("group size {size} does not divide the {c} input channels"),
-                });
-            }
-            let g = c / size;
-            (lo.reshape([g, size]).amin(1, true), hi.reshape([g, size]).amax(1, true))
-        }
-        Granularity::PerToken => (lo.unsqueeze(1), hi.unsqueeze(1)),
-        _ => (lo, hi),
-    })
-}
-
 impl ActQuantizer {
-    /// A static quantizer from calibration statistics, or a dynamic one (statistics unused).
-    pub fn new(spec: ActSpec, stats: Option<&SiteStats>, layer: LayerId) -> Result<Self> {
+    /// A dynamic quantizer (ranges measured on each input). Static quantizers come from the
+    /// ranges a search measured: [`ActQuantizer::with_range`].
+    pub fn dynamic(spec: ActSpec) -> Result<Self> {
         spec.clip.validate()?;
-        let params = match spec.range {
-            RangeMode::Dynamic => None,
-            RangeMode::Static => {
-                let stats = stats.ok_or_else(|| Error::Quant {
-                    layer: layer.to_string(),
-                    reason: "static ranges need calibration statistics".into(),
-                })?;
-                let (lo, hi) = static_range(stats, spec.granularity, spec.clip, layer)?;
-                Some(QParams::from_range(spec.grid, &lo, &hi))
-            }
-        };
-        Ok(Self { spec, params })
+        if spec.range != RangeMode::Dynamic {
+            return Err(Error::Invalid(
+                "a static activation quantizer needs its ranges: ActQuantizer::with_range".into(),
+            ));
+        }
+        Ok(Self { spec, params: None })
     }
 
     /// A static quantizer with explicit ranges (search candidates, learned ranges).

@@ -1,10 +1,10 @@
-//! Quantizers: the reference fake-quant, uniform grids, activation quantizers with calibration
-//! observers, weight quantizers (RTN, NF4, AWQ), packed storage and real low-bit kernels.
+//! Quantizers: the reference fake-quant, uniform grids, activation quantizers (static ranges from
+//! the searches, or dynamic), weight quantizers (RTN, NF4, AWQ), packed storage and real low-bit
+//! kernels.
 
 pub mod activation;
 pub mod int4_avx512;
 pub mod nf4;
-pub mod observer;
 pub mod packed;
 pub mod reference;
 pub mod spec;

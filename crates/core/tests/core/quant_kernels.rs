@@ -98,8 +98,7 @@ fn per_token_int8() -> ActSpec {
 /// The W8A8 reference: per-token fake-quantized activations (the crate's dynamic activation
 /// quantizer) times the fake-quantized weight, in f32.
 fn w8a8_reference(x: &Tensor, w_fake: &Tensor) -> Tensor {
-    let id = LayerId::new(Tower::Language, 0, Slot::QProj);
-    let q = ActQuantizer::new(per_token_int8(), None, id).expect("act quantizer");
+    let q = ActQuantizer::dynamic(per_token_int8()).expect("act quantizer");
     q.apply(x).matmul(&w_fake.tr())
 }
 
@@ -406,7 +405,7 @@ fn fake_quantize(model: &mut Llava, spec_of: impl Fn(LayerId) -> PackedSpec) -> 
         let w = fake_quant_weight(&linear.float_weight(), &spec);
         linear.weight = LinearWeight::Float(w);
         if spec.act == ActMode::Int8PerToken {
-            let q = ActQuantizer::new(per_token_int8(), None, linear.id).expect("act");
+            let q = ActQuantizer::dynamic(per_token_int8()).expect("act");
             hook.sites.insert(linear.id, q);
         }
     }
