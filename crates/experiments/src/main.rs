@@ -143,7 +143,7 @@ fn run() -> Result<()> {
         (Some(Command::Quantize(q)), _) => {
             let r = experiments::quantize::quantize(&q)?;
             say(format!(
-                "{}: {} packed layers of plan `{}` ({}), {:.2} MiB written = {:.3}× the fp16 size ({:.2} MiB)",
+                "{}: {} quantized layers of plan `{}` ({}), {:.2} MiB written = {:.3}× the fp16 size ({:.2} MiB)",
                 q.out.display(),
                 r.packed_layers,
                 r.plan.display(),

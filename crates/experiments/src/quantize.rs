@@ -17,9 +17,12 @@ use qvlm_core::checkpoint::llava_hf::save_llava_hf;
 use qvlm_core::checkpoint::packed::save_quantized;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
+use qvlm_core::model::outliers::plant_outliers;
 use qvlm_search::pack::pack;
 use qvlm_search::plan::{apply, ModelIdentity, QuantPlan};
 use serde::Serialize;
+
+use crate::config::ModelEntry;
 
 /// The checkpoint format `quantize` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -32,9 +35,10 @@ pub enum ExportFormat {
 
 #[derive(clap::Args, Debug)]
 pub struct QuantizeArgs {
-    /// The float checkpoint the plan was searched on (llava-hf directory).
+    /// The float checkpoint the plan was searched on (llava-hf directory). With `--cell` it
+    /// defaults to the cell's model (path, dtype and planted outliers from its config.json).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// A plan (`results/<experiment>/cells/<id>/plan.json`).
     #[arg(long, conflicts_with = "cell")]
     pub plan: Option<PathBuf>,
@@ -102,8 +106,7 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
             args.out.display()
         );
     }
-    let mut bundle = LlavaBundle::load(&args.model, &LoadOptions::default())
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let (model_dir, mut bundle) = load_model(args)?;
     let fp16_bytes: u64 =
         bundle.model.named_tensors().iter().map(|(_, t)| 2 * t.numel() as u64).sum();
     // Written into a temporary sibling and renamed at the end: no half-written output.
@@ -161,7 +164,7 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
         }
     };
     for name in SIDE_FILES {
-        let from = args.model.join(name);
+        let from = model_dir.join(name);
         if from.is_file() {
             std::fs::copy(&from, tmp.join(name))
                 .with_context(|| format!("copying {}", from.display()))?;
@@ -181,6 +184,32 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
     std::fs::rename(&tmp, &args.out)
         .with_context(|| format!("renaming {} to {}", tmp.display(), args.out.display()))?;
     Ok(report)
+}
+
+/// The model a plan is applied to: `--model` (f32), or the `--cell`'s model as its run loaded it
+/// (dtype, CLIP directory, planted outliers).
+fn load_model(args: &QuantizeArgs) -> Result<(PathBuf, LlavaBundle)> {
+    if let Some(dir) = &args.model {
+        let bundle = LlavaBundle::load(dir, &LoadOptions::default())
+            .with_context(|| format!("loading {}", dir.display()))?;
+        return Ok((dir.clone(), bundle));
+    }
+    let Some(cell) = &args.cell else { bail!("pass --model DIR with --plan") };
+    let path = cell.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let entry: ModelEntry = serde_json::from_value(value["model"].clone())
+        .with_context(|| format!("{}: key `model`", path.display()))?;
+    let opts =
+        LoadOptions { dtype: entry.dtype, clip_dir: entry.clip.clone(), ..LoadOptions::default() };
+    let mut bundle = LlavaBundle::load(&entry.path, &opts)
+        .with_context(|| format!("loading the cell's model {}", entry.path.display()))?;
+    if let Some(spec) = &entry.outliers {
+        plant_outliers(&mut bundle.model, spec);
+    }
+    Ok((entry.path, bundle))
 }
 
 /// `apply` leaves Q(W·s) in the weights and divides the input by s in its hook; a plain float

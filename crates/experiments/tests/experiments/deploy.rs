@@ -258,13 +258,11 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         .expect("json");
         eprintln!("{tag}: {} bytes, fp16 {} bytes", report["bytes"], report["fp16_bytes"]);
 
-        // The other formats.
+        // The other formats (qvlm: the model from the cell's own config, no --model).
         let q = tmp.join(format!("qvlm-{tag}"));
         ok(
             experiments(&[
                 "quantize",
-                "--model",
-                model_dir.to_str().expect("utf8"),
                 "--cell",
                 cell.to_str().expect("utf8"),
                 "--out",
