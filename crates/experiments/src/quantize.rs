@@ -8,7 +8,6 @@
 //!   the weights' columns), loadable anywhere, with the plan's activation quantizers beside them
 //!   in `activation_quant.json` so fake-quant evaluation can be reproduced.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +18,7 @@ use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
 use qvlm_core::model::outliers::plant_outliers;
 use qvlm_search::pack::pack;
-use qvlm_search::plan::{apply, ModelIdentity, QuantPlan};
+use qvlm_search::plan::{apply, input_scales, ModelIdentity, QuantPlan};
 use serde::Serialize;
 
 use crate::config::ModelEntry;
@@ -215,12 +214,7 @@ fn load_model(args: &QuantizeArgs) -> Result<(PathBuf, LlavaBundle)> {
 /// `apply` leaves Q(W·s) in the weights and divides the input by s in its hook; a plain float
 /// checkpoint has no hook, so the columns are divided by s instead (the same product in float).
 fn fold_input_scales(bundle: &mut LlavaBundle, plan: &QuantPlan) -> Result<()> {
-    let scales: BTreeMap<_, _> = plan
-        .sites
-        .iter()
-        .filter_map(|sp| sp.input_scale.as_ref().map(|s| (sp, s.to_tensor())))
-        .flat_map(|(sp, s)| sp.site.consumers.iter().map(move |c| (*c, s.shallow_clone())))
-        .collect();
+    let scales = input_scales(plan);
     let _guard = tch::no_grad_guard();
     for linear in bundle.model.linears_mut() {
         if let Some(s) = scales.get(&linear.id) {

@@ -355,15 +355,19 @@ pub fn quantize_weight(
     Ok(deq)
 }
 
-/// Fake-quantizes the model's weights in place as the plan says; returns the hook for the
-/// activations. The model's float weights are replaced: keep a copy if you need them.
-pub fn apply(model: &mut Llava, plan: &QuantPlan) -> Result<PlanHook> {
-    let scales: BTreeMap<LayerId, Tensor> = plan
-        .sites
+/// AWQ's input scale s of every linear whose site has one, by the linear's id.
+pub fn input_scales(plan: &QuantPlan) -> BTreeMap<LayerId, Tensor> {
+    plan.sites
         .iter()
         .filter_map(|sp| sp.input_scale.as_ref().map(|s| (sp, s.to_tensor())))
         .flat_map(|(sp, s)| sp.site.consumers.iter().map(move |c| (*c, s.shallow_clone())))
-        .collect();
+        .collect()
+}
+
+/// Fake-quantizes the model's weights in place as the plan says; returns the hook for the
+/// activations. The model's float weights are replaced: keep a copy if you need them.
+pub fn apply(model: &mut Llava, plan: &QuantPlan) -> Result<PlanHook> {
+    let scales = input_scales(plan);
     let _guard = tch::no_grad_guard();
     for linear in model.linears_mut() {
         let Some(wp) = plan.weights.get(&linear.id) else {

@@ -44,6 +44,14 @@ fn experiments(args: &[&str]) -> Output {
         .expect("run experiments")
 }
 
+/// `experiments quantize --cell CELL --out OUT` with `extra` arguments (`--model`, `--format`).
+fn quantize(cell: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (cell, out) = (cell.to_str().expect("utf8"), out.to_str().expect("utf8"));
+    let mut args = vec!["quantize", "--cell", cell, "--out", out];
+    args.extend_from_slice(extra);
+    experiments(&args)
+}
+
 fn ok(out: Output, what: &str) -> String {
     let text =
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -186,18 +194,8 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         let w8a8 = plan.sites.iter().any(|s| s.act.is_some());
         let tag = if w8a8 { "w8a8" } else { "w4a16" };
         let out = tmp.join(format!("ct-{tag}"));
-        let said = ok(
-            experiments(&[
-                "quantize",
-                "--model",
-                model_dir.to_str().expect("utf8"),
-                "--cell",
-                cell.to_str().expect("utf8"),
-                "--out",
-                out.to_str().expect("utf8"),
-            ]),
-            "quantize",
-        );
+        let said =
+            ok(quantize(cell, &out, &["--model", model_dir.to_str().expect("utf8")]), "quantize");
         assert!(said.contains("the fp16 size"), "{said}");
 
         // Our loader reads the export back as packed weights.
@@ -258,36 +256,12 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         .expect("json");
         eprintln!("{tag}: {} bytes, fp16 {} bytes", report["bytes"], report["fp16_bytes"]);
 
-        // The other formats (qvlm: the model from the cell's own config, no --model).
+        // The other formats (the model from the cell's own config: no --model).
         let q = tmp.join(format!("qvlm-{tag}"));
-        ok(
-            experiments(&[
-                "quantize",
-                "--cell",
-                cell.to_str().expect("utf8"),
-                "--out",
-                q.to_str().expect("utf8"),
-                "--format",
-                "qvlm",
-            ]),
-            "qvlm",
-        );
+        ok(quantize(cell, &q, &["--format", "qvlm"]), "qvlm");
         assert!(q.join("quantized.safetensors").is_file());
         let h = tmp.join(format!("hf-{tag}"));
-        ok(
-            experiments(&[
-                "quantize",
-                "--model",
-                model_dir.to_str().expect("utf8"),
-                "--cell",
-                cell.to_str().expect("utf8"),
-                "--out",
-                h.to_str().expect("utf8"),
-                "--format",
-                "llava-hf",
-            ]),
-            "llava-hf",
-        );
+        ok(quantize(cell, &h, &["--format", "llava-hf"]), "llava-hf");
         let deq = Llava::load(&h, &LoadOptions::default()).expect("llava-hf export");
         let mut hook =
             apply(&mut Llava::load(&model_dir, &LoadOptions::default()).expect("float"), &plan)
@@ -300,30 +274,14 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         assert!(h.join("activation_quant.json").is_file());
 
         // An existing output is never replaced.
-        let again = experiments(&[
-            "quantize",
-            "--model",
-            model_dir.to_str().expect("utf8"),
-            "--cell",
-            cell.to_str().expect("utf8"),
-            "--out",
-            out.to_str().expect("utf8"),
-        ]);
+        let again = quantize(cell, &out, &[]);
         assert!(
             !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists")
         );
     }
     // A plan applied to another model is refused, naming why.
     let other = root().join("crates/core/tests/fixtures/llava/hf_mha_mlp");
-    let bad = experiments(&[
-        "quantize",
-        "--model",
-        other.to_str().expect("utf8"),
-        "--cell",
-        cells[0].to_str().expect("utf8"),
-        "--out",
-        tmp.join("bad").to_str().expect("utf8"),
-    ]);
+    let bad = quantize(&cells[0], &tmp.join("bad"), &["--model", other.to_str().expect("utf8")]);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("only to the model it was found on"), "{err}");
     assert!(!tmp.join("bad").exists());
