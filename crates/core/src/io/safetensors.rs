@@ -209,5 +209,13 @@ pub fn write_safetensors(
     let tmp = path.with_extension("safetensors.tmp");
     serialize_to_file(views, Some(meta), &tmp)
         .map_err(|e| Error::Safetensors { file: tmp.clone(), reason: e.to_string() })?;
+    // safetensors writes through a NamedTempFile, created 0600: give the file the permissions
+    // of any other file written here (checkpoints are shared with other users and tools).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

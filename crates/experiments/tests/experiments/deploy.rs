@@ -197,6 +197,16 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         let said =
             ok(quantize(cell, &out, &["--model", model_dir.to_str().expect("utf8")]), "quantize");
         assert!(said.contains("the fp16 size"), "{said}");
+        // Readable by other users and tools (safetensors writes through a 0600 temp file).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(out.join("model.safetensors"))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o044, 0o044, "model.safetensors mode {mode:o}");
+        }
 
         // Our loader reads the export back as packed weights.
         let ours = Llava::load(&out, &LoadOptions::default()).expect("load the export");
