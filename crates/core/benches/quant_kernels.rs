@@ -5,6 +5,9 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use qvlm_core::quant::bf16_own::Bf16Weight;
+use qvlm_core::quant::int4_avx512::Int4Weight;
+use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use qvlm_core::quant::spec::{Granularity, WeightSpec};
 use qvlm_core::quant::uniform::{Grid, QParams};
@@ -67,6 +70,22 @@ fn kernels(c: &mut Criterion) {
         let w4_torch = pack(PackedSpec::w4a16(GROUP).expect("spec"))
             .with_kernel(Kernel::Int4Cpu)
             .expect("libtorch int4");
+        // The own kernel's AVX2 variant, forced where the default is the AVX-512 one.
+        let w4_avx2 = (w4.kernel() == Kernel::Int4Avx512).then(|| {
+            pack(PackedSpec::w4a16(GROUP).expect("spec"))
+                .with_kernel(Kernel::Int4Avx2)
+                .expect("AVX2 variant")
+        });
+        // The int8-activation VNNI kernel on the same codes (CPUs with AVX-512 VNNI).
+        let vnni =
+            int4_vnni::unsupported(n as usize, k as usize, GROUP as usize).is_none().then(|| {
+                let nibbles: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 251) as u8).collect();
+                let groups = (n * k / GROUP) as usize;
+                let zp = Some(vec![8u8; groups]);
+                let (n, k, g) = (n as usize, k as usize, GROUP as usize);
+                Int4Weight::from_nibbles(&nibbles, vec![0.01; groups], zp, 0, n, k, g)
+                    .expect("own int4 layout")
+            });
         let w8 = pack(PackedSpec::w8a16());
         let w8a8 = pack(PackedSpec::w8a8());
         for m in TOKENS {
@@ -75,10 +94,25 @@ fn kernels(c: &mut Criterion) {
             let id = |name: &str| BenchmarkId::new(name, format!("{n}x{k}/M={m}"));
             group.bench_function(id("f32"), |b| b.iter(|| x.matmul(&w.tr())));
             group.bench_function(id("bf16"), |b| b.iter(|| xb.matmul(&wb.tr())));
+            // The same bf16 weights on the own memory-bound kernel (AVX-512 or AVX2 CPUs).
+            if let Ok(own) = Bf16Weight::from_tensor(&wb, "bench") {
+                let name = format!("bf16_{}", own.isa().name());
+                group.bench_function(id(&name), |b| b.iter(|| own.matmul_tensor(&xb)));
+            }
             group.bench_function(id(&format!("w4a16_g128_{}", w4.kernel().name())), |b| {
                 b.iter(|| w4.matmul(&x))
             });
             group.bench_function(id("w4a16_g128_int4_cpu"), |b| b.iter(|| w4_torch.matmul(&x)));
+            if let Some(w) = &w4_avx2 {
+                group.bench_function(id("w4a16_g128_int4_avx2"), |b| b.iter(|| w.matmul(&x)));
+            }
+            if let Some(w) = &vnni {
+                let xs = Vec::<f32>::try_from(&x.reshape([-1])).expect("f32");
+                let rows = m as usize;
+                group.bench_function(id("w4a8_g128_int4_vnni"), |b| {
+                    b.iter(|| w.matmul_q8(&xs, rows))
+                });
+            }
             group.bench_function(id("w8a16"), |b| b.iter(|| w8.matmul(&x)));
             group.bench_function(id("w8a8"), |b| b.iter(|| w8a8.matmul(&x)));
         }

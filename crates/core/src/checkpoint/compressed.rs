@@ -228,7 +228,8 @@ pub fn save_compressed(
                     report.vllm_marlin_misfits.push(format!("{}: {why}", linear.id));
                 }
             }
-            LinearWeight::Float(_) => {
+            // A bf16 weight on the own kernel is a dense weight to every other tool.
+            LinearWeight::Float(_) | LinearWeight::Bf16Own(_) => {
                 ignore.push(exact_target(&linear.path));
                 report.ignored.push(linear.id.to_string());
             }

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::hook::LinearHook;
 use crate::io::weights::{Init, VarBuilder};
 use crate::layer_id::LayerId;
+use crate::quant::bf16_own::Bf16Weight;
 use crate::quant::packed::{PackedSpec, PackedWeight};
 
 /// How a linear's weight is held.
@@ -16,6 +17,10 @@ pub enum LinearWeight {
     Float(Tensor),
     /// Real low-bit storage, multiplied by a libtorch low-bit kernel where one applies.
     Packed(PackedWeight),
+    /// bf16 weights multiplied by this crate's own AVX-512 kernel in f32
+    /// ([`crate::quant::bf16_own`]; CPU only): the efficiency bench's memory-bound 16-bit
+    /// baseline beside libtorch's bf16 linear.
+    Bf16Own(Bf16Weight),
 }
 
 impl LinearWeight {
@@ -24,6 +29,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Float(w) => x.linear(w, None::<Tensor>),
             LinearWeight::Packed(p) => p.matmul(x),
+            LinearWeight::Bf16Own(w) => w.matmul_tensor(x),
         }
     }
 
@@ -32,6 +38,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Float(w) => w.shallow_clone(),
             LinearWeight::Packed(p) => p.dequantize().to_kind(p.kind()),
+            LinearWeight::Bf16Own(w) => w.to_tensor(),
         }
     }
 
@@ -40,6 +47,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Float(w) => w.numel() as i64 * w.kind().elt_size_in_bytes() as i64,
             LinearWeight::Packed(p) => p.bytes(),
+            LinearWeight::Bf16Own(w) => w.bytes() as i64,
         }
     }
 }
@@ -109,8 +117,8 @@ impl Linear {
     pub fn forward_raw(&self, x: &Tensor) -> Tensor {
         match &self.weight {
             LinearWeight::Float(w) => x.linear(w, self.bias.as_ref()),
-            LinearWeight::Packed(p) => {
-                let y = p.matmul(x);
+            LinearWeight::Packed(_) | LinearWeight::Bf16Own(_) => {
+                let y = self.weight.matmul(x);
                 match &self.bias {
                     Some(b) => {
                         let b = b.to_kind(y.kind());
@@ -132,6 +140,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Float(w) => w.kind(),
             LinearWeight::Packed(p) => p.kind(),
+            LinearWeight::Bf16Own(_) => Kind::BFloat16,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! This crate's own W4A16 matmul for AVX-512 CPUs: 4-bit codes in a register-friendly layout,
-//! dequantized through a 16-entry lookup table held in one register and multiplied in f32.
+//! dequantized through a 16-entry lookup table held in one register and multiplied in f32; and
+//! its AVX2 + FMA variant on the same layout, for CPUs without AVX-512 (chosen at run time,
+//! [`Isa`]; it can be forced on an AVX-512 CPU to test it).
 //!
 //! Why it exists: decode is one row of activations against every weight (a GEMV), so its speed is
 //! the rate at which the 4-bit codes stream from memory. libtorch's `_weight_int4pack_mm_for_cpu`
@@ -20,17 +22,23 @@
 //! differs from a dequantized f32 matmul. Each thread streams a contiguous range of quads with a
 //! software prefetch [`PREFETCH_BYTES`] ahead (measured on a prototype of this loop: 4.7 → 11.4
 //! GB/s on one core of the development machine, where the hardware prefetcher alone leaves the
-//! core waiting on memory). The threads are libtorch's OpenMP team (see `parallel`).
+//! core waiting on memory). The threads are libtorch's OpenMP team ([`crate::quant::team`]),
+//! which hands out ranges of quads through an atomic counter.
+//!
+//! AVX2 has no 16-entry table in one register (`vpermps` on 8 lanes reads 3 index bits), so each
+//! 8 codes are masked out (`vpsrld`, `vpand`), converted (`vcvtdq2ps`) and dequantized as
+//! `(c − offset) · scale` (`vsubps`, `vmulps`: the same two f32 operations that build the AVX-512
+//! table, so the same values) before the FMA: five instructions per 8 weights where AVX-512 spends
+//! three per 16. Each 64-byte block is read as two 32-byte halves (lanes 0–7 and 8–15).
 //!
 //! More than one row of activations (prefill): each quad is dequantized once into a scratch row
 //! of f32 and multiplied with every activation row from there.
 //!
-//! This is the workspace's only `unsafe` code: the AVX-512 intrinsics and their unaligned loads
-//! (every load's range is checked against the slice lengths before the unchecked loop starts),
-//! and the calls into libgomp found with `dlsym`.
+//! `unsafe` here: the AVX-512 intrinsics and their unaligned loads (every load's range is checked
+//! against the slice lengths, with checked arithmetic, before the unchecked loop starts).
 #![allow(unsafe_code)]
 
-use std::sync::OnceLock;
+use super::team::{self, Isa, SharedOut, Team};
 
 /// Inputs per 64-byte block of one row.
 pub const BLOCK: usize = 128;
@@ -43,8 +51,8 @@ pub const PREFETCH_BYTES: usize = 4096;
 
 /// Why this kernel cannot take a weight `[n, k]` in groups of `group`, if it cannot.
 pub fn unsupported(n: usize, k: usize, group: usize) -> Option<String> {
-    if !available() {
-        return Some("the CPU has no AVX-512F + AVX-512BW".into());
+    if let Some(reason) = team::no_isa_reason() {
+        return Some(reason);
     }
     if !n.is_multiple_of(QUAD) {
         return Some(format!("own int4 kernel needs out % {QUAD} == 0, out = {n}"));
@@ -60,165 +68,9 @@ pub fn unsupported(n: usize, k: usize, group: usize) -> Option<String> {
     None
 }
 
-/// Whether this CPU runs the kernel.
+/// Whether this CPU runs the kernel (AVX-512F+BW, or the AVX2+FMA variant).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// `f(thread, threads)` on every thread of a team, the caller included; returns when all are done.
-///
-/// The team is libtorch's own OpenMP team where the process has GNU OpenMP (libgomp, which the
-/// libtorch wheels load): `GOMP_parallel` is the call `#pragma omp parallel` compiles to, so the
-/// kernel runs on the threads libtorch's operators use (as many as `tch::set_num_threads` says),
-/// which are still spinning from the previous operator and start at once. A second pool beside
-/// them would compete with those spinning threads for the cores: measured on the 2-core
-/// development machine, decode of an 8-layer LLaVA-7B-shaped W4 model took 77 ms with a rayon
-/// pool, 58 ms with it once OpenMP's threads stopped spinning (`OMP_WAIT_POLICY=passive`), and
-/// 51 ms on libtorch's team. Without libgomp, a rayon pool of one thread per core runs the team.
-fn parallel(f: &(dyn Fn(usize, usize) + Sync)) {
-    match omp::team() {
-        Some(team) => team.run(f),
-        None => parallel_rayon(f),
-    }
-}
-
-/// The team without libgomp: a rayon pool of one thread per core.
-fn parallel_rayon(f: &(dyn Fn(usize, usize) + Sync)) {
-    match rayon_pool() {
-        Some(p) if p.current_num_threads() > 1 => {
-            let threads = p.current_num_threads();
-            p.scope(|s| {
-                for t in 0..threads {
-                    s.spawn(move |_| f(t, threads));
-                }
-            })
-        }
-        _ => f(0, 1),
-    }
-}
-
-/// A way of running a team (libgomp's or rayon's).
-type Parallel = fn(&(dyn Fn(usize, usize) + Sync));
-
-fn rayon_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("qvlm-int4-{i}"))
-            .build()
-            .ok()
-    })
-    .as_ref()
-}
-
-/// GNU OpenMP's team entry points, looked up in the running process (never loaded by us).
-#[cfg(unix)]
-mod omp {
-    use std::ffi::{c_int, c_uint, c_void, CStr};
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::OnceLock;
-
-    type Body = extern "C" fn(*mut c_void);
-    type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
-    type Query = unsafe extern "C" fn() -> c_int;
-
-    pub struct Team {
-        parallel: Parallel,
-        thread_num: Query,
-        num_threads: Query,
-    }
-
-    struct Job<'a> {
-        f: &'a (dyn Fn(usize, usize) + Sync),
-        team: &'a Team,
-        panicked: AtomicBool,
-    }
-
-    /// The process's libgomp, if it has one.
-    pub fn team() -> Option<&'static Team> {
-        static TEAM: OnceLock<Option<Team>> = OnceLock::new();
-        TEAM.get_or_init(|| {
-            let find = |name: &CStr| {
-                // SAFETY: `dlsym` with RTLD_DEFAULT only reads the loaded objects' symbol tables.
-                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
-                (!p.is_null()).then_some(p)
-            };
-            let parallel = find(c"GOMP_parallel")?;
-            let thread_num = find(c"omp_get_thread_num")?;
-            let num_threads = find(c"omp_get_num_threads")?;
-            // SAFETY: the libgomp ABI of these symbols (GOMP_4.0 / OMP_1.0): `void
-            // GOMP_parallel(void (*)(void *), void *, unsigned, unsigned)`, `int (void)`.
-            unsafe {
-                Some(Team {
-                    parallel: std::mem::transmute::<*mut c_void, Parallel>(parallel),
-                    thread_num: std::mem::transmute::<*mut c_void, Query>(thread_num),
-                    num_threads: std::mem::transmute::<*mut c_void, Query>(num_threads),
-                })
-            }
-        })
-        .as_ref()
-    }
-
-    extern "C" fn body(data: *mut c_void) {
-        // SAFETY: `data` is the `Job` that `run` keeps alive until `GOMP_parallel` returns.
-        let job = unsafe { &*(data as *const Job) };
-        // SAFETY: called inside the parallel region, as the OpenMP API allows.
-        let (t, n) = unsafe { ((job.team.thread_num)(), (job.team.num_threads)()) };
-        // A panic must not unwind through C frames: it is recorded and re-raised by the caller.
-        if catch_unwind(AssertUnwindSafe(|| (job.f)(t.max(0) as usize, n.max(1) as usize))).is_err()
-        {
-            job.panicked.store(true, Ordering::Relaxed);
-        }
-    }
-
-    impl Team {
-        pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-            let job = Job { f, team: self, panicked: AtomicBool::new(false) };
-            // SAFETY: `body` matches GOMP's outlined-function signature; `job` outlives the call
-            // (GOMP_parallel returns after every thread finished). 0 threads: OpenMP's current
-            // team size; flags 0: no proc_bind.
-            unsafe { (self.parallel)(body, &job as *const Job as *mut c_void, 0, 0) };
-            assert!(!job.panicked.load(Ordering::Relaxed), "own int4 kernel panicked on a thread");
-        }
-    }
-}
-
-/// Without `dlsym` (non-Unix targets) there is no libgomp to find: the rayon team runs.
-#[cfg(not(unix))]
-mod omp {
-    pub struct Team;
-
-    impl Team {
-        pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-            f(0, 1)
-        }
-    }
-
-    pub fn team() -> Option<&'static Team> {
-        None
-    }
-}
-
-/// Rows of the output shared by the team: each thread writes only its own rows.
-struct SharedOut(*mut f32);
-// SAFETY: threads write disjoint ranges (see `Int4Weight::matmul`), and the buffer outlives them.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
+    Isa::best().is_some()
 }
 
 /// A 4-bit weight `[n, k]` with one f32 scale and one zero point per `group` inputs of a row, in
@@ -226,17 +78,19 @@ impl SharedOut {
 /// the portable storage order.
 #[derive(Debug, Clone)]
 pub struct Int4Weight {
-    n: usize,
-    k: usize,
-    group: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) group: usize,
     /// `[n/4, k/128, 4, 16]` u32, 8 codes per word.
-    words: Vec<u32>,
+    pub(crate) words: Vec<u32>,
     /// `[n, k/group]` f32.
-    scale: Vec<f32>,
+    pub(crate) scale: Vec<f32>,
     /// `[n, k/group]` u8 (asymmetric grids); `None`: symmetric, zero points 0.
-    zero_point: Option<Vec<u8>>,
+    pub(crate) zero_point: Option<Vec<u8>>,
     /// The grid's lowest integer (`c = q − qmin`).
-    qmin: i32,
+    pub(crate) qmin: i32,
+    /// The SIMD level [`Int4Weight::matmul`] runs at.
+    pub(crate) isa: Isa,
 }
 
 impl Int4Weight {
@@ -252,15 +106,19 @@ impl Int4Weight {
         k: usize,
         group: usize,
     ) -> Option<Self> {
+        let (Some(numel), Some(groups)) = (n.checked_mul(k), n.checked_mul(k / group.max(1)))
+        else {
+            return None;
+        };
         if unsupported(n, k, group).is_some()
-            || nibbles.len() != n * k / 2
-            || scale.len() != n * (k / group)
+            || nibbles.len() != numel / 2
+            || scale.len() != groups
             || zero_point.as_ref().is_some_and(|z| z.len() != scale.len())
         {
             return None;
         }
         let blocks = k / BLOCK;
-        let mut words = vec![0u32; n * k / 8];
+        let mut words = vec![0u32; numel / 8];
         for row in 0..n {
             let src = &nibbles[row * k / 2..(row + 1) * k / 2];
             let (quad, i) = (row / QUAD, row % QUAD);
@@ -276,7 +134,17 @@ impl Int4Weight {
                 }
             }
         }
-        Some(Self { n, k, group, words, scale, zero_point, qmin })
+        Some(Self { n, k, group, words, scale, zero_point, qmin, isa: Isa::best()? })
+    }
+
+    /// The same weight at another SIMD level (to compare or test them); `None` when the CPU
+    /// lacks it.
+    pub fn with_isa(self, isa: Isa) -> Option<Self> {
+        isa.available().then_some(Self { isa, ..self })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// The codes in the portable storage order (`[n, k/2]`, the inverse of [`Self::from_nibbles`]).
@@ -326,27 +194,27 @@ impl Int4Weight {
     /// `x Wᵀ` for `x` `[m, k]` f32 (row-major): `[m, n]` f32, on the kernel's threads. `None`
     /// when the CPU lacks AVX-512F+BW or `x` is not `m · k` long.
     pub fn matmul(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
-        self.matmul_on(x, m, parallel)
+        self.matmul_on(x, m, team::default_team)
     }
 
-    fn matmul_on(&self, x: &[f32], m: usize, parallel: Parallel) -> Option<Vec<f32>> {
-        if !available() || m == 0 || x.len() != m * self.k {
+    fn matmul_on(&self, x: &[f32], m: usize, on: Team) -> Option<Vec<f32>> {
+        if !self.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(self.k) {
             return None;
         }
         let quads = self.n / QUAD;
-        // Rows are split between threads; each writes `[its rows, m]`, transposed at the end.
-        let mut y_t = vec![0f32; self.n * m];
-        let out = SharedOut(y_t.as_mut_ptr());
-        let work = |t: usize, threads: usize| {
-            let (first, end) = (quads * t / threads, quads * (t + 1) / threads);
-            if first < end {
-                let len = (end - first) * QUAD * m;
-                // SAFETY: thread `t` alone writes quads `first..end`, inside `y_t`.
-                let rows = unsafe { std::slice::from_raw_parts_mut(out.at(first * QUAD * m), len) };
-                self.rows(x, m, first, end - first, rows);
-            }
-        };
-        parallel(&work);
+        // Ranges of quads go to the team's threads; each writes `[its rows, m]` of `y_t`,
+        // transposed at the end. `n · m` cannot wrap: it is below `x.len() · n / k`.
+        let mut y_t = vec![0f32; self.n.checked_mul(m)?];
+        let out = SharedOut::new(&mut y_t);
+        // At least 16 quads (64 rows) per range: long enough a stream for the prefetch to run
+        // ahead of the loads.
+        let chunk = team::chunk_for(quads, 16);
+        team::for_each_range(on, quads, chunk, &|r| {
+            // SAFETY: `for_each_range` gives every quad to one range only, so the rows written
+            // here are this call's alone.
+            let rows = unsafe { out.range(r.start * QUAD * m..r.end * QUAD * m) };
+            self.rows(x, m, r.start, r.len(), rows);
+        });
         if m == 1 {
             return Some(y_t);
         }
@@ -363,55 +231,56 @@ impl Int4Weight {
     /// of [`crate::quant::packed::PackedWeight::dequantize`]). `None` without AVX-512F+BW or past
     /// the last quad.
     pub fn dequantize_quads(&self, first: usize, count: usize) -> Option<Vec<f32>> {
-        if !available() || (first + count) * QUAD > self.n {
+        let end = first.checked_add(count)?.checked_mul(QUAD)?;
+        if !self.isa.available() || end > self.n {
             return None;
         }
+        // `count · 4 · k` ≤ `n · k`, which the codes' allocation already holds.
         let mut out = vec![0f32; count * QUAD * self.k];
-        #[cfg(target_arch = "x86_64")]
         for (q, rows) in out.chunks_mut(QUAD * self.k).enumerate() {
-            // SAFETY: AVX-512F+BW is present and quad `first + q` exists (checked above); `rows` is
-            // `4 · k` long.
-            unsafe { avx512::dequantize_quad(self, first + q, rows) };
+            self.dequantize_quad(first + q, rows);
         }
         Some(out)
     }
 
+    /// Quad `quad` (in range, checked by the caller) into `rows` `[4, k]` f32.
+    fn dequantize_quad(&self, quad: usize, rows: &mut [f32]) {
+        assert!(self.isa.available() && rows.len() == QUAD * self.k && (quad + 1) * QUAD <= self.n);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level is present, the quad exists and `rows` is `4 · k` long (asserted).
+        match self.isa {
+            Isa::Avx512 => unsafe { avx512::dequantize_quad(self, quad, rows) },
+            Isa::Avx2 => unsafe { avx2::dequantize_quad(self, quad, rows) },
+        }
+    }
+
     /// Quads `first..first + count` into `out` `[count · 4, m]`.
     fn rows(&self, x: &[f32], m: usize, first: usize, count: usize, out: &mut [f32]) {
-        assert!(available());
+        assert!(self.isa.available());
         let blocks = self.k / BLOCK;
-        assert!((first + count) * blocks * QUAD * 16 <= self.words.len());
-        assert!((first + count) * QUAD * (self.k / self.group) <= self.scale.len());
-        assert!(x.len() == m * self.k && out.len() == count * QUAD * m);
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: AVX-512F+BW is present (asserted above); every index the loops form is below
+        let end = first.checked_add(count).expect("quad range overflows");
+        // Every product below is checked: a wrapped bound would let the unchecked loops run
+        // past the slices in a release build.
+        let words = end.checked_mul(blocks * QUAD * 16);
+        let scales = end.checked_mul(QUAD * (self.k / self.group));
+        assert!(words.is_some_and(|w| w <= self.words.len()), "quads past the codes");
+        assert!(scales.is_some_and(|s| s <= self.scale.len()), "quads past the scales");
+        assert!(Some(x.len()) == m.checked_mul(self.k), "x is not m · k long");
+        assert!(Some(out.len()) == count.checked_mul(QUAD * m), "out is not 4 · count · m long");
+        if m == 1 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level is present (asserted above); every index the loops form is below
             // the lengths asserted above.
-            if m == 1 {
-                unsafe { avx512::gemv(self, x, first, count, out) }
-            } else {
-                let mut scratch = vec![0f32; QUAD * self.k];
-                for q in 0..count {
-                    unsafe { avx512::dequantize_quad(self, first + q, &mut scratch) };
-                    // Four activation rows at a time (16 accumulators), the rest one by one.
-                    let whole = m / 4 * 4;
-                    for r in (0..whole).step_by(4) {
-                        let xr = &x[r * self.k..(r + 4) * self.k];
-                        // SAFETY: four rows of `k` in both operands.
-                        let dots = unsafe { avx512::dot4x4(&scratch, xr, self.k) };
-                        for (i, row) in dots.into_iter().enumerate() {
-                            out[(q * QUAD + i) * m + r..][..4].copy_from_slice(&row);
-                        }
-                    }
-                    for r in whole..m {
-                        let xr = &x[r * self.k..(r + 1) * self.k];
-                        let dots = unsafe { avx512::dot4(&scratch, xr, self.k) };
-                        for (i, d) in dots.into_iter().enumerate() {
-                            out[(q * QUAD + i) * m + r] = d;
-                        }
-                    }
-                }
+            match self.isa {
+                Isa::Avx512 => unsafe { avx512::gemv(self, x, first, count, out) },
+                Isa::Avx2 => unsafe { avx2::gemv(self, x, first, count, out) },
             }
+            return;
+        }
+        let mut scratch = vec![0f32; QUAD * self.k];
+        for q in 0..count {
+            self.dequantize_quad(first + q, &mut scratch);
+            quad_times_rows(self.isa, &scratch, x, m, self.k, &mut out[q * QUAD * m..][..QUAD * m]);
         }
     }
 
@@ -421,6 +290,207 @@ impl Int4Weight {
         let i = row * (self.k / self.group) + g;
         let zp = self.zero_point.as_ref().map_or(0, |z| i32::from(z[i]));
         ((zp - self.qmin) as f32, self.scale[i])
+    }
+}
+
+/// The prefill step shared by the own kernels: a quad of rows already in f32 (`quad` `[4, k]`)
+/// times the `m` activation rows of `x` `[m, k]`, into `out` `[4, m]`. AVX-512: four activation
+/// rows at a time (16 accumulators), the rest one by one; AVX2: one by one. Needs the level
+/// (asserted), `k` a multiple of 16.
+pub(crate) fn quad_times_rows(
+    isa: Isa,
+    quad: &[f32],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    assert!(isa.available() && k.is_multiple_of(16));
+    assert!(Some(quad.len()) == k.checked_mul(QUAD) && Some(x.len()) == m.checked_mul(k));
+    assert!(Some(out.len()) == m.checked_mul(QUAD));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        for r in 0..m {
+            // SAFETY: AVX2+FMA (asserted); four rows of `k` and one of `k`.
+            let dots = unsafe { avx2::dot4(quad, &x[r * k..(r + 1) * k], k) };
+            for (i, d) in dots.into_iter().enumerate() {
+                out[i * m + r] = d;
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let whole = m / 4 * 4;
+        for r in (0..whole).step_by(4) {
+            // SAFETY: AVX-512F+BW (asserted); four rows of `k` in both operands.
+            let dots = unsafe { avx512::dot4x4(quad, &x[r * k..(r + 4) * k], k) };
+            for (i, row) in dots.into_iter().enumerate() {
+                out[i * m + r..][..4].copy_from_slice(&row);
+            }
+        }
+        for r in whole..m {
+            // SAFETY: as above; one row of `k`.
+            let dots = unsafe { avx512::dot4(quad, &x[r * k..(r + 1) * k], k) };
+            for (i, d) in dots.into_iter().enumerate() {
+                out[i * m + r] = d;
+            }
+        }
+    }
+}
+
+/// The sum of the 8 lanes of `v` (AVX2).
+///
+/// SAFETY: the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{hsum256, Int4Weight, BLOCK, PREFETCH_BYTES, QUAD};
+
+    /// Codes `c` of nibble `S` of the 8 lanes of `v`, as f32, dequantized: `(c − offset) · scale`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dequantize<const S: i32>(v: __m256i, offset: __m256, scale: __m256) -> __m256 {
+        let c = _mm256_and_si256(_mm256_srli_epi32::<S>(v), _mm256_set1_epi32(15));
+        _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), offset), scale)
+    }
+
+    /// `(offset, scale)` of row `row`, group `g`, broadcast.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn table(w: &Int4Weight, row: usize, g: usize) -> (__m256, __m256) {
+        let (offset, scale) = w.offset_scale(row, g);
+        (_mm256_set1_ps(offset), _mm256_set1_ps(scale))
+    }
+
+    /// One row of activations against quads `first..first + count`: `out[4q + i]`.
+    ///
+    /// SAFETY: the caller checked AVX2+FMA and that the quads, their scales and `x` (`k` long)
+    /// are in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemv(w: &Int4Weight, x: &[f32], first: usize, count: usize, out: &mut [f32]) {
+        let blocks = w.k / BLOCK;
+        let steps_per_group = w.group / 16;
+        let mut p = w.words.as_ptr().add(first * blocks * QUAD * 16);
+        for q in 0..count {
+            let row = (first + q) * QUAD;
+            // Two accumulators per row: lanes 0–7 and 8–15 of each block.
+            let mut acc = [[_mm256_setzero_ps(); 2]; QUAD];
+            let mut tables = [(_mm256_setzero_ps(), _mm256_setzero_ps()); QUAD];
+            let (mut group, mut left) = (0usize, 0usize);
+            let mut xp = x.as_ptr();
+            for _ in 0..blocks {
+                let mut v = [[_mm256_setzero_si256(); 2]; QUAD];
+                for i in 0..QUAD {
+                    // A prefetch past the end of the allocation is a hint, never a fault.
+                    let ahead = (p.add(i * 16) as *const i8).wrapping_add(PREFETCH_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    v[i][0] = _mm256_loadu_si256(p.add(i * 16) as *const __m256i);
+                    v[i][1] = _mm256_loadu_si256(p.add(i * 16 + 8) as *const __m256i);
+                }
+                macro_rules! step {
+                    ($s:literal) => {{
+                        if left == 0 {
+                            for i in 0..QUAD {
+                                tables[i] = table(w, row + i, group);
+                            }
+                            group += 1;
+                            left = steps_per_group;
+                        }
+                        left -= 1;
+                        let x0 = _mm256_loadu_ps(xp.add($s * 16));
+                        let x1 = _mm256_loadu_ps(xp.add($s * 16 + 8));
+                        for i in 0..QUAD {
+                            let (offset, scale) = tables[i];
+                            let w0 = dequantize::<{ 4 * $s }>(v[i][0], offset, scale);
+                            let w1 = dequantize::<{ 4 * $s }>(v[i][1], offset, scale);
+                            acc[i][0] = _mm256_fmadd_ps(w0, x0, acc[i][0]);
+                            acc[i][1] = _mm256_fmadd_ps(w1, x1, acc[i][1]);
+                        }
+                    }};
+                }
+                step!(0);
+                step!(1);
+                step!(2);
+                step!(3);
+                step!(4);
+                step!(5);
+                step!(6);
+                step!(7);
+                p = p.add(QUAD * 16);
+                xp = xp.add(BLOCK);
+            }
+            for i in 0..QUAD {
+                *out.get_unchecked_mut(q * QUAD + i) = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+            }
+        }
+    }
+
+    /// The four rows of quad `quad` dequantized into `scratch` `[4, k]` f32.
+    ///
+    /// SAFETY: as [`gemv`]; `scratch` is `4 · k` long.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize_quad(w: &Int4Weight, quad: usize, scratch: &mut [f32]) {
+        let blocks = w.k / BLOCK;
+        let dst = scratch.as_mut_ptr();
+        for i in 0..QUAD {
+            let row = quad * QUAD + i;
+            let (mut offset, mut scale) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for b in 0..blocks {
+                let at = ((quad * blocks + b) * QUAD + i) * 16;
+                let v = [0, 8]
+                    .map(|h| _mm256_loadu_si256(w.words.as_ptr().add(at + h) as *const __m256i));
+                macro_rules! step {
+                    ($s:literal) => {{
+                        let col = b * BLOCK + $s * 16;
+                        if col.is_multiple_of(w.group) {
+                            (offset, scale) = table(w, row, col / w.group);
+                        }
+                        for (h, &vh) in v.iter().enumerate() {
+                            let values = dequantize::<{ 4 * $s }>(vh, offset, scale);
+                            _mm256_storeu_ps(dst.add(i * w.k + col + 8 * h), values);
+                        }
+                    }};
+                }
+                step!(0);
+                step!(1);
+                step!(2);
+                step!(3);
+                step!(4);
+                step!(5);
+                step!(6);
+                step!(7);
+            }
+        }
+    }
+
+    /// Dot products of the four `k`-long rows of `rows` with `x`.
+    ///
+    /// SAFETY: AVX2+FMA; `rows` is `4 · k` and `x` `k` long, `k` a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(rows: &[f32], x: &[f32], k: usize) -> [f32; QUAD] {
+        assert!(rows.len() == QUAD * k && x.len() == k && k.is_multiple_of(8));
+        let mut acc = [_mm256_setzero_ps(); QUAD];
+        let (r, xp) = (rows.as_ptr(), x.as_ptr());
+        let mut c = 0;
+        while c < k {
+            let xv = _mm256_loadu_ps(xp.add(c));
+            for i in 0..QUAD {
+                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(r.add(i * k + c)), xv, acc[i]);
+            }
+            c += 8;
+        }
+        acc.map(|a| hsum256(a))
     }
 }
 
@@ -607,7 +677,7 @@ mod avx512 {
     /// SAFETY: AVX-512F+BW; `rows` is `4 · k` and `x` `k` long, `k` a multiple of 16.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn dot4(rows: &[f32], x: &[f32], k: usize) -> [f32; QUAD] {
-        debug_assert!(rows.len() == QUAD * k && x.len() == k && k.is_multiple_of(16));
+        assert!(rows.len() == QUAD * k && x.len() == k && k.is_multiple_of(16));
         let mut acc = [_mm512_setzero_ps(); QUAD];
         let (r, xp) = (rows.as_ptr(), x.as_ptr());
         let mut c = 0;
@@ -626,8 +696,15 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// A deterministic weight: codes, scales and zero points from a small LCG.
-    fn weight(n: usize, k: usize, group: usize, symmetric: bool) -> (Vec<u8>, Int4Weight) {
+    /// The levels this CPU runs (every test runs at each; an AVX-512 machine also tests AVX2).
+    fn levels() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.available()).collect()
+    }
+
+    /// A deterministic weight: codes, scales and zero points from a small LCG. `None` exactly
+    /// where the kernel refuses the shape (asserted: on a CPU with neither AVX-512F+BW nor
+    /// AVX2+FMA, because of the CPU, which is the fallback the packed weight takes there).
+    fn weight(n: usize, k: usize, group: usize, symmetric: bool) -> Option<(Vec<u8>, Int4Weight)> {
         let mut state = 12345u64;
         let mut next = move || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -639,9 +716,15 @@ mod tests {
             (0..n * groups).map(|_| (next() % 1000) as f32 * 1e-4 + 1e-3).collect();
         let zp = (!symmetric).then(|| (0..n * groups).map(|_| (next() % 16) as u8).collect());
         let qmin = if symmetric { -8 } else { 0 };
-        let w = Int4Weight::from_nibbles(&nibbles, scale, zp, qmin, n, k, group)
-            .expect("supported shape");
-        (nibbles, w)
+        let w = Int4Weight::from_nibbles(&nibbles, scale, zp, qmin, n, k, group);
+        if available() {
+            assert!(w.is_some(), "[{n}, {k}] g{group} refused on a CPU with {:?}", Isa::best());
+        } else {
+            assert!(w.is_none(), "the kernel took a weight on a CPU without AVX-512 or AVX2");
+            let reason = unsupported(n, k, group).expect("a reason");
+            assert!(reason.contains("AVX2"), "{reason}");
+        }
+        w.map(|w| (nibbles, w))
     }
 
     /// The dequantized weight, element by element (the reference arithmetic).
@@ -661,74 +744,104 @@ mod tests {
 
     #[test]
     fn layout_round_trips_to_the_portable_nibbles() {
-        if !available() {
-            return;
-        }
-        let (nibbles, w) = weight(8, 256, 128, false);
+        let Some((nibbles, w)) = weight(8, 256, 128, false) else { return };
         assert_eq!(w.nibbles(), nibbles);
         assert_eq!(w.bytes(), 8 * 256 / 2 + 8 * 2 * 4 + 8 * 2);
     }
 
     #[test]
     fn matmul_matches_the_dequantized_reference() {
-        if !available() {
-            return;
-        }
         for (n, k, group, symmetric, m) in [
             (8, 256, 128, false, 1),
             (12, 384, 32, true, 1),
             (16, 512, 64, false, 3),
             (4, 256, 256, false, 5),
             (8, 256, 128, true, 9),
+            // Groups of 16 (every step a new table), 48 and 192 (groups that cross the 128-input
+            // blocks: a table changes inside a block), decode and prefill.
+            (8, 256, 16, false, 1),
+            (8, 256, 16, true, 2),
+            (8, 384, 48, false, 1),
+            (4, 384, 48, true, 6),
+            (8, 384, 192, false, 1),
+            (12, 768, 192, true, 4),
         ] {
-            let (nibbles, w) = weight(n, k, group, symmetric);
-            let dense = dequantized(&w, &nibbles);
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
-            let y = w.matmul(&x, m).expect("kernel runs");
-            for r in 0..m {
-                for row in 0..n {
-                    let terms =
-                        (0..k).map(|c| f64::from(dense[row * k + c]) * f64::from(x[r * k + c]));
-                    let exact: f64 = terms.clone().sum();
-                    let magnitude: f64 = terms.map(f64::abs).sum();
-                    let got = f64::from(y[r * n + row]);
-                    // f32 accumulation in another order: a few ulps of the sum of magnitudes.
-                    assert!(
-                        (got - exact).abs() <= 1e-6 * magnitude,
-                        "[{n}, {k}] g{group} m{m} row {row}: {got} vs {exact}"
-                    );
+            let Some((nibbles, best)) = weight(n, k, group, symmetric) else { continue };
+            for isa in levels() {
+                let w = best.clone().with_isa(isa).expect("available level");
+                let dense = dequantized(&w, &nibbles);
+                let x: Vec<f32> =
+                    (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+                let y = w.matmul(&x, m).expect("kernel runs");
+                for r in 0..m {
+                    for row in 0..n {
+                        let terms =
+                            (0..k).map(|c| f64::from(dense[row * k + c]) * f64::from(x[r * k + c]));
+                        let exact: f64 = terms.clone().sum();
+                        let magnitude: f64 = terms.map(f64::abs).sum();
+                        let got = f64::from(y[r * n + row]);
+                        // f32 accumulation in another order: a few ulps of the sum of magnitudes.
+                        assert!(
+                            (got - exact).abs() <= 1e-6 * magnitude,
+                            "{isa:?} [{n}, {k}] g{group} m{m} row {row}: {got} vs {exact}"
+                        );
+                    }
                 }
+                // The dequantized quads are the reference values exactly.
+                let quads = w.dequantize_quads(0, n / QUAD).expect("in range");
+                assert_eq!(quads, dense, "{isa:?} [{n}, {k}] g{group}");
             }
         }
     }
 
     #[test]
     fn libgomp_and_rayon_teams_give_identical_results() {
-        if !available() {
-            return;
+        // 64 quads: several ranges, so both teams split the rows between threads.
+        let Some((_, best)) = weight(256, 512, 128, false) else { return };
+        for isa in levels() {
+            let w = best.clone().with_isa(isa).expect("available level");
+            for m in [1, 6] {
+                let x: Vec<f32> =
+                    (0..m * 512).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+                let omp = w.matmul_on(&x, m, team::default_team).expect("libgomp team");
+                let rayon = w.matmul_on(&x, m, team::rayon_team).expect("rayon team");
+                // Each row is summed by one thread in the same order either way: bit-identical.
+                assert_eq!(omp, rayon, "{isa:?} m = {m}");
+            }
         }
-        // The test binary links libtorch, which loads libgomp: the default team is OpenMP's.
-        #[cfg(target_os = "linux")]
-        assert!(omp::team().is_some(), "libgomp not found in a process that links libtorch");
-        let (_, w) = weight(64, 512, 128, false);
-        for m in [1, 6] {
-            let x: Vec<f32> = (0..m * 512).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-            let omp = w.matmul_on(&x, m, parallel).expect("libgomp team");
-            let rayon = w.matmul_on(&x, m, parallel_rayon).expect("rayon team");
-            // Each row is summed by one thread in the same order either way: bit-identical.
-            assert_eq!(omp, rayon, "m = {m}");
-        }
+    }
+
+    #[test]
+    fn out_of_range_requests_are_refused_not_wrapped() {
+        let Some((_, w)) = weight(8, 256, 128, false) else { return };
+        // Past the last quad, and a count whose `(first + count) · 4` would wrap.
+        assert!(w.dequantize_quads(1, 2).is_none());
+        assert!(w.dequantize_quads(1, usize::MAX).is_none());
+        assert!(w.dequantize_quads(usize::MAX / 2, usize::MAX / 2).is_none());
+        assert!(w.dequantize_quads(0, 2).is_some());
+        // `m · k` that wraps to the length of `x` is refused.
+        let x = vec![0f32; 256];
+        let wrapping_m = usize::MAX / 256 + 2; // m · 256 wraps to 256
+        assert_eq!(wrapping_m.wrapping_mul(256), 256);
+        assert!(w.matmul(&x, wrapping_m).is_none());
+        assert!(w.matmul(&x, 0).is_none());
+        assert!(w.matmul(&x, 1).is_some());
+        // Lengths that do not match the shape.
+        let too_short = Int4Weight::from_nibbles(&[0; 10], vec![1.0; 16], None, -8, 8, 256, 128);
+        assert!(too_short.is_none());
     }
 
     #[test]
     fn unsupported_shapes_are_named() {
         if !available() {
-            assert!(unsupported(4, 128, 128).is_some());
+            let reason = unsupported(4, 128, 128).expect("refused without the features");
+            assert!(reason.contains("neither AVX-512F + AVX-512BW nor AVX2 + FMA"), "{reason}");
             return;
         }
         assert!(unsupported(4, 128, 128).is_none());
         assert!(unsupported(6, 128, 128).is_some_and(|r| r.contains("out % 4")));
         assert!(unsupported(4, 96, 32).is_some_and(|r| r.contains("in % 128")));
         assert!(unsupported(4, 256, 24).is_some_and(|r| r.contains("multiple of 16")));
+        assert!(unsupported(4, 256, 0).is_some_and(|r| r.contains("multiple of 16")));
     }
 }

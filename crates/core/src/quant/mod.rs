@@ -3,10 +3,13 @@
 //! kernels.
 
 pub mod activation;
+pub mod bf16_own;
 pub mod int4_avx512;
+pub mod int4_vnni;
 pub mod nf4;
 pub mod packed;
 pub mod reference;
 pub mod spec;
+pub mod team;
 pub mod uniform;
 pub mod weight;

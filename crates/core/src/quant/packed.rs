@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::quant::int4_avx512::{self, Int4Weight};
 use crate::quant::nf4::{Absmax, Nf4Weight};
 use crate::quant::spec::{Granularity, WeightSpec};
+use crate::quant::team::Isa;
 use crate::quant::uniform::{finite, Grid, QParams};
 use crate::quant::weight::QuantizedWeight;
 
@@ -116,6 +117,9 @@ pub enum Kernel {
     /// This crate's own AVX-512 kernel ([`crate::quant::int4_avx512`]): 4-bit codes, f32
     /// arithmetic on any float activations; the CPU default where its shape rules hold.
     Int4Avx512,
+    /// The same kernel's AVX2 + FMA variant (same layout and values), the default on CPUs without
+    /// AVX-512.
+    Int4Avx2,
     /// `_weight_int4pack_mm`: CUDA tinygemm on tensor cores, bf16 activations.
     Int4Cuda,
     /// `_weight_int8pack_mm`: int8 weights with per-channel scales, bf16 activations.
@@ -132,6 +136,7 @@ impl Kernel {
         match self {
             Kernel::Int4Cpu => "int4_cpu",
             Kernel::Int4Avx512 => "int4_avx512",
+            Kernel::Int4Avx2 => "int4_avx2",
             Kernel::Int4Cuda => "int4_cuda",
             Kernel::Int8Weight => "int8_weight",
             Kernel::Int8Int8 => "int8_int8",
@@ -202,6 +207,75 @@ pub struct PackedWeight {
 
 fn quant_err(layer: &str, reason: impl Into<String>) -> Error {
     Error::Quant { layer: layer.to_string(), reason: reason.into() }
+}
+
+/// A store read from a checkpoint (or built by another tool) is on the grid it claims: uniform
+/// codes and zero points within `[0, 2^bits)` (symmetric byte codes within `[qmin, qmax]`), every
+/// scale and NF4 absmax finite. A corrupt file is an error naming the layer, never a weight that
+/// decodes to garbage. Codes wider than their storage can hold (4-bit nibbles, 8-bit bytes) need
+/// no check.
+fn check_store(store: &Store, layer: &str) -> Result<()> {
+    let all = |t: &Tensor| t.all().int64_value(&[]) != 0;
+    let finite = |t: &Tensor, what: &str| {
+        if all(&t.isfinite()) {
+            Ok(())
+        } else {
+            Err(quant_err(layer, format!("{what} holds a non-finite value (NaN or ±inf)")))
+        }
+    };
+    match store {
+        Store::Uniform { grid, codes, scale, zero_point, .. } => {
+            finite(scale, "scale")?;
+            let levels = 1i64 << grid.bits;
+            if let Some(z) = zero_point.as_ref().filter(|z| z.numel() > 0) {
+                let max = z.to_kind(Kind::Int64).max().int64_value(&[]);
+                if max >= levels {
+                    return Err(quant_err(
+                        layer,
+                        format!(
+                            "zero point {max} is off the {}-bit grid [0, {})",
+                            grid.bits, levels
+                        ),
+                    ));
+                }
+            }
+            let c = codes.to_kind(Kind::Int64);
+            let (lo, hi) = if codes.numel() == 0 {
+                (0, 0)
+            } else if grid.bits <= 4 {
+                // Nibbles: both halves of every byte are codes `c ∈ [0, 2^bits)`; the largest
+                // high nibble is that of the largest byte.
+                let high = c.max().int64_value(&[]) >> 4;
+                (0, high.max(c.bitwise_and(15).max().int64_value(&[])))
+            } else {
+                (c.min().int64_value(&[]), c.max().int64_value(&[]))
+            };
+            let (want_lo, want_hi) =
+                if grid.bits <= 4 || !grid.symmetric { (0, levels - 1) } else { grid.range() };
+            if lo < want_lo || hi > want_hi {
+                return Err(quant_err(
+                    layer,
+                    format!(
+                        "codes span [{lo}, {hi}], off the {}-bit grid [{want_lo}, {want_hi}]",
+                        grid.bits
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Store::Nf4 { absmax, .. } => match absmax {
+            Absmax::F32(t) => finite(t, "NF4 absmax"),
+            Absmax::Double { scales, offset, .. } => {
+                finite(scales, "NF4 absmax scales")?;
+                if offset.is_finite() {
+                    Ok(())
+                } else {
+                    Err(quant_err(layer, format!("NF4 absmax offset {offset} is not finite")))
+                }
+            }
+        },
+        Store::Int4Avx512 { .. } => Ok(()),
+    }
 }
 
 /// Two 4-bit codes per byte along the last axis: column `2j` in the high nibble, `2j + 1` in the
@@ -385,6 +459,13 @@ impl PackedWeight {
                     return Err(quant_err(layer, "a symmetric grid has zero points 0"));
                 }
                 let c = codes.to_device(Device::Cpu).to_kind(Kind::Int);
+                // Codes are `q − qmin`: off `[0, qmax − qmin]` they would spill into the
+                // neighbouring nibble or wrap in a byte.
+                if c.numel() > 0
+                    && (c.min().int64_value(&[]) < 0 || c.max().int64_value(&[]) > qmax - qmin)
+                {
+                    return Err(quant_err(layer, format!("codes off the {}-bit grid", grid.bits)));
+                }
                 let stored = if grid.bits <= 4 {
                     pack_nibbles(&c)
                 } else if grid.symmetric {
@@ -396,6 +477,7 @@ impl PackedWeight {
                 let store =
                     Store::Uniform { grid: *grid, group: *group, codes: stored, scale, zero_point };
                 let format = PackedFormat::Uniform { grid: *grid, group: Some(*group) };
+                check_store(&store, layer)?;
                 Self::assemble(PackedSpec { format, act }, out, inp, store, kind, device, None)
             }
             QuantizedWeight::Nf4(n) => {
@@ -423,6 +505,7 @@ impl PackedWeight {
                 let codes = pack_nibbles(&n.codes.to_device(Device::Cpu).reshape([-1]));
                 let store = Store::Nf4 { block: n.block, codes, absmax };
                 let format = PackedFormat::Nf4 { block: n.block, double_quant };
+                check_store(&store, layer)?;
                 Self::assemble(PackedSpec { format, act }, out, inp, store, kind, device, None)
             }
         }
@@ -497,6 +580,7 @@ impl PackedWeight {
                 Store::Nf4 { block, codes, absmax }
             }
         };
+        check_store(&store, layer)?;
         Self::assemble(spec, out, inp, store, kind, device, None)
     }
 
@@ -537,16 +621,29 @@ impl PackedWeight {
         };
         let mut planned = plan_kernel(spec.format, spec.act, out_features, in_features, device);
         // The own int4 kernel first (its rules are its own: libtorch's need not hold).
-        if matches!(force, None | Some(Kernel::Int4Avx512)) {
-            match weight.own_int4() {
+        if matches!(force, None | Some(Kernel::Int4Avx512) | Some(Kernel::Int4Avx2)) {
+            // The best level the CPU has, or the forced one.
+            let own = weight.own_int4().and_then(|own| match force {
+                Some(Kernel::Int4Avx2) => {
+                    own.with_isa(Isa::Avx2).ok_or_else(|| "the CPU has no AVX2 + FMA".to_string())
+                }
+                Some(Kernel::Int4Avx512) => own
+                    .with_isa(Isa::Avx512)
+                    .ok_or_else(|| "the CPU has no AVX-512F + AVX-512BW".to_string()),
+                _ => Ok(own),
+            });
+            match own {
                 Ok(own) => {
                     // The own layout replaces the portable tensors: one copy of the codes.
                     if let Store::Uniform { grid, group, .. } = weight.store {
+                        planned = Ok(match own.isa() {
+                            Isa::Avx512 => Kernel::Int4Avx512,
+                            Isa::Avx2 => Kernel::Int4Avx2,
+                        });
                         weight.store = Store::Int4Avx512 { grid, group, weight: Box::new(own) };
-                        planned = Ok(Kernel::Int4Avx512);
                     }
                 }
-                Err(reason) if force == Some(Kernel::Int4Avx512) => planned = Err(reason),
+                Err(reason) if force.is_some() => planned = Err(reason),
                 Err(_) => {}
             }
         }
@@ -569,7 +666,7 @@ impl PackedWeight {
             }
         }
         match planned {
-            Ok(Kernel::Int4Avx512) => weight.kernel = Kernel::Int4Avx512,
+            Ok(k @ (Kernel::Int4Avx512 | Kernel::Int4Avx2)) => weight.kernel = k,
             Ok(kernel) => match weight.build_operand(kernel) {
                 Ok(operand) => {
                     weight.kernel = kernel;
@@ -715,7 +812,7 @@ impl PackedWeight {
                 codes: codes.contiguous(),
                 scales: scale.reshape([1, n]).to_kind(Kind::Float),
             }),
-            Kernel::Dequantized | Kernel::Int4Avx512 => Ok(Operand::None),
+            Kernel::Dequantized | Kernel::Int4Avx512 | Kernel::Int4Avx2 => Ok(Operand::None),
         }
     }
 

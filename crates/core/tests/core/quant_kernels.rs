@@ -15,6 +15,7 @@ use qvlm_core::quant::packed::{
     unpack_nibbles, ActMode, Kernel, PackedFormat, PackedSpec, PackedWeight,
 };
 use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode};
+use qvlm_core::quant::team::Isa;
 use qvlm_core::quant::uniform::Grid;
 use qvlm_core::quant::weight::QuantizedWeight;
 use tch::{Device, Kind, Tensor};
@@ -48,6 +49,14 @@ const LOGITS_ATOL_PACKED_VS_FAKE: f64 = 0.3;
 /// largest |logit|: per-layer bf16 errors of at most 2⁻⁶ do not compound beyond it on a trained
 /// model. Measured: 0.4% (0.048 of 12.3).
 const TINY_LOGITS_RTOL: f64 = 1.0 / 64.0;
+
+/// The own int4 kernel's variant for this CPU's best SIMD level.
+fn own_int4_kernel() -> Kernel {
+    match Isa::best() {
+        Some(Isa::Avx512) => Kernel::Int4Avx512,
+        _ => Kernel::Int4Avx2,
+    }
+}
 
 fn randn(shape: &[i64]) -> Tensor {
     Tensor::randn(shape, (Kind::Float, Device::Cpu))
@@ -121,7 +130,13 @@ fn w4a16_cpu_kernels_match_the_dequantized_reference() {
         let spec = uniform(bits, sym, Some(group), ActMode::Float);
         let p = PackedWeight::quantize(&w, spec, "w4").expect("pack");
         let own = int4_avx512::unsupported(n as usize, k as usize, group as usize).is_none();
-        let default = if own { Kernel::Int4Avx512 } else { Kernel::Int4Cpu };
+        // The own kernel where its rules hold, else libtorch's where its rules hold (out % 16),
+        // else the dequantized fallback.
+        let default = match (own, n % 16 == 0) {
+            (true, _) => own_int4_kernel(),
+            (false, true) => Kernel::Int4Cpu,
+            (false, false) => Kernel::Dequantized,
+        };
         assert_eq!(p.kernel(), default, "[{n}, {k}] g{group}: {:?}", p.fallback_reason());
         let w_fake = fake_quant_weight(&w, &spec);
         assert!(p.dequantize().equal(&w_fake));
@@ -159,10 +174,21 @@ fn w4a16_cpu_kernels_match_the_dequantized_reference() {
             }
         } else {
             let e = PackedWeight::quantize(&w, spec, "w4")
-                .and_then(|p| p.with_kernel(Kernel::Int4Avx512))
+                .and_then(|p| p.with_kernel(Kernel::Int4Avx2))
                 .expect_err("own kernel does not apply")
                 .to_string();
-            assert!(e.contains("int4_avx512 does not apply"), "{e}");
+            assert!(e.contains("int4_avx2 does not apply"), "{e}");
+        }
+        // On a CPU with AVX-512 the AVX2 variant can be forced: same layout, same values.
+        if own && Isa::Avx512.available() {
+            let avx2 = PackedWeight::quantize(&w, spec, "w4")
+                .and_then(|p| p.with_kernel(Kernel::Int4Avx2))
+                .expect("AVX2 variant on an AVX-512 CPU");
+            assert_eq!(avx2.kernel(), Kernel::Int4Avx2);
+            assert!(avx2.dequantize().equal(&w_fake));
+            let x = randn(&[3, k]);
+            let e = rel_err(&avx2.matmul(&x), &x.matmul(&w_fake.tr()));
+            assert!(e <= OWN_INT4_RTOL, "AVX2 W4A16 [{n}, {k}] g{group}: {e}");
         }
 
         // bf16 inputs give bf16 outputs; leading dims are kept.
@@ -330,6 +356,68 @@ fn packing_round_trips_exactly() {
     }
 }
 
+/// A packed checkpoint whose parts are off the grid they claim (zero points or codes past
+/// `2^bits − 1`, symmetric codes below `qmin`, non-finite scales or NF4 absmax) is refused with
+/// an error naming the layer and the part; the intact parts load.
+#[test]
+fn corrupt_packed_parts_are_errors() {
+    tch::manual_seed(18);
+    let _guard = tch::no_grad_guard();
+    let shape = [8i64, 64];
+    let w = randn(&shape) * 0.1;
+    let load = |spec: PackedSpec, edit: &dyn Fn(&mut BTreeMap<String, Tensor>)| {
+        let p = PackedWeight::quantize(&w, spec, "layer.7").expect("pack");
+        let mut parts: BTreeMap<String, Tensor> =
+            p.parts().into_iter().map(|(n, t)| (n.to_string(), t.copy())).collect();
+        edit(&mut parts);
+        let mut read = |name: &str| Ok(parts[name].copy());
+        PackedWeight::from_parts(
+            spec,
+            shape[0],
+            shape[1],
+            &mut read,
+            Kind::Float,
+            Device::Cpu,
+            "layer.7",
+        )
+    };
+    let refused = |spec: PackedSpec, edit: &dyn Fn(&mut BTreeMap<String, Tensor>), want: &str| {
+        let err = load(spec, edit).expect_err("corrupt parts must be refused").to_string();
+        assert!(err.contains("layer.7") && err.contains(want), "{spec:?}: {err}");
+    };
+    let set = |name: &'static str, value: f64| {
+        move |parts: &mut BTreeMap<String, Tensor>| {
+            let t = parts.get_mut(name).expect("part");
+            let _ = t.get(0).get(0).fill_(value);
+        }
+    };
+    let w4 = uniform(4, false, Some(32), ActMode::Float);
+    let w3 = uniform(3, false, Some(32), ActMode::Float);
+    let w6 = uniform(6, true, None, ActMode::Float);
+    load(w4, &|_| ()).expect("intact parts load");
+    refused(w4, &set("zero_point", 16.0), "zero point 16 is off the 4-bit grid");
+    refused(w4, &set("scale", f64::NAN), "scale holds a non-finite value");
+    refused(w4, &set("scale", f64::INFINITY), "non-finite");
+    // A 3-bit code is a nibble: 0x8x holds 8, off [0, 7].
+    refused(w3, &set("codes", 128.0), "off the 3-bit grid [0, 7]");
+    refused(w3, &set("zero_point", 8.0), "zero point 8 is off the 3-bit grid");
+    // Symmetric 6-bit codes are stored as q ∈ [−32, 31].
+    refused(w6, &set("codes", -33.0), "off the 6-bit grid [-32, 31]");
+    refused(w6, &set("codes", 32.0), "off the 6-bit grid");
+    let nf4 = PackedSpec::nf4(64, false);
+    refused(nf4, &set_flat("absmax", f64::NAN), "NF4 absmax holds a non-finite value");
+    let nf4_double = PackedSpec::nf4(16, true);
+    refused(nf4_double, &set_flat("absmax_scales", f64::NEG_INFINITY), "NF4 absmax scales");
+}
+
+/// Sets element 0 of a 1-D part.
+fn set_flat(name: &'static str, value: f64) -> impl Fn(&mut BTreeMap<String, Tensor>) {
+    move |parts: &mut BTreeMap<String, Tensor>| {
+        let t = parts.get_mut(name).expect("part");
+        let _ = t.get(0).fill_(value);
+    }
+}
+
 #[test]
 fn bytes_are_exact() {
     tch::manual_seed(17);
@@ -340,7 +428,7 @@ fn bytes_are_exact() {
     // W4 g128: 8 MiB of codes, f32 scales and u8 zero points per group.
     let w4 = PackedWeight::quantize(&w, PackedSpec::w4a16(128).expect("spec"), "w4").expect("pack");
     assert_eq!(w4.bytes(), 8 * MIB + groups * 4 + groups);
-    let own = if int4_avx512::available() { Kernel::Int4Avx512 } else { Kernel::Int4Cpu };
+    let own = if int4_avx512::available() { own_int4_kernel() } else { Kernel::Int4Cpu };
     assert_eq!(w4.kernel(), own);
     // libtorch's kernel (a second, kernel-layout copy in memory) counts the same stored parts.
     let w4 = w4.with_kernel(Kernel::Int4Cpu).expect("libtorch int4");

@@ -1,5 +1,6 @@
 //! The machine a bench ran on (CPU model, cores, threads, RAM, libtorch), its process memory
-//! (`VmRSS` from `/proc/self/status`) and its memory bandwidth (a large tensor copy).
+//! (`VmRSS` from `/proc/self/status`) and its memory bandwidth: the roof (a pure streaming read
+//! on the kernels' thread team), and two secondary references (a large tensor copy, an f32 GEMV).
 
 use std::time::Instant;
 
@@ -20,23 +21,30 @@ pub struct Machine {
     pub isa: Vec<String>,
     pub libtorch: String,
     pub device: String,
-    /// Best copy bandwidth (bytes read + written per second): the roofline's reference.
-    pub bandwidth_bytes_per_s: f64,
-    /// Best read-only bandwidth (bytes of an f32 matrix multiplied by one vector per second):
-    /// the rate a perfectly memory-bound decode streams its weights at. A copy also reads its
-    /// target's lines before writing them, so it is credited with fewer bytes than it moves.
-    pub read_bandwidth_bytes_per_s: f64,
-    /// Size of the copied tensor.
+    /// The memory roof at the start of the run: best streaming-read rate (bytes read per second
+    /// by a vectorised sum on the kernels' thread team, [`read_roof`]). Each row also measures it
+    /// before and after itself; the row's `% of roof` uses those.
+    pub roof_bytes_per_s: f64,
+    /// Best copy bandwidth (bytes read + written per second; STREAM's convention). Secondary: a
+    /// copy also reads each target line before writing it, so it moves more bytes than it is
+    /// credited with, and a decode can exceed it.
+    pub copy_bytes_per_s: f64,
+    /// Best rate of an f32 GEMV (libtorch `linear` of one vector) over the same bytes. Secondary:
+    /// compute-bound on some CPUs (19.0 GB/s against a 31.5 GB/s read roof on an AMD EPYC).
+    pub gemv_bytes_per_s: f64,
+    /// Size of the measured buffers.
     pub bandwidth_tensor_bytes: i64,
 }
 
 /// What [`bandwidth`] measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bandwidth {
+    /// Bytes read per second by a streaming read ([`read_roof`]).
+    pub roof: f64,
     /// Bytes read + written per second by a copy.
     pub copy: f64,
     /// Bytes read per second by an f32 GEMV over the same tensor.
-    pub read: f64,
+    pub gemv: f64,
     pub tensor_bytes: i64,
 }
 
@@ -44,7 +52,7 @@ impl Machine {
     /// One line for tables and logs.
     pub fn describe(&self) -> String {
         format!(
-            "{} — {} cores, {} libtorch threads, {:.1} GiB RAM, ISA [{}], libtorch {}, device {}; memory bandwidth {:.1} GB/s by copy ({} MiB tensor, read + written), {:.1} GB/s read-only (f32 GEMV)",
+            "{} — {} cores, {} libtorch threads, {:.1} GiB RAM, ISA [{}], libtorch {}, device {}; memory roof {:.1} GB/s (streaming read of {} MiB at the start; each row measures it again before and after itself); secondary: {:.1} GB/s by copy (read + written), {:.1} GB/s by an f32 GEMV",
             self.cpu_model,
             self.cores,
             self.threads,
@@ -52,9 +60,10 @@ impl Machine {
             self.isa.join(" "),
             self.libtorch,
             self.device,
-            self.bandwidth_bytes_per_s / 1e9,
+            self.roof_bytes_per_s / 1e9,
             self.bandwidth_tensor_bytes >> 20,
-            self.read_bandwidth_bytes_per_s / 1e9,
+            self.copy_bytes_per_s / 1e9,
+            self.gemv_bytes_per_s / 1e9,
         )
     }
 }
@@ -96,8 +105,9 @@ pub fn describe(device: Device, bandwidth: Bandwidth) -> Machine {
         isa: ISA_FLAGS.iter().filter(|f| flags.contains(f)).map(|f| f.to_string()).collect(),
         libtorch: qvlm_core::device::libtorch_version(),
         device: format!("{device:?}"),
-        bandwidth_bytes_per_s: bandwidth.copy,
-        read_bandwidth_bytes_per_s: bandwidth.read,
+        roof_bytes_per_s: bandwidth.roof,
+        copy_bytes_per_s: bandwidth.copy,
+        gemv_bytes_per_s: bandwidth.gemv,
         bandwidth_tensor_bytes: bandwidth.tensor_bytes,
     }
 }
@@ -126,7 +136,30 @@ pub fn sync(device: Device) {
     }
 }
 
-/// Memory bandwidth: the best of `repeats` copies of a `bytes`-sized f32 tensor into another
+/// The memory roof: the best of `repeats` streaming reads of `bytes` (after one untimed pass). On
+/// the CPU a vectorised sum on the kernels' own thread team
+/// ([`qvlm_core::quant::team::read_bandwidth`]); on CUDA a `sum` of a device tensor.
+pub fn read_roof(device: Device, bytes: i64, repeats: usize) -> Result<f64> {
+    if device == Device::Cpu {
+        let bytes = usize::try_from(bytes).context("roof buffer size")?;
+        return Ok(qvlm_core::quant::team::read_bandwidth(bytes, repeats));
+    }
+    let _guard = tch::no_grad_guard();
+    let n = (bytes / 4).max(1);
+    let t = Tensor::f_ones([n], (Kind::Float, device)).context("allocating the roof buffer")?;
+    let _ = t.f_sum(Kind::Float).context("summing")?;
+    sync(device);
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        let _ = t.f_sum(Kind::Float).context("summing")?;
+        sync(device);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok((n * 4) as f64 / best)
+}
+
+/// Memory bandwidth: the roof ([`read_roof`]), then the best of `repeats` copies of a `bytes`-sized f32 tensor into another
 /// (one untimed copy first touches the pages), counted as bytes read + bytes written per second
 /// (STREAM's copy convention); and the best of `repeats` products of the same bytes, viewed as an
 /// f32 `[rows, 4096]` matrix, with one vector (bytes read: a decode step at the memory bound).
@@ -150,11 +183,13 @@ pub fn bandwidth(device: Device, bytes: i64, repeats: usize) -> Result<Bandwidth
     let copy = best(&mut || dst.f_copy_(&src).map(|_| ()).context("copying"))?;
     let matrix = src.view([n / GEMV_COLS, GEMV_COLS]);
     let x = Tensor::f_ones([1, GEMV_COLS], (Kind::Float, device)).context("allocating")?;
-    let read = best(&mut || x.f_linear(&matrix, None::<Tensor>).map(|_| ()).context("GEMV"))?;
+    let gemv = best(&mut || x.f_linear(&matrix, None::<Tensor>).map(|_| ()).context("GEMV"))?;
+    drop((src, dst));
     let tensor_bytes = n * 4;
     Ok(Bandwidth {
+        roof: read_roof(device, tensor_bytes, repeats)?,
         copy: 2.0 * tensor_bytes as f64 / copy,
-        read: tensor_bytes as f64 / read,
+        gemv: tensor_bytes as f64 / gemv,
         tensor_bytes,
     })
 }

@@ -29,6 +29,7 @@ use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::packed::Kernel;
+use qvlm_core::quant::team::Isa;
 
 use tch::{Device, Kind};
 
@@ -213,7 +214,7 @@ fn run_shape(
         }
     }
     if !dense16.is_empty() {
-        run_bf16_family(cfg, shape, &model, layers, bf16_built, &dense16, device, rows)?;
+        run_bf16_family(cfg, shape, &model, layers, bf16_built, &dense16, device, rows, skipped)?;
     }
     Ok(())
 }
@@ -275,6 +276,10 @@ fn kernels(model: &Llava) -> (String, usize) {
         let name = match &l.weight {
             LinearWeight::Float(_) => "dense",
             LinearWeight::Packed(p) => p.kernel().name(),
+            LinearWeight::Bf16Own(w) => match w.isa() {
+                Isa::Avx512 => "bf16_avx512",
+                Isa::Avx2 => "bf16_avx2",
+            },
         };
         *counts.entry(name).or_default() += 1;
     }
@@ -299,13 +304,20 @@ fn kernels(model: &Llava) -> (String, usize) {
     (text, fallbacks)
 }
 
-fn measure(model: &Llava, cfg: &BenchConfig, what: &str) -> Result<Timings> {
+/// The row's timings, between two measurements of the memory roof (before, after): the machines
+/// are shared, and a roof taken once at the start of a long run is not the roof of its last row.
+fn measure(model: &Llava, cfg: &BenchConfig, what: &str) -> Result<(Timings, [f64; 2])> {
     let m = &cfg.measure;
+    let roof = || {
+        machine::read_roof(model.device(), cfg.bandwidth.mib << 20, cfg.bandwidth.repeats)
+            .with_context(|| format!("{what}: measuring the memory roof"))
+    };
+    let before = roof()?;
     let pb = progress::bar((m.warmup_tokens + m.decode_tokens) as u64, what);
     pb.set_message(format!("prefill {} tokens, then decode", m.prefill_tokens));
     let timings = measure::run(model, m, &pb)?;
     pb.finish_and_clear();
-    Ok(timings)
+    Ok((timings, [before, roof()?]))
 }
 
 fn rss_delta(base: Option<u64>) -> Option<i64> {
@@ -327,6 +339,8 @@ struct Measured {
     norm_elt: i64,
     rss: Option<i64>,
     timings: Timings,
+    /// The memory roof measured before and after the timings (bytes/s).
+    roof: [f64; 2],
 }
 
 /// A table row, extrapolated per layer to `layers` when fewer were built: every decoder layer has
@@ -361,6 +375,8 @@ fn row(cfg: &BenchConfig, shape: &Shape, model: &str, layers: i64, built: i64, m
         decode: stretch(t.decode_mean()),
         decode_min_ms: stretch(min_step).total_ms(),
         fallback_linears: m.fallbacks,
+        roof_before_bytes_per_s: m.roof[0],
+        roof_after_bytes_per_s: m.roof[1],
     }
 }
 
@@ -377,6 +393,7 @@ fn run_fp32(
     let what = format!("{} FP32", shape.name);
     let model = build(shape, built, Kind::Float, device, &what)?;
     let (kernel, fallbacks) = kernels(&model);
+    let (timings, roof) = measure(&model, cfg, &what)?;
     let m = Measured {
         scheme: Scheme::Fp32,
         kernel,
@@ -385,7 +402,8 @@ fn run_fp32(
         linears: decoder_linear_bytes(&model),
         extra: decode_extra_bytes(&model),
         norm_elt: 4,
-        timings: measure(&model, cfg, &what)?,
+        timings,
+        roof,
         rss: rss_delta(base),
     };
     drop(model);
@@ -403,6 +421,7 @@ fn run_bf16_family(
     schemes: &[Scheme],
     device: Device,
     rows: &mut Vec<Row>,
+    skipped: &mut Vec<Skipped>,
 ) -> Result<()> {
     let group = cfg.model.w4_group;
     let base = machine::rss_bytes();
@@ -413,6 +432,11 @@ fn run_bf16_family(
     let parts = &cfg.model.packed_parts;
     for &s in schemes {
         let what = format!("{} {}", shape.name, s.label(group));
+        if let Some(reason) = s.not_here(device) {
+            tracing::warn!("skipping {what}: {reason}");
+            skipped.push(Skipped { model: model_label.into(), schemes: s.label(group), reason });
+            continue;
+        }
         let n = scheme::packed_count(&model, parts) as u64;
         let pb = progress::bar(n, &format!("packing {}", s.label(group)));
         let started = Instant::now();
@@ -422,6 +446,7 @@ fn run_bf16_family(
             tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
         }
         let (kernel, fallbacks) = kernels(&model);
+        let (timings, roof) = measure(&model, cfg, &what)?;
         let m = Measured {
             scheme: s,
             kernel,
@@ -430,7 +455,8 @@ fn run_bf16_family(
             linears: decoder_linear_bytes(&model),
             extra: decode_extra_bytes(&model),
             norm_elt: 2,
-            timings: measure(&model, cfg, &what)?,
+            timings,
+            roof,
             rss: rss_delta(base),
         };
         let r = row(cfg, shape, model_label, layers, built, m);

@@ -44,6 +44,9 @@ pub struct Row {
     pub decode_min_ms: f64,
     /// Packed weights (any part) on the dequantized fallback.
     pub fallback_linears: usize,
+    /// The memory roof (streaming read, bytes/s) measured just before and just after the row.
+    pub roof_before_bytes_per_s: f64,
+    pub roof_after_bytes_per_s: f64,
 }
 
 impl Row {

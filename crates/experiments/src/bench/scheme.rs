@@ -10,6 +10,7 @@ use indicatif::ProgressBar;
 use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::linear::{Linear, LinearWeight};
 use qvlm_core::model::llava::Llava;
+use qvlm_core::quant::bf16_own::{self, Bf16Weight};
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -45,8 +46,12 @@ impl Part {
 pub enum Scheme {
     /// Dense f32 weights and activations.
     Fp32,
-    /// Dense bf16 weights and activations (the FP16-class reference).
+    /// Dense bf16 weights and activations through libtorch's `linear` (the FP16-class
+    /// reference; compute-bound on the CPUs seen).
     Bf16,
+    /// The same bf16 weights through this crate's own AVX-512 kernel
+    /// ([`qvlm_core::quant::bf16_own`], f32 arithmetic): the memory-bound 16-bit baseline.
+    Bf16Own,
     /// int8 weights per output channel, bf16 activations (`_weight_int8pack_mm`).
     W8a16,
     /// int8 weights per output channel, int8 activations per token (`_int_mm`).
@@ -59,9 +64,10 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    pub const ALL: [Scheme; 6] = [
+    pub const ALL: [Scheme; 7] = [
         Scheme::Fp32,
         Scheme::Bf16,
+        Scheme::Bf16Own,
         Scheme::W8a16,
         Scheme::W8a8,
         Scheme::W4a16Libtorch,
@@ -73,6 +79,7 @@ impl Scheme {
         match self {
             Scheme::Fp32 => "fp32",
             Scheme::Bf16 => "bf16",
+            Scheme::Bf16Own => "bf16_own",
             Scheme::W8a16 => "w8a16",
             Scheme::W8a8 => "w8a8",
             Scheme::W4a16 => "w4a16",
@@ -85,10 +92,25 @@ impl Scheme {
         match self {
             Scheme::Fp32 => "FP32".into(),
             Scheme::Bf16 => "BF16".into(),
+            Scheme::Bf16Own => "BF16 own".into(),
             Scheme::W8a16 => "W8A16".into(),
             Scheme::W8a8 => "W8A8".into(),
             Scheme::W4a16 => format!("W4A16 g{group}"),
             Scheme::W4a16Libtorch => format!("W4A16 g{group} libtorch"),
+        }
+    }
+
+    /// Why the scheme cannot run on `device` of this machine, if it cannot (the own bf16 kernel
+    /// needs an AVX-512 CPU); the bench lists it under "Not run" instead of failing.
+    pub fn not_here(self, device: Device) -> Option<String> {
+        match self {
+            Scheme::Bf16Own if device != Device::Cpu => {
+                Some(format!("the own bf16 kernel runs on the CPU, not {device:?}"))
+            }
+            Scheme::Bf16Own if !bf16_own::available() => {
+                Some("the own bf16 kernel needs AVX-512F + AVX-512BW or AVX2 + FMA, which this CPU lacks".into())
+            }
+            _ => None,
         }
     }
 
@@ -111,7 +133,7 @@ impl Scheme {
     /// The packed storage of the decoder linears; `None` for the dense schemes.
     pub fn packed_spec(self, group: i64) -> Result<Option<PackedSpec>> {
         Ok(match self {
-            Scheme::Fp32 | Scheme::Bf16 => None,
+            Scheme::Fp32 | Scheme::Bf16 | Scheme::Bf16Own => None,
             Scheme::W8a16 => Some(PackedSpec::w8a16()),
             Scheme::W8a8 => Some(PackedSpec::w8a8()),
             Scheme::W4a16 | Scheme::W4a16Libtorch => Some(PackedSpec::w4a16(group)?),
@@ -160,10 +182,16 @@ pub fn apply(
 ) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let Some(spec) = scheme.packed_spec(group)? else {
-        let packed =
-            model.linears_and_head().iter().any(|l| matches!(l.weight, LinearWeight::Packed(_)));
-        if packed {
+        let float = model.linears_and_head().iter().all(|l| match l.weight {
+            LinearWeight::Float(_) => true,
+            LinearWeight::Bf16Own(_) => scheme == Scheme::Bf16Own,
+            LinearWeight::Packed(_) => false,
+        });
+        if !float {
             bail!("{} needs the float model, but it was already packed", scheme.label(group));
+        }
+        if scheme == Scheme::Bf16Own {
+            own_bf16(model, parts, bar)?;
         }
         return Ok(());
     };
@@ -174,6 +202,23 @@ pub fn apply(
         }
         let (out, inp) = (linear.out_features, linear.in_features);
         pack(&mut linear.weight, scheme, spec, group, [out, inp], device, &linear.id.to_string())?;
+        bar.inc(1);
+    }
+    Ok(())
+}
+
+/// Puts the linears of `parts` on the own bf16 kernel (their weights as they are, in bf16).
+fn own_bf16(model: &mut Llava, parts: &[Part], bar: &ProgressBar) -> Result<()> {
+    for linear in model.linears_and_head_mut() {
+        if !parts.contains(&part_of(linear.id)) {
+            continue;
+        }
+        if let LinearWeight::Float(w) = &linear.weight {
+            let name = linear.id.to_string();
+            let own = Bf16Weight::from_tensor(w, &name)
+                .with_context(|| format!("putting {name} on the own bf16 kernel"))?;
+            linear.weight = LinearWeight::Bf16Own(own);
+        }
         bar.inc(1);
     }
     Ok(())
@@ -192,6 +237,7 @@ fn pack(
     let kind = match weight {
         LinearWeight::Float(w) => w.kind(),
         LinearWeight::Packed(p) => p.kind(),
+        LinearWeight::Bf16Own(_) => Kind::BFloat16,
     };
     let mut parts = match weight {
         LinearWeight::Packed(p) if p.spec().format == spec.format => {

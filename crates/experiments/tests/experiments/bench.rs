@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use experiments::bench::scheme::{self, Scheme};
-use experiments::bench::{self, config};
-use qvlm_core::quant::int4_avx512;
+use experiments::bench::{self, config, report};
+use qvlm_core::quant::bf16_own;
+use qvlm_core::quant::team::Isa;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -30,7 +31,7 @@ threads = 1
 memory_headroom_gib = 0.0
 shapes = ["tiny"]
 fp32_layers = 1
-schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]
+schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]
 w4_group = 128
 
 [measure]
@@ -71,10 +72,19 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     let cfg = tiny_config(&results);
     let out = bench::run(&cfg).expect("bench run");
 
-    // Every configuration, in the config's order, on the kernels (no fallback).
+    // Every configuration, in the config's order, on the kernels (no fallback); the own bf16
+    // kernel is listed as not run where the CPU lacks AVX-512.
     let schemes: Vec<Scheme> = out.rows.iter().map(|r| r.scheme).collect();
-    assert_eq!(schemes, Scheme::ALL.to_vec());
-    assert!(out.info.skipped.is_empty(), "{:?}", out.info.skipped);
+    let own16 = bf16_own::available();
+    let expected: Vec<Scheme> =
+        Scheme::ALL.into_iter().filter(|&s| own16 || s != Scheme::Bf16Own).collect();
+    assert_eq!(schemes, expected);
+    if own16 {
+        assert!(out.info.skipped.is_empty(), "{:?}", out.info.skipped);
+    } else {
+        assert_eq!(out.info.skipped.len(), 1);
+        assert!(out.info.skipped[0].reason.contains("AVX2"), "{:?}", out.info.skipped);
+    }
     for r in &out.rows {
         assert_eq!(r.fallback_linears, 0, "{}: {}", r.label, r.kernel);
         assert_eq!(r.layers, 2);
@@ -82,12 +92,20 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
         assert_eq!(r.prefill_positions, 8);
     }
     let kernel = |s: Scheme| out.rows.iter().find(|r| r.scheme == s).map(|r| r.kernel.clone());
-    let own = if int4_avx512::available() { "int4_avx512" } else { "int4_cpu" };
+    let own = match Isa::best() {
+        Some(Isa::Avx512) => "int4_avx512",
+        Some(Isa::Avx2) => "int4_avx2",
+        None => "int4_cpu",
+    };
     assert_eq!(kernel(Scheme::W4a16).as_deref(), Some(own));
     assert_eq!(kernel(Scheme::W4a16Libtorch).as_deref(), Some("int4_cpu"));
     assert_eq!(kernel(Scheme::W8a16).as_deref(), Some("int8_weight"));
     assert_eq!(kernel(Scheme::W8a8).as_deref(), Some("int8_int8"));
     assert_eq!(kernel(Scheme::Bf16).as_deref(), Some("dense"));
+    if own16 {
+        let want = format!("bf16_{}", Isa::best().map_or("", Isa::name));
+        assert_eq!(kernel(Scheme::Bf16Own), Some(want));
+    }
 
     // Analytic bytes of the decoder linears: 2 layers × (q, k, v, o [256, 256]; gate, up
     // [512, 256]; down [256, 512]).
@@ -114,27 +132,85 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     // Whole-model bytes: parameters × element size (the shape's analytic count).
     let params = cfg.shapes().expect("shapes")[0].dims.parameters(2);
     assert_eq!(row(Scheme::Bf16).weight_bytes, 2 * params);
+    if own16 {
+        // The same bf16 weights on the own kernel: the same bytes.
+        assert_eq!(row(Scheme::Bf16Own).decoder_linear_bytes, dense(2));
+        assert_eq!(row(Scheme::Bf16Own).weight_bytes, 2 * params);
+    }
     // FP32 was built with 1 of 2 layers and extrapolated: exact all the same.
     assert!(row(Scheme::Fp32).extrapolated());
     assert_eq!(row(Scheme::Fp32).layers_built, 1);
     assert_eq!(row(Scheme::Fp32).weight_bytes, 4 * params);
 
-    assert!(out.info.machine.bandwidth_bytes_per_s > 0.0);
-    assert!(out.info.machine.read_bandwidth_bytes_per_s > 0.0);
-    assert!(out.info.machine.threads >= 1);
+    let m = &out.info.machine;
+    assert!(m.roof_bytes_per_s > 0.0 && m.copy_bytes_per_s > 0.0 && m.gemv_bytes_per_s > 0.0);
+    assert!(m.threads >= 1);
+    for r in &out.rows {
+        assert!(r.roof_before_bytes_per_s > 0.0 && r.roof_after_bytes_per_s > 0.0, "{}", r.label);
+    }
 
-    // The table has every row and the exact byte ratio; files exist.
+    // The table has every row (and the skipped one) and the exact byte ratio; files exist.
     let t = &out.report.table;
-    assert_eq!(t.height(), 6);
-    let ratio = t.column("dec_linears_x_vs_bf16").expect("column").f64().expect("f64").get(5);
+    assert_eq!(t.height(), 7);
+    let w4_row = expected.iter().position(|&s| s == Scheme::W4a16).expect("W4A16 row");
+    let ratio = t.column("dec_linears_x_vs_bf16").expect("column").f64().expect("f64").get(w4_row);
     assert_eq!(ratio, Some(dense(2) as f64 / w4 as f64));
+    // "vs 16-bit" is against the faster of the two 16-bit rows.
+    let col = |name: &str| t.column(name).expect("column").f64().expect("f64").get(w4_row);
+    let fastest16 = out
+        .rows
+        .iter()
+        .filter(|r| matches!(r.scheme, Scheme::Bf16 | Scheme::Bf16Own))
+        .map(|r| r.decode.total_ms())
+        .fold(f64::INFINITY, f64::min);
+    let speedup = fastest16 / row(Scheme::W4a16).decode.total_ms();
+    assert!((col("speedup_vs_16bit").expect("value") - speedup).abs() < 1e-9 * speedup);
     for f in &out.report.files {
         assert!(f.is_file(), "{} missing", f.display());
     }
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
     assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
-    // Four targets for each of the two W4A16 rows.
-    assert_eq!(out.report.targets.len(), 8);
+    // Four targets for each of the two W4A16 rows, one for the own bf16 row.
+    assert_eq!(out.report.targets.len(), 8 + usize::from(own16));
+}
+
+/// The report flags a row whose decode would stream faster than the memory roof measured around
+/// it (its bytes per token or its time would be wrong), and its `roof_pct` uses the higher of the
+/// two reads; the rows' own numbers are those of a real run, only the roof is replaced.
+#[test]
+fn a_row_above_its_roof_is_flagged() {
+    let results = scratch("roof");
+    let text = TINY
+        .replace(
+            r#"schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]"#,
+            r#"schemes = ["bf16", "w4a16"]"#,
+        )
+        .replace(
+            "name = \"tiny-bench\"",
+            &format!("name = \"tiny-bench\"\nresults_dir = \"{}\"", results.display()),
+        );
+    let cfg = config::parse(&text, Path::new("roof.toml")).expect("config");
+    let out = bench::run(&cfg).expect("bench run");
+    let mut rows = out.rows.clone();
+    let w4 = rows.iter().position(|r| r.scheme == Scheme::W4a16).expect("W4A16 row");
+    let gbs = rows[w4].decode_bytes_per_token as f64 / (rows[w4].decode.total_ms() / 1e3);
+    // A roof at half the row's rate after it, a quarter before: 200 % of the higher one.
+    rows[w4].roof_before_bytes_per_s = gbs / 4.0;
+    rows[w4].roof_after_bytes_per_s = gbs / 2.0;
+    report::write_results(&results, &rows, &out.info).expect("rewrite");
+    let rebuilt = report::build(&results).expect("report");
+    let t = &rebuilt.table;
+    let pct = t.column("roof_pct").expect("column").f64().expect("f64").get(w4).expect("pct");
+    assert!((pct - 200.0).abs() < 1e-6, "{pct}");
+    let drift = t.column("roof_drift_pct").expect("column").f64().expect("f64").get(w4);
+    assert!(drift.is_some_and(|d| (d - 100.0).abs() < 1e-6), "{drift:?}");
+    let note = t.column("note").expect("column").str().expect("str").get(w4).unwrap_or("");
+    assert!(note.contains("ABOVE THE ROOF"), "{note}");
+    // The untouched row is not flagged by this logic unless it really is above its roof.
+    let bf16 = rows.iter().position(|r| r.scheme == Scheme::Bf16).expect("BF16 row");
+    let note = t.column("note").expect("column").str().expect("str").get(bf16).unwrap_or("");
+    let pct = t.column("roof_pct").expect("column").f64().expect("f64").get(bf16).expect("pct");
+    assert_eq!(note.contains("ABOVE THE ROOF"), pct > 100.0, "{note}");
 }
 
 #[test]
@@ -148,7 +224,7 @@ fn packing_vision_projector_and_lm_head_counts_their_exact_bytes() {
         )
         .replace("fp32_layers = 1", "")
         .replace(
-            r#"schemes = ["fp32", "bf16", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]"#,
+            r#"schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]"#,
             r#"schemes = ["bf16", "w8a8", "w4a16"]"#,
         )
         .replace(

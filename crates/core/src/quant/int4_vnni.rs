@@ -1,0 +1,834 @@
+//! A second 4-bit decode kernel for [`Int4Weight`], for CPUs with AVX-512 VNNI: the activation
+//! row is quantized to int8 on the fly and multiplied with the 4-bit codes in integers by
+//! `vpdpbusd` (`_mm512_dpbusd_epi32`: 64 u8 × s8 products per instruction, four of them added
+//! into each i32 lane). This is what llama.cpp does for its Q4_0 × Q8_0 dot product,
+//! `ggml_vec_dot_q4_0_q8_0` in `ggml/src/ggml-cpu/arch/x86/quants.c`
+//! (<https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-cpu/arch/x86/quants.c>),
+//! which is the upstream followed here.
+//!
+//! Why it exists: at decode (one activation row, a GEMV) the exact kernel
+//! ([`crate::quant::int4_avx512`]) spends three instructions per 16 weights (shift, `vpermps`,
+//! FMA). This one spends one load, three logic instructions and two `vpdpbusd` per 128 weights of
+//! a row, so that the codes' streaming from memory stays the only limit.
+//!
+//! # Numerics: not the exact dequantized matmul
+//!
+//! The activations are put on an int8 grid, per row and per group of `group` inputs (the
+//! weight's own groups): `sx = max|x| / 127`, `xq = round_half_even(x / sx)` clamped to ±127; a
+//! group of zeros gets `sx = 0` and `xq = 0` ([`quantize_activations`]). Then, for each output
+//! row and group, `y += scale_w · sx · (Σ c·xq − offset · Σxq)` with `c` the stored code (0..15)
+//! and `offset = zero_point − qmin` (the dequantized weight is `(c − offset) · scale_w`). The
+//! bracket is exact in i32 (the `offset · Σxq` term starts lane 0 of the group's accumulator);
+//! each lane is then converted to f32 and multiplied by `scale_w · sx` in an FMA, and the 16
+//! lanes are summed at the end of the row. So the result equals, within the rounding of that
+//! final f32 scaling, the exact product of the dequantized weight with `xq · sx` (tested) — and
+//! differs from the exact f32 matmul with the unquantized `x` ([`crate::quant::int4_avx512`]) by
+//! the int8 rounding of the activations. Measured (test `error_against_the_exact_f32_matmul`):
+//! random codes, `x ~ N(0, 1)`, `k = 4096`, `n = 256`, groups of 128:
+//! ‖y_q8 − y_exact‖ / ‖y_exact‖ = 0.64 % (symmetric grid) and 0.60 % (asymmetric), asserted
+//! below [`MAX_RELATIVE_ERROR`]. Activations with a few large outliers per group (LLaVA's
+//! projector output, some LLaMA channels) fare worse: the step `max|x| / 127` is set by the
+//! outlier.
+//!
+//! # How the weight layout is consumed unchanged
+//!
+//! A 64-byte block of one row ([`Int4Weight`]'s layout) holds in lane `j` the codes of columns
+//! `128·b + 16·s + j`, `s` = 0..8, column `s` in bits `4s..4s + 4`. `v & 0x0F0F0F0F` leaves in
+//! lane `j` four bytes, the codes of columns `128·b + j + 16·{0, 2, 4, 6}`, and
+//! `(v >> 4) & 0x0F0F0F0F` those of columns `128·b + j + 16·{1, 3, 5, 7}`. The int8 activation
+//! row is rearranged once per call into that order ([`Q8Activations::packed`]: per block, byte
+//! `t` of lane `j` of the "even" half is `xq[128·b + j + 32·t]`, of the "odd" half
+//! `xq[128·b + j + 32·t + 16]`), and two `vpdpbusd` per block and row consume 128 weights.
+//!
+//! # Shapes
+//!
+//! Only groups that are whole blocks (`group % 128 == 0`: 128, 256, …; one group per row is
+//! fine) run here: with smaller groups the four bytes of one lane belong to different groups
+//! (group 64: columns `j`, `j + 32` in one group, `j + 64`, `j + 96` in the next), each with its
+//! own `sx`, so the lane's integer sum would mix two scales. [`unsupported`] names the reason
+//! and the caller keeps the exact f32 kernel for those weights. Groups are also capped at 32768
+//! inputs so that the i32 accumulators cannot overflow.
+//!
+//! # Threads, prefetch, more than one row
+//!
+//! As in [`crate::quant::int4_avx512`]: ranges of quads (4 rows) go to libtorch's OpenMP team
+//! through [`crate::quant::team`]'s atomic counter, each thread streams its quads' contiguous
+//! codes with a software prefetch [`PREFETCH_BYTES`] ahead. With `m > 1` activation rows each quad
+//! is multiplied with every row while its codes are in L1 (decode, `m = 1`, is the case this
+//! kernel is for).
+//!
+//! Speed: not measured yet — no AVX-512 VNNI CPU was at hand when it was written (the
+//! development machine then had AVX2 only). The prefetch distance is the f32 kernel's, untuned
+//! here. The AVX-512 loop's arithmetic is tested bit for bit against the same loop on emulated
+//! lanes, which runs on any CPU.
+//!
+//! `unsafe` here: the AVX-512 intrinsics and their unaligned loads (every load's range is checked
+//! against the slice lengths, with checked arithmetic, before the unchecked loop starts).
+#![allow(unsafe_code)]
+
+use super::int4_avx512::{Int4Weight, BLOCK, PREFETCH_BYTES, QUAD};
+use super::team::{self, SharedOut, Team};
+
+/// The bound the tests assert on ‖y_q8 − y_exact‖ / ‖y_exact‖ for Gaussian activations, random
+/// codes, `k = 4096`, groups of 128 (measured: 0.64 % symmetric, 0.60 % asymmetric).
+pub const MAX_RELATIVE_ERROR: f64 = 0.0075;
+
+/// The largest group this kernel takes: `offset · Σxq` (offset ≤ 255 + 8, |xq| ≤ 127) must fit
+/// the i32 accumulator.
+pub const MAX_GROUP: usize = 1 << 15;
+
+/// The CPU features this kernel needs that this CPU lacks (empty: it runs here).
+fn missing_features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut missing = Vec::new();
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            missing.push("AVX-512F");
+        }
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
+            missing.push("AVX-512BW");
+        }
+        if !std::arch::is_x86_feature_detected!("avx512vnni") {
+            missing.push("AVX-512 VNNI");
+        }
+        missing
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        vec!["x86-64", "AVX-512F", "AVX-512BW", "AVX-512 VNNI"]
+    }
+}
+
+/// Whether this CPU runs the kernel (AVX-512F, AVX-512BW and AVX-512 VNNI).
+pub fn available() -> bool {
+    missing_features().is_empty()
+}
+
+/// Why this kernel cannot take a weight `[n, k]` in groups of `group` on this CPU, if it cannot.
+pub fn unsupported(n: usize, k: usize, group: usize) -> Option<String> {
+    let missing = missing_features();
+    if !missing.is_empty() {
+        return Some(format!(
+            "the CPU has no {} (int4_vnni needs AVX-512F + AVX-512BW + AVX-512 VNNI)",
+            missing.join(" + ")
+        ));
+    }
+    unsupported_shape(n, k, group)
+}
+
+/// The shape rules alone (whatever the CPU).
+fn unsupported_shape(n: usize, k: usize, group: usize) -> Option<String> {
+    if !n.is_multiple_of(QUAD) {
+        return Some(format!("int4_vnni needs out % {QUAD} == 0, out = {n}"));
+    }
+    if k == 0 || !k.is_multiple_of(BLOCK) {
+        return Some(format!("int4_vnni needs in % {BLOCK} == 0, in = {k}"));
+    }
+    if group == 0 || !group.is_multiple_of(BLOCK) || !k.is_multiple_of(group) {
+        return Some(format!(
+            "int4_vnni needs a group that is a multiple of {BLOCK} and divides in = {k}, got \
+             {group} (a smaller group would mix two groups' activation scales in one 32-bit lane \
+             of vpdpbusd; the exact f32 kernel takes it)"
+        ));
+    }
+    if group > MAX_GROUP {
+        return Some(format!(
+            "int4_vnni takes groups of at most {MAX_GROUP} inputs (i32 accumulators), got {group}"
+        ));
+    }
+    None
+}
+
+/// Activation rows on the int8 grid of [`quantize_activations`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Activations {
+    /// Rows.
+    pub m: usize,
+    /// Inputs per row.
+    pub k: usize,
+    /// Inputs per scale.
+    pub group: usize,
+    /// `[m, k]` int8 values, in the input order.
+    pub q: Vec<i8>,
+    /// `[m, k/group]` f32 scales `sx` (`x ≈ xq · sx`).
+    pub scale: Vec<f32>,
+    /// `[m, k/group]` `Σ xq` of each group.
+    pub sum: Vec<i32>,
+    /// `q` in the kernel's order, `[m, k/128, 2, 16, 4]`: block `b`, half `h`, lane `j`, byte `t`
+    /// is `q[128·b + j + 16·(2t + h)]` of the row. Empty when `k % 128 != 0`.
+    pub packed: Vec<i8>,
+}
+
+/// `x` (`[m, k]` f32, row-major) on an int8 grid per row and per group of `group` inputs:
+/// `sx = max|x| / 127`, `xq = round_half_even(x / sx)` clamped to ±127, and a group of zeros gets
+/// `sx = 0`, `xq = 0` (NaNs are ignored by the max and become 0). `None` when `k` or `group` is 0,
+/// `group` does not divide `k`, or `x` is not a whole number of rows.
+pub fn quantize_activations(x: &[f32], k: usize, group: usize) -> Option<Q8Activations> {
+    if k == 0 || group == 0 || !k.is_multiple_of(group) || !x.len().is_multiple_of(k) {
+        return None;
+    }
+    let m = x.len() / k;
+    let groups = m * (k / group);
+    let mut q = vec![0i8; x.len()];
+    let (mut scale, mut sum) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
+    for (xg, qg) in x.chunks_exact(group).zip(q.chunks_exact_mut(group)) {
+        let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let sx = amax / 127.0;
+        let mut s = 0i32;
+        if sx > 0.0 {
+            for (v, o) in xg.iter().zip(qg.iter_mut()) {
+                // `as` saturates and sends NaN to 0.
+                *o = (v / sx).round_ties_even().clamp(-127.0, 127.0) as i8;
+                // At most 127 · group: `group` ≤ `x.len()`, far below 2^31 / 127 in practice, and
+                // wrapping (never a panic) beyond.
+                s = s.wrapping_add(i32::from(*o));
+            }
+        }
+        scale.push(sx);
+        sum.push(s);
+    }
+    let mut packed = Vec::new();
+    if k.is_multiple_of(BLOCK) {
+        packed = vec![0i8; x.len()];
+        for (src, dst) in q.chunks_exact(BLOCK).zip(packed.chunks_exact_mut(BLOCK)) {
+            for h in 0..2 {
+                for j in 0..16 {
+                    for t in 0..4 {
+                        dst[h * 64 + 4 * j + t] = src[j + 16 * (2 * t + h)];
+                    }
+                }
+            }
+        }
+    }
+    Some(Q8Activations { m, k, group, q, scale, sum, packed })
+}
+
+impl Int4Weight {
+    /// `x Wᵀ` for `x` `[m, k]` f32 (row-major) with the activations on an int8 grid per group
+    /// (see the [module](crate::quant::int4_vnni) for how this differs from [`Self::matmul`]):
+    /// `[m, n]` f32, on the kernel's threads. `None` when [`unsupported`] refuses the weight on
+    /// this CPU or `x` is not `m · k` long (`m` ≥ 1).
+    pub fn matmul_q8(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        matmul_q8_on(self, x, m, team::default_team, Lanes::Avx512)
+    }
+}
+
+/// Which implementation of the lane operations runs the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lanes {
+    /// The AVX-512 VNNI instructions.
+    Avx512,
+    /// The same loop on arrays of 16 lanes in plain Rust (tests: it checks the loop and its
+    /// arithmetic on any CPU, and the AVX-512 one against it bit for bit).
+    #[cfg(test)]
+    Emulated,
+}
+
+fn matmul_q8_on(w: &Int4Weight, x: &[f32], m: usize, on: Team, lanes: Lanes) -> Option<Vec<f32>> {
+    if m == 0
+        || Some(x.len()) != m.checked_mul(w.k)
+        || unsupported_shape(w.n, w.k, w.group).is_some()
+    {
+        return None;
+    }
+    if lanes == Lanes::Avx512 && !available() {
+        return None;
+    }
+    let a = quantize_activations(x, w.k, w.group)?;
+    let quads = w.n / QUAD;
+    // Ranges of quads go to the team's threads; each writes `[its rows, m]` of `y_t`, transposed
+    // at the end. Every `r.end · 4 · m` below is at most `n · m`, checked here.
+    let mut y_t = vec![0f32; w.n.checked_mul(m)?];
+    let out = SharedOut::new(&mut y_t);
+    let chunk = team::chunk_for(quads, 16);
+    team::for_each_range(on, quads, chunk, &|r| {
+        // SAFETY: `for_each_range` gives every quad to one range only, so the rows written here
+        // are this call's alone.
+        let rows = unsafe { out.range(r.start * QUAD * m..r.end * QUAD * m) };
+        quads_into(w, &a, r.start, r.len(), rows, lanes);
+    });
+    if m == 1 {
+        return Some(y_t);
+    }
+    let mut y = vec![0f32; m * w.n];
+    for row in 0..w.n {
+        for r in 0..m {
+            y[r * w.n + row] = y_t[row * m + r];
+        }
+    }
+    Some(y)
+}
+
+/// Quads `first..first + count` against every row of `a`, into `out` `[count · 4, m]`.
+fn quads_into(
+    w: &Int4Weight,
+    a: &Q8Activations,
+    first: usize,
+    count: usize,
+    out: &mut [f32],
+    lanes: Lanes,
+) {
+    // Every bound the unchecked loop relies on, with checked products: a wrapped bound would let
+    // it run past the slices in a release build.
+    assert!(unsupported_shape(w.n, w.k, w.group).is_none(), "shape outside the kernel's rules");
+    assert!(a.k == w.k && a.group == w.group, "activations quantized for another shape");
+    let (blocks, groups) = (w.k / BLOCK, w.k / w.group);
+    let end = first.checked_add(count).expect("quad range overflows");
+    let words = end.checked_mul(blocks).and_then(|v| v.checked_mul(QUAD * 16));
+    let scales = end.checked_mul(QUAD).and_then(|v| v.checked_mul(groups));
+    assert!(words.is_some_and(|v| v <= w.words.len()), "quads past the codes");
+    assert!(scales.is_some_and(|v| v <= w.scale.len()), "quads past the scales");
+    assert!(w.zero_point.as_ref().is_none_or(|z| z.len() == w.scale.len()), "zero points ≠ scales");
+    let m = a.m;
+    assert!(Some(a.packed.len()) == m.checked_mul(w.k), "packed activations not m · k long");
+    let act_groups = m.checked_mul(groups);
+    assert!(
+        act_groups.is_some_and(|g| g == a.scale.len() && g == a.sum.len()),
+        "activation scales"
+    );
+    assert!(Some(out.len()) == count.checked_mul(QUAD * m), "out is not 4 · count · m long");
+    match lanes {
+        Lanes::Avx512 => {
+            assert!(available(), "int4_vnni on a CPU without AVX-512 VNNI");
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU features are present (asserted above); every index the loop forms is
+            // below the lengths asserted above.
+            unsafe {
+                avx512::quads(w, a, first, count, out);
+            }
+        }
+        #[cfg(test)]
+        // SAFETY: as above (plain Rust, no CPU feature needed).
+        Lanes::Emulated => unsafe { emulated::quads(w, a, first, count, out) },
+    }
+}
+
+/// The 16 lanes summed in a fixed tree order (both implementations, so that they agree bit for
+/// bit).
+#[inline]
+fn tree_sum(v: [f32; 16]) -> f32 {
+    let a: [f32; 8] = std::array::from_fn(|j| v[j] + v[j + 8]);
+    let b: [f32; 4] = std::array::from_fn(|j| a[j] + a[j + 4]);
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// The zero point of every group of a symmetric weight (read with stride 0).
+static NO_ZERO_POINT: u8 = 0;
+
+/// The lane operations the loop is written in.
+trait LaneOps {
+    /// 16 i32 lanes (also 64 bytes of codes or activations).
+    type I: Copy;
+    /// 16 f32 lanes.
+    type F: Copy;
+    /// 64 bytes at `p` (unaligned). SAFETY: `p..p + 64` is readable.
+    unsafe fn load(p: *const u8) -> Self::I;
+    /// A prefetch hint (never faults).
+    unsafe fn prefetch(p: *const u8);
+    /// `c` in lane 0, zeros elsewhere.
+    unsafe fn lane0(c: i32) -> Self::I;
+    /// `acc + dpbusd(v & 0x0F.., xe) + dpbusd((v >> 4) & 0x0F.., xo)`.
+    unsafe fn dot(acc: Self::I, v: Self::I, xe: Self::I, xo: Self::I) -> Self::I;
+    unsafe fn fzero() -> Self::F;
+    /// `f + f32(acc) · s`, lane by lane, fused.
+    unsafe fn scale_add(acc: Self::I, s: f32, f: Self::F) -> Self::F;
+    unsafe fn lanes(f: Self::F) -> [f32; 16];
+}
+
+/// The loop over quads, one expansion per [`LaneOps`] implementation (an expansion, not a generic
+/// function: the AVX-512 one must be compiled inside a `#[target_feature]` function, the emulated
+/// one outside any).
+///
+/// SAFETY of the expanded function: the caller ([`quads_into`]) checked every bound it reads.
+macro_rules! quad_loop {
+    ($(#[$attr:meta])* $L:ty) => {
+        $(#[$attr])*
+        pub(super) unsafe fn quads(
+            w: &Int4Weight,
+            a: &Q8Activations,
+            first: usize,
+            count: usize,
+            out: &mut [f32],
+        ) {
+            let (blocks, groups) = (w.k / BLOCK, w.k / w.group);
+            let blocks_per_group = w.group / BLOCK;
+            let quad_words = blocks * QUAD * 16;
+            let scale = w.scale.as_ptr();
+            // Symmetric weights read one zero byte with stride 0: no branch in the loop.
+            let (zero_point, zp_stride) = match &w.zero_point {
+                Some(z) => (z.as_ptr(), 1),
+                None => (&super::NO_ZERO_POINT as *const u8, 0),
+            };
+            let m = a.m;
+            for q in 0..count {
+                let quad = first + q;
+                let row0 = quad * QUAD;
+                for r in 0..m {
+                    let mut p = w.words.as_ptr().add(quad * quad_words) as *const u8;
+                    let mut xp = a.packed.as_ptr().add(r * w.k) as *const u8;
+                    let (xs, xsum) = (a.scale.as_ptr().add(r * groups), a.sum.as_ptr().add(r * groups));
+                    let mut f = [<$L>::fzero(); QUAD];
+                    for g in 0..groups {
+                        let (sx, sum) = (*xs.add(g), *xsum.add(g));
+                        let mut acc = [<$L>::lane0(0); QUAD];
+                        let mut s = [0f32; QUAD];
+                        for i in 0..QUAD {
+                            let at = (row0 + i) * groups + g;
+                            let zp = i32::from(*zero_point.add(at * zp_stride));
+                            // `−offset · Σxq` starts lane 0: the bracket stays exact in i32.
+                            let offset = zp.wrapping_sub(w.qmin);
+                            acc[i] = <$L>::lane0(offset.wrapping_mul(sum).wrapping_neg());
+                            s[i] = *scale.add(at) * sx;
+                        }
+                        for _ in 0..blocks_per_group {
+                            let xe = <$L>::load(xp);
+                            let xo = <$L>::load(xp.add(64));
+                            for i in 0..QUAD {
+                                let pi = p.add(64 * i);
+                                // A prefetch past the end of the allocation is a hint, never a
+                                // fault.
+                                <$L>::prefetch(pi.wrapping_add(PREFETCH_BYTES));
+                                acc[i] = <$L>::dot(acc[i], <$L>::load(pi), xe, xo);
+                            }
+                            p = p.add(QUAD * 64);
+                            xp = xp.add(BLOCK);
+                        }
+                        for i in 0..QUAD {
+                            f[i] = <$L>::scale_add(acc[i], s[i], f[i]);
+                        }
+                    }
+                    for i in 0..QUAD {
+                        *out.get_unchecked_mut((q * QUAD + i) * m + r) =
+                            super::tree_sum(<$L>::lanes(f[i]));
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Int4Weight, LaneOps, Q8Activations, BLOCK, PREFETCH_BYTES, QUAD};
+
+    pub(super) struct Avx512;
+
+    impl LaneOps for Avx512 {
+        type I = __m512i;
+        type F = __m512;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn load(p: *const u8) -> __m512i {
+            _mm512_loadu_si512(p as *const __m512i)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn prefetch(p: *const u8) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn lane0(c: i32) -> __m512i {
+            _mm512_maskz_set1_epi32(1, c)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn dot(acc: __m512i, v: __m512i, xe: __m512i, xo: __m512i) -> __m512i {
+            let low = _mm512_set1_epi8(0x0F);
+            let even = _mm512_and_si512(v, low);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<4>(v), low);
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, even, xe), odd, xo)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn fzero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn scale_add(acc: __m512i, s: f32, f: __m512) -> __m512 {
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s), f)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn lanes(f: __m512) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), f);
+            out
+        }
+    }
+
+    quad_loop!(
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        Avx512
+    );
+}
+
+#[cfg(test)]
+mod emulated {
+    use super::{Int4Weight, LaneOps, Q8Activations, BLOCK, PREFETCH_BYTES, QUAD};
+
+    /// `vpdpbusd` and friends on plain arrays (little-endian bytes, like the registers).
+    pub(super) struct Emulated;
+
+    impl LaneOps for Emulated {
+        type I = [u32; 16];
+        type F = [f32; 16];
+
+        unsafe fn load(p: *const u8) -> [u32; 16] {
+            std::ptr::read_unaligned(p as *const [u32; 16])
+        }
+
+        unsafe fn prefetch(_: *const u8) {}
+
+        unsafe fn lane0(c: i32) -> [u32; 16] {
+            let mut v = [0u32; 16];
+            v[0] = c as u32;
+            v
+        }
+
+        unsafe fn dot(acc: [u32; 16], v: [u32; 16], xe: [u32; 16], xo: [u32; 16]) -> [u32; 16] {
+            std::array::from_fn(|j| {
+                let (even, odd) = (v[j] & 0x0F0F_0F0F, (v[j] >> 4) & 0x0F0F_0F0F);
+                let mut s = acc[j] as i32;
+                for t in 0..4 {
+                    let byte = |w: u32| (w >> (8 * t)) & 0xFF;
+                    s = s.wrapping_add(byte(even) as i32 * i32::from(byte(xe[j]) as u8 as i8));
+                    s = s.wrapping_add(byte(odd) as i32 * i32::from(byte(xo[j]) as u8 as i8));
+                }
+                s as u32
+            })
+        }
+
+        unsafe fn fzero() -> [f32; 16] {
+            [0.0; 16]
+        }
+
+        unsafe fn scale_add(acc: [u32; 16], s: f32, f: [f32; 16]) -> [f32; 16] {
+            std::array::from_fn(|j| (acc[j] as i32 as f32).mul_add(s, f[j]))
+        }
+
+        unsafe fn lanes(f: [f32; 16]) -> [f32; 16] {
+            f
+        }
+    }
+
+    quad_loop!(Emulated);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lane implementations this CPU runs: the emulated one everywhere, AVX-512 where present.
+    fn lanes_here() -> Vec<Lanes> {
+        let mut lanes = vec![Lanes::Emulated];
+        if available() {
+            lanes.push(Lanes::Avx512);
+        }
+        lanes
+    }
+
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+
+        fn uniform(&mut self) -> f64 {
+            (f64::from(self.next()) + 0.5) / f64::from(1u32 << 31)
+        }
+
+        fn normal(&mut self) -> f32 {
+            let (u, v) = (self.uniform(), self.uniform());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        }
+    }
+
+    /// The documented layout of [`Int4Weight::words`], built here on any CPU (`from_nibbles`
+    /// refuses without AVX-512F+BW); checked against `from_nibbles` where that runs.
+    fn pack(nibbles: &[u8], n: usize, k: usize) -> Vec<u32> {
+        let blocks = k / BLOCK;
+        let mut words = vec![0u32; n * k / 8];
+        for row in 0..n {
+            for col in 0..k {
+                let byte = nibbles[row * k / 2 + col / 2];
+                let code = if col % 2 == 0 { byte >> 4 } else { byte & 15 };
+                let (b, s, j) = (col / BLOCK, col % BLOCK / 16, col % 16);
+                words[((row / QUAD * blocks + b) * QUAD + row % QUAD) * 16 + j] |=
+                    u32::from(code) << (4 * s);
+            }
+        }
+        words
+    }
+
+    /// A deterministic weight and its portable nibbles: random codes, scales in [1e-3, 1.1e-2),
+    /// zero points 0..16 with `qmin = 0` (asymmetric) or none with `qmin = −8` (symmetric).
+    fn weight(
+        n: usize,
+        k: usize,
+        group: usize,
+        symmetric: bool,
+        seed: u64,
+    ) -> (Vec<u8>, Int4Weight) {
+        let mut rng = Lcg(seed);
+        let nibbles: Vec<u8> = (0..n * k / 2).map(|_| rng.next() as u8).collect();
+        let groups = n * (k / group);
+        let scale: Vec<f32> =
+            (0..groups).map(|_| (rng.next() % 1000) as f32 * 1e-5 + 1e-3).collect();
+        let zero_point =
+            (!symmetric).then(|| (0..groups).map(|_| (rng.next() % 16) as u8).collect());
+        let qmin = if symmetric { -8 } else { 0 };
+        let words = pack(&nibbles, n, k);
+        if crate::quant::int4_avx512::available() {
+            let w = Int4Weight::from_nibbles(
+                &nibbles,
+                scale.clone(),
+                zero_point.clone(),
+                qmin,
+                n,
+                k,
+                group,
+            )
+            .expect("the f32 kernel takes the shape");
+            assert_eq!(w.words, words, "the layout as this module reads it");
+        }
+        // `isa` is the f32 kernel's level; the VNNI path and its portable twin do not read it.
+        let isa = crate::quant::team::Isa::Avx2;
+        (nibbles, Int4Weight { n, k, group, words, scale, zero_point, qmin, isa })
+    }
+
+    /// The dequantized weight in f64, `(c − (zero_point − qmin)) · scale` (exact).
+    fn dequantized(w: &Int4Weight, nibbles: &[u8]) -> Vec<f64> {
+        let (n, k, groups) = (w.n, w.k, w.k / w.group);
+        let mut out = vec![0f64; n * k];
+        for row in 0..n {
+            for col in 0..k {
+                let byte = nibbles[row * k / 2 + col / 2];
+                let c = if col % 2 == 0 { byte >> 4 } else { byte & 15 };
+                let at = row * groups + col / w.group;
+                let zp = w.zero_point.as_ref().map_or(0, |z| i32::from(z[at]));
+                out[row * k + col] =
+                    f64::from(i32::from(c) - (zp - w.qmin)) * f64::from(w.scale[at]);
+            }
+        }
+        out
+    }
+
+    fn gaussian(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Lcg(seed);
+        (0..len).map(|_| rng.normal()).collect()
+    }
+
+    #[test]
+    fn availability_and_refusals_are_named() {
+        if available() {
+            assert!(unsupported(4, 128, 128).is_none());
+            assert!(unsupported(8, 4096, 4096).is_none());
+        } else {
+            // The reason names every missing feature, and the kernel refuses to run.
+            let reason = unsupported(4, 128, 128).expect("refused without the features");
+            assert!(reason.contains("the CPU has no"), "{reason}");
+            for feature in missing_features() {
+                assert!(reason.contains(feature), "{reason} does not name {feature}");
+            }
+            let (_, w) = weight(4, 128, 128, true, 1);
+            assert!(w.matmul_q8(&[0.5; 128], 1).is_none());
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            available(),
+            std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+        );
+        // Shape rules, whatever the CPU.
+        assert!(unsupported_shape(4, 128, 128).is_none());
+        assert!(unsupported_shape(4, 768, 256).is_none());
+        assert!(unsupported_shape(6, 128, 128).is_some_and(|r| r.contains("out % 4")));
+        assert!(unsupported_shape(4, 96, 32).is_some_and(|r| r.contains("in % 128")));
+        assert!(unsupported_shape(4, 0, 128).is_some_and(|r| r.contains("in % 128")));
+        for group in [0, 16, 32, 64, 192, 384] {
+            // Below a block, across blocks (192), or not dividing the 512 inputs (384).
+            let reason = unsupported_shape(4, 512, group);
+            assert!(reason.is_some_and(|r| r.contains("multiple of 128")), "group {group}");
+        }
+        let big = 2 * MAX_GROUP;
+        assert!(unsupported_shape(4, big, big).is_some_and(|r| r.contains("at most")));
+    }
+
+    #[test]
+    fn activations_follow_the_documented_grid_and_order() {
+        // Group 0: max 127 → sx = 1 exactly; halves round to even. Group 1: zeros.
+        let mut x = vec![0f32; 256];
+        x[..6].copy_from_slice(&[127.0, 2.5, 3.5, -2.5, -0.5, 1.49]);
+        x[100] = -127.0;
+        let a = quantize_activations(&x, 256, 128).expect("valid shape");
+        assert_eq!((a.m, a.scale.clone()), (1, vec![1.0, 0.0]));
+        assert_eq!(&a.q[..6], &[127, 2, 4, -2, 0, 1]);
+        assert_eq!(a.q[100], -127);
+        assert!(a.q[128..].iter().all(|&v| v == 0));
+        assert_eq!(a.sum, vec![127 + 2 + 4 - 2 + 1 - 127, 0]);
+        // Random rows: the grid, the sums and the kernel's byte order.
+        let x = gaussian(3 * 512, 7);
+        for group in [128, 256, 512] {
+            let a = quantize_activations(&x, 512, group).expect("valid shape");
+            assert_eq!((a.m, a.scale.len(), a.packed.len()), (3, 3 * 512 / group, 3 * 512));
+            for (g, (xg, qg)) in x.chunks(group).zip(a.q.chunks(group)).enumerate() {
+                let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(a.scale[g], amax / 127.0);
+                assert!(qg.iter().any(|&v| v.abs() == 127), "the max lands on ±127");
+                for (v, q) in xg.iter().zip(qg) {
+                    assert!((v / a.scale[g] - f32::from(*q)).abs() <= 0.5 + 1e-4);
+                }
+                assert_eq!(a.sum[g], qg.iter().map(|&v| i32::from(v)).sum::<i32>());
+            }
+            for (b, (q, packed)) in a.q.chunks(128).zip(a.packed.chunks(128)).enumerate() {
+                for j in 0..16 {
+                    for t in 0..4 {
+                        assert_eq!(packed[4 * j + t], q[j + 32 * t], "block {b}");
+                        assert_eq!(packed[64 + 4 * j + t], q[j + 32 * t + 16], "block {b}");
+                    }
+                }
+            }
+        }
+        // Refusals.
+        assert!(quantize_activations(&x, 0, 128).is_none());
+        assert!(quantize_activations(&x, 512, 0).is_none());
+        assert!(quantize_activations(&x, 512, 96).is_none());
+        assert!(quantize_activations(&x[..100], 512, 128).is_none());
+        // k not a multiple of 128: values but no kernel order.
+        let a = quantize_activations(&x[..96], 96, 32).expect("valid shape");
+        assert!(a.packed.is_empty() && a.q.len() == 96);
+    }
+
+    #[test]
+    fn kernel_is_exact_on_the_quantized_activations() {
+        for (n, k, group, symmetric, m) in [
+            (8, 256, 128, true, 1),
+            (8, 256, 128, false, 1),
+            (8, 256, 128, false, 3),
+            (12, 512, 256, true, 1),
+            (12, 512, 256, false, 3),
+            (4, 768, 256, false, 1),
+            (8, 768, 768, true, 3),
+            (16, 1024, 128, false, 1),
+        ] {
+            let (nibbles, w) = weight(n, k, group, symmetric, (n * k + group) as u64);
+            let dense = dequantized(&w, &nibbles);
+            let mut x = gaussian(m * k, k as u64);
+            // An all-zero group (sx = 0) in the first row.
+            x[..group].fill(0.0);
+            let a = quantize_activations(&x, k, group).expect("valid shape");
+            let xq: Vec<f64> =
+                (0..m * k).map(|i| f64::from(a.q[i]) * f64::from(a.scale[i / group])).collect();
+            for lanes in lanes_here() {
+                let y = matmul_q8_on(&w, &x, m, team::default_team, lanes).expect("kernel runs");
+                for r in 0..m {
+                    for row in 0..n {
+                        let terms = (0..k).map(|c| dense[row * k + c] * xq[r * k + c]);
+                        let exact: f64 = terms.clone().sum();
+                        let magnitude: f64 = terms.map(f64::abs).sum();
+                        let got = f64::from(y[r * n + row]);
+                        assert!(
+                            (got - exact).abs() <= 1e-6 * magnitude,
+                            "{lanes:?} [{n}, {k}] g{group} sym {symmetric} m{m} row {row}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_and_emulated_lanes_agree_bit_for_bit() {
+        // Runs where the CPU has the features; elsewhere it checks that the AVX-512 path refuses.
+        let (_, w) = weight(64, 1024, 256, false, 3);
+        let x = gaussian(3 * 1024, 4);
+        for m in [1, 3] {
+            let emulated = matmul_q8_on(&w, &x[..m * 1024], m, team::default_team, Lanes::Emulated);
+            let avx = matmul_q8_on(&w, &x[..m * 1024], m, team::default_team, Lanes::Avx512);
+            if available() {
+                assert_eq!(avx, emulated, "m = {m}");
+            } else {
+                assert!(avx.is_none() && emulated.is_some());
+            }
+        }
+    }
+
+    /// ‖y_q8 − y_exact‖ / ‖y_exact‖ against the exact f32 matmul with the unquantized `x`.
+    fn relative_error(symmetric: bool) -> f64 {
+        let (n, k, group) = (256, 4096, 128);
+        let (nibbles, w) = weight(n, k, group, symmetric, 11);
+        let dense = dequantized(&w, &nibbles);
+        let x = gaussian(k, 12);
+        // The AVX-512 lanes where present; the emulated ones (bit-identical, tested above)
+        // elsewhere.
+        let lanes = *lanes_here().last().expect("one at least");
+        let y = matmul_q8_on(&w, &x, 1, team::default_team, lanes).expect("kernel runs");
+        let (mut err, mut norm) = (0f64, 0f64);
+        for row in 0..n {
+            let exact: f64 = (0..k).map(|c| dense[row * k + c] * f64::from(x[c])).sum();
+            err += (f64::from(y[row]) - exact).powi(2);
+            norm += exact * exact;
+        }
+        (err / norm).sqrt()
+    }
+
+    #[test]
+    fn error_against_the_exact_f32_matmul() {
+        for symmetric in [true, false] {
+            let e = relative_error(symmetric);
+            eprintln!("int4_vnni relative error (symmetric {symmetric}): {:.4} %", 100.0 * e);
+            assert!(e < MAX_RELATIVE_ERROR, "symmetric {symmetric}: {e}");
+            // Not suspiciously small either: the activations really are on the int8 grid.
+            assert!(e > 0.001, "symmetric {symmetric}: {e}");
+        }
+    }
+
+    #[test]
+    fn libgomp_and_rayon_teams_give_identical_results() {
+        // 64 quads: several ranges, so both teams split the rows between threads.
+        let (_, w) = weight(256, 512, 128, false, 5);
+        for lanes in lanes_here() {
+            for m in [1, 3] {
+                let x = gaussian(m * 512, 6);
+                let omp = matmul_q8_on(&w, &x, m, team::default_team, lanes).expect("libgomp team");
+                let rayon = matmul_q8_on(&w, &x, m, team::rayon_team, lanes).expect("rayon team");
+                // Each row is summed by one thread in the same order either way: bit-identical.
+                assert_eq!(omp, rayon, "{lanes:?} m = {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_refused_not_wrapped() {
+        let (_, w) = weight(8, 256, 128, false, 9);
+        let x = vec![0.25f32; 256];
+        for lanes in lanes_here() {
+            let run = |x: &[f32], m| matmul_q8_on(&w, x, m, team::default_team, lanes);
+            // `m · k` that wraps to the length of `x`.
+            let wrapping_m = usize::MAX / 256 + 2;
+            assert_eq!(wrapping_m.wrapping_mul(256), 256);
+            assert!(run(&x, wrapping_m).is_none());
+            assert!(run(&x, 0).is_none());
+            assert!(run(&x[..255], 1).is_none());
+            assert!(run(&x, 1).is_some());
+            // A weight in groups the kernel does not take.
+            let small =
+                Int4Weight { group: 64, scale: vec![1.0; 32], zero_point: None, ..w.clone() };
+            assert!(matmul_q8_on(&small, &x, 1, team::default_team, lanes).is_none());
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The thread team the crate's own CPU kernels ([`crate::quant::int4_avx512`],
+//! [`crate::quant::bf16_own`]) run on, and the one way they share work on it: disjoint ranges of
+//! rows handed out through an atomic counter.
+//!
+//! The team is libtorch's own OpenMP team where the process has GNU OpenMP (libgomp, which the
+//! libtorch wheels load): `GOMP_parallel` is the call `#pragma omp parallel` compiles to, so the
+//! kernels run on the threads libtorch's operators use (as many as `tch::set_num_threads` says),
+//! which are still spinning from the previous operator and start at once. A second pool beside
+//! them would compete with those spinning threads for the cores: measured on the 2-core
+//! development machine, decode of an 8-layer LLaVA-7B-shaped W4 model took 77 ms with a rayon
+//! pool, 58 ms with it once OpenMP's threads stopped spinning (`OMP_WAIT_POLICY=passive`), and
+//! 51 ms on libtorch's team. Without libgomp, a rayon pool of one thread per core runs the team.
+//!
+//! Soundness: no thread number or team size is asked of any OpenMP runtime. A process can hold two
+//! (libgomp and LLVM's libomp both export `omp_get_thread_num`), and a number from the wrong one
+//! would let two threads write the same rows. Every thread instead takes the next unclaimed range
+//! from one atomic counter, so each index is given to exactly one call whatever the team's size.
+#![allow(unsafe_code)]
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// The SIMD level an own CPU kernel runs at, detected at run time: the best one the CPU has is the
+/// default, a lower one can be forced (to test it on a machine that has both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// AVX2 + FMA: 256-bit vectors (most laptops, older servers, some AMD EPYC VMs).
+    Avx2,
+    /// AVX-512F + AVX-512BW: 512-bit vectors.
+    Avx512,
+}
+
+impl Isa {
+    /// Every level, best first.
+    pub const ALL: [Isa; 2] = [Isa::Avx512, Isa::Avx2];
+
+    /// Whether this CPU runs code of this level.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                }
+                Isa::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    /// The best level this CPU has, if any.
+    pub fn best() -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.available())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// Why no own CPU kernel runs here (`None` when one does).
+pub fn no_isa_reason() -> Option<String> {
+    Isa::best().is_none().then(|| "the CPU has neither AVX-512F + AVX-512BW nor AVX2 + FMA".into())
+}
+
+/// A way of running `f` once on every thread of a team, the caller included (libgomp's or
+/// rayon's); returns when all are done.
+pub(crate) type Team = fn(&(dyn Fn() + Sync));
+
+/// The default team: libgomp's where the process has it, else rayon's.
+pub(crate) fn default_team(f: &(dyn Fn() + Sync)) {
+    match omp::team() {
+        Some(team) => team.run(f),
+        None => rayon_team(f),
+    }
+}
+
+/// The team without libgomp: a rayon pool of one thread per core.
+pub(crate) fn rayon_team(f: &(dyn Fn() + Sync)) {
+    match rayon_pool() {
+        Some(p) if p.current_num_threads() > 1 => p.scope(|s| {
+            for _ in 0..p.current_num_threads() {
+                s.spawn(move |_| f());
+            }
+        }),
+        _ => f(),
+    }
+}
+
+/// Whether the process has GNU OpenMP's team (it does wherever libtorch's wheels are linked).
+pub fn has_libgomp() -> bool {
+    omp::team().is_some()
+}
+
+/// Calls `f(range)` on `team` for disjoint ranges that cover `0..items`, each at most `chunk` long
+/// (`chunk` ≥ 1): every index goes to exactly one call. Ranges are handed out in ascending order,
+/// so a thread streams contiguous memory within a range.
+pub(crate) fn for_each_range(
+    team: Team,
+    items: usize,
+    chunk: usize,
+    f: &(dyn Fn(Range<usize>) + Sync),
+) {
+    let chunk = chunk.max(1);
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        // `fetch_add` past `items` is harmless: the loop stops at the first start ≥ items, and
+        // `items + threads · chunk` cannot wrap for any slice length.
+        let start = next.fetch_add(chunk, Ordering::Relaxed);
+        if start >= items {
+            break;
+        }
+        f(start..items.min(start + chunk));
+    };
+    team(&work);
+}
+
+/// A chunk size for `items` rows: about four ranges per libtorch thread (a thread that finishes
+/// early takes another), never below `min`.
+pub(crate) fn chunk_for(items: usize, min: usize) -> usize {
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
+    items.div_ceil(4 * threads).max(min).max(1)
+}
+
+/// The memory roof a decode kernel can reach: bytes per second of a pure streaming read (a
+/// vectorised sum of a `bytes`-long buffer, far above the last-level cache) by the kernels' own
+/// team, best of `repeats` after one untimed pass that touches the pages. Nothing is written
+/// back, so no cache line is read for ownership: this is the rate at which a GEMV's weights can
+/// arrive, which a copy (read + write) and a libtorch GEMV (compute-bound on some CPUs) are not.
+pub fn read_bandwidth(bytes: usize, repeats: usize) -> f64 {
+    let words = (bytes / 8).max(1);
+    let buf: Vec<u64> = (0..words as u64).collect();
+    // 1 MiB per range: long enough for the hardware prefetcher, many ranges per thread.
+    let chunk = (1 << 20) / 8;
+    let pass = || {
+        let total = std::sync::atomic::AtomicU64::new(0);
+        for_each_range(default_team, words, chunk, &|r| {
+            total.fetch_add(sum_words(&buf[r]), Ordering::Relaxed);
+        });
+        std::hint::black_box(total.into_inner())
+    };
+    pass();
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = std::time::Instant::now();
+        pass();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best
+}
+
+/// Wrapping sum of `v`, vectorised with AVX-512 where the CPU has it (the default target has only
+/// SSE2, whose 16-byte loads could fall short of the roof on a fast memory system).
+fn sum_words(v: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn sum_avx512(v: &[u64]) -> u64 {
+            v.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+        }
+        // SAFETY: the CPU has AVX-512F (checked above); the function only reads `v`.
+        return unsafe { sum_avx512(v) };
+    }
+    v.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+fn rayon_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("qvlm-kernel-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// GNU OpenMP's team entry point, looked up in the running process (never loaded by us).
+#[cfg(unix)]
+mod omp {
+    use std::ffi::{c_uint, c_void};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    type Body = extern "C" fn(*mut c_void);
+    type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
+
+    pub struct Team {
+        parallel: Parallel,
+    }
+
+    struct Job<'a> {
+        f: &'a (dyn Fn() + Sync),
+        panicked: AtomicBool,
+    }
+
+    /// The process's libgomp, if it has one.
+    pub fn team() -> Option<&'static Team> {
+        static TEAM: OnceLock<Option<Team>> = OnceLock::new();
+        TEAM.get_or_init(|| {
+            // SAFETY: `dlsym` with RTLD_DEFAULT only reads the loaded objects' symbol tables.
+            let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"GOMP_parallel".as_ptr()) };
+            if p.is_null() {
+                return None;
+            }
+            // SAFETY: the libgomp ABI of this symbol (GOMP_4.0): `void GOMP_parallel(void
+            // (*)(void *), void *, unsigned, unsigned)`.
+            Some(Team { parallel: unsafe { std::mem::transmute::<*mut c_void, Parallel>(p) } })
+        })
+        .as_ref()
+    }
+
+    extern "C" fn body(data: *mut c_void) {
+        // SAFETY: `data` is the `Job` that `run` keeps alive until `GOMP_parallel` returns.
+        let job = unsafe { &*(data as *const Job) };
+        // A panic must not unwind through C frames: it is recorded and re-raised by the caller.
+        if catch_unwind(AssertUnwindSafe(|| (job.f)())).is_err() {
+            job.panicked.store(true, Ordering::Relaxed);
+        }
+    }
+
+    impl Team {
+        pub fn run(&self, f: &(dyn Fn() + Sync)) {
+            let job = Job { f, panicked: AtomicBool::new(false) };
+            // SAFETY: `body` matches GOMP's outlined-function signature; `job` outlives the call
+            // (GOMP_parallel returns after every thread finished). 0 threads: OpenMP's current
+            // team size; flags 0: no proc_bind.
+            unsafe { (self.parallel)(body, &job as *const Job as *mut c_void, 0, 0) };
+            assert!(!job.panicked.load(Ordering::Relaxed), "a kernel panicked on a team thread");
+        }
+    }
+}
+
+/// Without `dlsym` (non-Unix targets) there is no libgomp to find: the rayon team runs.
+#[cfg(not(unix))]
+mod omp {
+    pub struct Team;
+
+    impl Team {
+        pub fn run(&self, f: &(dyn Fn() + Sync)) {
+            f()
+        }
+    }
+
+    pub fn team() -> Option<&'static Team> {
+        None
+    }
+}
+
+/// A buffer the team's ranges write into, each range its own disjoint part.
+pub(crate) struct SharedOut<T>(*mut T, usize);
+// SAFETY: the only access is `SharedOut::range`, whose callers hold disjoint ranges (handed out by
+// `for_each_range`), and the buffer outlives the team.
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    pub(crate) fn new(buf: &mut [T]) -> Self {
+        Self(buf.as_mut_ptr(), buf.len())
+    }
+
+    /// Elements `range` of the buffer.
+    ///
+    /// SAFETY: no other live slice overlaps `range` (the caller's range came from
+    /// `for_each_range`, scaled by a constant stride).
+    // A `&mut` from `&self` is the point: disjointness is the caller's contract above.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range(&self, range: Range<usize>) -> &mut [T] {
+        assert!(range.start <= range.end && range.end <= self.1, "range outside the buffer");
+        std::slice::from_raw_parts_mut(self.0.add(range.start), range.end - range.start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn every_index_goes_to_exactly_one_range_on_both_teams() {
+        for team in [default_team as Team, rayon_team] {
+            for (items, chunk) in [(0, 3), (1, 1), (10, 3), (1000, 7), (64, 64), (5, 100)] {
+                let seen = Mutex::new(vec![0u32; items]);
+                for_each_range(team, items, chunk, &|r| {
+                    assert!(r.len() <= chunk && !r.is_empty());
+                    let mut s = seen.lock().expect("lock");
+                    for i in r {
+                        s[i] += 1;
+                    }
+                });
+                assert!(
+                    seen.into_inner().expect("lock").iter().all(|&c| c == 1),
+                    "{items}/{chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_read_roof_is_a_plausible_rate_and_the_sum_is_exact() {
+        let words: Vec<u64> = (0..100_003u64).collect();
+        assert_eq!(sum_words(&words), 100_003 * 100_002 / 2);
+        // 64 MiB: a real memory system streams it at well over 100 MB/s and below 10 TB/s.
+        let roof = read_bandwidth(64 << 20, 2);
+        assert!((1e8..1e13).contains(&roof), "{roof} B/s");
+    }
+
+    #[test]
+    fn the_test_process_has_libgomp() {
+        // The test binary links libtorch, which loads libgomp: the default team is OpenMP's.
+        #[cfg(target_os = "linux")]
+        assert!(has_libgomp(), "libgomp not found in a process that links libtorch");
+    }
+}
