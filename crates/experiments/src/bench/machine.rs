@@ -74,8 +74,9 @@ const GEMV_COLS: i64 = 4096;
 pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// ISA flags of `/proc/cpuinfo` worth recording: they pick libtorch's bf16/int8 CPU paths.
-const ISA_FLAGS: [&str; 8] = [
+const ISA_FLAGS: [&str; 9] = [
     "avx2",
+    "fma",
     "avx512f",
     "avx512bw",
     "avx512_vnni",
