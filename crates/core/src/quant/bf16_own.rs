@@ -29,7 +29,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::int4_avx512::{self, QUAD};
-use super::team::{self, Isa, SharedOut, Team};
+use super::team::{self, Isa, Team};
 use crate::error::{Error, Result};
 
 /// Inputs a row must come in multiples of: one 64-byte load of bf16 (AVX-512; AVX2 steps by 16).
@@ -168,29 +168,13 @@ impl Bf16Weight {
     }
 
     fn matmul_on(&self, x: &[f32], m: usize, on: Team) -> Option<Vec<f32>> {
-        if !available() || m == 0 || Some(x.len()) != m.checked_mul(self.k) {
+        if !self.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(self.k) {
             return None;
         }
-        let quads = self.n / QUAD;
         let split = if m == 1 { split_even_odd(x, step(self.isa)) } else { Vec::new() };
-        let mut y_t = vec![0f32; self.n.checked_mul(m)?];
-        let out = SharedOut::new(&mut y_t);
-        let chunk = team::chunk_for(quads, 16);
-        team::for_each_range(on, quads, chunk, &|r| {
-            // SAFETY: `for_each_range` gives every quad to one range only.
-            let rows = unsafe { out.range(r.start * QUAD * m..r.end * QUAD * m) };
-            self.rows(x, &split, m, r.start, r.len(), rows);
-        });
-        if m == 1 {
-            return Some(y_t);
-        }
-        let mut y = vec![0f32; y_t.len()];
-        for row in 0..self.n {
-            for r in 0..m {
-                y[r * self.n + row] = y_t[row * m + r];
-            }
-        }
-        Some(y)
+        team::quads_matmul(on, self.n, m, QUAD, 16, &|first, count, out| {
+            self.rows(x, &split, m, first, count, out)
+        })
     }
 
     /// Quads `first..first + count` into `out` `[count · 4, m]` (`split`: [`split_even_odd`] of

@@ -44,7 +44,7 @@
 //! against the slice lengths, with checked arithmetic, before the unchecked loop starts).
 #![allow(unsafe_code)]
 
-use super::team::{self, Isa, SharedOut, Team};
+use super::team::{self, Isa, Team};
 
 /// Inputs per 64-byte block of one row.
 pub const BLOCK: usize = 128;
@@ -207,30 +207,11 @@ impl Int4Weight {
         if !self.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(self.k) {
             return None;
         }
-        let quads = self.n / QUAD;
-        // Ranges of quads go to the team's threads; each writes `[its rows, m]` of `y_t`,
-        // transposed at the end. `n · m` cannot wrap: it is below `x.len() · n / k`.
-        let mut y_t = vec![0f32; self.n.checked_mul(m)?];
-        let out = SharedOut::new(&mut y_t);
         // At least 16 quads (64 rows) per range: long enough a stream for the prefetch to run
         // ahead of the loads.
-        let chunk = team::chunk_for(quads, 16);
-        team::for_each_range(on, quads, chunk, &|r| {
-            // SAFETY: `for_each_range` gives every quad to one range only, so the rows written
-            // here are this call's alone.
-            let rows = unsafe { out.range(r.start * QUAD * m..r.end * QUAD * m) };
-            self.rows(x, m, r.start, r.len(), rows);
-        });
-        if m == 1 {
-            return Some(y_t);
-        }
-        let mut y = vec![0f32; m * self.n];
-        for row in 0..self.n {
-            for r in 0..m {
-                y[r * self.n + row] = y_t[row * m + r];
-            }
-        }
-        Some(y)
+        team::quads_matmul(on, self.n, m, QUAD, 16, &|first, count, out| {
+            self.rows(x, m, first, count, out)
+        })
     }
 
     /// Rows `4·first .. 4·(first + count)` dequantized, `[4·count, k]` f32 row-major (the values

@@ -67,7 +67,7 @@
 #![allow(unsafe_code)]
 
 use super::int4_avx512::{Int4Weight, BLOCK, PREFETCH_BYTES, QUAD};
-use super::team::{self, SharedOut, Team};
+use super::team::{self, Team};
 
 /// The bound the tests assert on ‖y_q8 − y_exact‖ / ‖y_exact‖ for Gaussian activations, random
 /// codes, `k = 4096`, groups of 128 (measured: 0.64 % symmetric, 0.60 % asymmetric).
@@ -235,28 +235,9 @@ fn matmul_q8_on(w: &Int4Weight, x: &[f32], m: usize, on: Team, lanes: Lanes) -> 
         return None;
     }
     let a = quantize_activations(x, w.k, w.group)?;
-    let quads = w.n / QUAD;
-    // Ranges of quads go to the team's threads; each writes `[its rows, m]` of `y_t`, transposed
-    // at the end. Every `r.end · 4 · m` below is at most `n · m`, checked here.
-    let mut y_t = vec![0f32; w.n.checked_mul(m)?];
-    let out = SharedOut::new(&mut y_t);
-    let chunk = team::chunk_for(quads, 16);
-    team::for_each_range(on, quads, chunk, &|r| {
-        // SAFETY: `for_each_range` gives every quad to one range only, so the rows written here
-        // are this call's alone.
-        let rows = unsafe { out.range(r.start * QUAD * m..r.end * QUAD * m) };
-        quads_into(w, &a, r.start, r.len(), rows, lanes);
-    });
-    if m == 1 {
-        return Some(y_t);
-    }
-    let mut y = vec![0f32; m * w.n];
-    for row in 0..w.n {
-        for r in 0..m {
-            y[r * w.n + row] = y_t[row * m + r];
-        }
-    }
-    Some(y)
+    team::quads_matmul(on, w.n, m, QUAD, 16, &|first, count, out| {
+        quads_into(w, &a, first, count, out, lanes)
+    })
 }
 
 /// Quads `first..first + count` against every row of `a`, into `out` `[count · 4, m]`.

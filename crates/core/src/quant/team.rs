@@ -127,6 +127,40 @@ pub(crate) fn for_each_range(
     team(&work);
 }
 
+/// `x Wᵀ` `[m, n]` f32 (row-major) from a kernel that computes `quad` weight rows at a time: the
+/// `n / quad` quads go to `on`'s threads in ranges of at least `min_chunk` quads (long enough a
+/// stream for a prefetch to run ahead), `rows(first, count, out)` fills `out` `[quad · count, m]`
+/// (each weight row's `m` outputs together) for quads `first..first + count`, and the result is
+/// transposed at the end. `None` when `n · m` overflows.
+pub(crate) fn quads_matmul(
+    on: Team,
+    n: usize,
+    m: usize,
+    quad: usize,
+    min_chunk: usize,
+    rows: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) -> Option<Vec<f32>> {
+    let quads = n / quad;
+    let mut y_t = vec![0f32; n.checked_mul(m)?];
+    let out = SharedOut::new(&mut y_t);
+    for_each_range(on, quads, chunk_for(quads, min_chunk), &|r| {
+        // SAFETY: `for_each_range` gives every quad to one range only, so the rows written here
+        // are this call's alone; `r.end · quad · m` ≤ `n · m`, the buffer's length.
+        let part = unsafe { out.range(r.start * quad * m..r.end * quad * m) };
+        rows(r.start, r.len(), part);
+    });
+    if m == 1 {
+        return Some(y_t);
+    }
+    let mut y = vec![0f32; y_t.len()];
+    for row in 0..n {
+        for r in 0..m {
+            y[r * n + row] = y_t[row * m + r];
+        }
+    }
+    Some(y)
+}
+
 /// A chunk size for `items` rows: about four ranges per libtorch thread (a thread that finishes
 /// early takes another), never below `min`.
 pub(crate) fn chunk_for(items: usize, min: usize) -> usize {
@@ -275,13 +309,13 @@ mod omp {
 }
 
 /// A buffer the team's ranges write into, each range its own disjoint part.
-pub(crate) struct SharedOut<T>(*mut T, usize);
+struct SharedOut<T>(*mut T, usize);
 // SAFETY: the only access is `SharedOut::range`, whose callers hold disjoint ranges (handed out by
 // `for_each_range`), and the buffer outlives the team.
 unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 impl<T> SharedOut<T> {
-    pub(crate) fn new(buf: &mut [T]) -> Self {
+    fn new(buf: &mut [T]) -> Self {
         Self(buf.as_mut_ptr(), buf.len())
     }
 
@@ -291,7 +325,7 @@ impl<T> SharedOut<T> {
     /// `for_each_range`, scaled by a constant stride).
     // A `&mut` from `&self` is the point: disjointness is the caller's contract above.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn range(&self, range: Range<usize>) -> &mut [T] {
+    unsafe fn range(&self, range: Range<usize>) -> &mut [T] {
         assert!(range.start <= range.end && range.end <= self.1, "range outside the buffer");
         std::slice::from_raw_parts_mut(self.0.add(range.start), range.end - range.start)
     }
