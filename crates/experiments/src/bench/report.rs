@@ -243,7 +243,7 @@ pub fn build(dir: &Path) -> Result<Report> {
         info.config_file.display()
     );
     table::write(&mut df, &csv, &md, title, &note)?;
-    let mut text = String::from("\n#### Targets (issue 8, this machine)\n\n");
+    let mut text = String::from("\n#### Targets (this machine)\n\n");
     for t in &targets {
         text.push_str(&format!("- {}\n", t.line()));
     }
