@@ -777,20 +777,9 @@ mod tests {
                 let x: Vec<f32> =
                     (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
                 let y = w.matmul(&x, m).expect("kernel runs");
-                for r in 0..m {
-                    for row in 0..n {
-                        let terms =
-                            (0..k).map(|c| f64::from(dense[row * k + c]) * f64::from(x[r * k + c]));
-                        let exact: f64 = terms.clone().sum();
-                        let magnitude: f64 = terms.map(f64::abs).sum();
-                        let got = f64::from(y[r * n + row]);
-                        // f32 accumulation in another order: a few ulps of the sum of magnitudes.
-                        assert!(
-                            (got - exact).abs() <= 1e-6 * magnitude,
-                            "{isa:?} [{n}, {k}] g{group} m{m} row {row}: {got} vs {exact}"
-                        );
-                    }
-                }
+                let wide = |v: &[f32]| v.iter().map(|&e| f64::from(e)).collect::<Vec<f64>>();
+                let what = format!("{isa:?} [{n}, {k}] g{group}");
+                team::assert_matches_f64_reference(&wide(&dense), &wide(&x), &y, n, k, m, &what);
                 // The dequantized quads are the reference values exactly.
                 let quads = w.dequantize_quads(0, n / QUAD).expect("in range");
                 assert_eq!(quads, dense, "{isa:?} [{n}, {k}] g{group}");

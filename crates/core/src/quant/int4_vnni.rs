@@ -716,18 +716,8 @@ mod tests {
                 (0..m * k).map(|i| f64::from(a.q[i]) * f64::from(a.scale[i / group])).collect();
             for lanes in lanes_here() {
                 let y = matmul_q8_on(&w, &x, m, team::default_team, lanes).expect("kernel runs");
-                for r in 0..m {
-                    for row in 0..n {
-                        let terms = (0..k).map(|c| dense[row * k + c] * xq[r * k + c]);
-                        let exact: f64 = terms.clone().sum();
-                        let magnitude: f64 = terms.map(f64::abs).sum();
-                        let got = f64::from(y[r * n + row]);
-                        assert!(
-                            (got - exact).abs() <= 1e-6 * magnitude,
-                            "{lanes:?} [{n}, {k}] g{group} sym {symmetric} m{m} row {row}: {got} vs {exact}"
-                        );
-                    }
-                }
+                let what = format!("{lanes:?} [{n}, {k}] g{group} sym {symmetric}");
+                team::assert_matches_f64_reference(&dense, &xq, &y, n, k, m, &what);
             }
         }
     }

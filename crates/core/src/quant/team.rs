@@ -331,6 +331,34 @@ impl<T> SharedOut<T> {
     }
 }
 
+/// The own kernels' shared test check: `y` `[m, n]` (f32, row-major) against `x Wᵀ` computed in
+/// f64 from `dense` `[n, k]` and `x` `[m, k]`, within 1e-6 of the sum of the terms' magnitudes (f32
+/// accumulation in another order: a few ulps of that sum). `what` names the case in a failure.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assert_matches_f64_reference(
+    dense: &[f64],
+    x: &[f64],
+    y: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+    what: &str,
+) {
+    for r in 0..m {
+        for row in 0..n {
+            let terms = (0..k).map(|c| dense[row * k + c] * x[r * k + c]);
+            let exact: f64 = terms.clone().sum();
+            let magnitude: f64 = terms.map(f64::abs).sum();
+            let got = f64::from(y[r * n + row]);
+            assert!(
+                (got - exact).abs() <= 1e-6 * magnitude,
+                "{what} m{m} row {row}: {got} vs {exact}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
