@@ -695,6 +695,9 @@ fn validate(cfg: &Config) -> Result<()> {
                 bail!("{f}: method `{m}`: awq needs grid ≥ 2 and clip_steps ≥ 2");
             }
         }
+        if let Err(e) = spec.weights.validate() {
+            bail!("{f}: method `{m}`: {e}");
+        }
     }
     let q = &cfg.quant;
     if q.weight_group < 0 || q.nf4_block <= 0 {

@@ -5,8 +5,10 @@
 use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
 use qvlm_search::engine::WeightMethod;
+use qvlm_search::gptq::GptqSettings;
 use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{ActScheme, Scheme, TowerScheme};
+use qvlm_search::smoothquant::SmoothSettings;
 use qvlm_search::strategy::config::{
     BaseStrategy, BlockedConfig, CandidateGrid, EntropyPairs, Proxy, RuleKind, StrategyConfig,
     VeoConfig, VeoInit,
@@ -15,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::settings::{ActSettings, Bits, QuantSettings};
 
-/// How weights are quantized. Written `"rtn"`, `"nf4"`, `"awq"` (AWQ at its default search), or
-/// `{ awq = { grid = 20, clip_steps = 11 } }`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How weights are quantized. Written `"rtn"`, `"nf4"`, `"awq"`, `"gptq"`, `"smoothquant"` (each at
+/// its default settings), or as a table: `{ awq = { grid = 20, clip_steps = 11 } }`,
+/// `{ gptq = { damp = 0.01, act_order = true, static_groups = true, block_size = 128 } }`,
+/// `{ smoothquant = { alpha = 0.5 } }`.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum WeightFormat {
     /// Round-to-nearest, group-wise (`quant.weight_group`).
     Rtn,
@@ -25,6 +29,11 @@ pub enum WeightFormat {
     Nf4,
     /// AWQ scales and clipping, then group-wise RTN.
     Awq(AwqSettings),
+    /// GPTQ on group-wise (or per-channel) uniform weights ([`qvlm_search::gptq`]).
+    Gptq(GptqSettings),
+    /// SmoothQuant's migration (α) at the inputs that follow a norm, then group-wise RTN
+    /// ([`qvlm_search::smoothquant`]).
+    SmoothQuant(SmoothSettings),
 }
 
 /// AWQ's search: `grid` values of α in [0, 1] for the scales (llm-awq's `auto_scale` uses
@@ -57,6 +66,8 @@ impl WeightFormat {
             WeightFormat::Rtn => "rtn",
             WeightFormat::Nf4 => "nf4",
             WeightFormat::Awq(_) => "awq",
+            WeightFormat::Gptq(_) => "gptq",
+            WeightFormat::SmoothQuant(_) => "smoothquant",
         }
     }
 
@@ -64,17 +75,39 @@ impl WeightFormat {
     pub fn search_method(self) -> WeightMethod {
         match self {
             WeightFormat::Awq(a) => WeightMethod::Awq { grid: a.grid, clip_steps: a.clip_steps },
+            WeightFormat::Gptq(g) => WeightMethod::Gptq(g),
+            WeightFormat::SmoothQuant(s) => WeightMethod::SmoothQuant(s),
             WeightFormat::Rtn | WeightFormat::Nf4 => WeightMethod::Plain,
         }
     }
+
+    /// Settings out of range are errors here, before any cell runs.
+    pub fn validate(self) -> anyhow::Result<()> {
+        match self {
+            WeightFormat::Gptq(g) => g.validate()?,
+            WeightFormat::SmoothQuant(s) => s.validate()?,
+            WeightFormat::Rtn | WeightFormat::Nf4 | WeightFormat::Awq(_) => {}
+        }
+        Ok(())
+    }
 }
+
+const WEIGHT_FORMATS: &str =
+    "rtn, nf4, awq, gptq, smoothquant, or a table { awq | gptq | smoothquant = { … } }";
 
 impl Serialize for WeightFormat {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use std::collections::BTreeMap;
         match self {
-            // The bare name at AWQ's defaults, as before AWQ had settings (cell ids hash this).
+            // The bare name at the defaults, as before AWQ had settings (cell ids hash this).
             WeightFormat::Awq(a) if *a != AwqSettings::default() => {
-                std::collections::BTreeMap::from([("awq", a)]).serialize(s)
+                BTreeMap::from([("awq", a)]).serialize(s)
+            }
+            WeightFormat::Gptq(g) if *g != GptqSettings::default() => {
+                BTreeMap::from([("gptq", g)]).serialize(s)
+            }
+            WeightFormat::SmoothQuant(a) if *a != SmoothSettings::default() => {
+                BTreeMap::from([("smoothquant", a)]).serialize(s)
             }
             other => s.serialize_str(other.name()),
         }
@@ -85,23 +118,33 @@ impl<'de> Deserialize<'de> for WeightFormat {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let value = serde_json::Value::deserialize(d)?;
+        fn settings<T: serde::de::DeserializeOwned, E: Error>(
+            name: &str,
+            v: &serde_json::Value,
+        ) -> Result<T, E> {
+            serde_json::from_value(v.clone()).map_err(|e| E::custom(format!("{name}: {e}")))
+        }
         match &value {
             serde_json::Value::String(name) => match name.as_str() {
                 "rtn" => Ok(WeightFormat::Rtn),
                 "nf4" => Ok(WeightFormat::Nf4),
                 "awq" => Ok(WeightFormat::Awq(AwqSettings::default())),
+                "gptq" => Ok(WeightFormat::Gptq(GptqSettings::default())),
+                "smoothquant" => Ok(WeightFormat::SmoothQuant(SmoothSettings::default())),
                 other => Err(D::Error::custom(format!(
-                    "unknown weight format `{other}` (rtn, nf4, awq, or {{ awq = {{ grid, clip_steps }} }})"
+                    "unknown weight format `{other}` ({WEIGHT_FORMATS})"
                 ))),
             },
-            serde_json::Value::Object(table) if table.len() == 1 && table.contains_key("awq") => {
-                let settings = serde_json::from_value(table["awq"].clone())
-                    .map_err(|e| D::Error::custom(format!("awq: {e}")))?;
-                Ok(WeightFormat::Awq(settings))
+            serde_json::Value::Object(table) if table.len() == 1 => {
+                let (name, v) = table.iter().next().ok_or_else(|| D::Error::custom("empty"))?;
+                match name.as_str() {
+                    "awq" => Ok(WeightFormat::Awq(settings("awq", v)?)),
+                    "gptq" => Ok(WeightFormat::Gptq(settings("gptq", v)?)),
+                    "smoothquant" => Ok(WeightFormat::SmoothQuant(settings("smoothquant", v)?)),
+                    _ => Err(D::Error::custom(format!("weights: expected {WEIGHT_FORMATS}"))),
+                }
             }
-            _ => Err(D::Error::custom(
-                "weights: expected rtn, nf4, awq or { awq = { grid, clip_steps } }",
-            )),
+            _ => Err(D::Error::custom(format!("weights: expected {WEIGHT_FORMATS}"))),
         }
     }
 }
@@ -365,9 +408,11 @@ mod tests {
         assert_eq!(json(WeightFormat::Awq(AwqSettings::default())), "\"awq\"");
         assert_eq!(json(custom), r#"{"awq":{"grid":10,"clip_steps":11}}"#);
         for (bad, wanted) in [
-            ("weights = \"gptq\"", "unknown weight format `gptq`"),
+            ("weights = \"gptq4\"", "unknown weight format `gptq4`"),
+            ("weights = { gptq = { damping = 0.1 } }", "unknown field `damping`"),
             ("weights = { awq = { grid = 10, steps = 3 } }", "unknown field `steps`"),
             ("weights = { nf4 = {} }", "expected rtn, nf4, awq"),
+            ("weights = { awq = {}, gptq = {} }", "expected rtn, nf4, awq"),
         ] {
             let err = weights(bad).expect_err(bad);
             assert!(err.contains(wanted), "{bad}: {err}");

@@ -75,6 +75,11 @@ pub enum WeightMethod {
     Plain,
     /// AWQ scale (grid of `grid` α values) and clip search (`clip_steps` ratios down to 0.5).
     Awq { grid: usize, clip_steps: usize },
+    /// GPTQ on the Hessian of each site's inputs on the quantized path (the inputs the
+    /// reference implementation collects: earlier blocks quantized, this block in float).
+    Gptq(crate::gptq::GptqSettings),
+    /// SmoothQuant's migration at the sites that follow a norm, then round-to-nearest.
+    SmoothQuant(crate::smoothquant::SmoothSettings),
 }
 
 impl<'a> Engine<'a> {
@@ -360,11 +365,29 @@ impl<'a> Engine<'a> {
             let float_inputs = cap.captured;
             let held: u64 = float_inputs.values().map(bytes_of).sum();
             self.meter.hold(held);
+            // GPTQ's Hessians come from the quantized path's inputs to this (float) block.
+            let quant_path_inputs = if let WeightMethod::Gptq(_) = weights {
+                let mut no = NoHook;
+                let mut cap = Capture::new(&mut no, ids.clone());
+                let _ = self.pipe.run_block(self.model, block, &xq, &mut cap)?;
+                self.meter.report.block_forwards += 1;
+                Some(cap.captured)
+            } else {
+                None
+            };
+            let extra: u64 = quant_path_inputs.iter().flat_map(|m| m.values()).map(bytes_of).sum();
+            self.meter.hold(extra);
             // Weights of the block.
             for &i in &site_indices {
                 let site = self.sites[i].clone();
-                self.quantize_site_weights(&site, &float_inputs[&site.id], weights)?;
+                let hessian_input = match &quant_path_inputs {
+                    Some(m) => &m[&site.id],
+                    None => &float_inputs[&site.id],
+                };
+                self.quantize_site_weights(&site, &float_inputs[&site.id], hessian_input, weights)?;
             }
+            drop(quant_path_inputs);
+            self.meter.release(extra);
             let state = BlockState {
                 block,
                 site_indices: site_indices.clone(),
@@ -397,15 +420,47 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Quantizes the weights of a site's consumers by `method`: `xr` is the site's float input,
+    /// `xq` its quantized-path input (GPTQ's Hessian).
     fn quantize_site_weights(
         &mut self,
         site: &Site,
         xr: &Tensor,
+        xq: &Tensor,
         method: WeightMethod,
     ) -> Result<()> {
         let Some(spec) = self.scheme.tower(site.tower()).weight else { return Ok(()) };
         let mut input_scale = None;
         let mut clips: BTreeMap<LayerId, TensorData> = BTreeMap::new();
+        if let WeightMethod::Gptq(settings) = method {
+            let qvlm_core::quant::spec::WeightSpec::Rtn { grid, granularity } = spec else {
+                return Err(SearchError::Unsupported {
+                    layer: site.id.to_string(),
+                    reason: format!("GPTQ needs a uniform weight grid, the scheme has {spec:?}"),
+                });
+            };
+            let h = crate::gptq::hessian(&self.real_rows(site, xq));
+            for c in &site.consumers {
+                let w = &self.float_weights[c];
+                let q = crate::gptq::quantize(w, &h, grid, granularity, &settings, &c.to_string())?;
+                let solved = crate::plan::SolvedWeight::from_quantized(&q, *c)?;
+                let deq = q.dequantize();
+                self.quant_weights.insert(*c, deq.to_kind(w.kind()).to_device(w.device()));
+                self.weight_plans
+                    .insert(*c, WeightPlan { spec, clip_ratio: None, solved: Some(solved) });
+            }
+            return Ok(());
+        }
+        if let WeightMethod::SmoothQuant(settings) = method {
+            if crate::smoothquant::smooths(site) {
+                let rows = self.real_rows(site, xr);
+                let ws: Vec<Tensor> =
+                    site.consumers.iter().map(|c| self.float_weights[c].shallow_clone()).collect();
+                input_scale = Some(TensorData::from_tensor(&crate::smoothquant::scale(
+                    &rows, &ws, &settings,
+                )?)?);
+            }
+        }
         if let WeightMethod::Awq { grid, clip_steps } = method {
             let rows = self.real_rows(site, xr);
             let rows = crate::entropy::subsample(
@@ -440,7 +495,7 @@ impl<'a> Engine<'a> {
         }
         let scale_t = input_scale.as_ref().map(TensorData::to_tensor);
         for c in &site.consumers {
-            let wp = WeightPlan { spec, clip_ratio: clips.remove(c) };
+            let wp = WeightPlan::new(spec, clips.remove(c));
             let w = &self.float_weights[c];
             let q = quantize_weight(w, &wp, scale_t.as_ref(), *c)?;
             self.quant_weights.insert(*c, q.to_kind(w.kind()).to_device(w.device()));

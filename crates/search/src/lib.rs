@@ -8,11 +8,13 @@ pub mod cost;
 pub mod engine;
 pub mod entropy;
 pub mod error;
+pub mod gptq;
 pub mod pack;
 pub mod partition;
 pub mod plan;
 pub mod ranges;
 pub mod site;
+pub mod smoothquant;
 pub mod strategy;
 
 pub use error::{Result, SearchError};

@@ -66,7 +66,7 @@ fn act_form(layer: LayerId, act: Option<&SiteAct>) -> Result<(ActMode, Option<f6
 }
 
 /// The integer form of `Q(W)` under the plan's weight quantizer, clipping ratios included (the
-/// same ranges as [`crate::awq::clipped_rtn`]).
+/// same ranges as [`crate::awq::clipped_rtn`]); a plan's solved codes (GPTQ) are used as stored.
 fn quantized_weight(
     w: &Tensor,
     spec: WeightSpec,
@@ -134,8 +134,13 @@ pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
         };
         let (act, static_scale) = act_form(id, acts.get(&id).copied())?;
         let w = linear.float_weight();
-        let ratio = wp.clip_ratio.as_ref().map(|r| r.to_tensor());
-        let q = quantized_weight(&w, wp.spec, ratio.as_ref(), id)?;
+        let q = match &wp.solved {
+            Some(solved) => solved.to_quantized(&w.size(), id)?,
+            None => {
+                let ratio = wp.clip_ratio.as_ref().map(|r| r.to_tensor());
+                quantized_weight(&w, wp.spec, ratio.as_ref(), id)?
+            }
+        };
         let p = PackedWeight::from_quantized(&q, act, w.kind(), device, &id.to_string())?;
         linear.weight = LinearWeight::Packed(p);
         if let Some(s) = static_scale {

@@ -123,6 +123,110 @@ pub struct WeightPlan {
     pub spec: WeightSpec,
     /// Per-output-row clipping ratio of the weight range (AWQ's clip search); 1 = min–max.
     pub clip_ratio: Option<TensorData>,
+    /// The integer weight a solver chose (GPTQ), when it is not a function of the float weight
+    /// and the spec alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solved: Option<SolvedWeight>,
+}
+
+impl WeightPlan {
+    pub fn new(spec: WeightSpec, clip_ratio: Option<TensorData>) -> Self {
+        Self { spec, clip_ratio, solved: None }
+    }
+}
+
+/// Integer codes as plain data: `u8` per weight, written as one base64 string in `plan.json`
+/// (about 1.33 bytes per weight).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Codes(pub Vec<u8>);
+
+impl Serialize for Codes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Codes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use base64::Engine as _;
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(Codes)
+            .map_err(|e| serde::de::Error::custom(format!("codes: not base64 ({e})")))
+    }
+}
+
+/// A uniform weight in integer form as data: codes `[out, in]` (offset by −qmin, as
+/// [`QuantizedWeight::Uniform`]), scales and zero points `[out, in / group]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolvedWeight {
+    pub grid: Grid,
+    pub group: i64,
+    pub shape: [i64; 2],
+    pub codes: Codes,
+    pub scale: TensorData,
+    pub zero_point: TensorData,
+}
+
+impl SolvedWeight {
+    pub fn from_quantized(q: &QuantizedWeight, layer: LayerId) -> Result<Self> {
+        let QuantizedWeight::Uniform { grid, group, codes, scale, zero_point } = q else {
+            return Err(SearchError::Unsupported {
+                layer: layer.to_string(),
+                reason: "only uniform weights are stored as solved codes".into(),
+            });
+        };
+        let shape = [codes.size()[0], codes.size()[1]];
+        let codes = codes.to_kind(Kind::Uint8).to_device(tch::Device::Cpu).contiguous();
+        Ok(Self {
+            grid: *grid,
+            group: *group,
+            shape,
+            codes: Codes(Vec::<u8>::try_from(&codes.reshape([-1]))?),
+            scale: TensorData::from_tensor(scale)?,
+            zero_point: TensorData::from_tensor(zero_point)?,
+        })
+    }
+
+    /// The integer weight, after checking the stored sizes agree with each other and with the
+    /// layer's weight shape `expected`.
+    pub fn to_quantized(&self, expected: &[i64], layer: LayerId) -> Result<QuantizedWeight> {
+        let [out, inp] = self.shape;
+        let groups = if self.group > 0 && inp % self.group == 0 { inp / self.group } else { -1 };
+        let params = [out, groups];
+        let bad = |what: String| {
+            SearchError::PlanMismatch(format!("{layer}: stored solved weight: {what}"))
+        };
+        if expected != self.shape {
+            return Err(bad(format!("shape {:?}, the model's weight is {expected:?}", self.shape)));
+        }
+        if groups < 1 {
+            return Err(bad(format!("group {} does not divide {inp}", self.group)));
+        }
+        if self.codes.0.len() as i64 != out * inp {
+            return Err(bad(format!("{} codes for {out}×{inp}", self.codes.0.len())));
+        }
+        if self.scale.shape != params || self.zero_point.shape != params {
+            return Err(bad(format!(
+                "scale {:?} / zero point {:?}, expected {params:?}",
+                self.scale.shape, self.zero_point.shape
+            )));
+        }
+        let (qmin, qmax) = self.grid.range();
+        if let Some(c) = self.codes.0.iter().find(|&&c| i64::from(c) > qmax - qmin) {
+            return Err(bad(format!("code {c} outside the {}-bit grid", self.grid.bits)));
+        }
+        Ok(QuantizedWeight::Uniform {
+            grid: self.grid,
+            group: self.group,
+            codes: Tensor::from_slice(&self.codes.0).reshape([out, inp]),
+            scale: self.scale.to_tensor(),
+            zero_point: self.zero_point.to_tensor(),
+        })
+    }
 }
 
 /// Consecutive sites searched jointly, and why they were grouped.
@@ -332,7 +436,7 @@ impl LinearHook for PlanHook {
 }
 
 /// Quantized weight of one linear under a plan: `Q(W · s) ` (fake-quantized, f32), with the AWQ
-/// scale `s` of its site and the plan's clipping ratios.
+/// scale `s` of its site and the plan's clipping ratios, or the plan's solved codes (GPTQ).
 pub fn quantize_weight(
     w: &Tensor,
     plan: &WeightPlan,
@@ -344,6 +448,11 @@ pub fn quantize_weight(
         Some(s) => &w * s.to_device(w.device()).unsqueeze(0),
         None => w,
     };
+    if let Some(solved) = &plan.solved {
+        // Solved in the scaled domain already (`W · s` when the site has a scale).
+        let q = solved.to_quantized(&w.size(), layer)?;
+        return Ok(q.dequantize().to_device(w.device()));
+    }
     let name = layer.to_string();
     let deq = match (&plan.clip_ratio, plan.spec) {
         (Some(ratio), WeightSpec::Rtn { grid, granularity }) => {

@@ -1,1 +1,2 @@
+mod baselines;
 mod strategies;

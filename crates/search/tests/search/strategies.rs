@@ -31,7 +31,7 @@ fn easy_vqa_train_image(id: usize) -> PathBuf {
     py.join("site-packages/easy_vqa/data/train/images").join(format!("{id}.png"))
 }
 
-fn setup() -> (LlavaBundle, CalibrationSet) {
+pub(super) fn setup() -> (LlavaBundle, CalibrationSet) {
     let mut bundle = LlavaBundle::load(&root().join("models/tiny-llava"), &LoadOptions::default())
         .expect("tiny model");
     plant_outliers(&mut bundle.model, &OutlierSpec::default());
@@ -57,7 +57,7 @@ fn setup() -> (LlavaBundle, CalibrationSet) {
     (bundle, CalibrationSet { pixels: Tensor::stack(&pixels, 0), prompts, answers: ans })
 }
 
-fn w4a4() -> Scheme {
+pub(super) fn w4a4() -> Scheme {
     let weight = Some(WeightSpec::Rtn {
         grid: Grid::new(4, false).expect("grid"),
         granularity: Granularity::PerGroup { size: 64 },
