@@ -2,6 +2,7 @@
 //! (QLoRA, AWQ, ZeroQuant-V2, +CDM, +VEO, Q-VLM) and this project's extra strategies; a config
 //! can define its own under `[[methods]]`.
 
+use qvlm_core::model::rotation::{RotationKind, RotationSpec};
 use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
 use qvlm_search::engine::WeightMethod;
@@ -164,6 +165,10 @@ pub struct MethodSpec {
     pub vision_act: Option<ActSettings>,
     #[serde(default)]
     pub language_act: Option<ActSettings>,
+    /// A QuaRot-style rotation of the language model before the search
+    /// ([`qvlm_core::model::rotation`]), e.g. `rotation = { kind = "hadamard", seed = 0 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
     /// How tables name the method (default: its name).
     #[serde(default)]
     pub label: Option<String>,
@@ -238,10 +243,16 @@ impl MethodSpec {
     }
 }
 
-pub const PRESETS: [&str; 16] = [
+pub const PRESETS: [&str; 22] = [
     "rtn",
     "qlora",
     "awq",
+    "rtn_weights",
+    "gptq",
+    "smoothquant",
+    "rotation",
+    "rotation_gptq",
+    "rotation_qvlm",
     "zeroquant",
     "seq_ratio",
     "sequential",
@@ -275,6 +286,9 @@ fn lp_init() -> BaseStrategy {
     BaseStrategy::LpInit { p: 2.4, ratios: lp_ratios() }
 }
 
+/// The rotation the `rotation*` presets use: QuaRot's randomized Hadamard, seed 0.
+const HADAMARD: RotationSpec = RotationSpec { kind: RotationKind::Hadamard, seed: 0 };
+
 /// At most this many VEO/CDM rounds for `qvlm` (it stops earlier once the objective stops
 /// falling).
 const QVLM_ROUNDS: usize = 3;
@@ -288,13 +302,22 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
         dynamic_activations: false,
         vision_act: None,
         language_act: None,
+        rotation: None,
         label: Some(label.to_string()),
         sweep: None,
     };
+    let rotated = |spec: MethodSpec| MethodSpec { rotation: Some(HADAMARD), ..spec };
     Some(match name {
         "rtn" => m(WeightFormat::Rtn, BaseStrategy::Rtn {}.into(), "RTN"),
         "qlora" => m(WeightFormat::Nf4, lp_init().into(), "QLoRA"),
         "awq" => m(WeightFormat::Awq(AwqSettings::default()), lp_init().into(), "AWQ"),
+        // The weight baselines below share QLoRA's activation ranges, so each differs from
+        // `rtn_weights` by its weight method alone.
+        "rtn_weights" => m(WeightFormat::Rtn, lp_init().into(), "RTN weights"),
+        "gptq" => m(WeightFormat::Gptq(GptqSettings::default()), lp_init().into(), "GPTQ"),
+        "smoothquant" => {
+            m(WeightFormat::SmoothQuant(SmoothSettings::default()), lp_init().into(), "SmoothQuant")
+        }
         "zeroquant" => MethodSpec {
             dynamic_activations: true,
             ..m(WeightFormat::Rtn, BaseStrategy::Rtn {}.into(), "ZeroQuant-V2")
@@ -372,6 +395,22 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
             },
             "Q-VLM, VEO from CDM's ranges",
         ),
+        // Rotation (QuaRot-style, randomized Hadamard) before each search; each differs from
+        // its unrotated twin by the rotation alone.
+        "rotation" => rotated(m(WeightFormat::Rtn, lp_init().into(), "Rotation, RTN weights")),
+        "rotation_gptq" => rotated(m(
+            WeightFormat::Gptq(GptqSettings::default()),
+            lp_init().into(),
+            "Rotation + GPTQ",
+        )),
+        "rotation_qvlm" => rotated(m(
+            WeightFormat::Nf4,
+            StrategyConfig::Disentangled {
+                veo: VeoConfig { rounds: QVLM_ROUNDS, ..VeoConfig::default() },
+                then: blocked(Proxy::Entropy, RuleKind::Eq7),
+            },
+            "Rotation + Q-VLM",
+        )),
         "oracle" => m(
             WeightFormat::Nf4,
             BaseStrategy::Oracle { candidates: CandidateGrid::default(), window: 4 }.into(),

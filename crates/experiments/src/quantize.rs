@@ -99,6 +99,14 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
         .with_context(|| format!("reading the plan {}", plan_path.display()))?;
     let plan: QuantPlan = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a plan", plan_path.display()))?;
+    if let Some(r) = &plan.rotation {
+        bail!(
+            "{}: the plan was searched on a rotated model ({r:?}): its online Hadamard before \
+             down_proj has no place in a compressed-tensors, qvlm or llava-hf checkpoint, and \
+             exporting rotated plans is not implemented",
+            plan_path.display()
+        );
+    }
     if args.out.exists() {
         bail!(
             "{} exists: quantize writes a new directory and replaces nothing",

@@ -447,6 +447,9 @@ fn run_cell(
             &cell.model.name,
             &cell.model.path.display().to_string(),
         )?;
+        if let Some(r) = &method.rotation {
+            qvlm_core::model::rotation::rotate(&mut bundle.model, r)?;
+        }
         let start = Instant::now();
         let mut p = strategy::run(
             &mut bundle.model,

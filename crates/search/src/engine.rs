@@ -137,6 +137,7 @@ impl<'a> Engine<'a> {
             nonfinite_inputs: 0,
             veo: None,
             model: None,
+            rotation: None,
         });
         // Undecided sites with an AWQ scale still need x/s: their weights are Q(W·s).
         for site in &self.sites {
@@ -528,6 +529,7 @@ impl<'a> Engine<'a> {
             nonfinite_inputs: self.nonfinite,
             veo: None,
             model: None,
+            rotation: self.model.rotation,
         }
     }
 }

@@ -101,11 +101,13 @@ fn quantized_weight(
 }
 
 /// Replaces every linear the plan quantizes by its packed weight on the model's device, after
-/// checking the plan was searched on this model ([`ModelIdentity::check`]). AWQ's input scales
+/// checking the plan was searched on this model ([`ModelIdentity::check`], on the unrotated
+/// model) and rotating it as the plan says. AWQ's input scales
 /// are refused: packed storage would need 1/s folded into the previous operation, which is not
 /// implemented (export the fake-quantized model as llava-hf instead).
 pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
     ModelIdentity::check(plan, model)?;
+    crate::plan::ensure_rotation(model, plan)?;
     let mut acts: BTreeMap<LayerId, &SiteAct> = BTreeMap::new();
     for sp in &plan.sites {
         for c in &sp.site.consumers {

@@ -9,6 +9,7 @@ use qvlm_core::hook::LinearHook;
 use qvlm_core::layer_id::{LayerId, Tower};
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
+use qvlm_core::model::rotation::{rotate, RotationSpec};
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
@@ -297,6 +298,10 @@ pub struct QuantPlan {
     /// an error ([`ModelIdentity::check`]). Absent in plans written before it was recorded.
     #[serde(default)]
     pub model: Option<ModelIdentity>,
+    /// The rotation the model was searched under (QuaRot-style); [`apply`] and
+    /// [`crate::pack::pack`] rotate an unrotated model the same way first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
 }
 
 /// Which model a plan belongs to: its name as the run knew it and a hash of its weights.
@@ -473,9 +478,24 @@ pub fn input_scales(plan: &QuantPlan) -> BTreeMap<LayerId, Tensor> {
         .collect()
 }
 
-/// Fake-quantizes the model's weights in place as the plan says; returns the hook for the
-/// activations. The model's float weights are replaced: keep a copy if you need them.
+/// Brings the model to the plan's rotation: an unrotated model is rotated as the plan says, a
+/// model rotated the same way is left as it is, any other combination is an error.
+pub fn ensure_rotation(model: &mut Llava, plan: &QuantPlan) -> Result<()> {
+    match (&plan.rotation, &model.rotation) {
+        (None, None) => Ok(()),
+        (Some(wanted), None) => Ok(rotate(model, wanted)?),
+        (Some(wanted), Some(have)) if wanted == have => Ok(()),
+        (wanted, have) => Err(SearchError::PlanMismatch(format!(
+            "the plan was searched on a model with rotation {wanted:?}, this model has {have:?}"
+        ))),
+    }
+}
+
+/// Fake-quantizes the model's weights in place as the plan says (after rotating it when the
+/// plan was searched on a rotated model); returns the hook for the activations. The model's
+/// float weights are replaced: keep a copy if you need them.
 pub fn apply(model: &mut Llava, plan: &QuantPlan) -> Result<PlanHook> {
+    ensure_rotation(model, plan)?;
     let scales = input_scales(plan);
     let _guard = tch::no_grad_guard();
     for linear in model.linears_mut() {

@@ -62,6 +62,10 @@ pub struct Linear {
     pub out_features: i64,
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
+    /// An orthogonal `R` `[in, in]` applied to the input before everything else, the weight
+    /// holding `W R` so that `(x R)(W R)ᵀ = x Wᵀ`: QuaRot's online Hadamard
+    /// ([`crate::model::rotation`]). `None` for every checkpoint as loaded.
+    pub input_rotation: Option<Tensor>,
 }
 
 impl Linear {
@@ -96,7 +100,15 @@ impl Linear {
             )?),
         };
         let bias = if bias { Some(vb.get("bias", &[out_features], Init::Zeros)?) } else { None };
-        Ok(Self { id, path: vb.path(), in_features, out_features, weight, bias })
+        Ok(Self {
+            id,
+            path: vb.path(),
+            in_features,
+            out_features,
+            weight,
+            bias,
+            input_rotation: None,
+        })
     }
 
     /// Its tensors under their canonical names; a packed weight is dequantized.
@@ -107,14 +119,27 @@ impl Linear {
         }
     }
 
-    /// `y = x Wᵀ + b`, after the hook has seen (and possibly replaced) `x`.
+    /// `y = x Wᵀ + b`, after the hook has seen (and possibly replaced) `x` (rotated first when
+    /// the layer has an input rotation: the hook sees what the weight multiplies).
     pub fn forward(&self, x: &Tensor, hook: &mut dyn LinearHook) -> Tensor {
-        let x = hook.input(self.id, x.shallow_clone());
-        self.forward_raw(&x)
+        let x = hook.input(self.id, self.rotate_input(x));
+        self.multiply(&x)
     }
 
     /// The layer without the hook.
     pub fn forward_raw(&self, x: &Tensor) -> Tensor {
+        self.multiply(&self.rotate_input(x))
+    }
+
+    fn rotate_input(&self, x: &Tensor) -> Tensor {
+        match &self.input_rotation {
+            Some(r) => x.matmul(&r.to_kind(x.kind()).to_device(x.device())),
+            None => x.shallow_clone(),
+        }
+    }
+
+    /// `x Wᵀ + b` of an input already rotated.
+    fn multiply(&self, x: &Tensor) -> Tensor {
         match &self.weight {
             LinearWeight::Float(w) => x.linear(w, self.bias.as_ref()),
             LinearWeight::Packed(_) | LinearWeight::Bf16Own(_) => {

@@ -44,6 +44,8 @@ pub struct Llava {
     pub projector: Projector,
     pub language_model: LlamaModel,
     pub cfg: LlavaConfig,
+    /// The rotation applied to the language model, if any ([`crate::model::rotation::rotate`]).
+    pub rotation: Option<crate::quant::spec::RotationSpec>,
 }
 
 /// A batch ready for the decoder: left-padded input embeddings and their mask.
@@ -98,6 +100,7 @@ impl Llava {
             projector: Projector::load(&vb.pp("multi_modal_projector"), cfg)?,
             language_model: LlamaModel::load(&vb.pp("language_model"), vb, &cfg.text)?,
             cfg: cfg.clone(),
+            rotation: None,
         };
         vb.finish()?;
         Ok(model)

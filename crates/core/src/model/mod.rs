@@ -5,3 +5,4 @@ pub mod llava;
 pub mod norm;
 pub mod outliers;
 pub mod projector;
+pub mod rotation;

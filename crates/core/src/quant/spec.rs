@@ -115,3 +115,22 @@ impl WeightSpec {
         }
     }
 }
+
+/// Which orthogonal matrices a QuaRot-style rotation uses ([`crate::model::rotation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationKind {
+    /// Randomized Hadamard (QuaRot's choice): entries ±1/√n.
+    Hadamard,
+    /// Haar-random orthogonal (QR of a Gaussian, signs fixed).
+    RandomOrthogonal,
+}
+
+/// A rotation of the language model; `seed` draws the random signs or the Gaussian.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationSpec {
+    pub kind: RotationKind,
+    #[serde(default)]
+    pub seed: u64,
+}

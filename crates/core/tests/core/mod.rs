@@ -3,3 +3,4 @@ mod compressed;
 mod llava_parity;
 mod loading_errors;
 mod quant_kernels;
+mod rotation;

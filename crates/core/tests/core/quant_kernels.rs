@@ -468,7 +468,7 @@ fn fixture_spec(id: LayerId) -> PackedSpec {
 }
 
 /// Logits of the fixture prompt with the fixture image.
-fn logits(bundle: &LlavaBundle, hook: &mut dyn LinearHook) -> Tensor {
+pub(super) fn logits(bundle: &LlavaBundle, hook: &mut dyn LinearHook) -> Tensor {
     let model = &bundle.model;
     let pixels = bundle
         .images

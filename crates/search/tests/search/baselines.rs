@@ -210,3 +210,54 @@ fn smoothquant_scales_the_sites_after_norms() {
     let msg = format!("{}", err.expect_err("nf4 is refused"));
     assert!(msg.contains("language") && msg.contains("uniform weight grid"), "{msg}");
 }
+
+/// A search on a rotated model records the rotation; applying its plan to a fresh, unrotated
+/// model rotates it the same way and gives the same quantized model as the searched one; a model
+/// rotated otherwise is refused.
+#[test]
+fn rotated_plans_rotate_the_model_they_are_applied_to() {
+    use qvlm_core::model::rotation::{rotate, RotationKind, RotationSpec};
+    let (mut bundle, calib) = setup();
+    let identity =
+        ModelIdentity::of(&bundle.model, "tiny-planted", "models/tiny-llava").expect("id");
+    let spec = RotationSpec { kind: RotationKind::Hadamard, seed: 0 };
+    rotate(&mut bundle.model, &spec).expect("rotate");
+    let mut progress = |_: usize, _: usize, _: &str| {};
+    let mut plan = qvlm_search::strategy::run(
+        &mut bundle.model,
+        &calib,
+        w4a4(),
+        WeightMethod::Plain,
+        &BaseStrategy::Rtn {}.into(),
+        &mut progress,
+    )
+    .expect("search");
+    plan.model = Some(identity);
+    assert_eq!(plan.rotation, Some(spec));
+    let back: QuantPlan =
+        serde_json::from_str(&serde_json::to_string(&plan).expect("json")).expect("parse");
+    assert_eq!(back.rotation, Some(spec));
+    let mut searched_hook = apply(&mut bundle.model, &back).expect("apply on the searched model");
+    let mut fresh = setup().0;
+    let mut fresh_hook = apply(&mut fresh.model, &back).expect("apply on a fresh model");
+    assert_eq!(fresh.model.rotation, Some(spec));
+    let logits = |b: &qvlm_core::model::llava::LlavaBundle,
+                  hook: &mut dyn qvlm_core::hook::LinearHook| {
+        let _g = tch::no_grad_guard();
+        let features = b.model.image_features(&calib.pixels, hook);
+        let images: Vec<Tensor> =
+            (0..calib.len() as i64).map(|i| features.get(i).unsqueeze(0)).collect();
+        let batch = b.model.prepare(&calib.prompts, &images).expect("prepare");
+        b.model.logits(&batch, hook)
+    };
+    let d = (logits(&bundle, &mut searched_hook) - logits(&fresh, &mut fresh_hook))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert_eq!(d, 0.0, "the searched and the freshly applied model agree");
+    let mut other = setup().0;
+    rotate(&mut other.model, &RotationSpec { kind: RotationKind::RandomOrthogonal, seed: 0 })
+        .expect("rotate");
+    let err = apply(&mut other.model, &back).expect_err("another rotation is refused");
+    assert!(err.to_string().contains("rotation"), "{err}");
+}

@@ -1,0 +1,265 @@
+//! QuaRot-style rotations of the language model (Ashkboos et al., 2024), function-preserving in
+//! float. Rotating the residual stream by an orthogonal `Q` spreads outlier channels over all
+//! channels, so per-tensor and per-token quantizers lose less to them:
+//!
+//! 1. every RMSNorm gain is folded into the linears it feeds (q/k/v, gate/up, `lm_head`) and
+//!    set to 1, so the norm commutes with `Q` (`‖xQ‖ = ‖x‖`)
+//!    (<https://github.com/spcl/QuaRot/blob/5008669b08c1f11f9b64d52d16fddd47ca754c5a/fake_quant/rotation_utils.py#L30-L60>);
+//! 2. the residual stream is rotated: the embeddings and the projector's output (LLaVA's image
+//!    tokens enter the residual there) by `Q`, the linears that read the residual by `W Q`, those
+//!    that write it (`o_proj`, `down_proj`) by `Qᵀ W`
+//!    (<https://github.com/spcl/QuaRot/blob/5008669b08c1f11f9b64d52d16fddd47ca754c5a/fake_quant/rotation_utils.py#L115-L190>);
+//! 3. per attention head, `v_proj`'s outputs and `o_proj`'s inputs by a `head_dim` rotation
+//!    (offline, both sides folded);
+//! 4. the input of `down_proj` by an *online* rotation: the layer multiplies its input by `H`
+//!    before quantization and holds `W H` ([`Linear::input_rotation`]; a dense matmul here, a
+//!    fast Walsh–Hadamard transform in a deployment).
+//!
+//! The vision tower is not rotated: CLIP's LayerNorm subtracts the mean, which does not commute
+//! with a rotation unless the mean is first folded into the previous layer (SliceGPT), which is
+//! not implemented.
+//!
+//! Matrices: [`RotationKind::Hadamard`] is QuaRot's randomized Hadamard `H · diag(±1) / √n`, for
+//! sizes `m · 2^k` with `m` = 1 or `q + 1` for a prime `q ≡ 3 (mod 4)` (Paley I times Sylvester;
+//! QuaRot hard-codes a few other orders, e.g. 172 for LLaMA's 11008); other sizes are an error
+//! that names them. [`RotationKind::RandomOrthogonal`] (QR of a seeded Gaussian) fits every size.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::linear::{Linear, LinearWeight};
+use crate::model::llava::Llava;
+pub use crate::quant::spec::{RotationKind, RotationSpec};
+use crate::rng::SplitMix64;
+
+/// Whether `q` is an odd prime.
+fn odd_prime(q: i64) -> bool {
+    q > 2 && q % 2 == 1 && (3..).step_by(2).take_while(|d| d * d <= q).all(|d| q % d != 0)
+}
+
+/// Paley's construction I: a ±1 Hadamard matrix of order `q + 1` for a prime `q ≡ 3 (mod 4)`.
+fn paley(q: i64) -> Vec<Vec<f64>> {
+    let residues: std::collections::BTreeSet<i64> = (1..q).map(|x| x * x % q).collect();
+    let chi = |a: i64| {
+        let a = a.rem_euclid(q);
+        if a == 0 {
+            0.0
+        } else if residues.contains(&a) {
+            1.0
+        } else {
+            -1.0
+        }
+    };
+    let n = (q + 1) as usize;
+    let mut h = vec![vec![0.0; n]; n];
+    for (i, row) in h.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            let s = match (i, j) {
+                (0, 0) => 0.0,
+                (0, _) => 1.0,
+                (_, 0) => -1.0,
+                _ => chi(j as i64 - i as i64),
+            };
+            *v = s + if i == j { 1.0 } else { 0.0 };
+        }
+    }
+    h
+}
+
+/// A ±1 Hadamard matrix of order `n` (f64, unnormalised), or `None` when `n` is not
+/// `m · 2^k` with `m` = 1 or a Paley order.
+pub fn hadamard(n: i64) -> Option<Tensor> {
+    if n < 1 {
+        return None;
+    }
+    let twos = n.trailing_zeros() as i64;
+    let base = (0..=twos).find_map(|k| {
+        let m = n >> k;
+        if m == 1 {
+            Some(Tensor::ones([1, 1], (Kind::Double, tch::Device::Cpu)))
+        } else if (m - 1) % 4 == 3 && odd_prime(m - 1) {
+            let rows: Vec<f64> = paley(m - 1).into_iter().flatten().collect();
+            Some(Tensor::from_slice(&rows).reshape([m, m]))
+        } else {
+            None
+        }
+    })?;
+    let mut h = base;
+    let sylvester = Tensor::from_slice(&[1.0f64, 1.0, 1.0, -1.0]).reshape([2, 2]);
+    while h.size()[0] < n {
+        h = sylvester.kron(&h);
+    }
+    Some(h)
+}
+
+/// A seeded orthogonal `[n, n]` (f64, CPU) of the spec's kind. `what` names the matrix in errors.
+pub fn orthogonal(n: i64, spec: &RotationSpec, stream: u64, what: &str) -> Result<Tensor> {
+    let mut rng = SplitMix64::new(spec.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    match spec.kind {
+        RotationKind::Hadamard => {
+            let h = hadamard(n).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "rotation of {what}: no Hadamard matrix of order {n} here (orders m·2^k, m = 1 \
+                     or q+1 for a prime q ≡ 3 mod 4); use kind = \"random_orthogonal\""
+                ))
+            })?;
+            let signs: Vec<f64> =
+                (0..n).map(|_| if rng.next_u64() & 1 == 1 { 1.0 } else { -1.0 }).collect();
+            Ok(h * Tensor::from_slice(&signs).unsqueeze(0) / (n as f64).sqrt())
+        }
+        RotationKind::RandomOrthogonal => {
+            // Box–Muller on the seeded generator: the same matrix on every machine.
+            let uniform =
+                |rng: &mut SplitMix64| ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let gauss: Vec<f64> = (0..n * n)
+                .map(|_| {
+                    let (u, v) = (uniform(&mut rng), uniform(&mut rng));
+                    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+                })
+                .collect();
+            let (q, r) = Tensor::linalg_qr(&Tensor::from_slice(&gauss).reshape([n, n]), "reduced");
+            Ok(q * r.diagonal(0, 0, 1).sign().unsqueeze(0))
+        }
+    }
+}
+
+fn float_weight(linear: &Linear) -> Result<Tensor> {
+    match &linear.weight {
+        LinearWeight::Float(w) => Ok(w.to_kind(Kind::Double)),
+        _ => Err(Error::Quant {
+            layer: linear.id.to_string(),
+            reason: "rotations are applied to float weights, before any packing".into(),
+        }),
+    }
+}
+
+fn set_weight(linear: &mut Linear, w: &Tensor, kind: Kind) {
+    linear.weight = LinearWeight::Float(w.to_kind(kind));
+}
+
+/// `W ← W diag(g) R` for a linear reading a normed, rotated input.
+fn fold_in(linear: &mut Linear, gain: &Tensor, r: &Tensor, kind: Kind) -> Result<()> {
+    let w = float_weight(linear)? * gain.unsqueeze(0);
+    set_weight(linear, &w.matmul(r), kind);
+    Ok(())
+}
+
+/// `W ← Rᵀ W`, `b ← Rᵀ b` for a linear writing into a rotated stream.
+fn fold_out(linear: &mut Linear, r: &Tensor, kind: Kind) -> Result<()> {
+    let w = float_weight(linear)?;
+    set_weight(linear, &r.tr().matmul(&w), kind);
+    if let Some(b) = &linear.bias {
+        linear.bias = Some(b.to_kind(Kind::Double).matmul(r).to_kind(b.kind()));
+    }
+    Ok(())
+}
+
+/// Rotates the language model in place (see the module docs); the model records the spec
+/// (`Llava::rotation`). The float function is unchanged up to rounding.
+pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
+    if let Some(done) = &model.rotation {
+        return Err(Error::Invalid(format!("the model is already rotated ({done:?})")));
+    }
+    if model.language_model.lm_head.is_none() {
+        return Err(Error::Invalid(
+            "rotation of a model with tied embeddings: the head would need untying (not \
+             implemented)"
+                .into(),
+        ));
+    }
+    // Checked before anything changes, so a refused rotation leaves the model as it was.
+    let linears = model.language_model.layers.iter().flat_map(|l| l.linears());
+    if let Some(l) = linears
+        .chain(model.projector.linears())
+        .find(|l| !matches!(l.weight, LinearWeight::Float(_)))
+    {
+        return Err(Error::Quant {
+            layer: l.id.to_string(),
+            reason: "rotations are applied to float weights, before any packing".into(),
+        });
+    }
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let kind = model.kind();
+    let cfg = model.language_model.cfg.clone();
+    let (d, inter, head_dim) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let q = orthogonal(d, spec, 0, "the residual stream")?.to_device(device);
+    let h_head = orthogonal(head_dim, spec, 1, "the attention heads")?.to_device(device);
+    let h_down = orthogonal(inter, spec, 2, "down_proj's input")?.to_device(device);
+    let ones = Tensor::ones([d], (Kind::Double, device));
+
+    let lm = &mut model.language_model;
+    lm.embed_tokens = lm.embed_tokens.to_kind(Kind::Double).matmul(&q).to_kind(kind);
+    for layer in &mut lm.layers {
+        let g = layer.input_layernorm.weight.to_kind(Kind::Double);
+        let a = &mut layer.self_attn;
+        for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj] {
+            fold_in(l, &g, &q, kind)?;
+        }
+        layer.input_layernorm.weight = ones.to_kind(layer.input_layernorm.weight.kind());
+        // v_proj's outputs and o_proj's inputs per head: v' = v H, W_v ← Hᵀ W_v, W_o ← W_o H.
+        let v = float_weight(&a.v_proj)?;
+        let heads_v = v.size()[0] / head_dim;
+        let v = h_head.tr().matmul(&v.view([heads_v, head_dim, -1]));
+        set_weight(&mut a.v_proj, &v.reshape([heads_v * head_dim, -1]), kind);
+        if let Some(b) = &a.v_proj.bias {
+            let rotated = b.to_kind(Kind::Double).view([heads_v, head_dim]).matmul(&h_head);
+            a.v_proj.bias = Some(rotated.reshape([-1]).to_kind(b.kind()));
+        }
+        let o = float_weight(&a.o_proj)?;
+        let (out, cols) = (o.size()[0], o.size()[1]);
+        let o = o.view([out, cols / head_dim, head_dim]).matmul(&h_head).reshape([out, cols]);
+        set_weight(&mut a.o_proj, &o, kind);
+        fold_out(&mut a.o_proj, &q, kind)?;
+
+        let g = layer.post_attention_layernorm.weight.to_kind(Kind::Double);
+        fold_in(&mut layer.gate_proj, &g, &q, kind)?;
+        fold_in(&mut layer.up_proj, &g, &q, kind)?;
+        layer.post_attention_layernorm.weight =
+            ones.to_kind(layer.post_attention_layernorm.weight.kind());
+        let w = float_weight(&layer.down_proj)?.matmul(&h_down);
+        set_weight(&mut layer.down_proj, &w, kind);
+        layer.down_proj.input_rotation = Some(h_down.to_kind(kind));
+        fold_out(&mut layer.down_proj, &q, kind)?;
+    }
+    let g = lm.norm.weight.to_kind(Kind::Double);
+    if let Some(head) = &mut lm.lm_head {
+        fold_in(head, &g, &q, kind)?;
+    }
+    lm.norm.weight = ones.to_kind(lm.norm.weight.kind());
+    let last = match &mut model.projector.linear_2 {
+        Some(l2) => l2,
+        None => &mut model.projector.linear_1,
+    };
+    fold_out(last, &q, kind)?;
+    model.rotation = Some(*spec);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hadamard_orders_and_orthogonality() -> Result<()> {
+        for n in [1, 2, 4, 12, 20, 24, 48, 192, 384, 256] {
+            let h = hadamard(n).unwrap_or_else(|| panic!("order {n}"));
+            let eye = Tensor::eye(n, (Kind::Double, tch::Device::Cpu)) * n as f64;
+            assert_eq!((h.matmul(&h.tr()) - eye).abs().max().double_value(&[]), 0.0, "{n}");
+        }
+        for n in [3, 36, 11008] {
+            assert!(hadamard(n).is_none(), "{n}");
+        }
+        for kind in [RotationKind::Hadamard, RotationKind::RandomOrthogonal] {
+            let spec = RotationSpec { kind, seed: 3 };
+            let q = orthogonal(24, &spec, 0, "t")?;
+            let eye = Tensor::eye(24, (Kind::Double, tch::Device::Cpu));
+            assert!((q.matmul(&q.tr()) - eye).abs().max().double_value(&[]) < 1e-12, "{kind:?}");
+            let again = orthogonal(24, &spec, 0, "t")?;
+            assert_eq!((&q - again).abs().max().double_value(&[]), 0.0, "{kind:?}: seeded");
+        }
+        let err = orthogonal(36, &RotationSpec { kind: RotationKind::Hadamard, seed: 0 }, 0, "x");
+        assert!(format!("{:?}", err).contains("order 36"));
+        Ok(())
+    }
+}

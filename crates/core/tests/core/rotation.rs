@@ -1,0 +1,72 @@
+//! QuaRot-style rotation of the language model: function-preserving in float on the embedded
+//! tiny LLaVA (plain and with planted outliers), and it flattens the planted outlier channels.
+
+use qvlm_core::hook::{LinearHook, NoHook};
+use qvlm_core::layer_id::{LayerId, Slot, Tower};
+use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
+use qvlm_core::model::outliers::{plant_outliers, OutlierSpec};
+use qvlm_core::model::rotation::{rotate, RotationKind, RotationSpec};
+use tch::Tensor;
+
+use super::common::max_abs_diff;
+use super::quant_kernels::logits;
+
+/// Logits of the rotated model against the unrotated one, f32 (the bound).
+const ROTATED_LOGITS_ATOL: f64 = 1e-4;
+
+fn tiny(planted: bool) -> LlavaBundle {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llava");
+    let mut b = LlavaBundle::load(&dir, &LoadOptions::default()).expect("tiny model");
+    if planted {
+        plant_outliers(&mut b.model, &OutlierSpec::default());
+    }
+    b
+}
+
+/// max|x| / mean|x| over the rows of each language q_proj input: how much one channel dominates.
+#[derive(Default)]
+struct Peakiness(Vec<f64>);
+
+impl LinearHook for Peakiness {
+    fn input(&mut self, id: LayerId, x: Tensor) -> Tensor {
+        if id.tower == Tower::Language && id.slot == Slot::QProj {
+            let a = x.abs();
+            self.0.push(a.max().double_value(&[]) / a.mean(tch::Kind::Double).double_value(&[]));
+        }
+        x
+    }
+}
+
+#[test]
+fn rotation_preserves_the_float_function_and_flattens_outliers() {
+    let _guard = tch::no_grad_guard();
+    for planted in [false, true] {
+        let reference = tiny(planted);
+        let want = logits(&reference, &mut NoHook);
+        let mut before = Peakiness::default();
+        let _ = logits(&reference, &mut before);
+        for kind in [RotationKind::Hadamard, RotationKind::RandomOrthogonal] {
+            let spec = RotationSpec { kind, seed: 1 };
+            let mut rotated = tiny(planted);
+            rotate(&mut rotated.model, &spec).expect("rotate");
+            assert_eq!(rotated.model.rotation, Some(spec));
+            let got = logits(&rotated, &mut NoHook);
+            let d = max_abs_diff(&got, &want);
+            eprintln!("planted {planted}, {kind:?}: max |Δlogit| {d:e}");
+            assert!(
+                d <= ROTATED_LOGITS_ATOL,
+                "planted {planted}, {kind:?}: logits differ by {d:e}"
+            );
+            let mut after = Peakiness::default();
+            let _ = logits(&rotated, &mut after);
+            if planted {
+                let (b, a) = (before.0.iter().sum::<f64>(), after.0.iter().sum::<f64>());
+                eprintln!("{kind:?}: Σ max/mean of q_proj inputs {b:.1} → {a:.1}");
+                assert!(a < 0.5 * b, "{kind:?}: max/mean of q_proj inputs {b:.1} → {a:.1}");
+            }
+            // A second rotation is refused and leaves the model as it was.
+            assert!(rotate(&mut rotated.model, &spec).is_err());
+            assert_eq!(max_abs_diff(&logits(&rotated, &mut NoHook), &got), 0.0);
+        }
+    }
+}
