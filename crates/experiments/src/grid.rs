@@ -60,6 +60,15 @@ impl Cell {
         }
     }
 
+    /// The cell's activation quantizers per tower and whether an integer kernel can execute
+    /// them (`language per_channel static: fake-quant only; vision per_token static: integer
+    /// kernel`); `float` when no activation is quantized. Tables print it beside every row.
+    pub fn activation_setting(&self) -> String {
+        let CellKind::Quantized { bits, method } = &self.kind else { return "float".into() };
+        let Ok(scheme) = method.scheme(*bits, &self.quant) else { return "invalid scheme".into() };
+        crate::methods::activation_setting(&scheme)
+    }
+
     /// `<model> <bits> <method>`, for messages.
     pub fn title(&self) -> String {
         format!("{} {} {}", self.model.name, self.bits_label(), self.method_name())

@@ -243,6 +243,41 @@ impl MethodSpec {
     }
 }
 
+/// Each tower's activation quantizer and whether an integer kernel executes it
+/// ([`ActScheme::integer_kernel_executes`]): `language per_channel static: fake-quant only;
+/// vision per_token static: integer kernel`, or `float`.
+pub fn activation_setting(scheme: &Scheme) -> String {
+    let towers = [
+        ("language", scheme.language.act),
+        ("projector", scheme.projector.act),
+        ("vision", scheme.vision.act),
+    ];
+    let parts: Vec<String> = towers
+        .iter()
+        .filter_map(|(name, act)| act.map(|a| (name, a)))
+        .map(|(name, a)| {
+            let g = match a.granularity {
+                Granularity::PerTensor => "per_tensor".to_string(),
+                Granularity::PerChannel => "per_channel".to_string(),
+                Granularity::PerToken => "per_token".to_string(),
+                Granularity::PerGroup { size } => format!("per_group({size})"),
+            };
+            let r = match a.range {
+                RangeMode::Static => "static",
+                RangeMode::Dynamic => "dynamic",
+            };
+            let how =
+                if a.integer_kernel_executes() { "integer kernel" } else { "fake-quant only" };
+            format!("{name} {g} {r}: {how}")
+        })
+        .collect();
+    if parts.is_empty() {
+        "float".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 pub const PRESETS: [&str; 22] = [
     "rtn",
     "qlora",
@@ -433,6 +468,27 @@ mod tests {
     }
 
     #[test]
+    fn activation_settings_say_whether_an_integer_kernel_runs_them() -> anyhow::Result<()> {
+        let q = QuantSettings::default();
+        let w4a4 = Bits { w: 4, a: 4 };
+        let paper = preset("qlora").map(|m| m.scheme(w4a4, &q)).transpose()?.expect("qlora");
+        assert_eq!(
+            activation_setting(&paper),
+            "language per_channel static: fake-quant only; vision per_token static: integer kernel"
+        );
+        let dynamic =
+            preset("zeroquant").map(|m| m.scheme(w4a4, &q)).transpose()?.expect("zeroquant");
+        assert_eq!(
+            activation_setting(&dynamic),
+            "language per_token dynamic: integer kernel; vision per_token dynamic: integer kernel"
+        );
+        let weights_only =
+            preset("gptq").map(|m| m.scheme(Bits { w: 4, a: 16 }, &q)).transpose()?.expect("gptq");
+        assert_eq!(activation_setting(&weights_only), "float");
+        Ok(())
+    }
+
+    #[test]
     fn awq_settings_live_in_the_weight_format() {
         assert_eq!(weights("weights = \"awq\""), Ok(WeightFormat::Awq(AwqSettings::default())));
         assert_eq!(weights("weights = \"nf4\""), Ok(WeightFormat::Nf4));
@@ -446,6 +502,18 @@ mod tests {
         let json = |w: WeightFormat| serde_json::to_string(&w).unwrap_or_default();
         assert_eq!(json(WeightFormat::Awq(AwqSettings::default())), "\"awq\"");
         assert_eq!(json(custom), r#"{"awq":{"grid":10,"clip_steps":11}}"#);
+        let gptq = weights("weights = { gptq = { act_order = true, static_groups = true } }")
+            .expect("gptq table");
+        let want = GptqSettings { act_order: true, static_groups: true, ..GptqSettings::default() };
+        assert_eq!(gptq, WeightFormat::Gptq(want));
+        assert_eq!(json(WeightFormat::Gptq(GptqSettings::default())), "\"gptq\"");
+        assert_eq!(
+            weights("weights = \"smoothquant\""),
+            Ok(WeightFormat::SmoothQuant(SmoothSettings::default()))
+        );
+        let sq = weights("weights = { smoothquant = { alpha = 0.8 } }").expect("smoothquant table");
+        assert_eq!(json(sq), r#"{"smoothquant":{"alpha":0.8}}"#);
+        assert!(WeightFormat::SmoothQuant(SmoothSettings { alpha: 1.5 }).validate().is_err());
         for (bad, wanted) in [
             ("weights = \"gptq4\"", "unknown weight format `gptq4`"),
             ("weights = { gptq = { damping = 0.1 } }", "unknown field `damping`"),

@@ -414,6 +414,7 @@ fn comparison_section(
         text("change")?,
         text("significant")?,
     );
+    let activations = text("activations")?;
     let (seeds, acc, std, diff, lo, hi, p) = (
         num("seeds")?,
         num("accuracy")?,
@@ -429,7 +430,9 @@ fn comparison_section(
          change named. Accuracy: mean ± std over calibration seeds (n seeds). Δ: the mean \
          per-question difference to the compared row (each question averaged over seeds), with a \
          95 % interval and a two-sided p from a paired bootstrap over images ({} resamples); \
-         differences with p ≥ {} are marked \"n.s.\" and are not claimed.\n",
+         differences with p ≥ {} are marked \"n.s.\" and are not claimed. Activations: each \
+         tower's quantizer and whether an integer kernel executes it (per-channel scales lie \
+         along the matmul's reduction dimension: fake-quant only).\n",
         crate::stats::RESAMPLES,
         crate::stats::ALPHA
     );
@@ -438,7 +441,7 @@ fn comparison_section(
         if (model[i].clone(), bits[i].clone()) != current {
             current = (model[i].clone(), bits[i].clone());
             s.push_str(&format!(
-                "\n### {} — {}\n\n| row | vs | change | accuracy | Δ vs | 95 % interval | p |\n|---|---|---|---|---|---|---|\n",
+                "\n### {} — {}\n\n| row | vs | change | activations | accuracy | Δ vs | 95 % interval | p |\n|---|---|---|---|---|---|---|---|\n",
                 labels.get(&model[i]).cloned().unwrap_or_else(|| model[i].clone()),
                 bits[i]
             ));
@@ -457,10 +460,11 @@ fn comparison_section(
         };
         let vs_label = if vs[i].is_empty() { "–".into() } else { label(&vs[i]) };
         s.push_str(&format!(
-            "| {} | {} | {} | {accuracy} | {d} | {interval} | {pv} |\n",
+            "| {} | {} | {} | {} | {accuracy} | {d} | {interval} | {pv} |\n",
             label(&method[i]),
             vs_label,
-            if change[i].is_empty() { "–" } else { &change[i] }
+            if change[i].is_empty() { "–" } else { &change[i] },
+            activations[i]
         ));
     }
     s.push('\n');

@@ -113,7 +113,7 @@ impl Tables {
         }
         if self.comparisons.height() > 0 {
             let note = format!(
-                "Each row differs from its `vs` row by `change`. accuracy: mean over the row's calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` in points, each question averaged over seeds, with a 95 % interval and a two-sided p-value from a paired bootstrap over images ({} resamples); significant: p < {}.",
+                "Each row differs from its `vs` row by `change`. activations: each tower's activation quantizer and whether an integer kernel executes it (per-channel scales lie along the matmul's reduction dimension: fake-quant only). accuracy: mean over the row's calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` in points, each question averaged over seeds, with a 95 % interval and a two-sided p-value from a paired bootstrap over images ({} resamples); significant: p < {}.",
                 stats::RESAMPLES,
                 stats::ALPHA
             );
@@ -147,6 +147,7 @@ fn cell_index(cells: &[Cell]) -> Result<DataFrame> {
             "method_label".into(),
             text(&|c| c.method().map_or_else(|| c.method_name().to_string(), |m| m.label())),
         ),
+        Column::new("activations".into(), text(&|c| c.activation_setting())),
         Column::new("max_depth".into(), cells.iter().map(depth).collect::<Vec<_>>()),
         Column::new("sweep_axis".into(), text(&|c| sweep(c).map(|s| s.axis).unwrap_or_default())),
         Column::new(
@@ -241,12 +242,22 @@ fn comparisons(
                 }
                 None => None,
             };
+            let setting = cells
+                .iter()
+                .find(|c| {
+                    &c.model.name == model
+                        && &c.bits_label() == bits
+                        && c.method_name() == row.method
+                })
+                .map(|c| c.activation_setting())
+                .unwrap_or_default();
             for (name, v) in [
                 ("model", model.clone()),
                 ("bits", bits.clone()),
                 ("method", row.method.clone()),
                 ("vs", row.vs.clone().unwrap_or_default()),
                 ("change", row.change.clone()),
+                ("activations", setting),
                 (
                     "significant",
                     match &test {
@@ -275,7 +286,7 @@ fn comparisons(
         }
     }
     let mut out = Vec::new();
-    for name in ["model", "bits", "method", "vs", "change"] {
+    for name in ["model", "bits", "method", "vs", "change", "activations"] {
         out.push(Column::new(name.into(), text.remove(name).unwrap_or_default()));
     }
     for name in

@@ -33,6 +33,14 @@ pub struct ActScheme {
 }
 
 impl ActScheme {
+    /// Whether an integer GEMM can execute these activations as they are: one scale per tensor
+    /// or per token lies along the matmul's output rows; per-channel (or per-group) scales lie
+    /// along its reduction dimension, which no integer kernel executes without folding them into
+    /// the weights (SmoothQuant's trade), so those are fake-quant only.
+    pub fn integer_kernel_executes(&self) -> bool {
+        matches!(self.granularity, Granularity::PerTensor | Granularity::PerToken)
+    }
+
     pub fn spec(&self, clip: Clip) -> Result<ActSpec> {
         let grid =
             Grid::new(self.bits, self.symmetric).map_err(|e| setting("act.bits", e.to_string()))?;
