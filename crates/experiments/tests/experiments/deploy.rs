@@ -334,5 +334,24 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("only to the model it was found on"), "{err}");
     assert!(!tmp.join("bad").exists());
+    // A plan searched on a rotated model is refused: no format holds the online Hadamard.
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cells[0].join("plan.json")).expect("plan"))
+            .expect("plan json");
+    plan["rotation"] = serde_json::json!({ "kind": "hadamard", "seed": 0 });
+    let rotated = tmp.join("rotated-plan.json");
+    std::fs::write(&rotated, plan.to_string()).expect("write");
+    let bad = experiments(&[
+        "quantize",
+        "--plan",
+        rotated.to_str().expect("utf8"),
+        "--model",
+        root().join("models/tiny-llava").to_str().expect("utf8"),
+        "--out",
+        tmp.join("rotated").to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("rotated model"), "{err}");
+    assert!(!tmp.join("rotated").exists());
     let _ = std::fs::remove_dir_all(&tmp);
 }

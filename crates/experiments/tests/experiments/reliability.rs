@@ -120,7 +120,7 @@ fn broken_configs_are_refused_naming_the_key() {
         ("weight bits out of range", base.replace("W4A4", "W9A4"), "grid.bits"),
         ("activation bits out of range", base.replace("W4A4", "W4A1"), "grid.bits"),
         ("malformed bits", base.replace("W4A4", "4bit"), "grid.bits"),
-        ("unknown method", base.replace("[\"rtn\"]", "[\"gptq\"]"), "grid.methods"),
+        ("unknown method", base.replace("[\"rtn\"]", "[\"gptq4\"]"), "grid.methods"),
         ("unknown strategy", format!("{base}{method}strategy = {{ kind = \"greedy\" }}\n"), "greedy"),
         ("unknown model in grid", base.replace("models = [\"tiny\"]", "models = [\"nope\"]"), "grid.models"),
         ("empty grid", base.replace("methods = [\"rtn\"]", "methods = []"), "grid"),
