@@ -70,16 +70,21 @@ def fasterquant(W, H, bits, sym, groupsize, actorder, static_groups, blocksize, 
     scales = torch.zeros(rows, columns // group)
     zeros = torch.zeros(rows, columns // group)
 
+    fixed = []
+    if groupsize == -1:
+        # `if not self.quantizer.ready(): self.quantizer.find_params(W, weight=True)`: before
+        # dead columns are zeroed.
+        fixed.append(find_params(W, bits, sym))
+
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    fixed = []
-    if groupsize == -1 or static_groups:
+    if groupsize != -1 and static_groups:
         for i in range(0, columns, group):
             fixed.append(find_params(W[:, i : i + group], bits, sym))
-        for g, (s, z) in enumerate(fixed):
-            scales[:, g], zeros[:, g] = s, z
+    for g, (s, z) in enumerate(fixed):
+        scales[:, g], zeros[:, g] = s, z
 
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -144,6 +149,7 @@ def main():
     x[:, 5] = 0.0  # a dead input
     w = torch.randn(24, 64)
     w[:, 9] *= 6.0  # a large column, so act-order and group ranges matter
+    w[:, 5] *= 10.0  # the dead input's weights set the per-channel ranges (taken before zeroing)
     h = hessian(x)
     tensors = {"w": w.contiguous(), "x": x.contiguous(), "hessian": h.contiguous()}
     for name, (bits, sym, group, actorder, static, block) in CASES.items():

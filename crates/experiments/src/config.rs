@@ -698,6 +698,14 @@ fn validate(cfg: &Config) -> Result<()> {
         if let Err(e) = spec.weights.validate() {
             bail!("{f}: method `{m}`: {e}");
         }
+        if let WeightFormat::Gptq(g) = spec.weights {
+            if g.act_order && !g.static_groups && cfg.quant.weight_group > 0 {
+                bail!(
+                    "{f}: method `{m}`: gptq act_order with weight groups (quant.weight_group = {}) needs static_groups = true",
+                    cfg.quant.weight_group
+                );
+            }
+        }
     }
     let q = &cfg.quant;
     if q.weight_group < 0 || q.nf4_block <= 0 {

@@ -372,6 +372,7 @@ impl<'a> Engine<'a> {
                 let mut cap = Capture::new(&mut no, ids.clone());
                 let _ = self.pipe.run_block(self.model, block, &xq, &mut cap)?;
                 self.meter.report.block_forwards += 1;
+                self.nonfinite += cap.nonfinite;
                 Some(cap.captured)
             } else {
                 None

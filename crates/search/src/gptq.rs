@@ -124,16 +124,20 @@ pub fn quantize(
     let mut w = qvlm_core::quant::uniform::finite(w).to_kind(Kind::Double);
     let mut h = h.to_kind(Kind::Double).copy();
 
+    // Per-channel parameters come from the weight as it is (upstream's `find_params(W)` runs
+    // before dead columns are zeroed); static group parameters after the zeroing, as upstream.
+    let per_channel: Vec<QParams> =
+        if group == cols { vec![group_params(grid, &w)] } else { Vec::new() };
+
     // Dead inputs (never non-zero in calibration): H[dead, dead] = 1, W[:, dead] = 0.
     let dead = h.diagonal(0, 0, 1).eq(0.0);
     let _ = h.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
     w = w.masked_fill(&dead.unsqueeze(0), 0.0);
 
-    // Per-channel parameters, or static group parameters, from the weight before any update.
-    let fixed: Vec<QParams> = if group == cols || static_params {
+    let fixed: Vec<QParams> = if static_params {
         (0..groups).map(|g| group_params(grid, &w.narrow(1, g * group, group))).collect()
     } else {
-        Vec::new()
+        per_channel
     };
 
     let perm = settings.act_order.then(|| h.diagonal(0, 0, 1).argsort(0, true));

@@ -106,6 +106,12 @@ fn quantized_weight(
 /// are refused: packed storage would need 1/s folded into the previous operation, which is not
 /// implemented (export the fake-quantized model as llava-hf instead).
 pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
+    if let Some(r) = &model.rotation {
+        return Err(SearchError::PlanMismatch(format!(
+            "pack takes the unrotated model (its weights are checked against the plan's before it \
+             is rotated); this one is already rotated ({r:?})"
+        )));
+    }
     ModelIdentity::check(plan, model)?;
     crate::plan::ensure_rotation(model, plan)?;
     let mut acts: BTreeMap<LayerId, &SiteAct> = BTreeMap::new();

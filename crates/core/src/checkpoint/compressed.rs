@@ -185,6 +185,7 @@ pub fn save_compressed(
     static_input_scales: &BTreeMap<LayerId, f64>,
     dir: &Path,
 ) -> Result<CompressedExport> {
+    crate::model::rotation::refuse_rotated(model, "compressed-tensors export")?;
     let _guard = tch::no_grad_guard();
     let naming = Naming::HfFlatVision;
     let stored = |canonical: &str| naming.stored_key(canonical).1;

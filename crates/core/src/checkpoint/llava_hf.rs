@@ -111,6 +111,7 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
 /// Writes `config.json`, `model.safetensors` (float weights, f32) and `preprocessor_config.json`
 /// into `dir`. The tokenizer is the caller's to place.
 pub fn save_llava_hf(model: &Llava, images: &ImageProcessorConfig, dir: &Path) -> Result<()> {
+    crate::model::rotation::refuse_rotated(model, "llava-hf export")?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let naming = Naming::HfFlatVision;
     let tensors: Vec<(String, tch::Tensor)> = model

@@ -100,6 +100,7 @@ fn nbytes(t: &Tensor) -> i64 {
 
 /// Writes `model` (packed and float layers alike) to `dir`; returns the manifest written.
 pub fn save_quantized(model: &Llava, dir: &Path) -> Result<QuantManifest> {
+    crate::model::rotation::refuse_rotated(model, "qvlm-packed export")?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let _guard = tch::no_grad_guard();
     let mut bytes = ByteReport::default();

@@ -62,7 +62,7 @@ pub struct Linear {
     pub out_features: i64,
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
-    /// An orthogonal `R` `[in, in]` applied to the input before everything else, the weight
+    /// An orthogonal `R` `[in, in]` (f32) applied to the input before everything else, the weight
     /// holding `W R` so that `(x R)(W R)ᵀ = x Wᵀ`: QuaRot's online Hadamard
     /// ([`crate::model::rotation`]). `None` for every checkpoint as loaded.
     pub input_rotation: Option<Tensor>,
@@ -133,7 +133,8 @@ impl Linear {
 
     fn rotate_input(&self, x: &Tensor) -> Tensor {
         match &self.input_rotation {
-            Some(r) => x.matmul(&r.to_kind(x.kind()).to_device(x.device())),
+            // In f32 whatever the activations' dtype (a bf16 copy of H is not orthogonal).
+            Some(r) => x.to_kind(Kind::Float).matmul(&r.to_device(x.device())).to_kind(x.kind()),
             None => x.shallow_clone(),
         }
     }

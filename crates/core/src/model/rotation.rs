@@ -169,6 +169,7 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
     }
     // Checked before anything changes, so a refused rotation leaves the model as it was.
     let linears = model.language_model.layers.iter().flat_map(|l| l.linears());
+    let linears = linears.chain(model.language_model.lm_head.as_ref());
     if let Some(l) = linears
         .chain(model.projector.linears())
         .find(|l| !matches!(l.weight, LinearWeight::Float(_)))
@@ -186,6 +187,8 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
     let q = orthogonal(d, spec, 0, "the residual stream")?.to_device(device);
     let h_head = orthogonal(head_dim, spec, 1, "the attention heads")?.to_device(device);
     let h_down = orthogonal(inter, spec, 2, "down_proj's input")?.to_device(device);
+    // One f32 copy shared by every layer (applied in f32 whatever the model's dtype).
+    let h_down_f32 = h_down.to_kind(Kind::Float);
     let ones = Tensor::ones([d], (Kind::Double, device));
 
     let lm = &mut model.language_model;
@@ -193,12 +196,13 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
     for layer in &mut lm.layers {
         let g = layer.input_layernorm.weight.to_kind(Kind::Double);
         let a = &mut layer.self_attn;
-        for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj] {
+        for l in [&mut a.q_proj, &mut a.k_proj] {
             fold_in(l, &g, &q, kind)?;
         }
         layer.input_layernorm.weight = ones.to_kind(layer.input_layernorm.weight.kind());
-        // v_proj's outputs and o_proj's inputs per head: v' = v H, W_v ← Hᵀ W_v, W_o ← W_o H.
-        let v = float_weight(&a.v_proj)?;
+        // v_proj's outputs and o_proj's inputs per head: v' = v H, W_v ← Hᵀ W_v diag(g) Q,
+        // W_o ← W_o H (then Qᵀ), each chained in f64 and rounded once.
+        let v = (float_weight(&a.v_proj)? * g.unsqueeze(0)).matmul(&q);
         let heads_v = v.size()[0] / head_dim;
         let v = h_head.tr().matmul(&v.view([heads_v, head_dim, -1]));
         set_weight(&mut a.v_proj, &v.reshape([heads_v * head_dim, -1]), kind);
@@ -206,21 +210,27 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
             let rotated = b.to_kind(Kind::Double).view([heads_v, head_dim]).matmul(&h_head);
             a.v_proj.bias = Some(rotated.reshape([-1]).to_kind(b.kind()));
         }
+        // W_o ← Qᵀ (W_o · blockdiag(H)) in f64, rounded once.
         let o = float_weight(&a.o_proj)?;
         let (out, cols) = (o.size()[0], o.size()[1]);
         let o = o.view([out, cols / head_dim, head_dim]).matmul(&h_head).reshape([out, cols]);
-        set_weight(&mut a.o_proj, &o, kind);
-        fold_out(&mut a.o_proj, &q, kind)?;
+        set_weight(&mut a.o_proj, &q.tr().matmul(&o), kind);
+        if let Some(b) = &a.o_proj.bias {
+            a.o_proj.bias = Some(b.to_kind(Kind::Double).matmul(&q).to_kind(b.kind()));
+        }
 
         let g = layer.post_attention_layernorm.weight.to_kind(Kind::Double);
         fold_in(&mut layer.gate_proj, &g, &q, kind)?;
         fold_in(&mut layer.up_proj, &g, &q, kind)?;
         layer.post_attention_layernorm.weight =
             ones.to_kind(layer.post_attention_layernorm.weight.kind());
-        let w = float_weight(&layer.down_proj)?.matmul(&h_down);
+        // W ← Qᵀ (W H) in one f64 product, rounded to the model's dtype once.
+        let w = q.tr().matmul(&float_weight(&layer.down_proj)?.matmul(&h_down));
         set_weight(&mut layer.down_proj, &w, kind);
-        layer.down_proj.input_rotation = Some(h_down.to_kind(kind));
-        fold_out(&mut layer.down_proj, &q, kind)?;
+        if let Some(b) = &layer.down_proj.bias {
+            layer.down_proj.bias = Some(b.to_kind(Kind::Double).matmul(&q).to_kind(b.kind()));
+        }
+        layer.down_proj.input_rotation = Some(h_down_f32.shallow_clone());
     }
     let g = lm.norm.weight.to_kind(Kind::Double);
     if let Some(head) = &mut lm.lm_head {
@@ -234,6 +244,19 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
     fold_out(last, &q, kind)?;
     model.rotation = Some(*spec);
     Ok(())
+}
+
+/// Checkpoint writers call this: no checkpoint format holds the online rotation before
+/// `down_proj` (`Linear::input_rotation`), so a rotated model is refused rather than written
+/// without it.
+pub fn refuse_rotated(model: &Llava, what: &str) -> Result<()> {
+    match &model.rotation {
+        Some(r) => Err(Error::Invalid(format!(
+            "{what}: the model is rotated ({r:?}); its online Hadamard before down_proj has no place \
+             in this checkpoint format, so writing it would change the model"
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

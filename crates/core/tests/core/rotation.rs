@@ -64,6 +64,17 @@ fn rotation_preserves_the_float_function_and_flattens_outliers() {
                 eprintln!("{kind:?}: Σ max/mean of q_proj inputs {b:.1} → {a:.1}");
                 assert!(a < 0.5 * b, "{kind:?}: max/mean of q_proj inputs {b:.1} → {a:.1}");
             }
+            // No checkpoint format holds the online Hadamard: writers refuse a rotated model.
+            let dir = std::env::temp_dir().join(format!("qvlm-rot-{}", std::process::id()));
+            let err = qvlm_core::checkpoint::llava_hf::save_llava_hf(
+                &rotated.model,
+                &rotated.images.cfg,
+                &dir,
+            )
+            .expect_err("a rotated model is not written");
+            assert!(err.to_string().contains("rotated"), "{err}");
+            assert!(!dir.join("model.safetensors").exists());
+            let _ = std::fs::remove_dir_all(&dir);
             // A second rotation is refused and leaves the model as it was.
             assert!(rotate(&mut rotated.model, &spec).is_err());
             assert_eq!(max_abs_diff(&logits(&rotated, &mut NoHook), &got), 0.0);

@@ -255,6 +255,9 @@ fn rotated_plans_rotate_the_model_they_are_applied_to() {
         .max()
         .double_value(&[]);
     assert_eq!(d, 0.0, "the searched and the freshly applied model agree");
+    // pack checks the plan's model against the unrotated weights, so it refuses a rotated model.
+    let err = qvlm_search::pack::pack(&mut fresh.model, &back).expect_err("rotated model");
+    assert!(err.to_string().contains("unrotated"), "{err}");
     let mut other = setup().0;
     rotate(&mut other.model, &RotationSpec { kind: RotationKind::RandomOrthogonal, seed: 0 })
         .expect("rotate");
