@@ -4,12 +4,14 @@
 
 use std::path::PathBuf;
 
-use qvlm_core::hook::NoHook;
+use qvlm_core::hook::{LinearHook, NoHook};
 use qvlm_core::layer_id::Slot;
 use qvlm_core::model::linear::LinearWeight;
+use qvlm_core::model::llava::LlavaBundle;
 use qvlm_core::quant::spec::{Granularity, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
 use qvlm_core::quant::weight::QuantizedWeight;
+use qvlm_search::calib::CalibrationSet;
 use qvlm_search::engine::WeightMethod;
 use qvlm_search::gptq::{self, GptqSettings};
 use qvlm_search::plan::{apply, ModelIdentity, QuantPlan, Scheme, TowerScheme};
@@ -81,9 +83,19 @@ fn gptq_matches_the_reference_transcription() {
     }
 }
 
+/// Logits of every position of the calibration prompts.
+fn calib_logits(b: &LlavaBundle, calib: &CalibrationSet, hook: &mut dyn LinearHook) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let features = b.model.image_features(&calib.pixels, hook);
+    let images: Vec<Tensor> =
+        (0..calib.len() as i64).map(|i| features.get(i).unsqueeze(0)).collect();
+    let batch = b.model.prepare(&calib.prompts, &images).expect("prepare");
+    b.model.logits(&batch, hook)
+}
+
 fn run(
-    bundle: &mut qvlm_core::model::llava::LlavaBundle,
-    calib: &qvlm_search::calib::CalibrationSet,
+    bundle: &mut LlavaBundle,
+    calib: &CalibrationSet,
     scheme: Scheme,
     weights: WeightMethod,
 ) -> QuantPlan {
@@ -151,14 +163,7 @@ fn gptq_plans_store_their_codes_and_apply_and_pack_to_them() {
     let mut rtn_model = setup().0;
     let _ = apply(&mut rtn_model.model, &rtn).expect("apply rtn");
     let float_model = setup().0;
-    let logits = |b: &qvlm_core::model::llava::LlavaBundle| {
-        let _g = tch::no_grad_guard();
-        let features = b.model.image_features(&calib.pixels, &mut NoHook);
-        let images: Vec<Tensor> =
-            (0..calib.len() as i64).map(|i| features.get(i).unsqueeze(0)).collect();
-        let batch = b.model.prepare(&calib.prompts, &images).expect("prepare");
-        b.model.logits(&batch, &mut NoHook)
-    };
+    let logits = |b: &LlavaBundle| calib_logits(b, &calib, &mut NoHook);
     let reference = logits(&float_model);
     let err =
         |b| (logits(b) - &reference).pow_tensor_scalar(2).mean(Kind::Double).double_value(&[]);
@@ -241,15 +246,7 @@ fn rotated_plans_rotate_the_model_they_are_applied_to() {
     let mut fresh = setup().0;
     let mut fresh_hook = apply(&mut fresh.model, &back).expect("apply on a fresh model");
     assert_eq!(fresh.model.rotation, Some(spec));
-    let logits = |b: &qvlm_core::model::llava::LlavaBundle,
-                  hook: &mut dyn qvlm_core::hook::LinearHook| {
-        let _g = tch::no_grad_guard();
-        let features = b.model.image_features(&calib.pixels, hook);
-        let images: Vec<Tensor> =
-            (0..calib.len() as i64).map(|i| features.get(i).unsqueeze(0)).collect();
-        let batch = b.model.prepare(&calib.prompts, &images).expect("prepare");
-        b.model.logits(&batch, hook)
-    };
+    let logits = |b: &LlavaBundle, hook: &mut dyn LinearHook| calib_logits(b, &calib, hook);
     let d = (logits(&bundle, &mut searched_hook) - logits(&fresh, &mut fresh_hook))
         .abs()
         .max()
