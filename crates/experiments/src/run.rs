@@ -217,6 +217,9 @@ fn try_cell(
     summary: &mut RunSummary,
 ) -> Result<bool> {
     if results.is_done(&cell.id) {
+        // A process killed between finishing the cell and releasing its lock leaves a stale lock
+        // on a done cell: taking it over and dropping it releases it (a live one is left alone).
+        drop(results.try_lock_cell(&cell.id, shared.lease)?);
         tracing::info!("{step}: done already, skipped");
         summary.done_elsewhere.push(cell.id.clone());
         return Ok(true);
