@@ -21,8 +21,8 @@
 //!
 //! Matrices: [`RotationKind::Hadamard`] is QuaRot's randomized Hadamard `H · diag(±1) / √n`, for
 //! sizes `m · 2^k` with `m` = 1 or `q + 1` for a prime `q ≡ 3 (mod 4)` (Paley I times Sylvester;
-//! QuaRot hard-codes a few other orders, e.g. 172 for LLaMA's 11008); other sizes are an error
-//! that names them. [`RotationKind::RandomOrthogonal`] (QR of a seeded Gaussian) fits every size.
+//! LLaMA-7B's 11008 = 5504 · 2 with q = 5503, where QuaRot hard-codes H₁₇₂ · 64); other sizes are
+//! an error that names them. [`RotationKind::RandomOrthogonal`] (QR of a seeded Gaussian) fits every size.
 
 use tch::{Kind, Tensor};
 
@@ -66,24 +66,27 @@ fn paley(q: i64) -> Vec<Vec<f64>> {
     h
 }
 
-/// A ±1 Hadamard matrix of order `n` (f64, unnormalised), or `None` when `n` is not
-/// `m · 2^k` with `m` = 1 or a Paley order.
-pub fn hadamard(n: i64) -> Option<Tensor> {
+/// The odd-or-Paley factor `m` of a Hadamard order `n = m · 2^k` this module builds (`m` = 1, or
+/// `q + 1` for a prime `q ≡ 3 mod 4`; the smallest such `m`), or `None`. LLaMA-7B's 11008 is
+/// 5504 · 2 (q = 5503).
+pub fn hadamard_factor(n: i64) -> Option<i64> {
     if n < 1 {
         return None;
     }
-    let twos = n.trailing_zeros() as i64;
-    let base = (0..=twos).find_map(|k| {
-        let m = n >> k;
-        if m == 1 {
-            Some(Tensor::ones([1, 1], (Kind::Double, tch::Device::Cpu)))
-        } else if (m - 1) % 4 == 3 && odd_prime(m - 1) {
-            let rows: Vec<f64> = paley(m - 1).into_iter().flatten().collect();
-            Some(Tensor::from_slice(&rows).reshape([m, m]))
-        } else {
-            None
-        }
-    })?;
+    let twos = i64::from(n.trailing_zeros());
+    (0..=twos).rev().map(|k| n >> k).find(|&m| m == 1 || ((m - 1) % 4 == 3 && odd_prime(m - 1)))
+}
+
+/// A ±1 Hadamard matrix of order `n` (f64, unnormalised), or `None` when `n` is not
+/// `m · 2^k` with `m` = 1 or a Paley order ([`hadamard_factor`]).
+pub fn hadamard(n: i64) -> Option<Tensor> {
+    let m = hadamard_factor(n)?;
+    let base = if m == 1 {
+        Tensor::ones([1, 1], (Kind::Double, tch::Device::Cpu))
+    } else {
+        let rows: Vec<f64> = paley(m - 1).into_iter().flatten().collect();
+        Tensor::from_slice(&rows).reshape([m, m])
+    };
     let mut h = base;
     let sylvester = Tensor::from_slice(&[1.0f64, 1.0, 1.0, -1.0]).reshape([2, 2]);
     while h.size()[0] < n {
@@ -270,9 +273,13 @@ mod tests {
             let eye = Tensor::eye(n, (Kind::Double, tch::Device::Cpu)) * n as f64;
             assert_eq!((h.matmul(&h.tr()) - eye).abs().max().double_value(&[]), 0.0, "{n}");
         }
-        for n in [3, 36, 11008] {
+        for n in [3, 36, 52] {
             assert!(hadamard(n).is_none(), "{n}");
         }
+        // Without building them: LLaMA's widths.
+        assert_eq!(hadamard_factor(4096), Some(1));
+        assert_eq!(hadamard_factor(11008), Some(5504));
+        assert_eq!(hadamard_factor(13824), Some(108));
         for kind in [RotationKind::Hadamard, RotationKind::RandomOrthogonal] {
             let spec = RotationSpec { kind, seed: 3 };
             let q = orthogonal(24, &spec, 0, "t")?;
