@@ -147,14 +147,13 @@ fn fold_in(linear: &mut Linear, gain: &Tensor, r: &Tensor, kind: Kind) -> Result
     Ok(())
 }
 
-/// `W ← Rᵀ W`, `b ← Rᵀ b` for a linear writing into a rotated stream.
-fn fold_out(linear: &mut Linear, r: &Tensor, kind: Kind) -> Result<()> {
-    let w = float_weight(linear)?;
-    set_weight(linear, &r.tr().matmul(&w), kind);
+/// `W ← Rᵀ w`, `b ← Rᵀ b` for a linear writing into a rotated stream, where `w` (f64) is its
+/// weight, possibly already transformed on the input side: one f64 product, rounded once.
+fn fold_out(linear: &mut Linear, w: &Tensor, r: &Tensor, kind: Kind) {
+    set_weight(linear, &r.tr().matmul(w), kind);
     if let Some(b) = &linear.bias {
         linear.bias = Some(b.to_kind(Kind::Double).matmul(r).to_kind(b.kind()));
     }
-    Ok(())
 }
 
 /// Rotates the language model in place (see the module docs); the model records the spec
@@ -217,10 +216,7 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
         let o = float_weight(&a.o_proj)?;
         let (out, cols) = (o.size()[0], o.size()[1]);
         let o = o.view([out, cols / head_dim, head_dim]).matmul(&h_head).reshape([out, cols]);
-        set_weight(&mut a.o_proj, &q.tr().matmul(&o), kind);
-        if let Some(b) = &a.o_proj.bias {
-            a.o_proj.bias = Some(b.to_kind(Kind::Double).matmul(&q).to_kind(b.kind()));
-        }
+        fold_out(&mut a.o_proj, &o, &q, kind);
 
         let g = layer.post_attention_layernorm.weight.to_kind(Kind::Double);
         fold_in(&mut layer.gate_proj, &g, &q, kind)?;
@@ -228,11 +224,8 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
         layer.post_attention_layernorm.weight =
             ones.to_kind(layer.post_attention_layernorm.weight.kind());
         // W ← Qᵀ (W H) in one f64 product, rounded to the model's dtype once.
-        let w = q.tr().matmul(&float_weight(&layer.down_proj)?.matmul(&h_down));
-        set_weight(&mut layer.down_proj, &w, kind);
-        if let Some(b) = &layer.down_proj.bias {
-            layer.down_proj.bias = Some(b.to_kind(Kind::Double).matmul(&q).to_kind(b.kind()));
-        }
+        let w = float_weight(&layer.down_proj)?.matmul(&h_down);
+        fold_out(&mut layer.down_proj, &w, &q, kind);
         layer.down_proj.input_rotation = Some(h_down_f32.shallow_clone());
     }
     let g = lm.norm.weight.to_kind(Kind::Double);
@@ -244,7 +237,8 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
         Some(l2) => l2,
         None => &mut model.projector.linear_1,
     };
-    fold_out(last, &q, kind)?;
+    let w = float_weight(last)?;
+    fold_out(last, &w, &q, kind);
     model.rotation = Some(*spec);
     Ok(())
 }
