@@ -1,5 +1,5 @@
 # The two commands of the README. Both bootstrap first (idempotent, quick when done).
-.PHONY: bootstrap test test-slurm reproduce table1 paper tune fixtures
+.PHONY: bootstrap test test-slurm reproduce table1 paper tune fixtures scaling
 
 CARGO ?= cargo
 
@@ -42,6 +42,13 @@ paper: bootstrap
 	@for c in $(PAPER_CONFIGS); do \
 		$(CARGO) run -p experiments --locked -- $$c || exit 1; \
 	done
+
+# What the search costs as the model grows (issue #21; not part of reproduce: about TODO on the
+# 2-core machine): random-weight LLaVA checkpoints s0-s4 (models/scaling/, ~3 GB, not committed),
+# every strategy on them, the cost model fitted and extrapolated to LLaVA-1.5-7B/13B.
+scaling: bootstrap
+	.venv/bin/python python/gen_scaling_series.py
+	$(CARGO) run -p experiments --locked -- configs/scaling.toml
 
 results/efficiency/efficiency.csv: configs/efficiency.toml | bootstrap
 	$(CARGO) run -p experiments --locked -- bench configs/efficiency.toml

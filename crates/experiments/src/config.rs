@@ -436,6 +436,26 @@ pub struct GridConfig {
     /// standard deviation over seeds, and the paired tests average each question over them.
     #[serde(default)]
     pub seeds: Vec<u64>,
+    /// Cells of the cross product left out, each with its reason (e.g. the scaling series, where
+    /// VEO on the largest models would take hours): the dry run and the report list them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<SkipRule>,
+}
+
+/// `[[grid.skip]]`: these methods are not run on this model, and why.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SkipRule {
+    pub model: String,
+    pub methods: Vec<String>,
+    pub reason: String,
+}
+
+impl GridConfig {
+    /// The rule that leaves out `method` on `model`, if any.
+    pub fn skipped(&self, model: &str, method: &str) -> Option<&SkipRule> {
+        self.skip.iter().find(|r| r.model == model && r.methods.iter().any(|m| m == method))
+    }
 }
 
 impl GridConfig {
@@ -467,6 +487,10 @@ pub enum Figure {
     DepthTradeoff,
     /// Accuracy by bits × method (the sensitivity map).
     SensitivityHeatmap,
+    /// Search time against the calibration set's forward FLOPs across the grid's models, with
+    /// the cost model fitted per strategy and extrapolated to LLaVA-1.5-7B/13B (issue #21;
+    /// also writes `tables/scaling*.csv`).
+    CostScaling,
 }
 
 impl Figure {
@@ -477,6 +501,7 @@ impl Figure {
             Figure::DedVsEntropy => "ded_vs_entropy",
             Figure::DepthTradeoff => "depth_tradeoff",
             Figure::SensitivityHeatmap => "sensitivity_heatmap",
+            Figure::CostScaling => "cost_scaling",
         }
     }
 }
@@ -669,6 +694,17 @@ fn validate(cfg: &Config) -> Result<()> {
             if !sweep.value.is_finite() {
                 bail!("{f}: key `methods[{i}].sweep.value` (`{}`): must be finite", m.name);
             }
+        }
+    }
+    for (i, rule) in cfg.grid.skip.iter().enumerate() {
+        if !cfg.grid.models.contains(&rule.model) {
+            bail!("{f}: key `grid.skip[{i}].model`: `{}` is not a model of the grid", rule.model);
+        }
+        if let Some(m) = rule.methods.iter().find(|m| !cfg.grid.methods.contains(m)) {
+            bail!("{f}: key `grid.skip[{i}].methods`: `{m}` is not a method of the grid");
+        }
+        if rule.reason.trim().is_empty() {
+            bail!("{f}: key `grid.skip[{i}].reason`: say why these cells are left out");
         }
     }
     for m in &cfg.grid.models {

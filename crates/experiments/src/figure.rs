@@ -6,9 +6,10 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
 /// Figures a config can ask for.
-pub const FIGURES: [&str; 5] = [
+pub const FIGURES: [&str; 6] = [
     "accuracy_by_method",
     "accuracy_vs_sweep",
+    "cost_scaling",
     "ded_vs_entropy",
     "depth_tradeoff",
     "sensitivity_heatmap",
@@ -28,7 +29,13 @@ const COLORS: [RGBColor; 6] = [
 macro_rules! png_and_svg {
     ($path:expr, $size:expr, |$root:ident| $draw:expr) => {{
         let size = $size;
-        let (png, svg) = ($path.with_extension("png"), $path.with_extension("svg"));
+        // Appended, not `with_extension`: model names have dots (`llava-1.5-7b`; issue #21 item 4).
+        let with = |ext: &str| {
+            let mut p = $path.as_os_str().to_owned();
+            p.push(ext);
+            std::path::PathBuf::from(p)
+        };
+        let (png, svg) = (with(".png"), with(".svg"));
         {
             let $root = BitMapBackend::new(&png, size).into_drawing_area();
             $draw?;
@@ -309,7 +316,8 @@ fn draw_scatter<DB: DrawingBackend>(
     Ok(())
 }
 
-fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+/// `y = a + b·x` by least squares: `(a, b)` (`None` for fewer than two distinct x).
+pub(crate) fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
     let n = points.len() as f64;
     if n < 2.0 {
         return None;
@@ -569,5 +577,114 @@ fn draw_roofline<DB: DrawingBackend>(
         }
     }
     draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+    Ok(())
+}
+
+/// One strategy of a log-log cost figure: its measured `(x, y)` points and the line
+/// `y = overhead + per_unit · x` fitted to them.
+pub struct FitSeries {
+    pub name: String,
+    pub measured: Vec<(f64, f64)>,
+    pub overhead: f64,
+    pub per_unit: f64,
+}
+
+/// Log-log axes: each series' measured points (filled) and its fit drawn from the smallest point
+/// to the largest `target` x, with hollow markers at the targets (extrapolated values, named at
+/// the top) — the scaling figure of issue #21.
+pub fn loglog_fits(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[FitSeries],
+    targets: &[(String, f64)],
+) -> Result<()> {
+    png_and_svg!(path, (960, 600), |root| draw_loglog_fits(
+        &root, title, x_label, y_label, series, targets
+    ))
+}
+
+fn draw_loglog_fits<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[FitSeries],
+    targets: &[(String, f64)],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    // Where the fit goes non-positive (overhead-bound points) it is not drawn.
+    let predict = |s: &FitSeries, x: f64| s.overhead + s.per_unit * x;
+    let xs = || {
+        series
+            .iter()
+            .flat_map(|s| s.measured.iter().map(|p| p.0))
+            .chain(targets.iter().map(|t| t.1))
+    };
+    let ys = || {
+        series.iter().flat_map(|s| {
+            s.measured
+                .iter()
+                .map(|p| p.1)
+                .chain(targets.iter().map(move |t| predict(s, t.1)).filter(|&y| y > 0.0))
+        })
+    };
+    let (x0, x1) = (xs().fold(f64::INFINITY, f64::min), xs().fold(0.0, f64::max));
+    let (y0, y1) = (ys().fold(f64::INFINITY, f64::min), ys().fold(0.0, f64::max));
+    if !(x0 > 0.0 && y0 > 0.0 && x1.is_finite() && y1.is_finite()) {
+        return Err(anyhow!("plotting: a log-log figure needs positive finite values"));
+    }
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d((x0 / 2.0..x1 * 2.0).log_scale(), (y0 / 2.0..y1 * 4.0).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|x| format!("{x:.0e}"))
+        .y_label_formatter(&|y| format!("{y:.0e}"))
+        .draw()
+        .map_err(err)?;
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let lo = s.measured.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+        let line: Vec<(f64, f64)> = (0..=40)
+            .map(|k| {
+                let x = (lo.ln() + (x1.ln() - lo.ln()) * k as f64 / 40.0).exp();
+                (x, predict(s, x))
+            })
+            .filter(|p| p.1 > 0.0)
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(1)))
+            .map_err(err)?
+            .label(format!("{} ({:.1} s/TFLOP)", s.name, s.per_unit * 1e12))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 12, y)], color.stroke_width(2)));
+        chart
+            .draw_series(s.measured.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))
+            .map_err(err)?;
+        chart
+            .draw_series(
+                targets
+                    .iter()
+                    .map(|t| Circle::new((t.1, predict(s, t.1)), 5, color.stroke_width(2))),
+            )
+            .map_err(err)?;
+    }
+    for t in targets {
+        chart
+            .draw_series(std::iter::once(Text::new(
+                format!("{} (extrapolated)", t.0),
+                (t.1 / 1.8, y1 * 2.5),
+                ("sans-serif", 13),
+            )))
+            .map_err(err)?;
+    }
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }

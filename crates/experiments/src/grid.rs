@@ -159,6 +159,9 @@ pub fn cells(cfg: &Config) -> Result<Vec<Cell>> {
         }
         for &bits in &cfg.grid.bits {
             for m in &cfg.grid.methods {
+                if cfg.grid.skipped(model_name, m).is_some() {
+                    continue;
+                }
                 let method = resolve_method(cfg, m).context("method checked in validate")?;
                 for seed in cfg.grid.seeds(cfg.experiment.seed) {
                     push(CellKind::Quantized { bits, method: Box::new(method.clone()) }, seed)?;
@@ -191,6 +194,14 @@ pub fn plan_text(cfg: &Config, cells: &[Cell]) -> String {
             c.bits_label(),
             c.method_name(),
             strategy
+        ));
+    }
+    for r in &cfg.grid.skip {
+        out.push_str(&format!(
+            "  skipped: {} on {} — {}\n",
+            r.methods.join(", "),
+            r.model,
+            r.reason
         ));
     }
     out

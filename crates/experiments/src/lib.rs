@@ -30,6 +30,7 @@ pub mod quantize;
 pub mod report;
 pub mod results;
 pub mod run;
+pub mod scaling;
 pub mod settings;
 pub mod slurm;
 pub mod stats;

@@ -21,7 +21,8 @@ pub fn write_all(
 ) -> Result<()> {
     let figures = results.figures()?;
     for &fig in &cfg.outputs.figures {
-        draw(fig, cfg, tables, &figures).with_context(|| format!("figure {}", fig.name()))?;
+        draw(fig, cfg, tables, results, &figures)
+            .with_context(|| format!("figure {}", fig.name()))?;
     }
     paper_report(cfg, tables, missing, &results.report())
 }
@@ -36,7 +37,13 @@ fn by_key(cells: &DataFrame, key_column: &str, column: &str) -> Result<BTreeMap<
     Ok(out)
 }
 
-fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
+fn draw(
+    fig: Figure,
+    cfg: &Config,
+    tables: &Tables,
+    results: &ResultsDir,
+    out: &Path,
+) -> Result<()> {
     let summary = &tables.summary;
     let labels = by_key(&tables.cells, "model", "model_label")?;
     let grid_bits: Vec<String> = cfg.grid.bits.iter().map(|b| b.label()).collect();
@@ -57,6 +64,8 @@ fn draw(fig: Figure, cfg: &Config, tables: &Tables, out: &Path) -> Result<()> {
         (0..models.len()).find(|&i| models[i] == model && bits[i] == "FP").and_then(|i| acc[i])
     };
     match fig {
+        // Reads the cells' timings as well as the tables.
+        Figure::CostScaling => crate::scaling::write(tables, results, out)?,
         Figure::SensitivityHeatmap => {
             for model in cfg.grid.models.iter() {
                 let values: Vec<Vec<Option<f64>>> = grid_bits
@@ -290,6 +299,13 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
         ));
         for m in missing {
             s.push_str(&format!("- {m}\n"));
+        }
+        s.push('\n');
+    }
+    if !cfg.grid.skip.is_empty() {
+        s.push_str("Left out of the grid by the config (`grid.skip`):\n\n");
+        for r in &cfg.grid.skip {
+            s.push_str(&format!("- {} on `{}`: {}\n", r.methods.join(", "), r.model, r.reason));
         }
         s.push('\n');
     }

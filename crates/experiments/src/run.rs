@@ -424,6 +424,10 @@ fn run_cell(
     let mut plan: Option<QuantPlan> = None;
     let mut nonfinite = 0u64;
     let mut calibration_used = 0;
+    // (VmRSS when the search began, VmHWM when it ended), where /proc reads them.
+    let mut search_rss: Option<(u64, u64)> = None;
+    // (linear parameters, calibration tokens, forward FLOPs, one block's activation bytes).
+    let mut calibration_work: Option<(f64, f64, f64, f64)> = None;
     let mut hook: Box<dyn qvlm_core::hook::LinearHook> = Box::new(NoHook);
     if let CellKind::Quantized { bits, method } = &cell.kind {
         let scheme = method.scheme(*bits, &cell.quant)?;
@@ -436,6 +440,27 @@ fn run_cell(
             cell.seed,
         )?;
         calibration_used = calib.prompts.len();
+        // The work and activation size of the calibration set (issue #21's cost model).
+        let shape = crate::scaling::ForwardShape::of(&bundle.model.cfg);
+        let seq_lens: Vec<i64> = calib
+            .prompts
+            .iter()
+            .map(|pieces| {
+                pieces
+                    .iter()
+                    .map(|p| match p {
+                        qvlm_core::io::prompt::Piece::Tokens(t) => t.len() as i64,
+                        qvlm_core::io::prompt::Piece::Image(_) => shape.image_tokens,
+                    })
+                    .sum()
+            })
+            .collect();
+        calibration_work = Some((
+            shape.linear_parameters(),
+            seq_lens.iter().sum::<i64>() as f64,
+            shape.flops(&seq_lens),
+            shape.block_activation_bytes(&seq_lens, bundle.model.kind().elt_size_in_bytes()),
+        ));
         nonfinite =
             calib.pixels.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]) as u64;
         let pb = progress::bar(1, "search");
@@ -453,6 +478,11 @@ fn run_cell(
         if let Some(r) = &method.rotation {
             qvlm_core::model::rotation::rotate(&mut bundle.model, r)?;
         }
+        // The search's own peak resident memory (issue #21: bounded memory): the peak is reset
+        // here, with the model, the calibration pairs and the float reference already resident.
+        crate::bench::machine::reset_peak_rss()?;
+        search_rss =
+            crate::bench::machine::rss_bytes().zip(crate::bench::machine::peak_rss_bytes());
         let start = Instant::now();
         let mut p = strategy::run(
             &mut bundle.model,
@@ -464,6 +494,8 @@ fn run_cell(
         )?;
         pb.finish_and_clear();
         timings.insert("search_seconds", start.elapsed().as_secs_f64());
+        search_rss =
+            search_rss.zip(crate::bench::machine::peak_rss_bytes()).map(|((s, _), p)| (s, p));
         nonfinite += p.nonfinite_inputs;
         p.model = Some(identity);
         hook = Box::new(apply(&mut bundle.model, &p)?);
@@ -504,6 +536,25 @@ fn run_cell(
         push("layer_forwards", p.cost.layer_forwards as f64);
         push("model_passes", p.cost.model_passes as f64);
         push("peak_cache_bytes", p.cost.peak_cache_bytes as f64);
+        if let Some((params, tokens, flops, block)) = calibration_work {
+            push("linear_parameters", params);
+            push("calibration_tokens", tokens);
+            push("calibration_forward_flops", flops);
+            push("block_activation_bytes", block);
+        }
+        // Measurements, not results: with the times (metrics.csv is compared byte for byte).
+        if let Some((start, peak)) = search_rss {
+            timings.insert("search_rss_start_bytes", start as f64);
+            timings.insert("search_peak_rss_bytes", peak as f64);
+            // The model as held in memory for the search (every tensor, in its dtype).
+            let resident: usize = bundle
+                .model
+                .named_tensors()
+                .iter()
+                .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+                .sum();
+            timings.insert("search_model_tensor_bytes", resident as f64);
+        }
         push("dependency_evaluations", p.cost.dependency_evaluations as f64);
         push("dependency_elements", p.cost.dependency_elements as f64);
         push("groups", p.groups.len() as f64);

@@ -37,12 +37,29 @@ pub const SUMMARY_METRICS: [&str; 14] = [
     "mean_group_depth",
 ];
 
+/// [`SUMMARY_METRICS`] with every other per-class accuracy the cells recorded (ScienceQA's NAT …
+/// G7-12, in their order) after the fixed ones: the report's class columns come from the summary
+/// (issue #21 item 4: table2_classes had none).
+fn summary_metrics(long: &DataFrame) -> Result<Vec<String>> {
+    let mut out: Vec<String> = SUMMARY_METRICS.iter().map(|m| m.to_string()).collect();
+    let at = out.iter().rposition(|m| m.starts_with("accuracy")).map_or(0, |i| i + 1);
+    let mut classes: Vec<String> = Vec::new();
+    for m in strings(long, "metric")? {
+        if m.starts_with("accuracy_") && !out.contains(&m) && !classes.contains(&m) {
+            classes.push(m);
+        }
+    }
+    out.splice(at..at, classes);
+    Ok(out)
+}
+
 /// A run's tables.
 #[derive(Debug)]
 pub struct Tables {
     /// Every metric row of every finished cell (cell, model, bits, method, metric, value).
     pub long: DataFrame,
-    /// One row per (model, bits, method), [`SUMMARY_METRICS`] as columns.
+    /// One row per (model, bits, method), [`SUMMARY_METRICS`] and any other per-class
+    /// accuracies as columns.
     pub summary: DataFrame,
     /// One row per cell of the grid: cell, model, model_label, bits, method, method_label,
     /// max_depth (entropy-blocked strategies), sweep_axis, sweep_value.
@@ -65,7 +82,8 @@ impl Tables {
         let files: Vec<_> =
             finished.iter().map(|c| results.cell(&c.id).join("metrics.csv")).collect();
         let long = load_metrics(&files)?;
-        let mut summary = wide(&long, &SUMMARY_METRICS)?;
+        let metrics = summary_metrics(&long)?;
+        let mut summary = wide(&long, &metrics.iter().map(String::as_str).collect::<Vec<_>>())?;
         summary.with_column(search_seconds(results, &finished, &summary)?)?;
         let comparisons = comparisons(results, &finished, rows, &summary)?;
         let ded = ded_points(results, &finished)?;

@@ -123,6 +123,21 @@ pub fn rss_bytes() -> Option<u64> {
     kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, "VmRSS")
 }
 
+/// This process's peak resident memory (`VmHWM`) in bytes, since it started or since the last
+/// [`reset_peak_rss`].
+pub fn peak_rss_bytes() -> Option<u64> {
+    kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, "VmHWM")
+}
+
+/// Resets `VmHWM` to the current `VmRSS` (Linux ≥ 4.0: writing `5` to `/proc/self/clear_refs`),
+/// so that the next [`peak_rss_bytes`] is the peak of what runs in between. An error where the
+/// kernel refuses it: a peak that silently included earlier work would be a wrong number.
+pub fn reset_peak_rss() -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write("/proc/self/clear_refs", "5")
+        .context("resetting the peak resident memory (writing 5 to /proc/self/clear_refs)")
+}
+
 /// `Key:   123 kB` → 123 · 1024.
 fn kib_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.split(':').next() == Some(key))?;

@@ -267,10 +267,12 @@ pub fn build(dir: &Path) -> Result<Report> {
             })
         })
         .collect();
-    let fig = dir.join("decode_roofline.png");
+    // Figures are written as `<path>.png` and `<path>.svg` (the extension is appended).
+    let fig = dir.join("decode_roofline");
     let roof = info.machine.roof_bytes_per_s / 1e9;
     figure::roofline(&fig, "Decode vs the memory roof (streaming read)", roof, &points)?;
-    Ok(Report { table: df, targets, files: vec![csv, md, fig.clone(), fig.with_extension("svg")] })
+    let (png, svg) = (dir.join("decode_roofline.png"), dir.join("decode_roofline.svg"));
+    Ok(Report { table: df, targets, files: vec![csv, md, png, svg] })
 }
 
 /// The table's columns, filled row by row.

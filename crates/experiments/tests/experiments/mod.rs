@@ -4,5 +4,8 @@ mod configs;
 mod datasets;
 mod deploy;
 mod fuzz;
+mod real_configs;
 mod reliability;
+mod scaling;
+mod synthetic;
 mod tiny_model;
