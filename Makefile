@@ -43,12 +43,18 @@ paper: bootstrap
 		$(CARGO) run -p experiments --locked -- $$c || exit 1; \
 	done
 
-# What the search costs as the model grows (issue #21; not part of reproduce: about TODO on the
-# 2-core machine): random-weight LLaVA checkpoints s0-s4 (models/scaling/, ~3 GB, not committed),
-# every strategy on them, the cost model fitted and extrapolated to LLaVA-1.5-7B/13B.
+# What the search costs as the model grows (issue #21; not part of reproduce: about 45 minutes on
+# the 2-core machine, run with nothing else on it): random-weight LLaVA checkpoints s0-s4
+# (models/scaling/, ~3 GB, not committed), every strategy on them, the cost model fitted and
+# extrapolated to LLaVA-1.5-7B/13B. One process per cell, so that each cell's peak RSS is its
+# own (a process that ran earlier cells keeps their freed memory); finished cells are skipped.
 scaling: bootstrap
 	.venv/bin/python python/gen_scaling_series.py
-	$(CARGO) run -p experiments --locked -- configs/scaling.toml
+	$(CARGO) build -p experiments --locked
+	@for id in $$(target/debug/experiments configs/scaling.toml --dry-run | grep -oE '^  [0-9a-f]{12} '); do \
+		target/debug/experiments configs/scaling.toml --cell $$id || exit 1; \
+	done
+	target/debug/experiments report configs/scaling.toml
 
 results/efficiency/efficiency.csv: configs/efficiency.toml | bootstrap
 	$(CARGO) run -p experiments --locked -- bench configs/efficiency.toml

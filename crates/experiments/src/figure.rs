@@ -676,11 +676,12 @@ fn draw_loglog_fits<DB: DrawingBackend>(
             )
             .map_err(err)?;
     }
-    for t in targets {
+    // Names staggered downwards, right-aligned-ish left of their x (the targets sit close).
+    for (i, t) in targets.iter().enumerate() {
         chart
             .draw_series(std::iter::once(Text::new(
                 format!("{} (extrapolated)", t.0),
-                (t.1 / 1.8, y1 * 2.5),
+                (t.1 / 40.0, y1 * 2.5 / 2.5f64.powi(i as i32)),
                 ("sans-serif", 13),
             )))
             .map_err(err)?;

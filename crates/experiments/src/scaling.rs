@@ -15,11 +15,10 @@
 //! The memory model (issue #21 item 3, asserted by a test): during a block-by-block search the
 //! process's peak RSS is at most twice the model's tensors (the float model and the quantized
 //! copy of its linears the search keeps) + 3 · one block's calibration activations `A`
-//! ([`ForwardShape::block_activation_bytes`]) + 768 MiB (libtorch, the dataset, the float
-//! reference and what the allocator keeps from the float evaluation before it) — nothing that
-//! grows with the depth. The peak is absolute, not a growth over the search's start: a process
-//! that ran earlier cells reuses their freed memory without a new page, so a growth would read
-//! near zero. VEO (and Q-VLM, which runs it) back-propagates through the whole model over a
+//! ([`ForwardShape::block_activation_bytes`]) + 512 MiB (libtorch, the tokenizer and dataset,
+//! the float reference, allocator slack) — nothing that grows with the depth. It is measured with
+//! one process per cell (`make scaling`): a process that ran earlier cells keeps their freed
+//! memory, and its peak would include it. VEO (and Q-VLM, which runs it) back-propagates through the whole model over a
 //! calibration batch: not bounded by one block, and not extrapolated.
 
 use std::collections::BTreeMap;
@@ -224,7 +223,7 @@ fn loglog_slope(points: &[(f64, f64)]) -> Option<f64> {
 
 /// The bounded-memory formula: the peak RSS of a process during a block-by-block search.
 pub fn memory_bound_bytes(model_tensor_bytes: f64, block_activation_bytes: f64) -> f64 {
-    2.0 * model_tensor_bytes + 3.0 * block_activation_bytes + 768.0 * (1u64 << 20) as f64
+    2.0 * model_tensor_bytes + 3.0 * block_activation_bytes + 512.0 * (1u64 << 20) as f64
 }
 
 /// One strategy's fit.
@@ -365,7 +364,7 @@ pub fn write(tables: &Tables, results: &ResultsDir, figures: &Path) -> Result<()
         "`forward_gflop`: one float forward of the calibration set. `peak_rss_gib`: the process's \
          peak RSS during the search. `peak_of_bound_pct`: that peak as a share of the \
          bounded-memory formula, 2 · model tensors + 3 · one block's calibration activations + \
-         768 MiB (which holds for the block-by-block strategies; VEO back-propagates through the \
+         512 MiB (which holds for the block-by-block strategies; VEO back-propagates through the \
          whole model).",
     )?;
 
