@@ -481,8 +481,7 @@ fn run_cell(
         // The search's own peak resident memory (issue #21: bounded memory): the peak is reset
         // here, with the model, the calibration pairs and the float reference already resident.
         crate::bench::machine::reset_peak_rss()?;
-        search_rss =
-            crate::bench::machine::rss_bytes().zip(crate::bench::machine::peak_rss_bytes());
+        let rss_at_start = crate::bench::machine::rss_bytes();
         let start = Instant::now();
         let mut p = strategy::run(
             &mut bundle.model,
@@ -494,8 +493,7 @@ fn run_cell(
         )?;
         pb.finish_and_clear();
         timings.insert("search_seconds", start.elapsed().as_secs_f64());
-        search_rss =
-            search_rss.zip(crate::bench::machine::peak_rss_bytes()).map(|((s, _), p)| (s, p));
+        search_rss = rss_at_start.zip(crate::bench::machine::peak_rss_bytes());
         nonfinite += p.nonfinite_inputs;
         p.model = Some(identity);
         hook = Box::new(apply(&mut bundle.model, &p)?);
