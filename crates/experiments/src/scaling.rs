@@ -266,11 +266,7 @@ fn points(tables: &Tables, results: &ResultsDir) -> Result<Vec<Point>> {
     }
     let mut grouped: BTreeMap<(String, String), Vec<Point>> = BTreeMap::new();
     for (id, (model, method, m)) in by_cell {
-        let path = results.cell(&id).join("timings.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let t: BTreeMap<String, f64> = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a timings file", path.display()))?;
+        let t = table::timings(results, &id)?;
         let need = |map: &BTreeMap<String, f64>, key: &str, file: &str| -> Result<f64> {
             map.get(key).copied().with_context(|| {
                 format!(

@@ -175,6 +175,14 @@ fn cell_index(cells: &[Cell]) -> Result<DataFrame> {
     ])?)
 }
 
+/// A finished cell's `timings.json` (its measured, non-deterministic values by name).
+pub fn timings(results: &ResultsDir, cell: &str) -> Result<BTreeMap<String, f64>> {
+    let path = results.cell(cell).join("timings.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a timings file", path.display()))
+}
+
 /// Wall seconds of the search per summary row (mean over its cells' `timings.json`; the one
 /// column of the summary that is not deterministic).
 fn search_seconds(results: &ResultsDir, cells: &[&Cell], summary: &DataFrame) -> Result<Column> {
@@ -187,12 +195,7 @@ fn search_seconds(results: &ResultsDir, cells: &[&Cell], summary: &DataFrame) ->
             .iter()
             .filter(|c| c.model.name == m[i] && c.bits_label() == b[i] && c.method_name() == me[i])
         {
-            let path = results.cell(&c.id).join("timings.json");
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let t: BTreeMap<String, f64> = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a timings file", path.display()))?;
-            secs.extend(t.get("search_seconds").copied());
+            secs.extend(timings(results, &c.id)?.get("search_seconds").copied());
         }
         values.push(stats::mean(&secs));
     }
