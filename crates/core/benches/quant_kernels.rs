@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use qvlm_core::quant::bf16_own::Bf16Weight;
-use qvlm_core::quant::int4_avx512::Int4Weight;
 use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use qvlm_core::quant::spec::{Granularity, WeightSpec};
@@ -76,16 +75,24 @@ fn kernels(c: &mut Criterion) {
                 .with_kernel(Kernel::Int4Avx2)
                 .expect("AVX2 variant")
         });
-        // The int8-activation VNNI kernel on the same codes (CPUs with AVX-512 VNNI).
-        let vnni =
-            int4_vnni::unsupported(n as usize, k as usize, GROUP as usize).is_none().then(|| {
-                let nibbles: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 251) as u8).collect();
-                let groups = (n * k / GROUP) as usize;
-                let zp = Some(vec![8u8; groups]);
-                let (n, k, g) = (n as usize, k as usize, GROUP as usize);
-                Int4Weight::from_nibbles(&nibbles, vec![0.01; groups], zp, 0, n, k, g)
-                    .expect("own int4 layout")
-            });
+        // The own VNNI kernel (CPUs with AVX-512 VNNI) on the same codes: float activations
+        // rounded to int8 per group (`w4a16_q8`), per-token int8 (W4A8) and int4 (W4A4).
+        let vnni: Vec<(&str, PackedWeight)> = if int4_vnni::available() {
+            let specs = [
+                ("w4a16_q8_g128_int4_vnni", PackedSpec::w4a16(GROUP).expect("spec")),
+                ("w4a8_g128_int4_vnni", PackedSpec::w4a8(GROUP).expect("spec")),
+                ("w4a4_g128_int4_vnni", PackedSpec::w4a4(GROUP).expect("spec")),
+            ];
+            specs
+                .into_iter()
+                .map(|(name, spec)| {
+                    let p = pack(spec).with_kernel(Kernel::Int4Vnni).expect("VNNI kernel");
+                    (name, p)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let w8 = pack(PackedSpec::w8a16());
         let w8a8 = pack(PackedSpec::w8a8());
         for m in TOKENS {
@@ -106,12 +113,8 @@ fn kernels(c: &mut Criterion) {
             if let Some(w) = &w4_avx2 {
                 group.bench_function(id("w4a16_g128_int4_avx2"), |b| b.iter(|| w.matmul(&x)));
             }
-            if let Some(w) = &vnni {
-                let xs = Vec::<f32>::try_from(&x.reshape([-1])).expect("f32");
-                let rows = m as usize;
-                group.bench_function(id("w4a8_g128_int4_vnni"), |b| {
-                    b.iter(|| w.matmul_q8(&xs, rows))
-                });
+            for (name, w) in &vnni {
+                group.bench_function(id(name), |b| b.iter(|| w.matmul(&x)));
             }
             group.bench_function(id("w8a16"), |b| b.iter(|| w8.matmul(&x)));
             group.bench_function(id("w8a8"), |b| b.iter(|| w8a8.matmul(&x)));

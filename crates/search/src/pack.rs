@@ -41,6 +41,12 @@ fn act_form(layer: LayerId, act: Option<&SiteAct>) -> Result<(ActMode, Option<f6
         (RangeMode::Dynamic, Granularity::PerToken, None) if int8_sym && s.clip == Clip::MinMax => {
             Ok((ActMode::Int8PerToken, None))
         }
+        // W4A4 with QuaRot-style per-token ranges: the own VNNI kernel (4-bit weights only).
+        (RangeMode::Dynamic, Granularity::PerToken, None)
+            if s.grid.bits == 4 && s.grid.symmetric && s.clip == Clip::MinMax =>
+        {
+            Ok((ActMode::Int4PerToken, None))
+        }
         (RangeMode::Static, Granularity::PerTensor, Some((lo, hi))) if int8_sym => {
             let qp = QParams::from_range(s.grid, &lo.to_tensor(), &hi.to_tensor());
             let scale = qp.scale.reshape([-1]);
@@ -53,8 +59,8 @@ fn act_form(layer: LayerId, act: Option<&SiteAct>) -> Result<(ActMode, Option<f6
             layer,
             format!(
                 "activations {}-bit {} {:?} {:?} (clip {:?}) have no packed form: packed layers \
-                 take float activations, symmetric int8 per token (dynamic, min-max) or symmetric \
-                 int8 per tensor (static)",
+                 take float activations, symmetric int8 or int4 per token (dynamic, min-max) or \
+                 symmetric int8 per tensor (static)",
                 s.grid.bits,
                 if s.grid.symmetric { "symmetric" } else { "asymmetric" },
                 s.granularity,

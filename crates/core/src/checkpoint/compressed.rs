@@ -105,6 +105,12 @@ pub fn layer_format(
         (ActMode::Int8PerToken, Some(_)) => {
             return Err(unsupported(id, "both dynamic per-token and static activation scales"))
         }
+        (ActMode::Int4PerToken, _) => {
+            return Err(unsupported(
+                id,
+                "4-bit per-token activations (W4A4) are not exported; export W4A16 or W8A8",
+            ))
+        }
     };
     if input != InputFormat::Float
         && (weight.bits != 8 || !weight.symmetric || weight.group.is_some())

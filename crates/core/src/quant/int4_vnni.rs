@@ -30,6 +30,18 @@
 //! projector output, some LLaMA channels) fare worse: the step `max|x| / 127` is set by the
 //! outlier.
 //!
+//! # W4A8 and W4A4: activations on the plan's per-token grid
+//!
+//! The same loop runs activations that are already on an integer grid by design rather than as
+//! an approximation: [`quantize_activations_per_token`] puts each row on a symmetric 8- or 4-bit
+//! grid exactly as the crate's dynamic per-token activation quantizer does (same scale rule,
+//! same `x · (1/s)` rounding half to even), and repeats the row's scale for each weight group.
+//! The integer codes then equal the fake-quant reference's bit for bit and the output equals the
+//! fake-quant matmul within the rounding of the final f32 scaling (tested here and against
+//! `ActQuantizer` in `tests/core/quant_kernels.rs`). 4-bit values ride in the int8 lanes of
+//! `vpdpbusd` (no 4-bit × 4-bit instruction exists on x86); what W4A4 saves over W4A8 on a CPU is
+//! nothing but accuracy, and the bench shows it.
+//!
 //! # How the weight layout is consumed unchanged
 //!
 //! A 64-byte block of one row ([`Int4Weight`]'s layout) holds in lane `j` the codes of columns
@@ -73,8 +85,8 @@ use super::team::{self, Team};
 /// codes, `k = 4096`, groups of 128 (measured: 0.64 % symmetric, 0.60 % asymmetric).
 pub const MAX_RELATIVE_ERROR: f64 = 0.0075;
 
-/// The largest group this kernel takes: `offset · Σxq` (offset ≤ 255 + 8, |xq| ≤ 127) must fit
-/// the i32 accumulator.
+/// The largest group this kernel takes: `offset · Σxq` (offset ≤ 255 + 8, |xq| ≤ 128) must fit
+/// the i32 accumulator (263 · 128 · 2^15 < 2^31).
 pub const MAX_GROUP: usize = 1 << 15;
 
 /// The CPU features this kernel needs that this CPU lacks (empty: it runs here).
@@ -187,19 +199,82 @@ pub fn quantize_activations(x: &[f32], k: usize, group: usize) -> Option<Q8Activ
         scale.push(sx);
         sum.push(s);
     }
-    let mut packed = Vec::new();
-    if k.is_multiple_of(BLOCK) {
-        packed = vec![0i8; x.len()];
-        for (src, dst) in q.chunks_exact(BLOCK).zip(packed.chunks_exact_mut(BLOCK)) {
-            for h in 0..2 {
-                for j in 0..16 {
-                    for t in 0..4 {
-                        dst[h * 64 + 4 * j + t] = src[j + 16 * (2 * t + h)];
-                    }
+    let packed = kernel_order(&q, k);
+    Some(Q8Activations { m, k, group, q, scale, sum, packed })
+}
+
+/// `q` (`[m, k]`, input order) rearranged into the kernel's order (see [`Q8Activations::packed`]);
+/// empty when `k % 128 != 0`.
+fn kernel_order(q: &[i8], k: usize) -> Vec<i8> {
+    if !k.is_multiple_of(BLOCK) {
+        return Vec::new();
+    }
+    let mut packed = vec![0i8; q.len()];
+    for (src, dst) in q.chunks_exact(BLOCK).zip(packed.chunks_exact_mut(BLOCK)) {
+        for h in 0..2 {
+            for j in 0..16 {
+                for t in 0..4 {
+                    dst[h * 64 + 4 * j + t] = src[j + 16 * (2 * t + h)];
                 }
             }
         }
     }
+    packed
+}
+
+/// `x` (`[m, k]` f32, row-major) on a symmetric `bits`-bit grid per row (token), exactly as the
+/// crate's dynamic per-token activation quantizer puts it (`ActQuantizer` with
+/// `Granularity::PerToken`: [`crate::quant::uniform::QParams::from_range`] on the row's min and
+/// max, then [`crate::quant::reference::fake_quant_reference`]'s arithmetic), so that the integer
+/// codes are those of the fake-quant reference bit for bit (tested): non-finite inputs made
+/// finite first (NaN → 0, ±inf → ±`f32::MAX`), `s = max(amax / ((qmax − qmin) / 2),
+/// MIN_SCALE)` with `amax` the row's largest magnitude, `xq = clamp(round_half_even(x · (1/s)),
+/// qmin, qmax)` with `[qmin, qmax] = [−2^(bits−1), 2^(bits−1) − 1]`. The row's scale is repeated
+/// for each of its groups of `group` inputs (the weight's groups, the kernel's bookkeeping).
+/// `None` when `bits` is outside 2..=8, or as [`quantize_activations`].
+///
+/// Where it is used: W4A8 (`bits = 8`) and W4A4 (`bits = 4`, the paper's Table 4 setting) decode
+/// on [`Int4Weight::matmul_quantized`].
+pub fn quantize_activations_per_token(
+    x: &[f32],
+    k: usize,
+    group: usize,
+    bits: u8,
+) -> Option<Q8Activations> {
+    if !(2..=8).contains(&bits)
+        || k == 0
+        || group == 0
+        || !k.is_multiple_of(group)
+        || !x.len().is_multiple_of(k)
+    {
+        return None;
+    }
+    let (qmin, qmax) = (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1);
+    // `QParams::from_range`'s symmetric rule: the f32 tensor `amax` divided by the f64 scalar
+    // `(qmax − qmin) / 2`, which torch applies in f32 (a wrapped scalar takes the tensor's dtype).
+    let half_width = ((qmax - qmin) as f32) / 2.0;
+    let min_scale = super::uniform::MIN_SCALE as f32;
+    let m = x.len() / k;
+    let groups_per_row = k / group;
+    let mut q = vec![0i8; x.len()];
+    let (mut scale, mut sum) =
+        (Vec::with_capacity(m * groups_per_row), Vec::with_capacity(m * groups_per_row));
+    for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k)) {
+        let finite = |v: f32| if v.is_nan() { 0.0 } else { v.clamp(f32::MIN, f32::MAX) };
+        let (lo, hi) =
+            xr.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(finite(v)), hi.max(finite(v))));
+        let s = (lo.abs().max(hi) / half_width).max(min_scale);
+        let inv = 1.0 / s;
+        for (v, o) in xr.iter().zip(qr.iter_mut()) {
+            // In [qmin, qmax] ⊂ [−128, 127]: the cast is exact.
+            *o = (finite(*v) * inv).round_ties_even().clamp(qmin as f32, qmax as f32) as i8;
+        }
+        for qg in qr.chunks_exact(group) {
+            scale.push(s);
+            sum.push(qg.iter().map(|&v| i32::from(v)).sum());
+        }
+    }
+    let packed = kernel_order(&q, k);
     Some(Q8Activations { m, k, group, q, scale, sum, packed })
 }
 
@@ -210,6 +285,16 @@ impl Int4Weight {
     /// this CPU or `x` is not `m · k` long (`m` ≥ 1).
     pub fn matmul_q8(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
         matmul_q8_on(self, x, m, team::default_team, Lanes::Avx512)
+    }
+
+    /// `x Wᵀ` for activations already on an integer grid (`[a.m, n]` f32): the per-group int8
+    /// rows of [`quantize_activations`] or the per-token ones of
+    /// [`quantize_activations_per_token`] (W4A8, W4A4). The integer part is exact; the result is
+    /// the dequantized weight times `xq · sx` within the rounding of the final f32 scaling.
+    /// `None` when [`unsupported`] refuses the weight on this CPU or `a` was quantized for
+    /// another shape.
+    pub fn matmul_quantized(&self, a: &Q8Activations) -> Option<Vec<f32>> {
+        matmul_quantized_on(self, a, team::default_team, Lanes::Avx512)
     }
 }
 
@@ -235,8 +320,31 @@ fn matmul_q8_on(w: &Int4Weight, x: &[f32], m: usize, on: Team, lanes: Lanes) -> 
         return None;
     }
     let a = quantize_activations(x, w.k, w.group)?;
-    team::quads_matmul(on, w.n, m, QUAD, 16, &|first, count, out| {
-        quads_into(w, &a, first, count, out, lanes)
+    matmul_quantized_on(w, &a, on, lanes)
+}
+
+fn matmul_quantized_on(
+    w: &Int4Weight,
+    a: &Q8Activations,
+    on: Team,
+    lanes: Lanes,
+) -> Option<Vec<f32>> {
+    let groups = a.m.checked_mul(w.k / w.group.max(1))?;
+    if a.m == 0
+        || a.k != w.k
+        || a.group != w.group
+        || unsupported_shape(w.n, w.k, w.group).is_some()
+        || Some(a.packed.len()) != a.m.checked_mul(w.k)
+        || a.scale.len() != groups
+        || a.sum.len() != groups
+    {
+        return None;
+    }
+    if lanes == Lanes::Avx512 && !available() {
+        return None;
+    }
+    team::quads_matmul(on, w.n, a.m, QUAD, 16, &|first, count, out| {
+        quads_into(w, a, first, count, out, lanes)
     })
 }
 
@@ -719,6 +827,66 @@ mod tests {
                 let what = format!("{lanes:?} [{n}, {k}] g{group} sym {symmetric}");
                 team::assert_matches_f64_reference(&dense, &xq, &y, n, k, m, &what);
             }
+        }
+    }
+
+    #[test]
+    fn per_token_activations_follow_the_fake_quant_rule() {
+        // Row 0: amax 7.5 → s = 1 on the 4-bit grid (7.5 / 7.5): halves round to even, −amax
+        // lands on qmin = −8, +amax clamps to 7. Row 1: zeros → s = MIN_SCALE, codes 0. Row 2:
+        // NaN counts as 0, +inf as f32::MAX (so every finite value rounds to 0 but the inf).
+        let k = 128;
+        let mut x = vec![0f32; 3 * k];
+        x[..7].copy_from_slice(&[7.5, -7.5, 0.5, 1.5, 2.5, -3.5, 6.9]);
+        x[2 * k] = f32::NAN;
+        x[2 * k + 1] = f32::INFINITY;
+        x[2 * k + 2] = 1.0e30;
+        let a = quantize_activations_per_token(&x, k, 128, 4).expect("valid shape");
+        assert_eq!(a.scale[0], 1.0);
+        assert_eq!(&a.q[..7], &[7, -8, 0, 2, 2, -4, 7]);
+        assert_eq!(a.sum[0], 7 - 8 + 2 + 2 - 4 + 7);
+        assert_eq!((a.scale[1], a.sum[1]), (crate::quant::uniform::MIN_SCALE as f32, 0));
+        assert!(a.q[k..2 * k].iter().all(|&v| v == 0));
+        assert_eq!(&a.q[2 * k..2 * k + 3], &[0, 7, 0]);
+        // 8 bits: amax 127.5 → s = 1, and −127.5 rounds (half to even) to −128, the one code
+        // outside ±127 (the kernel's i32 bound allows for it).
+        let mut x = gaussian(2 * 256, 3);
+        x[5] = -127.5;
+        let a = quantize_activations_per_token(&x, 256, 128, 8).expect("valid shape");
+        assert_eq!(a.q[5], -128);
+        assert_eq!((a.scale.len(), a.sum.len()), (4, 4));
+        assert_eq!(a.scale[0], a.scale[1], "one scale per row, repeated per group");
+        for (g, qg) in a.q.chunks(128).enumerate() {
+            assert_eq!(a.sum[g], qg.iter().map(|&v| i32::from(v)).sum::<i32>());
+        }
+        assert_eq!(a.packed, kernel_order(&a.q, 256));
+        // Refusals.
+        assert!(quantize_activations_per_token(&x, 256, 128, 1).is_none());
+        assert!(quantize_activations_per_token(&x, 256, 128, 9).is_none());
+        assert!(quantize_activations_per_token(&x, 256, 96, 8).is_none());
+        assert!(quantize_activations_per_token(&x[..100], 256, 128, 8).is_none());
+    }
+
+    #[test]
+    fn kernel_is_exact_on_per_token_activations() {
+        for (bits, symmetric, m) in [(8, false, 1), (8, true, 3), (4, false, 3), (4, true, 1)] {
+            let (n, k, group) = (16, 512, 128);
+            let (nibbles, w) = weight(n, k, group, symmetric, 40 + u64::from(bits));
+            let dense = dequantized(&w, &nibbles);
+            let mut x = gaussian(m * k, 41);
+            // The grid's lowest code in the first row (amax (qmax − qmin)/2 → s = 1).
+            x[3] = -(((1 << bits) - 1) as f32) / 2.0;
+            let a = quantize_activations_per_token(&x, k, group, bits).expect("valid shape");
+            let xq: Vec<f64> =
+                (0..m * k).map(|i| f64::from(a.q[i]) * f64::from(a.scale[i / group])).collect();
+            for lanes in lanes_here() {
+                let y = matmul_quantized_on(&w, &a, team::default_team, lanes).expect("runs");
+                let what = format!("{lanes:?} W4A{bits} sym {symmetric} m {m}");
+                team::assert_matches_f64_reference(&dense, &xq, &y, n, k, m, &what);
+            }
+            // Activations quantized for another group are refused.
+            let other = quantize_activations_per_token(&x, k, 256, bits).expect("valid shape");
+            assert!(matmul_quantized_on(&w, &other, team::default_team, Lanes::Emulated).is_none());
         }
     }
 

@@ -25,6 +25,7 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{Error, Result};
 use crate::quant::int4_avx512::{self, Int4Weight};
+use crate::quant::int4_vnni;
 use crate::quant::nf4::{Absmax, Nf4Weight};
 use crate::quant::spec::{Granularity, WeightSpec};
 use crate::quant::team::Isa;
@@ -56,8 +57,26 @@ pub enum ActMode {
     /// Float activations (cast to bf16 for the W4A16 and W8A16 kernels).
     #[default]
     Float,
-    /// Symmetric int8 per token (row), with ranges measured on each input (W8A8).
+    /// Symmetric int8 per token (row), with ranges measured on each input (W8A8, and W4A8 on the
+    /// own VNNI kernel).
     Int8PerToken,
+    /// Symmetric int4 per token (row), with ranges measured on each input: W4A4, the paper's
+    /// Table 4 setting, on the own VNNI kernel ([`Kernel::Int4Vnni`]; the 4-bit values travel in
+    /// int8 lanes). A documented choice: per-token symmetric ranges, as QuaRot's W4A4 kernels
+    /// use, not Q-VLM's static per-channel language ranges, which no integer kernel can factor
+    /// out of the dot product.
+    Int4PerToken,
+}
+
+impl ActMode {
+    /// The grid of a per-token integer mode; `None` for float activations.
+    pub fn per_token_grid(self) -> Option<Grid> {
+        match self {
+            ActMode::Float => None,
+            ActMode::Int8PerToken => Some(Grid { bits: 8, symmetric: true }),
+            ActMode::Int4PerToken => Some(Grid { bits: 4, symmetric: true }),
+        }
+    }
 }
 
 /// A packed layer's scheme: its storage and its activations.
@@ -86,6 +105,16 @@ impl PackedSpec {
     /// W8A8: symmetric int8 weights per output channel, dynamic per-token int8 activations.
     pub fn w8a8() -> Self {
         Self { act: ActMode::Int8PerToken, ..Self::w8a16() }
+    }
+
+    /// W4A8: W4A16's weights, dynamic symmetric per-token int8 activations.
+    pub fn w4a8(group: i64) -> Result<Self> {
+        Ok(Self { act: ActMode::Int8PerToken, ..Self::w4a16(group)? })
+    }
+
+    /// W4A4: W4A16's weights, dynamic symmetric per-token int4 activations.
+    pub fn w4a4(group: i64) -> Result<Self> {
+        Ok(Self { act: ActMode::Int4PerToken, ..Self::w4a16(group)? })
     }
 
     /// NF4 weights (block-wise absmax), float activations.
@@ -120,6 +149,12 @@ pub enum Kernel {
     /// The same kernel's AVX2 + FMA variant (same layout and values), the default on CPUs without
     /// AVX-512.
     Int4Avx2,
+    /// This crate's AVX-512 VNNI kernel ([`crate::quant::int4_vnni`]) on the same layout: the
+    /// activations on an integer grid, `vpdpbusd` in i32. The kernel of the per-token integer
+    /// activation modes (W4A8, W4A4) where the CPU has VNNI; with float activations only when
+    /// asked for ([`PackedWeight::with_kernel`]), since it then rounds them to int8 per group (a
+    /// different numeric from the exact [`Kernel::Int4Avx512`]).
+    Int4Vnni,
     /// `_weight_int4pack_mm`: CUDA tinygemm on tensor cores, bf16 activations.
     Int4Cuda,
     /// `_weight_int8pack_mm`: int8 weights with per-channel scales, bf16 activations.
@@ -137,6 +172,7 @@ impl Kernel {
             Kernel::Int4Cpu => "int4_cpu",
             Kernel::Int4Avx512 => "int4_avx512",
             Kernel::Int4Avx2 => "int4_avx2",
+            Kernel::Int4Vnni => "int4_vnni",
             Kernel::Int4Cuda => "int4_cuda",
             Kernel::Int8Weight => "int8_weight",
             Kernel::Int8Int8 => "int8_int8",
@@ -303,20 +339,20 @@ pub fn unpack_nibbles(packed: &Tensor, cols: i64) -> Tensor {
 /// crate's dynamic activation quantizer (`QParams::from_range` on each row's min and max):
 /// codes `[M, K]` i8 and scales `[M, 1]` f32.
 pub fn quantize_per_token(x: &Tensor) -> (Tensor, Tensor) {
-    let (qp, xf) = per_token_qparams(x);
+    let (qp, xf) = per_token_qparams(x, Grid { bits: 8, symmetric: true });
     (qp.quantize(&xf).to_kind(Kind::Int8), qp.scale)
 }
 
-fn per_token_qparams(x: &Tensor) -> (QParams, Tensor) {
+fn per_token_qparams(x: &Tensor, grid: Grid) -> (QParams, Tensor) {
     let xf = finite(x);
-    let grid = Grid { bits: 8, symmetric: true };
     let qp = QParams::from_range(grid, &xf.amin(-1, true), &xf.amax(-1, true));
     (qp, xf)
 }
 
-/// The fake-quantized (quantize → dequantize) form of [`quantize_per_token`], in `x`'s dtype.
-fn fake_quant_per_token(x: &Tensor) -> Tensor {
-    let (qp, xf) = per_token_qparams(x);
+/// `x` fake-quantized (quantize → dequantize) per token on `grid`, in `x`'s dtype: what the
+/// integer kernels of the per-token modes compute with.
+pub fn fake_quant_per_token(x: &Tensor, grid: Grid) -> Tensor {
+    let (qp, xf) = per_token_qparams(x, grid);
     qp.fake_quant(&xf).to_kind(x.kind())
 }
 
@@ -394,6 +430,9 @@ fn plan_kernel(
                 other => Err(format!("no int8 × int8 kernel on {other:?}")),
             }
         }
+        ActMode::Int4PerToken => Err("libtorch has no kernel for 4-bit activations (the own \
+                                      int4_vnni kernel takes them, with 4-bit weights)"
+            .into()),
     }
 }
 
@@ -620,30 +659,26 @@ impl PackedWeight {
             operand: Operand::None,
         };
         let mut planned = plan_kernel(spec.format, spec.act, out_features, in_features, device);
-        // The own int4 kernel first (its rules are its own: libtorch's need not hold).
-        if matches!(force, None | Some(Kernel::Int4Avx512) | Some(Kernel::Int4Avx2)) {
-            // The best level the CPU has, or the forced one.
-            let own = weight.own_int4().and_then(|own| match force {
-                Some(Kernel::Int4Avx2) => {
-                    own.with_isa(Isa::Avx2).ok_or_else(|| "the CPU has no AVX2 + FMA".to_string())
-                }
-                Some(Kernel::Int4Avx512) => own
-                    .with_isa(Isa::Avx512)
-                    .ok_or_else(|| "the CPU has no AVX-512F + AVX-512BW".to_string()),
-                _ => Ok(own),
-            });
+        // The own int4 kernels first (their rules are their own: libtorch's need not hold).
+        let own_wanted =
+            matches!(force, None | Some(Kernel::Int4Avx512 | Kernel::Int4Avx2 | Kernel::Int4Vnni));
+        // ≤ 4-bit weights with integer activations have no libtorch kernel: the own VNNI one's
+        // reason for refusing is the one to keep.
+        let int_activations_on_nibbles = spec.act != ActMode::Float
+            && matches!(spec.format, PackedFormat::Uniform { grid, .. } if grid.bits <= 4);
+        if own_wanted {
+            let own = weight.own_int4().and_then(|own| own_kernel(own, spec.act, force));
             match own {
-                Ok(own) => {
+                Ok((own, kernel)) => {
                     // The own layout replaces the portable tensors: one copy of the codes.
                     if let Store::Uniform { grid, group, .. } = weight.store {
-                        planned = Ok(match own.isa() {
-                            Isa::Avx512 => Kernel::Int4Avx512,
-                            Isa::Avx2 => Kernel::Int4Avx2,
-                        });
+                        planned = Ok(kernel);
                         weight.store = Store::Int4Avx512 { grid, group, weight: Box::new(own) };
                     }
                 }
-                Err(reason) if force.is_some() => planned = Err(reason),
+                Err(reason) if force.is_some() || int_activations_on_nibbles => {
+                    planned = Err(reason)
+                }
                 Err(_) => {}
             }
         }
@@ -666,7 +701,7 @@ impl PackedWeight {
             }
         }
         match planned {
-            Ok(k @ (Kernel::Int4Avx512 | Kernel::Int4Avx2)) => weight.kernel = k,
+            Ok(k @ (Kernel::Int4Avx512 | Kernel::Int4Avx2 | Kernel::Int4Vnni)) => weight.kernel = k,
             Ok(kernel) => match weight.build_operand(kernel) {
                 Ok(operand) => {
                     weight.kernel = kernel;
@@ -714,8 +749,8 @@ impl PackedWeight {
         let Store::Uniform { grid, group, codes, scale, zero_point } = &self.store else {
             return Err("not a uniform grid".into());
         };
-        if self.device != Device::Cpu || grid.bits > 4 || self.spec.act != ActMode::Float {
-            return Err("own int4 kernel: CPU, ≤ 4-bit weights, float activations only".into());
+        if self.device != Device::Cpu || grid.bits > 4 {
+            return Err("own int4 kernels: CPU and ≤ 4-bit weights only".into());
         }
         let (n, k) = (self.out_features as usize, self.in_features as usize);
         if let Some(reason) = int4_avx512::unsupported(n, k, *group as usize) {
@@ -812,7 +847,9 @@ impl PackedWeight {
                 codes: codes.contiguous(),
                 scales: scale.reshape([1, n]).to_kind(Kind::Float),
             }),
-            Kernel::Dequantized | Kernel::Int4Avx512 | Kernel::Int4Avx2 => Ok(Operand::None),
+            Kernel::Dequantized | Kernel::Int4Avx512 | Kernel::Int4Avx2 | Kernel::Int4Vnni => {
+                Ok(Operand::None)
+            }
         }
     }
 
@@ -962,7 +999,12 @@ impl PackedWeight {
         let group = match &self.store {
             Store::Uniform { group, .. } => *group,
             Store::Int4Avx512 { weight, .. } => {
-                return Some(own_int4_matmul(weight, x).map(|y| y.to_kind(kind)))
+                let y = match self.kernel {
+                    Kernel::Int4Vnni => vnni_matmul(weight, x, self.spec.act),
+                    Kernel::Int4Avx512 | Kernel::Int4Avx2 => own_int4_matmul(weight, x),
+                    _ => return None,
+                };
+                return Some(y.map(|y| y.to_kind(kind)));
             }
             Store::Nf4 { .. } => return None,
         };
@@ -1008,13 +1050,72 @@ impl PackedWeight {
     /// The fallback: the same arithmetic as the fake-quant reference (per-token fake-quantized
     /// activations when `act` says so), dequantizing the weight on each call.
     fn dequantized_matmul(&self, x: &Tensor) -> Tensor {
-        let x = match self.spec.act {
-            ActMode::Float => x.shallow_clone(),
-            ActMode::Int8PerToken => fake_quant_per_token(x),
+        let x = match self.spec.act.per_token_grid() {
+            None => x.shallow_clone(),
+            Some(grid) => fake_quant_per_token(x, grid),
         };
         let w = self.dequantize().to_device(x.device()).to_kind(x.kind());
         x.matmul(&w.tr())
     }
+}
+
+/// Which own kernel takes `own` for activations `act` (`force`, or the best this CPU runs), or why
+/// none does: float activations go to the exact f32 kernel at its SIMD level (or to the VNNI one
+/// when forced); per-token integer activations only to the VNNI one.
+fn own_kernel(
+    own: Int4Weight,
+    act: ActMode,
+    force: Option<Kernel>,
+) -> std::result::Result<(Int4Weight, Kernel), String> {
+    let vnni = |own: Int4Weight| {
+        let [n, k] = own.shape();
+        match int4_vnni::unsupported(n, k, own.group()) {
+            None => Ok((own, Kernel::Int4Vnni)),
+            Some(reason) => Err(reason),
+        }
+    };
+    match (act, force) {
+        (ActMode::Float, Some(Kernel::Int4Vnni)) => vnni(own),
+        (ActMode::Float, Some(Kernel::Int4Avx2)) => own
+            .with_isa(Isa::Avx2)
+            .map(|own| (own, Kernel::Int4Avx2))
+            .ok_or_else(|| "the CPU has no AVX2 + FMA".to_string()),
+        (ActMode::Float, Some(Kernel::Int4Avx512)) => own
+            .with_isa(Isa::Avx512)
+            .map(|own| (own, Kernel::Int4Avx512))
+            .ok_or_else(|| "the CPU has no AVX-512F + AVX-512BW".to_string()),
+        (ActMode::Float, _) => {
+            let kernel = match own.isa() {
+                Isa::Avx512 => Kernel::Int4Avx512,
+                Isa::Avx2 => Kernel::Int4Avx2,
+            };
+            Ok((own, kernel))
+        }
+        (_, None | Some(Kernel::Int4Vnni)) => vnni(own),
+        (_, Some(other)) => Err(format!(
+            "{} multiplies float activations; {act:?} activations run on int4_vnni",
+            other.name()
+        )),
+    }
+}
+
+/// `x Wᵀ` through the own VNNI kernel: `x` `[M, K]` read as f32 and put on the integer grid of
+/// `act` (per token for W4A8/W4A4, int8 per group for float activations), the result f32.
+fn vnni_matmul(w: &Int4Weight, x: &Tensor, act: ActMode) -> std::result::Result<Tensor, TchError> {
+    let [m, k] = x.size()[..] else {
+        return Err(TchError::Shape(format!("expected [M, K] activations, got {:?}", x.size())));
+    };
+    let n = w.shape()[0];
+    let xs = Vec::<f32>::try_from(&x.to_kind(Kind::Float).contiguous().reshape([-1]))?;
+    let (k, group) = (k as usize, w.group());
+    let quantized = match act.per_token_grid() {
+        None => int4_vnni::quantize_activations(&xs, k, group),
+        Some(grid) => int4_vnni::quantize_activations_per_token(&xs, k, group, grid.bits),
+    };
+    let y = quantized.and_then(|a| w.matmul_quantized(&a)).ok_or_else(|| {
+        TchError::Kind(format!("own VNNI kernel refused activations {:?}", x.size()))
+    })?;
+    Ok(Tensor::from_slice(&y).reshape([m, n as i64]).to_device(x.device()))
 }
 
 /// `x Wᵀ` through the own AVX-512 kernel: `x` `[M, K]` read as f32, the result f32 `[M, N]`.

@@ -10,7 +10,6 @@ use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::linear::{pack_linears, LinearWeight};
 use qvlm_core::model::llava::{Llava, LlavaBundle, LoadOptions};
 use qvlm_core::quant::activation::{ActQuantHook, ActQuantizer};
-use qvlm_core::quant::int4_avx512;
 use qvlm_core::quant::packed::{
     unpack_nibbles, ActMode, Kernel, PackedFormat, PackedSpec, PackedWeight,
 };
@@ -18,6 +17,7 @@ use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode};
 use qvlm_core::quant::team::Isa;
 use qvlm_core::quant::uniform::Grid;
 use qvlm_core::quant::weight::QuantizedWeight;
+use qvlm_core::quant::{int4_avx512, int4_vnni};
 use tch::{Device, Kind, Tensor};
 
 use super::common::{llava_fixtures, max_abs_diff, TempDir};
@@ -96,8 +96,13 @@ fn uniform(bits: u8, symmetric: bool, group: Option<i64>, act: ActMode) -> Packe
 }
 
 fn per_token_int8() -> ActSpec {
+    per_token(8)
+}
+
+/// Dynamic symmetric `bits`-bit per-token activations, min-max ranges.
+fn per_token(bits: u8) -> ActSpec {
     ActSpec {
-        grid: Grid::new(8, true).expect("grid"),
+        grid: Grid::new(bits, true).expect("grid"),
         granularity: Granularity::PerToken,
         range: RangeMode::Dynamic,
         clip: Clip::MinMax,
@@ -263,6 +268,65 @@ fn w8a8_int_mm_matches_the_fake_quant_reference() {
     }
 }
 
+/// W4A8 and W4A4 (4-bit weights in groups of 128, dynamic symmetric per-token int8 / int4
+/// activations; issue #19 item 4): where the CPU has AVX-512 VNNI the own VNNI kernel runs them,
+/// with the activation codes and scales of the crate's fake-quant activation quantizer bit for
+/// bit and the output of the fake-quant reference (fake-quantized activations × fake-quantized
+/// weight, f32) within F32_KERNEL_RTOL (exact i32 dot products; only the f32 rescale and the
+/// reference's sums round). Elsewhere the packed weight names why and takes the dequantized path,
+/// which is the same reference.
+#[test]
+fn w4a8_and_w4a4_match_the_fake_quant_reference() {
+    tch::manual_seed(21);
+    let _guard = tch::no_grad_guard();
+    let (n, k, group) = (64, 512, 128);
+    for (spec, bits) in
+        [(PackedSpec::w4a8(group).expect("spec"), 8), (PackedSpec::w4a4(group).expect("spec"), 4)]
+    {
+        let w = randn(&[n, k]);
+        let p = PackedWeight::quantize(&w, spec, "w4aX").expect("pack");
+        if int4_vnni::available() {
+            assert_eq!(p.kernel(), Kernel::Int4Vnni, "W4A{bits}: {:?}", p.fallback_reason());
+        } else {
+            assert_eq!(p.kernel(), Kernel::Dequantized, "W4A{bits}");
+            let reason = p.fallback_reason().expect("a named reason");
+            assert!(reason.contains("VNNI"), "{reason}");
+        }
+        // A forced float-activation kernel is refused for integer activations.
+        let again = PackedWeight::quantize(&w, spec, "w4aX").expect("pack");
+        let refused = again.with_kernel(Kernel::Int4Avx512).expect_err("float kernel refused");
+        assert!(refused.to_string().contains("int4_avx512"), "{refused}");
+        let w_fake = fake_quant_weight(&w, &spec);
+        let quantizer = ActQuantizer::dynamic(per_token(bits)).expect("act quantizer");
+        for m in [1, 5] {
+            // Channels of very different sizes, as LLaVA's activations have.
+            let x = randn(&[m, k]) * Tensor::linspace(0.05, 8.0, k, (Kind::Float, Device::Cpu));
+            let want = quantizer.apply(&x).matmul(&w_fake.tr());
+            let e = rel_err(&p.matmul(&x), &want);
+            assert!(e <= F32_KERNEL_RTOL, "W4A{bits} M={m}: {e}");
+            // The kernel's integer activations are the quantizer's, bit for bit.
+            let xs = Vec::<f32>::try_from(&x.reshape([-1])).expect("f32");
+            let a =
+                int4_vnni::quantize_activations_per_token(&xs, k as usize, group as usize, bits)
+                    .expect("valid shape");
+            let params = quantizer.params_for(&x);
+            let codes =
+                Vec::<i64>::try_from(&params.quantize(&x).to_kind(Kind::Int64).reshape([-1]))
+                    .expect("codes");
+            let ours: Vec<i64> = a.q.iter().map(|&v| i64::from(v)).collect();
+            assert_eq!(ours, codes, "W4A{bits} M={m}: codes");
+            let scales = Vec::<f32>::try_from(&params.scale.reshape([-1])).expect("scales");
+            let groups = (k / group) as usize;
+            for (row, s) in scales.iter().enumerate() {
+                assert!(
+                    a.scale[row * groups..(row + 1) * groups].iter().all(|v| v == s),
+                    "row {row}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn unsupported_shapes_and_formats_fall_back_and_stay_correct() {
     tch::manual_seed(15);
@@ -275,8 +339,9 @@ fn unsupported_shapes_and_formats_fall_back_and_stay_correct() {
         // `_weight_int8pack_mm` has no zero points, and no groups.
         ([32, 64], uniform(8, false, None, ActMode::Float)),
         ([32, 64], uniform(8, true, Some(32), ActMode::Float)),
-        // No int4 × int8 kernel.
+        // Inputs not in whole 128-input blocks: no int4 × int8 kernel (the VNNI one refuses).
         ([32, 64], uniform(4, true, Some(32), ActMode::Int8PerToken)),
+        ([32, 64], uniform(4, false, Some(64), ActMode::Int4PerToken)),
         // No NF4 kernel.
         ([32, 64], PackedSpec::nf4(64, true)),
     ];
@@ -287,9 +352,12 @@ fn unsupported_shapes_and_formats_fall_back_and_stay_correct() {
         assert!(p.fallback_reason().is_some());
         let w_fake = fake_quant_weight(&w, &spec);
         let x = randn(&[5, k]);
-        let want = match spec.act {
-            ActMode::Float => x.matmul(&w_fake.tr()),
-            ActMode::Int8PerToken => w8a8_reference(&x, &w_fake),
+        let want = match spec.act.per_token_grid() {
+            None => x.matmul(&w_fake.tr()),
+            Some(grid) => {
+                let q = ActQuantizer::dynamic(per_token(grid.bits)).expect("act quantizer");
+                q.apply(&x).matmul(&w_fake.tr())
+            }
         };
         assert_eq!(max_abs_diff(&p.matmul(&x), &want), 0.0, "{spec:?}");
     }
@@ -611,7 +679,7 @@ fn cuda_kernels_match_the_references() {
             assert_eq!(y.device(), dev);
             let (want, tol) = match spec.act {
                 ActMode::Float => (x.matmul(&w_fake.tr()), BF16_KERNEL_RTOL),
-                ActMode::Int8PerToken => (w8a8_reference(&x, &w_fake), F32_KERNEL_RTOL),
+                _ => (w8a8_reference(&x, &w_fake), F32_KERNEL_RTOL),
             };
             let e = rel_err(&y, &want);
             assert!(e <= tol, "{kernel:?} M={m}: {e}");

@@ -118,6 +118,16 @@ pub struct MeasureSettings {
     /// Decode steps timed (M = 1 with the KV cache), averaged.
     #[serde(default = "default_decode")]
     pub decode_tokens: usize,
+    /// Times the BF16 family of a shape (BF16 and every packed scheme) is built and measured,
+    /// one round after the other; each row reports its median round and the range, and the
+    /// speed-up over the fastest 16-bit row is the median of the per-round (paired) ratios. More
+    /// than one on a machine whose memory bandwidth drifts (seen: ±50 % within minutes).
+    #[serde(default = "default_rounds")]
+    pub rounds: usize,
+}
+
+fn default_rounds() -> usize {
+    1
 }
 
 fn default_prefill() -> i64 {
@@ -137,6 +147,7 @@ impl Default for MeasureSettings {
             prefill_image: false,
             warmup_tokens: default_warmup(),
             decode_tokens: default_decode(),
+            rounds: default_rounds(),
         }
     }
 }
@@ -268,7 +279,7 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
             bail!("{f}: key `model.shapes`: `{}` is listed twice", shape.name);
         }
         let d = &shape.dims;
-        if !(m.schemes.contains(&Scheme::W4a16) || m.schemes.contains(&Scheme::W4a16Libtorch)) {
+        if !m.schemes.iter().any(|s| s.is_w4()) {
             continue;
         }
         // The inputs of every packed linear must split into whole groups.
@@ -293,6 +304,9 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
     }
     if me.decode_tokens < 1 {
         bail!("{f}: key `measure.decode_tokens`: must be at least 1");
+    }
+    if !(1..=15).contains(&me.rounds) {
+        bail!("{f}: key `measure.rounds`: must be between 1 and 15, got {}", me.rounds);
     }
     if !(1..=1 << 20).contains(&cfg.bandwidth.mib) || cfg.bandwidth.repeats < 1 {
         bail!(

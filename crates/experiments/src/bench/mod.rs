@@ -377,7 +377,50 @@ fn row(cfg: &BenchConfig, shape: &Shape, model: &str, layers: i64, built: i64, m
         fallback_linears: m.fallbacks,
         roof_before_bytes_per_s: m.roof[0],
         roof_after_bytes_per_s: m.roof[1],
+        round_decode_ms: vec![stretch(t.decode_mean()).total_ms()],
+        round_speedup_16bit: Vec::new(),
     }
+}
+
+/// One row per scheme from the rows of every round (`rounds[r]`: the schemes measured in round
+/// `r`, in the same order each round): the round with the median decode time (the lower median
+/// for an even count), with every round's decode time and the per-round (paired) speed-up over
+/// that round's fastest 16-bit row.
+fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
+    let best16: Vec<Option<f64>> = rounds
+        .iter()
+        .map(|rows| {
+            rows.iter()
+                .filter(|r| matches!(r.scheme, Scheme::Bf16 | Scheme::Bf16Own))
+                .map(|r| r.decode.total_ms())
+                .min_by(f64::total_cmp)
+        })
+        .collect();
+    let schemes = rounds.first().map_or(0, Vec::len);
+    let mut by_scheme: Vec<Vec<Row>> = (0..schemes).map(|_| Vec::new()).collect();
+    for rows in rounds {
+        for (i, r) in rows.into_iter().enumerate() {
+            by_scheme[i].push(r);
+        }
+    }
+    by_scheme
+        .into_iter()
+        .filter_map(|mut rows| {
+            let decode: Vec<f64> = rows.iter().map(|r| r.decode.total_ms()).collect();
+            let speedup: Vec<f64> = decode
+                .iter()
+                .zip(&best16)
+                .filter_map(|(ms, b)| b.filter(|_| *ms > 0.0).map(|b| b / ms))
+                .collect();
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.sort_by(|&a, &b| decode[a].total_cmp(&decode[b]));
+            let median = *order.get(order.len().saturating_sub(1) / 2)?;
+            let mut row = rows.swap_remove(median);
+            row.round_decode_ms = decode;
+            row.round_speedup_16bit = speedup;
+            Some(row)
+        })
+        .collect()
 }
 
 /// FP32 with `built` decoder layers, extrapolated per layer to `layers` when fewer.
@@ -410,9 +453,48 @@ fn run_fp32(
     Ok(row(cfg, shape, model_label, layers, built, m))
 }
 
+/// `measure.rounds` rounds of [`run_bf16_round`], one row per scheme ([`median_rounds`]).
+fn run_bf16_family(
+    cfg: &BenchConfig,
+    shape: &Shape,
+    model_label: &str,
+    layers: i64,
+    built: i64,
+    schemes: &[Scheme],
+    device: Device,
+    rows: &mut Vec<Row>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<()> {
+    let rounds = cfg.measure.rounds.max(1);
+    let mut per_round = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        if rounds > 1 {
+            tracing::info!("{model_label}: round {} of {rounds}", round + 1);
+        }
+        let mut round_rows = Vec::new();
+        // What cannot run is listed once.
+        let mut round_skipped = Vec::new();
+        let skipped = if round == 0 { &mut *skipped } else { &mut round_skipped };
+        run_bf16_round(
+            cfg,
+            shape,
+            model_label,
+            layers,
+            built,
+            schemes,
+            device,
+            &mut round_rows,
+            skipped,
+        )?;
+        per_round.push(round_rows);
+    }
+    rows.extend(median_rounds(per_round));
+    Ok(())
+}
+
 /// One bf16 build of `shape` with `built` of its `layers` decoder layers; `schemes` (BF16 and the
 /// packed ones, in [`Scheme::ALL`] order) are put into it one after the other and measured.
-fn run_bf16_family(
+fn run_bf16_round(
     cfg: &BenchConfig,
     shape: &Shape,
     model_label: &str,
@@ -474,6 +556,56 @@ fn run_bf16_family(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn measured(scheme: Scheme, decode_ms: f64) -> Row {
+        let split = Split { vision_ms: 0.0, layers_ms: decode_ms, head_ms: 0.0 };
+        Row {
+            shape: "s".into(),
+            model: "s".into(),
+            scheme,
+            label: scheme.label(128),
+            kernel: "k".into(),
+            layers: 1,
+            layers_built: 1,
+            weight_bytes: 1,
+            decoder_linear_bytes: 1,
+            decode_bytes_per_token: 1,
+            rss_delta_bytes: None,
+            prefill_positions: 1,
+            prefill: split,
+            decode: split,
+            decode_min_ms: decode_ms,
+            fallback_linears: 0,
+            roof_before_bytes_per_s: 1.0,
+            roof_after_bytes_per_s: 1.0,
+            round_decode_ms: vec![decode_ms],
+            round_speedup_16bit: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rounds_give_the_median_row_and_paired_ratios() {
+        // Round 2 ran on a slow machine: both rows slowed, the paired ratio did not move.
+        let rounds = vec![
+            vec![measured(Scheme::Bf16Own, 400.0), measured(Scheme::W4a16, 100.0)],
+            vec![measured(Scheme::Bf16Own, 800.0), measured(Scheme::W4a16, 200.0)],
+            vec![measured(Scheme::Bf16Own, 420.0), measured(Scheme::W4a16, 140.0)],
+        ];
+        let rows = median_rounds(rounds);
+        assert_eq!(rows.len(), 2);
+        let (own, w4) = (&rows[0], &rows[1]);
+        assert_eq!((own.scheme, w4.scheme), (Scheme::Bf16Own, Scheme::W4a16));
+        assert_eq!(own.decode.total_ms(), 420.0, "the median round");
+        assert_eq!(w4.decode.total_ms(), 140.0);
+        assert_eq!(w4.round_decode_ms, vec![100.0, 200.0, 140.0]);
+        assert_eq!(w4.round_speedup_16bit, vec![4.0, 4.0, 3.0]);
+        assert_eq!(own.round_speedup_16bit, vec![1.0, 1.0, 1.0]);
+        // One round: the row as measured; without a 16-bit row, no paired ratio.
+        let one = median_rounds(vec![vec![measured(Scheme::W4a8, 90.0)]]);
+        assert_eq!(one[0].round_decode_ms, vec![90.0]);
+        assert!(one[0].round_speedup_16bit.is_empty());
+        assert!(median_rounds(Vec::new()).is_empty());
+    }
 
     #[test]
     fn the_largest_fitting_layer_count_is_found() {

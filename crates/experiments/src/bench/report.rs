@@ -15,7 +15,7 @@ use crate::table::csv_field;
 use crate::{figure, table};
 
 /// Metrics of `measurements.csv`, one row each per configuration.
-const METRICS: [&str; 18] = [
+const METRICS: [&str; 24] = [
     "layers",
     "layers_built",
     "weight_bytes",
@@ -34,6 +34,12 @@ const METRICS: [&str; 18] = [
     "fallback_linears",
     "roof_before_bytes_per_s",
     "roof_after_bytes_per_s",
+    "rounds",
+    "decode_ms_lo",
+    "decode_ms_hi",
+    "speedup_16bit_paired_median",
+    "speedup_16bit_paired_lo",
+    "speedup_16bit_paired_hi",
 ];
 
 /// The targets on this CPU: W4A16 against the fastest 16-bit row of the run (the fair FP16-class
@@ -110,12 +116,41 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
         push("fallback_linears", r.fallback_linears as f64);
         push("roof_before_bytes_per_s", r.roof_before_bytes_per_s);
         push("roof_after_bytes_per_s", r.roof_after_bytes_per_s);
+        push("rounds", r.round_decode_ms.len() as f64);
+        let (lo, hi) = range(&r.round_decode_ms);
+        push("decode_ms_lo", lo);
+        push("decode_ms_hi", hi);
+        if !r.round_speedup_16bit.is_empty() {
+            let (lo, hi) = range(&r.round_speedup_16bit);
+            push("speedup_16bit_paired_median", median(&r.round_speedup_16bit));
+            push("speedup_16bit_paired_lo", lo);
+            push("speedup_16bit_paired_hi", hi);
+        }
     }
     let path = dir.join("measurements.csv");
     std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
     let path = dir.join("run.json");
     std::fs::write(&path, serde_json::to_string_pretty(info)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The smallest and largest of `v` (NaN-free measurements).
+fn range(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 /// `a / b` where both exist and `b > 0`.
@@ -149,6 +184,13 @@ pub fn build(dir: &Path) -> Result<Report> {
     let fallbacks = get("fallback_linears")?;
     let (roof_before, roof_after) =
         (get("roof_before_bytes_per_s")?, get("roof_after_bytes_per_s")?);
+    let (rounds, decode_lo, decode_hi) =
+        (get("rounds")?, get("decode_ms_lo")?, get("decode_ms_hi")?);
+    let (paired, paired_lo, paired_hi) = (
+        get("speedup_16bit_paired_median")?,
+        get("speedup_16bit_paired_lo")?,
+        get("speedup_16bit_paired_hi")?,
+    );
     let n = model.len();
     // The reference row of the same model for a scheme label.
     let find = |i: usize, label: &str| (0..n).find(|&j| model[j] == model[i] && scheme[j] == label);
@@ -205,7 +247,14 @@ pub fn build(dir: &Path) -> Result<Report> {
         c.prefill_tok_s.push(ratio(positions[i], prefill[i].map(|ms| ms / 1e3)));
         c.decode_ms.push(decode[i]);
         c.decode_tok_s.push(decode[i].and_then(|ms| ratio(Some(1e3), Some(ms))));
-        c.speedup_16bit.push(speedup(best16));
+        // Measured in more than one round: the median of the per-round paired ratios.
+        let several = rounds[i].is_some_and(|r| r > 1.0);
+        c.speedup_16bit.push(if several { paired[i] } else { speedup(best16) });
+        c.speedup_16bit_lo.push(if several { paired_lo[i] } else { None });
+        c.speedup_16bit_hi.push(if several { paired_hi[i] } else { None });
+        c.rounds.push(rounds[i]);
+        c.decode_ms_lo.push(if several { decode_lo[i] } else { None });
+        c.decode_ms_hi.push(if several { decode_hi[i] } else { None });
         c.best_16bit.push(best16.map_or_else(String::new, |j| scheme[j].clone()));
         c.speedup_bf16.push(speedup(bf16));
         c.speedup_fp32.push(speedup(fp32));
@@ -235,7 +284,7 @@ pub fn build(dir: &Path) -> Result<Report> {
 
     let csv = dir.join("efficiency.csv");
     let md = dir.join("efficiency.md");
-    let title = "Efficiency — FP32 / BF16 / W8A16 / W8A8 / W4A16 on LLaVA-shaped models (random weights), against the memory roof";
+    let title = "Efficiency — FP32 / BF16 / W8A16 / W8A8 / W4A16 / W4A8 / W4A4 on LLaVA-shaped models (random weights), against the memory roof";
     let note = format!(
         "Machine: {}. Run wall time {:.0} s (config `{}`).",
         info.machine.describe(),
@@ -290,6 +339,11 @@ struct Columns {
     decode_ms: Vec<Option<f64>>,
     decode_tok_s: Vec<Option<f64>>,
     speedup_16bit: Vec<Option<f64>>,
+    speedup_16bit_lo: Vec<Option<f64>>,
+    speedup_16bit_hi: Vec<Option<f64>>,
+    rounds: Vec<Option<f64>>,
+    decode_ms_lo: Vec<Option<f64>>,
+    decode_ms_hi: Vec<Option<f64>>,
     best_16bit: Vec<String>,
     speedup_bf16: Vec<Option<f64>>,
     speedup_fp32: Vec<Option<f64>>,
@@ -323,6 +377,11 @@ impl Columns {
             &mut self.decode_ms,
             &mut self.decode_tok_s,
             &mut self.speedup_16bit,
+            &mut self.speedup_16bit_lo,
+            &mut self.speedup_16bit_hi,
+            &mut self.rounds,
+            &mut self.decode_ms_lo,
+            &mut self.decode_ms_hi,
             &mut self.speedup_bf16,
             &mut self.speedup_fp32,
             &mut self.mem_bf16,
@@ -355,8 +414,13 @@ impl Columns {
             f("prefill_ms", &self.prefill_ms),
             f("prefill_tok_s", &self.prefill_tok_s),
             f("decode_ms", &self.decode_ms),
+            f("rounds", &self.rounds),
+            f("decode_ms_lo", &self.decode_ms_lo),
+            f("decode_ms_hi", &self.decode_ms_hi),
             f("decode_tok_s", &self.decode_tok_s),
             f("speedup_vs_16bit", &self.speedup_16bit),
+            f("speedup_vs_16bit_lo", &self.speedup_16bit_lo),
+            f("speedup_vs_16bit_hi", &self.speedup_16bit_hi),
             Column::new("best_16bit".into(), self.best_16bit.clone()),
             f("speedup_vs_bf16", &self.speedup_bf16),
             f("speedup_vs_fp32", &self.speedup_fp32),
@@ -458,13 +522,14 @@ fn method_notes(info: &RunInfo) -> String {
     let float = float.join(", ");
     let mut s = String::from("\n#### How it was measured\n\n");
     s.push_str(&format!(
-        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) with random weights; nothing downloaded, accuracy irrelevant. The packed schemes pack {packed}; {float} stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values). The `kernel` column names the decoder linears' kernel: `int4_avx512` / `int4_avx2` is this project's own W4A16 kernel at the CPU's SIMD level (`qvlm_core::quant::int4_avx512`), `int4_cpu` libtorch's `_weight_int4pack_mm_for_cpu`, `bf16_avx512` / `bf16_avx2` this project's own bf16 kernel (`qvlm_core::quant::bf16_own`, row `BF16 own`: the same bf16 weights as `BF16`, multiplied in f32 and streamed at the memory roof; `BF16` is libtorch's `linear`).\n\
-         - One bf16 model per shape (when the whole shape does not fit in memory, `model.partial_layers` decoder layers or as many as fit, and every row of the shape extrapolated per layer like FP32: the `note` column says so); BF16 is measured first, then each packed scheme replaces the weights linear by linear (W8A8 reuses W8A16's int8 codes, W4A16 its libtorch twin's codes), so one configuration's packed weights are resident at a time. FP32 is a separate build{}.\n\
+        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) with random weights; nothing downloaded, accuracy irrelevant. The packed schemes pack {packed}; {float} stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values). The `kernel` column names the decoder linears' kernel: `int4_avx512` / `int4_avx2` is this project's own W4A16 kernel at the CPU's SIMD level (`qvlm_core::quant::int4_avx512`), `int4_cpu` libtorch's `_weight_int4pack_mm_for_cpu`, `bf16_avx512` / `bf16_avx2` this project's own bf16 kernel (`qvlm_core::quant::bf16_own`, row `BF16 own`: the same bf16 weights as `BF16`, multiplied in f32 and streamed at the memory roof; `BF16` is libtorch's `linear`), `int4_vnni` this project's AVX-512 VNNI kernel on the same 4-bit codes (`qvlm_core::quant::int4_vnni`: activations on an integer grid, `vpdpbusd` in i32) — row `W4A16 … q8` rounds the float activations to int8 per group of inputs on the fly (a different numeric from `W4A16`, whose kernel is exact in f32), rows `W4A8` / `W4A4` put them on a symmetric int8 / int4 grid per token (their fake-quant arithmetic, bit for bit in the integer codes).\n\
+         - One bf16 model per shape (when the whole shape does not fit in memory, `model.partial_layers` decoder layers or as many as fit, and every row of the shape extrapolated per layer like FP32: the `note` column says so); BF16 is measured first, then each packed scheme replaces the weights linear by linear (W8A8 reuses W8A16's int8 codes, every W4 row the first W4 row's codes), so one configuration's packed weights are resident at a time. FP32 is a separate build{}.\n\
          - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
          - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\
          - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for every packed weight, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, on libtorch's int4 kernel, its own second copy of the codes that `bytes()` does not count; the own AVX-512 kernel holds the only copy). For a shape measured after another it can be below the weights: memory the allocator kept from the earlier shape is reused.\n\
          - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. A row above 100 % of its roof is flagged in `note` (its bytes or its time would be wrong). Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
-         - Ratios: `speedup_vs_16bit` = decode time of the fastest 16-bit row of the same model (`best_16bit`: `BF16`, libtorch's linear, or `BF16 own`, the own memory-bound kernel) / this decode time; `speedup_vs_bf16` and `speedup_vs_fp32` against libtorch's BF16 and FP32 rows; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
+         - Rounds (`measure.rounds`): the BF16 family of a shape (BF16 and every packed scheme) is built and measured that many times, one round after the other; each row is its round with the median decode time (`decode_ms_lo`/`decode_ms_hi`: the range over rounds) and, with more than one round, `speedup_vs_16bit` is the median over rounds of the paired ratio (that round's fastest 16-bit decode / this scheme's decode in the same round; `speedup_vs_16bit_lo`/`_hi`: its range), so that a machine whose bandwidth drifts between rounds moves both sides of each ratio. FP32 is measured once.\n\
+         - Ratios: `speedup_vs_16bit` = decode time of the fastest 16-bit row of the same model (`best_16bit`: `BF16`, libtorch's linear, or `BF16 own`, the own memory-bound kernel) / this decode time (the paired median above with several rounds); `speedup_vs_bf16` and `speedup_vs_fp32` against libtorch's BF16 and FP32 rows; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
         match cfg.model.fp32_layers {
             Some(l) => format!(
                 " with at most {l} decoder layers, its latency (decoder part), weight bytes and RSS extrapolated linearly per layer to the shape's count (the `note` column says so)"

@@ -47,6 +47,14 @@ pub struct Row {
     /// The memory roof (streaming read, bytes/s) measured just before and just after the row.
     pub roof_before_bytes_per_s: f64,
     pub roof_after_bytes_per_s: f64,
+    /// Decode time (total ms) of this scheme in each round of the run (`measure.rounds`: the
+    /// whole model family built and measured again, minutes later); the row's other columns are
+    /// those of the round with the median decode time. One entry for a row outside the rounds.
+    pub round_decode_ms: Vec<f64>,
+    /// Per round, the fastest 16-bit row's decode time of that round ÷ this row's (a paired
+    /// ratio: both measured in the same round, so a machine whose bandwidth drifts between rounds
+    /// moves both); empty where the model has no 16-bit row.
+    pub round_speedup_16bit: Vec<f64>,
 }
 
 impl Row {

@@ -11,6 +11,7 @@ use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::linear::{Linear, LinearWeight};
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::bf16_own::{self, Bf16Weight};
+use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -61,10 +62,19 @@ pub enum Scheme {
     W4a16,
     /// The same weights through libtorch's `_weight_int4pack_mm_for_cpu` (to compare kernels).
     W4a16Libtorch,
+    /// The same weights through the own VNNI kernel ([`qvlm_core::quant::int4_vnni`]), which puts
+    /// the activation row on an int8 grid per group of inputs on the fly (llama.cpp's Q4_0 × Q8_0
+    /// route): a different numeric from the exact W4A16 row, named by its own label.
+    W4a16Vnni,
+    /// The same weights with dynamic symmetric per-token int8 activations, on the VNNI kernel.
+    W4a8,
+    /// The same weights with dynamic symmetric per-token int4 activations (the paper's Table 4
+    /// setting is W4A4), on the VNNI kernel.
+    W4a4,
 }
 
 impl Scheme {
-    pub const ALL: [Scheme; 7] = [
+    pub const ALL: [Scheme; 10] = [
         Scheme::Fp32,
         Scheme::Bf16,
         Scheme::Bf16Own,
@@ -72,6 +82,9 @@ impl Scheme {
         Scheme::W8a8,
         Scheme::W4a16Libtorch,
         Scheme::W4a16,
+        Scheme::W4a16Vnni,
+        Scheme::W4a8,
+        Scheme::W4a4,
     ];
 
     /// The config key.
@@ -84,6 +97,9 @@ impl Scheme {
             Scheme::W8a8 => "w8a8",
             Scheme::W4a16 => "w4a16",
             Scheme::W4a16Libtorch => "w4a16_libtorch",
+            Scheme::W4a16Vnni => "w4a16_vnni",
+            Scheme::W4a8 => "w4a8",
+            Scheme::W4a4 => "w4a4",
         }
     }
 
@@ -97,7 +113,18 @@ impl Scheme {
             Scheme::W8a8 => "W8A8".into(),
             Scheme::W4a16 => format!("W4A16 g{group}"),
             Scheme::W4a16Libtorch => format!("W4A16 g{group} libtorch"),
+            Scheme::W4a16Vnni => format!("W4A16 g{group} q8"),
+            Scheme::W4a8 => format!("W4A8 g{group}"),
+            Scheme::W4a4 => format!("W4A4 g{group}"),
         }
+    }
+
+    /// Whether the scheme holds 4-bit weights in groups of `w4_group`.
+    pub fn is_w4(self) -> bool {
+        matches!(
+            self,
+            Scheme::W4a16 | Scheme::W4a16Libtorch | Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4
+        )
     }
 
     /// Why the scheme cannot run on `device` of this machine, if it cannot (the own bf16 kernel
@@ -110,6 +137,16 @@ impl Scheme {
             Scheme::Bf16Own if !bf16_own::available() => {
                 Some("the own bf16 kernel needs AVX-512F + AVX-512BW or AVX2 + FMA, which this CPU lacks".into())
             }
+            // Without the VNNI kernel the integer-activation rows would dequantize every weight
+            // on every call: a number about that fallback, not about the scheme.
+            Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4 if device != Device::Cpu => {
+                Some(format!("the own VNNI kernel runs on the CPU, not {device:?}"))
+            }
+            Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4 if !int4_vnni::available() => Some(
+                "the own VNNI kernel (int4_vnni) needs AVX-512F + AVX-512BW + AVX-512 VNNI, which \
+                 this CPU lacks"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -126,6 +163,7 @@ impl Scheme {
     pub fn kernel(self) -> Option<Kernel> {
         match self {
             Scheme::W4a16Libtorch => Some(Kernel::Int4Cpu),
+            Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4 => Some(Kernel::Int4Vnni),
             _ => None,
         }
     }
@@ -136,7 +174,11 @@ impl Scheme {
             Scheme::Fp32 | Scheme::Bf16 | Scheme::Bf16Own => None,
             Scheme::W8a16 => Some(PackedSpec::w8a16()),
             Scheme::W8a8 => Some(PackedSpec::w8a8()),
-            Scheme::W4a16 | Scheme::W4a16Libtorch => Some(PackedSpec::w4a16(group)?),
+            Scheme::W4a16 | Scheme::W4a16Libtorch | Scheme::W4a16Vnni => {
+                Some(PackedSpec::w4a16(group)?)
+            }
+            Scheme::W4a8 => Some(PackedSpec::w4a8(group)?),
+            Scheme::W4a4 => Some(PackedSpec::w4a4(group)?),
         })
     }
 }
@@ -272,14 +314,14 @@ fn random_parts(
     let cpu = Device::Cpu;
     let mut parts = BTreeMap::new();
     match spec {
-        s if s == PackedSpec::w8a16() || s == PackedSpec::w8a8() => {
+        s if s.format == PackedSpec::w8a16().format => {
             parts.insert(
                 "codes".into(),
                 Tensor::randint_low(-127, 128, [out, inp], (Kind::Int8, cpu)),
             );
             parts.insert("scale".into(), Tensor::full([out, 1], 0.1 / 127.0, (Kind::Float, cpu)));
         }
-        s if s == PackedSpec::w4a16(group)? => {
+        s if s.format == PackedSpec::w4a16(group)?.format => {
             let groups = inp / group;
             parts.insert(
                 "codes".into(),

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use experiments::bench::scheme::{self, Scheme};
 use experiments::bench::{self, config, report};
-use qvlm_core::quant::bf16_own;
 use qvlm_core::quant::team::Isa;
+use qvlm_core::quant::{bf16_own, int4_vnni};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -31,13 +31,14 @@ threads = 1
 memory_headroom_gib = 0.0
 shapes = ["tiny"]
 fp32_layers = 1
-schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]
+schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16", "w4a16_vnni", "w4a8", "w4a4"]
 w4_group = 128
 
 [measure]
 prefill_tokens = 8
 warmup_tokens = 1
 decode_tokens = 2
+rounds = 2
 
 [bandwidth]
 mib = 16
@@ -73,17 +74,22 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     let out = bench::run(&cfg).expect("bench run");
 
     // Every configuration, in the config's order, on the kernels (no fallback); the own bf16
-    // kernel is listed as not run where the CPU lacks AVX-512.
+    // kernel is listed as not run where the CPU lacks AVX-512 and AVX2, the VNNI rows where it
+    // lacks AVX-512 VNNI (each once, whatever the number of rounds).
     let schemes: Vec<Scheme> = out.rows.iter().map(|r| r.scheme).collect();
     let own16 = bf16_own::available();
-    let expected: Vec<Scheme> =
-        Scheme::ALL.into_iter().filter(|&s| own16 || s != Scheme::Bf16Own).collect();
+    let vnni = int4_vnni::available();
+    let on_vnni = |s: Scheme| matches!(s, Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4);
+    let expected: Vec<Scheme> = Scheme::ALL
+        .into_iter()
+        .filter(|&s| own16 || s != Scheme::Bf16Own)
+        .filter(|&s| vnni || !on_vnni(s))
+        .collect();
     assert_eq!(schemes, expected);
-    if own16 {
-        assert!(out.info.skipped.is_empty(), "{:?}", out.info.skipped);
-    } else {
-        assert_eq!(out.info.skipped.len(), 1);
-        assert!(out.info.skipped[0].reason.contains("AVX2"), "{:?}", out.info.skipped);
+    let skipped = usize::from(!own16) + if vnni { 0 } else { 3 };
+    assert_eq!(out.info.skipped.len(), skipped, "{:?}", out.info.skipped);
+    for s in &out.info.skipped {
+        assert!(s.reason.contains("AVX2") || s.reason.contains("VNNI"), "{s:?}");
     }
     for r in &out.rows {
         assert_eq!(r.fallback_linears, 0, "{}: {}", r.label, r.kernel);
@@ -102,6 +108,11 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     assert_eq!(kernel(Scheme::W8a16).as_deref(), Some("int8_weight"));
     assert_eq!(kernel(Scheme::W8a8).as_deref(), Some("int8_int8"));
     assert_eq!(kernel(Scheme::Bf16).as_deref(), Some("dense"));
+    if vnni {
+        for s in [Scheme::W4a16Vnni, Scheme::W4a8, Scheme::W4a4] {
+            assert_eq!(kernel(s).as_deref(), Some("int4_vnni"), "{s:?}");
+        }
+    }
     if own16 {
         let want = format!("bf16_{}", Isa::best().map_or("", Isa::name));
         assert_eq!(kernel(Scheme::Bf16Own), Some(want));
@@ -149,29 +160,42 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
         assert!(r.roof_before_bytes_per_s > 0.0 && r.roof_after_bytes_per_s > 0.0, "{}", r.label);
     }
 
-    // The table has every row (and the skipped one) and the exact byte ratio; files exist.
+    // Two rounds of the bf16 family: each row is its lower-median round, with both rounds' decode
+    // times and paired ratios; FP32 is measured once.
+    for r in &out.rows {
+        let rounds = if r.scheme == Scheme::Fp32 { 1 } else { 2 };
+        assert_eq!(r.round_decode_ms.len(), rounds, "{}", r.label);
+        let lower = r.round_decode_ms.iter().copied().fold(f64::INFINITY, f64::min);
+        assert_eq!(r.decode.total_ms(), lower, "{}: the lower median of two", r.label);
+        if r.scheme != Scheme::Fp32 {
+            assert_eq!(r.round_speedup_16bit.len(), 2, "{}", r.label);
+        }
+    }
+
+    // The table has every row (and the skipped ones) and the exact byte ratio; files exist.
     let t = &out.report.table;
-    assert_eq!(t.height(), 7);
+    assert_eq!(t.height(), expected.len() + skipped);
     let w4_row = expected.iter().position(|&s| s == Scheme::W4a16).expect("W4A16 row");
     let ratio = t.column("dec_linears_x_vs_bf16").expect("column").f64().expect("f64").get(w4_row);
     assert_eq!(ratio, Some(dense(2) as f64 / w4 as f64));
-    // "vs 16-bit" is against the faster of the two 16-bit rows.
+    // "vs 16-bit" is the median (of two: the mean) of the per-round ratios against the faster of
+    // the two 16-bit rows of the same round.
     let col = |name: &str| t.column(name).expect("column").f64().expect("f64").get(w4_row);
-    let fastest16 = out
-        .rows
-        .iter()
-        .filter(|r| matches!(r.scheme, Scheme::Bf16 | Scheme::Bf16Own))
-        .map(|r| r.decode.total_ms())
-        .fold(f64::INFINITY, f64::min);
-    let speedup = fastest16 / row(Scheme::W4a16).decode.total_ms();
+    let paired = &row(Scheme::W4a16).round_speedup_16bit;
+    let speedup = (paired[0] + paired[1]) / 2.0;
     assert!((col("speedup_vs_16bit").expect("value") - speedup).abs() < 1e-9 * speedup);
+    let (lo, hi) = (paired[0].min(paired[1]), paired[0].max(paired[1]));
+    assert_eq!((col("speedup_vs_16bit_lo"), col("speedup_vs_16bit_hi")), (Some(lo), Some(hi)));
+    assert_eq!(col("rounds"), Some(2.0));
     for f in &out.report.files {
         assert!(f.is_file(), "{} missing", f.display());
     }
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
     assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
-    // Four targets for each of the two W4A16 rows, one for the own bf16 row.
-    assert_eq!(out.report.targets.len(), 8 + usize::from(own16));
+    // Four targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs), one for the
+    // own bf16 row.
+    let w4a16_rows = 2 + usize::from(vnni);
+    assert_eq!(out.report.targets.len(), 4 * w4a16_rows + usize::from(own16));
 }
 
 /// The report flags a row whose decode would stream faster than the memory roof measured around
@@ -182,7 +206,7 @@ fn a_row_above_its_roof_is_flagged() {
     let results = scratch("roof");
     let text = TINY
         .replace(
-            r#"schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]"#,
+            r#"schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16", "w4a16_vnni", "w4a8", "w4a4"]"#,
             r#"schemes = ["bf16", "w4a16"]"#,
         )
         .replace(
@@ -224,7 +248,7 @@ fn packing_vision_projector_and_lm_head_counts_their_exact_bytes() {
         )
         .replace("fp32_layers = 1", "")
         .replace(
-            r#"schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16"]"#,
+            r#"schemes = ["fp32", "bf16", "bf16_own", "w8a16", "w8a8", "w4a16_libtorch", "w4a16", "w4a16_vnni", "w4a8", "w4a4"]"#,
             r#"schemes = ["bf16", "w8a8", "w4a16"]"#,
         )
         .replace(
@@ -303,7 +327,9 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
         (TINY.replace("w4_group = 128", "w4_group = 128\ngroup = 1"), "unknown field `group`"),
         (TINY.replace("decode_tokens = 2", "decode_tokens = 0"), "measure.decode_tokens"),
         (TINY.replace("shapes = [\"tiny\"]", "shapes = [\"llava-70b\"]"), "model.shapes"),
-        (TINY.replace("\"w4a16\"]", "\"w3a16\"]"), "w3a16"),
+        (TINY.replace("\"w4a4\"]", "\"w3a16\"]"), "w3a16"),
+        (TINY.replace("rounds = 2", "rounds = 0"), "measure.rounds"),
+        (TINY.replace("rounds = 2", "rounds = 16"), "measure.rounds"),
         (TINY.replace("w4_group = 128", "w4_group = 96"), "model.w4_group"),
         (TINY.replace("text_heads = 4", "text_heads = 3"), "shape[0]"),
         (TINY.replace("fp32_layers = 1", "fp32_layers = 0"), "model.fp32_layers"),
