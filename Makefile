@@ -24,7 +24,8 @@ test-slurm: bootstrap
 PAPER_CONFIGS = configs/ablation_full.toml configs/fig2_ded.toml configs/fig3a_depth.toml \
 	configs/fig3b_p_eta.toml
 
-# The main job (within 90 minutes on the 2-core machine after the build): the headline comparison
+# The main job (about 90 minutes on the 2-core AVX-512 machine after the build, more on an AVX2-only
+# one: README "What make reproduce produces"): the headline comparison
 # — Tables 1, 2 and 5 as a controlled ablation at W4A4 on the planted model with 3 seeds on the
 # full test split (configs/ablation.toml) — then the efficiency benchmark (Table 4). Finished cells are skipped on
 # a re-run; the benchmark runs again only when its config changed. `make paper` runs the rest.

@@ -15,13 +15,17 @@ pub const FIGURES: [&str; 6] = [
     "sensitivity_heatmap",
 ];
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// Draws one figure twice, as `path`.png and `path`.svg: `$draw` is an expression over
@@ -534,7 +538,7 @@ fn draw_roofline<DB: DrawingBackend>(
     chart
         .draw_series(LineSeries::new(curve, BLACK.stroke_width(2)))
         .map_err(err)?
-        .label(format!("bandwidth bound ({bandwidth_gbs:.1} GB/s)"))
+        .label(format!("bandwidth bound at the start of the run ({bandwidth_gbs:.1} GB/s; each row's own roof: table)"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK.stroke_width(2)));
     let schemes = distinct(points.iter().map(|p| &p.scheme));
     let models = distinct(points.iter().map(|p| &p.model));

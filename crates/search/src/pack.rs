@@ -164,3 +164,34 @@ pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
     }
     Ok(packed)
 }
+
+#[cfg(test)]
+mod tests {
+    use qvlm_core::layer_id::{Slot, Tower};
+    use qvlm_core::quant::spec::ActSpec;
+    use qvlm_core::quant::uniform::Grid;
+
+    use super::*;
+
+    fn site(bits: u8, symmetric: bool, granularity: Granularity) -> SiteAct {
+        let grid = Grid { bits, symmetric };
+        let spec = ActSpec { grid, granularity, range: RangeMode::Dynamic, clip: Clip::MinMax };
+        SiteAct { spec, range: None }
+    }
+
+    #[test]
+    fn dynamic_per_token_activations_map_onto_the_integer_modes() {
+        let id = LayerId::new(Tower::Language, 0, Slot::QProj);
+        let form = |a: SiteAct| act_form(id, Some(&a)).map(|(mode, scale)| (mode, scale.is_some()));
+        let per_token = Granularity::PerToken;
+        assert_eq!(form(site(8, true, per_token)).ok(), Some((ActMode::Int8PerToken, false)));
+        // W4A4 with QuaRot-style ranges: the own VNNI kernel's mode.
+        assert_eq!(form(site(4, true, per_token)).ok(), Some((ActMode::Int4PerToken, false)));
+        assert_eq!(act_form(id, None).ok(), Some((ActMode::Float, None)));
+        // Asymmetric 4-bit or per-channel ranges have no packed form: an error naming the layer.
+        for a in [site(4, false, per_token), site(4, true, Granularity::PerChannel)] {
+            let err = form(a).expect_err("no packed form").to_string();
+            assert!(err.contains("no packed form") && err.contains(&id.to_string()), "{err}");
+        }
+    }
+}
