@@ -214,7 +214,9 @@ fn run_shape(
         }
     }
     if !dense16.is_empty() {
-        run_bf16_family(cfg, shape, &model, layers, bf16_built, &dense16, device, rows, skipped)?;
+        let family =
+            Family { shape, label: &model, layers, built: bf16_built, schemes: &dense16, device };
+        run_bf16_family(cfg, &family, rows, skipped)?;
     }
     Ok(())
 }
@@ -453,15 +455,21 @@ fn run_fp32(
     Ok(row(cfg, shape, model_label, layers, built, m))
 }
 
+/// A shape's bf16 family: the schemes measured on one bf16 build with `built` of the shape's
+/// `layers` decoder layers (`label`: the table's model name).
+struct Family<'a> {
+    shape: &'a Shape,
+    label: &'a str,
+    layers: i64,
+    built: i64,
+    schemes: &'a [Scheme],
+    device: Device,
+}
+
 /// `measure.rounds` rounds of [`run_bf16_round`], one row per scheme ([`median_rounds`]).
 fn run_bf16_family(
     cfg: &BenchConfig,
-    shape: &Shape,
-    model_label: &str,
-    layers: i64,
-    built: i64,
-    schemes: &[Scheme],
-    device: Device,
+    family: &Family,
     rows: &mut Vec<Row>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<()> {
@@ -469,42 +477,26 @@ fn run_bf16_family(
     let mut per_round = Vec::with_capacity(rounds);
     for round in 0..rounds {
         if rounds > 1 {
-            tracing::info!("{model_label}: round {} of {rounds}", round + 1);
+            tracing::info!("{}: round {} of {rounds}", family.label, round + 1);
         }
-        let mut round_rows = Vec::new();
         // What cannot run is listed once.
-        let mut round_skipped = Vec::new();
-        let skipped = if round == 0 { &mut *skipped } else { &mut round_skipped };
-        run_bf16_round(
-            cfg,
-            shape,
-            model_label,
-            layers,
-            built,
-            schemes,
-            device,
-            &mut round_rows,
-            skipped,
-        )?;
-        per_round.push(round_rows);
+        let mut later_rounds = Vec::new();
+        let skipped = if round == 0 { &mut *skipped } else { &mut later_rounds };
+        per_round.push(run_bf16_round(cfg, family, skipped)?);
     }
     rows.extend(median_rounds(per_round));
     Ok(())
 }
 
-/// One bf16 build of `shape` with `built` of its `layers` decoder layers; `schemes` (BF16 and the
-/// packed ones, in [`Scheme::ALL`] order) are put into it one after the other and measured.
+/// One bf16 build of the family's shape; its schemes (BF16 and the packed ones, in
+/// [`Scheme::ALL`] order) are put into it one after the other and measured.
 fn run_bf16_round(
     cfg: &BenchConfig,
-    shape: &Shape,
-    model_label: &str,
-    layers: i64,
-    built: i64,
-    schemes: &[Scheme],
-    device: Device,
-    rows: &mut Vec<Row>,
+    family: &Family,
     skipped: &mut Vec<Skipped>,
-) -> Result<()> {
+) -> Result<Vec<Row>> {
+    let Family { shape, label: model_label, layers, built, schemes, device } = *family;
+    let mut rows = Vec::new();
     let group = cfg.model.w4_group;
     let base = machine::rss_bytes();
     let mut model = build(shape, built, Kind::BFloat16, device, &format!("{} BF16", shape.name))?;
@@ -550,7 +542,7 @@ fn run_bf16_round(
         );
         rows.push(r);
     }
-    Ok(())
+    Ok(rows)
 }
 
 #[cfg(test)]
