@@ -264,6 +264,18 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
     if m.w4_group <= 0 {
         bail!("{f}: key `model.w4_group`: must be positive");
     }
+    // The VNNI kernel's rule (`int4_vnni::unsupported`): whole 128-input blocks per group.
+    let on_vnni = [Scheme::W4a16Vnni, Scheme::W4a8, Scheme::W4a4];
+    if let Some(s) = m.schemes.iter().find(|s| on_vnni.contains(s)) {
+        if m.w4_group % 128 != 0 {
+            bail!(
+                "{f}: key `model.w4_group`: {} runs on the own VNNI kernel, which takes groups \
+                 that are multiples of 128, not {}",
+                s.key(),
+                m.w4_group
+            );
+        }
+    }
     let mut names = BTreeSet::new();
     for (i, s) in cfg.custom_shapes.iter().enumerate() {
         if Shape::PRESETS.contains(&s.name.as_str()) || !names.insert(s.name.as_str()) {

@@ -329,6 +329,7 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
         (TINY.replace("shapes = [\"tiny\"]", "shapes = [\"llava-70b\"]"), "model.shapes"),
         (TINY.replace("\"w4a4\"]", "\"w3a16\"]"), "w3a16"),
         (TINY.replace("rounds = 2", "rounds = 0"), "measure.rounds"),
+        (TINY.replace("w4_group = 128", "w4_group = 64"), "multiples of 128"),
         (TINY.replace("rounds = 2", "rounds = 16"), "measure.rounds"),
         (TINY.replace("w4_group = 128", "w4_group = 96"), "model.w4_group"),
         (TINY.replace("text_heads = 4", "text_heads = 3"), "shape[0]"),
