@@ -1099,36 +1099,39 @@ fn own_kernel(
     }
 }
 
-/// `x Wᵀ` through the own VNNI kernel: `x` `[M, K]` read as f32 and put on the integer grid of
-/// `act` (per token for W4A8/W4A4, int8 per group for float activations), the result f32.
+/// `x Wᵀ` through the own VNNI kernel: `x` put on the integer grid of `act` (per token for
+/// W4A8/W4A4, int8 per group for float activations).
 fn vnni_matmul(w: &Int4Weight, x: &Tensor, act: ActMode) -> std::result::Result<Tensor, TchError> {
+    own_matmul(w, x, "own VNNI kernel", |xs, _, k| {
+        let group = w.group();
+        let quantized = match act.per_token_grid() {
+            None => int4_vnni::quantize_activations(xs, k, group),
+            Some(grid) => int4_vnni::quantize_activations_per_token(xs, k, group, grid.bits),
+        };
+        quantized.and_then(|a| w.matmul_quantized(&a))
+    })
+}
+
+/// `x Wᵀ` through the own exact f32 kernel (AVX-512 or AVX2).
+fn own_int4_matmul(w: &Int4Weight, x: &Tensor) -> std::result::Result<Tensor, TchError> {
+    own_matmul(w, x, "own int4 kernel", |xs, m, _| w.matmul(xs, m))
+}
+
+/// `x` `[M, K]` read as f32 into `run(x, M, K)`, which gives the `[M, N]` f32 product (`None`:
+/// the kernel refused), back as a tensor on `x`'s device.
+fn own_matmul(
+    w: &Int4Weight,
+    x: &Tensor,
+    kernel: &str,
+    run: impl FnOnce(&[f32], usize, usize) -> Option<Vec<f32>>,
+) -> std::result::Result<Tensor, TchError> {
     let [m, k] = x.size()[..] else {
         return Err(TchError::Shape(format!("expected [M, K] activations, got {:?}", x.size())));
     };
     let n = w.shape()[0];
     let xs = Vec::<f32>::try_from(&x.to_kind(Kind::Float).contiguous().reshape([-1]))?;
-    let (k, group) = (k as usize, w.group());
-    let quantized = match act.per_token_grid() {
-        None => int4_vnni::quantize_activations(&xs, k, group),
-        Some(grid) => int4_vnni::quantize_activations_per_token(&xs, k, group, grid.bits),
-    };
-    let y = quantized.and_then(|a| w.matmul_quantized(&a)).ok_or_else(|| {
-        TchError::Kind(format!("own VNNI kernel refused activations {:?}", x.size()))
-    })?;
-    Ok(Tensor::from_slice(&y).reshape([m, n as i64]).to_device(x.device()))
-}
-
-/// `x Wᵀ` through the own AVX-512 kernel: `x` `[M, K]` read as f32, the result f32 `[M, N]`.
-fn own_int4_matmul(w: &Int4Weight, x: &Tensor) -> std::result::Result<Tensor, TchError> {
-    let [m, _] = x.size()[..] else {
-        return Err(TchError::Shape(format!("expected [M, K] activations, got {:?}", x.size())));
-    };
-    let n = w.shape()[0];
-    let xf = x.to_kind(Kind::Float).contiguous();
-    let xs = Vec::<f32>::try_from(&xf.reshape([-1]))?;
-    let y = w.matmul(&xs, m as usize).ok_or_else(|| {
-        TchError::Kind(format!("own int4 kernel refused activations {:?}", x.size()))
-    })?;
+    let y = run(&xs, m as usize, k as usize)
+        .ok_or_else(|| TchError::Kind(format!("{kernel} refused activations {:?}", x.size())))?;
     Ok(Tensor::from_slice(&y).reshape([m, n as i64]).to_device(x.device()))
 }
 

@@ -265,8 +265,7 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
         bail!("{f}: key `model.w4_group`: must be positive");
     }
     // The VNNI kernel's rule (`int4_vnni::unsupported`): whole 128-input blocks per group.
-    let on_vnni = [Scheme::W4a16Vnni, Scheme::W4a8, Scheme::W4a4];
-    if let Some(s) = m.schemes.iter().find(|s| on_vnni.contains(s)) {
+    if let Some(s) = m.schemes.iter().find(|s| s.on_vnni()) {
         if m.w4_group % 128 != 0 {
             bail!(
                 "{f}: key `model.w4_group`: {} runs on the own VNNI kernel, which takes groups \

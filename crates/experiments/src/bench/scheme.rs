@@ -139,10 +139,10 @@ impl Scheme {
             }
             // Without the VNNI kernel the integer-activation rows would dequantize every weight
             // on every call: a number about that fallback, not about the scheme.
-            Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4 if device != Device::Cpu => {
+            s if s.on_vnni() && device != Device::Cpu => {
                 Some(format!("the own VNNI kernel runs on the CPU, not {device:?}"))
             }
-            Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4 if !int4_vnni::available() => Some(
+            s if s.on_vnni() && !int4_vnni::available() => Some(
                 "the own VNNI kernel (int4_vnni) needs AVX-512F + AVX-512BW + AVX-512 VNNI, which \
                  this CPU lacks"
                     .into(),
@@ -166,6 +166,11 @@ impl Scheme {
             Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4 => Some(Kernel::Int4Vnni),
             _ => None,
         }
+    }
+
+    /// Whether the scheme runs on the own VNNI kernel (its shape rules and CPU features apply).
+    pub fn on_vnni(self) -> bool {
+        self.kernel() == Some(Kernel::Int4Vnni)
     }
 
     /// The packed storage of the decoder linears; `None` for the dense schemes.

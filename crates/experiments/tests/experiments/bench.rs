@@ -79,11 +79,10 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     let schemes: Vec<Scheme> = out.rows.iter().map(|r| r.scheme).collect();
     let own16 = bf16_own::available();
     let vnni = int4_vnni::available();
-    let on_vnni = |s: Scheme| matches!(s, Scheme::W4a16Vnni | Scheme::W4a8 | Scheme::W4a4);
     let expected: Vec<Scheme> = Scheme::ALL
         .into_iter()
         .filter(|&s| own16 || s != Scheme::Bf16Own)
-        .filter(|&s| vnni || !on_vnni(s))
+        .filter(|&s| vnni || !s.on_vnni())
         .collect();
     assert_eq!(schemes, expected);
     let skipped = usize::from(!own16) + if vnni { 0 } else { 3 };
