@@ -1,7 +1,11 @@
 //! Timing one built model: a prefill of a batch-1 prompt into a fresh KV cache, then greedy decode
 //! steps (M = 1) with that cache — warm-up steps discarded, the rest timed one by one. The decoder
 //! layers and the head (final norm, `lm_head`, argmax) are timed apart, so a model built with
-//! fewer layers than its shape can be extrapolated per layer.
+//! fewer layers than its shape can be extrapolated per layer. Then the decoder's linears alone:
+//! every decoder linear of the model once, in layer order, on one token (the same weights, kernels
+//! and tensor wrappers a decode step calls, without the attention, norms and activations between
+//! them), timed pass by pass — how near the kernels come to the roof inside the model, apart from
+//! the rest of the step.
 
 use std::time::Instant;
 
@@ -41,6 +45,8 @@ pub struct Timings {
     pub prefill: Split,
     /// One entry per timed decode step.
     pub decode: Vec<Split>,
+    /// Milliseconds of each timed pass of the decoder's linears alone (as many as decode steps).
+    pub linears: Vec<f64>,
 }
 
 impl Timings {
@@ -49,6 +55,11 @@ impl Timings {
         let n = self.decode.len().max(1) as f64;
         let sum = |f: fn(&Split) -> f64| self.decode.iter().map(f).sum::<f64>() / n;
         Split { vision_ms: 0.0, layers_ms: sum(|s| s.layers_ms), head_ms: sum(|s| s.head_ms) }
+    }
+
+    /// Mean of the timed passes of the decoder's linears alone.
+    pub fn linears_mean(&self) -> f64 {
+        self.linears.iter().sum::<f64>() / self.linears.len().max(1) as f64
     }
 
     /// Fastest timed decode step (total).
@@ -137,5 +148,37 @@ pub fn run(model: &Llava, spec: &MeasureSettings, bar: &ProgressBar) -> Result<T
         }
         bar.inc(1);
     }
-    Ok(Timings { prefill_positions: positions, prefill, decode })
+    let linears = time_linears(model, spec)?;
+    Ok(Timings { prefill_positions: positions, prefill, decode, linears })
+}
+
+/// The decoder's linears alone, as the module doc says: `warmup_tokens` untimed passes, then
+/// `decode_tokens` timed ones.
+fn time_linears(model: &Llava, spec: &MeasureSettings) -> Result<Vec<f64>> {
+    let device = model.device();
+    let layers = &model.language_model.layers;
+    // One input per width (hidden, intermediate), in the model's dtype, as a decode step has.
+    let mut inputs: Vec<(i64, Tensor)> = Vec::new();
+    for l in layers.iter().flat_map(|l| l.linears()) {
+        if !inputs.iter().any(|(k, _)| *k == l.in_features) {
+            let x = Tensor::randn([1, 1, l.in_features], (model.kind(), device));
+            inputs.push((l.in_features, x));
+        }
+    }
+    let pass = || -> Result<f64> {
+        let t = Instant::now();
+        for l in layers.iter().flat_map(|l| l.linears()) {
+            let (_, x) = inputs
+                .iter()
+                .find(|(k, _)| *k == l.in_features)
+                .context("an input of every linear's width was made above")?;
+            let _ = std::hint::black_box(l.forward_raw(x));
+        }
+        sync(device);
+        Ok(ms(t))
+    };
+    for _ in 0..spec.warmup_tokens {
+        pass()?;
+    }
+    (0..spec.decode_tokens).map(|_| pass()).collect()
 }

@@ -15,7 +15,7 @@ use crate::table::csv_field;
 use crate::{figure, table};
 
 /// Metrics of `measurements.csv`, one row each per configuration.
-const METRICS: [&str; 24] = [
+const METRICS: [&str; 25] = [
     "layers",
     "layers_built",
     "weight_bytes",
@@ -31,6 +31,7 @@ const METRICS: [&str; 24] = [
     "decode_ms_min",
     "decode_layers_ms",
     "decode_head_ms",
+    "decode_linears_ms",
     "fallback_linears",
     "roof_before_bytes_per_s",
     "roof_after_bytes_per_s",
@@ -113,6 +114,7 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
         push("decode_ms_min", r.decode_min_ms);
         push("decode_layers_ms", r.decode.layers_ms);
         push("decode_head_ms", r.decode.head_ms);
+        push("decode_linears_ms", r.decode_linears_ms);
         push("fallback_linears", r.fallback_linears as f64);
         push("roof_before_bytes_per_s", r.roof_before_bytes_per_s);
         push("roof_after_bytes_per_s", r.roof_after_bytes_per_s);
@@ -181,6 +183,7 @@ pub fn build(dir: &Path) -> Result<Report> {
     let (decode_bytes, rss) = (get("decode_bytes_per_token")?, get("rss_delta_bytes")?);
     let (positions, prefill) = (get("prefill_positions")?, get("prefill_ms")?);
     let (decode, head) = (get("decode_ms")?, get("decode_head_ms")?);
+    let linears_ms = get("decode_linears_ms")?;
     let fallbacks = get("fallback_linears")?;
     let (roof_before, roof_after) =
         (get("roof_before_bytes_per_s")?, get("roof_after_bytes_per_s")?);
@@ -216,11 +219,16 @@ pub fn build(dir: &Path) -> Result<Report> {
             (a, b) => a.or(b),
         };
         let roof_pct = ratio(gbs.map(|g| 100.0 * g * 1e9), roof);
+        // The decoder linears alone: their bytes over their own time.
+        let linears_roof_pct =
+            ratio(ratio(linears[i], linears_ms[i].map(|ms| ms / 1e3)).map(|b| 100.0 * b), roof);
         let mut notes = Vec::new();
-        if let Some(p) = roof_pct.filter(|&p| p > 100.0) {
-            notes.push(format!(
-                "ABOVE THE ROOF: {p:.0} % of the streaming read measured around it — the bytes counted per token or the time are wrong"
-            ));
+        for (what, pct) in [("decode", roof_pct), ("linears alone", linears_roof_pct)] {
+            if let Some(p) = pct.filter(|&p| p > 100.0) {
+                notes.push(format!(
+                    "ABOVE THE ROOF ({what}): {p:.0} % of the streaming read measured around it — the bytes counted or the time are wrong, or the machine's bandwidth moved between the reads"
+                ));
+            }
         }
         if let (Some(l), Some(b)) = (layers[i], built[i]) {
             if b < l {
@@ -269,6 +277,8 @@ pub fn build(dir: &Path) -> Result<Report> {
             _ => None,
         });
         c.roof_pct.push(roof_pct);
+        c.linears_ms.push(linears_ms[i]);
+        c.linears_roof_pct.push(linears_roof_pct);
         c.copy_bw_pct
             .push(ratio(gbs.map(|g| 100.0 * g * 1e9), Some(info.machine.copy_bytes_per_s)));
         c.gemv_bw_pct
@@ -355,6 +365,8 @@ struct Columns {
     roof_gbs: Vec<Option<f64>>,
     roof_drift_pct: Vec<Option<f64>>,
     roof_pct: Vec<Option<f64>>,
+    linears_ms: Vec<Option<f64>>,
+    linears_roof_pct: Vec<Option<f64>>,
     copy_bw_pct: Vec<Option<f64>>,
     gemv_bw_pct: Vec<Option<f64>>,
     head_pct: Vec<Option<f64>>,
@@ -392,6 +404,8 @@ impl Columns {
             &mut self.roof_gbs,
             &mut self.roof_drift_pct,
             &mut self.roof_pct,
+            &mut self.linears_ms,
+            &mut self.linears_roof_pct,
             &mut self.copy_bw_pct,
             &mut self.gemv_bw_pct,
             &mut self.head_pct,
@@ -432,6 +446,8 @@ impl Columns {
             f("roof_gb_s", &self.roof_gbs),
             f("roof_drift_pct", &self.roof_drift_pct),
             f("roof_pct", &self.roof_pct),
+            f("linears_ms", &self.linears_ms),
+            f("linears_roof_pct", &self.linears_roof_pct),
             f("copy_bw_pct", &self.copy_bw_pct),
             f("gemv_bw_pct", &self.gemv_bw_pct),
             f("head_pct", &self.head_pct),
@@ -454,8 +470,12 @@ fn targets(c: &Columns) -> Vec<Target> {
             }
         };
         let roof = format!("{label} decode weight traffic, % of the memory roof (streaming read)");
+        let alone = format!(
+            "{label} decoder linears alone (same weights, one token), % of the memory roof"
+        );
         if label == "BF16 own" {
             push(&roof, c.roof_pct[i], TARGET_ROOF_PCT);
+            push(&alone, c.linears_roof_pct[i], TARGET_ROOF_PCT);
         }
         if !label.starts_with("W4A16") {
             continue;
@@ -469,6 +489,7 @@ fn targets(c: &Columns) -> Vec<Target> {
             TARGET_SPEEDUP,
         );
         push(&roof, c.roof_pct[i], TARGET_ROOF_PCT);
+        push(&alone, c.linears_roof_pct[i], TARGET_ROOF_PCT);
         push(
             &format!("{label} whole-model memory, BF16/FP16 bytes ÷ W4 bytes (×)"),
             c.mem_bf16[i],
@@ -527,7 +548,7 @@ fn method_notes(info: &RunInfo) -> String {
          - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
          - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\
          - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for every packed weight, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, on libtorch's int4 kernel, its own second copy of the codes that `bytes()` does not count; the own AVX-512 kernel holds the only copy). For a shape measured after another it can be below the weights: memory the allocator kept from the earlier shape is reused.\n\
-         - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. A row above 100 % of its roof is flagged in `note` (its bytes or its time would be wrong). Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
+         - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. The roof's sum reads like the kernels (four vector accumulators, the kernels' software prefetch, 6 KiB ahead): a plain vectorised sum read 8–25 % less on the AMD EPYC of 2026-12-02, below what the kernels alone streamed. `linears_ms`: the decoder's linears alone — every decoder linear of the built model once, in layer order, on one token of the right width (the same weights, kernels and tensor wrappers a decode step calls, without the attention, norms, activations and KV cache between them), mean of as many passes as decode steps after the warm-up ones, extrapolated per layer; `linears_roof_pct` = decoder-linear bytes / `linears_ms` / `roof_gb_s`: how near the kernels come to the roof inside the model; `decode_ms` minus `linears_ms` is what the rest of a step costs. A row above 100 % of its roof (either column) is flagged in `note` (its bytes or its time would be wrong, or the machine's bandwidth moved between the reads). Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
          - Rounds (`measure.rounds`): the BF16 family of a shape (BF16 and every packed scheme) is built and measured that many times, one round after the other; each row is its round with the median decode time (`decode_ms_lo`/`decode_ms_hi`: the range over rounds) and, with more than one round, `speedup_vs_16bit` is the median over rounds of the paired ratio (that round's fastest 16-bit decode / this scheme's decode in the same round; `speedup_vs_16bit_lo`/`_hi`: its range), so that a machine whose bandwidth drifts between rounds moves both sides of each ratio. FP32 is measured once.\n\
          - Ratios: `speedup_vs_16bit` = decode time of the fastest 16-bit row of the same model (`best_16bit`: `BF16`, libtorch's linear, or `BF16 own`, the own memory-bound kernel) / this decode time (the paired median above with several rounds); `speedup_vs_bf16` and `speedup_vs_fp32` against libtorch's BF16 and FP32 rows; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
         match cfg.model.fp32_layers {

@@ -42,6 +42,9 @@ pub struct Row {
     pub decode: Split,
     /// The fastest timed decode step (total).
     pub decode_min_ms: f64,
+    /// Mean of the timed passes of the decoder's linears alone (`measure`'s module doc),
+    /// extrapolated per layer like `decode`.
+    pub decode_linears_ms: f64,
     /// Packed weights (any part) on the dequantized fallback.
     pub fallback_linears: usize,
     /// The memory roof (streaming read, bytes/s) measured just before and just after the row.
