@@ -27,7 +27,7 @@
 //! halves of each line, 16 weights each; the level is chosen at run time ([`Isa`]). The activation row is split once per
 //! call into the even and odd columns of every step (an O(k) copy against the O(n·k) weight
 //! stream). A quad's four lines of a step are prefetched together
-//! ([`crate::quant::int4_avx512::PREFETCH_BYTES`] ahead); ranges of quads go to libtorch's
+//! ([`crate::quant::team::PREFETCH_BYTES`] ahead); ranges of quads go to libtorch's
 //! OpenMP team ([`crate::quant::team`]).
 //!
 //! More than one activation row (prefill): each quad of rows is widened once into an f32 scratch

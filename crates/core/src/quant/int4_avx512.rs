@@ -50,15 +50,8 @@ use super::team::{self, Isa, Team};
 pub const BLOCK: usize = 128;
 /// Rows per quad.
 pub const QUAD: usize = 4;
-/// How far ahead of the current block a thread prefetches its own stream (bytes), for every own
-/// kernel and the read roof. Two sweeps: on the Intel Xeon development machine (2-thread GEMV over
-/// 512 MiB of codes, 4096 × 4096 blocks) 512 → 13.2 GB/s, 1024 → 14.6, 3072 → 17.6, 6144 → 18.2,
-/// 8192 → 15.9; on the AMD EPYC with AVX-512 VNNI (2026-12-02, `examples/stream_probe`: the
-/// kernels over ~1.1 GiB of LLaVA-7B-shaped weights, median % of the paired read roof over 7–9
-/// rounds; the machine's bandwidth moved by ±30 % between seconds, so only medians of repeated
-/// runs are compared) 4096 → VNNI 69–82 %, exact f32 75–81 %, bf16 90–95 %; 6144 → 85–86 %,
-/// 71–85 %, 91–92 %; 8192 → 86–89 %, 81–87 %, 80–96 %; 16384 → 82 %, 82 %, 87 %.
-pub const PREFETCH_BYTES: usize = 6144;
+/// How far ahead each own kernel prefetches its stream: [`team::PREFETCH_BYTES`].
+pub use super::team::PREFETCH_BYTES;
 
 /// Why this kernel cannot take a weight `[n, k]` in groups of `group`, if it cannot.
 pub fn unsupported(n: usize, k: usize, group: usize) -> Option<String> {

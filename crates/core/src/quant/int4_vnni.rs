@@ -76,9 +76,10 @@
 //! with every linear on this kernel, 125 ms/token (88–128) with int8-per-group activations
 //! (`W4A16 g128 q8`), 3.24× (3.04–3.90×) the own bf16 kernel's decode in the same rounds, against
 //! 156 ms/token and 2.34× for the exact f32 kernel; W4A8 and W4A4 (per-token activations) run
-//! the same loop at the same speed within that machine's noise. The prefetch distance is shared with
-//! the f32 kernel ([`PREFETCH_BYTES`], swept on this machine too). The AVX-512 loop's arithmetic is tested bit for bit against the same
-//! loop on emulated lanes, which runs on any CPU (and ran on the VNNI CPU: identical).
+//! the same loop at the same speed within that machine's noise (the README has a later run). The
+//! prefetch distance is shared with the f32 kernel ([`PREFETCH_BYTES`], swept on this machine
+//! too). The AVX-512 loop's arithmetic is tested bit for bit against the same loop on emulated
+//! lanes, which runs on any CPU (and ran on the VNNI CPU: identical).
 //!
 //! `unsafe` here: the AVX-512 intrinsics and their unaligned loads (every load's range is checked
 //! against the slice lengths, with checked arithmetic, before the unchecked loop starts).

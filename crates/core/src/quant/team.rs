@@ -168,6 +168,16 @@ pub(crate) fn chunk_for(items: usize, min: usize) -> usize {
     items.div_ceil(4 * threads).max(min).max(1)
 }
 
+/// How far ahead of the current block a thread prefetches its own stream (bytes), for every own
+/// kernel (`int4_avx512`, `int4_vnni`, `bf16_own`) and the read roof. Two sweeps: on the Intel Xeon development machine (2-thread GEMV over
+/// 512 MiB of codes, 4096 × 4096 blocks) 512 → 13.2 GB/s, 1024 → 14.6, 3072 → 17.6, 6144 → 18.2,
+/// 8192 → 15.9; on the AMD EPYC with AVX-512 VNNI (2026-12-02, `examples/stream_probe`: the
+/// kernels over ~1.1 GiB of LLaVA-7B-shaped weights, median % of the paired read roof over 7–9
+/// rounds; the machine's bandwidth moved by ±30 % between seconds, so only medians of repeated
+/// runs are compared) 4096 → VNNI 69–82 %, exact f32 75–81 %, bf16 90–95 %; 6144 → 85–86 %,
+/// 71–85 %, 91–92 %; 8192 → 86–89 %, 81–87 %, 80–96 %; 16384 → 82 %, 82 %, 87 %.
+pub const PREFETCH_BYTES: usize = 6144;
+
 /// The memory roof a decode kernel can reach: bytes per second of a pure streaming read (a
 /// vectorised sum of a `bytes`-long buffer, far above the last-level cache) by the kernels' own
 /// team, best of `repeats` after one untimed pass that touches the pages. Nothing is written
@@ -197,7 +207,7 @@ pub fn read_bandwidth(bytes: usize, repeats: usize) -> f64 {
 
 /// Wrapping sum of `v` at the kernels' SIMD level, read the way the kernels read their weights:
 /// four independent vector accumulators and a software prefetch
-/// [`PREFETCH_BYTES`](crate::quant::int4_avx512::PREFETCH_BYTES) ahead. A roof must be the fastest
+/// [`PREFETCH_BYTES`] ahead. A roof must be the fastest
 /// pure read known on the machine, or a kernel can exceed it: measured on the AMD EPYC with
 /// AVX-512 VNNI (2 cores, 2026-12-02, 1 GiB, best of 5, alternated), the compiler-vectorised
 /// fold without prefetch read 36–44 GB/s and this loop 45–48 GB/s, while the VNNI kernel alone
@@ -218,7 +228,7 @@ fn sum_words(v: &[u64]) -> u64 {
 mod stream_sum {
     use std::arch::x86_64::*;
 
-    use crate::quant::int4_avx512::PREFETCH_BYTES;
+    use super::PREFETCH_BYTES;
 
     /// Four 64-byte lines per step into four accumulators, the next lines prefetched.
     ///
