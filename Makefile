@@ -63,3 +63,4 @@ results/efficiency/efficiency.csv: configs/efficiency.toml | bootstrap
 # Regenerate the parity fixtures with the pinned transformers (they are committed).
 fixtures: bootstrap
 	.venv/bin/python python/gen_llava_fixtures.py
+	.venv/bin/python python/gen_qwen2vl_fixtures.py

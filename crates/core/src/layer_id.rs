@@ -54,6 +54,10 @@ pub enum Slot {
     /// The language model's head (`lm_head`), block = the decoder's layer count (it runs after
     /// the last layer). Not a search site: `Llava::linears` leaves it out.
     LmHead,
+    /// Qwen2-VL's vision attention: q, k and v in one linear (`attn.qkv`) and its output
+    /// (`attn.proj`).
+    Qkv,
+    Proj,
 }
 
 impl Slot {
@@ -73,10 +77,12 @@ impl Slot {
             Slot::Linear1 => "linear_1",
             Slot::Linear2 => "linear_2",
             Slot::LmHead => "lm_head",
+            Slot::Qkv => "qkv",
+            Slot::Proj => "proj",
         }
     }
 
-    const ALL: [Slot; 13] = [
+    const ALL: [Slot; 15] = [
         Slot::QProj,
         Slot::KProj,
         Slot::VProj,
@@ -90,6 +96,8 @@ impl Slot {
         Slot::Linear1,
         Slot::Linear2,
         Slot::LmHead,
+        Slot::Qkv,
+        Slot::Proj,
     ];
 }
 

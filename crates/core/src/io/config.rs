@@ -294,6 +294,89 @@ pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     }
 }
 
+/// Qwen2-VL's vision tower (`vision_config` of a Qwen2-VL `config.json`, transformers'
+/// `Qwen2VLVisionConfig`): a ViT over patches of `temporal_patch_size × patch_size²` pixels with
+/// 2-D rotary positions, and a merger of `spatial_merge_size²` neighbouring patches into one
+/// token of the language model's width.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Qwen2VisionConfig {
+    pub depth: i64,
+    pub embed_dim: i64,
+    /// The language model's width: the merger's output.
+    pub hidden_size: i64,
+    pub num_heads: i64,
+    pub mlp_ratio: i64,
+    pub in_channels: i64,
+    pub patch_size: i64,
+    pub temporal_patch_size: i64,
+    pub spatial_merge_size: i64,
+    pub hidden_act: Activation,
+    pub rope_theta: f64,
+}
+
+impl Qwen2VisionConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.embed_dim / self.num_heads
+    }
+
+    /// Inputs of one flattened patch: channels × temporal patch × patch².
+    pub fn patch_len(&self) -> i64 {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+
+    /// The `vision_config` of the Qwen2-VL `config.json` at `path`, with transformers' defaults
+    /// (Qwen2-VL-7B's); errors name the file and the key.
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let root = read_json_object(path)?;
+        let top = Fields::new(path, "", &root);
+        let vision = top
+            .object("vision_config")?
+            .ok_or_else(|| top.err("vision_config", "missing (required)"))?;
+        parse_qwen2_vision(&Fields::new(path, "vision_config.", vision))
+    }
+}
+
+/// Qwen2VLVisionConfig with transformers' defaults.
+fn parse_qwen2_vision(f: &Fields<'_>) -> Result<Qwen2VisionConfig> {
+    let rope_theta = match f.object("rope_parameters")? {
+        Some(rope) => {
+            let r = Fields::new(f.file, &f.key("rope_parameters."), rope);
+            let kind = r.string("rope_type", Some("axial"))?;
+            if kind != "axial" {
+                return Err(
+                    r.err("rope_type", format!("`{kind}`: the vision tower's rotary is `axial`"))
+                );
+            }
+            r.float("rope_theta", 10000.0)?
+        }
+        None => 10000.0,
+    };
+    let cfg = Qwen2VisionConfig {
+        depth: f.positive("depth", Some(32))?,
+        embed_dim: f.positive("embed_dim", Some(1280))?,
+        hidden_size: f.positive("hidden_size", Some(3584))?,
+        num_heads: f.positive("num_heads", Some(16))?,
+        mlp_ratio: f.positive("mlp_ratio", Some(4))?,
+        in_channels: f.positive("in_channels", Some(3))?,
+        patch_size: f.positive("patch_size", Some(14))?,
+        temporal_patch_size: f.positive("temporal_patch_size", Some(2))?,
+        spatial_merge_size: f.positive("spatial_merge_size", Some(2))?,
+        hidden_act: f.activation("hidden_act", "quick_gelu")?,
+        rope_theta,
+    };
+    // The axial rotary splits each head into four quarters (h and w, cos and sin halves).
+    if cfg.embed_dim % cfg.num_heads != 0 || cfg.head_dim() % 4 != 0 {
+        return Err(f.err(
+            "num_heads",
+            format!(
+                "{} heads of embed_dim {}: the head width must be a whole multiple of 4",
+                cfg.num_heads, cfg.embed_dim
+            ),
+        ));
+    }
+    Ok(cfg)
+}
+
 /// CLIPVisionConfig with transformers' defaults.
 fn parse_clip_vision(f: &Fields<'_>) -> Result<ClipVisionConfig> {
     let cfg = ClipVisionConfig {

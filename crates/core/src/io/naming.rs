@@ -25,6 +25,13 @@ pub enum Naming {
     /// `linear_projector`: `mm_projector_type = "linear"` stores `model.mm_projector.{weight,bias}`;
     /// `mlp2x_gelu` stores `model.mm_projector.{0,2}.*`.
     Original { linear_projector: bool },
+    /// Qwen2-VL as Qwen released it and transformers 5.x writes it: `visual.*` (vision tower and
+    /// merger), `model.*` (the language model), `lm_head.*`. Canonical names: `visual.`,
+    /// `language_model.`, `lm_head.`.
+    Qwen2Vl,
+    /// Qwen2-VL as transformers 4.52–4.57 wrote it: `model.visual.*`, `model.language_model.*`,
+    /// `lm_head.*`.
+    Qwen2VlModelPrefixed,
 }
 
 /// (canonical prefix, store, stored prefix), first match wins.
@@ -55,6 +62,16 @@ impl Naming {
                 ("vision_tower.", 1, "vision_model."),
                 ("multi_modal_projector.linear_1.", 0, "model.mm_projector."),
                 ("language_model.", 0, "model."),
+                ("lm_head.", 0, "lm_head."),
+            ],
+            Naming::Qwen2Vl => &[
+                ("visual.", 0, "visual."),
+                ("language_model.", 0, "model."),
+                ("lm_head.", 0, "lm_head."),
+            ],
+            Naming::Qwen2VlModelPrefixed => &[
+                ("visual.", 0, "model.visual."),
+                ("language_model.", 0, "model.language_model."),
                 ("lm_head.", 0, "lm_head."),
             ],
             Naming::Original { linear_projector: false } => &[
@@ -89,6 +106,26 @@ impl Naming {
                 || key == "text_projection.weight"
                 || key == "visual_projection.weight"
                 || key == "logit_scale")
+    }
+
+    /// Picks the Qwen2-VL layout whose probe keys the stores hold.
+    pub fn detect_qwen2_vl(set: &ShardSet, file_hint: &std::path::Path) -> Result<Naming> {
+        const PROBE_VISION: &str = "visual.patch_embed.proj.weight";
+        const PROBE_TEXT: &str = "language_model.embed_tokens.weight";
+        for naming in [Naming::Qwen2Vl, Naming::Qwen2VlModelPrefixed] {
+            if set.contains(&naming.stored_key(PROBE_VISION).1)
+                && set.contains(&naming.stored_key(PROBE_TEXT).1)
+            {
+                return Ok(naming);
+            }
+        }
+        Err(Error::Safetensors {
+            file: file_hint.to_path_buf(),
+            reason: "no known Qwen2-VL key layout: expected `visual.patch_embed.proj.weight` + \
+                     `model.embed_tokens.weight` (Qwen's release, transformers 5.x) or \
+                     `model.visual.…` + `model.language_model.embed_tokens.weight` (4.52–4.57)"
+                .into(),
+        })
     }
 
     /// Picks the llava-hf layout whose probe keys the stores hold.

@@ -5,4 +5,5 @@ pub mod llava;
 pub mod norm;
 pub mod outliers;
 pub mod projector;
+pub mod qwen2_vl;
 pub mod rotation;

@@ -1,0 +1,273 @@
+//! Qwen2-VL's vision tower and patch merger, as transformers 5.24 runs them
+//! (`Qwen2VisionTransformerPretrainedModel` in `models/qwen2_vl/modeling_qwen2_vl.py`,
+//! <https://github.com/huggingface/transformers/blob/v5.0.0/src/transformers/models/qwen2_vl/modeling_qwen2_vl.py>):
+//! patches of `temporal_patch_size × patch_size²` pixels embedded by one linear map (the
+//! checkpoint's `Conv3d` with stride = kernel, the same products), pre-norm ViT blocks with
+//! LayerNorm, a fused `qkv` linear and a 2-D ("axial") rotary position on every query and key, no
+//! class token and no absolute position embedding; attention stays within each image; then the
+//! merger concatenates each `spatial_merge_size²` neighbouring patches (they are adjacent in the
+//! image processor's patch order) and maps them to the language model's width.
+//!
+//! The number of patches varies with the image (dynamic resolution): `forward` takes the image
+//! processor's flattened patches of any number of images and each image's `(t, h, w)` grid.
+//!
+//! Not here yet (issue #22): the Qwen2 language model with M-RoPE, the image processor, the
+//! chat template, generation, Qwen2.5-VL (window attention, RMSNorm/SwiGLU blocks), and this
+//! tower's place in the search and the bench.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::hook::LinearHook;
+use crate::io::config::{Activation, Qwen2VisionConfig};
+use crate::io::weights::{Init, VarBuilder};
+use crate::layer_id::{LayerId, Slot, Tower};
+use crate::model::clip::activate;
+use crate::model::linear::Linear;
+use crate::model::norm::LayerNorm;
+
+/// transformers' `LayerNorm(…, eps=1e-6)` of the blocks and the merger.
+const LAYER_NORM_EPS: f64 = 1e-6;
+
+/// One image's (or video's) patch grid: temporal, height and width patches.
+pub type GridThw = [i64; 3];
+
+/// One pre-norm block: `x + proj(attn(norm1 x))`, then `x + fc2(act(fc1(norm2 x)))`.
+#[derive(Debug)]
+pub struct Qwen2VisionBlock {
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    act: Activation,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl Qwen2VisionBlock {
+    fn load(vb: &VarBuilder, cfg: &Qwen2VisionConfig, block: u32) -> Result<Self> {
+        let d = cfg.embed_dim;
+        let hidden = d * cfg.mlp_ratio;
+        let id = |slot| LayerId::new(Tower::Vision, block, slot);
+        let (attn, mlp) = (vb.pp("attn"), vb.pp("mlp"));
+        Ok(Self {
+            norm1: LayerNorm::load(&vb.pp("norm1"), d, LAYER_NORM_EPS)?,
+            norm2: LayerNorm::load(&vb.pp("norm2"), d, LAYER_NORM_EPS)?,
+            qkv: Linear::load(&attn.pp("qkv"), id(Slot::Qkv), d, 3 * d, true)?,
+            proj: Linear::load(&attn.pp("proj"), id(Slot::Proj), d, d, true)?,
+            fc1: Linear::load(&mlp.pp("fc1"), id(Slot::Fc1), d, hidden, true)?,
+            fc2: Linear::load(&mlp.pp("fc2"), id(Slot::Fc2), hidden, d, true)?,
+            act: cfg.hidden_act,
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// `x` `[N, embed]` (the patches of every image, image after image), `rope` the cos and sin
+    /// `[N, head_dim]` of each patch, `lengths` the patches of each image.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        lengths: &[i64],
+        hook: &mut dyn LinearHook,
+    ) -> Tensor {
+        let x = x + self.attention(&self.norm1.forward(x), rope, lengths, hook);
+        let h = self.fc1.forward(&self.norm2.forward(&x), hook);
+        &x + self.fc2.forward(&activate(self.act, &h), hook)
+    }
+
+    /// transformers' `VisionAttention.forward` with its eager attention per image chunk.
+    fn attention(
+        &self,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        lengths: &[i64],
+        hook: &mut dyn LinearHook,
+    ) -> Tensor {
+        let n = x.size()[0];
+        let (h, d) = (self.heads, self.head_dim);
+        // [N, 3, heads, d] → three [N, heads, d].
+        let qkv = self.qkv.forward(x, hook).reshape([n, 3, h, d]);
+        let (q, k, v) = (qkv.select(1, 0), qkv.select(1, 1), qkv.select(1, 2));
+        let (q, k) = (rotate(&q, cos, sin), rotate(&k, cos, sin));
+        let scale = (d as f64).powf(-0.5);
+        let mut outs = Vec::with_capacity(lengths.len());
+        let mut start = 0;
+        for &len in lengths {
+            // [heads, len, d] for one image.
+            let part = |t: &Tensor| t.narrow(0, start, len).transpose(0, 1);
+            let (qi, ki, vi) = (part(&q), part(&k), part(&v));
+            let scores = qi.matmul(&ki.transpose(-1, -2)) * scale;
+            let probs = scores.softmax(-1, Kind::Float).to_kind(qi.kind());
+            outs.push(probs.matmul(&vi).transpose(0, 1).reshape([len, h * d]));
+            start += len;
+        }
+        self.proj.forward(&Tensor::cat(&outs, 0), hook)
+    }
+
+    pub fn linears(&self) -> [&Linear; 4] {
+        [&self.qkv, &self.proj, &self.fc1, &self.fc2]
+    }
+}
+
+/// transformers' `apply_rotary_pos_emb_vision` on `x` `[N, heads, d]`: in f32, `x·cos +
+/// rotate_half(x)·sin` with `rotate_half(x) = [−x₂, x₁]` (the two halves of the head), back in
+/// `x`'s dtype.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let half = xf.size()[2] / 2;
+    let rotated = Tensor::cat(&[-xf.narrow(2, half, half), xf.narrow(2, 0, half)], 2);
+    (&xf * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to_kind(kind)
+}
+
+/// `ln_q`, then each `merge²` consecutive patches as one row, `mlp.0`, exact GELU, `mlp.2`.
+#[derive(Debug)]
+pub struct Qwen2PatchMerger {
+    pub ln_q: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    /// `embed_dim · spatial_merge_size²`.
+    merged_width: i64,
+}
+
+impl Qwen2PatchMerger {
+    fn load(vb: &VarBuilder, cfg: &Qwen2VisionConfig) -> Result<Self> {
+        let width = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let id = |slot| LayerId::new(Tower::Projector, 0, slot);
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            ln_q: LayerNorm::load(&vb.pp("ln_q"), cfg.embed_dim, LAYER_NORM_EPS)?,
+            fc1: Linear::load(&mlp.pp(0), id(Slot::Linear1), width, width, true)?,
+            fc2: Linear::load(&mlp.pp(2), id(Slot::Linear2), width, cfg.hidden_size, true)?,
+            merged_width: width,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, hook: &mut dyn LinearHook) -> Tensor {
+        let rows = self.ln_q.forward(x).reshape([-1, self.merged_width]);
+        let h = self.fc1.forward(&rows, hook).gelu("none");
+        self.fc2.forward(&h, hook)
+    }
+}
+
+/// The tower's two outputs.
+#[derive(Debug)]
+pub struct VisionOutput {
+    /// The last block's output, `[patches, embed_dim]`.
+    pub hidden: Tensor,
+    /// The merger's output, `[patches / merge², hidden_size]`: the image tokens the language
+    /// model receives.
+    pub merged: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Qwen2VisionTower {
+    /// The patch `Conv3d`'s weight as a matrix `[embed_dim, patch_len]`.
+    pub patch_embed: Tensor,
+    pub blocks: Vec<Qwen2VisionBlock>,
+    pub merger: Qwen2PatchMerger,
+    pub cfg: Qwen2VisionConfig,
+}
+
+impl Qwen2VisionTower {
+    /// The tower at `vb` (canonical `visual.`): `patch_embed.proj`, `blocks.*`, `merger.*`.
+    pub fn load(vb: &VarBuilder, cfg: &Qwen2VisionConfig) -> Result<Self> {
+        let c = cfg;
+        let conv = vb.pp("patch_embed").pp("proj").get(
+            "weight",
+            &[c.embed_dim, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size],
+            Init::Normal { std: 0.02 },
+        )?;
+        let blocks = (0..c.depth)
+            .map(|b| Qwen2VisionBlock::load(&vb.pp("blocks").pp(b), c, b as u32))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_embed: conv.reshape([c.embed_dim, c.patch_len()]),
+            blocks,
+            merger: Qwen2PatchMerger::load(&vb.pp("merger"), c)?,
+            cfg: c.clone(),
+        })
+    }
+
+    /// The tower on `pixels` `[patches, patch_len]` (the image processor's `pixel_values`, the
+    /// images one after the other) with each image's grid (`image_grid_thw`). An error when the
+    /// grids do not account for the patches or a grid is not whole merge blocks.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        grids: &[GridThw],
+        hook: &mut dyn LinearHook,
+    ) -> Result<VisionOutput> {
+        let m = self.cfg.spatial_merge_size;
+        let mut lengths = Vec::with_capacity(grids.len());
+        for &[t, h, w] in grids {
+            if t <= 0 || h <= 0 || w <= 0 || h % m != 0 || w % m != 0 {
+                return Err(Error::Invalid(format!(
+                    "image grid (t, h, w) = ({t}, {h}, {w}): every side must be positive and h, w whole blocks of spatial_merge_size {m}"
+                )));
+            }
+            lengths.push(t * h * w);
+        }
+        let total: i64 = lengths.iter().sum();
+        let want = [total, self.cfg.patch_len()];
+        if pixels.size() != want {
+            return Err(Error::Invalid(format!(
+                "pixel values {:?} do not match the grids: expected {want:?}",
+                pixels.size()
+            )));
+        }
+        let weight = &self.patch_embed;
+        let mut x = pixels.to_kind(weight.kind()).matmul(&weight.tr());
+        let rope = self.rotary(grids, x.device());
+        for block in &self.blocks {
+            x = block.forward(&x, &rope, &lengths, hook);
+        }
+        let merged = self.merger.forward(&x, hook);
+        Ok(VisionOutput { hidden: x, merged })
+    }
+
+    /// The cos and sin `[patches, head_dim]` of transformers' `Qwen2VLVisionRotaryEmbedding` at
+    /// `get_vision_position_ids`' positions: within each image, patches go merge block by merge
+    /// block (`h/m × w/m` blocks, `m × m` patches each, row-major at both levels), repeated for
+    /// each temporal slice; a patch at row `r`, column `c` gets angles `r·f` and `c·f` for the
+    /// `head_dim/4` frequencies `f = θ^(−2i / (head_dim/2))`, laid out `[r·f, c·f, r·f, c·f]`.
+    fn rotary(&self, grids: &[GridThw], device: tch::Device) -> (Tensor, Tensor) {
+        let m = self.cfg.spatial_merge_size;
+        let (mut rows, mut cols) = (Vec::new(), Vec::new());
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for bh in 0..h / m {
+                    for bw in 0..w / m {
+                        for ih in 0..m {
+                            for iw in 0..m {
+                                rows.push((bh * m + ih) as f32);
+                                cols.push((bw * m + iw) as f32);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let spatial = self.cfg.head_dim() / 2;
+        let inv_freq = Tensor::arange_start_step(0, spatial, 2, (Kind::Float, device))
+            .divide_scalar(spatial as f64);
+        let inv_freq = Tensor::from(self.cfg.rope_theta as f32).to_device(device).pow(&inv_freq);
+        let inv_freq = inv_freq.reciprocal();
+        let angles =
+            |p: Vec<f32>| Tensor::from_slice(&p).to_device(device).unsqueeze(1) * &inv_freq;
+        let hw = Tensor::cat(&[angles(rows), angles(cols)], 1);
+        let full = Tensor::cat(&[&hw, &hw], 1);
+        (full.cos(), full.sin())
+    }
+
+    /// Every linear of the tower and the merger, in execution order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = self.blocks.iter().flat_map(|b| b.linears()).collect();
+        out.extend([&self.merger.fc1, &self.merger.fc2]);
+        out
+    }
+}

@@ -1,0 +1,105 @@
+//! Qwen2-VL's vision tower and patch merger against HF transformers on a tiny random checkpoint
+//! (python/gen_qwen2vl_fixtures.py): two images of different sizes (16 and 60 patches), alone
+//! and together, from the image processor's own `pixel_values`.
+
+use std::path::PathBuf;
+
+use qvlm_core::hook::NoHook;
+use qvlm_core::io::config::Qwen2VisionConfig;
+use qvlm_core::io::naming::Naming;
+use qvlm_core::io::safetensors::SafetensorsFile;
+use qvlm_core::io::shards::ShardSet;
+use qvlm_core::io::weights::VarBuilder;
+use qvlm_core::model::qwen2_vl::{GridThw, Qwen2VisionTower};
+use tch::{Device, Kind};
+
+use super::common::max_abs_diff;
+
+/// f32: the tower's last hidden states and the merger's outputs (the LLaVA fixtures' bound for
+/// vision features).
+const VISION_ATOL_F32: f64 = 1e-5;
+
+const GENERATOR_VERSION: &str = "generator 1";
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2vl")
+}
+
+/// The tower of checkpoint `name` (`tiny`: Qwen's layout, as transformers 5.x writes it;
+/// `tiny_model_prefixed`: the same weights in transformers 4.52–4.57's layout).
+fn tower_of(name: &str, layout: Naming) -> Qwen2VisionTower {
+    let dir = fixture().join(name);
+    let cfg = Qwen2VisionConfig::from_json(&dir.join("config.json")).expect("vision_config");
+    let set = ShardSet::open_dir(&dir).expect("checkpoint");
+    let naming = Naming::detect_qwen2_vl(&set, &dir).expect("layout");
+    assert_eq!(naming, layout, "{name}");
+    let vb = VarBuilder::from_checkpoint(vec![set], naming, Device::Cpu, Kind::Float);
+    Qwen2VisionTower::load(&vb.pp("visual"), &cfg).expect("vision tower")
+}
+
+fn tower() -> Qwen2VisionTower {
+    tower_of("tiny", Naming::Qwen2Vl)
+}
+
+fn grids(t: &tch::Tensor) -> Vec<GridThw> {
+    let v = Vec::<i64>::try_from(&t.reshape([-1])).expect("grid");
+    v.chunks_exact(3).map(|g| [g[0], g[1], g[2]]).collect()
+}
+
+#[test]
+fn the_fixtures_come_from_the_recorded_generator() {
+    let version = std::fs::read_to_string(fixture().join("VERSION")).expect("VERSION");
+    assert!(version.starts_with(GENERATOR_VERSION), "{version}");
+}
+
+#[test]
+fn vision_tower_and_merger_match_transformers_for_two_image_sizes() {
+    let _guard = tch::no_grad_guard();
+    let tower = tower();
+    let expected =
+        SafetensorsFile::open(&fixture().join("tiny/expected.safetensors")).expect("ref");
+    for i in 0..2 {
+        let pixels = expected.read(&format!("pixel_values_{i}")).expect("pixels");
+        let grid = grids(&expected.read(&format!("grid_thw_{i}")).expect("grid"));
+        let out = tower.forward(&pixels, &grid, &mut NoHook).expect("forward");
+        let hidden = expected.read(&format!("vision_hidden_{i}")).expect("hidden");
+        let merged = expected.read(&format!("merged_{i}")).expect("merged");
+        let m = tower.cfg.spatial_merge_size;
+        assert_eq!(out.merged.size()[0], grid[0].iter().product::<i64>() / (m * m));
+        let (dh, dm) = (max_abs_diff(&out.hidden, &hidden), max_abs_diff(&out.merged, &merged));
+        assert!(dh <= VISION_ATOL_F32, "image {i} {grid:?}: hidden states differ by {dh}");
+        assert!(dm <= VISION_ATOL_F32, "image {i} {grid:?}: merged tokens differ by {dm}");
+    }
+    // Both images in one call: attention must stay within each image.
+    let pixels = expected.read("pixel_values_both").expect("pixels");
+    let grid = grids(&expected.read("grid_thw_both").expect("grid"));
+    assert_eq!(grid.len(), 2);
+    let out = tower.forward(&pixels, &grid, &mut NoHook).expect("forward");
+    let d = max_abs_diff(&out.merged, &expected.read("merged_both").expect("merged"));
+    assert!(d <= VISION_ATOL_F32, "two images at once: merged tokens differ by {d}");
+}
+
+#[test]
+fn the_transformers_4_52_layout_loads_the_same_tower() {
+    let _guard = tch::no_grad_guard();
+    let expected =
+        SafetensorsFile::open(&fixture().join("tiny/expected.safetensors")).expect("ref");
+    let pixels = expected.read("pixel_values_both").expect("pixels");
+    let grid = grids(&expected.read("grid_thw_both").expect("grid"));
+    let prefixed = tower_of("tiny_model_prefixed", Naming::Qwen2VlModelPrefixed);
+    let a = prefixed.forward(&pixels, &grid, &mut NoHook).expect("forward");
+    let b = tower().forward(&pixels, &grid, &mut NoHook).expect("forward");
+    assert_eq!(max_abs_diff(&a.merged, &b.merged), 0.0);
+}
+
+#[test]
+fn grids_that_do_not_fit_the_pixels_are_named_errors() {
+    let _guard = tch::no_grad_guard();
+    let tower = tower();
+    let len = tower.cfg.patch_len();
+    let pixels = tch::Tensor::zeros([16, len], (Kind::Float, Device::Cpu));
+    let err = tower.forward(&pixels, &[[1, 4, 6]], &mut NoHook).expect_err("24 ≠ 16 patches");
+    assert!(err.to_string().contains("do not match the grids"), "{err}");
+    let err = tower.forward(&pixels, &[[1, 4, 3]], &mut NoHook).expect_err("odd width");
+    assert!(err.to_string().contains("spatial_merge_size"), "{err}");
+}

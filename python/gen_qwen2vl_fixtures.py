@@ -1,0 +1,133 @@
+"""Parity fixtures for the Rust Qwen2-VL vision tower: a tiny random Qwen2-VL checkpoint written by
+HF transformers, and the tensors transformers computes for two images of different sizes (the
+number of image tokens varies with the image in this family).
+
+Run from the repository root with the project's environment:
+    .venv/bin/python python/gen_qwen2vl_fixtures.py
+Writes crates/core/tests/fixtures/qwen2vl/tiny/ (committed): the checkpoint (`config.json`,
+`model.safetensors`, `preprocessor_config.json`) and `expected.safetensors` with, per image `i`,
+`pixel_values_i` (the image processor's `[patches, 3·2·14·14]`), `grid_thw_i` (`[1, 3]`),
+`vision_hidden_i` (the last block's output, before the merger, `[patches, embed_dim]`) and
+`merged_i` (the patch merger's output, `[patches / 4, hidden_size]`); and both images at once
+(`pixel_values_both`, `grid_thw_both`, `merged_both`: attention stays within each image).
+`VERSION` records the generator and the transformers/torch versions.
+
+Also writes crates/core/tests/fixtures/qwen2vl/tiny_model_prefixed/: the same checkpoint with
+its keys renamed to the layout transformers 4.52–4.57 wrote (`model.visual.*`,
+`model.language_model.*`, `lm_head.*`). The installed transformers (5.x) writes Qwen's own layout
+(`visual.*`, `model.*`), so this copy is renamed here rather than written by 4.5x itself.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+GENERATOR_VERSION = 1
+OUT = os.path.join("crates", "core", "tests", "fixtures", "qwen2vl", "tiny")
+
+
+def main():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    config = Qwen2VLConfig(
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=48,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            hidden_act="quick_gelu",
+        ),
+        text_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=320,
+            bos_token_id=1,
+            eos_token_id=2,
+            max_position_embeddings=512,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[2, 1, 3]),
+        ),
+        image_token_id=300,
+        video_token_id=301,
+        vision_start_token_id=302,
+        vision_end_token_id=303,
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    # Random init is small around zero; widen the norms' and biases' values so that a wrong
+    # formula cannot hide under tiny activations.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    os.makedirs(OUT, exist_ok=True)
+    model.save_pretrained(OUT)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    processor.save_pretrained(OUT)
+
+    images = [
+        Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)),
+    ]
+    expected = {}
+    meta = {"images": []}
+    visual = model.model.visual
+    with torch.no_grad():
+        for i, image in enumerate(images):
+            batch = processor(images=[image], return_tensors="pt")
+            pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+            out = visual(pixels, grid_thw=grid)
+            expected[f"pixel_values_{i}"] = pixels.contiguous()
+            expected[f"grid_thw_{i}"] = grid.to(torch.int64).contiguous()
+            expected[f"vision_hidden_{i}"] = out.last_hidden_state.contiguous()
+            expected[f"merged_{i}"] = out.pooler_output.contiguous()
+            meta["images"].append({"size": list(image.size), "grid_thw": grid[0].tolist()})
+        both = processor(images=images, return_tensors="pt")
+        out = visual(both["pixel_values"], grid_thw=both["image_grid_thw"])
+        expected["pixel_values_both"] = both["pixel_values"].contiguous()
+        expected["grid_thw_both"] = both["image_grid_thw"].to(torch.int64).contiguous()
+        expected["merged_both"] = out.pooler_output.contiguous()
+    save_file(expected, os.path.join(OUT, "expected.safetensors"))
+    write_model_prefixed_copy()
+    with open(os.path.join(OUT, "expected.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(OUT, "..", "VERSION"), "w") as f:
+        f.write(
+            f"generator {GENERATOR_VERSION}\ntransformers {transformers.__version__}\ntorch {torch.__version__}\n"
+        )
+    print(json.dumps(meta))
+
+
+def write_model_prefixed_copy():
+    from safetensors.torch import load_file
+
+    out = os.path.join(os.path.dirname(OUT), "tiny_model_prefixed")
+    os.makedirs(out, exist_ok=True)
+    tensors = load_file(os.path.join(OUT, "model.safetensors"))
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith("visual."):
+            key = "model." + key
+        elif key.startswith("model."):
+            key = "model.language_model." + key[len("model."):]
+        renamed[key] = value
+    save_file(renamed, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    for name in ["config.json", "preprocessor_config.json"]:
+        with open(os.path.join(OUT, name)) as src, open(os.path.join(out, name), "w") as dst:
+            dst.write(src.read())
+
+
+if __name__ == "__main__":
+    main()
