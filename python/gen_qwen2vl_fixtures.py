@@ -5,7 +5,8 @@ number of image tokens varies with the image in this family).
 Run from the repository root with the project's environment:
     .venv/bin/python python/gen_qwen2vl_fixtures.py
 Writes crates/core/tests/fixtures/qwen2vl/tiny/ (committed): the checkpoint (`config.json`,
-`model.safetensors`, `preprocessor_config.json`) and `expected.safetensors` with, per image `i`,
+`model.safetensors`, `preprocessor_config.json`), the two images (`image_0.png` 70×60,
+`image_1.png` 130×90) and `expected.safetensors` with, per image `i`,
 `pixel_values_i` (the image processor's `[patches, 3·2·14·14]`), `grid_thw_i` (`[1, 3]`),
 `vision_hidden_i` (the last block's output, before the merger, `[patches, embed_dim]`) and
 `merged_i` (the patch merger's output, `[patches / 4, hidden_size]`); and both images at once
@@ -81,6 +82,8 @@ def main():
         Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)),
         Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)),
     ]
+    for i, image in enumerate(images):
+        image.save(os.path.join(OUT, f"image_{i}.png"))
     expected = {}
     meta = {"images": []}
     visual = model.model.visual

@@ -40,8 +40,8 @@ pub struct ImageProcessorConfig {
     pub aspect: AspectMode,
 }
 
-const OPENAI_CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const OPENAI_CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub(crate) const OPENAI_CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub(crate) const OPENAI_CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 impl ImageProcessorConfig {
     /// CLIP's defaults at a given resolution.
@@ -93,23 +93,7 @@ impl ImageProcessorConfig {
                 (s, s)
             }
         };
-        let triple = |key: &str, default: [f64; 3]| -> Result<[f64; 3]> {
-            match root.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(default),
-                Some(serde_json::Value::Array(v)) if v.len() == 3 => {
-                    let mut out = [0.0; 3];
-                    for (o, x) in out.iter_mut().zip(v) {
-                        *o = x.as_f64().ok_or_else(|| {
-                            Error::config(path, key, format!("expected numbers, found {x}"))
-                        })?;
-                    }
-                    Ok(out)
-                }
-                Some(other) => {
-                    Err(Error::config(path, key, format!("expected 3 numbers, found {other}")))
-                }
-            }
-        };
+        let triple = |key: &str, default: [f64; 3]| per_channel(path, &root, key, default);
         let image_std = triple("image_std", OPENAI_CLIP_STD)?;
         if image_std.iter().any(|&s| s <= 0.0) {
             return Err(Error::config(path, "image_std", "must be positive"));
@@ -138,6 +122,29 @@ impl ImageProcessorConfig {
             image_std,
             aspect,
         })
+    }
+}
+
+/// A per-channel triple (`image_mean`, `image_std`) of a preprocessor config, `default` when
+/// absent; an error naming `path` and `key` otherwise.
+pub(crate) fn per_channel(
+    path: &Path,
+    root: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    default: [f64; 3],
+) -> Result<[f64; 3]> {
+    match root.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(serde_json::Value::Array(v)) if v.len() == 3 => {
+            let mut out = [0.0; 3];
+            for (o, x) in out.iter_mut().zip(v) {
+                *o = x.as_f64().ok_or_else(|| {
+                    Error::config(path, key, format!("expected numbers, found {x}"))
+                })?;
+            }
+            Ok(out)
+        }
+        Some(other) => Err(Error::config(path, key, format!("expected 3 numbers, found {other}"))),
     }
 }
 
@@ -344,7 +351,23 @@ mod resample {
         (v >> PRECISION_BITS).clamp(0, 255) as u8
     }
 
+    /// Pillow's order of the two passes (observed on Pillow 13.0 against every mix of growing
+    /// and shrinking sides, python/gen_qwen2vl_fixtures.py's 130×90 → 140×84 among them): when
+    /// the width grows and the height shrinks, the vertical pass runs first; otherwise the
+    /// horizontal one does, as `ImagingResampleInner` reads. Each pass rounds to 8 bits, so the
+    /// order changes pixels (by up to 17 levels on that image).
     pub(super) fn resize(img: &Rgb8, width: u32, height: u32) -> Rgb8 {
+        if width > img.width && height < img.height {
+            return horizontal_then_vertical(
+                &horizontal_then_vertical(img, img.width, height),
+                width,
+                height,
+            );
+        }
+        horizontal_then_vertical(img, width, height)
+    }
+
+    fn horizontal_then_vertical(img: &Rgb8, width: u32, height: u32) -> Rgb8 {
         let need_h = width != img.width;
         let need_v = height != img.height;
         let (kh, bh, wh) = coefficients(img.width, width);

@@ -3,6 +3,7 @@ pub mod config;
 pub mod image;
 pub mod naming;
 pub mod prompt;
+pub mod qwen2_image;
 pub mod safetensors;
 pub mod shards;
 pub mod weights;

@@ -11,9 +11,9 @@
 //! The number of patches varies with the image (dynamic resolution): `forward` takes the image
 //! processor's flattened patches of any number of images and each image's `(t, h, w)` grid.
 //!
-//! Not here yet (issue #22): the Qwen2 language model with M-RoPE, the image processor, the
-//! chat template, generation, Qwen2.5-VL (window attention, RMSNorm/SwiGLU blocks), and this
-//! tower's place in the search and the bench.
+//! The patches come from [`crate::io::qwen2_image::Qwen2ImageProcessor`]. Not here yet (issue
+//! #22): the Qwen2 language model with M-RoPE, the chat template, generation, Qwen2.5-VL (window
+//! attention, RMSNorm/SwiGLU blocks), and this tower's place in the search and the bench.
 
 use tch::{Kind, Tensor};
 
@@ -29,8 +29,7 @@ use crate::model::norm::LayerNorm;
 /// transformers' `LayerNorm(…, eps=1e-6)` of the blocks and the merger.
 const LAYER_NORM_EPS: f64 = 1e-6;
 
-/// One image's (or video's) patch grid: temporal, height and width patches.
-pub type GridThw = [i64; 3];
+pub use crate::io::qwen2_image::GridThw;
 
 /// One pre-norm block: `x + proj(attn(norm1 x))`, then `x + fc2(act(fc1(norm2 x)))`.
 #[derive(Debug)]

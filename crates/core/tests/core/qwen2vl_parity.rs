@@ -1,12 +1,14 @@
-//! Qwen2-VL's vision tower and patch merger against HF transformers on a tiny random checkpoint
-//! (python/gen_qwen2vl_fixtures.py): two images of different sizes (16 and 60 patches), alone
-//! and together, from the image processor's own `pixel_values`.
+//! Qwen2-VL's image processor, vision tower and patch merger against HF transformers on a tiny
+//! random checkpoint (python/gen_qwen2vl_fixtures.py): two images of different sizes (16 and 60
+//! patches), alone and together.
 
 use std::path::PathBuf;
 
 use qvlm_core::hook::NoHook;
 use qvlm_core::io::config::Qwen2VisionConfig;
+use qvlm_core::io::image::Rgb8;
 use qvlm_core::io::naming::Naming;
+use qvlm_core::io::qwen2_image::{Qwen2ImageConfig, Qwen2ImageProcessor};
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::io::shards::ShardSet;
 use qvlm_core::io::weights::VarBuilder;
@@ -18,6 +20,10 @@ use super::common::max_abs_diff;
 /// f32: the tower's last hidden states and the merger's outputs (the LLaVA fixtures' bound for
 /// vision features).
 const VISION_ATOL_F32: f64 = 1e-5;
+
+/// f32 pixel values: Pillow's resize is reproduced bit for bit on 8-bit RGB; only the float
+/// rescale/normalize can round differently.
+const PIXEL_ATOL: f64 = 1e-6;
 
 const GENERATOR_VERSION: &str = "generator 1";
 
@@ -77,6 +83,28 @@ fn vision_tower_and_merger_match_transformers_for_two_image_sizes() {
     let out = tower.forward(&pixels, &grid, &mut NoHook).expect("forward");
     let d = max_abs_diff(&out.merged, &expected.read("merged_both").expect("merged"));
     assert!(d <= VISION_ATOL_F32, "two images at once: merged tokens differ by {d}");
+}
+
+#[test]
+fn the_image_processor_matches_transformers_patches_and_grids() {
+    let dir = fixture().join("tiny");
+    let cfg = Qwen2ImageConfig::from_json(&dir.join("preprocessor_config.json")).expect("config");
+    assert_eq!((cfg.min_pixels, cfg.max_pixels), (56 * 56, 28 * 28 * 64));
+    let processor = Qwen2ImageProcessor::new(cfg);
+    let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).expect("ref");
+    let images: Vec<Rgb8> =
+        (0..2).map(|i| Rgb8::open(&dir.join(format!("image_{i}.png"))).expect("png")).collect();
+    for (i, image) in images.iter().enumerate() {
+        let (patches, grid) = processor.preprocess(image).expect("preprocess");
+        let want = grids(&expected.read(&format!("grid_thw_{i}")).expect("grid"));
+        assert_eq!(vec![grid], want, "image {i}");
+        let d = max_abs_diff(&patches, &expected.read(&format!("pixel_values_{i}")).expect("px"));
+        assert!(d <= PIXEL_ATOL, "image {i}: pixel values differ by {d}");
+    }
+    let (patches, grid) = processor.preprocess_all(&images).expect("both");
+    assert_eq!(grid, grids(&expected.read("grid_thw_both").expect("grid")));
+    let d = max_abs_diff(&patches, &expected.read("pixel_values_both").expect("pixels"));
+    assert!(d <= PIXEL_ATOL, "both images: pixel values differ by {d}");
 }
 
 #[test]
