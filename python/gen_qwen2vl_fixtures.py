@@ -10,7 +10,9 @@ Writes crates/core/tests/fixtures/qwen2vl/tiny/ (committed): the checkpoint (`co
 `pixel_values_i` (the image processor's `[patches, 3·2·14·14]`), `grid_thw_i` (`[1, 3]`),
 `vision_hidden_i` (the last block's output, before the merger, `[patches, embed_dim]`) and
 `merged_i` (the patch merger's output, `[patches / 4, hidden_size]`); and both images at once
-(`pixel_values_both`, `grid_thw_both`, `merged_both`: attention stays within each image).
+(`pixel_values_both`, `grid_thw_both`, `merged_both`: attention stays within each image); and
+the M-RoPE positions transformers' `get_rope_index` gives a prompt holding both images
+(`mrope_input_ids`, `mrope_positions` `[3, tokens]`, `mrope_delta`).
 `VERSION` records the generator and the transformers/torch versions.
 
 Also writes crates/core/tests/fixtures/qwen2vl/tiny_model_prefixed/: the same checkpoint with
@@ -102,6 +104,23 @@ def main():
         expected["pixel_values_both"] = both["pixel_values"].contiguous()
         expected["grid_thw_both"] = both["image_grid_thw"].to(torch.int64).contiguous()
         expected["merged_both"] = out.pooler_output.contiguous()
+    # M-RoPE positions of a prompt with both images (text, image 0, text, image 1, text), from
+    # transformers' own `get_rope_index`.
+    merge = config.vision_config.spatial_merge_size
+    tokens = [5, 6, 7]
+    types = [0, 0, 0]
+    for i, text in [(0, [8, 9]), (1, [10, 11, 12, 13])]:
+        t, h, w = expected[f"grid_thw_{i}"][0].tolist()
+        n = t * (h // merge) * (w // merge)
+        tokens += [config.image_token_id] * n + text
+        types += [1] * n + [0] * len(text)
+    input_ids = torch.tensor([tokens])
+    positions, delta = model.model.get_rope_index(
+        input_ids, torch.tensor([types]), image_grid_thw=expected["grid_thw_both"]
+    )
+    expected["mrope_input_ids"] = input_ids.contiguous()
+    expected["mrope_positions"] = positions[:, 0].contiguous()
+    expected["mrope_delta"] = delta.reshape(1).contiguous()
     save_file(expected, os.path.join(OUT, "expected.safetensors"))
     write_model_prefixed_copy()
     with open(os.path.join(OUT, "expected.json"), "w") as f:

@@ -270,3 +270,55 @@ impl Qwen2VisionTower {
         out
     }
 }
+
+/// The multimodal rotary positions (M-RoPE) of one prompt, as transformers'
+/// `Qwen2VLModel.get_rope_index` computes them: `is_image[i]` says whether token `i` is an image
+/// token (the merged tokens of the images, in order, one run per image), `grids` each image's
+/// patch grid and `merge` the tower's `spatial_merge_size`. Text tokens count on from the position
+/// so far in all three components; an image's tokens get (temporal, row, column) of their merged
+/// patch, each offset by the position at the image's start, and the position then moves on by
+/// the longer side of the merged grid. Returns `[t, h, w]` per token and the delta that decoding
+/// continues with (`max position + 1 − tokens`). An error when the image runs and the grids
+/// disagree.
+pub fn mrope_positions(
+    is_image: &[bool],
+    grids: &[GridThw],
+    merge: i64,
+) -> Result<(Vec<[i64; 3]>, i64)> {
+    let mut positions = Vec::with_capacity(is_image.len());
+    let mut grids = grids.iter();
+    let mut current = 0i64;
+    let mut i = 0;
+    while i < is_image.len() {
+        let run = is_image[i..].iter().take_while(|&&b| b == is_image[i]).count();
+        if !is_image[i] {
+            positions.extend((0..run as i64).map(|j| [current + j; 3]));
+            current += run as i64;
+        } else {
+            let &[t, h, w] = grids.next().ok_or_else(|| {
+                Error::Invalid(format!("image tokens at {i} but no image grid is left"))
+            })?;
+            let (gh, gw) = (h / merge, w / merge);
+            if t * gh * gw != run as i64 {
+                return Err(Error::Invalid(format!(
+                    "{run} image tokens at {i}, but the image's grid ({t}, {h}, {w}) merged by {merge} has {}",
+                    t * gh * gw
+                )));
+            }
+            for ti in 0..t {
+                for hi in 0..gh {
+                    for wi in 0..gw {
+                        positions.push([current + ti, current + hi, current + wi]);
+                    }
+                }
+            }
+            current += gh.max(gw);
+        }
+        i += run;
+    }
+    if grids.next().is_some() {
+        return Err(Error::Invalid("more image grids than runs of image tokens".into()));
+    }
+    let max = positions.iter().flatten().copied().max().unwrap_or(-1);
+    Ok((positions, max + 1 - is_image.len() as i64))
+}

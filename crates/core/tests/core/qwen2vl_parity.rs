@@ -12,7 +12,7 @@ use qvlm_core::io::qwen2_image::{Qwen2ImageConfig, Qwen2ImageProcessor};
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::io::shards::ShardSet;
 use qvlm_core::io::weights::VarBuilder;
-use qvlm_core::model::qwen2_vl::{GridThw, Qwen2VisionTower};
+use qvlm_core::model::qwen2_vl::{mrope_positions, GridThw, Qwen2VisionTower};
 use tch::{Device, Kind};
 
 use super::common::max_abs_diff;
@@ -118,6 +118,34 @@ fn the_transformers_4_52_layout_loads_the_same_tower() {
     let a = prefixed.forward(&pixels, &grid, &mut NoHook).expect("forward");
     let b = tower().forward(&pixels, &grid, &mut NoHook).expect("forward");
     assert_eq!(max_abs_diff(&a.merged, &b.merged), 0.0);
+}
+
+#[test]
+fn mrope_positions_match_transformers_get_rope_index() {
+    let dir = fixture().join("tiny");
+    let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).expect("ref");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("json");
+    let image_token = config["image_token_id"].as_i64().expect("image_token_id");
+    let ids = Vec::<i64>::try_from(&expected.read("mrope_input_ids").expect("ids").reshape([-1]))
+        .expect("ids");
+    let is_image: Vec<bool> = ids.iter().map(|&t| t == image_token).collect();
+    let grid = grids(&expected.read("grid_thw_both").expect("grid"));
+    let (positions, delta) = mrope_positions(&is_image, &grid, 2).expect("positions");
+    let want = expected.read("mrope_positions").expect("positions");
+    let want = Vec::<i64>::try_from(&want.reshape([-1])).expect("positions");
+    let n = ids.len();
+    let got: Vec<i64> = (0..3).flat_map(|c| positions.iter().map(move |p| p[c])).collect();
+    assert_eq!(got, want, "[3, {n}] positions");
+    let want_delta =
+        Vec::<i64>::try_from(&expected.read("mrope_delta").expect("delta")).expect("delta");
+    assert_eq!(vec![delta], want_delta);
+    // A run of image tokens that does not match its grid, and a grid without a run, are errors.
+    let mut short = is_image.clone();
+    short[3] = false;
+    assert!(mrope_positions(&short, &grid, 2).is_err());
+    assert!(mrope_positions(&is_image, &[grid[0], grid[1], grid[1]], 2).is_err());
 }
 
 #[test]
