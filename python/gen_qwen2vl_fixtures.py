@@ -12,7 +12,11 @@ Writes crates/core/tests/fixtures/qwen2vl/tiny/ (committed): the checkpoint (`co
 `merged_i` (the patch merger's output, `[patches / 4, hidden_size]`); and both images at once
 (`pixel_values_both`, `grid_thw_both`, `merged_both`: attention stays within each image); and
 the M-RoPE positions transformers' `get_rope_index` gives a prompt holding both images
-(`mrope_input_ids`, `mrope_positions` `[3, tokens]`, `mrope_delta`).
+(`mrope_input_ids`, `mrope_positions` `[3, tokens]`, `mrope_delta`); the whole model's logits
+(`lm_input_ids_both`, `lm_logits_both` `[tokens, vocab]`: a prompt with both images between
+`<|vision_start|>`/`<|vision_end|>`; `lm_input_ids_text`, `lm_logits_text`: text only) and
+greedy generation (`gen_input_ids` with image 1, `gen_tokens`: the new tokens `generate` returns,
+eos 2 included if it came).
 `VERSION` records the generator and the transformers/torch versions.
 
 Also writes crates/core/tests/fixtures/qwen2vl/tiny_model_prefixed/: the same checkpoint with
@@ -32,7 +36,7 @@ from safetensors.torch import save_file
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 OUT = os.path.join("crates", "core", "tests", "fixtures", "qwen2vl", "tiny")
 
 
@@ -75,6 +79,13 @@ def main():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
                 p.add_(torch.randn_like(p) * 0.2)
+        # The language model's random init gives near-uniform logits and a greedy run that
+        # repeats one token; larger weights make the logits and the greedy tokens discriminate.
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith("weight") and "norm" not in name:
+                p.mul_(4.0)
+            if "embed_tokens" in name or "lm_head" in name:
+                p.mul_(7.5)
     os.makedirs(OUT, exist_ok=True)
     model.save_pretrained(OUT)
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
@@ -121,6 +132,7 @@ def main():
     expected["mrope_input_ids"] = input_ids.contiguous()
     expected["mrope_positions"] = positions[:, 0].contiguous()
     expected["mrope_delta"] = delta.reshape(1).contiguous()
+    language_model_references(model, config, expected)
     save_file(expected, os.path.join(OUT, "expected.safetensors"))
     write_model_prefixed_copy()
     with open(os.path.join(OUT, "expected.json"), "w") as f:
@@ -130,6 +142,44 @@ def main():
             f"generator {GENERATOR_VERSION}\ntransformers {transformers.__version__}\ntorch {torch.__version__}\n"
         )
     print(json.dumps(meta))
+
+
+def language_model_references(model, config, expected):
+    """Logits of the whole model (vision tower, image tokens at their placeholders, M-RoPE, the
+    Qwen2 decoder) and greedy tokens, as transformers computes them."""
+    merge = config.vision_config.spatial_merge_size
+
+    def image_run(i):
+        t, h, w = expected[f"grid_thw_{i}"][0].tolist()
+        n = t * (h // merge) * (w // merge)
+        return [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id]
+
+    def run(ids, pixels, grid):
+        input_ids = torch.tensor([ids])
+        kwargs = {}
+        if pixels is not None:
+            types = (input_ids == config.image_token_id).to(torch.int32)
+            kwargs = dict(pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=types)
+        return input_ids, kwargs
+
+    with torch.no_grad():
+        ids = [5, 6] + image_run(0) + [8, 9] + image_run(1) + [10, 11, 12, 13]
+        input_ids, kwargs = run(ids, expected["pixel_values_both"], expected["grid_thw_both"])
+        logits = model(input_ids=input_ids, **kwargs).logits
+        expected["lm_input_ids_both"] = input_ids.contiguous()
+        expected["lm_logits_both"] = logits[0].contiguous()
+        ids = [5, 6, 7, 8, 9, 10, 11]
+        input_ids, kwargs = run(ids, None, None)
+        expected["lm_input_ids_text"] = input_ids.contiguous()
+        expected["lm_logits_text"] = model(input_ids=input_ids).logits[0].contiguous()
+        ids = [5, 6] + image_run(1) + [7, 8]
+        input_ids, kwargs = run(ids, expected["pixel_values_1"], expected["grid_thw_1"])
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8,
+            do_sample=False, eos_token_id=config.text_config.eos_token_id, pad_token_id=0, **kwargs
+        )
+        expected["gen_input_ids"] = input_ids.contiguous()
+        expected["gen_tokens"] = out[0, input_ids.shape[1]:].contiguous()
 
 
 def write_model_prefixed_copy():

@@ -22,6 +22,12 @@ pub fn hf_config_json(cfg: &LlavaConfig) -> Result<Value> {
     }
     let v = &cfg.vision;
     let t = &cfg.text;
+    if (t.qkv_bias && !t.attention_bias) || t.mrope_section.is_some() {
+        return Err(Error::Invalid(
+            "a llava-hf checkpoint's LLaMA has neither a q/k/v-only bias nor M-RoPE (those are Qwen2's)"
+                .into(),
+        ));
+    }
     let rope_parameters = match t.rope_scaling {
         RopeScaling::Default => json!({"rope_type": "default", "rope_theta": t.rope_theta}),
         RopeScaling::Linear { factor } => {

@@ -109,8 +109,17 @@ pub struct LlamaConfig {
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: i64,
     pub tie_word_embeddings: bool,
+    /// A bias on q, k, v and o (LLaMA's `attention_bias`).
     pub attention_bias: bool,
+    /// A bias on q, k and v only, whatever `attention_bias` says (Qwen2's attention).
+    #[serde(default)]
+    pub qkv_bias: bool,
     pub mlp_bias: bool,
+    /// Multimodal rotary positions (Qwen2-VL's M-RoPE): the rotary frequencies of each head are
+    /// split into three runs of these lengths (they sum to `head_dim / 2`), turned by the
+    /// temporal, row and column position of the token. `None`: one position per token.
+    #[serde(default)]
+    pub mrope_section: Option<[i64; 3]>,
     pub bos_token_id: Option<i64>,
     pub eos_token_ids: Vec<i64>,
     pub pad_token_id: Option<i64>,
@@ -377,6 +386,185 @@ fn parse_qwen2_vision(f: &Fields<'_>) -> Result<Qwen2VisionConfig> {
     Ok(cfg)
 }
 
+/// A Qwen2-VL `config.json` (transformers' `Qwen2VLConfig`): the vision tower, the Qwen2
+/// language model (a LLaMA decoder with a q/k/v bias and M-RoPE) and the special tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Qwen2VlConfig {
+    pub vision: Qwen2VisionConfig,
+    pub text: LlamaConfig,
+    /// The placeholder each merged image token takes in the prompt (`<|image_pad|>`).
+    pub image_token_id: i64,
+    pub video_token_id: i64,
+    /// `<|vision_start|>` and `<|vision_end|>`, around each image's placeholders.
+    pub vision_start_token_id: i64,
+    pub vision_end_token_id: i64,
+}
+
+impl Qwen2VlConfig {
+    /// Parses both layouts: transformers 5.x (`text_config`, `vision_config`) and the flat one
+    /// Qwen released and transformers 4.x wrote (the language model's keys at the root, M-RoPE in
+    /// `rope_scaling: {"type": "mrope", "mrope_section": …}`). Errors name the file and the key.
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let root = read_json_object(path)?;
+        let top = Fields::new(path, "", &root);
+        let vision_map = top
+            .object("vision_config")?
+            .ok_or_else(|| top.err("vision_config", "missing (required)"))?;
+        let vision = parse_qwen2_vision(&Fields::new(path, "vision_config.", vision_map))?;
+        let text_fields = match top.object("text_config")? {
+            Some(map) => Fields::new(path, "text_config.", map),
+            None => Fields::new(path, "", &root),
+        };
+        let mut text = parse_qwen2_text(&text_fields)?;
+        // transformers 5.x keeps tie_word_embeddings at the root; pre-v5 saves had it in
+        // text_config, which `Qwen2VLConfig.__post_init__` forwards when the root says false.
+        text.tie_word_embeddings = top.boolean("tie_word_embeddings", false)?
+            || text_fields.boolean("tie_word_embeddings", false)?;
+        if vision.hidden_size != text.hidden_size {
+            return Err(top.err(
+                "vision_config.hidden_size",
+                format!(
+                    "the merger's output width {} differs from the language model's hidden_size {}",
+                    vision.hidden_size, text.hidden_size
+                ),
+            ));
+        }
+        Ok(Self {
+            vision,
+            text,
+            image_token_id: top.int("image_token_id", Some(151655))?,
+            video_token_id: top.int("video_token_id", Some(151656))?,
+            vision_start_token_id: top.int("vision_start_token_id", Some(151652))?,
+            vision_end_token_id: top.int("vision_end_token_id", Some(151653))?,
+        })
+    }
+}
+
+/// transformers' `Qwen2VLTextConfig` with its defaults (Qwen2-VL-72B's widths), as the decoder
+/// config the LLaMA code runs: q/k/v carry a bias and o does not (`Qwen2VLAttention`), the MLP has
+/// none, `head_dim = hidden_size / num_attention_heads` (a `head_dim` key is not read there), and
+/// the rotary is M-RoPE with `mrope_section` (default `[16, 24, 24]`). Sliding-window attention
+/// is refused: no released Qwen2-VL checkpoint turns it on and the decoder has no windowed mask.
+fn parse_qwen2_text(f: &Fields<'_>) -> Result<LlamaConfig> {
+    if f.boolean("use_sliding_window", false)? {
+        return Err(f.err("use_sliding_window", "sliding-window attention is not supported"));
+    }
+    let hidden_act = f.activation("hidden_act", "silu")?;
+    if hidden_act != Activation::Silu {
+        return Err(f.err(
+            "hidden_act",
+            format!("Qwen2's MLP is SwiGLU; `{}` is not supported", hidden_act.name()),
+        ));
+    }
+    let hidden_size = f.positive("hidden_size", Some(8192))?;
+    let num_attention_heads = f.positive("num_attention_heads", Some(64))?;
+    // transformers: 8 when the key is absent, num_attention_heads when it is null.
+    let num_key_value_heads = if f.map.contains_key("num_key_value_heads") {
+        f.positive("num_key_value_heads", Some(num_attention_heads))?
+    } else {
+        8
+    };
+    if hidden_size % num_attention_heads != 0 {
+        return Err(f.err(
+            "num_attention_heads",
+            format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
+        ));
+    }
+    if num_attention_heads % num_key_value_heads != 0 {
+        return Err(f.err(
+            "num_key_value_heads",
+            format!(
+                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+            ),
+        ));
+    }
+    let head_dim = hidden_size / num_attention_heads;
+    let (rope_theta, section) = parse_mrope(f, head_dim)?;
+    let id_or = |key: &str, default: i64| -> Result<Option<i64>> {
+        if f.map.contains_key(key) {
+            f.opt_int(key)
+        } else {
+            Ok(Some(default))
+        }
+    };
+    let eos_token_ids =
+        if f.map.contains_key("eos_token_id") { f.int_list("eos_token_id")? } else { vec![151645] };
+    Ok(LlamaConfig {
+        vocab_size: f.positive("vocab_size", Some(152064))?,
+        hidden_size,
+        intermediate_size: f.positive("intermediate_size", Some(29568))?,
+        num_hidden_layers: f.positive("num_hidden_layers", Some(80))?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: f.float("rms_norm_eps", 1e-5)?,
+        rope_theta,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(32768))?,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        qkv_bias: true,
+        mlp_bias: false,
+        mrope_section: Some(section),
+        bos_token_id: id_or("bos_token_id", 151643)?,
+        eos_token_ids,
+        pad_token_id: f.opt_int("pad_token_id")?,
+    })
+}
+
+/// Qwen2-VL's rotary settings: `rope_parameters` (5.x) or `rope_scaling` (4.x, `type: mrope`,
+/// which transformers reads as the default frequencies), `rope_theta` (default 10⁶) and
+/// `mrope_section`, whose three runs must fill half a head.
+fn parse_mrope(f: &Fields<'_>, head_dim: i64) -> Result<(f64, [i64; 3])> {
+    let (params, key) = match f.object("rope_parameters")? {
+        Some(p) => (Some(p), "rope_parameters"),
+        None => (f.object("rope_scaling")?, "rope_scaling"),
+    };
+    let mut theta = f.float("rope_theta", 1_000_000.0)?;
+    let mut section = [16, 24, 24];
+    if let Some(p) = params {
+        let sub = Fields { file: f.file, prefix: format!("{}{key}.", f.prefix), map: p };
+        theta = sub.float("rope_theta", theta)?;
+        let kind = if sub.has("rope_type") {
+            sub.string("rope_type", None)?
+        } else {
+            sub.string("type", Some("default"))?
+        };
+        if kind != "default" && kind != "mrope" {
+            return Err(sub.err(
+                "rope_type",
+                format!("unsupported RoPE type `{kind}` for Qwen2-VL (default, mrope)"),
+            ));
+        }
+        if sub.has("mrope_section") {
+            let runs = sub.int_list("mrope_section")?;
+            section = <[i64; 3]>::try_from(runs.as_slice()).map_err(|_| {
+                sub.err("mrope_section", format!("expected three run lengths, found {runs:?}"))
+            })?;
+        }
+        if section.iter().any(|&r| r < 0) || section.iter().sum::<i64>() != head_dim / 2 {
+            return Err(sub.err(
+                "mrope_section",
+                format!(
+                    "{section:?} must be non-negative and sum to head_dim / 2 = {}",
+                    head_dim / 2
+                ),
+            ));
+        }
+    } else if head_dim != 128 {
+        return Err(f.err(
+            "rope_parameters",
+            format!(
+                "missing, and the default mrope_section [16, 24, 24] does not fit head_dim {head_dim}"
+            ),
+        ));
+    }
+    if theta <= 0.0 {
+        return Err(f.err("rope_theta", format!("must be positive, found {theta}")));
+    }
+    Ok((theta, section))
+}
+
 /// CLIPVisionConfig with transformers' defaults.
 fn parse_clip_vision(f: &Fields<'_>) -> Result<ClipVisionConfig> {
     let cfg = ClipVisionConfig {
@@ -451,7 +639,9 @@ fn parse_llama(f: &Fields<'_>) -> Result<LlamaConfig> {
         max_position_embeddings: f.positive("max_position_embeddings", Some(2048))?,
         tie_word_embeddings: f.boolean("tie_word_embeddings", false)?,
         attention_bias: f.boolean("attention_bias", false)?,
+        qkv_bias: false,
         mlp_bias: f.boolean("mlp_bias", false)?,
+        mrope_section: None,
         bos_token_id: f.opt_int("bos_token_id")?,
         eos_token_ids: f.int_list("eos_token_id")?,
         pad_token_id: f.opt_int("pad_token_id")?,

@@ -4,13 +4,25 @@
 
 use tch::{Kind, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hook::LinearHook;
 use crate::io::config::{LlamaConfig, RopeScaling};
 use crate::io::weights::{Init, VarBuilder};
 use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
+
+/// `θ^(−2i/d)` for `i < d/2`, in f32, divided by a linear scaling factor when there is one.
+fn inv_freq(cfg: &LlamaConfig, device: tch::Device) -> Tensor {
+    let d = cfg.head_dim;
+    let exponents =
+        Tensor::arange_start_step(0, d, 2, (Kind::Int64, device)).to_kind(Kind::Float) / d as f64;
+    let inv_freq = Tensor::from(cfg.rope_theta).to_device(device).pow(&exponents).reciprocal();
+    match cfg.rope_scaling {
+        RopeScaling::Default => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor,
+    }
+}
 
 /// Cosine and sine tables for the positions of one forward pass, `[B, T, head_dim]`.
 #[derive(Debug)]
@@ -21,20 +33,40 @@ pub struct Rope {
 
 impl Rope {
     /// Default RoPE (`inv_freq = θ^(-2i/d)`), optionally position-interpolated, computed in f32
-    /// and cast to `kind` as transformers' `LlamaRotaryEmbedding.forward` does.
+    /// and cast to `kind` as transformers' `LlamaRotaryEmbedding.forward` does. With M-RoPE
+    /// (`cfg.mrope_section`) one position per token means the same position in all three
+    /// components, which is exactly this.
     pub fn new(cfg: &LlamaConfig, positions: &Tensor, kind: Kind) -> Rope {
-        let d = cfg.head_dim;
-        let device = positions.device();
-        let exponents = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device))
-            .to_kind(Kind::Float)
-            / d as f64;
-        let inv_freq = Tensor::from(cfg.rope_theta).to_device(device).pow(&exponents).reciprocal();
-        let inv_freq = match cfg.rope_scaling {
-            RopeScaling::Default => inv_freq,
-            RopeScaling::Linear { factor } => inv_freq / factor,
-        };
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let freqs =
+            positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq(cfg, positions.device());
+        Self::from_freqs(&freqs, kind)
+    }
+
+    /// M-RoPE (transformers' `Qwen2VLRotaryEmbedding.forward`): `positions` `[3, B, T]` hold each
+    /// token's (temporal, row, column) position; the `head_dim / 2` frequencies are split into
+    /// `mrope_section`'s three runs and run `i` turns by component `i`'s angle.
+    pub fn multimodal(cfg: &LlamaConfig, positions: &Tensor, kind: Kind) -> Result<Rope> {
+        let section = cfg.mrope_section.ok_or_else(|| {
+            Error::Invalid("three-component positions given to a decoder without M-RoPE".into())
+        })?;
+        if positions.dim() != 3 || positions.size()[0] != 3 {
+            return Err(Error::Invalid(format!(
+                "M-RoPE positions must be [3, batch, tokens], found {:?}",
+                positions.size()
+            )));
+        }
+        // [3, B, T, d/2] angles; run i of the last axis taken from component i.
+        let freqs =
+            positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq(cfg, positions.device());
+        let runs = freqs.split_with_sizes(section, -1);
+        let picked: Vec<Tensor> =
+            runs.iter().enumerate().map(|(i, r)| r.select(0, i as i64)).collect();
+        Ok(Self::from_freqs(&Tensor::cat(&picked, -1), kind))
+    }
+
+    /// `[.., d/2]` angles → cos and sin of `[angles, angles]`.
+    fn from_freqs(freqs: &Tensor, kind: Kind) -> Rope {
+        let emb = Tensor::cat(&[freqs, freqs], -1);
         Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
     }
 
@@ -112,7 +144,8 @@ pub struct DecoderContext {
 }
 
 impl DecoderContext {
-    /// Causal + padding mask for `T` new queries at cache offset `past` over `key_mask` `[B, S]`.
+    /// Causal + padding mask for `T` new queries at cache offset `past` over `key_mask` `[B, S]`;
+    /// `positions` `[B, T]`.
     pub fn new(
         cfg: &LlamaConfig,
         positions: &Tensor,
@@ -120,18 +153,35 @@ impl DecoderContext {
         past: i64,
         kind: Kind,
     ) -> Self {
-        let device = positions.device();
         let t = positions.size()[1];
-        let s = key_mask.size()[1];
-        let q_idx = Tensor::arange_start(past, past + t, (Kind::Int64, device)).view([t, 1]);
-        let k_idx = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-        let causal = k_idx.le_tensor(&q_idx).view([1, 1, t, s]);
-        let keep = causal.logical_and(&key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]));
-        let min = finfo_min(kind);
-        let mask = Tensor::zeros([1], (kind, device)).masked_fill(&keep.logical_not(), min);
-        let mask = mask.expand([key_mask.size()[0], 1, t, s], true).contiguous();
-        Self { rope: Rope::new(cfg, positions, kind), mask }
+        Self { rope: Rope::new(cfg, positions, kind), mask: causal_mask(key_mask, past, t, kind) }
     }
+
+    /// The same with M-RoPE positions `[3, B, T]` ([`Rope::multimodal`]).
+    pub fn multimodal(
+        cfg: &LlamaConfig,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        past: i64,
+        kind: Kind,
+    ) -> Result<Self> {
+        let rope = Rope::multimodal(cfg, positions, kind)?;
+        let t = positions.size()[2];
+        Ok(Self { rope, mask: causal_mask(key_mask, past, t, kind) })
+    }
+}
+
+/// Additive causal + padding mask `[B, 1, T, S]` for `t` queries at cache offset `past`.
+fn causal_mask(key_mask: &Tensor, past: i64, t: i64, kind: Kind) -> Tensor {
+    let device = key_mask.device();
+    let s = key_mask.size()[1];
+    let q_idx = Tensor::arange_start(past, past + t, (Kind::Int64, device)).view([t, 1]);
+    let k_idx = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+    let causal = k_idx.le_tensor(&q_idx).view([1, 1, t, s]);
+    let keep = causal.logical_and(&key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]));
+    let min = finfo_min(kind);
+    let mask = Tensor::zeros([1], (kind, device)).masked_fill(&keep.logical_not(), min);
+    mask.expand([key_mask.size()[0], 1, t, s], true).contiguous()
 }
 
 /// `torch.finfo(kind).min`, the additive mask value transformers uses.
@@ -161,12 +211,13 @@ impl LlamaAttention {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let id = |slot| LayerId::new(Tower::Language, block, slot);
-        let bias = cfg.attention_bias;
+        // LLaMA's attention_bias covers all four; Qwen2 puts a bias on q, k and v only.
+        let (qkv_bias, o_bias) = (cfg.attention_bias || cfg.qkv_bias, cfg.attention_bias);
         Ok(Self {
-            q_proj: Linear::load(&vb.pp("q_proj"), id(Slot::QProj), h, nh * d, bias)?,
-            k_proj: Linear::load(&vb.pp("k_proj"), id(Slot::KProj), h, nkv * d, bias)?,
-            v_proj: Linear::load(&vb.pp("v_proj"), id(Slot::VProj), h, nkv * d, bias)?,
-            o_proj: Linear::load(&vb.pp("o_proj"), id(Slot::OProj), nh * d, h, bias)?,
+            q_proj: Linear::load(&vb.pp("q_proj"), id(Slot::QProj), h, nh * d, qkv_bias)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), id(Slot::KProj), h, nkv * d, qkv_bias)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), id(Slot::VProj), h, nkv * d, qkv_bias)?,
+            o_proj: Linear::load(&vb.pp("o_proj"), id(Slot::OProj), nh * d, h, o_bias)?,
             heads: nh,
             kv_heads: nkv,
             head_dim: d,

@@ -11,19 +11,27 @@
 //! The number of patches varies with the image (dynamic resolution): `forward` takes the image
 //! processor's flattened patches of any number of images and each image's `(t, h, w)` grid.
 //!
-//! The patches come from [`crate::io::qwen2_image::Qwen2ImageProcessor`]. Not here yet (issue
-//! #22): the Qwen2 language model with M-RoPE, the chat template, generation, Qwen2.5-VL (window
-//! attention, RMSNorm/SwiGLU blocks), and this tower's place in the search and the bench.
+//! The patches come from [`crate::io::qwen2_image::Qwen2ImageProcessor`]. The whole model,
+//! [`Qwen2Vl`], places the merged image tokens at the prompt's `<|image_pad|>` placeholders and
+//! runs the Qwen2 language model (the LLaMA decoder of [`crate::model::llama`] with a q/k/v bias
+//! and M-RoPE) with a KV cache. Not here yet (issue #22): the chat template, Qwen2.5-VL (window
+//! attention, RMSNorm/SwiGLU blocks), videos, and this model's place in the search and the bench.
 
-use tch::{Kind, Tensor};
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::hook::LinearHook;
-use crate::io::config::{Activation, Qwen2VisionConfig};
+use crate::io::config::{Activation, Qwen2VisionConfig, Qwen2VlConfig};
+use crate::io::naming::Naming;
+use crate::io::shards::ShardSet;
 use crate::io::weights::{Init, VarBuilder};
 use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::clip::activate;
 use crate::model::linear::Linear;
+use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
+use crate::model::llava::{GenerateOptions, Generation, LoadOptions};
 use crate::model::norm::LayerNorm;
 
 /// transformers' `LayerNorm(…, eps=1e-6)` of the blocks and the merger.
@@ -321,4 +329,248 @@ pub fn mrope_positions(
     }
     let max = positions.iter().flatten().copied().max().unwrap_or(-1);
     Ok((positions, max + 1 - is_image.len() as i64))
+}
+
+/// Qwen2-VL (transformers' `Qwen2VLForConditionalGeneration`): the vision tower and merger, the
+/// merged image tokens in place of the prompt's image placeholders, the Qwen2 decoder with M-RoPE.
+#[derive(Debug)]
+pub struct Qwen2Vl {
+    pub visual: Qwen2VisionTower,
+    pub language_model: LlamaModel,
+    pub cfg: Qwen2VlConfig,
+}
+
+/// One prompt: its token ids (each image as its run of `image_token_id` placeholders, one per
+/// merged token) and its images' grids and merged tokens ([`Qwen2Vl::image_tokens`]).
+#[derive(Debug)]
+pub struct Qwen2VlPrompt<'a> {
+    pub ids: &'a [i64],
+    pub grids: &'a [GridThw],
+    /// `[merged tokens of all the prompt's images, hidden]`, `None` for a text-only prompt.
+    pub image_tokens: Option<&'a Tensor>,
+}
+
+/// Prompts ready for the decoder, left-padded.
+#[derive(Debug)]
+pub struct Qwen2VlBatch {
+    /// `[B, T, hidden]`.
+    pub embeds: Tensor,
+    /// `[B, T]` int64, 1 = real token.
+    pub mask: Tensor,
+    /// `[3, B, T]` M-RoPE positions (padding at 1, as transformers fills it; it is masked).
+    pub positions: Tensor,
+    /// `[B]`: the position of each row's next token (`max position + 1`), the same in all three
+    /// components: decoding continues as text.
+    pub next_positions: Tensor,
+}
+
+impl Qwen2Vl {
+    /// Builds the model from named weights; every stored key must be read.
+    pub fn build(vb: &VarBuilder, cfg: &Qwen2VlConfig) -> Result<Self> {
+        let model = Self {
+            visual: Qwen2VisionTower::load(&vb.pp("visual"), &cfg.vision)?,
+            language_model: LlamaModel::load(&vb.pp("language_model"), vb, &cfg.text)?,
+            cfg: cfg.clone(),
+        };
+        vb.finish()?;
+        Ok(model)
+    }
+
+    /// Loads a Qwen2-VL checkpoint directory (either key layout), strictly.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if let Some(clip) = &opts.clip_dir {
+            return Err(Error::Invalid(format!(
+                "a CLIP directory ({}) is for original LLaVA checkpoints; {} is Qwen2-VL",
+                clip.display(),
+                dir.display()
+            )));
+        }
+        let cfg = Qwen2VlConfig::from_json(&dir.join("config.json"))?;
+        let set = ShardSet::open_dir(dir)?;
+        let naming = Naming::detect_qwen2_vl(&set, dir)?;
+        let vb = VarBuilder::from_checkpoint(vec![set], naming, opts.device, opts.dtype.kind());
+        Self::build(&vb, &cfg)
+    }
+
+    pub fn device(&self) -> Device {
+        self.language_model.embed_tokens.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.language_model.embed_tokens.kind()
+    }
+
+    /// The merged image tokens `[tokens, hidden]` of `pixels` (the image processor's output) for
+    /// images with `grids`.
+    pub fn image_tokens(
+        &self,
+        pixels: &Tensor,
+        grids: &[GridThw],
+        hook: &mut dyn LinearHook,
+    ) -> Result<Tensor> {
+        let pixels = pixels.to_device(self.device());
+        Ok(self.visual.forward(&pixels, grids, hook)?.merged)
+    }
+
+    /// Embeds each prompt, puts its image tokens at its placeholders (transformers'
+    /// `masked_scatter` in `Qwen2VLModel.forward`), computes its M-RoPE positions
+    /// ([`mrope_positions`]) and left-pads the batch.
+    pub fn prepare(&self, prompts: &[Qwen2VlPrompt<'_>]) -> Result<Qwen2VlBatch> {
+        let (device, kind) = (self.device(), self.kind());
+        let hidden = self.cfg.text.hidden_size;
+        let t = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0) as i64;
+        let (mut embeds, mut masks, mut positions, mut next) = (vec![], vec![], vec![], vec![]);
+        for (b, prompt) in prompts.iter().enumerate() {
+            let vocab = self.cfg.text.vocab_size;
+            if prompt.ids.is_empty() {
+                return Err(Error::Prompt(format!("prompt {b} is empty")));
+            }
+            if let Some(bad) = prompt.ids.iter().find(|&&i| i < 0 || i >= vocab) {
+                return Err(Error::Prompt(format!(
+                    "prompt {b}: token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            if prompt.ids.contains(&self.cfg.video_token_id) {
+                return Err(Error::Prompt(format!("prompt {b}: videos are not supported")));
+            }
+            let is_image: Vec<bool> =
+                prompt.ids.iter().map(|&i| i == self.cfg.image_token_id).collect();
+            let image_rows: Vec<i64> =
+                (0..is_image.len() as i64).filter(|&i| is_image[i as usize]).collect();
+            let ids = Tensor::from_slice(prompt.ids).to_device(device);
+            let mut row = self.language_model.embed(&ids);
+            let supplied = prompt.image_tokens.map_or(0, |x| x.size()[0]);
+            if supplied != image_rows.len() as i64 {
+                return Err(Error::Prompt(format!(
+                    "prompt {b}: {} image placeholder tokens but {supplied} image tokens",
+                    image_rows.len()
+                )));
+            }
+            if let Some(tokens) = prompt.image_tokens {
+                let at = Tensor::from_slice(&image_rows).to_device(device);
+                row = row.index_copy(0, &at, &tokens.to_device(device).to_kind(kind));
+            }
+            let (pos, delta) =
+                mrope_positions(&is_image, prompt.grids, self.cfg.vision.spatial_merge_size)?;
+            let len = prompt.ids.len() as i64;
+            let pad = t - len;
+            let flat: Vec<i64> = pos.iter().flatten().copied().collect();
+            // [T, 3] → [3, T], padding positions 1 in front.
+            let pos = Tensor::from_slice(&flat).view([len, 3]).tr();
+            let pos = Tensor::cat(&[Tensor::ones([3, pad], (Kind::Int64, Device::Cpu)), pos], 1);
+            positions.push(pos);
+            next.push(len + delta);
+            embeds.push(Tensor::cat(&[Tensor::zeros([pad, hidden], (kind, device)), row], 0));
+            masks.push(Tensor::cat(
+                &[
+                    Tensor::zeros([pad], (Kind::Int64, device)),
+                    Tensor::ones([len], (Kind::Int64, device)),
+                ],
+                0,
+            ));
+        }
+        if prompts.is_empty() {
+            return Err(Error::Prompt("no prompts".into()));
+        }
+        Ok(Qwen2VlBatch {
+            embeds: Tensor::stack(&embeds, 0),
+            mask: Tensor::stack(&masks, 0),
+            positions: Tensor::stack(&positions, 1).to_device(device),
+            next_positions: Tensor::from_slice(&next).to_device(device),
+        })
+    }
+
+    /// Runs the decoder over a prepared batch; returns the final hidden states `[B, T, hidden]`
+    /// (before the final norm). With a cache, keys and values are appended to it.
+    pub fn decode_hidden(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        positions: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Tensor> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let key_mask = match cache.as_mut() {
+            Some(c) => c.extend_mask(mask),
+            None => mask.shallow_clone(),
+        };
+        let ctx = DecoderContext::multimodal(
+            &self.language_model.cfg,
+            positions,
+            &key_mask,
+            past,
+            self.kind(),
+        )?;
+        let mut h = embeds.shallow_clone();
+        for layer in &self.language_model.layers {
+            h = layer.forward(&h, &ctx, cache.as_deref_mut(), hook);
+        }
+        Ok(h)
+    }
+
+    /// Logits `[B, T, vocab]` of every position of a prepared batch.
+    pub fn logits(&self, batch: &Qwen2VlBatch, hook: &mut dyn LinearHook) -> Result<Tensor> {
+        let h = self.decode_hidden(&batch.embeds, &batch.mask, &batch.positions, None, hook)?;
+        Ok(self.language_model.head(&h))
+    }
+
+    /// Greedy decoding with the KV cache, as [`crate::model::llava::Llava::generate`]: each new
+    /// token's position is the row's next position in all three M-RoPE components
+    /// (transformers: `cache_position + rope_deltas`).
+    pub fn generate(
+        &self,
+        batch: &Qwen2VlBatch,
+        opts: &GenerateOptions,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Generation> {
+        let b = batch.embeds.size()[0];
+        let mut cache = KvCache::new(self.language_model.layers.len());
+        let h = self.decode_hidden(
+            &batch.embeds,
+            &batch.mask,
+            &batch.positions,
+            Some(&mut cache),
+            hook,
+        )?;
+        let mut last_logits = self.language_model.head(&h.select(1, -1));
+        let first_logits = last_logits.shallow_clone();
+        let mut next_pos = batch.next_positions.shallow_clone();
+        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
+        let mut done = vec![false; b as usize];
+        for _ in 0..opts.max_new_tokens {
+            let next = last_logits.argmax(-1, false);
+            let ids = Vec::<i64>::try_from(&next.to_device(Device::Cpu))?;
+            for (row, &id) in ids.iter().enumerate() {
+                if done[row] {
+                    continue;
+                }
+                if opts.eos_token_ids.contains(&id) {
+                    done[row] = true;
+                } else {
+                    out[row].push(id);
+                    done[row] = opts.stop.is_some_and(|s| s.should_stop(&out[row]));
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let embeds = self.language_model.embed(&next.view([b, 1]));
+            let mask = Tensor::ones([b, 1], (Kind::Int64, self.device()));
+            let positions = next_pos.view([1, b, 1]).expand([3, b, 1], true);
+            let h = self.decode_hidden(&embeds, &mask, &positions, Some(&mut cache), hook)?;
+            last_logits = self.language_model.head(&h.select(1, -1));
+            next_pos += 1;
+        }
+        Ok(Generation { tokens: out, first_logits })
+    }
+
+    /// Every quantizable linear, in execution order (vision blocks, merger, decoder layers).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.visual.linears();
+        for layer in &self.language_model.layers {
+            out.extend(layer.linears());
+        }
+        out
+    }
 }

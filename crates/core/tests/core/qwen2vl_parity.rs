@@ -1,21 +1,25 @@
-//! Qwen2-VL's image processor, vision tower and patch merger against HF transformers on a tiny
-//! random checkpoint (python/gen_qwen2vl_fixtures.py): two images of different sizes (16 and 60
-//! patches), alone and together.
+//! Qwen2-VL against HF transformers on a tiny random checkpoint (python/gen_qwen2vl_fixtures.py):
+//! the image processor, vision tower and patch merger for two images of different sizes (16 and 60
+//! patches), alone and together; M-RoPE positions; the whole model's logits with both images and
+//! with text only, and greedy generation; both key layouts.
 
 use std::path::PathBuf;
 
 use qvlm_core::hook::NoHook;
-use qvlm_core::io::config::Qwen2VisionConfig;
+use qvlm_core::io::config::{Qwen2VisionConfig, Qwen2VlConfig};
 use qvlm_core::io::image::Rgb8;
 use qvlm_core::io::naming::Naming;
 use qvlm_core::io::qwen2_image::{Qwen2ImageConfig, Qwen2ImageProcessor};
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::io::shards::ShardSet;
 use qvlm_core::io::weights::VarBuilder;
-use qvlm_core::model::qwen2_vl::{mrope_positions, GridThw, Qwen2VisionTower};
-use tch::{Device, Kind};
+use qvlm_core::model::llava::{GenerateOptions, LoadOptions};
+use qvlm_core::model::qwen2_vl::{
+    mrope_positions, GridThw, Qwen2VisionTower, Qwen2Vl, Qwen2VlPrompt,
+};
+use tch::{Device, Kind, Tensor};
 
-use super::common::max_abs_diff;
+use super::common::{max_abs_diff, TempDir};
 
 /// f32: the tower's last hidden states and the merger's outputs (the LLaVA fixtures' bound for
 /// vision features).
@@ -25,7 +29,10 @@ const VISION_ATOL_F32: f64 = 1e-5;
 /// rescale/normalize can round differently.
 const PIXEL_ATOL: f64 = 1e-6;
 
-const GENERATOR_VERSION: &str = "generator 1";
+/// f32 logits of the whole model (LLaVA's bound).
+const LOGITS_ATOL_F32: f64 = 1e-4;
+
+const GENERATOR_VERSION: &str = "generator 2";
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2vl")
@@ -158,4 +165,140 @@ fn grids_that_do_not_fit_the_pixels_are_named_errors() {
     assert!(err.to_string().contains("do not match the grids"), "{err}");
     let err = tower.forward(&pixels, &[[1, 4, 3]], &mut NoHook).expect_err("odd width");
     assert!(err.to_string().contains("spatial_merge_size"), "{err}");
+}
+
+fn model(name: &str) -> Qwen2Vl {
+    Qwen2Vl::load(&fixture().join(name), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn ids_of(expected: &SafetensorsFile, key: &str) -> Vec<i64> {
+    Vec::<i64>::try_from(&expected.read(key).expect(key).reshape([-1])).expect(key)
+}
+
+/// The whole model's logits `[T, vocab]` for `ids` with the images of `pixels`/`grid_key`.
+fn logits(model: &Qwen2Vl, ids: &[i64], images: Option<(Tensor, Vec<GridThw>)>) -> Tensor {
+    let tokens = images
+        .as_ref()
+        .map(|(pixels, grid)| model.image_tokens(pixels, grid, &mut NoHook).expect("images"));
+    let grid = images.map(|(_, g)| g).unwrap_or_default();
+    let prompt = Qwen2VlPrompt { ids, grids: &grid, image_tokens: tokens.as_ref() };
+    let batch = model.prepare(&[prompt]).expect("prepare");
+    model.logits(&batch, &mut NoHook).expect("logits").squeeze_dim(0)
+}
+
+#[test]
+fn whole_model_logits_match_transformers_with_two_images_and_with_text_only() {
+    let _guard = tch::no_grad_guard();
+    let expected =
+        SafetensorsFile::open(&fixture().join("tiny/expected.safetensors")).expect("ref");
+    let pixels = expected.read("pixel_values_both").expect("pixels");
+    let grid = grids(&expected.read("grid_thw_both").expect("grid"));
+    for name in ["tiny", "tiny_model_prefixed"] {
+        let model = model(name);
+        let ids = ids_of(&expected, "lm_input_ids_both");
+        let got = logits(&model, &ids, Some((pixels.shallow_clone(), grid.clone())));
+        let d = max_abs_diff(&got, &expected.read("lm_logits_both").expect("logits"));
+        assert!(d <= LOGITS_ATOL_F32, "{name}, two images: logits differ by {d}");
+        let ids = ids_of(&expected, "lm_input_ids_text");
+        let got = logits(&model, &ids, None);
+        let d = max_abs_diff(&got, &expected.read("lm_logits_text").expect("logits"));
+        assert!(d <= LOGITS_ATOL_F32, "{name}, text only: logits differ by {d}");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers_generate() {
+    let _guard = tch::no_grad_guard();
+    let expected =
+        SafetensorsFile::open(&fixture().join("tiny/expected.safetensors")).expect("ref");
+    let model = model("tiny");
+    let pixels = expected.read("pixel_values_1").expect("pixels");
+    let grid = grids(&expected.read("grid_thw_1").expect("grid"));
+    let tokens = model.image_tokens(&pixels, &grid, &mut NoHook).expect("images");
+    let ids = ids_of(&expected, "gen_input_ids");
+    let prompt = Qwen2VlPrompt { ids: &ids, grids: &grid, image_tokens: Some(&tokens) };
+    let batch = model.prepare(&[prompt]).expect("prepare");
+    let want = ids_of(&expected, "gen_tokens");
+    let eos = model.cfg.text.eos_token_ids.clone();
+    let opts =
+        GenerateOptions { max_new_tokens: want.len(), eos_token_ids: eos.clone(), stop: None };
+    let out = model.generate(&batch, &opts, &mut NoHook).expect("generate");
+    let want: Vec<i64> = want.into_iter().take_while(|t| !eos.contains(t)).collect();
+    assert!(want.len() >= 4, "the fixture's greedy run is too short to test: {want:?}");
+    assert_eq!(out.tokens, vec![want]);
+}
+
+#[test]
+fn a_left_padded_batch_gives_each_prompt_its_own_logits() {
+    let _guard = tch::no_grad_guard();
+    let expected =
+        SafetensorsFile::open(&fixture().join("tiny/expected.safetensors")).expect("ref");
+    let model = model("tiny");
+    let pixels = expected.read("pixel_values_1").expect("pixels");
+    let grid = grids(&expected.read("grid_thw_1").expect("grid"));
+    let tokens = model.image_tokens(&pixels, &grid, &mut NoHook).expect("images");
+    let with_image = ids_of(&expected, "gen_input_ids");
+    let text = ids_of(&expected, "lm_input_ids_text");
+    let prompts = [
+        Qwen2VlPrompt { ids: &with_image, grids: &grid, image_tokens: Some(&tokens) },
+        Qwen2VlPrompt { ids: &text, grids: &[], image_tokens: None },
+    ];
+    let batch = model.prepare(&prompts).expect("prepare");
+    let both = model.logits(&batch, &mut NoHook).expect("logits");
+    let t = both.size()[1];
+    for (row, prompt) in prompts.iter().enumerate() {
+        let alone = model.prepare(std::slice::from_ref(prompt)).expect("prepare");
+        let alone = model.logits(&alone, &mut NoHook).expect("logits").squeeze_dim(0);
+        let len = prompt.ids.len() as i64;
+        let padded = both.get(row as i64).narrow(0, t - len, len);
+        let d = max_abs_diff(&padded, &alone);
+        assert!(d <= LOGITS_ATOL_F32, "row {row}: padded batch differs by {d}");
+    }
+    // Placeholders without image tokens (and the reverse) are errors, not silent text.
+    let err = model
+        .prepare(&[Qwen2VlPrompt { ids: &with_image, grids: &grid, image_tokens: None }])
+        .expect_err("placeholders without images");
+    assert!(err.to_string().contains("image placeholder tokens"), "{err}");
+}
+
+#[test]
+fn the_flat_config_qwen_released_parses_like_transformers_5() {
+    let dir = fixture().join("tiny");
+    let nested = Qwen2VlConfig::from_json(&dir.join("config.json")).expect("config");
+    assert!(nested.text.qkv_bias && !nested.text.attention_bias);
+    assert_eq!(nested.text.mrope_section, Some([2, 1, 3]));
+    assert_eq!(nested.text.head_dim, 12);
+    // Qwen's own config.json (and transformers 4.x's): the text keys at the root, M-RoPE in
+    // rope_scaling with type "mrope".
+    let root: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("read"))
+            .expect("json");
+    let mut flat = root.as_object().expect("object").clone();
+    let text = flat.remove("text_config").expect("text_config");
+    for (k, v) in text.as_object().expect("object") {
+        flat.insert(k.clone(), v.clone());
+    }
+    flat.remove("rope_parameters");
+    flat.insert("rope_theta".into(), serde_json::json!(1000000.0));
+    flat.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"type": "mrope", "mrope_section": [2, 1, 3]}),
+    );
+    let tmp = TempDir::new("qwen2vl-flat");
+    let path = tmp.0.join("config.json");
+    std::fs::write(&path, serde_json::Value::Object(flat.clone()).to_string()).expect("write");
+    assert_eq!(Qwen2VlConfig::from_json(&path).expect("flat config"), nested);
+    // A section that does not fill half a head is an error naming the key.
+    flat.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"type": "mrope", "mrope_section": [2, 2, 3]}),
+    );
+    std::fs::write(&path, serde_json::Value::Object(flat.clone()).to_string()).expect("write");
+    let err = Qwen2VlConfig::from_json(&path).expect_err("7 ≠ 6");
+    assert!(err.to_string().contains("rope_scaling.mrope_section"), "{err}");
+    flat.insert("use_sliding_window".into(), serde_json::json!(true));
+    std::fs::write(&path, serde_json::Value::Object(flat).to_string()).expect("write");
+    let err = Qwen2VlConfig::from_json(&path).expect_err("sliding window");
+    assert!(err.to_string().contains("use_sliding_window"), "{err}");
 }

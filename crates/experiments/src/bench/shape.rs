@@ -159,6 +159,8 @@ impl Shape {
                 max_position_embeddings: 4096,
                 tie_word_embeddings: false,
                 attention_bias: false,
+                qkv_bias: false,
+                mrope_section: None,
                 mlp_bias: false,
                 bos_token_id: Some(1),
                 eos_token_ids: vec![2],

@@ -59,6 +59,8 @@ pub fn llava_config(arch: &TinyArch, vocab: i64, image_token: i64) -> LlavaConfi
             max_position_embeddings: 512,
             tie_word_embeddings: false,
             attention_bias: false,
+            qkv_bias: false,
+            mrope_section: None,
             mlp_bias: false,
             bos_token_id: Some(i64::from(tokenizer::BOS)),
             eos_token_ids: vec![i64::from(tokenizer::EOS)],
