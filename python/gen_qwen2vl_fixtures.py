@@ -16,7 +16,13 @@ the M-RoPE positions transformers' `get_rope_index` gives a prompt holding both 
 (`lm_input_ids_both`, `lm_logits_both` `[tokens, vocab]`: a prompt with both images between
 `<|vision_start|>`/`<|vision_end|>`; `lm_input_ids_text`, `lm_logits_text`: text only) and
 greedy generation (`gen_input_ids` with image 1, `gen_tokens`: the new tokens `generate` returns,
-eos 2 included if it came).
+eos included if it came); and a chat: a byte-level BPE tokenizer in Qwen2's form (trained here on
+a few sentences to 300 entries, then Qwen's special tokens at 300-306: `<|image_pad|>`,
+`<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>`, `<|im_start|>`, `<|im_end|>`,
+`<|endoftext|>`) saved with Qwen2-VL-Instruct's released chat template (`tokenizer.json`,
+`tokenizer_config.json`, `chat_template.jinja`), the rendered chat (`expected.json`: `chat_text`,
+`chat_answer`), its ids with the image placeholder expanded as `Qwen2VLProcessor` does
+(`chat_input_ids`) and the greedy tokens (`chat_tokens`).
 `VERSION` records the generator and the transformers/torch versions.
 
 Also writes crates/core/tests/fixtures/qwen2vl/tiny_model_prefixed/: the same checkpoint with
@@ -62,8 +68,8 @@ def main():
             num_attention_heads=4,
             num_key_value_heads=2,
             vocab_size=320,
-            bos_token_id=1,
-            eos_token_id=2,
+            bos_token_id=306,
+            eos_token_id=305,
             max_position_embeddings=512,
             rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[2, 1, 3]),
         ),
@@ -133,6 +139,7 @@ def main():
     expected["mrope_positions"] = positions[:, 0].contiguous()
     expected["mrope_delta"] = delta.reshape(1).contiguous()
     language_model_references(model, config, expected)
+    chat_references(model, config, images[1], processor, expected, meta)
     save_file(expected, os.path.join(OUT, "expected.safetensors"))
     write_model_prefixed_copy()
     with open(os.path.join(OUT, "expected.json"), "w") as f:
@@ -180,6 +187,82 @@ def language_model_references(model, config, expected):
         )
         expected["gen_input_ids"] = input_ids.contiguous()
         expected["gen_tokens"] = out[0, input_ids.shape[1]:].contiguous()
+
+
+# Qwen2-VL-Instruct's chat template as Qwen released it (chat_template.json of
+# Qwen/Qwen2-VL-7B-Instruct).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIAL_TOKENS = [
+    "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+]
+
+
+def chat_references(model, config, image, processor, expected, meta):
+    """A Qwen2-style tokenizer with the released chat template, one chat turn about an image
+    rendered, tokenized, expanded and answered greedily."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "What color is the shape? The shape is red. Is there a circle in the image? Yes, there "
+        "is a blue circle.",
+        "Describe this image. A green triangle on a white background. How many shapes are there?",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    assert tok.get_vocab_size() == 300, tok.get_vocab_size()
+    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    ids = [tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS]
+    assert ids[:4] == [config.image_token_id, config.video_token_id,
+                       config.vision_start_token_id, config.vision_end_token_id], ids
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    fast.save_pretrained(OUT)
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    text = fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pixels = processor(images=[image], return_tensors="pt")
+    grid = pixels["image_grid_thw"]
+    merge = config.vision_config.spatial_merge_size
+    # Qwen2VLProcessor.replace_image_token: each <|image_pad|> becomes one per merged token.
+    n = int(grid[0].prod()) // merge**2
+    expanded = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+    input_ids = torch.tensor([fast(expanded)["input_ids"]])
+    types = (input_ids == config.image_token_id).to(torch.int32)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            pixel_values=pixels["pixel_values"], image_grid_thw=grid, mm_token_type_ids=types,
+            max_new_tokens=8, do_sample=False, eos_token_id=config.text_config.eos_token_id,
+            pad_token_id=tok.token_to_id("<|endoftext|>"),
+        )
+    new = out[0, input_ids.shape[1]:]
+    expected["chat_input_ids"] = input_ids.contiguous()
+    expected["chat_tokens"] = new.contiguous()
+    meta["chat_prompt"] = "What color is the shape?"
+    meta["chat_image"] = "image_1.png"
+    meta["chat_text"] = text
+    meta["chat_answer"] = fast.decode(new, skip_special_tokens=True)
 
 
 def write_model_prefixed_copy():

@@ -6,13 +6,16 @@ use anyhow::{Context, Result};
 use clap::Args;
 use qvlm_core::device::{DType, DeviceSpec};
 use qvlm_core::hook::NoHook;
+use qvlm_core::io::config::{detect_family, ModelFamily};
+use qvlm_core::io::image::Rgb8;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
+use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions, StopStrings};
+use qvlm_core::model::qwen2_vl::Qwen2VlBundle;
 use tch::Tensor;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (llava-hf or original LLaVA).
+    /// Checkpoint directory (llava-hf, original LLaVA, or Qwen2-VL).
     #[arg(long)]
     pub model: PathBuf,
     /// CLIP directory for original-LLaVA checkpoints (default: the config's mm_vision_tower).
@@ -21,12 +24,15 @@ pub struct GenerateArgs {
     /// Image file (PNG or JPEG).
     #[arg(long)]
     pub image: PathBuf,
-    /// The question; `<image>` is prepended unless the prompt already contains it.
+    /// The question. LLaVA: `<image>` is prepended unless the prompt already contains it.
+    /// Qwen2-VL: one user turn, the image before the text, rendered with the checkpoint's chat
+    /// template.
     #[arg(long)]
     pub prompt: String,
-    /// Conversation template: none | llava_v1 | vicuna_v1.
-    #[arg(long, default_value = "llava_v1")]
-    pub template: Template,
+    /// LLaVA's conversation template: none | llava_v1 | vicuna_v1 (default llava_v1). Qwen2-VL
+    /// uses its checkpoint's own chat template; this flag is an error there.
+    #[arg(long)]
+    pub template: Option<Template>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Stop once the answer contains this text (repeatable); the answer is cut before it.
@@ -49,8 +55,13 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
     if let Some(out) = args.dump_logits.as_ref().filter(|p| p.exists() && !args.force) {
         anyhow::bail!("--dump-logits: {} exists; pass --force to replace it", out.display());
     }
+    let family = detect_family(&args.model.join("config.json"))
+        .with_context(|| format!("reading {}", args.model.display()))?;
     let device = args.device.resolve()?;
     let opts = LoadOptions { device, dtype: args.dtype, clip_dir: args.clip.clone() };
+    if family == ModelFamily::Qwen2Vl {
+        return generate_qwen2_vl(args, &opts);
+    }
     let bundle = LlavaBundle::load(&args.model, &opts)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let pixels = bundle.images.preprocess_file(&args.image)?;
@@ -59,7 +70,7 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
     } else {
         Template::image_question(&args.prompt, bundle.model.cfg.use_im_start_end)
     };
-    let prompt = args.template.render(&message);
+    let prompt = args.template.unwrap_or_default().render(&message);
     let pieces = bundle.tokenizer.tokenize_prompt(&prompt, 1)?;
     let _guard = tch::no_grad_guard();
     let features = bundle.model.image_features(&pixels.unsqueeze(0), &mut NoHook);
@@ -77,6 +88,39 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
         stop: Some(&stop),
     };
     let tokens = bundle.model.generate(&batch, &gen, &mut NoHook).tokens;
+    let answer = bundle.tokenizer.decode(&tokens[0], true)?;
+    Ok(stop.trim(&answer))
+}
+
+/// `generate` on a Qwen2-VL checkpoint: the checkpoint's chat template, its tokenizer and image
+/// processor, greedy decoding until `generation_config.json`'s EOS.
+fn generate_qwen2_vl(args: &GenerateArgs, opts: &LoadOptions) -> Result<String> {
+    if let Some(t) = args.template {
+        anyhow::bail!(
+            "--template {t:?}: Qwen2-VL renders prompts with its checkpoint's own chat template; drop the flag"
+        );
+    }
+    if args.prompt.contains(qvlm_core::io::prompt::IMAGE_PLACEHOLDER) {
+        anyhow::bail!("--prompt: `<image>` is LLaVA's placeholder; Qwen2-VL's chat template places the image itself");
+    }
+    let bundle = Qwen2VlBundle::load(&args.model, opts)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let image = Rgb8::open(&args.image)?;
+    let _guard = tch::no_grad_guard();
+    let batch = bundle.prepare_chat(&args.prompt, &[image], &mut NoHook)?;
+    if let Some(out) = &args.dump_logits {
+        let logits = bundle.model.logits(&batch, &mut NoHook)?.squeeze_dim(0);
+        let logits = logits.to_kind(tch::Kind::Float);
+        write_logits(out, &logits)?;
+        eprintln!("wrote logits {:?} to {}", logits.size(), out.display());
+    }
+    let stop = StopStrings::new(&bundle.tokenizer, args.stop.clone());
+    let gen = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        eos_token_ids: bundle.eos_token_ids.clone(),
+        stop: Some(&stop),
+    };
+    let tokens = bundle.model.generate(&batch, &gen, &mut NoHook)?.tokens;
     let answer = bundle.tokenizer.decode(&tokens[0], true)?;
     Ok(stop.trim(&answer))
 }

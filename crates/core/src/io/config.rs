@@ -841,6 +841,17 @@ impl CheckpointFiles {
 /// Whether `config.json` describes a llava-hf or an original LLaVA checkpoint.
 pub fn detect_format(config: &Path) -> Result<CheckpointFormat> {
     let root = read_json_object(config)?;
+    if let Some(kind) =
+        root.get("model_type").and_then(Value::as_str).filter(|k| k.starts_with("qwen"))
+    {
+        return Err(Error::config(
+            config,
+            "model_type",
+            format!(
+                "`{kind}` is not a LLaVA checkpoint (Qwen2-VL loads as model::qwen2_vl::Qwen2Vl)"
+            ),
+        ));
+    }
     if root.contains_key("vision_config") || root.contains_key("text_config") {
         Ok(CheckpointFormat::LlavaHf)
     } else if root.contains_key("mm_vision_tower") || root.contains_key("mm_hidden_size") {
@@ -851,5 +862,31 @@ pub fn detect_format(config: &Path) -> Result<CheckpointFormat> {
             "<root>",
             "neither a llava-hf config (vision_config/text_config) nor an original LLaVA config (mm_vision_tower)",
         ))
+    }
+}
+
+/// Which model a checkpoint directory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// llava-hf or original LLaVA ([`detect_format`] says which).
+    Llava,
+    /// Qwen2-VL (`model_type` `qwen2_vl`).
+    Qwen2Vl,
+}
+
+/// The family of the checkpoint whose `config.json` is `config`, from its `model_type`: `qwen2_vl`
+/// is Qwen2-VL, other Qwen VLMs (2.5-VL, 3-VL) are an error naming what is missing, anything else
+/// goes to the LLaVA loaders.
+pub fn detect_family(config: &Path) -> Result<ModelFamily> {
+    let root = read_json_object(config)?;
+    match root.get("model_type").and_then(Value::as_str) {
+        Some("qwen2_vl") => Ok(ModelFamily::Qwen2Vl),
+        Some(kind) if kind.starts_with("qwen") => Err(Error::config(
+            config,
+            "model_type",
+            format!("`{kind}` is not supported (of the Qwen VLMs, only qwen2_vl is, issue #22)"),
+        )),
+        _ => Ok(ModelFamily::Llava),
     }
 }

@@ -1,3 +1,4 @@
+pub mod chat_template;
 pub mod compressed;
 pub mod config;
 pub mod image;

@@ -99,7 +99,8 @@ pub enum ImageSplice {
 pub struct PromptTokenizer {
     tokenizer: tokenizers::Tokenizer,
     file: PathBuf,
-    splice: ImageSplice,
+    /// `None`: the caller places image tokens itself ([`PromptTokenizer::text_only`]).
+    splice: Option<ImageSplice>,
     bos: Option<i64>,
 }
 
@@ -111,6 +112,25 @@ impl std::fmt::Debug for PromptTokenizer {
 
 impl PromptTokenizer {
     pub fn from_file(path: &Path, splice: ImageSplice, bos: Option<i64>) -> Result<Self> {
+        let mut tokenizer = Self::text_only(path)?;
+        if let ImageSplice::Token { id, .. } = splice {
+            let known = tokenizer.tokenizer.id_to_token(id as u32);
+            if known.as_deref() != Some(IMAGE_PLACEHOLDER) {
+                return Err(Error::Tokenizer {
+                    file: path.to_path_buf(),
+                    reason: format!("the config's image token {id} is {known:?} here, not `{IMAGE_PLACEHOLDER}`"),
+                });
+            }
+        }
+        tokenizer.splice = Some(splice);
+        tokenizer.bos = bos;
+        Ok(tokenizer)
+    }
+
+    /// A tokenizer for text only: [`PromptTokenizer::tokenize_prompt`] is an error, the caller
+    /// expands image placeholders itself (Qwen2-VL: one `<|image_pad|>` per merged image token,
+    /// counted from each image's grid).
+    pub fn text_only(path: &Path) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::Tokenizer {
                 file: path.to_path_buf(),
@@ -121,16 +141,7 @@ impl PromptTokenizer {
             file: path.to_path_buf(),
             reason: format!("cannot parse: {e}"),
         })?;
-        if let ImageSplice::Token { id, .. } = splice {
-            let known = tokenizer.id_to_token(id as u32);
-            if known.as_deref() != Some(IMAGE_PLACEHOLDER) {
-                return Err(Error::Tokenizer {
-                    file: path.to_path_buf(),
-                    reason: format!("the config's image token {id} is {known:?} here, not `{IMAGE_PLACEHOLDER}`"),
-                });
-            }
-        }
-        Ok(Self { tokenizer, file: path.to_path_buf(), splice, bos })
+        Ok(Self { tokenizer, file: path.to_path_buf(), splice: None, bos: None })
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -164,7 +175,14 @@ impl PromptTokenizer {
 
     /// A rendered prompt → pieces. Errors if the prompt's image count differs from `n_images`.
     pub fn tokenize_prompt(&self, prompt: &str, n_images: usize) -> Result<Vec<Piece>> {
-        let pieces = match self.splice {
+        let Some(splice) = self.splice else {
+            return Err(Error::Tokenizer {
+                file: self.file.clone(),
+                reason: "this tokenizer has no image splice (the model places its image tokens)"
+                    .into(),
+            });
+        };
+        let pieces = match splice {
             ImageSplice::SplitText => self.split_text(prompt)?,
             ImageSplice::Token { id, expanded_len } => {
                 let ids = self.encode(prompt, true)?;

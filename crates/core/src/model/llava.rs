@@ -483,6 +483,12 @@ pub struct StopStrings<'a> {
     pub strings: Vec<String>,
 }
 
+impl<'a> StopStrings<'a> {
+    pub fn new(tokenizer: &'a PromptTokenizer, strings: Vec<String>) -> Self {
+        Self { tokenizer, strings }
+    }
+}
+
 impl StopStrings<'_> {
     /// The answer text: decoded, cut at the first stop string, trimmed.
     pub fn trim(&self, text: &str) -> String {

@@ -14,7 +14,8 @@
 //! The patches come from [`crate::io::qwen2_image::Qwen2ImageProcessor`]. The whole model,
 //! [`Qwen2Vl`], places the merged image tokens at the prompt's `<|image_pad|>` placeholders and
 //! runs the Qwen2 language model (the LLaMA decoder of [`crate::model::llama`] with a q/k/v bias
-//! and M-RoPE) with a KV cache. Not here yet (issue #22): the chat template, Qwen2.5-VL (window
+//! and M-RoPE) with a KV cache; [`Qwen2VlBundle`] adds the tokenizer, the checkpoint's chat
+//! template and the image processor, for `generate`. Not here yet (issue #22): Qwen2.5-VL (window
 //! attention, RMSNorm/SwiGLU blocks), videos, and this model's place in the search and the bench.
 
 use std::path::Path;
@@ -23,8 +24,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::hook::LinearHook;
-use crate::io::config::{Activation, Qwen2VisionConfig, Qwen2VlConfig};
+use crate::io::chat_template::ChatTemplate;
+use crate::io::config::{read_json_object, Activation, Qwen2VisionConfig, Qwen2VlConfig};
+use crate::io::image::Rgb8;
 use crate::io::naming::Naming;
+use crate::io::prompt::PromptTokenizer;
+use crate::io::qwen2_image::{Qwen2ImageConfig, Qwen2ImageProcessor};
 use crate::io::shards::ShardSet;
 use crate::io::weights::{Init, VarBuilder};
 use crate::layer_id::{LayerId, Slot, Tower};
@@ -572,5 +577,127 @@ impl Qwen2Vl {
             out.extend(layer.linears());
         }
         out
+    }
+}
+
+/// A loaded Qwen2-VL checkpoint with its tokenizer, chat template and image processor:
+/// everything `generate` needs.
+#[derive(Debug)]
+pub struct Qwen2VlBundle {
+    pub model: Qwen2Vl,
+    pub tokenizer: PromptTokenizer,
+    pub template: ChatTemplate,
+    pub images: Qwen2ImageProcessor,
+    /// End-of-sequence ids: `generation_config.json`'s `eos_token_id` when the file has one (what
+    /// transformers' `generate` stops on), else the config's.
+    pub eos_token_ids: Vec<i64>,
+}
+
+impl Qwen2VlBundle {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let model = Qwen2Vl::load(dir, opts)?;
+        let tokenizer = PromptTokenizer::text_only(&dir.join("tokenizer.json"))?;
+        let image_token = tokenizer.token_id("<|image_pad|>");
+        if image_token != Some(model.cfg.image_token_id) {
+            return Err(Error::Tokenizer {
+                file: dir.join("tokenizer.json"),
+                reason: format!(
+                    "`<|image_pad|>` is {image_token:?} here but the config's image_token_id is {}",
+                    model.cfg.image_token_id
+                ),
+            });
+        }
+        let template = ChatTemplate::from_dir(dir)?;
+        let images = Qwen2ImageProcessor::new(Qwen2ImageConfig::from_json(
+            &dir.join("preprocessor_config.json"),
+        )?);
+        let generation = dir.join("generation_config.json");
+        let mut eos_token_ids = model.cfg.text.eos_token_ids.clone();
+        if generation.is_file() {
+            let root = read_json_object(&generation)?;
+            let ids: Option<Vec<i64>> = match root.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => n.as_i64().map(|i| vec![i]),
+                Some(serde_json::Value::Array(a)) => a.iter().map(|v| v.as_i64()).collect(),
+                None | Some(serde_json::Value::Null) => Some(eos_token_ids.clone()),
+                Some(_) => None,
+            };
+            eos_token_ids = ids.ok_or_else(|| {
+                Error::config(&generation, "eos_token_id", "expected an integer or a list of them")
+            })?;
+        }
+        Ok(Self { model, tokenizer, template, images, eos_token_ids })
+    }
+
+    /// The prompt's ids for one user turn asking `question` about `grids.len()` images, rendered
+    /// with the checkpoint's chat template and each image's `<|image_pad|>` expanded to its merged
+    /// token count (`Qwen2VLProcessor.replace_image_token`: `t·h·w / merge²`).
+    pub fn chat_ids(&self, question: &str, grids: &[GridThw]) -> Result<Vec<i64>> {
+        let text = self.template.render(&ChatTemplate::user_turn(grids.len(), question), true)?;
+        self.expand_image_pads(&self.tokenizer.encode_text(&text, true)?, grids)
+    }
+
+    /// Each single `<|image_pad|>` of `ids` (in order) becomes one per merged token of its image;
+    /// an error when the placeholders and the images differ in number.
+    pub fn expand_image_pads(&self, ids: &[i64], grids: &[GridThw]) -> Result<Vec<i64>> {
+        let pad = self.model.cfg.image_token_id;
+        let merge = self.model.cfg.vision.spatial_merge_size;
+        let found = ids.iter().filter(|&&i| i == pad).count();
+        if found != grids.len() {
+            return Err(Error::Prompt(format!(
+                "the prompt has {found} `<|image_pad|>` placeholder(s) but {} image(s) were given",
+                grids.len()
+            )));
+        }
+        let mut grids = grids.iter();
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match (id == pad).then(|| grids.next()).flatten() {
+                Some(&[t, h, w]) => {
+                    out.extend(std::iter::repeat_n(pad, (t * h * w / (merge * merge)) as usize))
+                }
+                None => out.push(id),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One user turn asking `question` about `images` (none: a text-only turn), ready for the
+    /// decoder.
+    pub fn prepare_chat(
+        &self,
+        question: &str,
+        images: &[Rgb8],
+        hook: &mut dyn LinearHook,
+    ) -> Result<Qwen2VlBatch> {
+        if images.is_empty() {
+            let ids = self.chat_ids(question, &[])?;
+            let prompt = Qwen2VlPrompt { ids: &ids, grids: &[], image_tokens: None };
+            return self.model.prepare(&[prompt]);
+        }
+        let (pixels, grids) = self.images.preprocess_all(images)?;
+        let ids = self.chat_ids(question, &grids)?;
+        let tokens = self.model.image_tokens(&pixels, &grids, hook)?;
+        let prompt = Qwen2VlPrompt { ids: &ids, grids: &grids, image_tokens: Some(&tokens) };
+        self.model.prepare(&[prompt])
+    }
+
+    /// Greedy answer to `question` about `images`: the new tokens (without the stopping EOS) and
+    /// their text (special tokens skipped).
+    pub fn answer(
+        &self,
+        question: &str,
+        images: &[Rgb8],
+        max_new_tokens: usize,
+        hook: &mut dyn LinearHook,
+    ) -> Result<(Vec<i64>, String)> {
+        let batch = self.prepare_chat(question, images, hook)?;
+        let opts = GenerateOptions {
+            max_new_tokens,
+            eos_token_ids: self.eos_token_ids.clone(),
+            stop: None,
+        };
+        let new = self.model.generate(&batch, &opts, hook)?.tokens.remove(0);
+        let text = self.tokenizer.decode(&new, true)?;
+        Ok((new, text))
     }
 }

@@ -15,7 +15,7 @@ use qvlm_core::io::shards::ShardSet;
 use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::llava::{GenerateOptions, LoadOptions};
 use qvlm_core::model::qwen2_vl::{
-    mrope_positions, GridThw, Qwen2VisionTower, Qwen2Vl, Qwen2VlPrompt,
+    mrope_positions, GridThw, Qwen2VisionTower, Qwen2Vl, Qwen2VlBundle, Qwen2VlPrompt,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -301,4 +301,69 @@ fn the_flat_config_qwen_released_parses_like_transformers_5() {
     std::fs::write(&path, serde_json::Value::Object(flat).to_string()).expect("write");
     let err = Qwen2VlConfig::from_json(&path).expect_err("sliding window");
     assert!(err.to_string().contains("use_sliding_window"), "{err}");
+}
+
+fn meta() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture().join("tiny/expected.json")).expect("meta");
+    serde_json::from_str(&text).expect("json")
+}
+
+#[test]
+fn a_chat_turn_renders_tokenizes_and_answers_like_transformers() {
+    let _guard = tch::no_grad_guard();
+    let dir = fixture().join("tiny");
+    let bundle = Qwen2VlBundle::load(&dir, &LoadOptions::default()).expect("bundle");
+    let meta = meta();
+    let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).expect("ref");
+    let question = meta["chat_prompt"].as_str().expect("prompt");
+    // The checkpoint's chat template (chat_template.jinja), rendered as apply_chat_template does.
+    let text = bundle
+        .template
+        .render(&qvlm_core::io::chat_template::ChatTemplate::user_turn(1, question), true)
+        .expect("render");
+    assert_eq!(text, meta["chat_text"].as_str().expect("text"));
+    // Tokenized, the image placeholder expanded to the image's 15 merged tokens.
+    let image = Rgb8::open(&dir.join(meta["chat_image"].as_str().expect("image"))).expect("png");
+    let (_, grid) = bundle.images.preprocess(&image).expect("preprocess");
+    let ids = bundle.chat_ids(question, &[grid]).expect("ids");
+    assert_eq!(ids, ids_of(&expected, "chat_input_ids"));
+    // Greedy answer: generation_config.json's eos (305) stops it.
+    let (tokens, answer) = bundle.answer(question, &[image], 8, &mut NoHook).expect("answer");
+    let want: Vec<i64> = ids_of(&expected, "chat_tokens")
+        .into_iter()
+        .take_while(|t| !bundle.eos_token_ids.contains(t))
+        .collect();
+    assert_eq!(tokens, want);
+    assert_eq!(answer, meta["chat_answer"].as_str().expect("answer"));
+    // Placeholders and images must agree in number.
+    let one_pad = bundle.tokenizer.encode_text(&text, true).expect("encode");
+    let err = bundle.expand_image_pads(&one_pad, &[grid, grid]).expect_err("two grids, one pad");
+    assert!(err.to_string().contains("1 `<|image_pad|>` placeholder(s) but 2 image(s)"), "{err}");
+}
+
+#[test]
+fn the_chat_template_is_found_where_transformers_looks() {
+    use qvlm_core::io::chat_template::ChatTemplate;
+    let source = std::fs::read_to_string(fixture().join("tiny/chat_template.jinja")).expect("t");
+    let turn = ChatTemplate::user_turn(1, "hi");
+    let want = ChatTemplate::from_dir(&fixture().join("tiny")).expect("jinja").render(&turn, true);
+    let want = want.expect("render");
+    // Qwen's releases: chat_template.json for the processor …
+    let tmp = TempDir::new("qwen2vl-chat");
+    std::fs::write(
+        tmp.0.join("chat_template.json"),
+        serde_json::json!({"chat_template": source}).to_string(),
+    )
+    .expect("write");
+    let t = ChatTemplate::from_dir(&tmp.0).expect("json");
+    assert_eq!(t.render(&turn, true).expect("render"), want);
+    // … and tokenizer_config.json's chat_template, a string or a list of named templates.
+    std::fs::remove_file(tmp.0.join("chat_template.json")).expect("rm");
+    let named = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": source}]});
+    std::fs::write(tmp.0.join("tokenizer_config.json"), named.to_string()).expect("write");
+    let t = ChatTemplate::from_dir(&tmp.0).expect("tokenizer_config");
+    assert_eq!(t.render(&turn, true).expect("render"), want);
+    std::fs::write(tmp.0.join("tokenizer_config.json"), "{}").expect("write");
+    let err = ChatTemplate::from_dir(&tmp.0).expect_err("none");
+    assert!(err.to_string().contains("no chat template"), "{err}");
 }

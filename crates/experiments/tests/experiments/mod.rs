@@ -4,6 +4,7 @@ mod configs;
 mod datasets;
 mod deploy;
 mod fuzz;
+mod qwen2_vl;
 mod real_configs;
 mod reliability;
 mod scaling;
