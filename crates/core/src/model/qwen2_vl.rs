@@ -123,6 +123,18 @@ impl Qwen2VisionBlock {
     pub fn linears(&self) -> [&Linear; 4] {
         [&self.qkv, &self.proj, &self.fc1, &self.fc2]
     }
+
+    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2]
+    }
+
+    fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        self.norm1.named_tensors(out);
+        self.norm2.named_tensors(out);
+        for l in self.linears() {
+            l.named_tensors(out);
+        }
+    }
 }
 
 /// transformers' `apply_rotary_pos_emb_vision` on `x` `[N, heads, d]`: in f32, `x·cos +
@@ -281,6 +293,25 @@ impl Qwen2VisionTower {
         let mut out: Vec<&Linear> = self.blocks.iter().flat_map(|b| b.linears()).collect();
         out.extend([&self.merger.fc1, &self.merger.fc2]);
         out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> =
+            self.blocks.iter_mut().flat_map(|b| b.linears_mut()).collect();
+        out.extend([&mut self.merger.fc1, &mut self.merger.fc2]);
+        out
+    }
+
+    /// Every tensor under its canonical name (`visual.…`; the patch embedding as the matrix it is
+    /// held as).
+    pub fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        out.push(("visual.patch_embed.proj.weight".into(), self.patch_embed.shallow_clone()));
+        for block in &self.blocks {
+            block.named_tensors(out);
+        }
+        self.merger.ln_q.named_tensors(out);
+        self.merger.fc1.named_tensors(out);
+        self.merger.fc2.named_tensors(out);
     }
 }
 
@@ -576,6 +607,30 @@ impl Qwen2Vl {
         for layer in &self.language_model.layers {
             out.extend(layer.linears());
         }
+        out
+    }
+
+    /// [`Qwen2Vl::linears`] and, when untied, `lm_head` (last).
+    pub fn linears_and_head(&self) -> Vec<&Linear> {
+        let mut out = self.linears();
+        out.extend(self.language_model.lm_head.as_ref());
+        out
+    }
+
+    pub fn linears_and_head_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.visual.linears_mut();
+        for layer in &mut self.language_model.layers {
+            out.extend(layer.linears_mut());
+        }
+        out.extend(self.language_model.lm_head.as_mut());
+        out
+    }
+
+    /// Every weight under its canonical name (quantized layers: their dequantized weight).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        self.visual.named_tensors(&mut out);
+        self.language_model.named_tensors(&mut out);
         out
     }
 }

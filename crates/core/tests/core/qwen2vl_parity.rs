@@ -367,3 +367,17 @@ fn the_chat_template_is_found_where_transformers_looks() {
     let err = ChatTemplate::from_dir(&tmp.0).expect_err("none");
     assert!(err.to_string().contains("no chat template"), "{err}");
 }
+
+#[test]
+fn named_tensors_cover_every_stored_weight() {
+    // Loading is strict (every stored key read); naming gives each weight back once, with the
+    // stored element count (the patch embedding as the matrix it is held as).
+    let model = model("tiny");
+    let stored = SafetensorsFile::open(&fixture().join("tiny/model.safetensors")).expect("open");
+    let named = model.named_tensors();
+    assert_eq!(named.len(), stored.names().count());
+    let numel = |t: &Tensor| t.numel();
+    let total: usize = named.iter().map(|(_, t)| numel(t)).sum();
+    let want: usize = stored.names().map(|n| numel(&stored.read(n).expect("read"))).sum();
+    assert_eq!(total, want);
+}

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::scheme::{Part, Scheme};
-use super::shape::{Shape, ShapeDims};
+use super::shape::{Shape, ShapeDims, ShapeFamily};
 use crate::config::RunHeader;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -299,7 +299,13 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
             inputs.extend([("vision", d.vision_hidden), ("vision", d.vision_intermediate)]);
         }
         if parts.contains(&Part::Projector) {
-            inputs.extend([("projector", d.vision_hidden), ("projector", d.text_hidden)]);
+            inputs.extend(match d.family {
+                ShapeFamily::Llava => {
+                    [("projector", d.vision_hidden), ("projector", d.text_hidden)]
+                }
+                // The patch merger: both linears take 2×2 merged patches.
+                ShapeFamily::Qwen2Vl => [("projector", 4 * d.vision_hidden); 2],
+            });
         }
         if let Some((part, k)) = inputs.into_iter().find(|(_, k)| k % m.w4_group != 0) {
             bail!(

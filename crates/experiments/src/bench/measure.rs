@@ -11,14 +11,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use qvlm_core::hook::NoHook;
-use qvlm_core::io::prompt::Piece;
 use qvlm_core::model::llama::KvCache;
-use qvlm_core::model::llava::{Llava, PreparedBatch};
 use tch::{Device, Kind, Tensor};
 
 use super::config::MeasureSettings;
 use super::machine::sync;
+use super::model::BenchModel;
 
 /// Milliseconds of one forward pass, split where extrapolation needs it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -78,69 +76,54 @@ fn prompt_ids(vocab: i64, n: i64) -> Result<Vec<i64>> {
     Vec::<i64>::try_from(&ids).context("reading prompt ids")
 }
 
-/// Times `model` as the module doc says; `bar` advances once per decode step.
-pub fn run(model: &Llava, spec: &MeasureSettings, bar: &ProgressBar) -> Result<Timings> {
+/// Times `model` as the module doc says (a prefill image is `image_side` pixels square for
+/// Qwen2-VL; LLaVA's is its tower's size); `bar` advances once per decode step.
+pub fn run(
+    model: &BenchModel,
+    spec: &MeasureSettings,
+    image_side: i64,
+    bar: &ProgressBar,
+) -> Result<Timings> {
     let _guard = tch::no_grad_guard();
     let device = model.device();
-    let vocab = model.cfg.text.vocab_size;
-    let layers = model.language_model.layers.len();
-    let ids = prompt_ids(vocab, spec.prefill_tokens)?;
+    let lm = model.language_model();
+    let ids: Vec<i64> = prompt_ids(lm.cfg.vocab_size, spec.prefill_tokens)?
+        .into_iter()
+        .map(|id| if model.is_text_token(id) { id } else { 3 })
+        .collect();
 
     // Untimed: one short forward pays one-time costs (thread pool, kernel selection, first-touch
     // of activation buffers) outside the timed prefill.
-    let warm = model
-        .prepare(&[vec![Piece::Tokens(ids[..ids.len().min(4)].to_vec())]], &[])
-        .context("preparing the warm-up prompt")?;
-    let h = model.decode_hidden(&warm, None, &mut NoHook);
-    let _ = model.language_model.head(&h.select(1, -1)).argmax(-1, false);
+    let warm = model.prefill(&ids[..ids.len().min(4)], None, None)?;
+    let _ = lm.head(&warm.hidden.select(1, -1)).argmax(-1, false);
     sync(device);
 
     // Prefill.
     let mut prefill = Split::default();
     let t = Instant::now();
-    let (pieces, images) = if spec.prefill_image {
-        let s = model.cfg.vision.image_size;
-        let pixels = Tensor::randn([1, 3, s, s], (model.kind(), device));
-        let feats = model.image_features(&pixels, &mut NoHook);
-        sync(device);
-        let half = ids.len() / 2;
-        let pieces = vec![
-            Piece::Tokens(ids[..half].to_vec()),
-            Piece::Image(0),
-            Piece::Tokens(ids[half..].to_vec()),
-        ];
-        (pieces, vec![feats])
-    } else {
-        (vec![Piece::Tokens(ids.clone())], Vec::new())
-    };
+    let image = if spec.prefill_image { Some(model.random_image(image_side)?) } else { None };
+    sync(device);
     prefill.vision_ms = ms(t);
     let t = Instant::now();
-    let batch = model.prepare(&[pieces], &images).context("preparing the prompt")?;
-    let positions = batch.embeds.size()[1];
-    let mut cache = KvCache::new(layers);
-    let h = model.decode_hidden(&batch, Some(&mut cache), &mut NoHook);
+    let mut cache = KvCache::new(lm.layers.len());
+    let done = model.prefill(&ids, image.as_ref(), Some(&mut cache))?;
     sync(device);
     prefill.layers_ms = ms(t);
     let t = Instant::now();
-    let mut next = model.language_model.head(&h.select(1, -1)).argmax(-1, false);
+    let mut next = lm.head(&done.hidden.select(1, -1)).argmax(-1, false);
     sync(device);
     prefill.head_ms = ms(t);
 
     // Decode.
     let mut decode = Vec::with_capacity(spec.decode_tokens);
-    let first = batch.positions.select(1, -1) + 1;
     for step in 0..spec.warmup_tokens + spec.decode_tokens {
         let t = Instant::now();
-        let step_batch = PreparedBatch {
-            embeds: model.language_model.embed(&next.view([1, 1])),
-            mask: Tensor::ones([1, 1], (Kind::Int64, device)),
-            positions: (&first + step as i64).view([1, 1]),
-        };
-        let h = model.decode_hidden(&step_batch, Some(&mut cache), &mut NoHook);
+        let position = &done.next_position + step as i64;
+        let h = model.decode(&next, &position, &mut cache)?;
         sync(device);
         let layers_ms = ms(t);
         let t = Instant::now();
-        next = model.language_model.head(&h.select(1, -1)).argmax(-1, false);
+        next = lm.head(&h.select(1, -1)).argmax(-1, false);
         sync(device);
         let head_ms = ms(t);
         if step >= spec.warmup_tokens {
@@ -149,14 +132,14 @@ pub fn run(model: &Llava, spec: &MeasureSettings, bar: &ProgressBar) -> Result<T
         bar.inc(1);
     }
     let linears = time_linears(model, spec)?;
-    Ok(Timings { prefill_positions: positions, prefill, decode, linears })
+    Ok(Timings { prefill_positions: done.positions, prefill, decode, linears })
 }
 
 /// The decoder's linears alone, as the module doc says: `warmup_tokens` untimed passes, then
 /// `decode_tokens` timed ones.
-fn time_linears(model: &Llava, spec: &MeasureSettings) -> Result<Vec<f64>> {
+fn time_linears(model: &BenchModel, spec: &MeasureSettings) -> Result<Vec<f64>> {
     let device = model.device();
-    let layers = &model.language_model.layers;
+    let layers = &model.language_model().layers;
     // One input per width (hidden, intermediate), in the model's dtype, as a decode step has.
     let mut inputs: Vec<(i64, Tensor)> = Vec::new();
     for l in layers.iter().flat_map(|l| l.linears()) {

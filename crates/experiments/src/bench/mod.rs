@@ -15,6 +15,7 @@
 pub mod config;
 pub mod machine;
 pub mod measure;
+pub mod model;
 pub mod report;
 pub mod rows;
 pub mod scheme;
@@ -28,6 +29,7 @@ use anyhow::{Context, Result};
 use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
+use qvlm_core::model::qwen2_vl::Qwen2Vl;
 use qvlm_core::quant::packed::Kernel;
 use qvlm_core::quant::team::Isa;
 
@@ -36,9 +38,10 @@ use tch::{Device, Kind};
 use config::BenchConfig;
 use machine::GIB;
 use measure::{Split, Timings};
+use model::BenchModel;
 use rows::{Row, RunInfo, Skipped};
 use scheme::Scheme;
-use shape::Shape;
+use shape::{Shape, ShapeFamily};
 
 use crate::progress;
 use crate::results::{Owner, ResultsDir};
@@ -226,13 +229,19 @@ fn join(v: Vec<String>) -> String {
 }
 
 /// A model of `shape` with `layers` decoder layers and random float weights of `kind`.
-fn build(shape: &Shape, layers: i64, kind: Kind, device: Device, what: &str) -> Result<Llava> {
+fn build(shape: &Shape, layers: i64, kind: Kind, device: Device, what: &str) -> Result<BenchModel> {
     let pb = progress::spinner(what);
     pb.set_message(format!("random {kind:?} weights, {layers} decoder layers"));
     let vb = VarBuilder::fresh(device, kind);
     let started = Instant::now();
-    let model = Llava::build(&vb, &shape.llava_config(layers))
-        .with_context(|| format!("building {} with random weights", shape.name))?;
+    let model = match shape.dims.family {
+        ShapeFamily::Llava => {
+            Llava::build(&vb, &shape.llava_config(layers)).map(|m| BenchModel::Llava(Box::new(m)))
+        }
+        ShapeFamily::Qwen2Vl => Qwen2Vl::build(&vb, &shape.qwen2_vl_config(layers))
+            .map(|m| BenchModel::Qwen2Vl(Box::new(m))),
+    }
+    .with_context(|| format!("building {} with random weights", shape.name))?;
     // The builder keeps a handle on every variable it created: drop it so that replaced
     // weights are freed.
     drop(vb);
@@ -242,7 +251,7 @@ fn build(shape: &Shape, layers: i64, kind: Kind, device: Device, what: &str) -> 
 }
 
 /// Bytes of every weight of a model that holds no packed weight: `numel · element size`.
-fn float_bytes(model: &Llava) -> i64 {
+fn float_bytes(model: &BenchModel) -> i64 {
     model
         .named_tensors()
         .iter()
@@ -251,28 +260,37 @@ fn float_bytes(model: &Llava) -> i64 {
 }
 
 /// Bytes of the decoder linears as held (float or packed storage).
-fn decoder_linear_bytes(model: &Llava) -> i64 {
+fn decoder_linear_bytes(model: &BenchModel) -> i64 {
     scheme::decoder_linears(model).iter().map(|l| l.weight.bytes()).sum()
 }
 
-/// Weights one decode step reads besides the decoder linears: the layers' norms, the final norm,
-/// `lm_head` (or the tied embedding) as held, and one embedding row.
-fn decode_extra_bytes(model: &Llava) -> i64 {
-    let lm = &model.language_model;
-    let size = |t: &tch::Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-    let norms: i64 = lm
-        .layers
-        .iter()
-        .map(|l| size(&l.input_layernorm.weight) + size(&l.post_attention_layernorm.weight))
-        .sum();
+/// Weights one decode step reads besides the decoder linears' weights: every layer's
+/// [`layer_rest_bytes`], the final norm, `lm_head` (or the tied embedding) as held, and one
+/// embedding row.
+fn decode_extra_bytes(model: &BenchModel) -> i64 {
+    let lm = model.language_model();
     let head = lm.lm_head.as_ref().map_or_else(|| size(&lm.embed_tokens), |h| h.weight.bytes());
     let row = lm.cfg.hidden_size * lm.embed_tokens.kind().elt_size_in_bytes() as i64;
-    norms + size(&lm.norm.weight) + head + row
+    lm.layers.len() as i64 * layer_rest_bytes(model) + size(&lm.norm.weight) + head + row
+}
+
+/// Bytes of one decoder layer besides its linears' weights: its two norms and its linears'
+/// biases (Qwen2's q/k/v).
+fn layer_rest_bytes(model: &BenchModel) -> i64 {
+    let Some(layer) = model.language_model().layers.first() else {
+        return 0;
+    };
+    let biases: i64 = layer.linears().iter().filter_map(|l| l.bias.as_ref()).map(size).sum();
+    size(&layer.input_layernorm.weight) + size(&layer.post_attention_layernorm.weight) + biases
+}
+
+fn size(t: &tch::Tensor) -> i64 {
+    t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
 }
 
 /// The decoder linears' kernels (one name, or `name×count` joined by `+`), and how many packed
 /// weights anywhere in the model are on the dequantized fallback.
-fn kernels(model: &Llava) -> (String, usize) {
+fn kernels(model: &BenchModel) -> (String, usize) {
     let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
     for l in scheme::decoder_linears(model) {
         let name = match &l.weight {
@@ -308,7 +326,12 @@ fn kernels(model: &Llava) -> (String, usize) {
 
 /// The row's timings, between two measurements of the memory roof (before, after): the machines
 /// are shared, and a roof taken once at the start of a long run is not the roof of its last row.
-fn measure(model: &Llava, cfg: &BenchConfig, what: &str) -> Result<(Timings, [f64; 2])> {
+fn measure(
+    model: &BenchModel,
+    cfg: &BenchConfig,
+    image_side: i64,
+    what: &str,
+) -> Result<(Timings, [f64; 2])> {
     let m = &cfg.measure;
     let roof = || {
         machine::read_roof(model.device(), cfg.bandwidth.mib << 20, cfg.bandwidth.repeats)
@@ -317,7 +340,7 @@ fn measure(model: &Llava, cfg: &BenchConfig, what: &str) -> Result<(Timings, [f6
     let before = roof()?;
     let pb = progress::bar((m.warmup_tokens + m.decode_tokens) as u64, what);
     pb.set_message(format!("prefill {} tokens, then decode", m.prefill_tokens));
-    let timings = measure::run(model, m, &pb)?;
+    let timings = measure::run(model, m, image_side, &pb)?;
     pb.finish_and_clear();
     Ok((timings, [before, roof()?]))
 }
@@ -337,8 +360,8 @@ struct Measured {
     linears: i64,
     /// [`decode_extra_bytes`] of the built model.
     extra: i64,
-    /// Element size of the norm weights (the rest of a decoder layer).
-    norm_elt: i64,
+    /// [`layer_rest_bytes`] of the built model.
+    layer_rest: i64,
     rss: Option<i64>,
     timings: Timings,
     /// The memory roof measured before and after the timings (bytes/s).
@@ -351,7 +374,7 @@ fn row(cfg: &BenchConfig, shape: &Shape, model: &str, layers: i64, built: i64, m
     let scale = layers as f64 / built as f64;
     let add_layers = layers - built;
     let layer_linears = m.linears / built;
-    let layer_bytes = layer_linears + 2 * shape.dims.text_hidden * m.norm_elt;
+    let layer_bytes = layer_linears + m.layer_rest;
     let stretch = |s: Split| Split { layers_ms: s.layers_ms * scale, ..s };
     let t = &m.timings;
     let min_step = t
@@ -439,7 +462,7 @@ fn run_fp32(
     let what = format!("{} FP32", shape.name);
     let model = build(shape, built, Kind::Float, device, &what)?;
     let (kernel, fallbacks) = kernels(&model);
-    let (timings, roof) = measure(&model, cfg, &what)?;
+    let (timings, roof) = measure(&model, cfg, shape.dims.image_size, &what)?;
     let m = Measured {
         scheme: Scheme::Fp32,
         kernel,
@@ -447,7 +470,7 @@ fn run_fp32(
         all: float_bytes(&model),
         linears: decoder_linear_bytes(&model),
         extra: decode_extra_bytes(&model),
-        norm_elt: 4,
+        layer_rest: layer_rest_bytes(&model),
         timings,
         roof,
         rss: rss_delta(base),
@@ -521,7 +544,7 @@ fn run_bf16_round(
             tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
         }
         let (kernel, fallbacks) = kernels(&model);
-        let (timings, roof) = measure(&model, cfg, &what)?;
+        let (timings, roof) = measure(&model, cfg, shape.dims.image_size, &what)?;
         let m = Measured {
             scheme: s,
             kernel,
@@ -529,7 +552,7 @@ fn run_bf16_round(
             all: float_all - float_packable + scheme::packable_bytes(&model),
             linears: decoder_linear_bytes(&model),
             extra: decode_extra_bytes(&model),
-            norm_elt: 2,
+            layer_rest: layer_rest_bytes(&model),
             timings,
             roof,
             rss: rss_delta(base),

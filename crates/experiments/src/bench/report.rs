@@ -510,7 +510,7 @@ fn method_notes(info: &RunInfo) -> String {
     let m = &cfg.measure;
     let prefill = if m.prefill_image {
         format!(
-            "{} random text tokens around one random image (vision tower + projector + its features in the decoder, all timed)",
+            "{} random text tokens around one random image (vision tower + projector or merger + its tokens in the decoder, all timed)",
             m.prefill_tokens
         )
     } else {
@@ -524,7 +524,7 @@ fn method_notes(info: &RunInfo) -> String {
         .iter()
         .map(|p| match p {
             Part::Decoder => "every decoder linear (q/k/v/o, gate/up/down)",
-            Part::Vision => "every CLIP linear",
+            Part::Vision => "every vision-tower linear",
             Part::Projector => "the projector's linears",
             Part::LmHead => "`lm_head`",
         })
@@ -532,7 +532,7 @@ fn method_notes(info: &RunInfo) -> String {
         .join(", ");
     let mut float = vec!["embeddings", "norms", "biases"];
     for (p, name) in [
-        (Part::Vision, "the CLIP tower"),
+        (Part::Vision, "the vision tower"),
         (Part::Projector, "the projector"),
         (Part::LmHead, "`lm_head`"),
     ] {
@@ -543,7 +543,7 @@ fn method_notes(info: &RunInfo) -> String {
     let float = float.join(", ");
     let mut s = String::from("\n#### How it was measured\n\n");
     s.push_str(&format!(
-        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) with random weights; nothing downloaded, accuracy irrelevant. The packed schemes pack {packed}; {float} stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values). The `kernel` column names the decoder linears' kernel: `int4_avx512` / `int4_avx2` is this project's own W4A16 kernel at the CPU's SIMD level (`qvlm_core::quant::int4_avx512`), `int4_cpu` libtorch's `_weight_int4pack_mm_for_cpu`, `bf16_avx512` / `bf16_avx2` this project's own bf16 kernel (`qvlm_core::quant::bf16_own`, row `BF16 own`: the same bf16 weights as `BF16`, multiplied in f32 and streamed at the memory roof; `BF16` is libtorch's `linear`), `int4_vnni` this project's AVX-512 VNNI kernel on the same 4-bit codes (`qvlm_core::quant::int4_vnni`: activations on an integer grid, `vpdpbusd` in i32) — row `W4A16 … q8` rounds the float activations to int8 per group of inputs on the fly (a different numeric from `W4A16`, whose kernel is exact in f32), rows `W4A8` / `W4A4` put them on a symmetric int8 / int4 grid per token (their fake-quant arithmetic, bit for bit in the integer codes).\n\
+        "- Models: LLaVA-1.5-shaped (CLIP ViT-L/14-336, `mlp2x_gelu` projector, LLaMA decoder) and Qwen2-VL-shaped (`qwen2-vl-7b`: its ViT, whose linears count as `vision`, the patch merger as `projector`, the Qwen2-7B decoder with 4 key/value heads for 28 query heads, a q/k/v bias and M-RoPE; a prefill image is 336 px square, 144 merged tokens) with random weights; nothing downloaded, accuracy irrelevant. The packed schemes pack {packed}; {float} stay in the model's float dtype (bf16; f32 for FP32). Packed codes are random (kernel speed and bytes do not depend on their values). The `kernel` column names the decoder linears' kernel: `int4_avx512` / `int4_avx2` is this project's own W4A16 kernel at the CPU's SIMD level (`qvlm_core::quant::int4_avx512`), `int4_cpu` libtorch's `_weight_int4pack_mm_for_cpu`, `bf16_avx512` / `bf16_avx2` this project's own bf16 kernel (`qvlm_core::quant::bf16_own`, row `BF16 own`: the same bf16 weights as `BF16`, multiplied in f32 and streamed at the memory roof; `BF16` is libtorch's `linear`), `int4_vnni` this project's AVX-512 VNNI kernel on the same 4-bit codes (`qvlm_core::quant::int4_vnni`: activations on an integer grid, `vpdpbusd` in i32) — row `W4A16 … q8` rounds the float activations to int8 per group of inputs on the fly (a different numeric from `W4A16`, whose kernel is exact in f32), rows `W4A8` / `W4A4` put them on a symmetric int8 / int4 grid per token (their fake-quant arithmetic, bit for bit in the integer codes).\n\
          - One bf16 model per shape (when the whole shape does not fit in memory, `model.partial_layers` decoder layers or as many as fit, and every row of the shape extrapolated per layer like FP32: the `note` column says so); BF16 is measured first, then each packed scheme replaces the weights linear by linear (W8A8 reuses W8A16's int8 codes, every W4 row the first W4 row's codes), so one configuration's packed weights are resident at a time. FP32 is a separate build{}.\n\
          - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
          - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\

@@ -9,12 +9,13 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::linear::{Linear, LinearWeight};
-use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::bf16_own::{self, Bf16Weight};
 use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+use super::model::BenchModel;
 
 /// A group of weights a packed scheme can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -22,9 +23,10 @@ use tch::{Device, Kind, Tensor};
 pub enum Part {
     /// q/k/v/o and gate/up/down of every decoder layer.
     Decoder,
-    /// Every linear of the CLIP vision tower (the paper's Q-VLM also quantizes CLIP, Table 4).
+    /// Every linear of the vision tower (CLIP's; Qwen2-VL's ViT) (the paper's Q-VLM also
+    /// quantizes CLIP, Table 4).
     Vision,
-    /// The multimodal projector's linears.
+    /// The multimodal projector's linears (Qwen2-VL: the patch merger's).
     Projector,
     /// The language-model head (when not tied to the embeddings).
     LmHead,
@@ -189,8 +191,8 @@ impl Scheme {
 }
 
 /// Every decoder linear of `model`, in execution order.
-pub fn decoder_linears(model: &Llava) -> Vec<&Linear> {
-    model.language_model.layers.iter().flat_map(|l| l.linears()).collect()
+pub fn decoder_linears(model: &BenchModel) -> Vec<&Linear> {
+    model.language_model().layers.iter().flat_map(|l| l.linears()).collect()
 }
 
 /// The part a linear belongs to.
@@ -206,12 +208,12 @@ fn part_of(id: LayerId) -> Part {
 /// Bytes of every weight a scheme can pack (all linears and `lm_head`) as they are held now:
 /// float `numel · size` or the packed storage's exact bytes. Biases, embeddings and norms stay
 /// float in every scheme and are not counted.
-pub fn packable_bytes(model: &Llava) -> i64 {
+pub fn packable_bytes(model: &BenchModel) -> i64 {
     model.linears_and_head().iter().map(|l| l.weight.bytes()).sum()
 }
 
 /// How many weights [`apply`] packs for `parts`.
-pub fn packed_count(model: &Llava, parts: &[Part]) -> usize {
+pub fn packed_count(model: &BenchModel, parts: &[Part]) -> usize {
     model.linears_and_head().iter().filter(|l| parts.contains(&part_of(l.id))).count()
 }
 
@@ -221,7 +223,7 @@ pub fn packed_count(model: &Llava, parts: &[Part]) -> usize {
 /// scheme with the same storage as the one in place (W8A8 after W8A16, W4A16 after its libtorch
 /// twin) takes over its codes.
 pub fn apply(
-    model: &mut Llava,
+    model: &mut BenchModel,
     scheme: Scheme,
     group: i64,
     parts: &[Part],
@@ -255,7 +257,7 @@ pub fn apply(
 }
 
 /// Puts the linears of `parts` on the own bf16 kernel (their weights as they are, in bf16).
-fn own_bf16(model: &mut Llava, parts: &[Part], bar: &ProgressBar) -> Result<()> {
+fn own_bf16(model: &mut BenchModel, parts: &[Part], bar: &ProgressBar) -> Result<()> {
     for linear in model.linears_and_head_mut() {
         if !parts.contains(&part_of(linear.id)) {
             continue;

@@ -299,7 +299,7 @@ fn packing_vision_projector_and_lm_head_counts_their_exact_bytes() {
     let extra = (2 * 2 + 1) * 256 * 2 + 256 * 2;
     assert_eq!(row(Scheme::W4a16).decode_bytes_per_token, w4(&decoder) + w4(&[(320, 256)]) + extra);
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
-    assert!(md.contains("every CLIP linear") && md.contains("`lm_head`"), "{md}");
+    assert!(md.contains("every vision-tower linear") && md.contains("`lm_head`"), "{md}");
 }
 
 #[test]
@@ -383,5 +383,49 @@ fn the_efficiency_config_parses_and_bad_keys_are_named() {
         let err = config::parse(&text, Path::new("bad.toml")).expect_err(expected);
         let msg = format!("{err:#}");
         assert!(msg.contains(expected) && msg.contains("bad.toml"), "{expected}: {msg}");
+    }
+}
+
+/// A tiny Qwen2-VL shape: its ViT, merger and Qwen2 decoder (grouped-query attention, q/k/v
+/// bias, M-RoPE) are built, packed and timed like LLaVA's; the whole-model bytes equal the
+/// shape's analytic parameter count (so the build and the count agree), also when FP32 is built
+/// with one of two layers and extrapolated (a layer's biases included), and a prefill with an
+/// image feeds its merged tokens.
+#[test]
+fn bench_runs_a_qwen2_vl_shape_with_exact_bytes() {
+    let results = scratch("tiny-qwen2vl");
+    let text = TINY
+        .replace("name = \"tiny-bench\"", &format!("name = \"tiny-qwen\"\nresults_dir = \"{}\"", results.display()))
+        .replace(
+            "schemes = [\"fp32\", \"bf16\", \"bf16_own\", \"w8a16\", \"w8a8\", \"w4a16_libtorch\", \"w4a16\", \"w4a16_vnni\", \"w4a8\", \"w4a4\"]",
+            "schemes = [\"fp32\", \"bf16\", \"w8a8\", \"w4a16_libtorch\"]\npacked_parts = [\"decoder\", \"vision\", \"projector\", \"lm_head\"]",
+        )
+        .replace("rounds = 2", "rounds = 1\nprefill_image = true")
+        .replace("name = \"tiny\"\n", "name = \"tiny\"\nfamily = \"qwen2_vl\"\ntext_kv_heads = 2\n")
+        .replace("vision_hidden = 64", "vision_hidden = 128")
+        .replace("vision_intermediate = 128", "vision_intermediate = 256")
+        .replace("image_size = 28", "image_size = 56");
+    let cfg = config::parse(&text, Path::new("tiny-qwen.toml")).expect("config");
+    let out = bench::run(&cfg).expect("bench run");
+    let schemes: Vec<Scheme> = out.rows.iter().map(|r| r.scheme).collect();
+    assert_eq!(schemes, [Scheme::Fp32, Scheme::Bf16, Scheme::W8a8, Scheme::W4a16Libtorch]);
+    let params = cfg.shapes().expect("shapes")[0].dims.parameters(2);
+    let row = |s: Scheme| out.rows.iter().find(|r| r.scheme == s).expect("row");
+    assert_eq!(row(Scheme::Bf16).weight_bytes, 2 * params);
+    assert!(row(Scheme::Fp32).extrapolated());
+    assert_eq!(row(Scheme::Fp32).weight_bytes, 4 * params);
+    // q and o [256, 256], k and v [128, 256] (2 of 4 heads), gate/up [512, 256], down [256, 512].
+    let shapes: Vec<(i64, i64)> =
+        [(256, 256), (128, 256), (128, 256), (256, 256), (512, 256), (512, 256), (256, 512)]
+            .repeat(2);
+    let dense: i64 = shapes.iter().map(|(o, i)| o * i * 2).sum();
+    assert_eq!(row(Scheme::Bf16).decoder_linear_bytes, dense);
+    let w4: i64 = shapes.iter().map(|(o, i)| o * i / 2 + o * (i / 128) * (4 + 1)).sum();
+    assert_eq!(row(Scheme::W4a16Libtorch).decoder_linear_bytes, w4);
+    for r in &out.rows {
+        assert_eq!(r.fallback_linears, 0, "{}: {}", r.label, r.kernel);
+        // 8 text tokens and one 56 px image: 4×4 patches merged 2×2 into 4 tokens.
+        assert_eq!(r.prefill_positions, 12, "{}", r.label);
+        assert!(r.prefill.vision_ms > 0.0 && r.decode.total_ms() > 0.0, "{}", r.label);
     }
 }
