@@ -64,3 +64,4 @@ results/efficiency/efficiency.csv: configs/efficiency.toml | bootstrap
 fixtures: bootstrap
 	.venv/bin/python python/gen_llava_fixtures.py
 	.venv/bin/python python/gen_qwen2vl_fixtures.py
+	.venv/bin/python python/gen_qwen2_5_vl_fixtures.py

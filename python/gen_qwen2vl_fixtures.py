@@ -212,9 +212,10 @@ QWEN_SPECIAL_TOKENS = [
 ]
 
 
-def chat_references(model, config, image, processor, expected, meta):
-    """A Qwen2-style tokenizer with the released chat template, one chat turn about an image
-    rendered, tokenized, expanded and answered greedily."""
+def chat_references(model, config, image, processor, expected, meta, out=OUT):
+    """A Qwen2-style tokenizer with the released chat template (saved in `out`), one chat turn
+    about an image rendered, tokenized, expanded and answered greedily. Also used by
+    gen_qwen2_5_vl_fixtures.py."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -237,7 +238,7 @@ def chat_references(model, config, image, processor, expected, meta):
                        config.vision_start_token_id, config.vision_end_token_id], ids
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    fast.save_pretrained(OUT)
+    fast.save_pretrained(out)
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
     text = fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

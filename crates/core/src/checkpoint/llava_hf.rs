@@ -94,11 +94,11 @@ pub fn preprocessor_json(p: &ImageProcessorConfig) -> Value {
         "resample": 3,
         "do_center_crop": p.do_center_crop,
         "crop_size": {"height": p.crop_height, "width": p.crop_width},
-        "do_rescale": p.do_rescale,
-        "rescale_factor": p.rescale_factor,
-        "do_normalize": p.do_normalize,
-        "image_mean": p.image_mean,
-        "image_std": p.image_std,
+        "do_rescale": p.scaling.do_rescale,
+        "rescale_factor": p.scaling.rescale_factor,
+        "do_normalize": p.scaling.do_normalize,
+        "image_mean": p.scaling.image_mean,
+        "image_std": p.scaling.image_std,
         "do_convert_rgb": true,
     });
     if p.aspect == AspectMode::Pad {

@@ -314,13 +314,26 @@ pub struct Qwen2VisionConfig {
     /// The language model's width: the merger's output.
     pub hidden_size: i64,
     pub num_heads: i64,
-    pub mlp_ratio: i64,
+    /// The MLP's width (Qwen2-VL: `mlp_ratio · embed_dim`; Qwen2.5-VL: `intermediate_size`).
+    pub intermediate_size: i64,
     pub in_channels: i64,
     pub patch_size: i64,
     pub temporal_patch_size: i64,
     pub spatial_merge_size: i64,
     pub hidden_act: Activation,
     pub rope_theta: f64,
+    pub kind: Qwen2VisionKind,
+}
+
+/// Which generation of Qwen's ViT a tower is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Qwen2VisionKind {
+    /// Qwen2-VL: LayerNorm, `fc1 → act → fc2`, every block attending over each whole image.
+    Qwen2Vl,
+    /// Qwen2.5-VL: RMSNorm, a SwiGLU MLP with biases, and window attention (windows of
+    /// `window_size` pixels, whole merge blocks) in every block but `fullatt_block_indexes`.
+    Qwen25Vl { window_size: i64, fullatt_block_indexes: Vec<i64> },
 }
 
 impl Qwen2VisionConfig {
@@ -341,13 +354,13 @@ impl Qwen2VisionConfig {
         let vision = top
             .object("vision_config")?
             .ok_or_else(|| top.err("vision_config", "missing (required)"))?;
-        parse_qwen2_vision(&Fields::new(path, "vision_config.", vision))
+        parse_qwen_vision(&top, &Fields::new(path, "vision_config.", vision))
     }
 }
 
-/// Qwen2VLVisionConfig with transformers' defaults.
-fn parse_qwen2_vision(f: &Fields<'_>) -> Result<Qwen2VisionConfig> {
-    let rope_theta = match f.object("rope_parameters")? {
+/// The vision rotary's θ (`rope_parameters`, axial only).
+fn parse_vision_rope(f: &Fields<'_>) -> Result<f64> {
+    Ok(match f.object("rope_parameters")? {
         Some(rope) => {
             let r = Fields::new(f.file, &f.key("rope_parameters."), rope);
             let kind = r.string("rope_type", Some("axial"))?;
@@ -359,20 +372,80 @@ fn parse_qwen2_vision(f: &Fields<'_>) -> Result<Qwen2VisionConfig> {
             r.float("rope_theta", 10000.0)?
         }
         None => 10000.0,
-    };
+    })
+}
+
+/// The vision tower of a Qwen2-VL (`model_type` `qwen2_vl`) or Qwen2.5-VL (`qwen2_5_vl`) config.
+fn parse_qwen_vision(top: &Fields<'_>, vision: &Fields<'_>) -> Result<Qwen2VisionConfig> {
+    match top.string("model_type", Some("qwen2_vl"))?.as_str() {
+        "qwen2_vl" => parse_qwen2_vision(vision),
+        "qwen2_5_vl" => parse_qwen25_vision(vision),
+        other => Err(top.err("model_type", format!("`{other}` (expected qwen2_vl or qwen2_5_vl)"))),
+    }
+}
+
+/// Qwen2VLVisionConfig with transformers' defaults.
+fn parse_qwen2_vision(f: &Fields<'_>) -> Result<Qwen2VisionConfig> {
+    let embed_dim = f.positive("embed_dim", Some(1280))?;
     let cfg = Qwen2VisionConfig {
         depth: f.positive("depth", Some(32))?,
-        embed_dim: f.positive("embed_dim", Some(1280))?,
+        embed_dim,
         hidden_size: f.positive("hidden_size", Some(3584))?,
         num_heads: f.positive("num_heads", Some(16))?,
-        mlp_ratio: f.positive("mlp_ratio", Some(4))?,
+        intermediate_size: embed_dim * f.positive("mlp_ratio", Some(4))?,
         in_channels: f.positive("in_channels", Some(3))?,
         patch_size: f.positive("patch_size", Some(14))?,
         temporal_patch_size: f.positive("temporal_patch_size", Some(2))?,
         spatial_merge_size: f.positive("spatial_merge_size", Some(2))?,
         hidden_act: f.activation("hidden_act", "quick_gelu")?,
-        rope_theta,
+        rope_theta: parse_vision_rope(f)?,
+        kind: Qwen2VisionKind::Qwen2Vl,
     };
+    check_qwen_vision(f, cfg)
+}
+
+/// Qwen2_5_VLVisionConfig with transformers' defaults: `hidden_size` is the tower's width and
+/// `out_hidden_size` the merger's output.
+fn parse_qwen25_vision(f: &Fields<'_>) -> Result<Qwen2VisionConfig> {
+    let depth = f.positive("depth", Some(32))?;
+    let full = if f.has("fullatt_block_indexes") {
+        f.int_list("fullatt_block_indexes")?
+    } else {
+        vec![7, 15, 23, 31]
+    };
+    if let Some(bad) = full.iter().find(|&&b| b < 0 || b >= depth) {
+        return Err(f.err("fullatt_block_indexes", format!("{bad} is not a block of {depth}")));
+    }
+    let cfg = Qwen2VisionConfig {
+        depth,
+        embed_dim: f.positive("hidden_size", Some(3584))?,
+        hidden_size: f.positive("out_hidden_size", Some(3584))?,
+        num_heads: f.positive("num_heads", Some(16))?,
+        intermediate_size: f.positive("intermediate_size", Some(3420))?,
+        in_channels: f.positive("in_channels", Some(3))?,
+        patch_size: f.positive("patch_size", Some(14))?,
+        temporal_patch_size: f.positive("temporal_patch_size", Some(2))?,
+        spatial_merge_size: f.positive("spatial_merge_size", Some(2))?,
+        hidden_act: f.activation("hidden_act", "silu")?,
+        rope_theta: parse_vision_rope(f)?,
+        kind: Qwen2VisionKind::Qwen25Vl {
+            window_size: f.positive("window_size", Some(112))?,
+            fullatt_block_indexes: full,
+        },
+    };
+    if let Qwen2VisionKind::Qwen25Vl { window_size, .. } = cfg.kind {
+        let unit = cfg.patch_size * cfg.spatial_merge_size;
+        if window_size % unit != 0 {
+            return Err(f.err(
+                "window_size",
+                format!("{window_size} px is not whole merge blocks of {unit} px"),
+            ));
+        }
+    }
+    check_qwen_vision(f, cfg)
+}
+
+fn check_qwen_vision(f: &Fields<'_>, cfg: Qwen2VisionConfig) -> Result<Qwen2VisionConfig> {
     // The axial rotary splits each head into four quarters (h and w, cos and sin halves).
     if cfg.embed_dim % cfg.num_heads != 0 || cfg.head_dim() % 4 != 0 {
         return Err(f.err(
@@ -410,7 +483,7 @@ impl Qwen2VlConfig {
         let vision_map = top
             .object("vision_config")?
             .ok_or_else(|| top.err("vision_config", "missing (required)"))?;
-        let vision = parse_qwen2_vision(&Fields::new(path, "vision_config.", vision_map))?;
+        let vision = parse_qwen_vision(&top, &Fields::new(path, "vision_config.", vision_map))?;
         let text_fields = match top.object("text_config")? {
             Some(map) => Fields::new(path, "text_config.", map),
             None => Fields::new(path, "", &root),
@@ -871,21 +944,25 @@ pub fn detect_format(config: &Path) -> Result<CheckpointFormat> {
 pub enum ModelFamily {
     /// llava-hf or original LLaVA ([`detect_format`] says which).
     Llava,
-    /// Qwen2-VL (`model_type` `qwen2_vl`).
+    /// Qwen2-VL or Qwen2.5-VL (`model_type` `qwen2_vl`, `qwen2_5_vl`).
     Qwen2Vl,
 }
 
 /// The family of the checkpoint whose `config.json` is `config`, from its `model_type`: `qwen2_vl`
 /// is Qwen2-VL, other Qwen VLMs (2.5-VL, 3-VL) are an error naming what is missing, anything else
 /// goes to the LLaVA loaders.
+/// (Qwen2.5-VL shares Qwen2-VL's family: the same decoder and prompt; its tower is
+/// [`Qwen2VisionKind::Qwen25Vl`].)
 pub fn detect_family(config: &Path) -> Result<ModelFamily> {
     let root = read_json_object(config)?;
     match root.get("model_type").and_then(Value::as_str) {
-        Some("qwen2_vl") => Ok(ModelFamily::Qwen2Vl),
+        Some("qwen2_vl" | "qwen2_5_vl") => Ok(ModelFamily::Qwen2Vl),
         Some(kind) if kind.starts_with("qwen") => Err(Error::config(
             config,
             "model_type",
-            format!("`{kind}` is not supported (of the Qwen VLMs, only qwen2_vl is, issue #22)"),
+            format!(
+                "`{kind}` is not supported (of the Qwen VLMs, qwen2_vl and qwen2_5_vl are, issue #22)"
+            ),
         )),
         _ => Ok(ModelFamily::Llava),
     }

@@ -32,38 +32,41 @@ pub struct ImageProcessorConfig {
     pub do_center_crop: bool,
     pub crop_height: u32,
     pub crop_width: u32,
+    #[serde(flatten)]
+    pub scaling: PixelScaling,
+    pub aspect: AspectMode,
+}
+
+/// The rescale and normalize steps every image processor config has (CLIP's and Qwen2-VL's):
+/// `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, with CLIP's mean
+/// and standard deviation by default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PixelScaling {
     pub do_rescale: bool,
     pub rescale_factor: f64,
     pub do_normalize: bool,
     pub image_mean: [f64; 3],
     pub image_std: [f64; 3],
-    pub aspect: AspectMode,
 }
 
-pub(crate) const OPENAI_CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub(crate) const OPENAI_CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+impl PixelScaling {
+    /// CLIP's: ×1/255, then OpenAI CLIP's mean and standard deviation.
+    pub const CLIP: PixelScaling = PixelScaling {
+        do_rescale: true,
+        rescale_factor: 1.0 / 255.0,
+        do_normalize: true,
+        image_mean: OPENAI_CLIP_MEAN,
+        image_std: OPENAI_CLIP_STD,
+    };
 
-impl ImageProcessorConfig {
-    /// CLIP's defaults at a given resolution.
-    pub fn clip_default(size: u32) -> Self {
-        Self {
-            do_resize: true,
-            shortest_edge: size,
-            do_center_crop: true,
-            crop_height: size,
-            crop_width: size,
-            do_rescale: true,
-            rescale_factor: 1.0 / 255.0,
-            do_normalize: true,
-            image_mean: OPENAI_CLIP_MEAN,
-            image_std: OPENAI_CLIP_STD,
-            aspect: AspectMode::Crop,
-        }
-    }
-
-    pub fn from_json(path: &Path) -> Result<Self> {
-        let root = read_json_object(path)?;
-        let f = Fields::new(path, "", &root);
+    /// The steps of the preprocessor config `root` (read from `path`), transformers' defaults for
+    /// absent keys. Also refuses a `resample` other than bicubic (3), the one filter the shared
+    /// resampler reproduces. Errors name the file and the key.
+    pub(crate) fn from_config(
+        path: &Path,
+        root: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
+        let f = Fields::new(path, "", root);
         if let Ok(name) = f.string("resample", None) {
             return Err(Error::config(
                 path,
@@ -79,6 +82,41 @@ impl ImageProcessorConfig {
                 format!("only bicubic (3) is supported, found {resample}"),
             ));
         }
+        let image_std = per_channel(path, root, "image_std", OPENAI_CLIP_STD)?;
+        if image_std.iter().any(|&s| s <= 0.0) {
+            return Err(Error::config(path, "image_std", "must be positive"));
+        }
+        Ok(Self {
+            do_rescale: f.boolean("do_rescale", true)?,
+            rescale_factor: f.float("rescale_factor", 1.0 / 255.0)?,
+            do_normalize: f.boolean("do_normalize", true)?,
+            image_mean: per_channel(path, root, "image_mean", OPENAI_CLIP_MEAN)?,
+            image_std,
+        })
+    }
+}
+
+pub(crate) const OPENAI_CLIP_MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub(crate) const OPENAI_CLIP_STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+impl ImageProcessorConfig {
+    /// CLIP's defaults at a given resolution.
+    pub fn clip_default(size: u32) -> Self {
+        Self {
+            do_resize: true,
+            shortest_edge: size,
+            do_center_crop: true,
+            crop_height: size,
+            crop_width: size,
+            scaling: PixelScaling::CLIP,
+            aspect: AspectMode::Crop,
+        }
+    }
+
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let root = read_json_object(path)?;
+        let f = Fields::new(path, "", &root);
+        let scaling = PixelScaling::from_config(path, &root)?;
         let shortest_edge = match f.object("size")? {
             Some(m) => Fields::new(path, "size.", m).positive("shortest_edge", None)?,
             None => f.positive("size", Some(224))?,
@@ -93,11 +131,6 @@ impl ImageProcessorConfig {
                 (s, s)
             }
         };
-        let triple = |key: &str, default: [f64; 3]| per_channel(path, &root, key, default);
-        let image_std = triple("image_std", OPENAI_CLIP_STD)?;
-        if image_std.iter().any(|&s| s <= 0.0) {
-            return Err(Error::config(path, "image_std", "must be positive"));
-        }
         let aspect = match f.string("image_aspect_ratio", Some("crop"))?.as_str() {
             "pad" => AspectMode::Pad,
             "crop" | "square" | "original" => AspectMode::Crop,
@@ -115,11 +148,7 @@ impl ImageProcessorConfig {
             do_center_crop: f.boolean("do_center_crop", true)?,
             crop_height,
             crop_width,
-            do_rescale: f.boolean("do_rescale", true)?,
-            rescale_factor: f.float("rescale_factor", 1.0 / 255.0)?,
-            do_normalize: f.boolean("do_normalize", true)?,
-            image_mean: triple("image_mean", OPENAI_CLIP_MEAN)?,
-            image_std,
+            scaling,
             aspect,
         })
     }
@@ -255,7 +284,7 @@ impl ImageProcessor {
     pub fn prepare_rgb(&self, image: &Rgb8) -> Rgb8 {
         let mut img = image.clone();
         if self.cfg.aspect == AspectMode::Pad {
-            let fill = self.cfg.image_mean.map(|m| (m * 255.0) as u8);
+            let fill = self.cfg.scaling.image_mean.map(|m| (m * 255.0) as u8);
             img = img.pad_to_square(fill);
         }
         if self.cfg.do_resize {
@@ -274,13 +303,13 @@ impl ImageProcessor {
         let (w, h) = (img.width as i64, img.height as i64);
         let mut x =
             Tensor::from_slice(&img.data).view([h, w, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
-        if self.cfg.do_rescale {
-            x *= self.cfg.rescale_factor;
+        let c = &self.cfg.scaling;
+        if c.do_rescale {
+            x *= c.rescale_factor;
         }
-        if self.cfg.do_normalize {
-            let mean =
-                Tensor::from_slice(&self.cfg.image_mean).to_kind(Kind::Float).view([3, 1, 1]);
-            let std = Tensor::from_slice(&self.cfg.image_std).to_kind(Kind::Float).view([3, 1, 1]);
+        if c.do_normalize {
+            let mean = Tensor::from_slice(&c.image_mean).to_kind(Kind::Float).view([3, 1, 1]);
+            let std = Tensor::from_slice(&c.image_std).to_kind(Kind::Float).view([3, 1, 1]);
             x = (x - mean) / std;
         }
         x

@@ -13,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::config::{read_json_object, Fields};
-use crate::io::image::{per_channel, Rgb8, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
+use crate::io::image::{PixelScaling, Rgb8};
 
 /// One image's (or video's) patch grid: temporal, height and width patches (transformers'
 /// `image_grid_thw` row).
@@ -30,11 +30,7 @@ pub struct Qwen2ImageConfig {
     /// `size.longest_edge` (older files: `max_pixels`): the most pixels after resizing.
     pub max_pixels: i64,
     pub do_resize: bool,
-    pub do_rescale: bool,
-    pub rescale_factor: f64,
-    pub do_normalize: bool,
-    pub image_mean: [f64; 3],
-    pub image_std: [f64; 3],
+    pub scaling: PixelScaling,
 }
 
 impl Qwen2ImageConfig {
@@ -42,14 +38,7 @@ impl Qwen2ImageConfig {
     pub fn from_json(path: &Path) -> Result<Self> {
         let root = read_json_object(path)?;
         let f = Fields::new(path, "", &root);
-        let resample = f.int("resample", Some(3))?;
-        if resample != 3 {
-            return Err(Error::config(
-                path,
-                "resample",
-                format!("only bicubic (3) is supported, found {resample}"),
-            ));
-        }
+        let scaling = PixelScaling::from_config(path, &root)?;
         let (min_pixels, max_pixels) = match f.object("size")? {
             Some(m) => {
                 let s = Fields::new(path, "size.", m);
@@ -67,10 +56,6 @@ impl Qwen2ImageConfig {
                 format!("shortest_edge {min_pixels} is above longest_edge {max_pixels}"),
             ));
         }
-        let image_std = per_channel(path, &root, "image_std", OPENAI_CLIP_STD)?;
-        if image_std.iter().any(|&s| s <= 0.0) {
-            return Err(Error::config(path, "image_std", "must be positive"));
-        }
         Ok(Self {
             patch_size: f.positive("patch_size", Some(14))?,
             merge_size: f.positive("merge_size", Some(2))?,
@@ -78,11 +63,7 @@ impl Qwen2ImageConfig {
             min_pixels,
             max_pixels,
             do_resize: f.boolean("do_resize", true)?,
-            do_rescale: f.boolean("do_rescale", true)?,
-            rescale_factor: f.float("rescale_factor", 1.0 / 255.0)?,
-            do_normalize: f.boolean("do_normalize", true)?,
-            image_mean: per_channel(path, &root, "image_mean", OPENAI_CLIP_MEAN)?,
-            image_std,
+            scaling,
         })
     }
 }
@@ -153,12 +134,13 @@ impl Qwen2ImageProcessor {
         // In f64 and then f32, as the PIL backend's numpy arithmetic runs.
         let mut x =
             Tensor::from_slice(&img.data).view([h, w, 3]).permute([2, 0, 1]).to_kind(Kind::Double);
-        if c.do_rescale {
-            x *= c.rescale_factor;
+        let sc = &c.scaling;
+        if sc.do_rescale {
+            x *= sc.rescale_factor;
         }
-        if c.do_normalize {
-            let mean = Tensor::from_slice(&c.image_mean).view([3, 1, 1]);
-            let std = Tensor::from_slice(&c.image_std).view([3, 1, 1]);
+        if sc.do_normalize {
+            let mean = Tensor::from_slice(&sc.image_mean).view([3, 1, 1]);
+            let std = Tensor::from_slice(&sc.image_std).view([3, 1, 1]);
             x = (x - mean) / std;
         }
         let x = x.to_kind(Kind::Float);

@@ -1,22 +1,26 @@
-//! Qwen2-VL's vision tower and patch merger, as transformers 5.24 runs them
-//! (`Qwen2VisionTransformerPretrainedModel` in `models/qwen2_vl/modeling_qwen2_vl.py`,
-//! <https://github.com/huggingface/transformers/blob/v5.0.0/src/transformers/models/qwen2_vl/modeling_qwen2_vl.py>):
-//! patches of `temporal_patch_size × patch_size²` pixels embedded by one linear map (the
-//! checkpoint's `Conv3d` with stride = kernel, the same products), pre-norm ViT blocks with
-//! LayerNorm, a fused `qkv` linear and a 2-D ("axial") rotary position on every query and key, no
-//! class token and no absolute position embedding; attention stays within each image; then the
-//! merger concatenates each `spatial_merge_size²` neighbouring patches (they are adjacent in the
-//! image processor's patch order) and maps them to the language model's width.
+//! Qwen2-VL and Qwen2.5-VL as transformers 5.24 runs them
+//! (`models/qwen2_vl/modeling_qwen2_vl.py`, `models/qwen2_5_vl/modeling_qwen2_5_vl.py`,
+//! <https://github.com/huggingface/transformers/blob/v5.0.0/src/transformers/models/qwen2_vl/modeling_qwen2_vl.py>).
+//!
+//! The vision tower: patches of `temporal_patch_size × patch_size²` pixels embedded by one linear
+//! map (the checkpoint's `Conv3d` with stride = kernel, the same products), pre-norm ViT blocks
+//! with a fused `qkv` linear and a 2-D ("axial") rotary position on every query and key, no class
+//! token and no absolute position embedding; then the merger concatenates each
+//! `spatial_merge_size²` neighbouring patches (adjacent in the image processor's patch order) and
+//! maps them to the language model's width. Qwen2-VL's blocks use LayerNorm, `fc1 → act → fc2` and
+//! attend within each image; Qwen2.5-VL's use RMSNorm, a SwiGLU MLP, and attend within windows of
+//! merge blocks except in its full-attention blocks (the merge blocks are put in window order
+//! first and back in order at the end, [`window_order`]).
 //!
 //! The number of patches varies with the image (dynamic resolution): `forward` takes the image
 //! processor's flattened patches of any number of images and each image's `(t, h, w)` grid.
 //!
 //! The patches come from [`crate::io::qwen2_image::Qwen2ImageProcessor`]. The whole model,
-//! [`Qwen2Vl`], places the merged image tokens at the prompt's `<|image_pad|>` placeholders and
-//! runs the Qwen2 language model (the LLaMA decoder of [`crate::model::llama`] with a q/k/v bias
-//! and M-RoPE) with a KV cache; [`Qwen2VlBundle`] adds the tokenizer, the checkpoint's chat
-//! template and the image processor, for `generate`. Not here yet (issue #22): Qwen2.5-VL (window
-//! attention, RMSNorm/SwiGLU blocks), videos, and this model's place in the search and the bench.
+//! [`Qwen2Vl`] (either generation), places the merged image tokens at the prompt's
+//! `<|image_pad|>` placeholders and runs the Qwen2 language model (the LLaMA decoder of
+//! [`crate::model::llama`] with a q/k/v bias and M-RoPE) with a KV cache; [`Qwen2VlBundle`] adds
+//! the tokenizer, the checkpoint's chat template and the image processor, for `generate`. Not here
+//! yet (issue #22): videos, and this model's place in the search.
 
 use std::path::Path;
 
@@ -25,7 +29,9 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::hook::LinearHook;
 use crate::io::chat_template::ChatTemplate;
-use crate::io::config::{read_json_object, Activation, Qwen2VisionConfig, Qwen2VlConfig};
+use crate::io::config::{
+    read_json_object, Activation, Qwen2VisionConfig, Qwen2VisionKind, Qwen2VlConfig,
+};
 use crate::io::image::Rgb8;
 use crate::io::naming::Naming;
 use crate::io::prompt::PromptTokenizer;
@@ -37,48 +43,119 @@ use crate::model::clip::activate;
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
 use crate::model::llava::{GenerateOptions, Generation, LoadOptions};
-use crate::model::norm::LayerNorm;
+use crate::model::norm::{LayerNorm, RmsNorm};
 
-/// transformers' `LayerNorm(…, eps=1e-6)` of the blocks and the merger.
-const LAYER_NORM_EPS: f64 = 1e-6;
+/// transformers' `eps=1e-6` of the blocks' and the merger's norms (LayerNorm in Qwen2-VL,
+/// RMSNorm in Qwen2.5-VL).
+const NORM_EPS: f64 = 1e-6;
 
 pub use crate::io::qwen2_image::GridThw;
 
-/// One pre-norm block: `x + proj(attn(norm1 x))`, then `x + fc2(act(fc1(norm2 x)))`.
+/// A vision norm: Qwen2-VL's LayerNorm or Qwen2.5-VL's RMSNorm.
+#[derive(Debug)]
+pub enum VisionNorm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl VisionNorm {
+    fn load(vb: &VarBuilder, cfg: &Qwen2VisionConfig, size: i64) -> Result<Self> {
+        Ok(match cfg.kind {
+            Qwen2VisionKind::Qwen2Vl => VisionNorm::Layer(LayerNorm::load(vb, size, NORM_EPS)?),
+            Qwen2VisionKind::Qwen25Vl { .. } => VisionNorm::Rms(RmsNorm::load(vb, size, NORM_EPS)?),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            VisionNorm::Layer(n) => n.forward(x),
+            VisionNorm::Rms(n) => n.forward(x),
+        }
+    }
+
+    fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
+        match self {
+            VisionNorm::Layer(n) => n.named_tensors(out),
+            VisionNorm::Rms(n) => n.named_tensors(out),
+        }
+    }
+}
+
+/// A vision block's MLP: Qwen2-VL's `fc2(act(fc1 x))` or Qwen2.5-VL's SwiGLU
+/// `down(act(gate x) · up x)`, every linear with a bias.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per block, never moved in a hot path: no box needed
+pub enum VisionMlp {
+    Plain { fc1: Linear, fc2: Linear },
+    Gated { gate_proj: Linear, up_proj: Linear, down_proj: Linear },
+}
+
+/// One pre-norm block: `x + proj(attn(norm1 x))`, then `x + mlp(norm2 x)`.
 #[derive(Debug)]
 pub struct Qwen2VisionBlock {
-    pub norm1: LayerNorm,
-    pub norm2: LayerNorm,
+    pub norm1: VisionNorm,
+    pub norm2: VisionNorm,
     pub qkv: Linear,
     pub proj: Linear,
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub mlp: VisionMlp,
     act: Activation,
     heads: i64,
     head_dim: i64,
+    /// Attends within windows (Qwen2.5-VL's blocks outside `fullatt_block_indexes`), else within
+    /// each image.
+    pub windowed: bool,
 }
 
 impl Qwen2VisionBlock {
     fn load(vb: &VarBuilder, cfg: &Qwen2VisionConfig, block: u32) -> Result<Self> {
-        let d = cfg.embed_dim;
-        let hidden = d * cfg.mlp_ratio;
+        let (d, hidden) = (cfg.embed_dim, cfg.intermediate_size);
         let id = |slot| LayerId::new(Tower::Vision, block, slot);
-        let (attn, mlp) = (vb.pp("attn"), vb.pp("mlp"));
+        let (attn, m) = (vb.pp("attn"), vb.pp("mlp"));
+        let (mlp, windowed) = match &cfg.kind {
+            Qwen2VisionKind::Qwen2Vl => (
+                VisionMlp::Plain {
+                    fc1: Linear::load(&m.pp("fc1"), id(Slot::Fc1), d, hidden, true)?,
+                    fc2: Linear::load(&m.pp("fc2"), id(Slot::Fc2), hidden, d, true)?,
+                },
+                false,
+            ),
+            Qwen2VisionKind::Qwen25Vl { fullatt_block_indexes, .. } => (
+                VisionMlp::Gated {
+                    gate_proj: Linear::load(
+                        &m.pp("gate_proj"),
+                        id(Slot::GateProj),
+                        d,
+                        hidden,
+                        true,
+                    )?,
+                    up_proj: Linear::load(&m.pp("up_proj"), id(Slot::UpProj), d, hidden, true)?,
+                    down_proj: Linear::load(
+                        &m.pp("down_proj"),
+                        id(Slot::DownProj),
+                        hidden,
+                        d,
+                        true,
+                    )?,
+                },
+                !fullatt_block_indexes.contains(&i64::from(block)),
+            ),
+        };
         Ok(Self {
-            norm1: LayerNorm::load(&vb.pp("norm1"), d, LAYER_NORM_EPS)?,
-            norm2: LayerNorm::load(&vb.pp("norm2"), d, LAYER_NORM_EPS)?,
+            norm1: VisionNorm::load(&vb.pp("norm1"), cfg, d)?,
+            norm2: VisionNorm::load(&vb.pp("norm2"), cfg, d)?,
             qkv: Linear::load(&attn.pp("qkv"), id(Slot::Qkv), d, 3 * d, true)?,
             proj: Linear::load(&attn.pp("proj"), id(Slot::Proj), d, d, true)?,
-            fc1: Linear::load(&mlp.pp("fc1"), id(Slot::Fc1), d, hidden, true)?,
-            fc2: Linear::load(&mlp.pp("fc2"), id(Slot::Fc2), hidden, d, true)?,
+            mlp,
             act: cfg.hidden_act,
             heads: cfg.num_heads,
             head_dim: cfg.head_dim(),
+            windowed,
         })
     }
 
     /// `x` `[N, embed]` (the patches of every image, image after image), `rope` the cos and sin
-    /// `[N, head_dim]` of each patch, `lengths` the patches of each image.
+    /// `[N, head_dim]` of each patch, `lengths` the patches of each attention chunk (an image, or a
+    /// window).
     fn forward(
         &self,
         x: &Tensor,
@@ -87,11 +164,20 @@ impl Qwen2VisionBlock {
         hook: &mut dyn LinearHook,
     ) -> Tensor {
         let x = x + self.attention(&self.norm1.forward(x), rope, lengths, hook);
-        let h = self.fc1.forward(&self.norm2.forward(&x), hook);
-        &x + self.fc2.forward(&activate(self.act, &h), hook)
+        let h = self.norm2.forward(&x);
+        let out = match &self.mlp {
+            VisionMlp::Plain { fc1, fc2 } => {
+                fc2.forward(&activate(self.act, &fc1.forward(&h, hook)), hook)
+            }
+            VisionMlp::Gated { gate_proj, up_proj, down_proj } => {
+                let gate = activate(self.act, &gate_proj.forward(&h, hook));
+                down_proj.forward(&(gate * up_proj.forward(&h, hook)), hook)
+            }
+        };
+        &x + out
     }
 
-    /// transformers' `VisionAttention.forward` with its eager attention per image chunk.
+    /// transformers' `VisionAttention.forward` with its eager attention per chunk.
     fn attention(
         &self,
         x: &Tensor,
@@ -109,7 +195,7 @@ impl Qwen2VisionBlock {
         let mut outs = Vec::with_capacity(lengths.len());
         let mut start = 0;
         for &len in lengths {
-            // [heads, len, d] for one image.
+            // [heads, len, d] for one chunk.
             let part = |t: &Tensor| t.narrow(0, start, len).transpose(0, 1);
             let (qi, ki, vi) = (part(&q), part(&k), part(&v));
             let scores = qi.matmul(&ki.transpose(-1, -2)) * scale;
@@ -120,12 +206,26 @@ impl Qwen2VisionBlock {
         self.proj.forward(&Tensor::cat(&outs, 0), hook)
     }
 
-    pub fn linears(&self) -> [&Linear; 4] {
-        [&self.qkv, &self.proj, &self.fc1, &self.fc2]
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![&self.qkv, &self.proj];
+        match &self.mlp {
+            VisionMlp::Plain { fc1, fc2 } => out.extend([fc1, fc2]),
+            VisionMlp::Gated { gate_proj, up_proj, down_proj } => {
+                out.extend([gate_proj, up_proj, down_proj])
+            }
+        }
+        out
     }
 
-    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
-        [&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2]
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![&mut self.qkv, &mut self.proj];
+        match &mut self.mlp {
+            VisionMlp::Plain { fc1, fc2 } => out.extend([fc1, fc2]),
+            VisionMlp::Gated { gate_proj, up_proj, down_proj } => {
+                out.extend([gate_proj, up_proj, down_proj])
+            }
+        }
+        out
     }
 
     fn named_tensors(&self, out: &mut Vec<(String, Tensor)>) {
@@ -151,7 +251,7 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// `ln_q`, then each `merge²` consecutive patches as one row, `mlp.0`, exact GELU, `mlp.2`.
 #[derive(Debug)]
 pub struct Qwen2PatchMerger {
-    pub ln_q: LayerNorm,
+    pub ln_q: VisionNorm,
     pub fc1: Linear,
     pub fc2: Linear,
     /// `embed_dim · spatial_merge_size²`.
@@ -164,7 +264,7 @@ impl Qwen2PatchMerger {
         let id = |slot| LayerId::new(Tower::Projector, 0, slot);
         let mlp = vb.pp("mlp");
         Ok(Self {
-            ln_q: LayerNorm::load(&vb.pp("ln_q"), cfg.embed_dim, LAYER_NORM_EPS)?,
+            ln_q: VisionNorm::load(&vb.pp("ln_q"), cfg, cfg.embed_dim)?,
             fc1: Linear::load(&mlp.pp(0), id(Slot::Linear1), width, width, true)?,
             fc2: Linear::load(&mlp.pp(2), id(Slot::Linear2), width, cfg.hidden_size, true)?,
             merged_width: width,
@@ -246,12 +346,35 @@ impl Qwen2VisionTower {
         }
         let weight = &self.patch_embed;
         let mut x = pixels.to_kind(weight.kind()).matmul(&weight.tr());
-        let rope = self.rotary(grids, x.device());
+        let (cos, sin) = self.rotary(grids, x.device());
+        let Qwen2VisionKind::Qwen25Vl { window_size, .. } = self.cfg.kind else {
+            let rope = (cos, sin);
+            for block in &self.blocks {
+                x = block.forward(&x, &rope, &lengths, hook);
+            }
+            let merged = self.merger.forward(&x, hook);
+            return Ok(VisionOutput { hidden: x, merged });
+        };
+        // Qwen2.5-VL: the merge blocks put in window order (transformers'
+        // `permute_input_for_window_attn`), so that every window is a run; the merger's tokens and
+        // the hidden states are put back in the image processor's order at the end.
+        let unit = m * m;
+        let per_window = window_size / (m * self.cfg.patch_size);
+        let (order, windows) = window_order(grids, m, per_window);
+        let order = Tensor::from_slice(&order).to_device(x.device());
+        let permute = |t: &Tensor, index: &Tensor| {
+            let n = t.size()[0];
+            t.reshape([n / unit, unit, -1]).index_select(0, index).reshape([n, -1])
+        };
+        let rope = (permute(&cos, &order), permute(&sin, &order));
+        x = permute(&x, &order);
         for block in &self.blocks {
-            x = block.forward(&x, &rope, &lengths, hook);
+            let chunks = if block.windowed { &windows } else { &lengths };
+            x = block.forward(&x, &rope, chunks, hook);
         }
-        let merged = self.merger.forward(&x, hook);
-        Ok(VisionOutput { hidden: x, merged })
+        let back = order.argsort(0, false);
+        let merged = self.merger.forward(&x, hook).index_select(0, &back);
+        Ok(VisionOutput { hidden: permute(&x, &back), merged })
     }
 
     /// The cos and sin `[patches, head_dim]` of transformers' `Qwen2VLVisionRotaryEmbedding` at
@@ -313,6 +436,34 @@ impl Qwen2VisionTower {
         self.merger.fc1.named_tensors(out);
         self.merger.fc2.named_tensors(out);
     }
+}
+
+/// Qwen2.5-VL's window order (transformers' `get_vision_window_index`): each image's merge
+/// blocks (`t × h/m × w/m`) are cut into windows of `per_window × per_window` blocks, row-major,
+/// the last row and column of windows ragged; returns the merge blocks' indices in window order
+/// (images one after the other) and each non-empty window's length in patches.
+pub fn window_order(grids: &[GridThw], merge: i64, per_window: i64) -> (Vec<i64>, Vec<i64>) {
+    let (mut order, mut windows) = (Vec::new(), Vec::new());
+    let mut offset = 0;
+    for &[t, h, w] in grids {
+        let (gh, gw) = (h / merge, w / merge);
+        let (nh, nw) = ((gh + per_window - 1) / per_window, (gw + per_window - 1) / per_window);
+        for ti in 0..t {
+            for wy in 0..nh {
+                for wx in 0..nw {
+                    let before = order.len();
+                    for r in wy * per_window..((wy + 1) * per_window).min(gh) {
+                        for c in wx * per_window..((wx + 1) * per_window).min(gw) {
+                            order.push(offset + ti * gh * gw + r * gw + c);
+                        }
+                    }
+                    windows.push((order.len() - before) as i64 * merge * merge);
+                }
+            }
+        }
+        offset += t * gh * gw;
+    }
+    (order, windows)
 }
 
 /// The multimodal rotary positions (M-RoPE) of one prompt, as transformers'

@@ -119,10 +119,11 @@ impl Bf16Weight {
         if let Some(reason) = unsupported(n, k) {
             return Err(err(reason));
         }
-        // Through f32: a bf16 value is an f32 whose low 16 bits are zero.
-        let wide = w.to_device(Device::Cpu).to_kind(Kind::BFloat16).to_kind(Kind::Float);
-        let values = Vec::<f32>::try_from(&wide.reshape([-1]))?;
-        let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        // The bf16 bit patterns read as int16, without an f32 copy: a 7B model's lm_head would
+        // otherwise need three more copies of itself at once (2 GiB f32 twice, then the bits).
+        let w16 = w.to_device(Device::Cpu).to_kind(Kind::BFloat16).contiguous();
+        let raw = Vec::<i16>::try_from(&w16.view_dtype(Kind::Int16).reshape([-1]))?;
+        let bits: Vec<u16> = raw.into_iter().map(|v| v as u16).collect();
         Self::from_bits(&bits, n, k)
             .ok_or_else(|| err("weight length does not match its shape".into()))
     }

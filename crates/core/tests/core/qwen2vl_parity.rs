@@ -277,7 +277,10 @@ fn the_flat_config_qwen_released_parses_like_transformers_5() {
     let mut flat = root.as_object().expect("object").clone();
     let text = flat.remove("text_config").expect("text_config");
     for (k, v) in text.as_object().expect("object") {
-        flat.insert(k.clone(), v.clone());
+        // The root keeps its own model_type (`qwen2_vl`, not the text part's `qwen2_vl_text`).
+        if k != "model_type" {
+            flat.insert(k.clone(), v.clone());
+        }
     }
     flat.remove("rope_parameters");
     flat.insert("rope_theta".into(), serde_json::json!(1000000.0));

@@ -5,7 +5,7 @@
 
 use qvlm_core::io::config::{
     Activation, CheckpointFormat, ClipVisionConfig, LlamaConfig, LlavaConfig, ProjectorKind,
-    Qwen2VisionConfig, Qwen2VlConfig, RopeScaling, SelectFeature,
+    Qwen2VisionConfig, Qwen2VisionKind, Qwen2VlConfig, RopeScaling, SelectFeature,
 };
 use serde::{Deserialize, Serialize};
 
@@ -266,13 +266,14 @@ impl Shape {
                 embed_dim: d.vision_hidden,
                 hidden_size: d.text_hidden,
                 num_heads: d.vision_heads,
-                mlp_ratio: d.vision_intermediate / d.vision_hidden,
+                intermediate_size: d.vision_intermediate,
                 in_channels: 3,
                 patch_size: d.patch_size,
                 temporal_patch_size: 2,
                 spatial_merge_size: 2,
                 hidden_act: Activation::QuickGelu,
                 rope_theta: 10000.0,
+                kind: Qwen2VisionKind::Qwen2Vl,
             },
             text: LlamaConfig {
                 vocab_size: vocab,

@@ -25,10 +25,10 @@ fn every_config_parses_and_resolves() {
                         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
                     assert!(cfg.train.lm_epochs > 0);
                 }
-                "efficiency.toml" => {
+                "efficiency.toml" | "efficiency-qwen2vl.toml" => {
                     let cfg = experiments::bench::config::load(&path)
                         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-                    let _ = cfg;
+                    assert!(!cfg.shapes().unwrap_or_else(|e| panic!("{name}: {e:#}")).is_empty());
                 }
                 _ => {
                     let cfg = experiments::config::load(&path)
