@@ -116,5 +116,5 @@ fn build(bundle: &LlavaBundle, pairs: Vec<(String, PathBuf, String)>) -> Result<
         ids.extend(eos);
         answers.push(ids);
     }
-    Ok(CalibrationSet { pixels: Tensor::stack(&pixels, 0), prompts, answers })
+    Ok(CalibrationSet { pixels: Tensor::stack(&pixels, 0), grids: vec![], prompts, answers })
 }

@@ -9,18 +9,18 @@ use std::collections::BTreeMap;
 use qvlm_core::hook::NoHook;
 use qvlm_core::layer_id::LayerId;
 use qvlm_core::model::linear::LinearWeight;
-use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::{Clip, RangeMode};
 use tch::{Kind, Tensor};
 
-use crate::calib::{CalibrationSet, Capture, Pipeline};
+use crate::calib::{CalibrationSet, Capture};
 use crate::cost::{bytes_of, CostMeter};
 use crate::error::{Result, SearchError};
+use crate::model::{Pipeline, SearchModel};
 use crate::plan::{
     quantize_weight, PlanHook, QuantPlan, Scheme, SiteAct, SitePlan, TensorData, WeightPlan,
 };
-use crate::site::{blocks, sites, Block, Site};
+use crate::site::{Block, Site};
 
 /// Candidate clipping settings for a site.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,7 +40,7 @@ pub struct BlockState<'e> {
 
 /// The walk's state.
 pub struct Engine<'a> {
-    model: &'a mut Llava,
+    model: &'a mut dyn SearchModel,
     pipe: Pipeline<'a>,
     pub sites: Vec<Site>,
     pub scheme: Scheme,
@@ -83,8 +83,12 @@ pub enum WeightMethod {
 }
 
 impl<'a> Engine<'a> {
-    pub fn new(model: &'a mut Llava, calib: &'a CalibrationSet, scheme: Scheme) -> Result<Self> {
-        let sites = sites(model);
+    pub fn new(
+        model: &'a mut dyn SearchModel,
+        calib: &'a CalibrationSet,
+        scheme: Scheme,
+    ) -> Result<Self> {
+        let sites = model.sites();
         let float_weights = model.linears().iter().map(|l| (l.id, l.float_weight())).collect();
         Ok(Self {
             pipe: Pipeline::new(calib)?,
@@ -104,7 +108,7 @@ impl<'a> Engine<'a> {
         })
     }
 
-    pub fn model(&self) -> &Llava {
+    pub fn model(&self) -> &dyn SearchModel {
         self.model
     }
 
@@ -341,8 +345,8 @@ impl<'a> Engine<'a> {
         mut progress: impl FnMut(usize, usize, Block),
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let all_blocks = blocks(self.model);
-        let mut xr = self.pipe.initial_input(self.model);
+        let all_blocks = self.model.blocks();
+        let mut xr = self.pipe.initial_input(self.model)?;
         let mut xq = xr.shallow_clone();
         self.meter.hold(2 * bytes_of(&xr));
         for (bi, &block) in all_blocks.iter().enumerate() {
@@ -530,7 +534,7 @@ impl<'a> Engine<'a> {
             nonfinite_inputs: self.nonfinite,
             veo: None,
             model: None,
-            rotation: self.model.rotation,
+            rotation: self.model.rotation().cloned(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod entropy;
 pub mod error;
 pub mod gptq;
+pub mod model;
 pub mod pack;
 pub mod partition;
 pub mod plan;

@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::layer_id::{LayerId, Tower};
 use qvlm_core::model::linear::LinearWeight;
-use qvlm_core::model::llava::Llava;
-use qvlm_core::model::rotation::{rotate, RotationSpec};
+use qvlm_core::model::rotation::RotationSpec;
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
@@ -19,6 +18,7 @@ use tch::{Kind, Tensor};
 
 use crate::cost::CostReport;
 use crate::error::{setting, Result, SearchError};
+use crate::model::SearchModel;
 use crate::site::Site;
 
 /// How one tower's activations are quantized (the clipping range is the search's business).
@@ -318,18 +318,18 @@ pub struct ModelIdentity {
     /// The run's model name (e.g. `tiny-llava-outliers`) and where it was loaded from.
     pub name: String,
     pub path: String,
-    /// [`Llava::weights_sha256`]: every tensor's name, dtype, shape and bytes as searched on
+    /// [`SearchModel::weights_sha256`]: every tensor's name, dtype, shape and bytes as searched on
     /// (after any outlier planting, before quantization).
     pub weights_sha256: String,
 }
 
 impl ModelIdentity {
-    pub fn of(model: &Llava, name: &str, path: &str) -> Result<Self> {
+    pub fn of(model: &dyn SearchModel, name: &str, path: &str) -> Result<Self> {
         Ok(Self { name: name.into(), path: path.into(), weights_sha256: model.weights_sha256()? })
     }
 
     /// An error unless `model`'s weights are the ones `plan` was searched on.
-    pub fn check(plan: &QuantPlan, model: &Llava) -> Result<()> {
+    pub fn check(plan: &QuantPlan, model: &dyn SearchModel) -> Result<()> {
         let Some(id) = &plan.model else {
             return Err(SearchError::PlanMismatch(
                 "the plan records no model (it was written before plans recorded one): run the \
@@ -488,10 +488,10 @@ pub fn input_scales(plan: &QuantPlan) -> BTreeMap<LayerId, Tensor> {
 
 /// Brings the model to the plan's rotation: an unrotated model is rotated as the plan says, a
 /// model rotated the same way is left as it is, any other combination is an error.
-pub fn ensure_rotation(model: &mut Llava, plan: &QuantPlan) -> Result<()> {
-    match (&plan.rotation, &model.rotation) {
+pub fn ensure_rotation(model: &mut dyn SearchModel, plan: &QuantPlan) -> Result<()> {
+    match (&plan.rotation, model.rotation()) {
         (None, None) => Ok(()),
-        (Some(wanted), None) => Ok(rotate(model, wanted)?),
+        (Some(wanted), None) => model.rotate(wanted),
         (Some(wanted), Some(have)) if wanted == have => Ok(()),
         (wanted, have) => Err(SearchError::PlanMismatch(format!(
             "the plan was searched on a model with rotation {wanted:?}, this model has {have:?}"
@@ -502,7 +502,7 @@ pub fn ensure_rotation(model: &mut Llava, plan: &QuantPlan) -> Result<()> {
 /// Fake-quantizes the model's weights in place as the plan says (after rotating it when the
 /// plan was searched on a rotated model); returns the hook for the activations. The model's
 /// float weights are replaced: keep a copy if you need them.
-pub fn apply(model: &mut Llava, plan: &QuantPlan) -> Result<PlanHook> {
+pub fn apply(model: &mut dyn SearchModel, plan: &QuantPlan) -> Result<PlanHook> {
     ensure_rotation(model, plan)?;
     let scales = input_scales(plan);
     let _guard = tch::no_grad_guard();

@@ -50,7 +50,7 @@ impl SortedInput {
                 if x.dim() < 3 {
                     return Err(setting(
                         "granularity",
-                        "static per-token ranges need [batch, tokens, channels] inputs",
+                        "static per-token ranges need [batch, tokens, channels] inputs with a fixed token count (LLaVA's vision tower); Qwen2-VL's vision tower sees a different number of patches per image: use per-channel or per-tensor static ranges, or dynamic per-token ones",
                     ));
                 }
                 let t = x.size()[x.dim() - 2];

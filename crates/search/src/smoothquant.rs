@@ -44,9 +44,10 @@ impl SmoothSettings {
 }
 
 /// Whether SmoothQuant smooths this site: its input leaves a norm (LLaMA's q/k/v and gate/up,
-/// CLIP's q/k/v and fc1), so `1/s` folds into the norm's gain in a deployment.
+/// CLIP's q/k/v and fc1, Qwen2-VL's vision qkv and fc1 or gate/up), so `1/s` folds into the
+/// norm's gain in a deployment.
 pub fn smooths(site: &Site) -> bool {
-    matches!(site.id.slot, Slot::QProj | Slot::Fc1 | Slot::GateProj)
+    matches!(site.id.slot, Slot::QProj | Slot::Qkv | Slot::Fc1 | Slot::GateProj)
 }
 
 /// The scale `s` `[in]` of one site from its calibration rows `x` `[N, in]` and its consumers'

@@ -147,20 +147,7 @@ impl Llava {
     /// SHA-256 over every tensor (canonical name, dtype, shape, then its bytes), in name order:
     /// the identity of the weights, whatever file layout they came from.
     pub fn weights_sha256(&self) -> Result<String> {
-        use sha2::{Digest, Sha256};
-        let _guard = tch::no_grad_guard();
-        let mut named = self.named_tensors();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut hasher = Sha256::new();
-        for (name, t) in named {
-            let t = t.detach().to_device(Device::Cpu).contiguous();
-            hasher.update(format!("{name}|{:?}|{:?}\n", t.kind(), t.size()).as_bytes());
-            let bytes = t.numel() * t.kind().elt_size_in_bytes();
-            let mut buf = vec![0u8; bytes];
-            t.f_copy_data_u8(&mut buf, t.numel())?;
-            hasher.update(&buf);
-        }
-        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        super::weights_sha256(self.named_tensors())
     }
 
     pub fn kind(&self) -> Kind {

@@ -34,7 +34,7 @@ use crate::io::config::{
 };
 use crate::io::image::Rgb8;
 use crate::io::naming::Naming;
-use crate::io::prompt::PromptTokenizer;
+use crate::io::prompt::{Piece, PromptTokenizer};
 use crate::io::qwen2_image::{Qwen2ImageConfig, Qwen2ImageProcessor};
 use crate::io::shards::ShardSet;
 use crate::io::weights::{Init, VarBuilder};
@@ -288,6 +288,30 @@ pub struct VisionOutput {
     pub merged: Tensor,
 }
 
+/// What the blocks of one pass of the tower share ([`Qwen2VisionTower::begin`]).
+#[derive(Debug)]
+pub struct VisionPass {
+    /// cos and sin `[patches, head_dim]`, in the pass's order.
+    rope: (Tensor, Tensor),
+    /// Patches per image: the attention chunks of full-attention blocks.
+    lengths: Vec<i64>,
+    /// Qwen2.5-VL: the window order and the windows' lengths.
+    windows: Option<WindowPass>,
+}
+
+#[derive(Debug)]
+struct WindowPass {
+    /// Merge blocks in window order ([`window_order`]).
+    order: Tensor,
+    windows: Vec<i64>,
+}
+
+/// Rows of `t` `[n, ..]` taken `unit` at a time in `index`'s order.
+fn permute_units(t: &Tensor, index: &Tensor, unit: i64) -> Tensor {
+    let n = t.size()[0];
+    t.reshape([n / unit, unit, -1]).index_select(0, index).reshape([n, -1])
+}
+
 #[derive(Debug)]
 pub struct Qwen2VisionTower {
     /// The patch `Conv3d`'s weight as a matrix `[embed_dim, patch_len]`.
@@ -344,37 +368,83 @@ impl Qwen2VisionTower {
                 pixels.size()
             )));
         }
+        let (mut x, pass) = self.begin(pixels, grids)?;
+        for i in 0..self.blocks.len() {
+            x = self.run_block(i, &x, &pass, hook);
+        }
+        Ok(self.finish(&x, &pass, hook))
+    }
+
+    /// The patch embedding of `pixels` and what every block of this pass needs (the rotary
+    /// angles, the attention chunks; Qwen2.5-VL: the merge blocks in window order, transformers'
+    /// `permute_input_for_window_attn`, so that every window is a run). [`Self::forward`] is
+    /// `begin`, [`Self::run_block`] for every block, [`Self::finish`]; a search runs them one
+    /// at a time.
+    pub fn begin(&self, pixels: &Tensor, grids: &[GridThw]) -> Result<(Tensor, VisionPass)> {
+        let m = self.cfg.spatial_merge_size;
+        let mut lengths = Vec::with_capacity(grids.len());
+        for &[t, h, w] in grids {
+            if t <= 0 || h <= 0 || w <= 0 || h % m != 0 || w % m != 0 {
+                return Err(Error::Invalid(format!(
+                    "image grid (t, h, w) = ({t}, {h}, {w}): every side must be positive and h, w whole blocks of spatial_merge_size {m}"
+                )));
+            }
+            lengths.push(t * h * w);
+        }
+        let total: i64 = lengths.iter().sum();
+        let want = [total, self.cfg.patch_len()];
+        if pixels.size() != want {
+            return Err(Error::Invalid(format!(
+                "pixel values {:?} do not match the grids: expected {want:?}",
+                pixels.size()
+            )));
+        }
         let weight = &self.patch_embed;
-        let mut x = pixels.to_kind(weight.kind()).matmul(&weight.tr());
+        let x = pixels.to_kind(weight.kind()).matmul(&weight.tr());
         let (cos, sin) = self.rotary(grids, x.device());
         let Qwen2VisionKind::Qwen25Vl { window_size, .. } = self.cfg.kind else {
-            let rope = (cos, sin);
-            for block in &self.blocks {
-                x = block.forward(&x, &rope, &lengths, hook);
-            }
-            let merged = self.merger.forward(&x, hook);
-            return Ok(VisionOutput { hidden: x, merged });
+            return Ok((x, VisionPass { rope: (cos, sin), lengths, windows: None }));
         };
-        // Qwen2.5-VL: the merge blocks put in window order (transformers'
-        // `permute_input_for_window_attn`), so that every window is a run; the merger's tokens and
-        // the hidden states are put back in the image processor's order at the end.
-        let unit = m * m;
         let per_window = window_size / (m * self.cfg.patch_size);
         let (order, windows) = window_order(grids, m, per_window);
         let order = Tensor::from_slice(&order).to_device(x.device());
-        let permute = |t: &Tensor, index: &Tensor| {
-            let n = t.size()[0];
-            t.reshape([n / unit, unit, -1]).index_select(0, index).reshape([n, -1])
+        let unit = m * m;
+        let rope = (permute_units(&cos, &order, unit), permute_units(&sin, &order, unit));
+        let x = permute_units(&x, &order, unit);
+        Ok((x, VisionPass { rope, lengths, windows: Some(WindowPass { order, windows }) }))
+    }
+
+    /// Block `i` on `x` (the previous block's output, in the pass's order).
+    pub fn run_block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pass: &VisionPass,
+        hook: &mut dyn LinearHook,
+    ) -> Tensor {
+        let block = &self.blocks[i];
+        let chunks = match &pass.windows {
+            Some(w) if block.windowed => &w.windows,
+            _ => &pass.lengths,
         };
-        let rope = (permute(&cos, &order), permute(&sin, &order));
-        x = permute(&x, &order);
-        for block in &self.blocks {
-            let chunks = if block.windowed { &windows } else { &lengths };
-            x = block.forward(&x, &rope, chunks, hook);
+        block.forward(x, &pass.rope, chunks, hook)
+    }
+
+    /// The merger on the last block's output; both outputs put back in the image processor's
+    /// order.
+    pub fn finish(&self, x: &Tensor, pass: &VisionPass, hook: &mut dyn LinearHook) -> VisionOutput {
+        let merged = self.merger.forward(x, hook);
+        match &pass.windows {
+            None => VisionOutput { hidden: x.shallow_clone(), merged },
+            Some(w) => {
+                let back = w.order.argsort(0, false);
+                let unit = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+                VisionOutput {
+                    hidden: permute_units(x, &back, unit),
+                    merged: merged.index_select(0, &back),
+                }
+            }
         }
-        let back = order.argsort(0, false);
-        let merged = self.merger.forward(&x, hook).index_select(0, &back);
-        Ok(VisionOutput { hidden: permute(&x, &back), merged })
     }
 
     /// The cos and sin `[patches, head_dim]` of transformers' `Qwen2VLVisionRotaryEmbedding` at
@@ -784,6 +854,20 @@ impl Qwen2Vl {
         self.language_model.named_tensors(&mut out);
         out
     }
+
+    /// The identity of the weights ([`super::weights_sha256`]).
+    pub fn weights_sha256(&self) -> Result<String> {
+        super::weights_sha256(self.named_tensors())
+    }
+
+    /// Every quantizable linear, mutable, in [`Qwen2Vl::linears`]' order (no `lm_head`).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.visual.linears_mut();
+        for layer in &mut self.language_model.layers {
+            out.extend(layer.linears_mut());
+        }
+        out
+    }
 }
 
 /// A loaded Qwen2-VL checkpoint with its tokenizer, chat template and image processor:
@@ -840,6 +924,27 @@ impl Qwen2VlBundle {
     pub fn chat_ids(&self, question: &str, grids: &[GridThw]) -> Result<Vec<i64>> {
         let text = self.template.render(&ChatTemplate::user_turn(grids.len(), question), true)?;
         self.expand_image_pads(&self.tokenizer.encode_text(&text, true)?, grids)
+    }
+
+    /// One user turn asking `question` about one image as prompt pieces: the rendered chat's ids
+    /// with its single `<|image_pad|>` as the image slot ([`Piece::Image`]`(0)`), which a
+    /// calibration pass expands to the image's merged tokens.
+    pub fn chat_pieces(&self, question: &str) -> Result<Vec<Piece>> {
+        let text = self.template.render(&ChatTemplate::user_turn(1, question), true)?;
+        let ids = self.tokenizer.encode_text(&text, true)?;
+        let pad = self.model.cfg.image_token_id;
+        let at: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == pad).collect();
+        let [at] = at[..] else {
+            return Err(Error::Prompt(format!(
+                "the rendered chat has {} `<|image_pad|>` placeholders, expected one",
+                at.len()
+            )));
+        };
+        Ok(vec![
+            Piece::Tokens(ids[..at].to_vec()),
+            Piece::Image(0),
+            Piece::Tokens(ids[at + 1..].to_vec()),
+        ])
     }
 
     /// Each single `<|image_pad|>` of `ids` (in order) becomes one per merged token of its image;

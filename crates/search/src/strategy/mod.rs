@@ -14,18 +14,17 @@ pub mod simple;
 pub mod veo;
 pub mod walk;
 
-use qvlm_core::model::llava::Llava;
-
 use self::config::{Progress, StrategyConfig};
 use crate::calib::CalibrationSet;
 use crate::engine::WeightMethod;
 use crate::error::Result;
+use crate::model::SearchModel;
 use crate::plan::{QuantPlan, Scheme};
 
 /// Runs a strategy on a float model. The model's weights are left as they were; apply the
 /// returned plan with [`crate::plan::apply`].
 pub fn run(
-    model: &mut Llava,
+    model: &mut dyn SearchModel,
     calib: &CalibrationSet,
     scheme: Scheme,
     weights: WeightMethod,

@@ -20,7 +20,6 @@ use std::time::Instant;
 use qvlm_core::hook::{LinearHook, NoHook};
 use qvlm_core::layer_id::{LayerId, Tower};
 use qvlm_core::model::linear::LinearWeight;
-use qvlm_core::model::llava::Llava;
 use qvlm_core::optim::{AdamW, AdamWConfig};
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::{ActSpec, RangeMode};
@@ -33,8 +32,9 @@ use crate::calib::CalibrationSet;
 use crate::engine::{Engine, WeightMethod};
 use crate::entropy::{conditional_entropy, level_distribution, subsample, EntropyConfig};
 use crate::error::{setting, Result};
+use crate::model::{with_answers, SearchModel};
 use crate::plan::{LossTerms, PlanHook, QuantPlan, Scheme, VeoRecord, VeoRound};
-use crate::site::{sites, Site};
+use crate::site::Site;
 
 /// A vision site's learnable range.
 struct Learnable {
@@ -143,7 +143,7 @@ impl LinearHook for VeoHook<'_> {
     }
 }
 
-fn set_weights(model: &mut Llava, weights: &BTreeMap<LayerId, Tensor>) {
+fn set_weights(model: &mut dyn SearchModel, weights: &BTreeMap<LayerId, Tensor>) {
     for l in model.linears_mut() {
         if let Some(w) = weights.get(&l.id) {
             l.weight = LinearWeight::Float(w.shallow_clone());
@@ -155,30 +155,13 @@ fn set_weights(model: &mut Llava, weights: &BTreeMap<LayerId, Tensor>) {
 /// features, the padding mask `[B, T]` and the answer targets. With `track_pixels` the input
 /// image requires grad, so that every activation is on the autograd graph.
 fn forward(
-    model: &Llava,
+    model: &dyn SearchModel,
     calib: &CalibrationSet,
     hook: &mut dyn LinearHook,
     track_pixels: bool,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let pixels = calib.pixels.to_device(model.device()).to_kind(model.kind());
-    let pixels = if track_pixels { pixels.detach().set_requires_grad(true) } else { pixels };
-    let vision = model.vision_tower.forward(&pixels, hook);
-    let features = model.projector.forward(&vision, hook);
-    let images: Vec<Tensor> = (0..features.size()[0]).map(|b| features.narrow(0, b, 1)).collect();
-    let seqs: Vec<Vec<qvlm_core::io::prompt::Piece>> = calib
-        .prompts
-        .iter()
-        .zip(&calib.answers)
-        .map(|(p, a)| {
-            let mut p = p.clone();
-            if !a.is_empty() {
-                p.push(qvlm_core::io::prompt::Piece::Tokens(a.clone()));
-            }
-            p
-        })
-        .collect();
-    let batch = model.prepare(&seqs, &images)?;
-    let hidden = model.decode_hidden(&batch, None, hook);
+    let pass = model.forward_hidden(calib, &with_answers(calib), hook, track_pixels)?;
+    let hidden = pass.hidden;
     // Targets: each row's answer tokens sit at its end (left padding).
     let t = hidden.size()[1];
     let mut targets = vec![-100i64; calib.len() * t as usize];
@@ -192,7 +175,7 @@ fn forward(
     }
     let targets =
         Tensor::from_slice(&targets).view([calib.len() as i64, t]).to_device(model.device());
-    Ok((hidden, vision, batch.mask, targets))
+    Ok((hidden, pass.vision, pass.mask, targets))
 }
 
 fn rel_mse(a: &Tensor, b: &Tensor) -> Tensor {
@@ -261,7 +244,7 @@ fn entropy_term(
 /// A round's whole plan on the model: the relative error of the final hidden states against the
 /// float references, over the calibration batches.
 fn plan_objective(
-    model: &mut Llava,
+    model: &mut dyn SearchModel,
     calib: &CalibrationSet,
     batches: &[(usize, usize)],
     references: &[(Tensor, Tensor)],
@@ -280,7 +263,7 @@ fn plan_objective(
 }
 
 pub fn run(
-    model: &mut Llava,
+    model: &mut dyn SearchModel,
     calib: &CalibrationSet,
     scheme: Scheme,
     weights: WeightMethod,
@@ -335,7 +318,8 @@ pub fn run(
         .flat_map(|(k, l)| l.site.consumers.iter().map(move |c| (*c, k)))
         .collect();
     // The quantized sites L_ent and the Jacobian look at, in execution order, and their pairs.
-    let quantized: Vec<Site> = sites(model)
+    let quantized: Vec<Site> = model
+        .sites()
         .into_iter()
         .filter(|s| init.sites.iter().any(|p| p.site.id == s.id && p.act.is_some()))
         .filter(|s| match cfg.entropy_pairs {
@@ -421,7 +405,7 @@ pub fn run(
                 let part = calib.slice(s, len);
                 let mut hook = VeoHook::new(&learnable, &consumer_to_learnable, &watched, &in_loop);
                 let (h_q, v_q, mask, targets) = forward(model, &part, &mut hook, false)?;
-                let logits = model.language_model.head(&h_q);
+                let logits = model.head(&h_q);
                 let vocab = logits.size()[2];
                 let l_reg =
                     logits.reshape([-1, vocab]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(

@@ -7,19 +7,18 @@ use qvlm_core::layer_id::LayerId;
 use qvlm_core::quant::activation::ActQuantizer;
 use qvlm_core::quant::spec::Clip;
 
-use qvlm_core::model::llava::Llava;
-
 use super::config::{BaseStrategy, Progress};
 use super::{blocked, simple};
 use crate::calib::CalibrationSet;
 use crate::engine::{Engine, WeightMethod};
 use crate::error::{setting, Result};
+use crate::model::SearchModel;
 use crate::partition::Threshold;
 use crate::plan::{GroupRecord, QuantPlan, Scheme};
 
 /// The plan of a base strategy on a float model (left as it was).
 pub(crate) fn plan(
-    model: &mut Llava,
+    model: &mut dyn SearchModel,
     calib: &CalibrationSet,
     scheme: Scheme,
     weights: WeightMethod,

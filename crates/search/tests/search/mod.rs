@@ -1,2 +1,3 @@
 mod baselines;
+mod qwen2_vl;
 mod strategies;

@@ -12,9 +12,9 @@ use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
 use qvlm_search::calib::CalibrationSet;
 use qvlm_search::engine::WeightMethod;
+use qvlm_search::model::SearchModel;
 use qvlm_search::partition::Threshold;
 use qvlm_search::plan::{apply, ActScheme, QuantPlan, Scheme, TowerScheme};
-use qvlm_search::site::sites;
 use qvlm_search::strategy::config::{
     BaseStrategy, BlockedConfig, CandidateGrid, EntropyPairs, Proxy, RuleKind, StrategyConfig,
     VeoConfig,
@@ -54,7 +54,10 @@ pub(super) fn setup() -> (LlavaBundle, CalibrationSet) {
         a.extend(bundle.eos_ids());
         ans.push(a);
     }
-    (bundle, CalibrationSet { pixels: Tensor::stack(&pixels, 0), prompts, answers: ans })
+    (
+        bundle,
+        CalibrationSet { pixels: Tensor::stack(&pixels, 0), grids: vec![], prompts, answers: ans },
+    )
 }
 
 pub(super) fn w4a4() -> Scheme {
@@ -110,7 +113,7 @@ fn blocked(proxy: Proxy, rule: RuleKind) -> BaseStrategy {
 #[test]
 fn every_strategy_plans_every_site_and_the_plan_round_trips() {
     let (mut bundle, calib) = setup();
-    let n_sites = sites(&bundle.model).len();
+    let n_sites = bundle.model.sites().len();
     let weights_before: Vec<Tensor> =
         bundle.model.linears().iter().map(|l| l.float_weight().copy()).collect();
     let strategies = [
@@ -210,7 +213,9 @@ fn joint_search_never_ends_worse_than_the_sequential_start() {
 #[test]
 fn cost_accounting_counts_what_each_strategy_does() {
     let (mut bundle, calib) = setup();
-    let n_sites = sites(&bundle.model)
+    let n_sites = bundle
+        .model
+        .sites()
         .iter()
         .filter(|s| s.id.tower != qvlm_core::layer_id::Tower::Projector)
         .count() as u64;
@@ -226,7 +231,7 @@ fn cost_accounting_counts_what_each_strategy_does() {
         5 * n_sites,
         "one evaluation per site and candidate"
     );
-    let blocks = qvlm_search::site::blocks(&bundle.model).len() as u64;
+    let blocks = SearchModel::blocks(&bundle.model).len() as u64;
     // Float and quantized pass per block, plus one capture per site.
     assert_eq!(seq.cost.block_forwards, 2 * blocks + n_sites);
     // One quantized-consumer product per evaluation, plus each float output once.
@@ -273,8 +278,12 @@ fn constant_zero_nan_and_inf_calibration_data_give_finite_plans() {
     let _ = pixels.get(1).get(0).fill_(f64::NAN);
     let _ = pixels.get(2).get(1).narrow(0, 0, 4).fill_(f64::INFINITY);
     let _ = pixels.get(2).get(2).narrow(0, 0, 4).fill_(f64::NEG_INFINITY);
-    let broken =
-        CalibrationSet { pixels, prompts: calib.prompts.clone(), answers: calib.answers.clone() };
+    let broken = CalibrationSet {
+        pixels,
+        grids: vec![],
+        prompts: calib.prompts.clone(),
+        answers: calib.answers.clone(),
+    };
     assert!(broken.nonfinite_pixels() > 0);
     for s in [
         StrategyConfig::from(BaseStrategy::Rtn {}),
