@@ -36,3 +36,4 @@ pub mod slurm;
 pub mod stats;
 pub mod table;
 pub mod tiny;
+pub mod vlm;

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::weight::QuantizedWeight;
+use qvlm_search::model::SearchModel;
 use qvlm_search::plan::QuantPlan;
 use tch::{Kind, Tensor};
 
@@ -18,7 +18,7 @@ pub struct ModelBytes {
 }
 
 /// Bytes of the model as the plan stores it (float model when `plan` is `None`).
-pub fn model_bytes(model: &Llava, plan: Option<&QuantPlan>) -> Result<ModelBytes> {
+pub fn model_bytes(model: &dyn SearchModel, plan: Option<&QuantPlan>) -> Result<ModelBytes> {
     let mut out = ModelBytes::default();
     let mut linear_elems = 0u64;
     for l in model.linears() {

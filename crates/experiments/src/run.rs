@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use qvlm_core::hook::NoHook;
-use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
-use qvlm_core::model::outliers::plant_outliers;
 use qvlm_core::quant::spec::{Granularity, WeightSpec};
 use qvlm_search::plan::{apply, ActScheme, ModelIdentity, QuantPlan};
 use qvlm_search::strategy;
@@ -21,6 +19,7 @@ use crate::grid::{short_hash, Cell, CellKind, Selection};
 use crate::memory::model_bytes;
 use crate::progress;
 use crate::results::{CellLock, Finished, Owner, ResultsDir};
+use crate::vlm::Vlm;
 
 /// Environment of a run, recorded with each cell.
 #[derive(Debug, Serialize, Clone)]
@@ -290,35 +289,47 @@ pub fn report(cfg: &Config, cells: &[Cell]) -> Result<Vec<String>> {
 fn check_widths(cell: &Cell) -> Result<()> {
     let CellKind::Quantized { bits, method } = &cell.kind else { return Ok(()) };
     let config = cell.model.path.join("config.json");
-    let cfg = match qvlm_core::io::config::detect_format(&config)? {
-        qvlm_core::io::config::CheckpointFormat::LlavaHf => {
-            qvlm_core::io::config::LlavaConfig::from_hf_json(&config)?
-        }
-        // Original LLaVA needs its CLIP directory for the vision widths; checked when quantizing.
-        qvlm_core::io::config::CheckpointFormat::Original => return Ok(()),
-    };
-    let (v, t) = (&cfg.vision, &cfg.text);
     let scheme = method.scheme(*bits, &cell.quant)?;
+    let (vision, projector, language) = match qvlm_core::io::config::detect_family(&config)? {
+        qvlm_core::io::config::ModelFamily::Qwen2Vl => {
+            let cfg = qvlm_core::io::config::Qwen2VlConfig::from_json(&config)?;
+            let (v, t) = (&cfg.vision, &cfg.text);
+            let merged = v.embed_dim * v.spatial_merge_size * v.spatial_merge_size;
+            (
+                vec![("embed_dim", v.embed_dim), ("intermediate_size", v.intermediate_size)],
+                vec![("merged patch width", merged)],
+                vec![
+                    ("hidden_size", t.hidden_size),
+                    ("intermediate_size", t.intermediate_size),
+                    ("attention width", t.num_attention_heads * t.head_dim),
+                ],
+            )
+        }
+        qvlm_core::io::config::ModelFamily::Llava => {
+            let cfg = match qvlm_core::io::config::detect_format(&config)? {
+                qvlm_core::io::config::CheckpointFormat::LlavaHf => {
+                    qvlm_core::io::config::LlavaConfig::from_hf_json(&config)?
+                }
+                // Original LLaVA needs its CLIP directory for the vision widths; checked when
+                // quantizing.
+                qvlm_core::io::config::CheckpointFormat::Original => return Ok(()),
+            };
+            let (v, t) = (&cfg.vision, &cfg.text);
+            (
+                vec![("hidden_size", v.hidden_size), ("intermediate_size", v.intermediate_size)],
+                vec![("vision hidden_size", v.hidden_size), ("text hidden_size", t.hidden_size)],
+                vec![
+                    ("hidden_size", t.hidden_size),
+                    ("intermediate_size", t.intermediate_size),
+                    ("attention width", t.num_attention_heads * t.head_dim),
+                ],
+            )
+        }
+    };
     let towers = [
-        (
-            "vision",
-            &scheme.vision,
-            vec![("hidden_size", v.hidden_size), ("intermediate_size", v.intermediate_size)],
-        ),
-        (
-            "projector",
-            &scheme.projector,
-            vec![("vision hidden_size", v.hidden_size), ("text hidden_size", t.hidden_size)],
-        ),
-        (
-            "language",
-            &scheme.language,
-            vec![
-                ("hidden_size", t.hidden_size),
-                ("intermediate_size", t.intermediate_size),
-                ("attention width", t.num_attention_heads * t.head_dim),
-            ],
-        ),
+        ("vision", &scheme.vision, vision),
+        ("projector", &scheme.projector, projector),
+        ("language", &scheme.language, language),
     ];
     for (tower, ts, widths) in towers {
         let weight_group = match ts.weight {
@@ -346,15 +357,8 @@ fn check_widths(cell: &Cell) -> Result<()> {
     Ok(())
 }
 
-fn load_model(cell: &Cell, device: tch::Device) -> Result<LlavaBundle> {
-    let opts = LoadOptions { device, dtype: cell.model.dtype, clip_dir: cell.model.clip.clone() };
-    let mut bundle = LlavaBundle::load(&cell.model.path, &opts).with_context(|| {
-        format!("loading model `{}` from {}", cell.model.name, cell.model.path.display())
-    })?;
-    if let Some(spec) = &cell.model.outliers {
-        plant_outliers(&mut bundle.model, spec);
-    }
-    Ok(bundle)
+fn load_model(cell: &Cell, device: tch::Device) -> Result<Vlm> {
+    Vlm::load(&cell.model, device)
 }
 
 /// Float answer distributions of a model (cached in the results folder: they depend on the model
@@ -393,9 +397,9 @@ fn reference(
             }
         }
     };
-    let bundle = load_model(cell, device)?;
+    let model = load_model(cell, device)?;
     let pb = progress::bar(shared.data.len() as u64, "float ref");
-    let out = tch::no_grad(|| shared.data.evaluate(&bundle, &mut NoHook, &pb))?;
+    let out = tch::no_grad(|| shared.data.evaluate(&model, &mut NoHook, &pb))?;
     pb.finish_and_clear();
     let tmp = path.with_extension(format!("tmp-{}", crate::lock::unique_suffix()?));
     qvlm_core::io::safetensors::write_safetensors(
@@ -419,7 +423,7 @@ fn run_cell(
     let out_cell = results.begin_cell(lock)?;
     tch::manual_seed(cell.seed as i64);
     let reference_lp = reference(cell, device, results, shared)?;
-    let mut bundle = load_model(cell, device)?;
+    let mut model = load_model(cell, device)?;
     let mut timings = BTreeMap::new();
     let mut plan: Option<QuantPlan> = None;
     let mut nonfinite = 0u64;
@@ -434,33 +438,36 @@ fn run_cell(
         let c = &cell.calibration;
         let calib = crate::calib::calibration(
             &shared.data,
-            &bundle,
+            &model,
             c.samples.get(),
             c.allow_fewer,
             cell.seed,
         )?;
         calibration_used = calib.prompts.len();
-        // The work and activation size of the calibration set (issue #21's cost model).
-        let shape = crate::scaling::ForwardShape::of(&bundle.model.cfg);
-        let seq_lens: Vec<i64> = calib
-            .prompts
-            .iter()
-            .map(|pieces| {
-                pieces
-                    .iter()
-                    .map(|p| match p {
-                        qvlm_core::io::prompt::Piece::Tokens(t) => t.len() as i64,
-                        qvlm_core::io::prompt::Piece::Image(_) => shape.image_tokens,
-                    })
-                    .sum()
-            })
-            .collect();
-        calibration_work = Some((
-            shape.linear_parameters(),
-            seq_lens.iter().sum::<i64>() as f64,
-            shape.flops(&seq_lens),
-            shape.block_activation_bytes(&seq_lens, bundle.model.kind().elt_size_in_bytes()),
-        ));
+        // The work and activation size of the calibration set (issue #21's cost model; LLaVA's
+        // shapes: not recorded for Qwen2-VL).
+        if let Vlm::Llava(bundle) = &model {
+            let shape = crate::scaling::ForwardShape::of(&bundle.model.cfg);
+            let seq_lens: Vec<i64> = calib
+                .prompts
+                .iter()
+                .map(|pieces| {
+                    pieces
+                        .iter()
+                        .map(|p| match p {
+                            qvlm_core::io::prompt::Piece::Tokens(t) => t.len() as i64,
+                            qvlm_core::io::prompt::Piece::Image(_) => shape.image_tokens,
+                        })
+                        .sum()
+                })
+                .collect();
+            calibration_work = Some((
+                shape.linear_parameters(),
+                seq_lens.iter().sum::<i64>() as f64,
+                shape.flops(&seq_lens),
+                shape.block_activation_bytes(&seq_lens, bundle.model.kind().elt_size_in_bytes()),
+            ));
+        }
         nonfinite =
             calib.pixels.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]) as u64;
         let pb = progress::bar(1, "search");
@@ -471,12 +478,12 @@ fn run_cell(
         };
         // The model as searched on (after outlier planting), for `experiments quantize`.
         let identity = ModelIdentity::of(
-            &bundle.model,
+            model.search_model(),
             &cell.model.name,
             &cell.model.path.display().to_string(),
         )?;
         if let Some(r) = &method.rotation {
-            qvlm_core::model::rotation::rotate(&mut bundle.model, r)?;
+            model.search_model_mut().rotate(r)?;
         }
         // The search's own peak resident memory (issue #21: bounded memory): the peak is reset
         // here, with the model, the calibration pairs and the float reference already resident.
@@ -484,7 +491,7 @@ fn run_cell(
         let rss_at_start = crate::bench::machine::rss_bytes();
         let start = Instant::now();
         let mut p = strategy::run(
-            &mut bundle.model,
+            model.search_model_mut(),
             &calib,
             scheme,
             method.weights.search_method(),
@@ -496,13 +503,13 @@ fn run_cell(
         search_rss = rss_at_start.zip(crate::bench::machine::peak_rss_bytes());
         nonfinite += p.nonfinite_inputs;
         p.model = Some(identity);
-        hook = Box::new(apply(&mut bundle.model, &p)?);
+        hook = Box::new(apply(model.search_model_mut(), &p)?);
         out_cell.write("plan.json", serde_json::to_string_pretty(&p)?.as_bytes())?;
         plan = Some(p);
     }
     let start = Instant::now();
     let pb = progress::bar(shared.data.len() as u64, "evaluate");
-    let out = tch::no_grad(|| shared.data.evaluate(&bundle, hook.as_mut(), &pb))?;
+    let out = tch::no_grad(|| shared.data.evaluate(&model, hook.as_mut(), &pb))?;
     pb.finish_and_clear();
     timings.insert("eval_seconds", start.elapsed().as_secs_f64());
     let (kl, agree) = crate::eval::generate::first_token_agreement(&reference_lp, &out.log_probs);
@@ -523,7 +530,7 @@ fn run_cell(
     }
     push("kl_vs_float", kl);
     push("top1_agreement", agree);
-    let mem = model_bytes(&bundle.model, plan.as_ref())?;
+    let mem = model_bytes(model.search_model(), plan.as_ref())?;
     push("weight_bytes", mem.total as f64);
     for (tower, b) in &mem.by_tower {
         push(&format!("weight_bytes_{tower}"), *b as f64);
@@ -545,8 +552,8 @@ fn run_cell(
             timings.insert("search_rss_start_bytes", start as f64);
             timings.insert("search_peak_rss_bytes", peak as f64);
             // The model as held in memory for the search (every tensor, in its dtype).
-            let resident: usize = bundle
-                .model
+            let resident: usize = model
+                .search_model()
                 .named_tensors()
                 .iter()
                 .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())

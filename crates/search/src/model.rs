@@ -55,6 +55,8 @@ pub trait SearchModel {
     fn sites(&self) -> Vec<Site>;
     /// The blocks in execution order.
     fn blocks(&self) -> Vec<Block>;
+    /// Every weight under its canonical name (quantized layers: their dequantized weight).
+    fn named_tensors(&self) -> Vec<(String, Tensor)>;
     /// The identity of the weights (`weights_sha256` of the model).
     fn weights_sha256(&self) -> Result<String>;
     /// The rotation the weights carry, if any.
@@ -170,6 +172,10 @@ impl SearchModel for Llava {
         out.push(Block::Projector);
         out.extend((0..self.language_model.layers.len()).map(Block::Language));
         out
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        Llava::named_tensors(self)
     }
 
     fn weights_sha256(&self) -> Result<String> {
@@ -321,6 +327,10 @@ impl SearchModel for Qwen2Vl {
         out.push(Block::Projector);
         out.extend((0..self.language_model.layers.len()).map(Block::Language));
         out
+    }
+
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        Qwen2Vl::named_tensors(self)
     }
 
     fn weights_sha256(&self) -> Result<String> {

@@ -16,6 +16,7 @@ use crate::data::vqa::{Vqa, VqaQuestion};
 use crate::eval::{easy_vqa as eval_easy, scienceqa as eval_sqa, vqa as eval_vqa};
 use crate::prompt::scienceqa::{items, PromptFormat, SqaItem};
 use crate::table::csv_field;
+use crate::vlm::Vlm;
 
 /// A loaded dataset and the questions a run evaluates.
 pub enum EvalData {
@@ -193,8 +194,31 @@ impl EvalData {
         self.len() == 0
     }
 
-    /// Greedy answers to every evaluated question with `hook` on the model.
+    /// Greedy answers to every evaluated question with `hook` on the model (Qwen2-VL: easy-VQA
+    /// only; its questions asked in the checkpoint's chat template, `template` is LLaVA's).
     pub fn evaluate(
+        &self,
+        model: &Vlm,
+        hook: &mut dyn LinearHook,
+        pb: &ProgressBar,
+    ) -> Result<Evaluated> {
+        let bundle = match model {
+            Vlm::Llava(bundle) => bundle,
+            Vlm::Qwen2Vl(qwen) => {
+                let EvalData::EasyVqa { evaluated, questions, batch, .. } = self else {
+                    anyhow::bail!(
+                        "Qwen2-VL models are evaluated on easy-VQA only so far (the ScienceQA and VQA prompts are LLaVA's)"
+                    );
+                };
+                let out =
+                    eval_easy::evaluate_qwen2_vl(qwen, evaluated, questions, *batch, hook, pb)?;
+                return easy_vqa_evaluated(questions, out);
+            }
+        };
+        self.evaluate_llava(bundle, hook, pb)
+    }
+
+    fn evaluate_llava(
         &self,
         bundle: &LlavaBundle,
         hook: &mut dyn LinearHook,
@@ -204,38 +228,7 @@ impl EvalData {
             EvalData::EasyVqa { evaluated, questions, template, batch, .. } => {
                 let out =
                     eval_easy::evaluate(bundle, evaluated, questions, *template, *batch, hook, pb)?;
-                let acc = out.accuracy();
-                let mut metrics = vec![("accuracy".to_string(), acc.overall)];
-                for (t, v) in &acc.by_type {
-                    metrics.push((
-                        format!("accuracy_{}", serde_json::to_value(t)?.as_str().unwrap_or("type")),
-                        *v,
-                    ));
-                }
-                metrics.push(("questions".into(), acc.count as f64));
-                let image_of: std::collections::BTreeMap<usize, u32> =
-                    questions.iter().map(|q| (q.index, q.image_id)).collect();
-                let scores = out
-                    .answered
-                    .iter()
-                    .map(|a| QuestionScore {
-                        question: a.index.to_string(),
-                        cluster: image_of.get(&a.index).map_or_else(String::new, u32::to_string),
-                        score: f64::from(u8::from(a.correct)),
-                    })
-                    .collect();
-                let mut csv = String::from("index,kind,answer,predicted,correct\n");
-                for a in &out.answered {
-                    csv.push_str(&format!(
-                        "{},{:?},{},{},{}\n",
-                        a.index,
-                        a.kind,
-                        a.answer,
-                        csv_field(&a.predicted),
-                        a.correct
-                    ));
-                }
-                Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv, scores })
+                easy_vqa_evaluated(questions, out)
             }
             EvalData::Scienceqa { test, items, opts, .. } => {
                 let out = eval_sqa::evaluate(bundle, test, items, opts, hook, pb)?;
@@ -305,4 +298,44 @@ impl EvalData {
             }
         }
     }
+}
+
+/// An easy-VQA evaluation's metrics (overall and per question type), per-question scores
+/// (clustered by image) and answers.
+fn easy_vqa_evaluated(
+    questions: &[easy_vqa::Question],
+    out: eval_easy::EvalOutput,
+) -> Result<Evaluated> {
+    let acc = out.accuracy();
+    let mut metrics = vec![("accuracy".to_string(), acc.overall)];
+    for (t, v) in &acc.by_type {
+        metrics.push((
+            format!("accuracy_{}", serde_json::to_value(t)?.as_str().unwrap_or("type")),
+            *v,
+        ));
+    }
+    metrics.push(("questions".into(), acc.count as f64));
+    let image_of: std::collections::BTreeMap<usize, u32> =
+        questions.iter().map(|q| (q.index, q.image_id)).collect();
+    let scores = out
+        .answered
+        .iter()
+        .map(|a| QuestionScore {
+            question: a.index.to_string(),
+            cluster: image_of.get(&a.index).map_or_else(String::new, u32::to_string),
+            score: f64::from(u8::from(a.correct)),
+        })
+        .collect();
+    let mut csv = String::from("index,kind,answer,predicted,correct\n");
+    for a in &out.answered {
+        csv.push_str(&format!(
+            "{},{:?},{},{},{}\n",
+            a.index,
+            a.kind,
+            a.answer,
+            csv_field(&a.predicted),
+            a.correct
+        ));
+    }
+    Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv, scores })
 }

@@ -8,11 +8,12 @@ use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::prompt::Template;
 use qvlm_core::model::llava::LlavaBundle;
+use qvlm_core::model::qwen2_vl::Qwen2VlBundle;
 use serde::Serialize;
 use tch::Tensor;
 
 use crate::data::easy_vqa::{EasyVqa, Question, QuestionType};
-use crate::eval::generate::{first_token_agreement, generate, Request};
+use crate::eval::generate::{first_token_agreement, generate, generate_qwen2_vl, Request};
 use crate::prompt::easy_vqa::user_message;
 
 #[derive(Clone, Debug, Serialize)]
@@ -85,6 +86,32 @@ pub fn evaluate(
         .collect::<Result<Vec<_>>>()?;
     let generated =
         generate(bundle, &requests, template, &bundle.images, batch_size, 4, hook, progress)?;
+    Ok(score(questions, generated))
+}
+
+/// [`evaluate`] on a Qwen2-VL model: each question as one chat turn in the checkpoint's own
+/// template (the question's text after the image), at most 4 new tokens.
+pub fn evaluate_qwen2_vl(
+    bundle: &Qwen2VlBundle,
+    data: &EasyVqa,
+    questions: &[Question],
+    batch_size: usize,
+    hook: &mut dyn LinearHook,
+    progress: &ProgressBar,
+) -> Result<EvalOutput> {
+    let requests = questions
+        .iter()
+        .map(|q| {
+            let path = data.image_path(q.image_id).context("image id without a file")?;
+            Ok(Request { message: q.text.clone(), image: Some(path.to_path_buf()) })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let generated = generate_qwen2_vl(bundle, &requests, batch_size, 4, hook, progress)?;
+    Ok(score(questions, generated))
+}
+
+/// Exact match of each generated answer.
+fn score(questions: &[Question], generated: crate::eval::generate::Generated) -> EvalOutput {
     let answered = questions
         .iter()
         .zip(generated.texts)
@@ -96,5 +123,5 @@ pub fn evaluate(
             predicted,
         })
         .collect();
-    Ok(EvalOutput { answered, first_log_probs: generated.first_log_probs })
+    EvalOutput { answered, first_log_probs: generated.first_log_probs }
 }

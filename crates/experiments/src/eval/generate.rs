@@ -8,9 +8,11 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::ImageProcessor;
+use qvlm_core::io::image::Rgb8;
 use qvlm_core::io::prompt::{Piece, Template};
 use qvlm_core::model::llama::KvCache;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle};
+use qvlm_core::model::qwen2_vl::{Qwen2VlBundle, Qwen2VlPrompt};
 use tch::{Device, Kind, Tensor};
 
 /// One prompt for the model: the user turn (with the image placeholder when there is an image).
@@ -118,6 +120,72 @@ pub fn generate(
         );
         for tokens in &out.tokens {
             texts.push(bundle.tokenizer.decode(tokens, true)?.trim().to_string());
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    let first_log_probs = if log_probs.is_empty() {
+        Tensor::zeros([0], (Kind::Float, Device::Cpu))
+    } else {
+        Tensor::cat(&log_probs, 0)
+    };
+    Ok(Generated { texts, first_log_probs })
+}
+
+/// Greedy decoding on a Qwen2-VL model: each request's `message` is the user's text, asked as
+/// one chat turn in the checkpoint's own template with its image (if any) before the text, as
+/// `experiments generate` does; batches of `batch_size` left-padded rows, until the
+/// checkpoint's EOS or `max_new_tokens`.
+pub fn generate_qwen2_vl(
+    bundle: &Qwen2VlBundle,
+    requests: &[Request],
+    batch_size: usize,
+    max_new_tokens: usize,
+    hook: &mut dyn LinearHook,
+    progress: &ProgressBar,
+) -> Result<Generated> {
+    let _guard = tch::no_grad_guard();
+    let model = &bundle.model;
+    let mut texts = Vec::with_capacity(requests.len());
+    let mut log_probs = Vec::new();
+    for chunk in requests.chunks(batch_size.max(1)) {
+        let mut ids = Vec::with_capacity(chunk.len());
+        let mut grids = Vec::with_capacity(chunk.len());
+        let mut tokens = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let Some(path) = &r.image else {
+                grids.push(vec![]);
+                ids.push(bundle.chat_ids(&r.message, &[])?);
+                tokens.push(None);
+                continue;
+            };
+            let image =
+                Rgb8::open(path).with_context(|| format!("preprocessing {}", path.display()))?;
+            let (pixels, grid) = bundle.images.preprocess(&image)?;
+            ids.push(bundle.chat_ids(&r.message, &[grid])?);
+            tokens.push(Some(model.image_tokens(&pixels, &[grid], hook)?));
+            grids.push(vec![grid]);
+        }
+        let prompts: Vec<Qwen2VlPrompt<'_>> = ids
+            .iter()
+            .zip(&grids)
+            .zip(&tokens)
+            .map(|((ids, grids), t)| Qwen2VlPrompt { ids, grids, image_tokens: t.as_ref() })
+            .collect();
+        let batch = model.prepare(&prompts)?;
+        let gen = GenerateOptions {
+            max_new_tokens,
+            eos_token_ids: bundle.eos_token_ids.clone(),
+            stop: None,
+        };
+        let out = model.generate(&batch, &gen, hook)?;
+        log_probs.push(
+            out.first_logits
+                .to_kind(Kind::Float)
+                .log_softmax(-1, Kind::Float)
+                .to_device(Device::Cpu),
+        );
+        for t in &out.tokens {
+            texts.push(bundle.tokenizer.decode(t, true)?.trim().to_string());
         }
         progress.inc(chunk.len() as u64);
     }
