@@ -12,7 +12,7 @@ use qvlm_core::model::linear::Linear;
 use qvlm_core::model::llama::DecoderContext;
 use qvlm_core::model::llava::Llava;
 use qvlm_core::model::qwen2_vl::{GridThw, Qwen2Vl, Qwen2VlPrompt, VisionMlp, VisionPass};
-use qvlm_core::model::rotation::{rotate, RotationSpec};
+use qvlm_core::model::rotation::{rotate, rotate_qwen2_vl, RotationSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::calib::CalibrationSet;
@@ -338,13 +338,11 @@ impl SearchModel for Qwen2Vl {
     }
 
     fn rotation(&self) -> Option<&RotationSpec> {
-        None
+        self.rotation.as_ref()
     }
 
     fn rotate(&mut self, spec: &RotationSpec) -> Result<()> {
-        Err(SearchError::PlanMismatch(format!(
-            "rotation ({spec:?}) is implemented for LLaVA only, not for Qwen2-VL"
-        )))
+        Ok(rotate_qwen2_vl(self, spec)?)
     }
 
     fn begin_pass(&self, calib: &CalibrationSet, pass: &mut PassState) -> Result<Tensor> {

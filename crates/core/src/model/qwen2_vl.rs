@@ -595,6 +595,9 @@ pub struct Qwen2Vl {
     pub visual: Qwen2VisionTower,
     pub language_model: LlamaModel,
     pub cfg: Qwen2VlConfig,
+    /// The rotation applied to the language model, if any
+    /// ([`crate::model::rotation::rotate_qwen2_vl`]).
+    pub rotation: Option<crate::quant::spec::RotationSpec>,
 }
 
 /// One prompt: its token ids (each image as its run of `image_token_id` placeholders, one per
@@ -628,6 +631,7 @@ impl Qwen2Vl {
             visual: Qwen2VisionTower::load(&vb.pp("visual"), &cfg.vision)?,
             language_model: LlamaModel::load(&vb.pp("language_model"), vb, &cfg.text)?,
             cfg: cfg.clone(),
+            rotation: None,
         };
         vb.finish()?;
         Ok(model)

@@ -15,6 +15,7 @@
 //!    before quantization and holds `W H` ([`Linear::input_rotation`]; a dense matmul here, a
 //!    fast Walsh–Hadamard transform in a deployment).
 //!
+//! The same on Qwen2-VL's decoder ([`rotate_qwen2_vl`]): its patch merger writes the image tokens.
 //! The vision tower is not rotated: CLIP's LayerNorm subtracts the mean, which does not commute
 //! with a rotation unless the mean is first folded into the previous layer (SliceGPT), which is
 //! not implemented.
@@ -28,7 +29,9 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::linear::{Linear, LinearWeight};
+use crate::model::llama::LlamaModel;
 use crate::model::llava::Llava;
+use crate::model::qwen2_vl::Qwen2Vl;
 pub use crate::quant::spec::{RotationKind, RotationSpec};
 use crate::rng::SplitMix64;
 
@@ -162,7 +165,33 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
     if let Some(done) = &model.rotation {
         return Err(Error::Invalid(format!("the model is already rotated ({done:?})")));
     }
-    if model.language_model.lm_head.is_none() {
+    // The projector's last linear writes the image tokens into the residual stream.
+    let writer = match &mut model.projector.linear_2 {
+        Some(l2) => l2,
+        None => &mut model.projector.linear_1,
+    };
+    rotate_decoder(&mut model.language_model, writer, spec)?;
+    model.rotation = Some(*spec);
+    Ok(())
+}
+
+/// Rotates a Qwen2-VL / Qwen2.5-VL language model in place as [`rotate`] does LLaVA's: the
+/// patch merger's last linear (`mlp.2`) writes the image tokens into the residual stream. The
+/// q/k/v biases stay (they are added after the rotated input's product); the vision tower is not
+/// rotated. The model records the spec (`Qwen2Vl::rotation`).
+pub fn rotate_qwen2_vl(model: &mut Qwen2Vl, spec: &RotationSpec) -> Result<()> {
+    if let Some(done) = &model.rotation {
+        return Err(Error::Invalid(format!("the model is already rotated ({done:?})")));
+    }
+    rotate_decoder(&mut model.language_model, &mut model.visual.merger.fc2, spec)?;
+    model.rotation = Some(*spec);
+    Ok(())
+}
+
+/// Steps 1–4 of the module docs on a LLaMA-style decoder whose residual stream also receives
+/// `writer`'s outputs (the image tokens).
+fn rotate_decoder(lm: &mut LlamaModel, writer: &mut Linear, spec: &RotationSpec) -> Result<()> {
+    if lm.lm_head.is_none() {
         return Err(Error::Invalid(
             "rotation of a model with tied embeddings: the head would need untying (not \
              implemented)"
@@ -170,10 +199,10 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
         ));
     }
     // Checked before anything changes, so a refused rotation leaves the model as it was.
-    let linears = model.language_model.layers.iter().flat_map(|l| l.linears());
-    let linears = linears.chain(model.language_model.lm_head.as_ref());
+    let linears = lm.layers.iter().flat_map(|l| l.linears());
+    let linears = linears.chain(lm.lm_head.as_ref());
     if let Some(l) = linears
-        .chain(model.projector.linears())
+        .chain(std::iter::once(&*writer))
         .find(|l| !matches!(l.weight, LinearWeight::Float(_)))
     {
         return Err(Error::Quant {
@@ -182,9 +211,9 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
         });
     }
     let _guard = tch::no_grad_guard();
-    let device = model.device();
-    let kind = model.kind();
-    let cfg = model.language_model.cfg.clone();
+    let device = lm.embed_tokens.device();
+    let kind = lm.embed_tokens.kind();
+    let cfg = lm.cfg.clone();
     let (d, inter, head_dim) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let q = orthogonal(d, spec, 0, "the residual stream")?.to_device(device);
     let h_head = orthogonal(head_dim, spec, 1, "the attention heads")?.to_device(device);
@@ -193,7 +222,6 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
     let h_down_f32 = h_down.to_kind(Kind::Float);
     let ones = Tensor::ones([d], (Kind::Double, device));
 
-    let lm = &mut model.language_model;
     lm.embed_tokens = lm.embed_tokens.to_kind(Kind::Double).matmul(&q).to_kind(kind);
     for layer in &mut lm.layers {
         let g = layer.input_layernorm.weight.to_kind(Kind::Double);
@@ -233,13 +261,8 @@ pub fn rotate(model: &mut Llava, spec: &RotationSpec) -> Result<()> {
         fold_in(head, &g, &q, kind)?;
     }
     lm.norm.weight = ones.to_kind(lm.norm.weight.kind());
-    let last = match &mut model.projector.linear_2 {
-        Some(l2) => l2,
-        None => &mut model.projector.linear_1,
-    };
-    let w = float_weight(last)?;
-    fold_out(last, &w, &q, kind);
-    model.rotation = Some(*spec);
+    let w = float_weight(writer)?;
+    fold_out(writer, &w, &q, kind);
     Ok(())
 }
 

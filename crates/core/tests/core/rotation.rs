@@ -81,3 +81,44 @@ fn rotation_preserves_the_float_function_and_flattens_outliers() {
         }
     }
 }
+
+/// The same rotation on the Qwen2-VL and Qwen2.5-VL parity checkpoints (q/k/v biases, M-RoPE,
+/// image tokens written by the patch merger): logits of a prompt with both fixture images.
+#[test]
+fn rotation_preserves_qwen2_vl_and_qwen2_5_vl_logits() {
+    use qvlm_core::io::safetensors::SafetensorsFile;
+    use qvlm_core::model::qwen2_vl::{GridThw, Qwen2Vl, Qwen2VlPrompt};
+    use qvlm_core::model::rotation::rotate_qwen2_vl;
+    let _guard = tch::no_grad_guard();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for family in ["qwen2vl", "qwen2_5_vl"] {
+        let dir = fixtures.join(family).join("tiny");
+        let e = SafetensorsFile::open(&dir.join("expected.safetensors")).expect("references");
+        let ints = |k: &str| Vec::<i64>::try_from(&e.read(k).expect(k).reshape([-1])).expect(k);
+        let pixels = e.read("pixel_values_both").expect("pixels");
+        let grids: Vec<GridThw> =
+            ints("grid_thw_both").chunks_exact(3).map(|g| [g[0], g[1], g[2]]).collect();
+        let ids = ints("lm_input_ids_both");
+        let logits = |m: &Qwen2Vl| {
+            let tokens = m.image_tokens(&pixels, &grids, &mut NoHook).expect("images");
+            let p = Qwen2VlPrompt { ids: &ids, grids: &grids, image_tokens: Some(&tokens) };
+            m.logits(&m.prepare(&[p]).expect("prepare"), &mut NoHook).expect("logits")
+        };
+        let load = || Qwen2Vl::load(&dir, &LoadOptions::default()).expect("checkpoint");
+        let want = logits(&load());
+        for kind in [RotationKind::Hadamard, RotationKind::RandomOrthogonal] {
+            let spec = RotationSpec { kind, seed: 1 };
+            let mut rotated = load();
+            let embed_before = rotated.language_model.embed_tokens.copy();
+            rotate_qwen2_vl(&mut rotated, &spec).expect("rotate");
+            assert_eq!(rotated.rotation, Some(spec));
+            let moved = max_abs_diff(&rotated.language_model.embed_tokens, &embed_before);
+            assert!(moved > 1e-2, "{family} {kind:?}: the embeddings did not change ({moved})");
+            let d = max_abs_diff(&logits(&rotated), &want);
+            eprintln!("{family}, {kind:?}: max |Δlogit| {d:e}");
+            assert!(d <= ROTATED_LOGITS_ATOL, "{family} {kind:?}: logits differ by {d:e}");
+            let again = rotate_qwen2_vl(&mut rotated, &spec).expect_err("rotated twice");
+            assert!(again.to_string().contains("already rotated"), "{again}");
+        }
+    }
+}

@@ -106,8 +106,8 @@ fn the_qwen2_vl_config_runs_every_strategy_on_both_families() {
         .map(|e| e.path())
         .filter(|p| p.is_dir())
         .collect();
-    // Two models × (float + eight W4A4 methods).
-    assert_eq!(cells.len(), 18, "{cells:?}");
+    // Two models × (float + ten W4A4 methods).
+    assert_eq!(cells.len(), 22, "{cells:?}");
     let mut searched = 0;
     for cell in &cells {
         let metrics = std::fs::read_to_string(cell.join("metrics.csv")).expect("metrics.csv");
@@ -134,15 +134,18 @@ fn the_qwen2_vl_config_runs_every_strategy_on_both_families() {
             )
             .expect("json");
             assert_eq!(manifest["calibration_samples_used"], 8, "{}", cell.display());
+            let rotated = cell.join("config.json");
+            let rotated = std::fs::read_to_string(rotated).expect("config").contains("hadamard");
+            assert_eq!(plan["rotation"].is_object(), rotated, "{}", cell.display());
             if value("candidate_evaluations").is_some_and(|c| c > 0.0) {
                 searched += 1;
             }
         }
     }
     // Every method but RTN searches something (ranges, scales or Hessian-ordered rounding).
-    assert_eq!(searched, 14);
+    assert_eq!(searched, 18);
     let summary = std::fs::read_to_string(results.join("tables/summary.csv")).expect("summary");
-    assert_eq!(summary.lines().count(), 1 + 18, "{summary}");
+    assert_eq!(summary.lines().count(), 1 + 22, "{summary}");
     let _ = std::fs::remove_dir_all(&results);
     let _ = std::fs::remove_file(&file);
 }

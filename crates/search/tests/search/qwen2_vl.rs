@@ -3,7 +3,8 @@
 //! python/gen_qwen2_5_vl_fixtures.py), calibrated on chat turns about images of different sizes
 //! (so every sample has its own number of image tokens). Random weights: what is checked is that
 //! every strategy plans every site of both towers, the merger and the decoder, leaves the float
-//! weights alone and gives a plan whose fake-quantized model runs to finite logits; not accuracy.
+//! weights alone and gives a plan whose fake-quantized model runs to finite logits (also searched
+//! on the rotated model); not accuracy.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use qvlm_core::io::image::Rgb8;
 use qvlm_core::layer_id::{Slot, Tower};
 use qvlm_core::model::llava::LoadOptions;
 use qvlm_core::model::qwen2_vl::Qwen2VlBundle;
+use qvlm_core::model::rotation::{RotationKind, RotationSpec};
 use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
 use qvlm_search::calib::CalibrationSet;
@@ -175,6 +177,15 @@ fn every_strategy_runs(family: &str) {
         let finite = logits.isfinite().all().int64_value(&[]) == 1;
         assert!(finite, "{name}: the quantized model's logits are not finite");
     }
+    // Rotation + Q-VLM (#17's `rotation_qvlm`): searched on the rotated model, the plan records
+    // the rotation and rotates an unrotated model it is applied to.
+    let spec = RotationSpec { kind: RotationKind::Hadamard, seed: 0 };
+    let mut rotated = Qwen2VlBundle::load(&dir, &LoadOptions::default()).expect("checkpoint");
+    SearchModel::rotate(&mut rotated.model, &spec).expect("rotate");
+    let plan = run(&mut rotated, &calib, WeightMethod::Plain, &runs[3].1);
+    assert_eq!(plan.rotation, Some(spec), "{family}: the plan records the rotation");
+    let logits = quantized_logits(&dir, &calib, &plan);
+    assert!(logits.isfinite().all().int64_value(&[]) == 1, "{family}: rotated plan");
 }
 
 #[test]
