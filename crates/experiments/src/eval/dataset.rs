@@ -6,7 +6,6 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::llava::LlavaBundle;
 use tch::Tensor;
 
 use crate::config::{Benchmark, DatasetConfig, SqaImages};
@@ -194,44 +193,28 @@ impl EvalData {
         self.len() == 0
     }
 
-    /// Greedy answers to every evaluated question with `hook` on the model (Qwen2-VL: easy-VQA
-    /// only; its questions asked in the checkpoint's chat template, `template` is LLaVA's).
+    /// Greedy answers to every evaluated question with `hook` on the model (Qwen2-VL: asked in
+    /// the checkpoint's chat template; `template` is LLaVA's).
     pub fn evaluate(
         &self,
         model: &Vlm,
         hook: &mut dyn LinearHook,
         pb: &ProgressBar,
     ) -> Result<Evaluated> {
-        let bundle = match model {
-            Vlm::Llava(bundle) => bundle,
-            Vlm::Qwen2Vl(qwen) => {
-                let EvalData::EasyVqa { evaluated, questions, batch, .. } = self else {
-                    anyhow::bail!(
-                        "Qwen2-VL models are evaluated on easy-VQA only so far (the ScienceQA and VQA prompts are LLaVA's)"
-                    );
-                };
-                let out =
-                    eval_easy::evaluate_qwen2_vl(qwen, evaluated, questions, *batch, hook, pb)?;
-                return easy_vqa_evaluated(questions, out);
-            }
-        };
-        self.evaluate_llava(bundle, hook, pb)
-    }
-
-    fn evaluate_llava(
-        &self,
-        bundle: &LlavaBundle,
-        hook: &mut dyn LinearHook,
-        pb: &ProgressBar,
-    ) -> Result<Evaluated> {
         match self {
             EvalData::EasyVqa { evaluated, questions, template, batch, .. } => {
-                let out =
-                    eval_easy::evaluate(bundle, evaluated, questions, *template, *batch, hook, pb)?;
+                let out = match model {
+                    Vlm::Llava(bundle) => eval_easy::evaluate(
+                        bundle, evaluated, questions, *template, *batch, hook, pb,
+                    )?,
+                    Vlm::Qwen2Vl(qwen) => {
+                        eval_easy::evaluate_qwen2_vl(qwen, evaluated, questions, *batch, hook, pb)?
+                    }
+                };
                 easy_vqa_evaluated(questions, out)
             }
             EvalData::Scienceqa { test, items, opts, .. } => {
-                let out = eval_sqa::evaluate(bundle, test, items, opts, hook, pb)?;
+                let out = eval_sqa::evaluate(model, test, items, opts, hook, pb)?;
                 let acc = out.accuracy();
                 let mut metrics = vec![
                     ("accuracy".to_string(), acc.average.accuracy),
@@ -265,7 +248,7 @@ impl EvalData {
                 Ok(Evaluated { metrics, log_probs: out.first_log_probs, answers_csv: csv, scores })
             }
             EvalData::Vqa { data, questions, opts } => {
-                let out = eval_vqa::evaluate(bundle, data, questions, opts, hook, pb)?;
+                let out = eval_vqa::evaluate(model, data, questions, opts, hook, pb)?;
                 let mut metrics = vec![("questions".to_string(), out.rows.len() as f64)];
                 if let Some(acc) = out.accuracy() {
                     metrics.push(("accuracy".into(), acc.accuracy));

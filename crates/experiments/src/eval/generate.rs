@@ -9,11 +9,13 @@ use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::ImageProcessor;
 use qvlm_core::io::image::Rgb8;
-use qvlm_core::io::prompt::{Piece, Template};
+use qvlm_core::io::prompt::{Piece, Template, IMAGE_PLACEHOLDER};
 use qvlm_core::model::llama::KvCache;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle};
 use qvlm_core::model::qwen2_vl::{Qwen2VlBundle, Qwen2VlPrompt};
 use tch::{Device, Kind, Tensor};
+
+use crate::vlm::Vlm;
 
 /// One prompt for the model: the user turn (with the image placeholder when there is an image).
 #[derive(Clone, Debug, PartialEq)]
@@ -195,6 +197,47 @@ pub fn generate_qwen2_vl(
         Tensor::cat(&log_probs, 0)
     };
     Ok(Generated { texts, first_log_probs })
+}
+
+/// A LLaVA user turn without its leading image placeholder (`<image>\n`,
+/// [`Template::image_question`]): what Qwen2-VL is asked, its image going before the text in its
+/// own chat turn. A turn without the placeholder is returned as it is.
+pub fn without_image_placeholder(message: &str) -> String {
+    let lead = format!("{IMAGE_PLACEHOLDER}\n");
+    message.strip_prefix(&lead).unwrap_or(message).to_string()
+}
+
+/// Greedy answers on either family: LLaVA renders each request in `template` with
+/// `llava_images` (its own processor when `None`), as [`generate`]; Qwen2-VL asks each without
+/// LLaVA's image placeholder in the checkpoint's own chat template, its images at their own
+/// resolution ([`generate_qwen2_vl`]; `template` and `llava_images` are LLaVA's).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_on(
+    model: &Vlm,
+    requests: &[Request],
+    template: Template,
+    llava_images: Option<&ImageProcessor>,
+    batch_size: usize,
+    max_new_tokens: usize,
+    hook: &mut dyn LinearHook,
+    progress: &ProgressBar,
+) -> Result<Generated> {
+    match model {
+        Vlm::Llava(b) => {
+            let images = llava_images.unwrap_or(&b.images);
+            generate(b, requests, template, images, batch_size, max_new_tokens, hook, progress)
+        }
+        Vlm::Qwen2Vl(q) => {
+            let asked: Vec<Request> = requests
+                .iter()
+                .map(|r| Request {
+                    message: without_image_placeholder(&r.message),
+                    image: r.image.clone(),
+                })
+                .collect();
+            generate_qwen2_vl(q, &asked, batch_size, max_new_tokens, hook, progress)
+        }
+    }
 }
 
 /// When every row is `Tokens(prefix) Image(0) Tokens(question)` with one `prefix`: the prefix and

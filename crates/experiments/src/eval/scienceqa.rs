@@ -24,13 +24,13 @@ use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::{AspectMode, ImageProcessor, ImageProcessorConfig};
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::llava::LlavaBundle;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::data::scienceqa::{Problem, ScienceQa, Subject, OPTIONS};
-use crate::eval::generate::{first_token_agreement, generate, Request};
+use crate::eval::generate::{first_token_agreement, generate_on, Request};
 use crate::prompt::scienceqa::{user_message, PromptFormat, SqaItem};
+use crate::vlm::Vlm;
 
 /// Which upstream scorer parses the generated text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -325,8 +325,10 @@ impl SqaEvalOutput {
 }
 
 /// Answers `items` (questions of `data`) greedily and scores them; `hook` sees every linear input.
+/// On Qwen2-VL the question is asked in the checkpoint's chat template and the image goes
+/// through its own processor at its own resolution (`template` and `aspect` are LLaVA's).
 pub fn evaluate(
-    bundle: &LlavaBundle,
+    model: &Vlm,
     data: &ScienceQa,
     items: &[SqaItem],
     opts: &SqaEvalOptions,
@@ -341,7 +343,10 @@ pub fn evaluate(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let im_start_end = bundle.model.cfg.use_im_start_end;
+    let im_start_end = match model {
+        Vlm::Llava(bundle) => bundle.model.cfg.use_im_start_end,
+        Vlm::Qwen2Vl(_) => false,
+    };
     let single_pred = opts.format.single_pred();
     let requests: Vec<Request> = items
         .iter()
@@ -350,17 +355,17 @@ pub fn evaluate(
             image: item.image.clone(),
         })
         .collect();
-    let images = match opts.aspect {
-        Some(aspect) => {
-            ImageProcessor::new(ImageProcessorConfig { aspect, ..bundle.images.cfg.clone() })
+    let images = match (model, opts.aspect) {
+        (Vlm::Llava(bundle), Some(aspect)) => {
+            Some(ImageProcessor::new(ImageProcessorConfig { aspect, ..bundle.images.cfg.clone() }))
         }
-        None => bundle.images.clone(),
+        _ => None,
     };
-    let gen = generate(
-        bundle,
+    let gen = generate_on(
+        model,
         &requests,
         opts.template,
-        &images,
+        images.as_ref(),
         opts.batch_size,
         opts.max_new_tokens,
         hook,
@@ -386,6 +391,8 @@ mod tests {
     #[test]
     fn tiny_model_answers_questions_with_and_without_images() {
         let bundle = tiny_bundle();
+        let vocab_size = bundle.model.cfg.text.vocab_size;
+        let model = crate::vlm::Vlm::Llava(bundle);
         let dir = temp_dir("sqa-tiny");
         let mut problems = serde_json::Map::new();
         let pids = ["10", "11", "12"];
@@ -418,18 +425,17 @@ mod tests {
                 max_new_tokens: 4,
                 ..SqaEvalOptions::for_format(format)
             };
-            let out = evaluate(&bundle, &data, &questions, &opts, &mut NoHook, &pb).expect("eval");
+            let out = evaluate(&model, &data, &questions, &opts, &mut NoHook, &pb).expect("eval");
             assert_eq!(out.rows.len(), 3);
             assert_eq!(out.rows[1].classes, vec![SqaClass::Nat, SqaClass::No, SqaClass::G1To6]);
-            let vocab = bundle.model.cfg.text.vocab_size;
+            let vocab = vocab_size;
             assert_eq!(out.first_log_probs.size(), vec![3, vocab]);
             // The tiny model answers in easy-VQA words, never an option letter: every row is
             // unparsed and wrong (no random fallback).
             let acc = out.accuracy();
             assert_eq!((acc.average.count, acc.average.unparsed, acc.average.correct), (3, 3, 0));
             let single = SqaEvalOptions { batch_size: 1, ..opts };
-            let one =
-                evaluate(&bundle, &data, &questions, &single, &mut NoHook, &pb).expect("eval");
+            let one = evaluate(&model, &data, &questions, &single, &mut NoHook, &pb).expect("eval");
             assert_same_first_tokens(&out.first_log_probs, &one.first_log_probs);
             assert_eq!(out.rows, one.rows);
         }

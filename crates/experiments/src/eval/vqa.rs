@@ -5,14 +5,14 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::llava::LlavaBundle;
 use serde::Serialize;
 use tch::Tensor;
 
 use crate::data::vqa::{QuestionId, Vqa, VqaQuestion};
 use crate::eval::evalai::{normalize_answer, vqa_accuracy};
-use crate::eval::generate::{first_token_agreement, generate, Request};
+use crate::eval::generate::{first_token_agreement, generate_on, Request};
 use crate::prompt::vqa::user_message;
+use crate::vlm::Vlm;
 
 /// How a VQA-style set is asked (LLaVA-1.5: `vicuna_v1`, `--temperature 0`, `model_vqa_loader`'s
 /// default `--max_new_tokens 128`,
@@ -99,16 +99,20 @@ impl VqaEvalOutput {
     }
 }
 
-/// Answers `questions` (of `data`) greedily; `hook` sees every linear input.
+/// Answers `questions` (of `data`) greedily; `hook` sees every linear input. On Qwen2-VL the
+/// question is asked in the checkpoint's chat template (`template` is LLaVA's).
 pub fn evaluate(
-    bundle: &LlavaBundle,
+    model: &Vlm,
     data: &Vqa,
     questions: &[VqaQuestion],
     opts: &VqaEvalOptions,
     hook: &mut dyn LinearHook,
     progress: &ProgressBar,
 ) -> Result<VqaEvalOutput> {
-    let im_start_end = bundle.model.cfg.use_im_start_end;
+    let im_start_end = match model {
+        Vlm::Llava(bundle) => bundle.model.cfg.use_im_start_end,
+        Vlm::Qwen2Vl(_) => false,
+    };
     let requests: Vec<Request> = questions
         .iter()
         .map(|q| Request {
@@ -116,11 +120,11 @@ pub fn evaluate(
             image: Some(data.image_path(q)),
         })
         .collect();
-    let gen = generate(
-        bundle,
+    let gen = generate_on(
+        model,
         &requests,
         opts.template,
-        &bundle.images,
+        None,
         opts.batch_size,
         opts.max_new_tokens,
         hook,
@@ -145,6 +149,8 @@ pub(crate) mod tests {
     #[test]
     fn tiny_model_answers_a_question_file() {
         let bundle = tiny_bundle();
+        let vocab_size = bundle.model.cfg.text.vocab_size;
+        let model = crate::vlm::Vlm::Llava(bundle);
         let dir = temp_dir("vqa-tiny");
         let images = dir.join("images");
         std::fs::create_dir_all(&images).expect("mkdir");
@@ -174,15 +180,15 @@ pub(crate) mod tests {
             short_answer: false,
         };
         let pb = ProgressBar::hidden();
-        let out = evaluate(&bundle, &data, &data.questions, &opts, &mut NoHook, &pb).expect("eval");
+        let out = evaluate(&model, &data, &data.questions, &opts, &mut NoHook, &pb).expect("eval");
         assert_eq!(out.rows.len(), 3);
-        let vocab = bundle.model.cfg.text.vocab_size;
+        let vocab = vocab_size;
         assert_eq!(out.first_log_probs.size(), vec![3, vocab]);
         let acc = out.accuracy().expect("answers given");
         assert_eq!((acc.scored, acc.count), (3, 3));
         let single = VqaEvalOptions { batch_size: 1, ..opts };
         let one =
-            evaluate(&bundle, &data, &data.questions, &single, &mut NoHook, &pb).expect("eval");
+            evaluate(&model, &data, &data.questions, &single, &mut NoHook, &pb).expect("eval");
         assert_same_first_tokens(&out.first_log_probs, &one.first_log_probs);
         assert_eq!(out.rows, one.rows);
         let (kl, top1) = out.agreement_with(&one);

@@ -1,5 +1,6 @@
 //! Every config in `configs/real/` runs end to end (issue #21 item 4): the file as shipped, with
-//! only its paths (model → a tiny transformers-written fixture of the same layout, dataset → the
+//! only its paths (model → a tiny transformers-written fixture of the same layout, Qwen2-VL and
+//! Qwen2.5-VL → their parity checkpoints, dataset → the
 //! synthetic data of `synthetic.rs`, results → a temporary folder) and sizes (calibration pairs,
 //! batch, generation length, the weight group the 32-wide fixtures allow, threads) replaced;
 //! methods, bits, activation settings, templates, prompt formats and outputs stay. Each run must
@@ -28,6 +29,20 @@ fn fixture(name: &str) -> PathBuf {
     root().join("crates/core/tests/fixtures/llava").join(name)
 }
 
+/// The Qwen parity fixture of a Qwen2-VL / Qwen2.5-VL config's model path (issue #22), if it is
+/// one.
+fn qwen_fixture(path: Option<&str>) -> Option<PathBuf> {
+    let path = path?.to_ascii_lowercase();
+    let qwen = root().join("crates/core/tests/fixtures");
+    if path.contains("qwen2.5-vl") || path.contains("qwen2_5_vl") {
+        Some(qwen.join("qwen2_5_vl/tiny"))
+    } else if path.contains("qwen2-vl") || path.contains("qwen2_vl") {
+        Some(qwen.join("qwen2vl/tiny"))
+    } else {
+        None
+    }
+}
+
 fn table<'a>(t: &'a mut Table, key: &str) -> &'a mut Table {
     t.get_mut(key).and_then(Value::as_table_mut).unwrap_or_else(|| panic!("no [{key}]"))
 }
@@ -47,6 +62,8 @@ fn shrink(text: &str, hf_fixture: &str, sqa: &Path, vqa: &VqaFiles, results: &Pa
         if m.contains_key("clip") {
             m.insert("path".into(), path_value(&fixture(ORIGINAL_FIXTURE)));
             m.insert("clip".into(), path_value(&fixture(ORIGINAL_FIXTURE).join("clip")));
+        } else if let Some(qwen) = qwen_fixture(m.get("path").and_then(Value::as_str)) {
+            m.insert("path".into(), path_value(&qwen));
         } else {
             m.insert("path".into(), path_value(&fixture(hf_fixture)));
         }
@@ -203,7 +220,7 @@ fn every_real_config_runs_end_to_end_on_a_tiny_checkpoint() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 8, "{files:?}");
+    assert!(files.len() >= 11, "{files:?}");
     let mut jobs = Vec::new();
     let mut hf = 0;
     for file in &files {
@@ -212,7 +229,8 @@ fn every_real_config_runs_end_to_end_on_a_tiny_checkpoint() {
         let results = dir.join("results").join(&name);
         let cfg = shrink(&text, HF_FIXTURES[hf % HF_FIXTURES.len()], &sqa, &vqa, &results);
         let models = cfg.get("models").and_then(Value::as_array).expect("models");
-        hf += usize::from(models.iter().any(|m| m.get("clip").is_none()));
+        let llava_hf = |m: &Value| m.get("clip").is_none() && !m.to_string().contains("qwen");
+        hf += usize::from(models.iter().any(llava_hf));
         if let Some(p) = real_path(&Value::Table(cfg.clone())) {
             panic!("{name}: path `{p}` of the real machine is not replaced");
         }
