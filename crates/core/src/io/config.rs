@@ -537,20 +537,7 @@ fn parse_qwen2_text(f: &Fields<'_>) -> Result<LlamaConfig> {
     } else {
         8
     };
-    if hidden_size % num_attention_heads != 0 {
-        return Err(f.err(
-            "num_attention_heads",
-            format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
-        ));
-    }
-    if num_attention_heads % num_key_value_heads != 0 {
-        return Err(f.err(
-            "num_key_value_heads",
-            format!(
-                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
-            ),
-        ));
-    }
+    check_heads(f, hidden_size, num_attention_heads, num_key_value_heads, false)?;
     let head_dim = hidden_size / num_attention_heads;
     let (rope_theta, section) = parse_mrope(f, head_dim)?;
     let id_or = |key: &str, default: i64| -> Result<Option<i64>> {
@@ -666,26 +653,36 @@ fn parse_clip_vision(f: &Fields<'_>) -> Result<ClipVisionConfig> {
     Ok(cfg)
 }
 
+/// Attention heads that split the width (unless `head_dim` is given) and key/value heads that
+/// split the query heads.
+fn check_heads(
+    f: &Fields<'_>,
+    hidden: i64,
+    heads: i64,
+    kv_heads: i64,
+    own_head_dim: bool,
+) -> Result<()> {
+    if hidden % heads != 0 && !own_head_dim {
+        return Err(
+            f.err("num_attention_heads", format!("{heads} does not divide hidden_size {hidden}"))
+        );
+    }
+    if heads % kv_heads != 0 {
+        return Err(f.err(
+            "num_key_value_heads",
+            format!("{kv_heads} does not divide num_attention_heads {heads}"),
+        ));
+    }
+    Ok(())
+}
+
 /// LlamaConfig with transformers' defaults; accepts `rope_theta`/`rope_scaling` (4.x) and
 /// `rope_parameters` (5.x).
 fn parse_llama(f: &Fields<'_>) -> Result<LlamaConfig> {
     let hidden_size = f.positive("hidden_size", Some(4096))?;
     let num_attention_heads = f.positive("num_attention_heads", Some(32))?;
     let num_key_value_heads = f.positive("num_key_value_heads", Some(num_attention_heads))?;
-    if hidden_size % num_attention_heads != 0 && !f.has("head_dim") {
-        return Err(f.err(
-            "num_attention_heads",
-            format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
-        ));
-    }
-    if num_attention_heads % num_key_value_heads != 0 {
-        return Err(f.err(
-            "num_key_value_heads",
-            format!(
-                "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
-            ),
-        ));
-    }
+    check_heads(f, hidden_size, num_attention_heads, num_key_value_heads, f.has("head_dim"))?;
     let head_dim = f.positive("head_dim", Some(hidden_size / num_attention_heads.max(1)))?;
     if head_dim % 2 != 0 {
         return Err(f.err("head_dim", format!("RoPE needs an even head_dim, found {head_dim}")));

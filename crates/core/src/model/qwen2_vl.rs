@@ -350,24 +350,6 @@ impl Qwen2VisionTower {
         grids: &[GridThw],
         hook: &mut dyn LinearHook,
     ) -> Result<VisionOutput> {
-        let m = self.cfg.spatial_merge_size;
-        let mut lengths = Vec::with_capacity(grids.len());
-        for &[t, h, w] in grids {
-            if t <= 0 || h <= 0 || w <= 0 || h % m != 0 || w % m != 0 {
-                return Err(Error::Invalid(format!(
-                    "image grid (t, h, w) = ({t}, {h}, {w}): every side must be positive and h, w whole blocks of spatial_merge_size {m}"
-                )));
-            }
-            lengths.push(t * h * w);
-        }
-        let total: i64 = lengths.iter().sum();
-        let want = [total, self.cfg.patch_len()];
-        if pixels.size() != want {
-            return Err(Error::Invalid(format!(
-                "pixel values {:?} do not match the grids: expected {want:?}",
-                pixels.size()
-            )));
-        }
         let (mut x, pass) = self.begin(pixels, grids)?;
         for i in 0..self.blocks.len() {
             x = self.run_block(i, &x, &pass, hook);

@@ -9,9 +9,9 @@ use indicatif::ProgressBar;
 use qvlm_core::hook::LinearHook;
 use qvlm_core::io::image::ImageProcessor;
 use qvlm_core::io::image::Rgb8;
-use qvlm_core::io::prompt::{Piece, Template, IMAGE_PLACEHOLDER};
+use qvlm_core::io::prompt::{Piece, PromptTokenizer, Template, IMAGE_PLACEHOLDER};
 use qvlm_core::model::llama::KvCache;
-use qvlm_core::model::llava::{GenerateOptions, LlavaBundle};
+use qvlm_core::model::llava::{GenerateOptions, Generation, LlavaBundle};
 use qvlm_core::model::qwen2_vl::{Qwen2VlBundle, Qwen2VlPrompt};
 use tch::{Device, Kind, Tensor};
 
@@ -114,23 +114,34 @@ pub fn generate(
                 model.generate(&batch, &gen, hook)
             }
         };
-        log_probs.push(
-            out.first_logits
-                .to_kind(Kind::Float)
-                .log_softmax(-1, Kind::Float)
-                .to_device(Device::Cpu),
-        );
-        for tokens in &out.tokens {
-            texts.push(bundle.tokenizer.decode(tokens, true)?.trim().to_string());
-        }
+        push_batch(&out, &bundle.tokenizer, &mut texts, &mut log_probs)?;
         progress.inc(chunk.len() as u64);
     }
+    Ok(generated(texts, &log_probs))
+}
+
+/// One batch's decoded answers and first-position log-probabilities, appended.
+fn push_batch(
+    out: &Generation,
+    tokenizer: &PromptTokenizer,
+    texts: &mut Vec<String>,
+    log_probs: &mut Vec<Tensor>,
+) -> Result<()> {
+    let first = out.first_logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+    log_probs.push(first.to_device(Device::Cpu));
+    for tokens in &out.tokens {
+        texts.push(tokenizer.decode(tokens, true)?.trim().to_string());
+    }
+    Ok(())
+}
+
+fn generated(texts: Vec<String>, log_probs: &[Tensor]) -> Generated {
     let first_log_probs = if log_probs.is_empty() {
         Tensor::zeros([0], (Kind::Float, Device::Cpu))
     } else {
-        Tensor::cat(&log_probs, 0)
+        Tensor::cat(log_probs, 0)
     };
-    Ok(Generated { texts, first_log_probs })
+    Generated { texts, first_log_probs }
 }
 
 /// Greedy decoding on a Qwen2-VL model: each request's `message` is the user's text, asked as
@@ -180,23 +191,10 @@ pub fn generate_qwen2_vl(
             stop: None,
         };
         let out = model.generate(&batch, &gen, hook)?;
-        log_probs.push(
-            out.first_logits
-                .to_kind(Kind::Float)
-                .log_softmax(-1, Kind::Float)
-                .to_device(Device::Cpu),
-        );
-        for t in &out.tokens {
-            texts.push(bundle.tokenizer.decode(t, true)?.trim().to_string());
-        }
+        push_batch(&out, &bundle.tokenizer, &mut texts, &mut log_probs)?;
         progress.inc(chunk.len() as u64);
     }
-    let first_log_probs = if log_probs.is_empty() {
-        Tensor::zeros([0], (Kind::Float, Device::Cpu))
-    } else {
-        Tensor::cat(&log_probs, 0)
-    };
-    Ok(Generated { texts, first_log_probs })
+    Ok(generated(texts, &log_probs))
 }
 
 /// A LLaVA user turn without its leading image placeholder (`<image>\n`,
