@@ -33,9 +33,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.vision_utils import get_vision_window_index
 
-from gen_qwen2vl_fixtures import chat_references
+from gen_qwen2vl_fixtures import bf16_references, chat_references
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 ROOT = os.path.join("crates", "core", "tests", "fixtures")
 OUT = os.path.join(ROOT, "qwen2_5_vl", "tiny")
 IMAGES = os.path.join(ROOT, "qwen2vl", "tiny")
@@ -136,6 +136,7 @@ def main():
         expected["gen_tokens"] = gen[0, input_ids.shape[1]:].contiguous()
     meta = {}
     chat_references(model, config, images[1], processor, expected, meta, out=OUT)
+    bf16_references(model, config, expected)
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(meta, f, indent=1)
     save_file(expected, os.path.join(OUT, "expected.safetensors"))

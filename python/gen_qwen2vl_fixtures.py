@@ -31,6 +31,7 @@ its keys renamed to the layout transformers 4.52–4.57 wrote (`model.visual.*`,
 (`visual.*`, `model.*`), so this copy is renamed here rather than written by 4.5x itself.
 """
 
+import copy
 import json
 import os
 
@@ -42,7 +43,7 @@ from safetensors.torch import save_file
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 OUT = os.path.join("crates", "core", "tests", "fixtures", "qwen2vl", "tiny")
 
 
@@ -140,6 +141,7 @@ def main():
     expected["mrope_delta"] = delta.reshape(1).contiguous()
     language_model_references(model, config, expected)
     chat_references(model, config, images[1], processor, expected, meta)
+    bf16_references(model, config, expected)
     save_file(expected, os.path.join(OUT, "expected.safetensors"))
     write_model_prefixed_copy()
     with open(os.path.join(OUT, "expected.json"), "w") as f:
@@ -149,6 +151,21 @@ def main():
             f"generator {GENERATOR_VERSION}\ntransformers {transformers.__version__}\ntorch {torch.__version__}\n"
         )
     print(json.dumps(meta))
+
+
+def bf16_references(model, config, expected):
+    """transformers' own bf16 run of the same weights, on a copy (the saved f32 model and every
+    other reference stay as they are): the logits of the prompt with both images
+    (`lm_logits_both_bf16`). Also used by gen_qwen2_5_vl_fixtures.py."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    input_ids = expected["lm_input_ids_both"]
+    types = (input_ids == config.image_token_id).to(torch.int32)
+    with torch.no_grad():
+        logits = bf16(
+            input_ids=input_ids, pixel_values=expected["pixel_values_both"].to(torch.bfloat16),
+            image_grid_thw=expected["grid_thw_both"], mm_token_type_ids=types,
+        ).logits
+    expected["lm_logits_both_bf16"] = logits[0].float().contiguous()
 
 
 def language_model_references(model, config, expected):

@@ -21,7 +21,7 @@ use super::common::max_abs_diff;
 const VISION_ATOL_F32: f64 = 1e-5;
 const LOGITS_ATOL_F32: f64 = 1e-4;
 
-const GENERATOR_VERSION: &str = "generator 2";
+const GENERATOR_VERSION: &str = "generator 3";
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_vl")
@@ -146,4 +146,9 @@ fn a_chat_turn_renders_tokenizes_and_answers_like_transformers() {
     assert!(want.len() >= 4, "the fixture's chat answer is too short to test: {want:?}");
     assert_eq!(tokens, want);
     assert_eq!(answer, meta["chat_answer"].as_str().expect("answer"));
+}
+
+#[test]
+fn bf16_logits_match_transformers_bf16() {
+    super::qwen2vl_parity::check_bf16_logits(&fixture().join("tiny"));
 }
