@@ -1,6 +1,9 @@
 //! The embedded default model: a tiny LLaVA (CLIP-style ViT, mlp2x_gelu projector, LLaMA-style
-//! decoder) trained by this project on easy-VQA, and its planted-outlier variant.
+//! decoder) trained by this project on easy-VQA, and its planted-outlier variant; and a tiny
+//! Qwen2-VL-style model trained the same way ([`qwen2vl`]).
 
+pub mod qwen2vl;
+pub mod recipe;
 pub mod tokenizer;
 pub mod train;
 
@@ -44,9 +47,24 @@ pub struct TrainRecipe {
     pub grad_clip: f64,
 }
 
+/// Which embedded model a train-tiny config trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TinyFamily {
+    /// CLIP-style ViT, `mlp2x_gelu` projector, LLaMA decoder (`models/tiny-llava`).
+    #[default]
+    Llava,
+    /// Qwen2-VL-style: ViT with 2-D rotary positions, 2 × 2 patch merger, Qwen2 decoder with
+    /// q/k/v bias and M-RoPE (`models/tiny-qwen2-vl`, [`qwen2vl`]).
+    Qwen2Vl,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainTinyConfig {
+    /// `llava` (default) or `qwen2_vl`.
+    #[serde(default, skip_serializing_if = "is_llava")]
+    pub family: TinyFamily,
     pub arch: TinyArch,
     pub train: TrainRecipe,
     /// Output directory (llava-hf layout).
@@ -56,6 +74,10 @@ pub struct TrainTinyConfig {
     pub data: Option<PathBuf>,
     #[serde(skip)]
     pub file: PathBuf,
+}
+
+fn is_llava(f: &TinyFamily) -> bool {
+    *f == TinyFamily::Llava
 }
 
 /// The tiny model's image size (easy-VQA's images are 64×64).
@@ -91,6 +113,10 @@ impl TrainTinyConfig {
         };
         divides("arch.vision_heads", a.vision_heads, "arch.vision_hidden", a.vision_hidden)?;
         divides("arch.patch_size", a.patch_size, "the image size", IMAGE_SIZE)?;
+        if self.family == TinyFamily::Qwen2Vl {
+            // The 2 × 2 patch merger takes whole blocks of patches.
+            divides("arch.patch_size", 2 * a.patch_size, "the image size", IMAGE_SIZE)?;
+        }
         divides("arch.text_heads", a.text_heads, "arch.text_hidden", a.text_hidden)?;
         divides("arch.text_kv_heads", a.text_kv_heads, "arch.text_heads", a.text_heads)?;
         if (a.text_hidden / a.text_heads) % 2 != 0 {

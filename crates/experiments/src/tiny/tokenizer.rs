@@ -49,7 +49,30 @@ fn words(text: &str) -> Vec<String> {
 /// The vocabulary: specials, every word of the conversation templates and of easy-VQA's
 /// questions and answers (sorted), then `<image>`.
 pub fn build(questions: &[&str]) -> Result<Tokenizer> {
+    build_with(questions, &[], &[IMAGE_PLACEHOLDER])
+}
+
+/// Qwen's chat tokens, special (added) tokens of the tiny Qwen2-VL's tokenizer.
+pub const QWEN_SPECIALS: [&str; 6] = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+];
+
+/// The tiny Qwen2-VL's vocabulary: [`build`]'s words and the chat roles, then Qwen's chat tokens
+/// ([`QWEN_SPECIALS`]).
+pub fn build_qwen(questions: &[&str]) -> Result<Tokenizer> {
+    build_with(questions, &["user", "assistant", "system"], &QWEN_SPECIALS)
+}
+
+/// Specials, the templates' and `questions`' words, easy-VQA's answers and `words` (sorted), then
+/// the special tokens `added`.
+fn build_with(questions: &[&str], words_too: &[&str], added: &[&str]) -> Result<Tokenizer> {
     let mut vocab_words = BTreeSet::new();
+    vocab_words.extend(words_too.iter().map(|w| w.to_string()));
     for template in [Template::LlavaV1, Template::VicunaV1] {
         vocab_words.extend(words(&template.render("")));
     }
@@ -60,7 +83,7 @@ pub fn build(questions: &[&str]) -> Result<Tokenizer> {
         vocab_words.insert(a.to_string());
     }
     vocab_words.retain(|w| {
-        !SPECIALS.contains(&w.as_str()) && w != IMAGE_PLACEHOLDER && w != "<" && w != ">"
+        !SPECIALS.contains(&w.as_str()) && !added.contains(&w.as_str()) && w != "<" && w != ">"
     });
     let mut vocab: HashMap<String, u32> = HashMap::new();
     for (i, s) in SPECIALS.iter().enumerate() {
@@ -70,8 +93,10 @@ pub fn build(questions: &[&str]) -> Result<Tokenizer> {
         let id = vocab.len() as u32;
         vocab.insert(w, id);
     }
-    let image_id = vocab.len() as u32;
-    vocab.insert(IMAGE_PLACEHOLDER.to_string(), image_id);
+    for a in added {
+        let id = vocab.len() as u32;
+        vocab.insert(a.to_string(), id);
+    }
     let model = WordLevel::builder()
         .vocab(vocab.into_iter().collect())
         .unk_token("<unk>".into())
@@ -89,11 +114,8 @@ pub fn build(questions: &[&str]) -> Result<Tokenizer> {
         .build()
         .map_err(|e| anyhow!("{e}"))?;
     tok.with_post_processor(Some(post));
-    let specials: Vec<AddedToken> = SPECIALS
-        .iter()
-        .chain([&IMAGE_PLACEHOLDER])
-        .map(|s| AddedToken::from(s.to_string(), true))
-        .collect();
+    let specials: Vec<AddedToken> =
+        SPECIALS.iter().chain(added).map(|s| AddedToken::from(s.to_string(), true)).collect();
     tok.add_special_tokens(specials).map_err(|e| anyhow!("{e}"))?;
     Ok(tok)
 }

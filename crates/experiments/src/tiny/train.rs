@@ -2,10 +2,10 @@
 //! as a llava-hf directory with its tokenizer and a training record.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use qvlm_core::checkpoint::llava_hf::save_llava_hf;
 use qvlm_core::hook::NoHook;
 use qvlm_core::io::config::{
@@ -17,13 +17,12 @@ use qvlm_core::io::prompt::{ImageSplice, Piece, PromptTokenizer, Template, IMAGE
 use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::llava::{Llava, LlavaBundle, LoadOptions};
 use qvlm_core::optim::{AdamW, AdamWConfig};
-use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{tokenizer, TinyArch, TrainTinyConfig};
-use crate::data::easy_vqa::{EasyVqa, Question, QuestionType, Split, COLORS, SHAPES};
-use crate::eval::easy_vqa::{evaluate, Accuracy};
-use crate::lock::Lock;
+use super::recipe::{image_labels, lr_at, Staged, TrainRecord};
+use super::{tokenizer, TinyArch, TinyFamily, TrainTinyConfig};
+use crate::data::easy_vqa::{EasyVqa, Question, Split};
+use crate::eval::easy_vqa::evaluate;
 use crate::progress;
 use crate::prompt::easy_vqa::prompt;
 use qvlm_core::rng::SplitMix64;
@@ -77,16 +76,6 @@ pub fn llava_config(arch: &TinyArch, vocab: i64, image_token: i64) -> LlavaConfi
     }
 }
 
-/// Linear warm-up then cosine decay to zero (a one-cycle schedule).
-fn lr_at(step: usize, total: usize, peak: f64, warmup_fraction: f64) -> f64 {
-    let warm = ((total as f64 * warmup_fraction) as usize).max(1);
-    if step < warm {
-        return peak * (step + 1) as f64 / warm as f64;
-    }
-    let t = (step - warm) as f64 / (total - warm).max(1) as f64;
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-}
-
 /// All images of a split, preprocessed: `[N, 3, 64, 64]` and id → row.
 fn load_pixels(data: &EasyVqa, proc: &ImageProcessor) -> Result<(Tensor, BTreeMap<u32, i64>)> {
     let ids = data.image_ids();
@@ -115,42 +104,15 @@ fn augment(px: &Tensor, rng: &mut SplitMix64) -> Tensor {
     px.flip([3]).where_self(&mask, px)
 }
 
-/// Image-level labels read off the questions (−100 where no question names them).
-fn image_labels(data: &EasyVqa, index: &BTreeMap<u32, i64>) -> (Tensor, Tensor) {
-    let n = index.len();
-    let mut shape = vec![-100i64; n];
-    let mut color = vec![-100i64; n];
-    for q in &data.questions {
-        let row = index[&q.image_id] as usize;
-        match q.kind {
-            QuestionType::Shape => {
-                shape[row] = SHAPES.iter().position(|s| *s == q.answer).unwrap_or(0) as i64
-            }
-            QuestionType::Color => {
-                color[row] = COLORS.iter().position(|s| *s == q.answer).unwrap_or(0) as i64
-            }
-            QuestionType::YesNo => {}
-        }
-    }
-    (Tensor::from_slice(&shape), Tensor::from_slice(&color))
-}
-
-#[derive(Debug, Serialize)]
-pub struct TrainRecord {
-    pub config: TrainTinyConfig,
-    pub parameters: i64,
-    pub vocab_size: i64,
-    pub stage1_seconds: f64,
-    pub stage1_test_shape_accuracy: f64,
-    pub stage1_test_color_accuracy: f64,
-    pub stage2_seconds: f64,
-    pub train_seconds: f64,
-    pub test_accuracy: Accuracy,
-    pub torch_threads: i32,
-    pub libtorch: String,
-}
-
+/// Trains the embedded model `cfg.family` names and saves it in `cfg.out`.
 pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
+    match cfg.family {
+        TinyFamily::Llava => train_llava(cfg, force),
+        TinyFamily::Qwen2Vl => super::qwen2vl::train(cfg, force),
+    }
+}
+
+fn train_llava(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
     cfg.check()?;
     let t = &cfg.train;
     let staged = Staged::begin(&cfg.out, force)?;
@@ -363,81 +325,6 @@ pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
     drop(bundle);
     staged.commit()?;
     Ok(record)
-}
-
-/// The output folder written beside its place (`<out>.tmp-<pid>`) under a lock (`<out>.lock`) and
-/// renamed into it only when training finished; an existing `out` is replaced only when asked
-/// (`--force`), and then only once the new model is complete. Dropped before [`Staged::commit`],
-/// the staging folder is removed and `out` is left as it was.
-struct Staged {
-    out: PathBuf,
-    staging: PathBuf,
-    force: bool,
-    committed: bool,
-    _lock: Lock,
-}
-
-impl Staged {
-    fn begin(out: &Path, force: bool) -> Result<Self> {
-        let name = out.file_name().and_then(|n| n.to_str()).context("out names no folder")?;
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-        let lock = Lock::acquire(&parent.join(format!("{name}.lock")))?;
-        if out.exists() && !force {
-            bail!(
-                "{} exists (the committed embedded model lives in models/tiny-llava); pass --force to replace it once the new model is trained, or set `out` to a new folder",
-                out.display()
-            );
-        }
-        let staging = parent.join(format!("{name}.tmp-{}", std::process::id()));
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging)
-                .with_context(|| format!("removing {}", staging.display()))?;
-        }
-        std::fs::create_dir_all(&staging)
-            .with_context(|| format!("creating {}", staging.display()))?;
-        Ok(Self { out: out.to_path_buf(), staging, force, committed: false, _lock: lock })
-    }
-
-    fn dir(&self) -> &Path {
-        &self.staging
-    }
-
-    /// Puts the finished model in place (the previous one, with `--force`, removed after).
-    fn commit(mut self) -> Result<()> {
-        let old = self.staging.with_extension(format!("old-{}", std::process::id()));
-        if self.out.exists() {
-            if !self.force {
-                bail!(
-                    "{} appeared while training; the new model is in {}",
-                    self.out.display(),
-                    self.staging.display()
-                );
-            }
-            std::fs::rename(&self.out, &old)
-                .with_context(|| format!("moving {} aside", self.out.display()))?;
-        }
-        std::fs::rename(&self.staging, &self.out).with_context(|| {
-            format!("renaming {} into {}", self.staging.display(), self.out.display())
-        })?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-        }
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.staging);
-        }
-    }
 }
 
 /// The prompt pieces of a question with `[answer, </s>]` appended.

@@ -20,7 +20,7 @@ fn every_config_parses_and_resolves() {
             }
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
             match name.as_str() {
-                "train-tiny.toml" => {
+                "train-tiny.toml" | "train-tiny-qwen2vl.toml" => {
                     let cfg = experiments::tiny::train::load_config(&path)
                         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
                     assert!(cfg.train.lm_epochs > 0);

@@ -113,3 +113,53 @@ fn planted_outlier_variant_keeps_float_logits() {
     let ratio = (ln / orig).abs().max().double_value(&[]);
     assert!((ratio - 30.0).abs() < 1e-3, "{ratio}");
 }
+
+/// The committed tiny Qwen2-VL (issue #22, `configs/train-tiny-qwen2vl.toml`): transformers'
+/// Qwen2VLForConditionalGeneration loads it (python/gen_tiny_qwen2vl_reference.py) and asks the
+/// first test questions in its chat template; our prompt ids, last-position logits and greedy
+/// answers agree, and its training record says it learned the task.
+#[test]
+fn transformers_loads_the_tiny_qwen2_vl_and_agrees_with_our_logits() {
+    use qvlm_core::io::image::Rgb8;
+    use qvlm_core::model::qwen2_vl::{Qwen2VlBundle, Qwen2VlPrompt};
+    let _guard = tch::no_grad_guard();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-qwen2-vl");
+    let bundle = Qwen2VlBundle::load(&dir, &LoadOptions::default()).expect("tiny Qwen2-VL");
+    let reference =
+        SafetensorsFile::open(&dir.join("transformers_reference.safetensors")).expect("reference");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("transformers_reference.json")).expect("json"),
+    )
+    .expect("json");
+    let questions = meta["questions"].as_array().expect("questions");
+    assert!(questions.len() >= 16);
+    for (i, q) in questions.iter().enumerate() {
+        let question = q["question"].as_str().expect("q");
+        let image =
+            Rgb8::open(&easy_vqa_test_image(q["image_id"].as_u64().expect("id"))).expect("image");
+        let (pixels, grid) = bundle.images.preprocess(&image).expect("preprocess");
+        let ids = bundle.chat_ids(question, &[grid]).expect("ids");
+        let want_ids =
+            Vec::<i64>::try_from(&reference.read(&format!("input_ids_{i}")).expect("ids"))
+                .expect("ids");
+        assert_eq!(ids, want_ids, "question {i}: input ids");
+        let tokens = bundle.model.image_tokens(&pixels, &[grid], &mut NoHook).expect("tokens");
+        let prompt = Qwen2VlPrompt { ids: &ids, grids: &[grid], image_tokens: Some(&tokens) };
+        let batch = bundle.model.prepare(&[prompt]).expect("prepare");
+        let logits = bundle.model.logits(&batch, &mut NoHook).expect("logits").get(0).get(-1);
+        let d = (logits - reference.read(&format!("logits_{i}")).expect("logits"))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d <= LOGITS_ATOL_F32, "question {i}: logits differ by {d}");
+        let (_, answer) = bundle.answer(question, &[image], 4, &mut NoHook).expect("answer");
+        let want = q["transformers_answer"].as_str().expect("a");
+        assert_eq!(answer.trim(), want, "question {i}: greedy answer");
+    }
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("training.json")).expect("training.json"),
+    )
+    .expect("json");
+    let accuracy = record["test_accuracy"]["overall"].as_f64().expect("accuracy");
+    assert!(accuracy > 90.0, "the tiny Qwen2-VL's test accuracy is {accuracy}");
+}

@@ -1,0 +1,134 @@
+//! What both embedded models' training shares: the learning-rate schedule, the image-level
+//! labels of stage ①, the training record and the staged output folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tch::Tensor;
+
+use super::TrainTinyConfig;
+use crate::data::easy_vqa::{EasyVqa, QuestionType, COLORS, SHAPES};
+use crate::eval::easy_vqa::Accuracy;
+use crate::lock::Lock;
+
+/// Linear warm-up then cosine decay to zero (a one-cycle schedule).
+pub fn lr_at(step: usize, total: usize, peak: f64, warmup_fraction: f64) -> f64 {
+    let warm = ((total as f64 * warmup_fraction) as usize).max(1);
+    if step < warm {
+        return peak * (step + 1) as f64 / warm as f64;
+    }
+    let t = (step - warm) as f64 / (total - warm).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Image-level labels read off the questions (−100 where no question names them).
+pub fn image_labels(data: &EasyVqa, index: &BTreeMap<u32, i64>) -> (Tensor, Tensor) {
+    let n = index.len();
+    let mut shape = vec![-100i64; n];
+    let mut color = vec![-100i64; n];
+    for q in &data.questions {
+        let row = index[&q.image_id] as usize;
+        match q.kind {
+            QuestionType::Shape => {
+                shape[row] = SHAPES.iter().position(|s| *s == q.answer).unwrap_or(0) as i64
+            }
+            QuestionType::Color => {
+                color[row] = COLORS.iter().position(|s| *s == q.answer).unwrap_or(0) as i64
+            }
+            QuestionType::YesNo => {}
+        }
+    }
+    (Tensor::from_slice(&shape), Tensor::from_slice(&color))
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainRecord {
+    pub config: TrainTinyConfig,
+    pub parameters: i64,
+    pub vocab_size: i64,
+    pub stage1_seconds: f64,
+    pub stage1_test_shape_accuracy: f64,
+    pub stage1_test_color_accuracy: f64,
+    pub stage2_seconds: f64,
+    pub train_seconds: f64,
+    pub test_accuracy: Accuracy,
+    pub torch_threads: i32,
+    pub libtorch: String,
+}
+
+/// The output folder written beside its place (`<out>.tmp-<pid>`) under a lock (`<out>.lock`) and
+/// renamed into it only when training finished; an existing `out` is replaced only when asked
+/// (`--force`), and then only once the new model is complete. Dropped before [`Staged::commit`],
+/// the staging folder is removed and `out` is left as it was.
+pub struct Staged {
+    out: PathBuf,
+    staging: PathBuf,
+    force: bool,
+    committed: bool,
+    _lock: Lock,
+}
+
+impl Staged {
+    pub fn begin(out: &Path, force: bool) -> Result<Self> {
+        let name = out.file_name().and_then(|n| n.to_str()).context("out names no folder")?;
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let lock = Lock::acquire(&parent.join(format!("{name}.lock")))?;
+        if out.exists() && !force {
+            bail!(
+                "{} exists (the committed embedded models live in models/); pass --force to replace it once the new model is trained, or set `out` to a new folder",
+                out.display()
+            );
+        }
+        let staging = parent.join(format!("{name}.tmp-{}", std::process::id()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("removing {}", staging.display()))?;
+        }
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+        Ok(Self { out: out.to_path_buf(), staging, force, committed: false, _lock: lock })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Puts the finished model in place (the previous one, with `--force`, removed after).
+    pub fn commit(mut self) -> Result<()> {
+        let old = self.staging.with_extension(format!("old-{}", std::process::id()));
+        if self.out.exists() {
+            if !self.force {
+                bail!(
+                    "{} appeared while training; the new model is in {}",
+                    self.out.display(),
+                    self.staging.display()
+                );
+            }
+            std::fs::rename(&self.out, &old)
+                .with_context(|| format!("moving {} aside", self.out.display()))?;
+        }
+        std::fs::rename(&self.staging, &self.out).with_context(|| {
+            format!("renaming {} into {}", self.staging.display(), self.out.display())
+        })?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
