@@ -26,7 +26,7 @@ use qvlm_core::rng::SplitMix64;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use super::recipe::{image_labels, lr_at, Staged, TrainRecord};
+use super::recipe::{image_labels, lr_at, LabelHeads, Staged, TrainRecord};
 use super::{tokenizer, TinyArch, TrainTinyConfig, IMAGE_SIZE};
 use crate::data::easy_vqa::{EasyVqa, Question, Split};
 use crate::eval::easy_vqa::evaluate_qwen2_vl;
@@ -341,21 +341,17 @@ pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
 
     // ① Vision tower alone: linear shape/color heads on each image's mean last hidden state.
     let hv = cfg.arch.vision_hidden;
-    let shape_head =
-        (Tensor::randn([3, hv], (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true);
-    let color_head =
-        (Tensor::randn([8, hv], (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true);
+    let heads = LabelHeads::new(hv);
     let vision = |n: &str| n.starts_with("visual.") && !n.starts_with("visual.merger.");
     let mut params: Vec<(Tensor, bool)> = vars
         .iter()
         .filter(|(n, _)| vision(n))
         .map(|(n, v)| (v.shallow_clone(), decays(n, v)))
         .collect();
-    params.push((shape_head.shallow_clone(), true));
-    params.push((color_head.shallow_clone(), true));
+    params.extend(heads.params());
     let mut opt =
         AdamW::new(params, AdamWConfig { weight_decay: t.weight_decay, ..AdamWConfig::default() });
-    let (shape_y, color_y) = image_labels(&train_set, &train_idx);
+    let labels = image_labels(&train_set, &train_idx);
     let n_img = train_px.size()[0] as usize;
     let steps1 = t.vision_epochs * n_img.div_ceil(t.batch_size);
     let pb = progress::bar(steps1 as u64, "① vision");
@@ -377,19 +373,7 @@ pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
             let px =
                 train_flip.index_select(0, &idx).where_self(&mask, &train_px.index_select(0, &idx));
             let f = hidden(&px)?.mean_dim(1, false, Kind::Float);
-            let loss = f.linear(&shape_head, None::<Tensor>).cross_entropy_loss::<Tensor>(
-                &shape_y.index_select(0, &idx),
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            ) + f.linear(&color_head, None::<Tensor>).cross_entropy_loss::<Tensor>(
-                &color_y.index_select(0, &idx),
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            );
+            let loss = heads.loss(&f, &labels, &idx);
             opt.zero_grad();
             loss.backward();
             opt.clip_grad_norm(t.grad_clip);
@@ -415,17 +399,7 @@ pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
             })
             .collect::<Result<_>>()?;
         let f = Tensor::cat(&parts, 0);
-        let (sy, cy) = image_labels(&test_set, &test_idx);
-        let acc = |logits: Tensor, y: &Tensor| {
-            let known = y.ne(-100);
-            let hit = logits.argmax(-1, false).eq_tensor(y).logical_and(&known);
-            100.0 * hit.sum(Kind::Float).double_value(&[])
-                / known.sum(Kind::Float).double_value(&[]).max(1.0)
-        };
-        (
-            acc(f.linear(&shape_head, None::<Tensor>), &sy),
-            acc(f.linear(&color_head, None::<Tensor>), &cy),
-        )
+        heads.accuracy(&f, &image_labels(&test_set, &test_idx))
     };
     tracing::info!(stage1_seconds, shape_acc, color_acc, "stage ① done (test image labels)");
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use super::TrainTinyConfig;
 use crate::data::easy_vqa::{EasyVqa, QuestionType, COLORS, SHAPES};
@@ -130,5 +130,55 @@ impl Drop for Staged {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.staging);
         }
+    }
+}
+
+/// Stage ①'s linear shape and color heads on an image's pooled vision features.
+pub struct LabelHeads {
+    pub shape: Tensor,
+    pub color: Tensor,
+}
+
+impl LabelHeads {
+    /// Small random heads for features of `width` (the shape head drawn first).
+    pub fn new(width: i64) -> Self {
+        let shape =
+            (Tensor::randn([3, width], (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true);
+        let color =
+            (Tensor::randn([8, width], (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true);
+        Self { shape, color }
+    }
+
+    /// The heads as optimizer parameters (both decayed).
+    pub fn params(&self) -> [(Tensor, bool); 2] {
+        [(self.shape.shallow_clone(), true), (self.color.shallow_clone(), true)]
+    }
+
+    /// Both heads' cross-entropy on features `f` `[B, width]` against rows `idx` of
+    /// `labels` ([`image_labels`]; −100 is ignored).
+    pub fn loss(&self, f: &Tensor, labels: &(Tensor, Tensor), idx: &Tensor) -> Tensor {
+        let ce = |head: &Tensor, y: &Tensor| {
+            f.linear(head, None::<Tensor>).cross_entropy_loss::<Tensor>(
+                &y.index_select(0, idx),
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )
+        };
+        ce(&self.shape, &labels.0) + ce(&self.color, &labels.1)
+    }
+
+    /// Shape and color accuracy (%) of features `f` against `labels` (rows labelled −100 left
+    /// out).
+    pub fn accuracy(&self, f: &Tensor, labels: &(Tensor, Tensor)) -> (f64, f64) {
+        let acc = |head: &Tensor, y: &Tensor| {
+            let known = y.ne(-100);
+            let logits = f.linear(head, None::<Tensor>);
+            let hit = logits.argmax(-1, false).eq_tensor(y).logical_and(&known);
+            100.0 * hit.sum(Kind::Float).double_value(&[])
+                / known.sum(Kind::Float).double_value(&[]).max(1.0)
+        };
+        (acc(&self.shape, &labels.0), acc(&self.color, &labels.1))
     }
 }

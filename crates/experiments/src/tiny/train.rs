@@ -19,7 +19,7 @@ use qvlm_core::model::llava::{Llava, LlavaBundle, LoadOptions};
 use qvlm_core::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::recipe::{image_labels, lr_at, Staged, TrainRecord};
+use super::recipe::{image_labels, lr_at, LabelHeads, Staged, TrainRecord};
 use super::{tokenizer, TinyArch, TinyFamily, TrainTinyConfig};
 use crate::data::easy_vqa::{EasyVqa, Question, Split};
 use crate::eval::easy_vqa::evaluate;
@@ -155,21 +155,17 @@ fn train_llava(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
 
     // ① Vision tower alone: linear shape/color heads on mean-pooled selected features.
     let hv = cfg.arch.vision_hidden;
-    let shape_head =
-        (Tensor::randn([3, hv], (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true);
-    let color_head =
-        (Tensor::randn([8, hv], (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true);
+    let heads = LabelHeads::new(hv);
     let decays = |name: &str, v: &Tensor| v.dim() >= 2 && !name.contains("embedding");
     let mut params: Vec<(Tensor, bool)> = vars
         .iter()
         .filter(|(n, _)| n.starts_with("vision_tower."))
         .map(|(n, v)| (v.shallow_clone(), decays(n, v)))
         .collect();
-    params.push((shape_head.shallow_clone(), true));
-    params.push((color_head.shallow_clone(), true));
+    params.extend(heads.params());
     let mut opt =
         AdamW::new(params, AdamWConfig { weight_decay: t.weight_decay, ..AdamWConfig::default() });
-    let (shape_y, color_y) = image_labels(&train_set, &train_idx);
+    let labels = image_labels(&train_set, &train_idx);
     let n_img = train_px.size()[0] as usize;
     let steps1 = t.vision_epochs * n_img.div_ceil(t.batch_size);
     let pb = progress::bar(steps1 as u64, "① vision");
@@ -183,19 +179,7 @@ fn train_llava(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
         for chunk in order.chunks(t.batch_size) {
             let idx = Tensor::from_slice(chunk);
             let f = pool(&augment(&train_px.index_select(0, &idx), &mut rng));
-            let loss = f.linear(&shape_head, None::<Tensor>).cross_entropy_loss::<Tensor>(
-                &shape_y.index_select(0, &idx),
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            ) + f.linear(&color_head, None::<Tensor>).cross_entropy_loss::<Tensor>(
-                &color_y.index_select(0, &idx),
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            );
+            let loss = heads.loss(&f, &labels, &idx);
             opt.zero_grad();
             loss.backward();
             opt.clip_grad_norm(t.grad_clip);
@@ -213,17 +197,7 @@ fn train_llava(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
     let (shape_acc, color_acc) = {
         let _g = tch::no_grad_guard();
         let f = pool(&test_px);
-        let (sy, cy) = image_labels(&test_set, &test_idx);
-        let acc = |logits: Tensor, y: &Tensor| {
-            let known = y.ne(-100);
-            let hit = logits.argmax(-1, false).eq_tensor(y).logical_and(&known);
-            100.0 * hit.sum(Kind::Float).double_value(&[])
-                / known.sum(Kind::Float).double_value(&[]).max(1.0)
-        };
-        (
-            acc(f.linear(&shape_head, None::<Tensor>), &sy),
-            acc(f.linear(&color_head, None::<Tensor>), &cy),
-        )
+        heads.accuracy(&f, &image_labels(&test_set, &test_idx))
     };
     tracing::info!(stage1_seconds, shape_acc, color_acc, "stage ① done (test image labels)");
 
