@@ -100,6 +100,15 @@ fn site(block: Block, slots: &[Slot], width: i64) -> Site {
     Site { id: consumers[0], consumers, block, width }
 }
 
+/// Every family's blocks: `vision` vision blocks, the projector (or merger), `language` decoder
+/// layers.
+fn blocks(vision: usize, language: usize) -> Vec<Block> {
+    let mut out: Vec<Block> = (0..vision).map(Block::Vision).collect();
+    out.push(Block::Projector);
+    out.extend((0..language).map(Block::Language));
+    out
+}
+
 /// The LLaMA decoder's sites (LLaVA's and Qwen2's).
 fn decoder_sites(cfg: &qvlm_core::io::config::LlamaConfig, layers: usize, out: &mut Vec<Site>) {
     for i in 0..layers {
@@ -167,11 +176,7 @@ impl SearchModel for Llava {
     }
 
     fn blocks(&self) -> Vec<Block> {
-        let mut out: Vec<Block> =
-            (0..self.vision_tower.used_layers().len()).map(Block::Vision).collect();
-        out.push(Block::Projector);
-        out.extend((0..self.language_model.layers.len()).map(Block::Language));
-        out
+        blocks(self.vision_tower.used_layers().len(), self.language_model.layers.len())
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
@@ -323,10 +328,7 @@ impl SearchModel for Qwen2Vl {
     }
 
     fn blocks(&self) -> Vec<Block> {
-        let mut out: Vec<Block> = (0..self.visual.blocks.len()).map(Block::Vision).collect();
-        out.push(Block::Projector);
-        out.extend((0..self.language_model.layers.len()).map(Block::Language));
-        out
+        blocks(self.visual.blocks.len(), self.language_model.layers.len())
     }
 
     fn named_tensors(&self) -> Vec<(String, Tensor)> {

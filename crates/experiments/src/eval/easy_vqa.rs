@@ -77,13 +77,7 @@ pub fn evaluate(
     hook: &mut dyn LinearHook,
     progress: &ProgressBar,
 ) -> Result<EvalOutput> {
-    let requests = questions
-        .iter()
-        .map(|q| {
-            let path = data.image_path(q.image_id).context("image id without a file")?;
-            Ok(Request { message: user_message(&q.text), image: Some(path.to_path_buf()) })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let requests = requests(data, questions)?;
     let generated =
         generate(bundle, &requests, template, &bundle.images, batch_size, 4, hook, progress)?;
     Ok(score(questions, generated))
@@ -99,15 +93,20 @@ pub fn evaluate_qwen2_vl(
     hook: &mut dyn LinearHook,
     progress: &ProgressBar,
 ) -> Result<EvalOutput> {
-    let requests = questions
+    let generated =
+        generate_qwen2_vl(bundle, &requests(data, questions)?, batch_size, 4, hook, progress)?;
+    Ok(score(questions, generated))
+}
+
+/// Each question's user turn (LLaVA's form, `<image>\n{question}`) with its image.
+fn requests(data: &EasyVqa, questions: &[Question]) -> Result<Vec<Request>> {
+    questions
         .iter()
         .map(|q| {
             let path = data.image_path(q.image_id).context("image id without a file")?;
-            Ok(Request { message: q.text.clone(), image: Some(path.to_path_buf()) })
+            Ok(Request { message: user_message(&q.text), image: Some(path.to_path_buf()) })
         })
-        .collect::<Result<Vec<_>>>()?;
-    let generated = generate_qwen2_vl(bundle, &requests, batch_size, 4, hook, progress)?;
-    Ok(score(questions, generated))
+        .collect()
 }
 
 /// Exact match of each generated answer.

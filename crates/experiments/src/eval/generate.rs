@@ -144,10 +144,11 @@ fn generated(texts: Vec<String>, log_probs: &[Tensor]) -> Generated {
     Generated { texts, first_log_probs }
 }
 
-/// Greedy decoding on a Qwen2-VL model: each request's `message` is the user's text, asked as
-/// one chat turn in the checkpoint's own template with its image (if any) before the text, as
-/// `experiments generate` does; batches of `batch_size` left-padded rows, until the
-/// checkpoint's EOS or `max_new_tokens`.
+/// Greedy decoding on a Qwen2-VL model: each request's `message` is a LLaVA user turn, asked
+/// without its image placeholder ([`without_image_placeholder`]) as one chat turn in the
+/// checkpoint's own template with its image (if any) before the text, as `experiments generate`
+/// does; batches of `batch_size` left-padded rows, until the checkpoint's EOS or
+/// `max_new_tokens`.
 pub fn generate_qwen2_vl(
     bundle: &Qwen2VlBundle,
     requests: &[Request],
@@ -167,14 +168,14 @@ pub fn generate_qwen2_vl(
         for r in chunk {
             let Some(path) = &r.image else {
                 grids.push(vec![]);
-                ids.push(bundle.chat_ids(&r.message, &[])?);
+                ids.push(bundle.chat_ids(&without_image_placeholder(&r.message), &[])?);
                 tokens.push(None);
                 continue;
             };
             let image =
                 Rgb8::open(path).with_context(|| format!("preprocessing {}", path.display()))?;
             let (pixels, grid) = bundle.images.preprocess(&image)?;
-            ids.push(bundle.chat_ids(&r.message, &[grid])?);
+            ids.push(bundle.chat_ids(&without_image_placeholder(&r.message), &[grid])?);
             tokens.push(Some(model.image_tokens(&pixels, &[grid], hook)?));
             grids.push(vec![grid]);
         }
@@ -226,14 +227,7 @@ pub fn generate_on(
             generate(b, requests, template, images, batch_size, max_new_tokens, hook, progress)
         }
         Vlm::Qwen2Vl(q) => {
-            let asked: Vec<Request> = requests
-                .iter()
-                .map(|r| Request {
-                    message: without_image_placeholder(&r.message),
-                    image: r.image.clone(),
-                })
-                .collect();
-            generate_qwen2_vl(q, &asked, batch_size, max_new_tokens, hook, progress)
+            generate_qwen2_vl(q, requests, batch_size, max_new_tokens, hook, progress)
         }
     }
 }

@@ -26,9 +26,9 @@ use qvlm_core::rng::SplitMix64;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use super::recipe::{image_labels, lr_at, LabelHeads, Staged, TrainRecord};
+use super::recipe::{begin, image_labels, lr_at, optimize, Begun, LabelHeads, TrainRecord};
 use super::{tokenizer, TinyArch, TrainTinyConfig, IMAGE_SIZE};
-use crate::data::easy_vqa::{EasyVqa, Question, Split};
+use crate::data::easy_vqa::{EasyVqa, Question};
 use crate::eval::easy_vqa::evaluate_qwen2_vl;
 use crate::progress;
 
@@ -294,19 +294,8 @@ impl Tokenized {
 }
 
 pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
-    cfg.check()?;
+    let Begun { staged, train_set, test_set } = begin(cfg, force)?;
     let t = &cfg.train;
-    let staged = Staged::begin(&cfg.out, force)?;
-    if t.threads > 0 {
-        tch::set_num_threads(i32::from(t.threads));
-    }
-    tch::manual_seed(t.seed);
-    let root = match &cfg.data {
-        Some(p) => p.clone(),
-        None => EasyVqa::default_root()?,
-    };
-    let train_set = EasyVqa::load(&root, Split::Train)?;
-    let test_set = EasyVqa::load(&root, Split::Test)?;
     let dir = staged.dir();
 
     // Tokenizer, chat template, model.
@@ -374,12 +363,13 @@ pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
                 train_flip.index_select(0, &idx).where_self(&mask, &train_px.index_select(0, &idx));
             let f = hidden(&px)?.mean_dim(1, false, Kind::Float);
             let loss = heads.loss(&f, &labels, &idx);
-            opt.zero_grad();
-            loss.backward();
-            opt.clip_grad_norm(t.grad_clip);
-            opt.step(lr_at(step, steps1, t.vision_lr, t.warmup_fraction));
+            let l = optimize(
+                &mut opt,
+                &loss,
+                t.grad_clip,
+                lr_at(step, steps1, t.vision_lr, t.warmup_fraction),
+            );
             step += 1;
-            let l = loss.double_value(&[]);
             epoch_loss += l * chunk.len() as f64 / n_img as f64;
             pb.set_message(format!("loss {l:.3}"));
             pb.inc(1);
@@ -475,12 +465,13 @@ pub fn train(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
                 chunk.iter().flat_map(|&i| prompts[i][prompts[i].len() - 2..].to_vec()).collect();
             let loss =
                 logits.reshape([-1, vocab]).cross_entropy_for_logits(&Tensor::from_slice(&targets));
-            opt.zero_grad();
-            loss.backward();
-            opt.clip_grad_norm(t.grad_clip);
-            opt.step(lr_at(step, steps2, t.lm_lr, t.warmup_fraction));
+            let l = optimize(
+                &mut opt,
+                &loss,
+                t.grad_clip,
+                lr_at(step, steps2, t.lm_lr, t.warmup_fraction),
+            );
             step += 1;
-            let l = loss.double_value(&[]);
             epoch_loss += l * chunk.len() as f64 / n_q as f64;
             pb.set_message(format!("loss {l:.4}"));
             pb.inc(1);

@@ -8,8 +8,10 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use qvlm_core::optim::AdamW;
+
 use super::TrainTinyConfig;
-use crate::data::easy_vqa::{EasyVqa, QuestionType, COLORS, SHAPES};
+use crate::data::easy_vqa::{EasyVqa, QuestionType, Split, COLORS, SHAPES};
 use crate::eval::easy_vqa::Accuracy;
 use crate::lock::Lock;
 
@@ -181,4 +183,39 @@ impl LabelHeads {
         };
         (acc(&self.shape, &labels.0), acc(&self.color, &labels.1))
     }
+}
+
+/// One optimizer step on `loss` (gradients clipped to `grad_clip` in norm) at `lr`; the loss's
+/// value.
+pub fn optimize(opt: &mut AdamW, loss: &Tensor, grad_clip: f64, lr: f64) -> f64 {
+    opt.zero_grad();
+    loss.backward();
+    opt.clip_grad_norm(grad_clip);
+    opt.step(lr);
+    loss.double_value(&[])
+}
+
+/// What both trainings start from: the checked config, the staged output folder, libtorch's
+/// threads and seed set, easy-VQA's train and test splits.
+pub struct Begun {
+    pub staged: Staged,
+    pub train_set: EasyVqa,
+    pub test_set: EasyVqa,
+}
+
+pub fn begin(cfg: &TrainTinyConfig, force: bool) -> Result<Begun> {
+    cfg.check()?;
+    let t = &cfg.train;
+    let staged = Staged::begin(&cfg.out, force)?;
+    if t.threads > 0 {
+        tch::set_num_threads(i32::from(t.threads));
+    }
+    tch::manual_seed(t.seed);
+    let root = match &cfg.data {
+        Some(p) => p.clone(),
+        None => EasyVqa::default_root()?,
+    };
+    let train_set = EasyVqa::load(&root, Split::Train)?;
+    let test_set = EasyVqa::load(&root, Split::Test)?;
+    Ok(Begun { staged, train_set, test_set })
 }
