@@ -18,6 +18,10 @@ pixel_values and logits, and expected.json with the prompt ids and the path that
                   int32) on the language-model linears, lm_head and the projector; vision dense
   w8a8_dynamic    float32; int-quantized: int8 symmetric per-channel weights, int8 symmetric
                   per-token dynamic input activations; language-model linears only
+  w8a8_static     float32; int-quantized: int8 symmetric per-channel weights, int8 symmetric
+                  static per-tensor input activations (`input_scale`, calibrated as min-max over a
+                  calibration prompt and image that are not the test's, so some test activations
+                  clip); language-model linears only
 Model: LLaMA hidden 64 / intermediate 128 / 2 layers / 4 heads / 2 kv heads / vocab 320, CLIP
 hidden 32 / 2 layers / image 28 / patch 14, vision_feature_layer -2 (the llava-1.5 default; with
 2 CLIP layers the last one is unused), `default` select, image_token_index 300, 4 image tokens.
@@ -51,7 +55,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ct_reference  # noqa: E402
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 OUT = os.path.join("crates", "core", "tests", "fixtures", "compressed")
 IMAGE_TOKEN = 300
 IMAGE_SEQ = 4  # (28 / 14)^2 patches, CLS dropped by the `default` select
@@ -94,9 +98,19 @@ CASES = [
         [LM_HEAD, VISION, PROJECTOR],
         "int8 symmetric per channel weights, int8 symmetric per-token dynamic activations",
     ),
+    (
+        "w8a8_static", torch.float32,
+        QuantizationScheme(
+            targets=["Linear"], weights=int_args(8, True, "channel"),
+            input_activations=int_args(8, True, "tensor"),
+        ),
+        [LM_HEAD, VISION, PROJECTOR],
+        "int8 symmetric per channel weights, int8 symmetric static per-tensor activations",
+    ),
 ]
 FORMATS = {"w4a16_g32_sym": "pack-quantized", "w4a16_g32_asym": "pack-quantized",
-           "w8a16_channel": "pack-quantized", "w8a8_dynamic": "int-quantized"}
+           "w8a16_channel": "pack-quantized", "w8a8_dynamic": "int-quantized",
+           "w8a8_static": "int-quantized"}
 
 
 def tiny_config():
@@ -146,6 +160,47 @@ def calibrate(model):
         m.quantization_status = QuantizationStatus.FROZEN
 
 
+def calibrate_static_inputs(model, ids, pix):
+    """Min-max static input scales (`input_scale`, per tensor) over one calibration forward with
+    quantization off, as a MinMax observer over the same batch would set them."""
+    quantized = {n: m for n, m in model.named_modules()
+                 if getattr(m, "quantization_scheme", None) is not None
+                 and m.quantization_scheme.input_activations is not None
+                 and not m.quantization_scheme.input_activations.dynamic}
+    if not quantized:
+        return
+    seen, hooks = {}, []
+    for n, m in quantized.items():
+        def hook(mod, args, n=n):
+            x = args[0].detach().float()
+            lo, hi = x.amin(), x.amax()
+            if n in seen:
+                lo, hi = torch.minimum(lo, seen[n][0]), torch.maximum(hi, seen[n][1])
+            seen[n] = (lo, hi)
+        hooks.append(m.register_forward_pre_hook(hook))
+        m.quantization_enabled = False
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pix)
+    for h in hooks:
+        h.remove()
+    for n, m in quantized.items():
+        args = m.quantization_scheme.input_activations
+        lo, hi = seen[n]
+        scale, zp = calculate_qparams(lo.reshape(1), hi.reshape(1), args)
+        m.input_scale.data.copy_(scale.reshape(m.input_scale.shape).to(m.input_scale.dtype))
+        if hasattr(m, "input_zero_point"):
+            m.input_zero_point.data.copy_(zp.reshape(m.input_zero_point.shape).to(m.input_zero_point.dtype))
+        m.quantization_enabled = True
+
+
+def calibration_inputs():
+    """A prompt and an image that are not the test's (seeded)."""
+    g = torch.Generator().manual_seed(4321)
+    prompt = [1, 60, 11, IMAGE_TOKEN, 200, 3, 77]
+    ids = torch.tensor([[t for p in prompt for t in ([p] * IMAGE_SEQ if p == IMAGE_TOKEN else [p])]])
+    return ids, torch.randn((1, 3, 28, 28), generator=g)
+
+
 def write_case(d, name, dtype, scheme, ignore, seed):
     """Quantize a fresh random model with compressed-tensors and save it the way llm-compressor does.
     Returns the unquantized float32 model for comparison."""
@@ -157,6 +212,7 @@ def write_case(d, name, dtype, scheme, ignore, seed):
     dense.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
     calibrate(model)
+    calibrate_static_inputs(model, *calibration_inputs())
     comp = ModelCompressor.from_pretrained_model(model)
     comp.compress_model(model)
     model.save_pretrained(d)

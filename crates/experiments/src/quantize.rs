@@ -127,19 +127,12 @@ pub fn quantize(args: &QuantizeArgs) -> Result<QuantizeReport> {
         match args.format {
             ExportFormat::CompressedTensors => {
                 let packed = pack(&mut bundle.model, &plan)?;
-                let export =
-                    save_compressed(&bundle.model, &images, &packed.static_input_scales, &tmp)?;
+                let export = save_compressed(&bundle.model, &images, &tmp)?;
                 misfits = export.vllm_marlin_misfits;
                 Ok(packed.layers.len())
             }
             ExportFormat::Qvlm => {
                 let packed = pack(&mut bundle.model, &plan)?;
-                if let Some(id) = packed.static_input_scales.keys().next() {
-                    bail!(
-                        "{id}: static activation scales have no place in the qvlm format (it holds \
-                         weights only); use --format compressed-tensors"
-                    );
-                }
                 save_quantized(&bundle.model, &tmp)?;
                 Ok(packed.layers.len())
             }

@@ -20,9 +20,6 @@ use crate::plan::{ModelIdentity, QuantPlan, SiteAct};
 /// What [`pack`] did besides packing the weights.
 #[derive(Debug, Default)]
 pub struct Packed {
-    /// Linears whose activations are quantized statically per tensor (symmetric int8): the
-    /// scale a checkpoint stores as `input_scale`.
-    pub static_input_scales: BTreeMap<LayerId, f64>,
     /// Linears packed, by id.
     pub layers: Vec<LayerId>,
 }
@@ -31,21 +28,21 @@ fn unsupported(layer: LayerId, reason: impl Into<String>) -> SearchError {
     SearchError::Unsupported { layer: layer.to_string(), reason: reason.into() }
 }
 
-/// The activation side of a packed layer: float, dynamic per-token int8 (in the kernel), or a
-/// static per-tensor int8 scale (for export).
-fn act_form(layer: LayerId, act: Option<&SiteAct>) -> Result<(ActMode, Option<f64>)> {
-    let Some(a) = act else { return Ok((ActMode::Float, None)) };
+/// The activation side of a packed layer: float, dynamic per-token int8 or int4, or symmetric
+/// int8 with the plan's static per-tensor scale.
+fn act_form(layer: LayerId, act: Option<&SiteAct>) -> Result<ActMode> {
+    let Some(a) = act else { return Ok(ActMode::Float) };
     let s = a.spec;
     let int8_sym = s.grid.bits == 8 && s.grid.symmetric;
     match (s.range, s.granularity, &a.range) {
         (RangeMode::Dynamic, Granularity::PerToken, None) if int8_sym && s.clip == Clip::MinMax => {
-            Ok((ActMode::Int8PerToken, None))
+            Ok(ActMode::Int8PerToken)
         }
         // W4A4 with QuaRot-style per-token ranges: the own VNNI kernel (4-bit weights only).
         (RangeMode::Dynamic, Granularity::PerToken, None)
             if s.grid.bits == 4 && s.grid.symmetric && s.clip == Clip::MinMax =>
         {
-            Ok((ActMode::Int4PerToken, None))
+            Ok(ActMode::Int4PerToken)
         }
         (RangeMode::Static, Granularity::PerTensor, Some((lo, hi))) if int8_sym => {
             let qp = QParams::from_range(s.grid, &lo.to_tensor(), &hi.to_tensor());
@@ -53,7 +50,9 @@ fn act_form(layer: LayerId, act: Option<&SiteAct>) -> Result<(ActMode, Option<f6
             if scale.numel() != 1 {
                 return Err(unsupported(layer, "a per-tensor range that is not one number"));
             }
-            Ok((ActMode::Float, Some(scale.double_value(&[0]))))
+            // The f32 scale the fake-quant reference computes, so the packed layer quantizes
+            // exactly as the searched model did.
+            Ok(ActMode::Int8PerTensor { scale: scale.double_value(&[0]) as f32 })
         }
         _ => Err(unsupported(
             layer,
@@ -146,7 +145,7 @@ pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
             }
             continue;
         };
-        let (act, static_scale) = act_form(id, acts.get(&id).copied())?;
+        let act = act_form(id, acts.get(&id).copied())?;
         let w = linear.float_weight();
         let q = match &wp.solved {
             Some(solved) => solved.to_quantized(&w.size(), id)?,
@@ -157,9 +156,6 @@ pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
         };
         let p = PackedWeight::from_quantized(&q, act, w.kind(), device, &id.to_string())?;
         linear.weight = LinearWeight::Packed(p);
-        if let Some(s) = static_scale {
-            packed.static_input_scales.insert(id, s);
-        }
         packed.layers.push(id);
     }
     Ok(packed)
@@ -182,12 +178,12 @@ mod tests {
     #[test]
     fn dynamic_per_token_activations_map_onto_the_integer_modes() {
         let id = LayerId::new(Tower::Language, 0, Slot::QProj);
-        let form = |a: SiteAct| act_form(id, Some(&a)).map(|(mode, scale)| (mode, scale.is_some()));
+        let form = |a: SiteAct| act_form(id, Some(&a));
         let per_token = Granularity::PerToken;
-        assert_eq!(form(site(8, true, per_token)).ok(), Some((ActMode::Int8PerToken, false)));
+        assert_eq!(form(site(8, true, per_token)).ok(), Some(ActMode::Int8PerToken));
         // W4A4 with QuaRot-style ranges: the own VNNI kernel's mode.
-        assert_eq!(form(site(4, true, per_token)).ok(), Some((ActMode::Int4PerToken, false)));
-        assert_eq!(act_form(id, None).ok(), Some((ActMode::Float, None)));
+        assert_eq!(form(site(4, true, per_token)).ok(), Some(ActMode::Int4PerToken));
+        assert_eq!(act_form(id, None).ok(), Some(ActMode::Float));
         // Asymmetric 4-bit or per-channel ranges have no packed form: an error naming the layer.
         for a in [site(4, false, per_token), site(4, true, Granularity::PerChannel)] {
             let err = form(a).expect_err("no packed form").to_string();

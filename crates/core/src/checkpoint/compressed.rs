@@ -77,13 +77,9 @@ fn unsupported(layer: LayerId, reason: impl std::fmt::Display) -> Error {
     }
 }
 
-/// The compressed-tensors form of one packed linear; `static_scale`: its calibrated per-tensor
-/// input scale when activations are quantized statically.
-pub fn layer_format(
-    id: LayerId,
-    p: &PackedWeight,
-    static_scale: Option<f64>,
-) -> Result<LayerFormat> {
+/// The compressed-tensors form of one packed linear (a static per-tensor activation scale is
+/// `input_scale`).
+pub fn layer_format(id: LayerId, p: &PackedWeight) -> Result<LayerFormat> {
     let spec = p.spec();
     let PackedFormat::Uniform { grid, .. } = spec.format else {
         return Err(unsupported(id, "NF4 weights"));
@@ -98,14 +94,11 @@ pub fn layer_format(
         symmetric: grid.symmetric,
         group: (group != inp).then_some(group),
     };
-    let input = match (spec.act, static_scale) {
-        (ActMode::Float, None) => InputFormat::Float,
-        (ActMode::Float, Some(_)) => InputFormat::StaticTensor,
-        (ActMode::Int8PerToken, None) => InputFormat::DynamicToken,
-        (ActMode::Int8PerToken, Some(_)) => {
-            return Err(unsupported(id, "both dynamic per-token and static activation scales"))
-        }
-        (ActMode::Int4PerToken, _) => {
+    let input = match spec.act {
+        ActMode::Float => InputFormat::Float,
+        ActMode::Int8PerTensor { .. } => InputFormat::StaticTensor,
+        ActMode::Int8PerToken => InputFormat::DynamicToken,
+        ActMode::Int4PerToken => {
             return Err(unsupported(
                 id,
                 "4-bit per-token activations (W4A4) are not exported; export W4A16 or W8A8",
@@ -137,7 +130,6 @@ fn layer_tensors(
     id: LayerId,
     p: &PackedWeight,
     format: LayerFormat,
-    static_scale: Option<f64>,
 ) -> Result<Vec<(&'static str, Tensor)>> {
     let (grid, group, codes, scale, zero_point) =
         p.uniform_codes().ok_or_else(|| unsupported(id, "a non-uniform grid"))?;
@@ -175,20 +167,19 @@ fn layer_tensors(
             Tensor::from_slice(&words).reshape([(out + per - 1) / per, inp / group]),
         ));
     }
-    if let Some(s) = static_scale {
-        parts.push(("input_scale", Tensor::from_slice(&[s as f32]).to_kind(kind)));
+    if let ActMode::Int8PerTensor { scale } = p.spec().act {
+        parts.push(("input_scale", Tensor::from_slice(&[scale]).to_kind(kind)));
     }
     Ok(parts)
 }
 
 /// Writes `model` to `dir` as a compressed-tensors llava-hf directory: `config.json`,
 /// `model.safetensors`, `preprocessor_config.json` (the tokenizer is the caller's to place).
-/// Packed linears are written in compressed-tensors form; `static_input_scales` gives the
-/// per-tensor input scale of linears whose activations are quantized statically.
+/// Packed linears are written in compressed-tensors form (with `input_scale` where their
+/// activations are quantized statically per tensor).
 pub fn save_compressed(
     model: &Llava,
     images: &ImageProcessorConfig,
-    static_input_scales: &BTreeMap<LayerId, f64>,
     dir: &Path,
 ) -> Result<CompressedExport> {
     crate::model::rotation::refuse_rotated(model, "compressed-tensors export")?;
@@ -196,14 +187,6 @@ pub fn save_compressed(
     let naming = Naming::HfFlatVision;
     let stored = |canonical: &str| naming.stored_key(canonical).1;
     let linears: Vec<&Linear> = model.linears_and_head();
-    for id in static_input_scales.keys() {
-        if !linears.iter().any(|l| l.id == *id && matches!(l.weight, LinearWeight::Packed(_))) {
-            return Err(Error::Quant {
-                layer: id.to_string(),
-                reason: "has a static input scale but no packed weight".into(),
-            });
-        }
-    }
     let mut groups: Vec<(LayerFormat, Vec<String>)> = Vec::new();
     let mut ignore = Vec::new();
     let mut report = CompressedExport {
@@ -218,9 +201,8 @@ pub fn save_compressed(
     for linear in &linears {
         match &linear.weight {
             LinearWeight::Packed(p) => {
-                let scale = static_input_scales.get(&linear.id).copied();
-                let format = layer_format(linear.id, p, scale)?;
-                for (suffix, t) in layer_tensors(linear.id, p, format, scale)? {
+                let format = layer_format(linear.id, p)?;
+                for (suffix, t) in layer_tensors(linear.id, p, format)? {
                     tensors.push((stored(&format!("{}.{suffix}", linear.path)), t));
                 }
                 packed_names.insert(format!("{}.weight", linear.path));

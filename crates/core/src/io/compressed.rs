@@ -556,13 +556,16 @@ pub fn read_layer(
         }
     };
     let scale = need("weight_scale", &floats, &[out, groups])?.to_kind(Kind::Float);
-    if format.input == InputFormat::StaticTensor {
-        return Err(bad(
-            "static activation scales (`input_scale`) are not read yet: this crate's packed \
-             layers quantize activations per token at run time"
-                .into(),
-        ));
-    }
+    let act = match format.input {
+        InputFormat::Float => ActMode::Float,
+        InputFormat::DynamicToken => ActMode::Int8PerToken,
+        // One number in the model dtype (`[1]`, as the library writes the `tensor` strategy);
+        // checked positive and finite when the weight is packed.
+        InputFormat::StaticTensor => ActMode::Int8PerTensor {
+            scale: need("input_scale", &floats, &[1])?.to_kind(Kind::Float).double_value(&[0])
+                as f32,
+        },
+    };
     let grid = Grid { bits, symmetric: w.symmetric };
     let zero_point = if w.symmetric {
         if read("weight_zero_point")?.is_some() {
@@ -581,10 +584,6 @@ pub fn read_layer(
     };
     let codes = Tensor::from_slice(&codes).reshape([out, inp]);
     let q = QuantizedWeight::Uniform { grid, group, codes, scale, zero_point };
-    let act = match format.input {
-        InputFormat::Float => ActMode::Float,
-        _ => ActMode::Int8PerToken,
-    };
     PackedWeight::from_quantized(&q, act, kind, device, layer)
 }
 

@@ -51,7 +51,7 @@ pub enum PackedFormat {
 }
 
 /// What the activations are when they meet the weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ActMode {
     /// Float activations (cast to bf16 for the W4A16 and W8A16 kernels).
@@ -66,21 +66,55 @@ pub enum ActMode {
     /// use, not Q-VLM's static per-channel language ranges, which no integer kernel can factor
     /// out of the dot product.
     Int4PerToken,
+    /// Symmetric int8 with one calibrated scale for the whole tensor, fixed before inference
+    /// (static; compressed-tensors' `input_scale`, a plan's static per-tensor range): codes
+    /// `clamp(round(x · (1/scale)), −128, 127)`, the rule of the fake-quant reference. `_int_mm`
+    /// with 8-bit per-channel weights; ≤ 4-bit weights take the dequantized path (the own VNNI
+    /// kernel quantizes per token), with the same arithmetic.
+    Int8PerTensor { scale: f32 },
 }
 
 impl ActMode {
-    /// The grid of a per-token integer mode; `None` for float activations.
+    /// The grid of a per-token integer mode; `None` for float and static per-tensor activations.
     pub fn per_token_grid(self) -> Option<Grid> {
         match self {
-            ActMode::Float => None,
+            ActMode::Float | ActMode::Int8PerTensor { .. } => None,
             ActMode::Int8PerToken => Some(Grid { bits: 8, symmetric: true }),
             ActMode::Int4PerToken => Some(Grid { bits: 4, symmetric: true }),
+        }
+    }
+
+    /// The quantizer these activations go through on `x` `[M, K]`, with `x` made finite: per
+    /// token (scales `[M, 1]`) or static per tensor (`[1, 1]`); `None` for float activations.
+    pub fn quantizer(self, x: &Tensor) -> Option<(QParams, Tensor)> {
+        match self {
+            ActMode::Float => None,
+            ActMode::Int8PerTensor { scale } => {
+                let scale = Tensor::from_slice(&[scale]).reshape([1, 1]).to_device(x.device());
+                let zero_point = scale.zeros_like();
+                let grid = Grid { bits: 8, symmetric: true };
+                Some((QParams { grid, scale, zero_point }, finite(x)))
+            }
+            ActMode::Int8PerToken | ActMode::Int4PerToken => {
+                self.per_token_grid().map(|grid| per_token_qparams(x, grid))
+            }
+        }
+    }
+
+    /// A static scale is a positive finite number: anything else would quantize every
+    /// activation to 0 or to NaN.
+    fn check(self, layer: &str) -> Result<()> {
+        match self {
+            ActMode::Int8PerTensor { scale } if !(scale.is_finite() && scale > 0.0) => Err(
+                quant_err(layer, format!("static input scale {scale} is not a positive number")),
+            ),
+            _ => Ok(()),
         }
     }
 }
 
 /// A packed layer's scheme: its storage and its activations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PackedSpec {
     pub format: PackedFormat,
     pub act: ActMode,
@@ -413,7 +447,7 @@ fn plan_kernel(
                 other => Err(format!("no int8 weight kernel on {other:?}")),
             }
         }
-        ActMode::Int8PerToken => {
+        ActMode::Int8PerToken | ActMode::Int8PerTensor { .. } => {
             if grid.bits <= 4 || !grid.symmetric || group != k {
                 return Err("_int_mm needs symmetric byte codes with per-channel scales".into());
             }
@@ -464,6 +498,7 @@ impl PackedWeight {
         layer: &str,
     ) -> Result<Self> {
         let _guard = tch::no_grad_guard();
+        act.check(layer)?;
         match q {
             QuantizedWeight::Uniform { grid, group, codes, scale, zero_point } => {
                 let size = codes.size();
@@ -575,6 +610,7 @@ impl PackedWeight {
             }
             Ok(t.to_device(Device::Cpu))
         };
+        spec.act.check(layer)?;
         let store = match spec.format {
             PackedFormat::Uniform { grid, group } => {
                 Grid::new(grid.bits, grid.symmetric)?;
@@ -1027,7 +1063,7 @@ impl PackedWeight {
         Some(result.map(|y| y.to_kind(kind)))
     }
 
-    /// W8A8: per-token int8 activations × int8 weights (`[K, N]` as a transposed view, the layout
+    /// W8A8: int8 activations (per token, or the static per-tensor scale) × int8 weights (`[K, N]` as a transposed view, the layout
     /// torch's CPU and cuBLAS paths take without a copy), int32 accumulation, then both scales.
     fn int_mm(
         &self,
@@ -1035,7 +1071,10 @@ impl PackedWeight {
         codes: &Tensor,
         scales: &Tensor,
     ) -> std::result::Result<Tensor, TchError> {
-        let (xq, sx) = quantize_per_token(x);
+        let Some((qp, xf)) = self.spec.act.quantizer(x) else {
+            return Err(TchError::Kind("_int_mm needs integer activations".into()));
+        };
+        let (xq, sx) = (qp.quantize(&xf).to_kind(Kind::Int8), qp.scale);
         let m = xq.size()[0];
         let xq = if self.device.is_cuda() && m < CUDA_INT_MM_MIN_ROWS {
             // Zero rows add nothing to the others' dot products; they are sliced off below.
@@ -1047,12 +1086,12 @@ impl PackedWeight {
         Ok(acc.to_kind(Kind::Float) * sx * scales)
     }
 
-    /// The fallback: the same arithmetic as the fake-quant reference (per-token fake-quantized
-    /// activations when `act` says so), dequantizing the weight on each call.
+    /// The fallback: the same arithmetic as the fake-quant reference (activations
+    /// fake-quantized per token or per tensor when `act` says so), dequantizing the weight on each call.
     fn dequantized_matmul(&self, x: &Tensor) -> Tensor {
-        let x = match self.spec.act.per_token_grid() {
+        let x = match self.spec.act.quantizer(x) {
             None => x.shallow_clone(),
-            Some(grid) => fake_quant_per_token(x, grid),
+            Some((qp, xf)) => qp.fake_quant(&xf).to_kind(x.kind()),
         };
         let w = self.dequantize().to_device(x.device()).to_kind(x.kind());
         x.matmul(&w.tr())
@@ -1091,6 +1130,10 @@ fn own_kernel(
             };
             Ok((own, kernel))
         }
+        (ActMode::Int8PerTensor { .. }, _) => Err("the own VNNI kernel quantizes activations per \
+                                                    token: static per-tensor int8 activations on \
+                                                    ≤ 4-bit weights run dequantized"
+            .into()),
         (_, None | Some(Kernel::Int4Vnni)) => vnni(own),
         (_, Some(other)) => Err(format!(
             "{} multiplies float activations; {act:?} activations run on int4_vnni",

@@ -9,6 +9,7 @@ use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{Llava, LoadOptions};
+use qvlm_core::quant::packed::{ActMode, Kernel};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -26,6 +27,11 @@ const LOGITS_ATOL_WEIGHT_ONLY: f64 = 1e-4;
 /// 0.197); with the library patched to multiply, 0.067 remained. The W8A8 weights are checked
 /// exactly in experiments' deploy test (`--weights-only`).
 const LOGITS_ATOL_W8A8: f64 = 0.15;
+/// W8A8 with a static per-tensor scale: the same rounding conventions as above, but no input
+/// sits exactly on a half step by construction (per token, each row's extreme does), so the
+/// integer products agree and only f32 summation order remains (measured 1.9e-6; ignoring the
+/// activation quantization moves these logits by 0.57).
+const LOGITS_ATOL_W8A8_STATIC: f64 = 1e-4;
 /// The CPU kernels that take bf16 activations (`_weight_int4pack_mm_for_cpu`,
 /// `_weight_int8pack_mm`): bf16 keeps 8 mantissa bits (the float parity tests' bf16 bound).
 const LOGITS_ATOL_BF16_KERNEL: f64 = 0.3;
@@ -136,6 +142,25 @@ fn int8_per_channel_checkpoint_with_projector_and_head_quantized_loads_with_its_
 #[test]
 fn w8a8_dynamic_per_token_checkpoint_of_the_library_loads_with_its_logits() {
     check("w8a8_dynamic", &["language.0.q_proj", "language.1.down_proj"], false, LOGITS_ATOL_W8A8);
+}
+
+#[test]
+fn w8a8_static_per_tensor_checkpoint_of_the_library_loads_with_its_logits() {
+    let ids = ["language.0.q_proj", "language.1.down_proj"];
+    check("w8a8_static", &ids, false, LOGITS_ATOL_W8A8_STATIC);
+    // The calibrated `input_scale` is the packed layer's static activation scale, and `_int_mm`
+    // runs with it (8-bit per-channel weights).
+    let dir = fixtures().join("w8a8_static");
+    let model = Llava::load(&dir, &LoadOptions::default()).expect("load");
+    let file = SafetensorsFile::open(&dir.join("model.safetensors")).expect("open");
+    let stored = file
+        .read("language_model.model.layers.0.self_attn.q_proj.input_scale")
+        .expect("input_scale")
+        .double_value(&[0]) as f32;
+    let q = model.linears().into_iter().find(|l| l.id.to_string() == "language.0.q_proj");
+    let Some(LinearWeight::Packed(p)) = q.map(|l| &l.weight) else { panic!("q_proj not packed") };
+    assert_eq!(p.spec().act, ActMode::Int8PerTensor { scale: stored });
+    assert_eq!(p.kernel(), Kernel::Int8Int8, "{:?}", p.fallback_reason());
 }
 
 /// A copy of a fixture in a fresh temporary folder, `edit`ed.

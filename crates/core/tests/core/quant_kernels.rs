@@ -15,7 +15,7 @@ use qvlm_core::quant::packed::{
 };
 use qvlm_core::quant::spec::{ActSpec, Clip, Granularity, RangeMode};
 use qvlm_core::quant::team::Isa;
-use qvlm_core::quant::uniform::Grid;
+use qvlm_core::quant::uniform::{Grid, QParams};
 use qvlm_core::quant::weight::QuantizedWeight;
 use qvlm_core::quant::{int4_avx512, int4_vnni};
 use tch::{Device, Kind, Tensor};
@@ -265,6 +265,54 @@ fn w8a8_int_mm_matches_the_fake_quant_reference() {
             let e = rel_err(&p.matmul(&x), &w8a8_reference(&x, &w_fake));
             assert!(e <= F32_KERNEL_RTOL, "W8A8 [{n}, {k}] M={m}: {e}");
         }
+    }
+}
+
+/// Static W8A8 (one calibrated activation scale per tensor, compressed-tensors' `input_scale`):
+/// `_int_mm` with that scale equals the fake-quant reference with the same scale (codes clamp at
+/// the grid's ends, so large inputs saturate as the reference's do); ≤ 4-bit weights take the
+/// dequantized path, with a reason, and the same reference; a scale that is not a positive
+/// number is an error naming the layer.
+#[test]
+fn w8a8_static_per_tensor_matches_the_fake_quant_reference() {
+    tch::manual_seed(15);
+    let _guard = tch::no_grad_guard();
+    let grid = Grid { bits: 8, symmetric: true };
+    let (n, k) = (48, 128);
+    let w = randn(&[n, k]);
+    // Calibrated on a range narrower than the test inputs: some of them clip.
+    let scale = 2.5f32 / 127.5;
+    let act = ActMode::Int8PerTensor { scale };
+    let qp = QParams {
+        grid,
+        scale: Tensor::from_slice(&[scale]).reshape([1, 1]),
+        zero_point: Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)),
+    };
+    for (spec, kernel) in [
+        (PackedSpec { act, ..PackedSpec::w8a8() }, Kernel::Int8Int8),
+        (PackedSpec { act, ..PackedSpec::w4a16(32).expect("spec") }, Kernel::Dequantized),
+    ] {
+        let p = PackedWeight::quantize(&w, spec, "static").expect("pack");
+        assert_eq!(p.kernel(), kernel, "{:?}", p.fallback_reason());
+        if kernel == Kernel::Dequantized && Isa::best().is_some() {
+            let reason = p.fallback_reason().expect("a named reason");
+            assert!(reason.contains("per token"), "{reason}");
+        }
+        let w_fake = fake_quant_weight(&w, &spec);
+        for m in [1, 17] {
+            let x = randn(&[m, k]) * 2.0;
+            let reference = qp.fake_quant(&x).matmul(&w_fake.tr());
+            let e = rel_err(&p.matmul(&x), &reference);
+            assert!(e <= F32_KERNEL_RTOL, "static {kernel:?} M={m}: {e}");
+            // Per-token ranges would be another numeric: the test can tell them apart.
+            let per_token = w8a8_reference(&x, &w_fake);
+            assert!(rel_err(&per_token, &reference) > 10.0 * F32_KERNEL_RTOL);
+        }
+    }
+    for bad in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        let spec = PackedSpec { act: ActMode::Int8PerTensor { scale: bad }, ..PackedSpec::w8a8() };
+        let err = PackedWeight::quantize(&w, spec, "lang.q").expect_err("bad scale").to_string();
+        assert!(err.contains("lang.q") && err.contains("static input scale"), "{err}");
     }
 }
 

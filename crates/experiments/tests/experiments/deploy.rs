@@ -13,6 +13,7 @@ use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::{write_safetensors, SafetensorsFile};
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{Llava, LoadOptions};
+use qvlm_core::quant::packed::ActMode;
 use qvlm_search::plan::{apply, QuantPlan};
 use tch::{Kind, Tensor};
 
@@ -23,6 +24,10 @@ const LOGITS_ATOL_WEIGHT_ONLY: f64 = 1e-4;
 /// `LOGITS_ATOL_W8A8`); measured 0.135 here on this machine. A wrong scale layout or code offset
 /// moves logits by several units. The W8A8 weights themselves are compared exactly (weights-only).
 const LOGITS_ATOL_W8A8: f64 = 0.5;
+/// The packed static-W8A8 import against the plan's fake-quant model: the same f32 scales on
+/// both sides and integer products that are exact either way; only f32 summation order and the
+/// rare rounding flip it causes remain.
+const LOGITS_ATOL_W8A8_STATIC: f64 = 1e-3;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
@@ -227,23 +232,55 @@ fn a_plan_is_exported_as_compressed_tensors_that_transformers_loads_with_our_log
         }
 
         if static_acts {
-            // W8A8 with static per-tensor scales (`input_scale`): transformers runs it; our
-            // loader does not read static scales yet and says so.
-            let err = Llava::load(&out, &LoadOptions::default()).expect_err("static scales");
-            assert!(err.to_string().contains("input_scale"), "{err}");
+            // W8A8 with static per-tensor scales (`input_scale`): transformers runs it, and our
+            // loader reads each scale into the packed layer (`_int_mm` with the static scale).
+            let ours = Llava::load(&out, &LoadOptions::default()).expect("load the static export");
+            let statics = ours
+                .linears()
+                .iter()
+                .filter(|l| {
+                    matches!(&l.weight, LinearWeight::Packed(p)
+                        if matches!(p.spec().act, ActMode::Int8PerTensor { .. }))
+                })
+                .count();
+            assert_eq!(statics, plan.weights.len(), "{tag}: every planned linear static W8A8");
             let mut float = Llava::load(&model_dir, &LoadOptions::default()).expect("float");
             let (pieces, pixels) = inputs(&float);
             let reference = reference_logits(&out, &float, &pieces, &pixels, &tmp, &[]);
             let weights_reference =
                 reference_logits(&out, &float, &pieces, &pixels, &tmp, &["--weights-only"]);
+            let packed_logits = logits(&ours, &pieces, &pixels, &mut NoHook);
             let mut hook = apply(&mut float, &plan).expect("apply");
             let fake = logits(&float, &pieces, &pixels, &mut hook);
             let weights_only = logits(&float, &pieces, &pixels, &mut NoHook);
             let d_weights = max_abs_diff(&weights_only, &weights_reference);
             let d_full = max_abs_diff(&fake, &reference);
-            eprintln!("{tag}: plan weights vs compressed-tensors {d_weights:.2e}; plan (static activations) vs transformers {d_full:.2e}");
+            let d_packed = max_abs_diff(&packed_logits, &fake);
+            let d_packed_ref = max_abs_diff(&packed_logits, &reference);
+            eprintln!(
+                "{tag}: plan weights vs compressed-tensors {d_weights:.2e}; plan (static \
+                 activations) vs transformers {d_full:.2e}; packed import vs plan {d_packed:.2e}, \
+                 vs transformers {d_packed_ref:.2e}"
+            );
             assert!(d_weights <= LOGITS_ATOL_WEIGHT_ONLY, "{tag}: {d_weights}");
             assert!(d_full <= LOGITS_ATOL_W8A8, "{tag}: {d_full}");
+            assert!(d_packed <= LOGITS_ATOL_W8A8_STATIC, "{tag}: packed vs plan {d_packed}");
+            assert!(
+                d_packed_ref <= LOGITS_ATOL_W8A8,
+                "{tag}: packed vs transformers {d_packed_ref}"
+            );
+            // The qvlm format keeps the static scales too, and reads back the same layers.
+            let q = tmp.join(format!("qvlm-{tag}"));
+            ok(quantize(cell, &q, &["--format", "qvlm"]), "qvlm static");
+            let (back, _) = qvlm_core::checkpoint::packed::load_quantized(
+                &model_dir,
+                &q,
+                &LoadOptions::default(),
+            )
+            .expect("load the qvlm export");
+            let d_qvlm =
+                max_abs_diff(&logits(&back, &pieces, &pixels, &mut NoHook), &packed_logits);
+            assert!(d_qvlm == 0.0, "{tag}: qvlm vs compressed-tensors import {d_qvlm}");
             continue;
         }
 
