@@ -25,11 +25,30 @@ pub struct BenchConfig {
     /// Custom shapes (`[[shape]]`), named in `model.shapes` like the presets.
     #[serde(default, rename = "shape")]
     pub custom_shapes: Vec<ShapeDims>,
+    /// Checkpoint directories timed as they are stored (`[[checkpoint]]`), after the shapes.
+    #[serde(default, rename = "checkpoint")]
+    pub checkpoints: Vec<CheckpointEntry>,
     #[serde(skip)]
     pub file: PathBuf,
     /// The config's text (its hash is recorded with the results).
     #[serde(skip)]
     pub text: String,
+}
+
+/// A model directory the bench loads and times as stored (`[[checkpoint]]`): a
+/// compressed-tensors export (ours, or another tool's: llm-compressor, GPTQModel, AutoRound), a
+/// llava-hf or Qwen2-VL directory, with the loaders `generate` and the grids use. Its float parts
+/// are loaded in bf16, like the shapes' rows. Two rows per round: `as stored` (its packed linears
+/// on the kernels this machine picks) and `BF16 own` (the same linears dequantized to bf16 on the
+/// own memory-bound kernel, everything else unchanged): the fair 16-bit baseline of the same
+/// weights, so that its "vs 16-bit" ratio changes one thing.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointEntry {
+    /// The table's model name.
+    pub name: String,
+    /// The directory (with `config.json`).
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -229,14 +248,20 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
     if !(m.memory_headroom_gib.is_finite() && m.memory_headroom_gib >= 0.0) {
         bail!("{f}: key `model.memory_headroom_gib`: must be a finite number ≥ 0");
     }
-    if m.shapes.is_empty() {
-        bail!("{f}: key `model.shapes`: name at least one shape");
+    if m.shapes.is_empty() && cfg.checkpoints.is_empty() {
+        bail!("{f}: key `model.shapes`: name at least one shape (or a `[[checkpoint]]`)");
     }
     if m.schemes.is_empty() {
         bail!("{f}: key `model.schemes`: name at least one scheme");
     }
     let mut seen = BTreeSet::new();
     for s in &m.schemes {
+        if *s == Scheme::Stored {
+            bail!(
+                "{f}: key `model.schemes`: `stored` is the row of a `[[checkpoint]]`, not a \
+                 scheme to put into a shape"
+            );
+        }
         if !seen.insert(*s) {
             bail!("{f}: key `model.schemes`: `{}` is listed twice", s.key());
         }
@@ -313,6 +338,18 @@ fn validate(cfg: &BenchConfig) -> Result<()> {
                 m.w4_group,
                 shape.name,
             );
+        }
+    }
+    for (i, c) in cfg.checkpoints.iter().enumerate() {
+        if c.name.is_empty() || listed.contains(&c.name) || !names.insert(c.name.as_str()) {
+            bail!(
+                "{f}: key `checkpoint[{i}].name`: `{}` is empty or names a shape or another \
+                 checkpoint",
+                c.name
+            );
+        }
+        if !c.path.join("config.json").is_file() {
+            bail!("{f}: key `checkpoint[{i}].path`: {} has no config.json", c.path.display());
         }
     }
     let me = &cfg.measure;

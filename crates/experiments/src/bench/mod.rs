@@ -26,16 +26,19 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use qvlm_core::device::DType;
+use qvlm_core::io::config::{detect_family, ModelFamily};
 use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::linear::LinearWeight;
-use qvlm_core::model::llava::Llava;
+use qvlm_core::model::llava::{Llava, LoadOptions};
 use qvlm_core::model::qwen2_vl::Qwen2Vl;
+use qvlm_core::quant::bf16_own::Bf16Weight;
 use qvlm_core::quant::packed::Kernel;
 use qvlm_core::quant::team::Isa;
 
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
-use config::BenchConfig;
+use config::{BenchConfig, CheckpointEntry};
 use machine::GIB;
 use measure::{Split, Timings};
 use model::BenchModel;
@@ -83,9 +86,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Outcome> {
     let mut skipped = Vec::new();
     let info = |rows: &mut Vec<Row>, skipped: &[Skipped]| {
         let order = |s: Scheme| cfg.model.schemes.iter().position(|&x| x == s);
-        rows.sort_by_key(|r| {
-            (cfg.model.shapes.iter().position(|s| *s == r.shape), order(r.scheme))
-        });
+        // Shapes in config order, then the checkpoints in theirs.
+        let at = |name: &str| {
+            let checkpoint = cfg.checkpoints.iter().position(|c| c.name == name);
+            cfg.model.shapes.iter().position(|s| s == name).or(checkpoint.map(|c| 1 << 20 | c))
+        };
+        rows.sort_by_key(|r| (at(&r.shape), order(r.scheme)));
         RunInfo {
             config: cfg.clone(),
             config_file: cfg.file.clone(),
@@ -98,6 +104,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Outcome> {
         run_shape(cfg, &shape, device, &mut rows, &mut skipped)
             .with_context(|| format!("benchmarking {}", shape.name))?;
         // The measurements so far are on disk before the next (larger) shape is built.
+        let so_far = info(&mut rows, &skipped);
+        report::write_results(&dir, &rows, &so_far)?;
+    }
+    for entry in &cfg.checkpoints {
+        run_checkpoint(cfg, entry, device, &mut rows, &mut skipped)
+            .with_context(|| format!("benchmarking {} ({})", entry.name, entry.path.display()))?;
         let so_far = info(&mut rows, &skipped);
         report::write_results(&dir, &rows, &so_far)?;
     }
@@ -370,7 +382,7 @@ struct Measured {
 
 /// A table row, extrapolated per layer to `layers` when fewer were built: every decoder layer has
 /// the same weights and work, so the decoder's time, bytes and memory scale with the count.
-fn row(cfg: &BenchConfig, shape: &Shape, model: &str, layers: i64, built: i64, m: Measured) -> Row {
+fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: Measured) -> Row {
     let scale = layers as f64 / built as f64;
     let add_layers = layers - built;
     let layer_linears = m.linears / built;
@@ -384,7 +396,7 @@ fn row(cfg: &BenchConfig, shape: &Shape, model: &str, layers: i64, built: i64, m
         .min_by(|a, b| a.total_ms().total_cmp(&b.total_ms()))
         .unwrap_or_default();
     Row {
-        shape: shape.name.clone(),
+        shape: shape.to_string(),
         model: model.to_string(),
         scheme: m.scheme,
         label: m.scheme.label(cfg.model.w4_group),
@@ -476,7 +488,7 @@ fn run_fp32(
         rss: rss_delta(base),
     };
     drop(model);
-    Ok(row(cfg, shape, model_label, layers, built, m))
+    Ok(row(cfg, &shape.name, model_label, layers, built, m))
 }
 
 /// A shape's bf16 family: the schemes measured on one bf16 build with `built` of the shape's
@@ -557,13 +569,149 @@ fn run_bf16_round(
             roof,
             rss: rss_delta(base),
         };
-        let r = row(cfg, shape, model_label, layers, built, m);
+        let r = row(cfg, &shape.name, model_label, layers, built, m);
         tracing::info!(
             "{what}: decode {:.1} ms/token, prefill {:.0} ms{}",
             r.decode.total_ms(),
             r.prefill.total_ms(),
             if r.extrapolated() { " (extrapolated per layer)" } else { "" }
         );
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
+/// `measure.rounds` rounds of [`checkpoint_round`], one row per scheme ([`median_rounds`]).
+fn run_checkpoint(
+    cfg: &BenchConfig,
+    entry: &CheckpointEntry,
+    device: Device,
+    rows: &mut Vec<Row>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<()> {
+    let rounds = cfg.measure.rounds.max(1);
+    let mut per_round = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        if rounds > 1 {
+            tracing::info!("{}: round {} of {rounds}", entry.name, round + 1);
+        }
+        let mut later_rounds = Vec::new();
+        let skipped = if round == 0 { &mut *skipped } else { &mut later_rounds };
+        per_round.push(checkpoint_round(cfg, entry, device, skipped)?);
+    }
+    rows.extend(median_rounds(per_round));
+    Ok(())
+}
+
+/// The checkpoint loaded from its directory with its float parts in bf16 (packed linears as the
+/// checkpoint stores them, on the kernels this machine picks).
+fn load_checkpoint(entry: &CheckpointEntry, device: Device) -> Result<BenchModel> {
+    let opts = LoadOptions { device, dtype: DType::Bf16, clip_dir: None };
+    let pb = progress::spinner(&format!("loading {}", entry.name));
+    let model = match detect_family(&entry.path.join("config.json"))? {
+        ModelFamily::Llava => BenchModel::Llava(Box::new(Llava::load(&entry.path, &opts)?)),
+        ModelFamily::Qwen2Vl => BenchModel::Qwen2Vl(Box::new(Qwen2Vl::load(&entry.path, &opts)?)),
+    };
+    pb.finish_and_clear();
+    Ok(model)
+}
+
+/// Bytes of every tensor of `model` besides its linears' weights (embeddings, norms, biases,
+/// the vision tower's patch and position embeddings) at their held dtype. The linears' weights
+/// are taken out while the model is walked, so a packed weight is not dequantized to be counted.
+fn non_linear_bytes(model: &mut BenchModel) -> i64 {
+    let mut held = Vec::new();
+    for linear in model.linears_and_head_mut() {
+        let empty = LinearWeight::Float(Tensor::zeros([0], (Kind::BFloat16, Device::Cpu)));
+        held.push(std::mem::replace(&mut linear.weight, empty));
+    }
+    let bytes = float_bytes(model);
+    for (linear, weight) in model.linears_and_head_mut().into_iter().zip(held) {
+        linear.weight = weight;
+    }
+    bytes
+}
+
+/// One round of a checkpoint: loaded and measured as stored, then its packed linears (and only
+/// those) dequantized to bf16 on the own bf16 kernel and measured again (`BF16 own`).
+fn checkpoint_round(
+    cfg: &BenchConfig,
+    entry: &CheckpointEntry,
+    device: Device,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Row>> {
+    let base = machine::rss_bytes();
+    let mut model = load_checkpoint(entry, device)?;
+    let layers = model.language_model().layers.len() as i64;
+    let other = non_linear_bytes(&mut model);
+    // A prefill image at the checkpoint's own resolution (Qwen2-VL: the bench presets' 336 px).
+    let image_side = match &model {
+        BenchModel::Llava(m) => m.cfg.vision.image_size,
+        BenchModel::Qwen2Vl(_) => 336,
+    };
+    let mut rows = Vec::new();
+    let packed: Vec<usize> = model
+        .linears_and_head()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l.weight, LinearWeight::Packed(_)))
+        .map(|(i, _)| i)
+        .collect();
+    for scheme in [Scheme::Stored, Scheme::Bf16Own] {
+        let what = format!("{} {}", entry.name, scheme.label(cfg.model.w4_group));
+        if scheme == Scheme::Bf16Own {
+            let reason = if packed.is_empty() {
+                Some(
+                    "the checkpoint holds no packed linear: its stored row is already 16-bit"
+                        .into(),
+                )
+            } else {
+                let extra: i64 = model
+                    .linears_and_head()
+                    .iter()
+                    .filter(|l| matches!(l.weight, LinearWeight::Packed(_)))
+                    .map(|l| l.out_features * l.in_features)
+                    .sum();
+                scheme.not_here(device).or_else(|| does_not_fit(cfg, device, extra, Kind::BFloat16))
+            };
+            if let Some(reason) = reason {
+                tracing::warn!("skipping {what}: {reason}");
+                skipped.push(Skipped {
+                    model: entry.name.clone(),
+                    schemes: scheme.label(cfg.model.w4_group),
+                    reason,
+                });
+                continue;
+            }
+            let pb = progress::bar(packed.len() as u64, &format!("{}: bf16 own", entry.name));
+            for (i, linear) in model.linears_and_head_mut().into_iter().enumerate() {
+                if let (true, LinearWeight::Packed(p)) = (packed.contains(&i), &linear.weight) {
+                    let name = linear.id.to_string();
+                    let w = p.dequantize().to_kind(Kind::BFloat16);
+                    let own = Bf16Weight::from_tensor(&w, &name)
+                        .with_context(|| format!("putting {name} on the own bf16 kernel"))?;
+                    linear.weight = LinearWeight::Bf16Own(own);
+                    pb.inc(1);
+                }
+            }
+            pb.finish_and_clear();
+        }
+        let (kernel, fallbacks) = kernels(&model);
+        let (timings, roof) = measure(&model, cfg, image_side, &what)?;
+        let m = Measured {
+            scheme,
+            kernel,
+            fallbacks,
+            all: other + scheme::packable_bytes(&model),
+            linears: decoder_linear_bytes(&model),
+            extra: decode_extra_bytes(&model),
+            layer_rest: layer_rest_bytes(&model),
+            timings,
+            roof,
+            rss: rss_delta(base),
+        };
+        let r = row(cfg, &entry.name, &entry.name, layers, layers, m);
+        tracing::info!("{what}: decode {:.1} ms/token", r.decode.total_ms());
         rows.push(r);
     }
     Ok(rows)

@@ -294,7 +294,11 @@ pub fn build(dir: &Path) -> Result<Report> {
 
     let csv = dir.join("efficiency.csv");
     let md = dir.join("efficiency.md");
-    let title = "Efficiency — FP32 / BF16 / W8A16 / W8A8 / W4A16 / W4A8 / W4A4 on LLaVA-shaped models (random weights), against the memory roof";
+    let title = format!(
+        "Efficiency — FP32 / BF16 / W8A16 / W8A8 / W4A16 / W4A8 / W4A4 on LLaVA-shaped models (random weights){}, against the memory roof",
+        if info.config.checkpoints.is_empty() { "" } else { " and checkpoints as stored" }
+    );
+    let title = title.as_str();
     let note = format!(
         "Machine: {}. Run wall time {:.0} s (config `{}`).",
         info.machine.describe(),
@@ -562,6 +566,17 @@ fn method_notes(info: &RunInfo) -> String {
         cfg.bandwidth.mib,
         cfg.bandwidth.repeats,
     ));
+    if !cfg.checkpoints.is_empty() {
+        let list: Vec<String> = cfg
+            .checkpoints
+            .iter()
+            .map(|c| format!("`{}` ({})", c.name, c.path.display()))
+            .collect();
+        s.push_str(&format!(
+            "- Checkpoints ({}): loaded from their directories as `generate` and the grids load them (compressed-tensors into packed weights on this machine's kernels; float parts in bf16) and measured as stored (`as stored`: its real weights, every stored format as stored, so the `kernel` column names what ran); then, in the same round, the linears it holds packed (and only those) are dequantized to bf16 and put on the own bf16 kernel (`BF16 own`): the fair 16-bit row of the same weights, which its `speedup_vs_16bit` uses. Nothing is extrapolated.\n",
+            list.join(", ")
+        ));
+    }
     if !info.skipped.is_empty() {
         s.push_str("\n#### Not run\n\n");
         for k in &info.skipped {

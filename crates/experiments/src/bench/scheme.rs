@@ -73,6 +73,9 @@ pub enum Scheme {
     /// The same weights with dynamic symmetric per-token int4 activations (the paper's Table 4
     /// setting is W4A4), on the VNNI kernel.
     W4a4,
+    /// A `[[checkpoint]]` as loaded from its directory (its own formats and kernels); not a
+    /// scheme a shape can be given.
+    Stored,
 }
 
 impl Scheme {
@@ -102,6 +105,7 @@ impl Scheme {
             Scheme::W4a16Vnni => "w4a16_vnni",
             Scheme::W4a8 => "w4a8",
             Scheme::W4a4 => "w4a4",
+            Scheme::Stored => "stored",
         }
     }
 
@@ -118,6 +122,7 @@ impl Scheme {
             Scheme::W4a16Vnni => format!("W4A16 g{group} q8"),
             Scheme::W4a8 => format!("W4A8 g{group}"),
             Scheme::W4a4 => format!("W4A4 g{group}"),
+            Scheme::Stored => "as stored".into(),
         }
     }
 
@@ -186,6 +191,7 @@ impl Scheme {
             }
             Scheme::W4a8 => Some(PackedSpec::w4a8(group)?),
             Scheme::W4a4 => Some(PackedSpec::w4a4(group)?),
+            Scheme::Stored => bail!("a checkpoint's weights are loaded as stored, not packed"),
         })
     }
 }

@@ -429,3 +429,100 @@ fn bench_runs_a_qwen2_vl_shape_with_exact_bytes() {
         assert!(r.prefill.vision_ms > 0.0 && r.decode.total_ms() > 0.0, "{}", r.label);
     }
 }
+
+/// `[[checkpoint]]`: a compressed-tensors directory written by the library itself (the core
+/// import fixtures) is loaded as stored and timed, then its packed linears (only those) as bf16
+/// on the own kernel: the same weights' fair 16-bit row, with exact bytes on both.
+#[test]
+fn bench_times_a_compressed_tensors_checkpoint_as_stored_and_as_bf16() {
+    let results = scratch("checkpoint");
+    let fixtures = root().join("crates/core/tests/fixtures/compressed");
+    let text = format!(
+        r#"
+[bench]
+name = "tiny-checkpoint"
+device = "cpu"
+threads = 1
+results_dir = "{results}"
+
+[model]
+memory_headroom_gib = 0.0
+shapes = []
+
+[measure]
+prefill_tokens = 8
+warmup_tokens = 1
+decode_tokens = 2
+rounds = 2
+
+[bandwidth]
+mib = 16
+repeats = 2
+
+[[checkpoint]]
+name = "ct-w4a16"
+path = "{w4}"
+
+[[checkpoint]]
+name = "ct-w8a8-static"
+path = "{w8}"
+"#,
+        results = results.display(),
+        w4 = fixtures.join("w4a16_g32_sym").display(),
+        w8 = fixtures.join("w8a8_static").display(),
+    );
+    let cfg = config::parse(&text, Path::new("tiny-checkpoint.toml")).expect("config");
+    let out = bench::run(&cfg).expect("bench run");
+    let own = bf16_own::available();
+    let want: Vec<(&str, Scheme)> = ["ct-w4a16", "ct-w8a8-static"]
+        .into_iter()
+        .flat_map(|m| {
+            let mut v = vec![(m, Scheme::Stored)];
+            if own {
+                v.push((m, Scheme::Bf16Own));
+            }
+            v
+        })
+        .collect();
+    let got: Vec<(&str, Scheme)> = out.rows.iter().map(|r| (r.shape.as_str(), r.scheme)).collect();
+    assert_eq!(got, want);
+    // Decoder linears per layer (hidden 64, 4 heads of which 2 key/value, intermediate 128):
+    // q, k, v, o, gate, up, down; 2 layers.
+    let shapes: Vec<(i64, i64)> =
+        [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)].repeat(2);
+    let bf16: i64 = shapes.iter().map(|(o, i)| o * i * 2).sum();
+    // int4 symmetric groups of 32: nibbles and one f32 scale per group; int8 per channel: bytes
+    // and one f32 scale per row.
+    let w4: i64 = shapes.iter().map(|(o, i)| o * i / 2 + o * (i / 32) * 4).sum();
+    let w8: i64 = shapes.iter().map(|(o, i)| o * i + o * 4).sum();
+    let row =
+        |m: &str, s: Scheme| out.rows.iter().find(|r| r.shape == m && r.scheme == s).expect("row");
+    assert_eq!(row("ct-w4a16", Scheme::Stored).decoder_linear_bytes, w4);
+    assert_eq!(row("ct-w8a8-static", Scheme::Stored).decoder_linear_bytes, w8);
+    for r in &out.rows {
+        assert_eq!((r.layers, r.layers_built), (2, 2), "{}", r.label);
+        assert!(r.decode.total_ms() > 0.0 && r.prefill.total_ms() > 0.0, "{}", r.label);
+        assert_eq!(r.round_decode_ms.len(), 2, "{}", r.label);
+    }
+    if own {
+        for (m, stored) in [("ct-w4a16", w4), ("ct-w8a8-static", w8)] {
+            let (s, b) = (row(m, Scheme::Stored), row(m, Scheme::Bf16Own));
+            assert_eq!(b.decoder_linear_bytes, bf16, "{m}");
+            // Only the decoder linears change between the two rows (vision, projector and
+            // lm_head are dense in both fixtures).
+            assert_eq!(b.weight_bytes - s.weight_bytes, bf16 - stored, "{m}");
+            assert!(b.kernel.starts_with("bf16_"), "{m}: {}", b.kernel);
+            assert_eq!(s.round_speedup_16bit.len(), 2, "{m}: paired ratios");
+        }
+    }
+    let table = std::fs::read_to_string(out.dir.join("efficiency.md")).expect("table");
+    assert!(table.contains("as stored") && table.contains("Checkpoints"), "{table}");
+
+    // `stored` is not a scheme for shapes; a checkpoint without config.json is named.
+    let bad = text.replace("shapes = []", "shapes = []\nschemes = [\"stored\"]");
+    let err = format!("{:#}", config::parse(&bad, Path::new("b.toml")).expect_err("stored"));
+    assert!(err.contains("model.schemes") && err.contains("checkpoint"), "{err}");
+    let bad = text.replace(&fixtures.join("w8a8_static").display().to_string(), "/nonexistent");
+    let err = format!("{:#}", config::parse(&bad, Path::new("b.toml")).expect_err("path"));
+    assert!(err.contains("checkpoint[1].path") && err.contains("config.json"), "{err}");
+}
