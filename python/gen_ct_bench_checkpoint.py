@@ -22,11 +22,12 @@ from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
     QuantizationScheme,
-    QuantizationStatus,
     apply_quantization_config,
 )
-from compressed_tensors.quantization.utils import calculate_qparams
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_ct_fixtures import calibrate  # noqa: E402
 
 SIZES = {
     "1b": dict(text=dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
@@ -70,24 +71,12 @@ def main():
         model = LlavaForConditionalGeneration(cfg).to(torch.bfloat16).eval()
     scheme = scheme_of(args.scheme)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=IGNORE))
+    calibrate(model)  # min-max weight qparams, as the import fixtures
     for _, m in model.named_modules():
         s = getattr(m, "quantization_scheme", None)
-        if s is None:
-            continue
-        w, a = m.weight.data.float(), s.weights
-        if a.strategy == "group":
-            wg = w.unflatten(-1, (w.shape[-1] // a.group_size, a.group_size))
-            mn, mx = wg.amin(-1), wg.amax(-1)
-        else:
-            mn, mx = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale, zp = calculate_qparams(mn, mx, a)
-        m.weight_scale.data.copy_(scale.to(m.weight_scale.dtype))
-        if hasattr(m, "weight_zero_point"):
-            m.weight_zero_point.data.copy_(zp.to(m.weight_zero_point.dtype))
-        if s.input_activations is not None:
+        if s is not None and s.input_activations is not None:
             # A stand-in calibrated range: activations of about unit size.
             m.input_scale.data.fill_(4.0 / 127.5)
-        m.quantization_status = QuantizationStatus.FROZEN
     comp = ModelCompressor.from_pretrained_model(model)
     comp.compress_model(model)
     model.save_pretrained(args.out)

@@ -509,16 +509,27 @@ fn run_bf16_family(
     rows: &mut Vec<Row>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<()> {
+    in_rounds(cfg, family.label, rows, skipped, |skipped| run_bf16_round(cfg, family, skipped))
+}
+
+/// `measure.rounds` rounds of `round` (the rows of one model, in the same order each round), one
+/// row per scheme ([`median_rounds`]); what cannot run is listed once, from the first round.
+fn in_rounds(
+    cfg: &BenchConfig,
+    label: &str,
+    rows: &mut Vec<Row>,
+    skipped: &mut Vec<Skipped>,
+    mut round: impl FnMut(&mut Vec<Skipped>) -> Result<Vec<Row>>,
+) -> Result<()> {
     let rounds = cfg.measure.rounds.max(1);
     let mut per_round = Vec::with_capacity(rounds);
-    for round in 0..rounds {
+    for r in 0..rounds {
         if rounds > 1 {
-            tracing::info!("{}: round {} of {rounds}", family.label, round + 1);
+            tracing::info!("{label}: round {} of {rounds}", r + 1);
         }
-        // What cannot run is listed once.
         let mut later_rounds = Vec::new();
-        let skipped = if round == 0 { &mut *skipped } else { &mut later_rounds };
-        per_round.push(run_bf16_round(cfg, family, skipped)?);
+        let skipped = if r == 0 { &mut *skipped } else { &mut later_rounds };
+        per_round.push(round(skipped)?);
     }
     rows.extend(median_rounds(per_round));
     Ok(())
@@ -589,18 +600,9 @@ fn run_checkpoint(
     rows: &mut Vec<Row>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<()> {
-    let rounds = cfg.measure.rounds.max(1);
-    let mut per_round = Vec::with_capacity(rounds);
-    for round in 0..rounds {
-        if rounds > 1 {
-            tracing::info!("{}: round {} of {rounds}", entry.name, round + 1);
-        }
-        let mut later_rounds = Vec::new();
-        let skipped = if round == 0 { &mut *skipped } else { &mut later_rounds };
-        per_round.push(checkpoint_round(cfg, entry, device, skipped)?);
-    }
-    rows.extend(median_rounds(per_round));
-    Ok(())
+    in_rounds(cfg, &entry.name, rows, skipped, |skipped| {
+        checkpoint_round(cfg, entry, device, skipped)
+    })
 }
 
 /// The checkpoint loaded from its directory with its float parts in bf16 (packed linears as the
