@@ -5,6 +5,7 @@
 use qvlm_core::model::rotation::{RotationKind, RotationSpec};
 use qvlm_core::quant::spec::{Granularity, RangeMode, WeightSpec};
 use qvlm_core::quant::uniform::Grid;
+use qvlm_search::awq::AwqSites;
 use qvlm_search::engine::WeightMethod;
 use qvlm_search::gptq::GptqSettings;
 use qvlm_search::partition::Threshold;
@@ -46,6 +47,11 @@ pub struct AwqSettings {
     pub grid: usize,
     #[serde(default = "default_awq_clip_steps")]
     pub clip_steps: usize,
+    /// Which sites get a scale: `"all"` (default) or `"foldable"` (llm-awq's rule; what a
+    /// compressed-tensors export needs). Left out of the hashed cell config at the default, so
+    /// existing cell ids stay.
+    #[serde(default, skip_serializing_if = "AwqSites::is_all")]
+    pub sites: AwqSites,
 }
 
 fn default_awq_grid() -> usize {
@@ -57,7 +63,11 @@ fn default_awq_clip_steps() -> usize {
 
 impl Default for AwqSettings {
     fn default() -> Self {
-        Self { grid: default_awq_grid(), clip_steps: default_awq_clip_steps() }
+        Self {
+            grid: default_awq_grid(),
+            clip_steps: default_awq_clip_steps(),
+            sites: AwqSites::All,
+        }
     }
 }
 
@@ -75,7 +85,9 @@ impl WeightFormat {
     /// How the search treats the weights.
     pub fn search_method(self) -> WeightMethod {
         match self {
-            WeightFormat::Awq(a) => WeightMethod::Awq { grid: a.grid, clip_steps: a.clip_steps },
+            WeightFormat::Awq(a) => {
+                WeightMethod::Awq { grid: a.grid, clip_steps: a.clip_steps, sites: a.sites }
+            }
             WeightFormat::Gptq(g) => WeightMethod::Gptq(g),
             WeightFormat::SmoothQuant(s) => WeightMethod::SmoothQuant(s),
             WeightFormat::Rtn | WeightFormat::Nf4 => WeightMethod::Plain,
@@ -493,15 +505,30 @@ mod tests {
         assert_eq!(weights("weights = \"awq\""), Ok(WeightFormat::Awq(AwqSettings::default())));
         assert_eq!(weights("weights = \"nf4\""), Ok(WeightFormat::Nf4));
         let custom = weights("weights = { awq = { grid = 10 } }").expect("awq table");
-        assert_eq!(custom, WeightFormat::Awq(AwqSettings { grid: 10, clip_steps: 11 }));
+        assert_eq!(
+            custom,
+            WeightFormat::Awq(AwqSettings { grid: 10, clip_steps: 11, sites: AwqSites::All })
+        );
         assert_eq!(
             custom.search_method(),
-            qvlm_search::engine::WeightMethod::Awq { grid: 10, clip_steps: 11 }
+            qvlm_search::engine::WeightMethod::Awq {
+                grid: 10,
+                clip_steps: 11,
+                sites: AwqSites::All
+            }
         );
         // At the defaults the bare name is written (cell ids of earlier runs hash it).
         let json = |w: WeightFormat| serde_json::to_string(&w).unwrap_or_default();
         assert_eq!(json(WeightFormat::Awq(AwqSettings::default())), "\"awq\"");
         assert_eq!(json(custom), r#"{"awq":{"grid":10,"clip_steps":11}}"#);
+        // Only foldable sites scaled (llm-awq's rule): written, so the cell id changes.
+        let foldable = weights("weights = { awq = { sites = \"foldable\" } }").expect("awq sites");
+        assert_eq!(
+            foldable,
+            WeightFormat::Awq(AwqSettings { sites: AwqSites::Foldable, ..AwqSettings::default() })
+        );
+        assert_eq!(json(foldable), r#"{"awq":{"grid":20,"clip_steps":11,"sites":"foldable"}}"#);
+        assert!(weights("weights = { awq = { sites = \"some\" } }").is_err());
         let gptq = weights("weights = { gptq = { act_order = true, static_groups = true } }")
             .expect("gptq table");
         let want = GptqSettings { act_order: true, static_groups: true, ..GptqSettings::default() };

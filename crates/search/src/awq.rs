@@ -6,9 +6,51 @@
 use qvlm_core::quant::spec::{Granularity, WeightSpec};
 use qvlm_core::quant::uniform::{Grid, QParams};
 use qvlm_core::quant::weight::{group_len, QuantizedWeight};
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{Result, SearchError};
+use crate::site::{FoldTarget, Site};
+
+/// Which sites AWQ scales.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AwqSites {
+    /// Every site with quantized weights (this project's first choice, kept as the default so
+    /// earlier results stand): the scale lives in the fake-quant hook, so a site after a GELU
+    /// or under grouped-query attention is scaled too, and such plans export as llava-hf only.
+    #[default]
+    All,
+    /// Only the sites whose scale folds into the operation before them ([`foldable`]): llm-awq's
+    /// choice (`auto_scale_block`: q/k/v after the norm, o_proj only where v_proj and o_proj
+    /// have the same shape, gate/up, down_proj), which deployable checkpoints need. The other
+    /// sites get the clip search alone.
+    Foldable,
+}
+
+impl AwqSites {
+    pub fn is_all(&self) -> bool {
+        *self == AwqSites::All
+    }
+}
+
+/// Whether `site`'s scale folds into the operation producing its input
+/// ([`Site::fold_target`]), with llm-awq's rule for the attention output: v_proj and o_proj of
+/// the same shape (no grouped-query attention)
+/// <https://github.com/mit-han-lab/llm-awq/blob/3665e1abb0c6f8b4e0d6b5a1d7a3f8c5d1ad8e1b/awq/quantize/auto_scale.py#L183-L193>.
+pub fn foldable(
+    site: &Site,
+    weights: &std::collections::BTreeMap<qvlm_core::layer_id::LayerId, Tensor>,
+) -> bool {
+    match site.fold_target() {
+        None => false,
+        Some(FoldTarget::Rows(slot @ qvlm_core::layer_id::Slot::VProj)) => {
+            let v = qvlm_core::layer_id::LayerId::new(site.id.tower, site.id.block, slot);
+            weights.get(&v).zip(weights.get(&site.id)).is_some_and(|(v, o)| v.size() == o.size())
+        }
+        Some(_) => true,
+    }
+}
 
 /// RTN with per-output-row clipping ratios `ratio` `[out, 1]` applied to each group's range.
 pub fn clipped_rtn(

@@ -73,8 +73,9 @@ impl std::fmt::Debug for Engine<'_> {
 pub enum WeightMethod {
     /// Round-to-nearest / NF4 as the scheme says.
     Plain,
-    /// AWQ scale (grid of `grid` α values) and clip search (`clip_steps` ratios down to 0.5).
-    Awq { grid: usize, clip_steps: usize },
+    /// AWQ scale (grid of `grid` α values) and clip search (`clip_steps` ratios down to 0.5) at
+    /// the sites `sites` says; elsewhere the clip search alone.
+    Awq { grid: usize, clip_steps: usize, sites: crate::awq::AwqSites },
     /// GPTQ on the Hessian of each site's inputs on the quantized path (the inputs the
     /// reference implementation collects: earlier blocks quantized, this block in float).
     Gptq(crate::gptq::GptqSettings),
@@ -467,7 +468,7 @@ impl<'a> Engine<'a> {
                 )?)?);
             }
         }
-        if let WeightMethod::Awq { grid, clip_steps } = method {
+        if let WeightMethod::Awq { grid, clip_steps, sites } = method {
             let rows = self.real_rows(site, xr);
             let rows = crate::entropy::subsample(
                 &rows,
@@ -479,14 +480,29 @@ impl<'a> Engine<'a> {
             );
             let ws: Vec<Tensor> =
                 site.consumers.iter().map(|c| self.float_weights[c].to_kind(Kind::Float)).collect();
-            let (s, _) = crate::awq::search_scale(&rows, &ws, &spec, grid, &site.id.to_string())?;
-            self.meter.report.candidate_evaluations += grid as u64;
+            let scaled = sites == crate::awq::AwqSites::All
+                || crate::awq::foldable(site, &self.float_weights);
+            let s = if scaled {
+                let (s, _) =
+                    crate::awq::search_scale(&rows, &ws, &spec, grid, &site.id.to_string())?;
+                self.meter.report.candidate_evaluations += grid as u64;
+                Some(s)
+            } else {
+                None
+            };
             if let qvlm_core::quant::spec::WeightSpec::Rtn { grid: g, granularity } = spec {
-                let xs = &rows / &s;
+                let xs = match &s {
+                    Some(s) => &rows / s,
+                    None => rows.shallow_clone(),
+                };
                 for (c, w) in site.consumers.iter().zip(&ws) {
+                    let w = match &s {
+                        Some(s) => w * s.unsqueeze(0),
+                        None => w.shallow_clone(),
+                    };
                     let r = crate::awq::search_clip(
                         &xs,
-                        &(w * s.unsqueeze(0)),
+                        &w,
                         g,
                         granularity,
                         clip_steps,
@@ -497,7 +513,7 @@ impl<'a> Engine<'a> {
                     clips.insert(*c, TensorData::from_tensor(&r)?);
                 }
             }
-            input_scale = Some(TensorData::from_tensor(&s)?);
+            input_scale = s.as_ref().map(TensorData::from_tensor).transpose()?;
         }
         let scale_t = input_scale.as_ref().map(TensorData::to_tensor);
         for c in &site.consumers {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use qvlm_core::layer_id::LayerId;
+use qvlm_core::layer_id::{LayerId, Slot, Tower};
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::Llava;
 use qvlm_core::quant::packed::{ActMode, PackedWeight};
@@ -16,6 +16,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Result, SearchError};
 use crate::plan::{ModelIdentity, QuantPlan, SiteAct};
+use crate::site::{FoldTarget, Site};
 
 /// What [`pack`] did besides packing the weights.
 #[derive(Debug, Default)]
@@ -105,11 +106,129 @@ fn quantized_weight(
     })
 }
 
+/// What a scaled site's input is produced by, in this model.
+enum Producer {
+    /// The norm of this block (attention's, or the MLP's when `second`).
+    Norm { block: u32, tower: Tower, second: bool },
+    /// The rows of this linear.
+    Rows(LayerId),
+}
+
+/// The producer of a scaled site's input ([`Site::fold_target`]), or why its scale cannot be
+/// folded here.
+fn producer(model: &Llava, site: &Site, s: &Tensor) -> Result<Producer> {
+    let (tower, block) = (site.id.tower, site.id.block);
+    match site.fold_target() {
+        Some(FoldTarget::Norm { second }) => Ok(Producer::Norm { block, tower, second }),
+        Some(FoldTarget::Rows(Slot::VProj)) if tower == Tower::Language => {
+            // Grouped-query attention: one value row feeds every query head of its group, so
+            // the scale must be the same across the group's heads.
+            let t = &model.cfg.text;
+            let (heads, kv, d) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim);
+            if kv != heads {
+                let by_head = s.to_kind(Kind::Float).reshape([kv, heads / kv, d]);
+                let spread = (&by_head - by_head.select(1, 0).unsqueeze(1)).abs().max();
+                if spread.double_value(&[]) != 0.0 {
+                    return Err(unsupported(
+                        site.id,
+                        "an input scale that differs between the query heads sharing a value \
+                         head (grouped-query attention): it cannot be folded into v_proj (AWQ \
+                         with `sites = \"foldable\"` leaves this site unscaled, as llm-awq does)",
+                    ));
+                }
+            }
+            Ok(Producer::Rows(LayerId::new(tower, block, Slot::VProj)))
+        }
+        Some(FoldTarget::Rows(Slot::UpProj)) => {
+            let down = &model.language_model.layers[block as usize].down_proj;
+            if down.input_rotation.is_some() {
+                return Err(unsupported(
+                    site.id,
+                    "an input scale after the online Hadamard rotation: the rotation mixes \
+                     up_proj's rows, so 1/s cannot be folded into them",
+                ));
+            }
+            Ok(Producer::Rows(LayerId::new(tower, block, Slot::UpProj)))
+        }
+        Some(FoldTarget::Rows(slot)) => Ok(Producer::Rows(LayerId::new(tower, block, slot))),
+        None => Err(unsupported(
+            site.id,
+            "an input scale after a nonlinearity or on the residual stream (CLIP's fc2, the \
+             projector) has no operation to fold 1/s into; leave it unscaled (AWQ with \
+             `sites = \"foldable\"`), do not quantize that tower (`quantize_vision = false`, \
+             `quantize_projector = false`), or use --format llava-hf",
+        )),
+    }
+}
+
+/// The site's per-channel scale `s` `[in]` as the hook divides by it: the f32 reciprocal.
+fn reciprocal(s: &Tensor) -> Tensor {
+    s.to_kind(Kind::Float).reciprocal()
+}
+
+/// `t · inv` along its last dimension (a gain or bias `[in]`), in `t`'s dtype.
+fn times(t: &Tensor, inv: &Tensor) -> Tensor {
+    (t.to_kind(Kind::Float) * inv.to_device(t.device())).to_kind(t.kind())
+}
+
+/// Folds every input scale of the plan into the operation producing the site's input (norm
+/// gains here; linears' rows returned, to be applied to their quantized form so that their codes
+/// stay the plan's). Checked for every site before anything changes.
+fn fold_norms(model: &mut Llava, plan: &QuantPlan) -> Result<BTreeMap<LayerId, Tensor>> {
+    let mut folds = Vec::new();
+    for sp in &plan.sites {
+        if let Some(s) = &sp.input_scale {
+            let s = s.to_tensor();
+            folds.push((producer(model, &sp.site, &s)?, reciprocal(&s)));
+        }
+    }
+    let mut rows = BTreeMap::new();
+    let _guard = tch::no_grad_guard();
+    for (p, inv) in folds {
+        match p {
+            Producer::Norm { block, tower: Tower::Language, second } => {
+                let layer = &mut model.language_model.layers[block as usize];
+                let norm = if second {
+                    &mut layer.post_attention_layernorm
+                } else {
+                    &mut layer.input_layernorm
+                };
+                norm.weight = times(&norm.weight, &inv);
+            }
+            Producer::Norm { block, second, .. } => {
+                let layer = &mut model.vision_tower.used_layers_mut()[block as usize];
+                let norm = if second { &mut layer.layer_norm2 } else { &mut layer.layer_norm1 };
+                norm.weight = times(&norm.weight, &inv);
+                norm.bias = times(&norm.bias, &inv);
+            }
+            Producer::Rows(id) => {
+                rows.insert(id, inv);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// `q`'s output rows scaled by `inv` `[out]`: the same codes, scales times `inv`.
+fn scale_rows(q: QuantizedWeight, inv: &Tensor, layer: LayerId) -> Result<QuantizedWeight> {
+    match q {
+        QuantizedWeight::Uniform { grid, group, codes, scale, zero_point } => {
+            let scale = scale.to_kind(Kind::Float) * inv.to_device(scale.device()).unsqueeze(1);
+            Ok(QuantizedWeight::Uniform { grid, group, codes, scale, zero_point })
+        }
+        QuantizedWeight::Nf4(_) => Err(unsupported(
+            layer,
+            "NF4 blocks do not follow rows: an input scale of the next layer cannot be folded in",
+        )),
+    }
+}
+
 /// Replaces every linear the plan quantizes by its packed weight on the model's device, after
 /// checking the plan was searched on this model ([`ModelIdentity::check`], on the unrotated
-/// model) and rotating it as the plan says. AWQ's input scales
-/// are refused: packed storage would need 1/s folded into the previous operation, which is not
-/// implemented (export the fake-quantized model as llava-hf instead).
+/// model) and rotating it as the plan says. Input scales (AWQ, SmoothQuant) are folded as
+/// AutoAWQ does: the consumers hold `Q(W · s)`, the producing norm's gain (and bias) or the
+/// producing linear's rows are divided by `s`; a site whose input no linear operation produces
+/// (CLIP's fc2 after GELU, the projector) is an error naming it.
 pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
     if let Some(r) = &model.rotation {
         return Err(SearchError::PlanMismatch(format!(
@@ -122,26 +241,31 @@ pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
     let mut acts: BTreeMap<LayerId, &SiteAct> = BTreeMap::new();
     for sp in &plan.sites {
         for c in &sp.site.consumers {
-            if sp.input_scale.is_some() {
-                return Err(unsupported(
-                    *c,
-                    "an AWQ input scale: packing would need 1/s folded into the previous \
-                     operation (not implemented); use --format llava-hf",
-                ));
-            }
             if let Some(a) = &sp.act {
                 acts.insert(*c, a);
             }
         }
     }
+    let scales = crate::plan::input_scales(plan);
+    let rows = fold_norms(model, plan)?;
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let mut packed = Packed::default();
     for linear in model.linears_mut() {
         let id = linear.id;
+        let row_inv = rows.get(&id);
+        if let (Some(inv), Some(b)) = (row_inv, &linear.bias) {
+            linear.bias = Some(times(b, inv));
+        }
         let Some(wp) = plan.weights.get(&id) else {
             if acts.contains_key(&id) {
                 return Err(unsupported(id, "quantized activations on a float weight"));
+            }
+            if let Some(inv) = row_inv {
+                let w = linear.float_weight();
+                let folded = (w.to_kind(Kind::Float) * inv.to_device(w.device()).unsqueeze(1))
+                    .to_kind(w.kind());
+                linear.weight = LinearWeight::Float(folded);
             }
             continue;
         };
@@ -151,8 +275,16 @@ pub fn pack(model: &mut Llava, plan: &QuantPlan) -> Result<Packed> {
             Some(solved) => solved.to_quantized(&w.size(), id)?,
             None => {
                 let ratio = wp.clip_ratio.as_ref().map(|r| r.to_tensor());
-                quantized_weight(&w, wp.spec, ratio.as_ref(), id)?
+                let scaled = match scales.get(&id) {
+                    Some(s) => w.to_kind(Kind::Float) * s.to_device(w.device()).unsqueeze(0),
+                    None => w.shallow_clone(),
+                };
+                quantized_weight(&scaled, wp.spec, ratio.as_ref(), id)?
             }
+        };
+        let q = match row_inv {
+            Some(inv) => scale_rows(q, inv, id)?,
+            None => q,
         };
         let p = PackedWeight::from_quantized(&q, act, w.kind(), device, &id.to_string())?;
         linear.weight = LinearWeight::Packed(p);

@@ -31,9 +31,13 @@ pub const TENSORS_FILE: &str = "quantized.safetensors";
 pub const MANIFEST_FILE: &str = "quantization.json";
 /// The `__metadata__` key that holds the manifest.
 pub const METADATA_KEY: &str = "qvlm.quantization";
-/// Manifest format name and version (bumped when the layout changes).
+/// Manifest format name and version (bumped when the layout changes). Version 2 (2026-12-03)
+/// adds the static activation mode `{"int8_per_tensor": {"scale": …}}`; version 1 files read
+/// unchanged.
 pub const FORMAT: &str = "qvlm-packed";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest version this reader reads.
+pub const OLDEST_VERSION: u32 = 1;
 
 const PACKED_PREFIX: &str = "quantized";
 
@@ -191,9 +195,9 @@ pub fn read_manifest(dir: &Path) -> Result<(SafetensorsFile, QuantManifest)> {
         .ok_or_else(|| bad(format!("no `{METADATA_KEY}` metadata: not a quantized checkpoint")))?;
     let manifest: QuantManifest = serde_json::from_str(json)
         .map_err(|e| bad(format!("`{METADATA_KEY}` metadata is not a manifest: {e}")))?;
-    if manifest.format != FORMAT || manifest.version != VERSION {
+    if manifest.format != FORMAT || !(OLDEST_VERSION..=VERSION).contains(&manifest.version) {
         return Err(bad(format!(
-            "manifest is {} v{}, this reader knows {FORMAT} v{VERSION}",
+            "manifest is {} v{}, this reader knows {FORMAT} v{OLDEST_VERSION} to v{VERSION}",
             manifest.format, manifest.version
         )));
     }

@@ -556,16 +556,6 @@ pub fn read_layer(
         }
     };
     let scale = need("weight_scale", &floats, &[out, groups])?.to_kind(Kind::Float);
-    let act = match format.input {
-        InputFormat::Float => ActMode::Float,
-        InputFormat::DynamicToken => ActMode::Int8PerToken,
-        // One number in the model dtype (`[1]`, as the library writes the `tensor` strategy);
-        // checked positive and finite when the weight is packed.
-        InputFormat::StaticTensor => ActMode::Int8PerTensor {
-            scale: need("input_scale", &floats, &[1])?.to_kind(Kind::Float).double_value(&[0])
-                as f32,
-        },
-    };
     let grid = Grid { bits, symmetric: w.symmetric };
     let zero_point = if w.symmetric {
         if read("weight_zero_point")?.is_some() {
@@ -581,6 +571,39 @@ pub fn read_layer(
         let words = Vec::<i32>::try_from(&z.reshape([-1]))?;
         let zp = unpack_cols(&words, rows, groups as usize, bits);
         Tensor::from_slice(&zp).reshape([out, groups]).to_kind(Kind::Float)
+    };
+    let act = match format.input {
+        InputFormat::Float => ActMode::Float,
+        InputFormat::DynamicToken => ActMode::Int8PerToken,
+        // One number in the model dtype (`[1]`, as the library writes the `tensor` strategy;
+        // `[]` as some older writers do, which vLLM also reads); checked positive and finite
+        // when the weight is packed.
+        InputFormat::StaticTensor => {
+            let t = read("input_scale")?.ok_or_else(|| Error::MissingTensor {
+                name: format!("{layer}.input_scale"),
+                file: file.to_path_buf(),
+                expected: vec![1],
+            })?;
+            if t.numel() != 1 || t.dim() > 1 || !floats.contains(&t.kind()) {
+                return Err(bad(format!(
+                    "`input_scale` is {:?} {:?}, expected one float ([1] or [])",
+                    t.kind(),
+                    t.size()
+                )));
+            }
+            // A symmetric grid's zero point, where a writer stores it, must be 0.
+            if let Some(z) = read("input_zero_point")? {
+                if z.numel() != 1 || z.to_kind(Kind::Float).abs().double_value(&[]) != 0.0 {
+                    return Err(bad(format!(
+                        "`input_zero_point` {:?} is not 0 on symmetric activations",
+                        z.size()
+                    )));
+                }
+            }
+            ActMode::Int8PerTensor {
+                scale: t.to_kind(Kind::Float).reshape([1]).double_value(&[0]) as f32,
+            }
+        }
     };
     let codes = Tensor::from_slice(&codes).reshape([out, inp]);
     let q = QuantizedWeight::Uniform { grid, group, codes, scale, zero_point };

@@ -90,7 +90,7 @@ impl ActMode {
         match self {
             ActMode::Float => None,
             ActMode::Int8PerTensor { scale } => {
-                let scale = Tensor::from_slice(&[scale]).reshape([1, 1]).to_device(x.device());
+                let scale = Tensor::full([1, 1], f64::from(scale), (Kind::Float, x.device()));
                 let zero_point = scale.zeros_like();
                 let grid = Grid { bits: 8, symmetric: true };
                 Some((QParams { grid, scale, zero_point }, finite(x)))
@@ -947,13 +947,23 @@ impl PackedWeight {
         }
     }
 
-    /// Exact storage bytes: the sum of the parts' sizes (codes, scales, zero points or absmax).
+    /// Exact storage bytes: the sum of the parts' sizes (codes, scales, zero points or absmax),
+    /// and a static activation scale's 4 bytes.
     pub fn bytes(&self) -> i64 {
+        let act = match self.spec.act {
+            ActMode::Int8PerTensor { .. } => 4,
+            _ => 0,
+        };
         if let Store::Int4Avx512 { weight, .. } = &self.store {
             // The same byte count as the portable parts, without rebuilding them.
-            return weight.bytes() as i64;
+            return weight.bytes() as i64 + act;
         }
-        self.parts().iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as i64).sum()
+        let parts: i64 = self
+            .parts()
+            .iter()
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as i64)
+            .sum();
+        parts + act
     }
 
     /// The weight these codes stand for, f32 `[out, in]` on the weight's device: bit-identical to

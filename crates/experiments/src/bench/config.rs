@@ -54,7 +54,8 @@ pub struct CheckpointEntry {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
-    /// Presets (`llava-7b`, `llava-13b`) or names of `[[shape]]` tables, in run order.
+    /// Presets (`llava-7b`, `llava-13b`) or names of `[[shape]]` tables, in run order. Default:
+    /// `llava-7b`, or none when the config has `[[checkpoint]]` tables.
     #[serde(default = "default_shapes")]
     pub shapes: Vec<String>,
     /// Decoder layers built per shape, capped at the shape's own count (fewer for quick runs;
@@ -237,6 +238,15 @@ pub fn parse(text: &str, path: &Path) -> Result<BenchConfig> {
     let mut cfg: BenchConfig = crate::config::parse_toml(text, path)?;
     cfg.file = path.to_path_buf();
     cfg.text = text.to_string();
+    // The default shape (`llava-7b`) is for configs that name nothing to time: with
+    // `[[checkpoint]]` tables and no `model.shapes`, only the checkpoints run.
+    let names_shapes = text
+        .parse::<toml::Table>()
+        .ok()
+        .is_some_and(|t| t.get("model").and_then(|m| m.get("shapes")).is_some());
+    if !names_shapes && !cfg.checkpoints.is_empty() {
+        cfg.model.shapes.clear();
+    }
     validate(&cfg)?;
     Ok(cfg)
 }

@@ -32,7 +32,7 @@ use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{Llava, LoadOptions};
 use qvlm_core::model::qwen2_vl::Qwen2Vl;
-use qvlm_core::quant::bf16_own::Bf16Weight;
+use qvlm_core::quant::bf16_own::{self, Bf16Weight};
 use qvlm_core::quant::packed::Kernel;
 use qvlm_core::quant::team::Isa;
 
@@ -600,8 +600,11 @@ fn run_checkpoint(
     rows: &mut Vec<Row>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<()> {
+    // Whether the BF16 own row runs is decided in the first round and kept: every round has the
+    // same rows (the paired ratios pair them by round).
+    let mut bf16_own: Option<std::result::Result<(), String>> = None;
     in_rounds(cfg, &entry.name, rows, skipped, |skipped| {
-        checkpoint_round(cfg, entry, device, skipped)
+        checkpoint_round(cfg, entry, device, &mut bf16_own, skipped)
     })
 }
 
@@ -622,14 +625,32 @@ fn load_checkpoint(entry: &CheckpointEntry, device: Device) -> Result<BenchModel
 /// the vision tower's patch and position embeddings) at their held dtype. The linears' weights
 /// are taken out while the model is walked, so a packed weight is not dequantized to be counted.
 fn non_linear_bytes(model: &mut BenchModel) -> i64 {
+    let empty = || LinearWeight::Float(Tensor::zeros([0], (Kind::BFloat16, Device::Cpu)));
     let mut held = Vec::new();
     for linear in model.linears_and_head_mut() {
-        let empty = LinearWeight::Float(Tensor::zeros([0], (Kind::BFloat16, Device::Cpu)));
-        held.push(std::mem::replace(&mut linear.weight, empty));
+        held.push(std::mem::replace(&mut linear.weight, empty()));
     }
-    let bytes = float_bytes(model);
+    // CLIP layers past the feature layer are loaded (the checkpoint holds them) but never run:
+    // their linears count at their held size too.
+    let mut unused = Vec::new();
+    if let BenchModel::Llava(m) = model {
+        let used = m.vision_tower.used_layers().len();
+        for layer in &mut m.vision_tower.layers[used..] {
+            for linear in layer.linears_mut() {
+                unused.push(std::mem::replace(&mut linear.weight, empty()));
+            }
+        }
+    }
+    let bytes = float_bytes(model) + unused.iter().map(LinearWeight::bytes).sum::<i64>();
     for (linear, weight) in model.linears_and_head_mut().into_iter().zip(held) {
         linear.weight = weight;
+    }
+    if let BenchModel::Llava(m) = model {
+        let used = m.vision_tower.used_layers().len();
+        let linears = m.vision_tower.layers[used..].iter_mut().flat_map(|l| l.linears_mut());
+        for (linear, weight) in linears.zip(unused) {
+            linear.weight = weight;
+        }
     }
     bytes
 }
@@ -640,6 +661,7 @@ fn checkpoint_round(
     cfg: &BenchConfig,
     entry: &CheckpointEntry,
     device: Device,
+    bf16_own: &mut Option<std::result::Result<(), String>>,
     skipped: &mut Vec<Skipped>,
 ) -> Result<Vec<Row>> {
     let base = machine::rss_bytes();
@@ -662,27 +684,37 @@ fn checkpoint_round(
     for scheme in [Scheme::Stored, Scheme::Bf16Own] {
         let what = format!("{} {}", entry.name, scheme.label(cfg.model.w4_group));
         if scheme == Scheme::Bf16Own {
-            let reason = if packed.is_empty() {
-                Some(
-                    "the checkpoint holds no packed linear: its stored row is already 16-bit"
-                        .into(),
-                )
-            } else {
-                let extra: i64 = model
-                    .linears_and_head()
-                    .iter()
-                    .filter(|l| matches!(l.weight, LinearWeight::Packed(_)))
-                    .map(|l| l.out_features * l.in_features)
-                    .sum();
-                scheme.not_here(device).or_else(|| does_not_fit(cfg, device, extra, Kind::BFloat16))
-            };
-            if let Some(reason) = reason {
-                tracing::warn!("skipping {what}: {reason}");
-                skipped.push(Skipped {
-                    model: entry.name.clone(),
-                    schemes: scheme.label(cfg.model.w4_group),
-                    reason,
-                });
+            let decided = bf16_own.get_or_insert_with(|| {
+                let reason = if packed.is_empty() {
+                    Some(
+                        "the checkpoint holds no packed linear: its stored row is already 16-bit"
+                            .into(),
+                    )
+                } else {
+                    let extra: i64 = model
+                        .linears_and_head()
+                        .iter()
+                        .filter(|l| matches!(l.weight, LinearWeight::Packed(_)))
+                        .map(|l| l.out_features * l.in_features)
+                        .sum();
+                    scheme
+                        .not_here(device)
+                        .or_else(|| does_not_fit(cfg, device, extra, Kind::BFloat16))
+                };
+                match reason {
+                    Some(reason) => {
+                        tracing::warn!("skipping {what}: {reason}");
+                        skipped.push(Skipped {
+                            model: entry.name.clone(),
+                            schemes: scheme.label(cfg.model.w4_group),
+                            reason: reason.clone(),
+                        });
+                        Err(reason)
+                    }
+                    None => Ok(()),
+                }
+            });
+            if decided.is_err() {
                 continue;
             }
             let pb = progress::bar(packed.len() as u64, &format!("{}: bf16 own", entry.name));
@@ -690,9 +722,17 @@ fn checkpoint_round(
                 if let (true, LinearWeight::Packed(p)) = (packed.contains(&i), &linear.weight) {
                     let name = linear.id.to_string();
                     let w = p.dequantize().to_kind(Kind::BFloat16);
-                    let own = Bf16Weight::from_tensor(&w, &name)
-                        .with_context(|| format!("putting {name} on the own bf16 kernel"))?;
-                    linear.weight = LinearWeight::Bf16Own(own);
+                    let [n, k] = p.shape().map(|d| d as usize);
+                    // A shape the own kernel does not take stays a dense bf16 weight (libtorch's
+                    // linear); the `kernel` column then counts it as `dense`.
+                    linear.weight = match bf16_own::unsupported(n, k) {
+                        None => {
+                            LinearWeight::Bf16Own(Bf16Weight::from_tensor(&w, &name).with_context(
+                                || format!("putting {name} on the own bf16 kernel"),
+                            )?)
+                        }
+                        Some(_) => LinearWeight::Float(w),
+                    };
                     pb.inc(1);
                 }
             }

@@ -492,9 +492,9 @@ path = "{w8}"
         [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)].repeat(2);
     let bf16: i64 = shapes.iter().map(|(o, i)| o * i * 2).sum();
     // int4 symmetric groups of 32: nibbles and one f32 scale per group; int8 per channel: bytes
-    // and one f32 scale per row.
+    // and one f32 scale per row, and the static activation scale (4 bytes).
     let w4: i64 = shapes.iter().map(|(o, i)| o * i / 2 + o * (i / 32) * 4).sum();
-    let w8: i64 = shapes.iter().map(|(o, i)| o * i + o * 4).sum();
+    let w8: i64 = shapes.iter().map(|(o, i)| o * i + o * 4 + 4).sum();
     let row =
         |m: &str, s: Scheme| out.rows.iter().find(|r| r.shape == m && r.scheme == s).expect("row");
     assert_eq!(row("ct-w4a16", Scheme::Stored).decoder_linear_bytes, w4);
@@ -518,6 +518,9 @@ path = "{w8}"
     let table = std::fs::read_to_string(out.dir.join("efficiency.md")).expect("table");
     assert!(table.contains("as stored") && table.contains("Checkpoints"), "{table}");
 
+    // Without `model.shapes`, a config with checkpoints times only them (no default llava-7b).
+    let only = config::parse(&text.replace("shapes = []\n", ""), Path::new("o.toml")).expect("cfg");
+    assert!(only.model.shapes.is_empty());
     // `stored` is not a scheme for shapes; a checkpoint without config.json is named.
     let bad = text.replace("shapes = []", "shapes = []\nschemes = [\"stored\"]");
     let err = format!("{:#}", config::parse(&bad, Path::new("b.toml")).expect_err("stored"));

@@ -141,7 +141,10 @@ fn every_strategy_runs(family: &str) {
         ),
         (WeightMethod::Plain, blocked().into()),
         (WeightMethod::Plain, StrategyConfig::Disentangled { veo, then: blocked() }),
-        (WeightMethod::Awq { grid: 5, clip_steps: 3 }, BaseStrategy::Rtn {}.into()),
+        (
+            WeightMethod::Awq { grid: 5, clip_steps: 3, sites: Default::default() },
+            BaseStrategy::Rtn {}.into(),
+        ),
         (WeightMethod::Gptq(GptqSettings::default()), BaseStrategy::Rtn {}.into()),
         (WeightMethod::SmoothQuant(SmoothSettings::default()), BaseStrategy::Rtn {}.into()),
     ];
