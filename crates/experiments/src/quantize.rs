@@ -1,8 +1,9 @@
 //! `experiments quantize`: a stored plan (`plan.json` of a cell) applied to the model it was
 //! searched on, without searching again, and written as a checkpoint:
 //! - `compressed-tensors`: packed weights in the format vLLM, SGLang and transformers load
-//!   (core `checkpoint::compressed`);
-//! - `qvlm`: this crate's packed format (`qvlm-packed` v1, core `checkpoint::packed`), read back
+//!   (core `checkpoint::compressed`), input scales folded into the operations before them
+//!   (`qvlm_search::pack`);
+//! - `qvlm`: this crate's packed format (`qvlm-packed` v2, core `checkpoint::packed`), read back
 //!   over the float checkpoint;
 //! - `llava-hf`: the fake-quantized weights as plain floats (AWQ's input scales folded back into
 //!   the weights' columns), loadable anywhere, with the plan's activation quantizers beside them
