@@ -44,7 +44,7 @@ paper: bootstrap
 		$(CARGO) run -p experiments --locked -- $$c || exit 1; \
 	done
 
-# What the search costs as the model grows (issue #21; not part of reproduce: about 45 minutes on
+# What the search costs as the model grows (issue #21; not part of reproduce: about 85 minutes on
 # the 2-core machine, run with nothing else on it): random-weight LLaVA checkpoints s0-s4
 # (models/scaling/, ~3 GB, not committed), every strategy on them, the cost model fitted and
 # extrapolated to LLaVA-1.5-7B/13B. One process per cell, so that each cell's peak RSS is its
