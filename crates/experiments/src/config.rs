@@ -570,7 +570,8 @@ pub enum ConfigKind {
     Experiment,
     /// `[bench]`: `experiments bench CONFIG`.
     Bench,
-    /// `out` + `[arch]` + `[train]`: `experiments train-tiny CONFIG`.
+    /// `out` + `[arch]` + `[train]`, or `base` + `out` + `[outliers]` + `[finetune]` (the
+    /// trained-outlier variant): `experiments train-tiny CONFIG`.
     TrainTiny,
 }
 
@@ -581,7 +582,8 @@ impl ConfigKind {
             Some(ConfigKind::Experiment)
         } else if t.contains_key("bench") {
             Some(ConfigKind::Bench)
-        } else if t.contains_key("arch") && t.contains_key("train") {
+        } else if (t.contains_key("arch") && t.contains_key("train")) || t.contains_key("finetune")
+        {
             Some(ConfigKind::TrainTiny)
         } else {
             None

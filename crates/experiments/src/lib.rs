@@ -20,6 +20,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod figure;
+pub mod fingerprint;
 pub mod grid;
 pub mod lock;
 pub mod memory;

@@ -63,7 +63,8 @@ enum Command {
     /// Apply a stored plan to its model (no search) and write a checkpoint: compressed-tensors
     /// (vLLM, SGLang, transformers), qvlm (packed) or llava-hf (dequantized).
     Quantize(experiments::quantize::QuantizeArgs),
-    /// Train the embedded tiny LLaVA on easy-VQA (configs/train-tiny.toml).
+    /// Train the embedded tiny LLaVA on easy-VQA (configs/train-tiny.toml), or fine-tune its
+    /// trained-outlier variant (configs/train-tiny-trained-outliers.toml).
     TrainTiny {
         #[arg(default_value = "configs/train-tiny.toml")]
         config: PathBuf,
@@ -166,6 +167,20 @@ fn run() -> Result<()> {
             Ok(())
         }
         (Some(Command::TrainTiny { config, force }), _) => {
+            if let Some(cfg) = tiny::trained_outliers::load_if_finetune(&config)? {
+                let record = tiny::trained_outliers::train(&cfg, force)?;
+                say(serde_json::to_string_pretty(&record.test_accuracy)?);
+                say(format!(
+                    "fine-tuned in {:.1} min ({} + {} steps; base {:.2} % -> {:.2} % on the test split), saved to {}",
+                    record.train_seconds / 60.0,
+                    record.vision_steps,
+                    record.lm_steps,
+                    record.base_test_accuracy.overall,
+                    record.test_accuracy.overall,
+                    cfg.out.display()
+                ));
+                return Ok(());
+            }
             let cfg = tiny::train::load_config(&config)?;
             let record = tiny::train::train(&cfg, force)?;
             say(serde_json::to_string_pretty(&record.test_accuracy)?);

@@ -3,6 +3,7 @@
 //! the tables, figures and report once the grid is complete.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -39,6 +40,9 @@ pub struct Manifest {
     /// Where it ran: the host, and the Slurm job (`JOB` or `ARRAYJOB_TASK`) when one ran it.
     pub host: String,
     pub slurm_job: Option<String>,
+    /// The model directory's [`crate::fingerprint::checkpoint_fingerprint`]: a later run skips
+    /// this cell only while the model at its path is still the same.
+    pub checkpoint_fingerprint: String,
 }
 
 pub fn git_revision() -> String {
@@ -92,10 +96,52 @@ struct Shared {
     data: EvalData,
     /// Float answer distributions per model name (the reference for KL / agreement).
     reference: BTreeMap<String, Tensor>,
+    /// Checkpoint fingerprints per model directory, taken once per process.
+    fingerprints: BTreeMap<PathBuf, String>,
+    /// Done cells whose manifest predates fingerprints (not checked; said once).
+    unchecked: Vec<String>,
     /// How long this process's locks last without a heartbeat, and how often it looks again at
     /// what another process holds.
     lease: Duration,
     poll: Duration,
+}
+
+impl Shared {
+    /// The fingerprint of `cell`'s model directory (taken once per process).
+    fn fingerprint(&mut self, cell: &Cell) -> Result<String> {
+        if let Some(f) = self.fingerprints.get(&cell.model.path) {
+            return Ok(f.clone());
+        }
+        let f = crate::fingerprint::checkpoint_fingerprint(&cell.model.path)
+            .with_context(|| format!("model `{}`", cell.model.name))?;
+        self.fingerprints.insert(cell.model.path.clone(), f.clone());
+        Ok(f)
+    }
+}
+
+/// A done cell is kept only while its model is the one it ran on: a model retrained or replaced
+/// at the same path is an error naming the cell, not a silent mix of two models' results.
+fn check_done_cell(results: &ResultsDir, cell: &Cell, shared: &mut Shared) -> Result<()> {
+    let path = results.cell(&cell.id).join("manifest.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let Some(recorded) = manifest.get("checkpoint_fingerprint").and_then(|v| v.as_str()) else {
+        shared.unchecked.push(cell.id.clone());
+        return Ok(());
+    };
+    let now = shared.fingerprint(cell)?;
+    if recorded != now {
+        bail!(
+            "cell {} ({}) is done, but on another model: {} has changed since it ran (checkpoint fingerprint {recorded} then, {now} now). Move {} away to recompute it on this model, or restore the model it ran on",
+            cell.id,
+            cell.title(),
+            cell.model.path.display(),
+            results.cell(&cell.id).display()
+        );
+    }
+    Ok(())
 }
 
 /// How a grid is run.
@@ -143,6 +189,8 @@ pub fn run(cfg: &Config, cells: &[Cell], opts: &RunOptions) -> Result<RunSummary
     let mut shared = Shared {
         data: EvalData::load(&cfg.dataset)?,
         reference: BTreeMap::new(),
+        fingerprints: BTreeMap::new(),
+        unchecked: Vec::new(),
         lease: opts.lease,
         poll,
     };
@@ -190,6 +238,13 @@ pub fn run(cfg: &Config, cells: &[Cell], opts: &RunOptions) -> Result<RunSummary
         }
         waiting = still;
     }
+    if !shared.unchecked.is_empty() {
+        tracing::warn!(
+            "{} done cells were recorded before checkpoint fingerprints (e.g. {}): skipped without checking that their model is unchanged",
+            shared.unchecked.len(),
+            shared.unchecked[0]
+        );
+    }
     summary.missing = missing(cells, &results);
     if summary.missing.is_empty() {
         write_outputs(cfg, cells, &results, poll, opts.lease)?;
@@ -216,6 +271,7 @@ fn try_cell(
     summary: &mut RunSummary,
 ) -> Result<bool> {
     if results.is_done(&cell.id) {
+        check_done_cell(results, cell, shared)?;
         // A process killed between finishing the cell and releasing its lock leaves a stale lock
         // on a done cell: taking it over and dropping it releases it (a live one is left alone).
         drop(results.try_lock_cell(&cell.id, shared.lease)?);
@@ -373,7 +429,7 @@ fn reference(
     if let Some(t) = shared.reference.get(&cell.model.name) {
         return Ok(t.shallow_clone());
     }
-    let key = short_hash(&(&cell.model, &cell.dataset))?;
+    let key = short_hash(&(&cell.model, &cell.dataset, shared.fingerprint(cell)?))?;
     let path = results.reference(&key);
     let mut waited = false;
     let _lock = loop {
@@ -610,6 +666,7 @@ fn run_cell(
         calibration_samples_used: calibration_used,
         host: crate::lock::host_name()?.to_string(),
         slurm_job: crate::lock::slurm_job(),
+        checkpoint_fingerprint: shared.fingerprint(cell)?,
     };
     // A number that is not finite is not a result: nothing of this cell is kept.
     if let Some(bad) = rows.iter().find(|r| !r.value.is_finite()) {

@@ -6,6 +6,7 @@ pub mod qwen2vl;
 pub mod recipe;
 pub mod tokenizer;
 pub mod train;
+pub mod trained_outliers;
 
 use std::path::{Path, PathBuf};
 
@@ -150,7 +151,7 @@ impl TrainTinyConfig {
 }
 
 /// `out` must name a folder below an existing one (the model is staged beside it).
-fn check_out(out: &Path, file: &Path) -> Result<()> {
+pub(crate) fn check_out(out: &Path, file: &Path) -> Result<()> {
     let f = file.display();
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if name.is_empty() || name == "." || name == ".." {

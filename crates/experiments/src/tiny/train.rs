@@ -77,7 +77,10 @@ pub fn llava_config(arch: &TinyArch, vocab: i64, image_token: i64) -> LlavaConfi
 }
 
 /// All images of a split, preprocessed: `[N, 3, 64, 64]` and id → row.
-fn load_pixels(data: &EasyVqa, proc: &ImageProcessor) -> Result<(Tensor, BTreeMap<u32, i64>)> {
+pub(super) fn load_pixels(
+    data: &EasyVqa,
+    proc: &ImageProcessor,
+) -> Result<(Tensor, BTreeMap<u32, i64>)> {
     let ids = data.image_ids();
     let pb = progress::bar(ids.len() as u64, &format!("images {}", data.split.name()));
     let mut rows = Vec::with_capacity(ids.len());
@@ -97,7 +100,7 @@ fn load_pixels(data: &EasyVqa, proc: &ImageProcessor) -> Result<(Tensor, BTreeMa
 /// Random horizontal flips: easy-VQA's shapes (upright triangles included) and colors are
 /// invariant under them. (Vertical flips and transposes were tried and hurt: they make
 /// upside-down and sideways triangles the test set never shows.)
-fn augment(px: &Tensor, rng: &mut SplitMix64) -> Tensor {
+pub(super) fn augment(px: &Tensor, rng: &mut SplitMix64) -> Tensor {
     let b = px.size()[0];
     let pick: Vec<bool> = (0..b).map(|_| rng.below(2) == 1).collect();
     let mask = Tensor::from_slice(&pick).view([b, 1, 1, 1]);
@@ -293,7 +296,7 @@ fn train_llava(cfg: &TrainTinyConfig, force: bool) -> Result<TrainRecord> {
 }
 
 /// The prompt pieces of a question with `[answer, </s>]` appended.
-fn with_answer(tok: &PromptTokenizer, q: &Question) -> Result<Vec<Piece>> {
+pub(super) fn with_answer(tok: &PromptTokenizer, q: &Question) -> Result<Vec<Piece>> {
     let mut pieces = tok.tokenize_prompt(&prompt(TEMPLATE, &q.text), 1)?;
     let answer = tok
         .token_id(&q.answer)
@@ -305,7 +308,7 @@ fn with_answer(tok: &PromptTokenizer, q: &Question) -> Result<Vec<Piece>> {
     Ok(pieces)
 }
 
-fn last_two(pieces: &[Piece]) -> [i64; 2] {
+pub(super) fn last_two(pieces: &[Piece]) -> [i64; 2] {
     match pieces.last() {
         Some(Piece::Tokens(t)) if t.len() >= 2 => [t[t.len() - 2], t[t.len() - 1]],
         _ => [0, 0],

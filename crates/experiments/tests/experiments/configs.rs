@@ -25,6 +25,12 @@ fn every_config_parses_and_resolves() {
                         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
                     assert!(cfg.train.lm_epochs > 0);
                 }
+                "train-tiny-trained-outliers.toml" => {
+                    let cfg = experiments::tiny::trained_outliers::load_if_finetune(&path)
+                        .unwrap_or_else(|e| panic!("{name}: {e:#}"))
+                        .unwrap_or_else(|| panic!("{name}: not read as a fine-tune config"));
+                    assert!(cfg.outliers.language_scale > 1.0 && cfg.outliers.vision_scale > 1.0);
+                }
                 "efficiency.toml" | "efficiency-qwen2vl.toml" => {
                     let cfg = experiments::bench::config::load(&path)
                         .unwrap_or_else(|e| panic!("{name}: {e:#}"));

@@ -569,3 +569,49 @@ fn unwritable_results_folders_are_reported() {
     let out = experiments(&[cfg.to_str().expect("utf8")]);
     assert_rejected(&out, "/proc/qvlm-results", "unwritable results folder");
 }
+
+/// A model retrained or replaced at the same path: its done cells are not skipped as if they
+/// were its results (a cell's id hashes the model's path, not its weights); the run stops naming
+/// the cell and the path, and nothing of the earlier results is touched.
+#[test]
+fn a_model_changed_at_its_path_is_not_taken_for_the_one_its_cells_ran_on() {
+    let tmp = Scratch::new("changed");
+    let model = tmp.0.join("model");
+    std::fs::create_dir_all(&model).expect("dir");
+    for entry in std::fs::read_dir(root().join("models/tiny-llava")).expect("tiny").flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), model.join(entry.file_name())).expect("copy");
+        }
+    }
+    let results = tmp.0.join("r");
+    let cfg = tmp.0.join("c.toml");
+    let text = base_config(&results, None).replace(
+        &root().join("models/tiny-llava").display().to_string(),
+        &model.display().to_string(),
+    );
+    std::fs::write(&cfg, text).expect("write");
+    let cfg = cfg.to_str().expect("utf8");
+    let out = experiments(&[cfg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = metric_files(&results);
+    assert_eq!(before.len(), 2, "FP + rtn");
+    let out = experiments(&[cfg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ran_cells(&out).is_empty(), "the same model: every cell skipped");
+    // "Retrained": one weight's lowest mantissa byte changed.
+    let weights = model.join("model.safetensors");
+    let original = std::fs::read(&weights).expect("read");
+    let mut changed = original.clone();
+    let at = changed.len() - 4;
+    changed[at] ^= 1;
+    std::fs::write(&weights, &changed).expect("write");
+    let out = experiments(&[cfg]);
+    assert_rejected(&out, "has changed since it ran", "a changed model");
+    assert_rejected(&out, &model.display().to_string(), "a changed model");
+    assert_eq!(metric_files(&results), before, "the earlier results are untouched");
+    // The model it ran on, restored: skipped again.
+    std::fs::write(&weights, &original).expect("restore");
+    let out = experiments(&[cfg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ran_cells(&out).is_empty());
+}

@@ -15,7 +15,9 @@ use tch::{Kind, Tensor};
 
 use super::config::{BlockedConfig, Progress, Proxy, RuleKind};
 use crate::engine::{quantizes_activations, BlockState, Engine, WeightMethod};
-use crate::entropy::{conditional_entropy, level_distribution, subsample, EntropyConfig};
+use crate::entropy::{
+    code_units, conditional_entropy, level_distribution_of_codes, subsample, EntropyConfig,
+};
 use crate::error::Result;
 use crate::partition::{partition, PartitionRule};
 use crate::plan::{DedPoint, GroupRecord};
@@ -50,26 +52,11 @@ fn distributions(
     cfg: &EntropyConfig,
 ) -> Result<Tensor> {
     let params = params_for(eng, site, q, x)?;
-    // Per-token params [T, 1] broadcast against [B, T, C]; expand them to the rows first.
-    let full = |t: &Tensor| t.to_device(x.device()).expand_as(x).contiguous();
-    let expanded = QParams {
-        grid: params.grid,
-        scale: full(&params.scale),
-        zero_point: full(&params.zero_point),
-    };
-    let rows = eng.real_rows(site, x);
-    let pr = QParams {
-        grid: params.grid,
-        scale: eng.real_rows(site, &expanded.scale),
-        zero_point: eng.real_rows(site, &expanded.zero_point),
-    };
-    let xs = subsample(&rows, cfg);
-    let ps = QParams {
-        grid: pr.grid,
-        scale: subsample(&pr.scale, cfg),
-        zero_point: subsample(&pr.zero_point, cfg),
-    };
-    Ok(level_distribution(&xs, &ps, cfg))
+    // Code units first (the parameters broadcast against `[B, T, C]`), then the real rows and the
+    // estimator's subsample: the working set is two tensors of the site input's size, where
+    // expanding the parameters to it first took five (issue #21: CDM over the memory formula).
+    let rows = eng.real_rows(site, &code_units(x, &params));
+    Ok(level_distribution_of_codes(&subsample(&rows, cfg), params.grid, cfg))
 }
 
 /// Relative quantization error ‖Q(x) − x‖² / ‖x‖² on the real rows.
