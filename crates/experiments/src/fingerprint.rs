@@ -1,23 +1,31 @@
 //! What a checkpoint directory holds, as a short hash: a finished cell records the fingerprint of
-//! the model it ran on, and a later run that would skip it checks the model is still the same.
+//! the model it ran on, and every later use of it — a run that would skip it, the tables and
+//! report, a Slurm submission — first checks the model is still the same.
 //!
 //! A cell's id hashes its settings, the model's *path* among them, not the weights: without this
 //! check a model retrained or replaced at the same path (`experiments train-tiny --force`, a
 //! re-downloaded checkpoint) would have its old cells skipped as done, and the tables would mix
 //! results of two models under one name without a word.
 //!
-//! The hash covers every regular file directly in the directory (sorted by name; hidden files
-//! and this project's lock/staging files left out): its name, its size and its content — whole up
-//! to [`WHOLE_FILE_LIMIT`], else three windows of [`WINDOW`] bytes at its start, middle and end
-//! (any retraining changes the bytes everywhere; a 7B checkpoint is read in a few MiB, not
-//! 13 GB). Files outside the directory (an original LLaVA's separate CLIP folder) are not
-//! covered.
+//! The hash covers the regular files directly in the directory, sorted by name — what the loader
+//! may read; left out are hidden files, this project's lock and staging files, and its side files
+//! that are not the model (`training.json`, the `transformers_reference.*` parity fixtures,
+//! `*.md`): regenerating those does not change the model. Per file: its name, its size and its
+//! content — whole up to [`WHOLE_FILE_LIMIT`], else three windows of [`WINDOW`] bytes at its
+//! start, middle and end, so that a 7B checkpoint is read in a few MiB, not 13 GB. A full
+//! retraining changes the bytes everywhere; a change confined to tensors that lie outside the
+//! three windows of a large file (a projector-only or partial fine-tune saved in place) is not
+//! seen. A model entry's separate CLIP folder (`clip = …`) is fingerprinted with it.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
+
+use crate::config::ModelEntry;
 
 /// Files up to this size are hashed whole.
 pub const WHOLE_FILE_LIMIT: u64 = 64 << 20;
@@ -29,26 +37,77 @@ pub fn checkpoint_fingerprint(dir: &Path) -> Result<String> {
     fingerprint_with(dir, WHOLE_FILE_LIMIT, WINDOW)
 }
 
+/// The fingerprint of a model entry: its directory, and its CLIP folder when it names one.
+pub fn model_fingerprint(model: &ModelEntry) -> Result<String> {
+    let main = checkpoint_fingerprint(&model.path)
+        .with_context(|| format!("model `{}` (fingerprint)", model.name))?;
+    match &model.clip {
+        None => Ok(main),
+        Some(clip) => {
+            let clip = checkpoint_fingerprint(clip).with_context(|| {
+                format!("model `{}`: its clip folder (fingerprint)", model.name)
+            })?;
+            let h = Sha256::digest(format!("{main}+{clip}").as_bytes());
+            Ok(h.iter().take(8).map(|b| format!("{b:02x}")).collect())
+        }
+    }
+}
+
+/// Model fingerprints by model entry, each taken once per use.
+#[derive(Default)]
+pub struct Fingerprints {
+    cache: BTreeMap<(PathBuf, Option<PathBuf>), String>,
+}
+
+impl Fingerprints {
+    pub fn of(&mut self, model: &ModelEntry) -> Result<String> {
+        let key = (model.path.clone(), model.clip.clone());
+        if let Some(f) = self.cache.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = model_fingerprint(model)?;
+        self.cache.insert(key, f.clone());
+        Ok(f)
+    }
+}
+
+/// This project's files in a model folder that are not the model.
+fn is_side_file(name: &str) -> bool {
+    name.starts_with('.')
+        || name.ends_with(".lock")
+        || name.contains(".tmp-")
+        || name == "training.json"
+        || name.starts_with("transformers_reference.")
+        || name.ends_with(".md")
+}
+
 fn fingerprint_with(dir: &Path, whole_limit: u64, window: u64) -> Result<String> {
-    let mut names = Vec::new();
+    debug_assert!(window <= whole_limit, "a window larger than a whole file");
+    let mut names: Vec<OsString> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let skipped = name.starts_with('.') || name.ends_with(".lock") || name.contains(".tmp-");
-        if !skipped && entry.path().is_file() {
+        let name = entry.file_name();
+        if is_side_file(&name.to_string_lossy()) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_file() {
             names.push(name);
+        } else if path.is_symlink() {
+            bail!("{}: a link to nothing (a checkpoint file missing?)", path.display());
         }
     }
     names.sort();
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; window.min(whole_limit).max(1) as usize];
+    let mut buf = vec![0u8; window.max(1) as usize];
     for name in &names {
         let path = dir.join(name);
         let mut f = std::fs::File::open(&path)
             .with_context(|| format!("reading {} (model fingerprint)", path.display()))?;
         let size = f.metadata().with_context(|| format!("reading {}", path.display()))?.len();
-        h.update((name.len() as u64).to_le_bytes());
-        h.update(name.as_bytes());
+        let shown = name.to_string_lossy();
+        h.update((shown.len() as u64).to_le_bytes());
+        h.update(shown.as_bytes());
         h.update(size.to_le_bytes());
         let windows: Vec<(u64, u64)> = if size <= whole_limit {
             vec![(0, size)]
@@ -88,9 +147,11 @@ mod tests {
         let base = fp(&dir);
         assert_eq!(base.len(), 16);
         assert_eq!(fp(&dir), base, "deterministic");
-        // Lock and staging files, hidden files and subfolders are not the model.
+        // Lock and staging files, hidden files, side files and subfolders are not the model.
         std::fs::write(dir.join("model.lock"), b"x").expect("write");
         std::fs::write(dir.join(".hidden"), b"x").expect("write");
+        std::fs::write(dir.join("training.json"), b"{}").expect("write");
+        std::fs::write(dir.join("transformers_reference.safetensors"), b"x").expect("write");
         std::fs::create_dir_all(dir.join("sub")).expect("dir");
         assert_eq!(fp(&dir), base);
         let changed = |edit: &dyn Fn(&mut Vec<u8>)| {
@@ -112,6 +173,10 @@ mod tests {
         std::fs::write(dir.join("config.json"), b"{\"a\": 1}").expect("write");
         std::fs::rename(dir.join("config.json"), dir.join("config2.json")).expect("rename");
         assert_ne!(fp(&dir), base, "a name");
+        std::os::unix::fs::symlink(dir.join("gone"), dir.join("weights.safetensors"))
+            .expect("link");
+        let err = fingerprint_with(&dir, 1000, 100).expect_err("broken link").to_string();
+        assert!(err.contains("weights.safetensors"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

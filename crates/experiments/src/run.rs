@@ -3,7 +3,6 @@
 //! the tables, figures and report once the grid is complete.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +15,7 @@ use tch::Tensor;
 
 use crate::config::Config;
 use crate::eval::dataset::EvalData;
+use crate::fingerprint::Fingerprints;
 use crate::grid::{short_hash, Cell, CellKind, Selection};
 use crate::memory::model_bytes;
 use crate::progress;
@@ -96,8 +96,8 @@ struct Shared {
     data: EvalData,
     /// Float answer distributions per model name (the reference for KL / agreement).
     reference: BTreeMap<String, Tensor>,
-    /// Checkpoint fingerprints per model directory, taken once per process.
-    fingerprints: BTreeMap<PathBuf, String>,
+    /// Model fingerprints, taken once per process (and again before each cell loads its model).
+    fingerprints: Fingerprints,
     /// Done cells whose manifest predates fingerprints (not checked; said once).
     unchecked: Vec<String>,
     /// How long this process's locks last without a heartbeat, and how often it looks again at
@@ -106,32 +106,23 @@ struct Shared {
     poll: Duration,
 }
 
-impl Shared {
-    /// The fingerprint of `cell`'s model directory (taken once per process).
-    fn fingerprint(&mut self, cell: &Cell) -> Result<String> {
-        if let Some(f) = self.fingerprints.get(&cell.model.path) {
-            return Ok(f.clone());
-        }
-        let f = crate::fingerprint::checkpoint_fingerprint(&cell.model.path)
-            .with_context(|| format!("model `{}`", cell.model.name))?;
-        self.fingerprints.insert(cell.model.path.clone(), f.clone());
-        Ok(f)
-    }
-}
-
-/// A done cell is kept only while its model is the one it ran on: a model retrained or replaced
-/// at the same path is an error naming the cell, not a silent mix of two models' results.
-fn check_done_cell(results: &ResultsDir, cell: &Cell, shared: &mut Shared) -> Result<()> {
+/// Whether a done cell ran on the model now at its path (`Ok(false)`: its manifest predates
+/// fingerprints, nothing to compare). A model retrained or replaced at the same path is an error
+/// naming the cell, not a silent mix of two models' results.
+fn check_done_cell(
+    results: &ResultsDir,
+    cell: &Cell,
+    fingerprints: &mut Fingerprints,
+) -> Result<bool> {
     let path = results.cell(&cell.id).join("manifest.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let manifest: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let Some(recorded) = manifest.get("checkpoint_fingerprint").and_then(|v| v.as_str()) else {
-        shared.unchecked.push(cell.id.clone());
-        return Ok(());
+        return Ok(false);
     };
-    let now = shared.fingerprint(cell)?;
+    let now = fingerprints.of(&cell.model)?;
     if recorded != now {
         bail!(
             "cell {} ({}) is done, but on another model: {} has changed since it ran (checkpoint fingerprint {recorded} then, {now} now). Move {} away to recompute it on this model, or restore the model it ran on",
@@ -141,7 +132,31 @@ fn check_done_cell(results: &ResultsDir, cell: &Cell, shared: &mut Shared) -> Re
             results.cell(&cell.id).display()
         );
     }
+    Ok(true)
+}
+
+/// [`check_done_cell`] for every done cell of `cells`: before tables and reports are built from
+/// them and before a Slurm array is submitted for the rest (shards and array tasks never look at
+/// the cells others finished). Cells recorded before fingerprints are counted in one warning.
+pub fn check_done_cells(cells: &[Cell], results: &ResultsDir) -> Result<()> {
+    let mut fingerprints = Fingerprints::default();
+    let mut unchecked = Vec::new();
+    for cell in cells.iter().filter(|c| results.is_done(&c.id)) {
+        if !check_done_cell(results, cell, &mut fingerprints)? {
+            unchecked.push(cell.id.as_str());
+        }
+    }
+    warn_unchecked(&unchecked);
     Ok(())
+}
+
+fn warn_unchecked(ids: &[&str]) {
+    if let Some(first) = ids.first() {
+        tracing::warn!(
+            "{} done cells were recorded before checkpoint fingerprints (e.g. {first}): used without checking that their model is unchanged",
+            ids.len()
+        );
+    }
 }
 
 /// How a grid is run.
@@ -189,7 +204,7 @@ pub fn run(cfg: &Config, cells: &[Cell], opts: &RunOptions) -> Result<RunSummary
     let mut shared = Shared {
         data: EvalData::load(&cfg.dataset)?,
         reference: BTreeMap::new(),
-        fingerprints: BTreeMap::new(),
+        fingerprints: Fingerprints::default(),
         unchecked: Vec::new(),
         lease: opts.lease,
         poll,
@@ -238,18 +253,13 @@ pub fn run(cfg: &Config, cells: &[Cell], opts: &RunOptions) -> Result<RunSummary
         }
         waiting = still;
     }
-    if !shared.unchecked.is_empty() {
-        tracing::warn!(
-            "{} done cells were recorded before checkpoint fingerprints (e.g. {}): skipped without checking that their model is unchanged",
-            shared.unchecked.len(),
-            shared.unchecked[0]
-        );
-    }
     summary.missing = missing(cells, &results);
     if summary.missing.is_empty() {
         write_outputs(cfg, cells, &results, poll, opts.lease)?;
         summary.wrote_outputs = true;
     } else {
+        // (With every cell done, write_outputs checks them all and says this itself.)
+        warn_unchecked(&shared.unchecked.iter().map(String::as_str).collect::<Vec<_>>());
         tracing::info!(
             "{} of the grid's {} cells are not finished yet; `experiments report {}` builds the tables from what exists",
             summary.missing.len(),
@@ -271,7 +281,9 @@ fn try_cell(
     summary: &mut RunSummary,
 ) -> Result<bool> {
     if results.is_done(&cell.id) {
-        check_done_cell(results, cell, shared)?;
+        if !check_done_cell(results, cell, &mut shared.fingerprints)? {
+            shared.unchecked.push(cell.id.clone());
+        }
         // A process killed between finishing the cell and releasing its lock leaves a stale lock
         // on a done cell: taking it over and dropping it releases it (a live one is left alone).
         drop(results.try_lock_cell(&cell.id, shared.lease)?);
@@ -284,6 +296,7 @@ fn try_cell(
     };
     // It may have been finished between the look and the lock.
     if results.is_done(&cell.id) {
+        check_done_cell(results, cell, &mut shared.fingerprints)?;
         summary.done_elsewhere.push(cell.id.clone());
         return Ok(true);
     }
@@ -293,6 +306,7 @@ fn try_cell(
     match finished {
         Finished::Written => summary.ran.push(cell.id.clone()),
         Finished::KeptTheOther => {
+            check_done_cell(results, cell, &mut shared.fingerprints)?;
             tracing::warn!("{step}: another process finished it first; its result is kept");
             summary.done_elsewhere.push(cell.id.clone());
         }
@@ -324,6 +338,7 @@ pub fn write_outputs(
         }
         std::thread::sleep(poll);
     };
+    check_done_cells(cells, results)?;
     let missing = missing(cells, results);
     let tables = crate::table::Tables::build(results, cells, &cfg.outputs.rows)?;
     tables.write(results, cfg)?;
@@ -429,7 +444,7 @@ fn reference(
     if let Some(t) = shared.reference.get(&cell.model.name) {
         return Ok(t.shallow_clone());
     }
-    let key = short_hash(&(&cell.model, &cell.dataset, shared.fingerprint(cell)?))?;
+    let key = short_hash(&(&cell.model, &cell.dataset, shared.fingerprints.of(&cell.model)?))?;
     let path = results.reference(&key);
     let mut waited = false;
     let _lock = loop {
@@ -477,6 +492,16 @@ fn run_cell(
     shared: &mut Shared,
 ) -> Result<Finished> {
     let out_cell = results.begin_cell(lock)?;
+    // The model is loaded again for each cell: it must still be the one this process took the
+    // fingerprint (and the float reference) of.
+    let now = crate::fingerprint::model_fingerprint(&cell.model)?;
+    let taken = shared.fingerprints.of(&cell.model)?;
+    if now != taken {
+        bail!(
+            "{} changed during this run (checkpoint fingerprint {taken} when the run first read it, {now} now): stopped before its next cell; re-run to compute the cells on the new model",
+            cell.model.path.display()
+        );
+    }
     tch::manual_seed(cell.seed as i64);
     let reference_lp = reference(cell, device, results, shared)?;
     let mut model = load_model(cell, device)?;
@@ -666,7 +691,7 @@ fn run_cell(
         calibration_samples_used: calibration_used,
         host: crate::lock::host_name()?.to_string(),
         slurm_job: crate::lock::slurm_job(),
-        checkpoint_fingerprint: shared.fingerprint(cell)?,
+        checkpoint_fingerprint: shared.fingerprints.of(&cell.model)?,
     };
     // A number that is not finite is not a result: nothing of this cell is kept.
     if let Some(bad) = rows.iter().find(|r| !r.value.is_finite()) {

@@ -81,6 +81,9 @@ pub fn write(
     exe: &Path,
     workdir: &Path,
 ) -> Result<Submission> {
+    // The array's tasks never look at the cells finished before it: a model changed since they
+    // ran is refused here, before anything is submitted.
+    crate::run::check_done_cells(cells, results)?;
     let todo: Vec<String> =
         cells.iter().filter(|c| !results.is_done(&c.id)).map(|c| c.id.clone()).collect();
     if todo.len() > MAX_ARRAY_TASKS {

@@ -243,12 +243,19 @@ impl Pin {
 }
 
 /// Picks `k` of `width` channels (sorted).
-fn pick(rng: &mut SplitMix64, width: i64, k: usize) -> Vec<i64> {
+fn pick(rng: &mut SplitMix64, width: i64, k: usize, key: &str, file: &Path) -> Result<Vec<i64>> {
+    if k as i64 >= width {
+        bail!(
+            "{}: key `{key}`: {k} outlier channels of a residual stream {width} wide (at most {})",
+            file.display(),
+            width - 1
+        );
+    }
     let mut all: Vec<i64> = (0..width).collect();
     rng.shuffle(&mut all);
-    let mut chosen: Vec<i64> = all.into_iter().take(k.min(width as usize)).collect();
+    let mut chosen: Vec<i64> = all.into_iter().take(k).collect();
     chosen.sort_unstable();
-    chosen
+    Ok(chosen)
 }
 
 /// The vision tower's pins (module docs): its norms' gains and biases, the consumers' columns
@@ -336,12 +343,13 @@ fn outlier_ratios(
     sites: &[(LayerId, Tensor)],
     vision: &[i64],
     language: &[i64],
-) -> Vec<(String, f64)> {
+) -> Result<Vec<(String, f64)>> {
     sites
         .iter()
         .map(|(id, m)| {
             let chosen = if id.tower == Tower::Vision { vision } else { language };
-            let m: Vec<f32> = Vec::<f32>::try_from(m.to_kind(Kind::Float)).unwrap_or_default();
+            let m = Vec::<f32>::try_from(m.to_kind(Kind::Float))
+                .with_context(|| format!("{id}: reading its channel maxima"))?;
             let mut others: Vec<f32> = m
                 .iter()
                 .enumerate()
@@ -349,9 +357,9 @@ fn outlier_ratios(
                 .map(|(_, v)| *v)
                 .collect();
             others.sort_by(f32::total_cmp);
-            let median = others.get(others.len() / 2).copied().unwrap_or(f32::NAN);
-            let top = chosen.iter().filter_map(|&c| m.get(c as usize)).fold(0f32, |a, &b| a.max(b));
-            (id.to_string(), f64::from(top / median))
+            let median = others[others.len() / 2];
+            let top = chosen.iter().map(|&c| m[c as usize]).fold(0f32, f32::max);
+            Ok((id.to_string(), f64::from(top / median)))
         })
         .collect()
 }
@@ -409,10 +417,21 @@ pub fn train(cfg: &TrainedOutliersConfig, force: bool) -> Result<TrainedOutliers
         .with_context(|| format!("copying tokenizer.json from {}", cfg.base.display()))?;
 
     let mut rng = SplitMix64::new(cfg.outliers.seed);
-    let vision_channels =
-        pick(&mut rng, model.cfg.vision.hidden_size, cfg.outliers.vision_channels);
-    let language_channels =
-        pick(&mut rng, model.cfg.text.hidden_size, cfg.outliers.language_channels);
+    let o = &cfg.outliers;
+    let vision_channels = pick(
+        &mut rng,
+        model.cfg.vision.hidden_size,
+        o.vision_channels,
+        "outliers.vision_channels",
+        &cfg.file,
+    )?;
+    let language_channels = pick(
+        &mut rng,
+        model.cfg.text.hidden_size,
+        o.language_channels,
+        "outliers.language_channels",
+        &cfg.file,
+    )?;
     tracing::info!(?vision_channels, ?language_channels, "outlier channels");
     let vision = Tensor::from_slice(&vision_channels);
     let language = Tensor::from_slice(&language_channels);
@@ -569,17 +588,19 @@ pub fn train(cfg: &TrainedOutliersConfig, force: bool) -> Result<TrainedOutliers
     let mut probe = ChannelMax { sites: Vec::new() };
     {
         let _g = tch::no_grad_guard();
-        let px = test_px.narrow(0, 0, 32.min(test_px.size()[0]));
-        let feats = bundle.model.image_features(&px, &mut probe);
-        let q: Vec<Vec<Piece>> = test_set.questions[..px.size()[0] as usize]
-            .iter()
-            .map(|q| with_answer(&bundle.tokenizer, q))
-            .collect::<Result<_>>()?;
+        // The first 32 test questions with their own images.
+        let questions = &test_set.questions[..32.min(test_set.questions.len())];
+        let rows: Vec<i64> = questions.iter().map(|q| test_idx[&q.image_id]).collect();
+        let feats = bundle
+            .model
+            .image_features(&test_px.index_select(0, &Tensor::from_slice(&rows)), &mut probe);
+        let q: Vec<Vec<Piece>> =
+            questions.iter().map(|q| with_answer(&bundle.tokenizer, q)).collect::<Result<_>>()?;
         let images: Vec<Tensor> = (0..q.len() as i64).map(|b| feats.narrow(0, b, 1)).collect();
         let batch = bundle.model.prepare(&q, &images)?;
         let _ = bundle.model.decode_hidden(&batch, None, &mut probe);
     }
-    let outlier_ratios = outlier_ratios(&probe.sites, &vision_channels, &language_channels);
+    let outlier_ratios = outlier_ratios(&probe.sites, &vision_channels, &language_channels)?;
     let pb = progress::bar(test_set.questions.len() as u64, "test eval");
     let out = evaluate(&bundle, &test_set, &test_set.questions, TEMPLATE, 128, &mut NoHook, &pb)?;
     pb.finish_and_clear();

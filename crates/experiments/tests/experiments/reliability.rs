@@ -608,6 +608,9 @@ fn a_model_changed_at_its_path_is_not_taken_for_the_one_its_cells_ran_on() {
     let out = experiments(&[cfg]);
     assert_rejected(&out, "has changed since it ran", "a changed model");
     assert_rejected(&out, &model.display().to_string(), "a changed model");
+    // Nor are the tables built from them (the report job of a Slurm array, a shard's last run).
+    let out = experiments(&["report", cfg]);
+    assert_rejected(&out, "has changed since it ran", "report on a changed model");
     assert_eq!(metric_files(&results), before, "the earlier results are untouched");
     // The model it ran on, restored: skipped again.
     std::fs::write(&weights, &original).expect("restore");

@@ -53,8 +53,8 @@ fn distributions(
 ) -> Result<Tensor> {
     let params = params_for(eng, site, q, x)?;
     // Code units first (the parameters broadcast against `[B, T, C]`), then the real rows and the
-    // estimator's subsample: the working set is two tensors of the site input's size, where
-    // expanding the parameters to it first took five (issue #21: CDM over the memory formula).
+    // estimator's subsample: two tensors of the site input's size, where expanding the parameters
+    // to it first took five (this was not what put CDM over the memory formula on s3: README).
     let rows = eng.real_rows(site, &code_units(x, &params));
     Ok(level_distribution_of_codes(&subsample(&rows, cfg), params.grid, cfg))
 }
