@@ -206,13 +206,25 @@ pub struct Begun {
 pub fn begin(cfg: &TrainTinyConfig, force: bool) -> Result<Begun> {
     cfg.check()?;
     let t = &cfg.train;
-    let staged = Staged::begin(&cfg.out, force)?;
-    if t.threads > 0 {
-        tch::set_num_threads(i32::from(t.threads));
+    begin_at(&cfg.out, force, t.threads, t.seed, cfg.data.as_deref())
+}
+
+/// [`begin`] for any training that writes a model to `out` from easy-VQA (`data`, default the
+/// bootstrap's copy) with libtorch's `threads` (0 = its default) and `seed`.
+pub fn begin_at(
+    out: &Path,
+    force: bool,
+    threads: u16,
+    seed: i64,
+    data: Option<&Path>,
+) -> Result<Begun> {
+    let staged = Staged::begin(out, force)?;
+    if threads > 0 {
+        tch::set_num_threads(i32::from(threads));
     }
-    tch::manual_seed(t.seed);
-    let root = match &cfg.data {
-        Some(p) => p.clone(),
+    tch::manual_seed(seed);
+    let root = match data {
+        Some(p) => p.to_path_buf(),
         None => EasyVqa::default_root()?,
     };
     let train_set = EasyVqa::load(&root, Split::Train)?;

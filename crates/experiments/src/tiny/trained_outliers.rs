@@ -43,9 +43,8 @@ use qvlm_core::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::recipe::{image_labels, lr_at, optimize, LabelHeads, Staged};
+use super::recipe::{begin_at, image_labels, lr_at, optimize, Begun, LabelHeads};
 use super::train::{augment, last_two, load_pixels, with_answer, TEMPLATE};
-use crate::data::easy_vqa::{EasyVqa, Split};
 use crate::eval::easy_vqa::{evaluate, Accuracy};
 use crate::progress;
 
@@ -391,17 +390,8 @@ pub fn train(cfg: &TrainedOutliersConfig, force: bool) -> Result<TrainedOutliers
     cfg.check()?;
     cfg.check_base()?;
     let t = &cfg.finetune;
-    let staged = Staged::begin(&cfg.out, force)?;
-    if t.threads > 0 {
-        tch::set_num_threads(i32::from(t.threads));
-    }
-    tch::manual_seed(t.seed);
-    let root = match &cfg.data {
-        Some(p) => p.clone(),
-        None => EasyVqa::default_root()?,
-    };
-    let train_set = EasyVqa::load(&root, Split::Train)?;
-    let test_set = EasyVqa::load(&root, Split::Test)?;
+    let Begun { staged, train_set, test_set } =
+        begin_at(&cfg.out, force, t.threads, t.seed, cfg.data.as_deref())?;
     let dir = staged.dir();
 
     let bundle = LlavaBundle::load(&cfg.base, &LoadOptions::default())
