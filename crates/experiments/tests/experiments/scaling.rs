@@ -4,7 +4,7 @@
 //! decoder layers) are searched with `sequential` (which walks every block), one process per
 //! cell, and each cell's peak RSS during the search is checked against the README's formula:
 //!
-//!   peak RSS during the search ≤ 2 · model tensors + 3 · one block's activations + 512 MiB
+//!   peak RSS during the search ≤ 2 · model tensors + 3 · one block's activations + 768 MiB
 //!
 //! ([`experiments::scaling::memory_bound_bytes`]: the float model and the quantized copy of its
 //! linears, [`experiments::scaling::ForwardShape::block_activation_bytes`], and the process's
