@@ -178,9 +178,10 @@ pub struct MethodSpec {
     #[serde(default)]
     pub language_act: Option<ActSettings>,
     /// A QuaRot-style rotation of the language model before the search
-    /// ([`qvlm_core::model::rotation`]), e.g. `rotation = { kind = "hadamard", seed = 0 }`.
+    /// ([`qvlm_core::model::rotation`]), e.g. `rotation = { kind = "hadamard", seed =
+    /// "calibration" }` (the random signs drawn from each cell's calibration seed) or `seed = 0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<RotationSpec>,
+    pub rotation: Option<MethodRotation>,
     /// How tables name the method (default: its name).
     #[serde(default)]
     pub label: Option<String>,
@@ -333,8 +334,60 @@ fn lp_init() -> BaseStrategy {
     BaseStrategy::LpInit { p: 2.4, ratios: lp_ratios() }
 }
 
-/// The rotation the `rotation*` presets use: QuaRot's randomized Hadamard, seed 0.
-const HADAMARD: RotationSpec = RotationSpec { kind: RotationKind::Hadamard, seed: 0 };
+/// Where a method's rotation draws its randomness (the Hadamard's random signs, or the Gaussian of
+/// a random orthogonal matrix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RotationSeed {
+    /// `seed = 3`: the same rotation in every cell of the method.
+    Fixed(u64),
+    /// `seed = "calibration"`: each cell's calibration seed, so that a grid's seeds vary the
+    /// rotation as well as the calibration pairs, and a row's std and paired test cover both.
+    /// Two valid Hadamard matrices moved the `rotation` row of Table 1 by 0.95 points, more than
+    /// its std over calibration seeds (README "Results of make table1").
+    Source(SeedSource),
+}
+
+/// A named source of a seed (`"calibration"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeedSource {
+    Calibration,
+}
+
+impl Default for RotationSeed {
+    /// Seed 0, what a rotation without `seed` meant before seeds could follow the calibration.
+    fn default() -> Self {
+        Self::Fixed(0)
+    }
+}
+
+/// A method's rotation: the kind and where its seed comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodRotation {
+    pub kind: RotationKind,
+    #[serde(default)]
+    pub seed: RotationSeed,
+}
+
+impl MethodRotation {
+    /// The rotation a cell with this calibration seed applies.
+    pub fn spec(&self, calibration_seed: u64) -> RotationSpec {
+        let seed = match self.seed {
+            RotationSeed::Fixed(s) => s,
+            RotationSeed::Source(SeedSource::Calibration) => calibration_seed,
+        };
+        RotationSpec { kind: self.kind, seed }
+    }
+}
+
+/// The rotation the `rotation*` presets use: QuaRot's randomized Hadamard, its signs drawn from
+/// the cell's calibration seed.
+const HADAMARD: MethodRotation = MethodRotation {
+    kind: RotationKind::Hadamard,
+    seed: RotationSeed::Source(SeedSource::Calibration),
+};
 
 /// At most this many VEO/CDM rounds for `qvlm` (it stops earlier once the objective stops
 /// falling).
@@ -470,6 +523,34 @@ pub fn preset(name: &str) -> Option<MethodSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_seed_is_fixed_or_follows_the_calibration_seed() -> anyhow::Result<()> {
+        #[derive(Deserialize)]
+        struct Wrap {
+            rotation: MethodRotation,
+        }
+        let parse = |t: &str| toml::from_str::<Wrap>(t).map(|w| w.rotation);
+        let fixed = parse(r#"rotation = { kind = "hadamard", seed = 3 }"#)?;
+        assert_eq!(fixed.spec(7), RotationSpec { kind: RotationKind::Hadamard, seed: 3 });
+        let follows = parse(r#"rotation = { kind = "random_orthogonal", seed = "calibration" }"#)?;
+        assert_eq!(follows.spec(7), RotationSpec { kind: RotationKind::RandomOrthogonal, seed: 7 });
+        // Without a seed: 0, as before.
+        assert_eq!(parse(r#"rotation = { kind = "hadamard" }"#)?.spec(7).seed, 0);
+        assert!(parse(r#"rotation = { kind = "hadamard", seed = "cell" }"#).is_err());
+        // A fixed seed serializes as before (cell ids of explicit rotations are unchanged).
+        assert_eq!(serde_json::to_string(&fixed)?, r#"{"kind":"hadamard","seed":3}"#);
+        assert_eq!(
+            serde_json::to_string(&follows)?,
+            r#"{"kind":"random_orthogonal","seed":"calibration"}"#
+        );
+        // The presets vary the rotation with the calibration seed.
+        for name in ["rotation", "rotation_gptq", "rotation_qvlm"] {
+            let r = preset(name).and_then(|m| m.rotation).expect(name);
+            assert_eq!(r.spec(2).seed, 2, "{name}");
+        }
+        Ok(())
+    }
 
     fn weights(text: &str) -> Result<WeightFormat, String> {
         #[derive(Deserialize)]

@@ -564,7 +564,7 @@ fn run_cell(
             &cell.model.path.display().to_string(),
         )?;
         if let Some(r) = &method.rotation {
-            model.search_model_mut().rotate(r)?;
+            model.search_model_mut().rotate(&r.spec(cell.seed))?;
         }
         // The search's own peak resident memory (issue #21: bounded memory): the peak is reset
         // here, with the model, the calibration pairs and the float reference already resident.
