@@ -227,8 +227,9 @@ fn loglog_slope(points: &[(f64, f64)]) -> Option<f64> {
 /// on the scaling series (AVX-512 VNNI EPYC, 2026-12-03) the peak beyond `2 · tensors + 3 · A`
 /// ranged from 138 MiB (sequential, s3) to 560 MiB (rtn, s4; 549 MiB for cdm on s3). It was
 /// 512 MiB until rtn on s4 went 0.8 % over the formula (README "Scale"); 768 MiB leaves 208 MiB
-/// above the largest measured of those. CDM on s4 still goes over (6.17 GiB, 106.7 %): what its
-/// joint search holds beyond rtn is not one block's activations and is not yet accounted for.
+/// above the largest measured of those. CDM on s4 still goes over (6.17 GiB, 106.7 %). Most of
+/// the excess is glibc's allocator keeping freed pages (README "Scale": with the mmap threshold
+/// fixed, cdm on s2 is 97 MiB beyond `2 · tensors + 3 · A` instead of 348–387, at +77 % time).
 pub const MEMORY_BOUND_CONSTANT_BYTES: f64 = 768.0 * (1u64 << 20) as f64;
 
 /// The bounded-memory formula: the peak RSS of a process during a block-by-block search.
@@ -367,11 +368,14 @@ pub fn write(tables: &Tables, results: &ResultsDir, figures: &Path) -> Result<()
         &dir.join("scaling.csv"),
         &dir.join("scaling.md"),
         "Search cost by model size (measured)",
-        "`forward_gflop`: one float forward of the calibration set. `peak_rss_gib`: the process's \
-         peak RSS during the search. `peak_of_bound_pct`: that peak as a share of the \
-         bounded-memory formula, 2 · model tensors + 3 · one block's calibration activations + \
-         768 MiB (which holds for the block-by-block strategies; VEO back-propagates through the \
-         whole model).",
+        &format!(
+            "`forward_gflop`: one float forward of the calibration set. `peak_rss_gib`: the \
+             process's peak RSS during the search. `peak_of_bound_pct`: that peak as a share of \
+             the bounded-memory formula, 2 · model tensors + 3 · one block's calibration \
+             activations + {} MiB (which holds for the block-by-block strategies; VEO \
+             back-propagates through the whole model).",
+            MEMORY_BOUND_CONSTANT_BYTES / (1u64 << 20) as f64
+        ),
     )?;
 
     let mut methods: Vec<String> = pts.iter().map(|p| p.method.clone()).collect();
