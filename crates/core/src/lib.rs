@@ -5,8 +5,8 @@
 //! definition through a [`hook::LinearHook`] passed explicitly to `forward`.
 //!
 //! Modules, bottom to top (each imports only from those above it in this list):
-//! - [`error`], [`device`], [`rng`], [`optim`]: errors, devices and dtypes, the seeded generator,
-//!   AdamW;
+//! - [`error`], [`device`], [`rng`], [`optim`], [`memory`]: errors, devices and dtypes, the seeded
+//!   generator, AdamW, handing freed heap pages back to the system;
 //! - [`layer_id`], [`hook`]: how layers are named and how code plugs into their inputs;
 //! - [`io`]: files — safetensors, shards, key layouts, strict weight loading, configs, images,
 //!   prompts and tokenizers;
@@ -20,6 +20,7 @@ pub mod error;
 pub mod hook;
 pub mod io;
 pub mod layer_id;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod quant;

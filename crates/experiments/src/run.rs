@@ -622,6 +622,7 @@ fn run_cell(
         push("layer_forwards", p.cost.layer_forwards as f64);
         push("model_passes", p.cost.model_passes as f64);
         push("peak_cache_bytes", p.cost.peak_cache_bytes as f64);
+        push("heap_trims", p.cost.heap_trims as f64);
         if let Some((params, tokens, flops, block)) = calibration_work {
             push("linear_parameters", params);
             push("calibration_tokens", tokens);

@@ -227,9 +227,9 @@ fn loglog_slope(points: &[(f64, f64)]) -> Option<f64> {
 /// on the scaling series (AVX-512 VNNI EPYC, 2026-12-03) the peak beyond `2 · tensors + 3 · A`
 /// ranged from 138 MiB (sequential, s3) to 560 MiB (rtn, s4; 549 MiB for cdm on s3). It was
 /// 512 MiB until rtn on s4 went 0.8 % over the formula (README "Scale"); 768 MiB leaves 208 MiB
-/// above the largest measured of those. CDM on s4 still goes over (6.17 GiB, 106.7 %). Most of
-/// the excess is glibc's allocator keeping freed pages (README "Scale": with the mmap threshold
-/// fixed, cdm on s2 is 97 MiB beyond `2 · tensors + 3 · A` instead of 348–387, at +77 % time).
+/// above the largest measured of those. CDM on s4 went over (6.17 GiB, 106.7 %) until the walk
+/// trimmed the heap before each block (`qvlm_core::memory::release_freed_heap`): re-measured with
+/// the trim, the excess is −74 to 359 MiB on rtn, sequential and cdm s0–s4 (cdm s4: 93.1 %).
 pub const MEMORY_BOUND_CONSTANT_BYTES: f64 = 768.0 * (1u64 << 20) as f64;
 
 /// The bounded-memory formula: the peak RSS of a process during a block-by-block search.

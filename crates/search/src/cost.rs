@@ -28,6 +28,12 @@ pub struct CostReport {
     pub dependency_elements: u64,
     #[serde(default)]
     pub dependency_seconds: f64,
+    /// Times the block-by-block walk handed the heap's freed pages back to the system before a
+    /// block (`qvlm_core::memory::release_freed_heap`: once per block on glibc, 0 where the C
+    /// library cannot, and then the README's memory formula, whose constant was measured with
+    /// the trims, is not known to hold).
+    #[serde(default)]
+    pub heap_trims: u64,
 }
 
 impl CostReport {
@@ -42,6 +48,7 @@ impl CostReport {
         self.dependency_evaluations += other.dependency_evaluations;
         self.dependency_elements += other.dependency_elements;
         self.dependency_seconds += other.dependency_seconds;
+        self.heap_trims += other.heap_trims;
     }
 }
 
