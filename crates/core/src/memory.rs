@@ -5,8 +5,8 @@
 //! resident until something asks for them back. A block-by-block search allocates and frees one
 //! block's activations many times over; without a trim the process's peak RSS carries what
 //! earlier blocks freed (measured in the README's "Scale" section: cdm on s2 held 348–387 MiB
-//! beyond the memory formula's tensors; with a trim at each block boundary, see
-//! [`release_freed_heap`]'s callers in the search engine, less, at no cost in time).
+//! beyond the memory formula's tensors, 255 with a trim before each block, for 4 % more time;
+//! cdm on s4 peaked 0.78 GiB lower with it).
 
 #![allow(unsafe_code)]
 
