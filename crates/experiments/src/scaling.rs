@@ -228,8 +228,9 @@ fn loglog_slope(points: &[(f64, f64)]) -> Option<f64> {
 /// ranged from 138 MiB (sequential, s3) to 560 MiB (rtn, s4; 549 MiB for cdm on s3). It was
 /// 512 MiB until rtn on s4 went 0.8 % over the formula (README "Scale"); 768 MiB leaves 208 MiB
 /// above the largest measured of those. CDM on s4 went over (6.17 GiB, 106.7 %) until the walk
-/// trimmed the heap before each block (`qvlm_core::memory::release_freed_heap`): re-measured with
-/// the trim, the excess is −74 to 359 MiB on rtn, sequential and cdm s0–s4 (cdm s4: 93.1 %).
+/// trimmed the heap before each block (`qvlm_core::memory::release_freed_heap`): with the trim,
+/// in one `make scaling` (2026-12-03, 21:29–23:23 UTC), the excess is −90 to 388 MiB on rtn,
+/// sequential and cdm s0–s4 (cdm s4: 93.1 %), 380 MiB below the constant.
 pub const MEMORY_BOUND_CONSTANT_BYTES: f64 = 768.0 * (1u64 << 20) as f64;
 
 /// The bounded-memory formula: the peak RSS of a process during a block-by-block search.
