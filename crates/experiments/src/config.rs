@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use qvlm_core::device::{DType, DeviceSpec};
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::outliers::OutlierSpec;
+use qvlm_core::model::outliers::{OutlierSpec, ShiftSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::data::scienceqa::Split;
@@ -93,12 +93,34 @@ pub struct ModelEntry {
     /// Plant outlier channels after loading (the `tiny-llava-outliers` variant).
     #[serde(default)]
     pub outliers: Option<OutlierSpec>,
+    /// Shift a few vision LayerNorm channels after loading (the `tiny-llava-shifted` variant).
+    /// Left out of `config.json` (and so of every cell id) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shifted_outliers: Option<ShiftSpec>,
     /// How tables and reports name this model.
     #[serde(default)]
     pub label: Option<String>,
 }
 
 impl ModelEntry {
+    /// Plants the outliers this entry asks for (the planted and the shifted variants) into a
+    /// freshly loaded LLaVA.
+    pub fn plant(&self, model: &mut qvlm_core::model::llava::Llava) -> Result<()> {
+        if let Some(spec) = &self.outliers {
+            qvlm_core::model::outliers::plant_outliers(model, spec);
+        }
+        if let Some(spec) = &self.shifted_outliers {
+            qvlm_core::model::outliers::plant_shifted_outliers(model, spec)
+                .with_context(|| format!("model `{}`: key `shifted_outliers`", self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether loading plants anything (LLaVA only).
+    pub fn plants_outliers(&self) -> bool {
+        self.outliers.is_some() || self.shifted_outliers.is_some()
+    }
+
     pub fn label(&self) -> String {
         self.label.clone().unwrap_or_else(|| self.name.clone())
     }
@@ -653,6 +675,11 @@ fn validate(cfg: &Config) -> Result<()> {
                     "{f}: key `models.outliers` of `{}`: channels and scale must be positive (and finite)",
                     m.name
                 );
+            }
+        }
+        if let Some(o) = &m.shifted_outliers {
+            if let Err(e) = o.validate() {
+                bail!("{f}: key `models.shifted_outliers` of `{}`: {e}", m.name);
             }
         }
     }

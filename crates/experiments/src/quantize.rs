@@ -17,7 +17,6 @@ use qvlm_core::checkpoint::llava_hf::save_llava_hf;
 use qvlm_core::checkpoint::packed::save_quantized;
 use qvlm_core::model::linear::LinearWeight;
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
-use qvlm_core::model::outliers::plant_outliers;
 use qvlm_search::pack::pack;
 use qvlm_search::plan::{apply, input_scales, ModelIdentity, QuantPlan};
 use serde::Serialize;
@@ -207,9 +206,7 @@ fn load_model(args: &QuantizeArgs) -> Result<(PathBuf, LlavaBundle)> {
         LoadOptions { dtype: entry.dtype, clip_dir: entry.clip.clone(), ..LoadOptions::default() };
     let mut bundle = LlavaBundle::load(&entry.path, &opts)
         .with_context(|| format!("loading the cell's model {}", entry.path.display()))?;
-    if let Some(spec) = &entry.outliers {
-        plant_outliers(&mut bundle.model, spec);
-    }
+    entry.plant(&mut bundle.model)?;
     Ok((entry.path, bundle))
 }
 

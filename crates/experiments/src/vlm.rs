@@ -6,7 +6,6 @@
 use anyhow::{bail, Context, Result};
 use qvlm_core::io::config::{detect_family, ModelFamily};
 use qvlm_core::model::llava::{LlavaBundle, LoadOptions};
-use qvlm_core::model::outliers::plant_outliers;
 use qvlm_core::model::qwen2_vl::Qwen2VlBundle;
 use qvlm_search::model::SearchModel;
 
@@ -35,15 +34,13 @@ impl Vlm {
         match family {
             ModelFamily::Llava => {
                 let mut bundle = LlavaBundle::load(&entry.path, &opts).with_context(context)?;
-                if let Some(spec) = &entry.outliers {
-                    plant_outliers(&mut bundle.model, spec);
-                }
+                entry.plant(&mut bundle.model)?;
                 Ok(Vlm::Llava(bundle))
             }
             ModelFamily::Qwen2Vl => {
-                if entry.outliers.is_some() {
+                if entry.plants_outliers() {
                     bail!(
-                        "model `{}` ({}): `outliers` plants LLaVA's outlier channels; it is not defined for Qwen2-VL",
+                        "model `{}` ({}): `outliers` and `shifted_outliers` plant LLaVA's outlier channels; they are not defined for Qwen2-VL",
                         entry.name,
                         entry.path.display()
                     );

@@ -331,6 +331,9 @@ fn every_command_answers_malformed_input_with_one_clean_error_line() {
     let cases: Vec<(&str, &str, String, &str)> = vec![
         ("run", "e.toml", exp.replace("scale", "x").replace("path = \"", "outliers = { channels = 4, scale = nan, seed = 0 }\npath = \""), "models.outliers"),
         ("run", "e.toml", exp.replace("path = \"", "outliers = { channels = 4, scale = inf, seed = 0 }\npath = \""), "models.outliers"),
+        ("run", "e.toml", exp.replace("path = \"", "shifted_outliers = { channels = 0, shift = 250.0, seed = 0 }\npath = \""), "models.shifted_outliers"),
+        ("run", "e.toml", exp.replace("path = \"", "shifted_outliers = { channels = 2, shift = nan, seed = 0 }\npath = \""), "models.shifted_outliers"),
+        ("run", "e.toml", exp.replace("path = \"", "shifted_outliers = { channels = 2, shift = 250.0, scale = 2.0 }\npath = \""), "shifted_outliers"),
         ("run", "e.toml", format!("{exp}{method}strategy = {{ kind = \"lp_init\", p = nan }}\n").replace("methods = [\"rtn\"]", "methods = [\"mine\"]"), "methods[0].strategy"),
         ("run", "e.toml", format!("{exp}{method}strategy = {{ kind = \"oracle\", window = 0 }}\n"), "methods[0].strategy"),
         ("run", "e.toml", format!("{exp}{method}strategy = {{ kind = \"entropy_blocked\", h0 = {{ kind = \"quantile\", value = 2.0 }} }}\n"), "h0.value"),

@@ -9,7 +9,7 @@ use qvlm_core::hook::NoHook;
 use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
-use qvlm_core::model::outliers::{plant_outliers, OutlierSpec};
+use qvlm_core::model::outliers::{plant_outliers, plant_shifted_outliers, OutlierSpec, ShiftSpec};
 use tch::Tensor;
 
 /// f32 logits against transformers (the issue's bound).
@@ -112,6 +112,49 @@ fn planted_outlier_variant_keeps_float_logits() {
     let orig = &plain.model.language_model.layers[0].input_layernorm.weight;
     let ratio = (ln / orig).abs().max().double_value(&[]);
     assert!((ratio - 30.0).abs() < 1e-3, "{ratio}");
+}
+
+/// The shifted variant (issue #17): the vision LayerNorms' shifted channels are absorbed by the
+/// consumers' biases, so the float logits stay those of the plain model, while every token's
+/// input to the first q_proj now carries the offset.
+#[test]
+fn shifted_outlier_variant_keeps_float_logits() {
+    let dir = model_dir();
+    let plain = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let mut shifted = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let spec = ShiftSpec { channels: 2, shift: 300.0, seed: 0 };
+    let report = plant_shifted_outliers(&mut shifted.model, &spec).expect("plant");
+    assert_eq!(report.norms.len(), 2 * 3, "two norms per vision layer used");
+    assert!(report.norms.iter().all(|(_, c)| c.len() == 2));
+    let image = easy_vqa_test_image(0);
+    for q in ["what color is the shape?", "is there not a red circle in the image?"] {
+        let (_, a, _) = last_logits(&plain, q, &image);
+        let (_, b, _) = last_logits(&shifted, q, &image);
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d <= PLANTED_LOGITS_ATOL, "{q}: shifted logits differ by {d}");
+    }
+    // The shift is in the first norm's bias, by `shift` RMS gains, at the reported channels.
+    let norm = &shifted.model.vision_tower.used_layers()[0].layer_norm1;
+    let orig = &plain.model.vision_tower.used_layers()[0].layer_norm1;
+    let rms_gain = orig.weight.square().mean(tch::Kind::Double).sqrt().double_value(&[]);
+    let channels = &report.norms[0].1;
+    for c in 0..orig.bias.size()[0] {
+        let moved = norm.bias.double_value(&[c]) - orig.bias.double_value(&[c]);
+        let expected = if channels.contains(&c) { 300.0 * rms_gain } else { 0.0 };
+        assert!((moved - expected).abs() <= 1e-4 * 300.0 * rms_gain, "channel {c}: {moved}");
+    }
+    // A linear without a bias cannot absorb a shift: an error naming it.
+    let mut no_bias = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    no_bias.model.vision_tower.used_layers_mut()[0].fc1.bias = None;
+    let err = plant_shifted_outliers(&mut no_bias.model, &spec).expect_err("no bias");
+    assert!(err.to_string().contains("fc1"), "{err}");
+    // ... and leaves the model as it was.
+    let untouched = &no_bias.model.vision_tower.used_layers()[0].layer_norm1.bias;
+    assert!(untouched.equal(&orig.bias), "a failed plant changed a norm");
+    for channels in [0, 65] {
+        let bad = ShiftSpec { channels, ..spec };
+        assert!(plant_shifted_outliers(&mut no_bias.model, &bad).is_err(), "{channels} channels");
+    }
 }
 
 /// The committed tiny Qwen2-VL (issue #22, `configs/train-tiny-qwen2vl.toml`): transformers'
