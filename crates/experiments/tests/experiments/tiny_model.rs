@@ -88,6 +88,18 @@ fn transformers_loads_the_tiny_model_and_agrees_with_our_logits() {
     }
 }
 
+/// A function-preserving variant answers two test questions with the plain model's last-position
+/// logits, within [`PLANTED_LOGITS_ATOL`].
+fn assert_same_float_logits(plain: &LlavaBundle, variant: &LlavaBundle, name: &str) {
+    let image = easy_vqa_test_image(0);
+    for q in ["what color is the shape?", "is there not a red circle in the image?"] {
+        let (_, a, _) = last_logits(plain, q, &image);
+        let (_, b, _) = last_logits(variant, q, &image);
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d <= PLANTED_LOGITS_ATOL, "{q}: {name} logits differ by {d}");
+    }
+}
+
 #[test]
 fn planted_outlier_variant_keeps_float_logits() {
     let dir = model_dir();
@@ -100,13 +112,7 @@ fn planted_outlier_variant_keeps_float_logits() {
         "two norms per vision layer used and per decoder layer"
     );
     assert!(report.norms.iter().all(|(_, c)| c.len() == 4));
-    let image = easy_vqa_test_image(0);
-    for q in ["what color is the shape?", "is there not a red circle in the image?"] {
-        let (_, a, _) = last_logits(&plain, q, &image);
-        let (_, b, _) = last_logits(&planted, q, &image);
-        let d = (a - b).abs().max().double_value(&[]);
-        assert!(d <= PLANTED_LOGITS_ATOL, "{q}: planted logits differ by {d}");
-    }
+    assert_same_float_logits(&plain, &planted, "planted");
     // The planted channels really are outliers at the decoder's first q_proj input.
     let ln = &planted.model.language_model.layers[0].input_layernorm.weight;
     let orig = &plain.model.language_model.layers[0].input_layernorm.weight;
@@ -126,13 +132,7 @@ fn shifted_outlier_variant_keeps_float_logits() {
     let report = plant_shifted_outliers(&mut shifted.model, &spec).expect("plant");
     assert_eq!(report.norms.len(), 2 * 3, "two norms per vision layer used");
     assert!(report.norms.iter().all(|(_, c)| c.len() == 2));
-    let image = easy_vqa_test_image(0);
-    for q in ["what color is the shape?", "is there not a red circle in the image?"] {
-        let (_, a, _) = last_logits(&plain, q, &image);
-        let (_, b, _) = last_logits(&shifted, q, &image);
-        let d = (a - b).abs().max().double_value(&[]);
-        assert!(d <= PLANTED_LOGITS_ATOL, "{q}: shifted logits differ by {d}");
-    }
+    assert_same_float_logits(&plain, &shifted, "shifted");
     // The shift is in the first norm's bias, by `shift` RMS gains, at the reported channels.
     let norm = &shifted.model.vision_tower.used_layers()[0].layer_norm1;
     let orig = &plain.model.vision_tower.used_layers()[0].layer_norm1;
