@@ -55,17 +55,23 @@ fn scale_entries(t: &mut Tensor, channels: &Tensor, s: f64) {
     let _ = t.index_copy_(0, channels, &v);
 }
 
+/// `count` of a norm's `width` channels, drawn by shuffling them all with `rng` (the draw both
+/// variants make, so a seed picks the same channels in each), in increasing order.
+fn pick_channels(rng: &mut SplitMix64, width: i64, count: usize) -> Vec<i64> {
+    let mut all: Vec<i64> = (0..width).collect();
+    rng.shuffle(&mut all);
+    let mut chosen: Vec<i64> = all.into_iter().take(count).collect();
+    chosen.sort_unstable();
+    chosen
+}
+
 /// Plants outlier channels in place (see the module docs).
 pub fn plant_outliers(model: &mut Llava, spec: &OutlierSpec) -> PlantReport {
     let _guard = tch::no_grad_guard();
     let mut rng = SplitMix64::new(spec.seed);
     let mut report = PlantReport::default();
     let mut pick = |width: i64, name: String, report: &mut PlantReport| {
-        let mut all: Vec<i64> = (0..width).collect();
-        rng.shuffle(&mut all);
-        let mut chosen: Vec<i64> =
-            all.into_iter().take(spec.channels.min(width as usize)).collect();
-        chosen.sort_unstable();
+        let chosen = pick_channels(&mut rng, width, spec.channels.min(width as usize));
         report.norms.push((name, chosen.clone()));
         Tensor::from_slice(&chosen)
     };
@@ -139,17 +145,19 @@ impl ShiftSpec {
     }
 }
 
+/// The error for a consumer that has no bias to absorb a shift.
+fn no_bias_for_shift(linear: &Linear) -> Error {
+    Error::Quant {
+        layer: linear.path.clone(),
+        reason: "a shifted outlier needs a bias to absorb the shift; this linear has none".into(),
+    }
+}
+
 /// Adds `delta` `[c]` at `channels` of the norm's output to every consumer's bias
 /// (`b ← b − W[:, channels] · delta`, in f64 then the bias's kind).
 fn absorb_shift(linear: &mut Linear, channels: &Tensor, delta: &Tensor) -> Result<()> {
     let w = linear.float_weight().index_select(1, channels).to_kind(Kind::Double);
-    let Some(bias) = &mut linear.bias else {
-        return Err(Error::Quant {
-            layer: linear.path.clone(),
-            reason: "a shifted outlier needs a bias to absorb the shift; this linear has none"
-                .into(),
-        });
-    };
+    let Some(bias) = &mut linear.bias else { return Err(no_bias_for_shift(linear)) };
     let change = w.matmul(&delta.to_kind(Kind::Double));
     let updated = (bias.to_kind(Kind::Double) - change).to_kind(bias.kind());
     bias.copy_(&updated);
@@ -171,12 +179,7 @@ pub fn plant_shifted_outliers(model: &mut Llava, spec: &ShiftSpec) -> Result<Pla
         let a = &layer.self_attn;
         for l in [&a.q_proj, &a.k_proj, &a.v_proj, &layer.fc1] {
             if l.bias.is_none() {
-                return Err(Error::Quant {
-                    layer: l.path.clone(),
-                    reason:
-                        "a shifted outlier needs a bias to absorb the shift; this linear has none"
-                            .into(),
-                });
+                return Err(no_bias_for_shift(l));
             }
         }
     }
@@ -187,11 +190,7 @@ pub fn plant_shifted_outliers(model: &mut Llava, spec: &ShiftSpec) -> Result<Pla
     for (i, layer) in model.vision_tower.used_layers_mut().iter_mut().enumerate() {
         for which in [1, 2] {
             let norm = if which == 1 { &mut layer.layer_norm1 } else { &mut layer.layer_norm2 };
-            let width = norm.weight.size()[0];
-            let mut all: Vec<i64> = (0..width).collect();
-            rng.shuffle(&mut all);
-            let mut chosen: Vec<i64> = all.into_iter().take(spec.channels).collect();
-            chosen.sort_unstable();
+            let chosen = pick_channels(&mut rng, norm.weight.size()[0], spec.channels);
             report.norms.push((format!("vision.{i}.layer_norm{which}"), chosen.clone()));
             let c = Tensor::from_slice(&chosen).to_device(device);
             let gain = norm.weight.to_kind(Kind::Double);
