@@ -1,5 +1,5 @@
 # The two commands of the README. Both bootstrap first (idempotent, quick when done).
-.PHONY: bootstrap test test-slurm reproduce table1 bench paper tune fixtures scaling
+.PHONY: bootstrap test test-slurm reproduce table1 table2 sensitivity bench paper tune fixtures scaling
 
 CARGO ?= cargo
 
@@ -38,6 +38,16 @@ table1: bootstrap
 # How VEO's and CDM's hyper-parameters were chosen (validation split; not part of reproduce).
 tune: bootstrap
 	$(CARGO) run -p experiments --locked -- configs/veo-sweep.toml
+
+# Table 2 per question class with statistics on all three embedded variants (plain, planted,
+# shifted), every method of the field in both activation settings (README "Table 2 on three
+# variants" gives its measured time).
+table2: bootstrap
+	$(CARGO) run -p experiments --locked -- configs/table2_classes.toml
+
+# The round-to-nearest sensitivity map of the three variants (full split, 3 seeds).
+sensitivity: bootstrap
+	$(CARGO) run -p experiments --locked -- configs/sensitivity.toml
 
 paper: bootstrap
 	@for c in $(PAPER_CONFIGS); do \

@@ -189,16 +189,18 @@ fn draw_bars<DB: DrawingBackend>(
     Ok(())
 }
 
-/// A heatmap: `rows` × `cols` cells coloured by value (white → blue), values printed inside.
+/// A heatmap: `rows` × `cols` cells coloured by value (white → blue), values printed inside
+/// with their spread (`stds`, same shape: ± the standard deviation over seeds) where there is one.
 pub fn heatmap(
     path: &Path,
     title: &str,
     rows: &[String],
     cols: &[String],
     values: &[Vec<Option<f64>>],
+    stds: &[Vec<Option<f64>>],
 ) -> Result<()> {
     let size = (220 + 150 * cols.len() as u32, 120 + 44 * rows.len() as u32);
-    png_and_svg!(path, size, |root| draw_heatmap(&root, title, rows, cols, values))
+    png_and_svg!(path, size, |root| draw_heatmap(&root, title, rows, cols, values, stds))
 }
 
 fn draw_heatmap<DB: DrawingBackend>(
@@ -207,6 +209,7 @@ fn draw_heatmap<DB: DrawingBackend>(
     rows: &[String],
     cols: &[String],
     values: &[Vec<Option<f64>>],
+    stds: &[Vec<Option<f64>>],
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let (nr, nc) = (rows.len().max(1), cols.len().max(1));
@@ -247,11 +250,16 @@ fn draw_heatmap<DB: DrawingBackend>(
             chart
                 .draw_series([Rectangle::new([(x0, y + 0.04), (x1, y + 0.96)], color.filled())])
                 .map_err(err)?;
-            let text = v.map_or("–".to_string(), |v| format!("{v:.1}"));
+            let spread = stds.get(r).and_then(|row| row.get(c)).copied().flatten();
+            let text = match (v, spread) {
+                (Some(v), Some(sd)) => format!("{v:.1} ± {sd:.1}"),
+                (Some(v), None) => format!("{v:.1}"),
+                (None, _) => "–".to_string(),
+            };
             chart
                 .draw_series([Text::new(
                     text,
-                    (c as f64 + 0.4, y + 0.4),
+                    (c as f64 + 0.25, y + 0.4),
                     ("sans-serif", 15).into_font(),
                 )])
                 .map_err(err)?;

@@ -72,6 +72,16 @@ fn draw(
                     .iter()
                     .map(|b| cfg.grid.methods.iter().map(|m| accuracy(model, b, m)).collect())
                     .collect();
+                let stds: Vec<Vec<Option<f64>>> = grid_bits
+                    .iter()
+                    .map(|b| {
+                        cfg.grid
+                            .methods
+                            .iter()
+                            .map(|m| row(model, b, m).and_then(|i| acc_std[i]))
+                            .collect()
+                    })
+                    .collect();
                 let float = float(model);
                 let title = format!(
                     "{} — accuracy (%) by bits and activation ranges (float {})",
@@ -84,6 +94,7 @@ fn draw(
                     &grid_bits,
                     &cfg.grid.methods,
                     &values,
+                    &stds,
                 )?;
             }
         }
@@ -398,6 +409,7 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
         s.push('\n');
     }
     s.push_str(&comparison_section(tables, &labels, &method_labels)?);
+    s.push_str(&class_section(tables, &labels, &method_labels)?);
     if tables.ded_correlations.height() > 0 {
         s.push_str(&table::markdown(
             &tables.ded_correlations,
@@ -407,6 +419,90 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
         s.push('\n');
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Table 2 with statistics (`tables/class_comparisons`), one table per model and bit width: per
+/// row and question class, the class accuracy over seeds and the paired difference to its `vs`
+/// row on that class's questions.
+fn class_section(
+    tables: &Tables,
+    labels: &BTreeMap<String, String>,
+    method_labels: &BTreeMap<String, String>,
+) -> Result<String> {
+    let c = &tables.class_comparisons;
+    if c.height() == 0 {
+        return Ok(String::new());
+    }
+    let text = |n: &str| table::strings(c, n);
+    let num = |n: &str| table::floats(c, n);
+    let (model, bits, method, vs, class, significant) = (
+        text("model")?,
+        text("bits")?,
+        text("method")?,
+        text("vs")?,
+        text("class")?,
+        text("significant")?,
+    );
+    let (acc, std, diff, p) = (num("accuracy")?, num("accuracy_std")?, num("diff")?, num("p")?);
+    let label = |m: &str| method_labels.get(m).cloned().unwrap_or_else(|| m.to_string());
+    let mut s = String::from(
+        "## Table 2: the same rows per question class\n\nPer class: accuracy on the class's \
+         questions, mean ± std over calibration seeds; Δ to the compared row on the same \
+         questions, with its p from the paired bootstrap over images (\"n.s.\": p ≥ 0.05, not \
+         claimed). Intervals: `tables/class_comparisons.csv`.\n",
+    );
+    // Per (model, bits): the classes in first-appearance order, then one line per row.
+    let mut i = 0;
+    while i < c.height() {
+        let key = (&model[i], &bits[i]);
+        let end = (i..c.height()).find(|&j| (&model[j], &bits[j]) != key).unwrap_or(c.height());
+        let mut classes: Vec<&String> = Vec::new();
+        for name in &class[i..end] {
+            if !classes.contains(&name) {
+                classes.push(name);
+            }
+        }
+        s.push_str(&format!(
+            "\n### {} — {}\n\n| row | vs |{}\n|---|---|{}\n",
+            labels.get(key.0).cloned().unwrap_or_else(|| key.0.clone()),
+            key.1,
+            classes.iter().map(|c| format!(" {c} |")).collect::<String>(),
+            "---|".repeat(classes.len())
+        ));
+        let mut j = i;
+        while j < end {
+            let row_end =
+                (j..end).find(|&k| (&method[k], &vs[k]) != (&method[j], &vs[j])).unwrap_or(end);
+            let mut line = format!(
+                "| {} | {} |",
+                label(&method[j]),
+                if vs[j].is_empty() { "–".to_string() } else { label(&vs[j]) }
+            );
+            for name in &classes {
+                let cell = (j..row_end).find(|&k| &class[k] == *name).map_or("–".into(), |k| {
+                    let a = match (acc[k], std[k]) {
+                        (Some(a), Some(sd)) => format!("{a:.2} ± {sd:.2}"),
+                        (Some(a), None) => format!("{a:.2}"),
+                        _ => "–".into(),
+                    };
+                    match (diff[k], p[k]) {
+                        (Some(d), Some(pv)) => {
+                            let mark = if significant[k] == "yes" { "" } else { " n.s." };
+                            format!("{a} (Δ {d:+.2}, p {pv:.4}{mark})")
+                        }
+                        _ => a,
+                    }
+                });
+                line.push_str(&format!(" {cell} |"));
+            }
+            s.push_str(&line);
+            s.push('\n');
+            j = row_end;
+        }
+        i = end;
+    }
+    s.push('\n');
+    Ok(s)
 }
 
 /// The controlled comparison (`outputs.rows`), one table per model and bit width: what each row

@@ -72,6 +72,10 @@ pub struct Tables {
     /// The controlled comparison (`outputs.rows`) per model and bit width: each row's accuracy
     /// over seeds and its paired test against its `vs` row (see [`crate::stats`]).
     pub comparisons: DataFrame,
+    /// Table 2's view of the same rows: per question class (easy-VQA's question types,
+    /// ScienceQA's NAT … G7-12), each row's class accuracy over seeds and the paired test of the
+    /// class's questions against its `vs` row.
+    pub class_comparisons: DataFrame,
 }
 
 impl Tables {
@@ -86,6 +90,7 @@ impl Tables {
         let mut summary = wide(&long, &metrics.iter().map(String::as_str).collect::<Vec<_>>())?;
         summary.with_column(search_seconds(results, &finished, &summary)?)?;
         let comparisons = comparisons(results, &finished, rows, &summary)?;
+        let class_comparisons = class_comparisons(results, &finished, rows)?;
         let ded = ded_points(results, &finished)?;
         Ok(Tables {
             long,
@@ -94,6 +99,7 @@ impl Tables {
             ded_correlations: ded_correlations(&ded)?,
             ded,
             comparisons,
+            class_comparisons,
         })
     }
 
@@ -140,6 +146,20 @@ impl Tables {
                 &dir.join("comparisons.csv"),
                 &dir.join("comparisons.md"),
                 &format!("{} — controlled comparison", cfg.experiment.name),
+                &note,
+            )?;
+        }
+        if self.class_comparisons.height() > 0 {
+            let note = format!(
+                "Table 2: the controlled rows per question class. accuracy: the row's accuracy on the class's questions, mean over calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` over the class's questions, each averaged over seeds, with a 95 % interval and a two-sided p from a paired bootstrap over images ({} resamples); significant: p < {}. A question may count toward several classes (ScienceQA).",
+                stats::RESAMPLES,
+                stats::ALPHA
+            );
+            write(
+                &mut self.class_comparisons.clone(),
+                &dir.join("class_comparisons.csv"),
+                &dir.join("class_comparisons.md"),
+                &format!("{} — per question class (Table 2)", cfg.experiment.name),
                 &note,
             )?;
         }
@@ -209,7 +229,20 @@ fn row_scores(
     cells: &[&Cell],
     key: (&str, &str, &str),
 ) -> Result<stats::Scores> {
+    Ok(row_scores_with_classes(results, cells, key)?.0)
+}
+
+/// Question → the classes it counts toward (`scores.csv`'s `classes`, split at `;`).
+type QuestionClasses = BTreeMap<String, Vec<String>>;
+
+/// [`row_scores`] and each question's classes.
+fn row_scores_with_classes(
+    results: &ResultsDir,
+    cells: &[&Cell],
+    key: (&str, &str, &str),
+) -> Result<(stats::Scores, QuestionClasses)> {
     let mut out = stats::Scores::new();
+    let mut classes = QuestionClasses::new();
     for c in cells
         .iter()
         .filter(|c| (c.model.name.as_str(), c.bits_label().as_str(), c.method_name()) == key)
@@ -218,14 +251,154 @@ fn row_scores(
         let df = read_csv_strings(&path)?;
         let (q, cl, sc) =
             (strings(&df, "question")?, strings(&df, "cluster")?, strings(&df, "score")?);
+        let qc = strings(&df, "classes").with_context(|| {
+            format!(
+                "{}: no `classes` column (written before per-class scores were recorded: delete \
+                 the cell folder to recompute it)",
+                path.display()
+            )
+        })?;
         for i in 0..df.height() {
             let score: f64 = sc[i]
                 .parse()
                 .with_context(|| format!("{}: row {}: score `{}`", path.display(), i + 1, sc[i]))?;
             out.entry(q[i].clone()).or_insert_with(|| (cl[i].clone(), vec![])).1.push(score);
+            let names: Vec<String> =
+                qc[i].split(';').filter(|n| !n.is_empty()).map(str::to_string).collect();
+            match classes.get(&q[i]) {
+                Some(seen) if *seen != names => anyhow::bail!(
+                    "{}: row {}: question {} has classes `{}` here and `{}` in another cell of \
+                     the same row",
+                    path.display(),
+                    i + 1,
+                    q[i],
+                    qc[i],
+                    seen.join(";")
+                ),
+                Some(_) => {}
+                None => {
+                    classes.insert(q[i].clone(), names);
+                }
+            }
         }
     }
-    Ok(out)
+    Ok((out, classes))
+}
+
+/// The scores of the questions that count toward `class`.
+fn scores_of_class(
+    scores: &stats::Scores,
+    classes: &QuestionClasses,
+    class: &str,
+) -> stats::Scores {
+    scores
+        .iter()
+        .filter(|(q, _)| classes.get(*q).is_some_and(|c| c.iter().any(|n| n == class)))
+        .map(|(q, v)| (q.clone(), v.clone()))
+        .collect()
+}
+
+/// Per seed (the k-th score of every question), the mean score in points; their mean and
+/// standard deviation over seeds.
+fn accuracy_over_seeds(scores: &stats::Scores) -> (Option<f64>, Option<f64>, usize) {
+    let seeds = scores.values().map(|(_, s)| s.len()).max().unwrap_or(0);
+    let per_seed: Vec<f64> = (0..seeds)
+        .filter_map(|k| {
+            let of: Vec<f64> = scores.values().filter_map(|(_, s)| s.get(k).copied()).collect();
+            stats::mean(&of).map(|m| 100.0 * m)
+        })
+        .collect();
+    (stats::mean(&per_seed), stats::std(&per_seed), per_seed.len())
+}
+
+/// Table 2 with statistics: per (model, bits), every configured row and every question class
+/// its cells scored — the class accuracy over seeds and the paired test against the `vs` row on
+/// the class's questions.
+fn class_comparisons(
+    results: &ResultsDir,
+    cells: &[&Cell],
+    rows: &[ComparisonRow],
+) -> Result<DataFrame> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for c in cells.iter().filter(|c| c.method().is_some()) {
+        let k = (c.model.name.clone(), c.bits_label());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut text: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut nums: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    for (model, bits) in &keys {
+        for row in rows {
+            let (a, classes) = row_scores_with_classes(results, cells, (model, bits, &row.method))?;
+            if a.is_empty() {
+                continue;
+            }
+            let b = match &row.vs {
+                Some(vs) => Some(row_scores(results, cells, (model, bits, vs))?),
+                None => None,
+            };
+            let mut names: Vec<&String> = classes.values().flatten().collect();
+            names.sort();
+            names.dedup();
+            for class in names {
+                let a_class = scores_of_class(&a, &classes, class);
+                let (accuracy, std, seeds) = accuracy_over_seeds(&a_class);
+                let (vs_accuracy, test) = match &b {
+                    Some(b) => {
+                        let b_class = scores_of_class(b, &classes, class);
+                        (accuracy_over_seeds(&b_class).0, stats::paired_test(&a_class, &b_class))
+                    }
+                    None => (None, None),
+                };
+                for (name, v) in [
+                    ("model", model.clone()),
+                    ("bits", bits.clone()),
+                    ("method", row.method.clone()),
+                    ("vs", row.vs.clone().unwrap_or_default()),
+                    ("class", class.clone()),
+                    (
+                        "significant",
+                        match &test {
+                            Some(t) if t.significant() => "yes".into(),
+                            Some(_) => "no".into(),
+                            None => String::new(),
+                        },
+                    ),
+                ] {
+                    text.entry(name).or_default().push(v);
+                }
+                for (name, v) in [
+                    ("seeds", Some(seeds as f64)),
+                    ("accuracy", accuracy),
+                    ("accuracy_std", std),
+                    ("vs_accuracy", vs_accuracy),
+                    ("diff", test.as_ref().map(|t| t.diff)),
+                    ("ci_low", test.as_ref().map(|t| t.ci.0)),
+                    ("ci_high", test.as_ref().map(|t| t.ci.1)),
+                    ("p", test.as_ref().map(|t| t.p)),
+                    ("questions", Some(a_class.len() as f64)),
+                    ("clusters", test.as_ref().map(|t| t.clusters as f64)),
+                ] {
+                    nums.entry(name).or_default().push(v);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for name in ["model", "bits", "method", "vs", "class"] {
+        out.push(Column::new(name.into(), text.remove(name).unwrap_or_default()));
+    }
+    for name in
+        ["seeds", "accuracy", "accuracy_std", "vs_accuracy", "diff", "ci_low", "ci_high", "p"]
+    {
+        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
+    }
+    out.push(Column::new("significant".into(), text.remove("significant").unwrap_or_default()));
+    for name in ["questions", "clusters"] {
+        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
+    }
+    Ok(DataFrame::new_infer_height(out)?)
 }
 
 /// The controlled comparison: per (model, bits) of the cells, every configured row.
@@ -600,4 +773,41 @@ pub fn read_csv(path: &Path) -> Result<DataFrame> {
         .try_into_reader_with_file_path(Some(path.to_path_buf()))
         .and_then(|r| r.finish())
         .with_context(|| format!("reading {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(rows: &[(&str, &str, &[f64])]) -> stats::Scores {
+        rows.iter().map(|(q, c, s)| (q.to_string(), (c.to_string(), s.to_vec()))).collect()
+    }
+
+    #[test]
+    fn a_class_keeps_exactly_its_questions_even_where_classes_overlap() {
+        let all = scores(&[("1", "a", &[1.0]), ("2", "a", &[0.0]), ("3", "b", &[1.0])]);
+        let classes: QuestionClasses = [
+            ("1".to_string(), vec!["nat".to_string(), "img".to_string()]),
+            ("2".to_string(), vec!["soc".to_string(), "img".to_string()]),
+            ("3".to_string(), vec!["nat".to_string()]),
+        ]
+        .into_iter()
+        .collect();
+        let keys = |s: &stats::Scores| s.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&scores_of_class(&all, &classes, "img")), ["1", "2"]);
+        assert_eq!(keys(&scores_of_class(&all, &classes, "nat")), ["1", "3"]);
+        assert!(scores_of_class(&all, &classes, "lan").is_empty());
+    }
+
+    #[test]
+    fn class_accuracy_is_the_mean_over_seeds_of_each_seeds_accuracy() {
+        // Seed 0: both right (100 %); seed 1: one of two (50 %).
+        let s = scores(&[("1", "a", &[1.0, 0.0]), ("2", "b", &[1.0, 1.0])]);
+        let (mean, std, seeds) = accuracy_over_seeds(&s);
+        assert_eq!(seeds, 2);
+        assert!((mean.expect("mean") - 75.0).abs() < 1e-12);
+        // Sample standard deviation of 100 and 50.
+        assert!((std.expect("std") - 50.0 / 2f64.sqrt()).abs() < 1e-9);
+        assert_eq!(accuracy_over_seeds(&stats::Scores::new()), (None, None, 0));
+    }
 }

@@ -66,13 +66,23 @@ pub struct QuestionScore {
     pub cluster: String,
     /// In [0, 1]: correct or not, or the VQA accuracy.
     pub score: f64,
+    /// The classes the question counts toward, named as in the cell's `accuracy_<class>`
+    /// metrics (easy-VQA: its question type; ScienceQA: subject, context and grade band, which
+    /// overlap; VQA: none), so that Table 2's per-class differences get the same paired test.
+    pub classes: Vec<String>,
 }
 
-/// `scores.csv` of a cell: `question,cluster,score`.
+/// `scores.csv` of a cell: `question,cluster,classes,score`, the classes joined by `;`.
 pub fn scores_csv(scores: &[QuestionScore]) -> String {
-    let mut s = String::from("question,cluster,score\n");
+    let mut s = String::from("question,cluster,classes,score\n");
     for q in scores {
-        s.push_str(&format!("{},{},{}\n", csv_field(&q.question), csv_field(&q.cluster), q.score));
+        s.push_str(&format!(
+            "{},{},{},{}\n",
+            csv_field(&q.question),
+            csv_field(&q.cluster),
+            csv_field(&q.classes.join(";")),
+            q.score
+        ));
     }
     s
 }
@@ -231,6 +241,7 @@ impl EvalData {
                         question: r.pid.clone(),
                         cluster: r.pid.clone(),
                         score: f64::from(u8::from(r.correct)),
+                        classes: r.classes.iter().map(|c| c.name().to_string()).collect(),
                     })
                     .collect();
                 let mut csv = String::from("pid,answer,parsed,correct,prediction\n");
@@ -263,6 +274,7 @@ impl EvalData {
                             question: r.question_id.to_string(),
                             cluster: q.image.clone(),
                             score: r.accuracy?,
+                            classes: Vec::new(),
                         })
                     })
                     .collect();
@@ -291,11 +303,16 @@ fn easy_vqa_evaluated(
 ) -> Result<Evaluated> {
     let acc = out.accuracy();
     let mut metrics = vec![("accuracy".to_string(), acc.overall)];
+    let type_name = |t: &easy_vqa::QuestionType| -> Result<String> {
+        match serde_json::to_value(t)? {
+            serde_json::Value::String(name) => Ok(name),
+            other => {
+                anyhow::bail!("easy-VQA question type {t:?} serialises as {other}, not a name")
+            }
+        }
+    };
     for (t, v) in &acc.by_type {
-        metrics.push((
-            format!("accuracy_{}", serde_json::to_value(t)?.as_str().unwrap_or("type")),
-            *v,
-        ));
+        metrics.push((format!("accuracy_{}", type_name(t)?), *v));
     }
     metrics.push(("questions".into(), acc.count as f64));
     let image_of: std::collections::BTreeMap<usize, u32> =
@@ -303,12 +320,15 @@ fn easy_vqa_evaluated(
     let scores = out
         .answered
         .iter()
-        .map(|a| QuestionScore {
-            question: a.index.to_string(),
-            cluster: image_of.get(&a.index).map_or_else(String::new, u32::to_string),
-            score: f64::from(u8::from(a.correct)),
+        .map(|a| -> Result<QuestionScore> {
+            Ok(QuestionScore {
+                question: a.index.to_string(),
+                cluster: image_of.get(&a.index).map_or_else(String::new, u32::to_string),
+                score: f64::from(u8::from(a.correct)),
+                classes: vec![type_name(&a.kind)?],
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     let mut csv = String::from("index,kind,answer,predicted,correct\n");
     for a in &out.answered {
         csv.push_str(&format!(
