@@ -135,33 +135,39 @@ impl Tables {
                 "Per calibration sample and window: DED = (layer-wise − joint) error at the window's last site over the sample's float output energy; dependency = the sum of the window's consecutive conditional entropies (Eq. 6). `window` names its first site; `all` pools a tower's windows (tower `all`: every window).",
             )?;
         }
-        if self.comparisons.height() > 0 {
-            let note = format!(
-                "Each row differs from its `vs` row by `change`. activations: each tower's activation quantizer and whether an integer kernel executes it (per-channel scales lie along the matmul's reduction dimension: fake-quant only). accuracy: mean over the row's calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` in points, each question averaged over seeds, with a 95 % interval and a two-sided p-value from a paired bootstrap over images ({} resamples); significant: p < {}.",
-                stats::RESAMPLES,
-                stats::ALPHA
-            );
-            write(
-                &mut self.comparisons.clone(),
-                &dir.join("comparisons.csv"),
-                &dir.join("comparisons.md"),
-                &format!("{} — controlled comparison", cfg.experiment.name),
-                &note,
-            )?;
-        }
-        if self.class_comparisons.height() > 0 {
-            let note = format!(
-                "Table 2: the controlled rows per question class. accuracy: the row's accuracy on the class's questions, mean over calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` over the class's questions, each averaged over seeds, with a 95 % interval and a two-sided p from a paired bootstrap over images ({} resamples); significant: p < {}. A question may count toward several classes (ScienceQA).",
-                stats::RESAMPLES,
-                stats::ALPHA
-            );
-            write(
-                &mut self.class_comparisons.clone(),
-                &dir.join("class_comparisons.csv"),
-                &dir.join("class_comparisons.md"),
-                &format!("{} — per question class (Table 2)", cfg.experiment.name),
-                &note,
-            )?;
+        let statistics = format!(
+            "each question averaged over seeds, with a 95 % interval and a two-sided p-value from a paired bootstrap over images ({} resamples); significant: p < {}.",
+            stats::RESAMPLES,
+            stats::ALPHA
+        );
+        let name = &cfg.experiment.name;
+        for (df, stem, title, note) in [
+            (
+                &self.comparisons,
+                "comparisons",
+                format!("{name} — controlled comparison"),
+                format!(
+                    "Each row differs from its `vs` row by `change`. activations: each tower's activation quantizer and whether an integer kernel executes it (per-channel scales lie along the matmul's reduction dimension: fake-quant only). accuracy: mean over the row's calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` in points, {statistics}"
+                ),
+            ),
+            (
+                &self.class_comparisons,
+                "class_comparisons",
+                format!("{name} — per question class (Table 2)"),
+                format!(
+                    "Table 2: the controlled rows per question class (a question may count toward several: ScienceQA). accuracy: the row's accuracy on the class's questions, mean over calibration seeds (std: their standard deviation); diff: mean per-question difference to `vs` over the class's questions in points, {statistics}"
+                ),
+            ),
+        ] {
+            if df.height() > 0 {
+                write(
+                    &mut df.clone(),
+                    &dir.join(format!("{stem}.csv")),
+                    &dir.join(format!("{stem}.md")),
+                    &title,
+                    &note,
+                )?;
+            }
         }
         Ok(())
     }
@@ -319,13 +325,7 @@ fn class_comparisons(
     cells: &[&Cell],
     rows: &[ComparisonRow],
 ) -> Result<DataFrame> {
-    let mut keys: Vec<(String, String)> = Vec::new();
-    for c in cells.iter().filter(|c| c.method().is_some()) {
-        let k = (c.model.name.clone(), c.bits_label());
-        if !keys.contains(&k) {
-            keys.push(k);
-        }
-    }
+    let keys = model_bits(cells);
     let mut text: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut nums: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
     for (model, bits) in &keys {
@@ -357,14 +357,7 @@ fn class_comparisons(
                     ("method", row.method.clone()),
                     ("vs", row.vs.clone().unwrap_or_default()),
                     ("class", class.clone()),
-                    (
-                        "significant",
-                        match &test {
-                            Some(t) if t.significant() => "yes".into(),
-                            Some(_) => "no".into(),
-                            None => String::new(),
-                        },
-                    ),
+                    ("significant", significance(test.as_ref())),
                 ] {
                     text.entry(name).or_default().push(v);
                 }
@@ -385,20 +378,7 @@ fn class_comparisons(
             }
         }
     }
-    let mut out = Vec::new();
-    for name in ["model", "bits", "method", "vs", "class"] {
-        out.push(Column::new(name.into(), text.remove(name).unwrap_or_default()));
-    }
-    for name in
-        ["seeds", "accuracy", "accuracy_std", "vs_accuracy", "diff", "ci_low", "ci_high", "p"]
-    {
-        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
-    }
-    out.push(Column::new("significant".into(), text.remove("significant").unwrap_or_default()));
-    for name in ["questions", "clusters"] {
-        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
-    }
-    Ok(DataFrame::new_infer_height(out)?)
+    comparison_frame(&["model", "bits", "method", "vs", "class"], text, nums)
 }
 
 /// The controlled comparison: per (model, bits) of the cells, every configured row.
@@ -408,13 +388,7 @@ fn comparisons(
     rows: &[ComparisonRow],
     summary: &DataFrame,
 ) -> Result<DataFrame> {
-    let mut keys: Vec<(String, String)> = Vec::new();
-    for c in cells.iter().filter(|c| c.method().is_some()) {
-        let k = (c.model.name.clone(), c.bits_label());
-        if !keys.contains(&k) {
-            keys.push(k);
-        }
-    }
+    let keys = model_bits(cells);
     let (s_model, s_bits, s_method) =
         (strings(summary, "model")?, strings(summary, "bits")?, strings(summary, "method")?);
     let (s_acc, s_std, s_seeds) =
@@ -452,14 +426,7 @@ fn comparisons(
                 ("vs", row.vs.clone().unwrap_or_default()),
                 ("change", row.change.clone()),
                 ("activations", setting),
-                (
-                    "significant",
-                    match &test {
-                        Some(t) if t.significant() => "yes".into(),
-                        Some(_) => "no".into(),
-                        None => String::new(),
-                    },
-                ),
+                ("significant", significance(test.as_ref())),
             ] {
                 text.entry(name).or_default().push(v);
             }
@@ -479,18 +446,49 @@ fn comparisons(
             }
         }
     }
+    comparison_frame(&["model", "bits", "method", "vs", "change", "activations"], text, cols)
+}
+
+/// The (model, bits) pairs of the quantized cells, in first-appearance order.
+fn model_bits(cells: &[&Cell]) -> Vec<(String, String)> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for c in cells.iter().filter(|c| c.method().is_some()) {
+        let k = (c.model.name.clone(), c.bits_label());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys
+}
+
+/// A paired test's `significant` column: yes, no, or empty without a test.
+fn significance(test: Option<&stats::PairedTest>) -> String {
+    match test {
+        Some(t) if t.significant() => "yes".into(),
+        Some(_) => "no".into(),
+        None => String::new(),
+    }
+}
+
+/// A comparison table's columns: the `keys` text columns, then the accuracies and the paired
+/// test (seeds … p), `significant`, and the questions and clusters the test paired.
+fn comparison_frame(
+    keys: &[&str],
+    mut text: BTreeMap<&str, Vec<String>>,
+    mut nums: BTreeMap<&str, Vec<Option<f64>>>,
+) -> Result<DataFrame> {
     let mut out = Vec::new();
-    for name in ["model", "bits", "method", "vs", "change", "activations"] {
+    for &name in keys {
         out.push(Column::new(name.into(), text.remove(name).unwrap_or_default()));
     }
     for name in
         ["seeds", "accuracy", "accuracy_std", "vs_accuracy", "diff", "ci_low", "ci_high", "p"]
     {
-        out.push(Column::new(name.into(), cols.remove(name).unwrap_or_default()));
+        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
     }
     out.push(Column::new("significant".into(), text.remove("significant").unwrap_or_default()));
     for name in ["questions", "clusters"] {
-        out.push(Column::new(name.into(), cols.remove(name).unwrap_or_default()));
+        out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
     }
     Ok(DataFrame::new_infer_height(out)?)
 }
