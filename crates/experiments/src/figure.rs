@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// Figures a config can ask for.
 pub const FIGURES: [&str; 6] = [
@@ -220,17 +221,20 @@ fn draw_heatmap<DB: DrawingBackend>(
         .y_label_area_size(80)
         .build_cartesian_2d(0f64..nc as f64, 0f64..nr as f64)
         .map_err(err)?;
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(nc)
-        .y_labels(nr)
-        .x_label_formatter(&|x| cols.get(x.floor() as usize).cloned().unwrap_or_default())
-        .y_label_formatter(&|y| {
-            rows.get(nr - 1 - (y.floor() as usize).min(nr - 1)).cloned().unwrap_or_default()
-        })
-        .draw()
-        .map_err(err)?;
+    // The axes without ticks; every column and row is labelled at its centre below (plotters'
+    // own ticks fall on round values, which left most cells unlabelled).
+    chart.configure_mesh().disable_mesh().x_labels(0).y_labels(0).draw().map_err(err)?;
+    let label = |h: HPos, v: VPos| ("sans-serif", 13).into_font().color(&BLACK).pos(Pos::new(h, v));
+    for (c, name) in cols.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(c as f64 + 0.5, 0.0));
+        root.draw(&Text::new(name.clone(), (x, y + 6), label(HPos::Center, VPos::Top)))
+            .map_err(err)?;
+    }
+    for (r, name) in rows.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(0.0, (nr - 1 - r) as f64 + 0.5));
+        root.draw(&Text::new(name.clone(), (x - 6, y), label(HPos::Right, VPos::Center)))
+            .map_err(err)?;
+    }
     let flat: Vec<f64> = values.iter().flatten().flatten().copied().collect();
     let (lo, hi) = (
         flat.iter().copied().fold(f64::INFINITY, f64::min),
@@ -410,12 +414,14 @@ fn draw_lines<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Two y-series over a shared numeric x (e.g. accuracy and search cost vs maximum depth).
+/// Two y-series over a shared numeric x (e.g. accuracy and search cost vs maximum depth): the
+/// left one with whiskers (± its spread, e.g. the std over seeds), the right one on a secondary
+/// axis. Both value axes start at 0 (no truncated axis).
 pub fn dual_line(
     path: &Path,
     title: &str,
     x_label: &str,
-    left: (&str, &[(f64, f64)]),
+    left: (&str, &Points3),
     right: (&str, &[(f64, f64)]),
 ) -> Result<()> {
     png_and_svg!(path, (720, 520), |root| draw_dual(&root, title, x_label, left, right))
@@ -425,31 +431,39 @@ fn draw_dual<DB: DrawingBackend>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     x_label: &str,
-    left: (&str, &[(f64, f64)]),
+    left: (&str, &Points3),
     right: (&str, &[(f64, f64)]),
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err)?;
-    let (x0, x1) = bounds(left.1.iter().chain(right.1).map(|p| p.0));
-    let (l0, l1) = bounds(left.1.iter().map(|p| p.1));
-    let (r0, r1) = bounds(right.1.iter().map(|p| p.1));
+    let (x0, x1) = bounds(left.1.iter().map(|p| p.0).chain(right.1.iter().map(|p| p.0)));
+    // From 0, with headroom above for the legend.
+    let (_, l1) = bounds(left.1.iter().map(|p| p.1 + p.2.unwrap_or(0.0)));
+    let (_, r1) = bounds(right.1.iter().map(|p| p.1));
+    let (l1, r1) = (1.25 * l1, 1.25 * r1);
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(70)
         .right_y_label_area_size(80)
-        .build_cartesian_2d(x0..x1, l0..l1)
+        .build_cartesian_2d(x0..x1, 0.0..l1)
         .map_err(err)?
-        .set_secondary_coord(x0..x1, r0..r1);
+        .set_secondary_coord(x0..x1, 0.0..r1);
     chart.configure_mesh().x_desc(x_label).y_desc(left.0).draw().map_err(err)?;
     chart.configure_secondary_axes().y_desc(right.0).draw().map_err(err)?;
     chart
         .draw_series(
-            LineSeries::new(left.1.iter().copied(), COLORS[0].stroke_width(2)).point_size(4),
+            LineSeries::new(left.1.iter().map(|p| (p.0, p.1)), COLORS[0].stroke_width(2))
+                .point_size(4),
         )
         .map_err(err)?
         .label(left.0)
         .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], COLORS[0].stroke_width(2)));
+    let whiskers = left.1.iter().filter_map(|&(x, y, e)| {
+        let e = e?;
+        Some(PathElement::new(vec![(x, y - e), (x, y + e)], COLORS[0].stroke_width(2)))
+    });
+    chart.draw_series(whiskers).map_err(err)?;
     chart
         .draw_secondary_series(
             LineSeries::new(right.1.iter().copied(), COLORS[1].stroke_width(2)).point_size(4),
@@ -700,4 +714,34 @@ fn draw_loglog_fits<DB: DrawingBackend>(
     }
     draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heatmap_labels_every_row_and_column() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("qvlm-heatmap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let rows: Vec<String> = ["W6A6", "W4A4", "W3A3"].map(String::from).to_vec();
+        let cols: Vec<String> =
+            ["static_tensor", "static_channel_token", "dynamic_token", "dynamic_tensor"]
+                .map(String::from)
+                .to_vec();
+        let values = vec![vec![Some(68.3), Some(66.7), None, Some(68.0)]; rows.len()];
+        let stds = vec![vec![Some(0.6), None, None, Some(0.0)]; rows.len()];
+        let path = dir.join("map");
+        heatmap(&path, "title", &rows, &cols, &values, &stds)?;
+        // The SVG backend writes each text's content on a line of its own.
+        let svg = std::fs::read_to_string(dir.join("map.svg"))?;
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        let count = |t: &str| texts.iter().filter(|&&l| l == t).count();
+        for name in rows.iter().chain(&cols) {
+            assert_eq!(count(name), 1, "label {name} in {svg}");
+        }
+        assert_eq!((count("68.3 ± 0.6"), count("66.7"), count("–")), (3, 3, 3), "{svg}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

@@ -209,6 +209,10 @@ fn draw(
             let r = |pts: &[(f64, f64)], f: fn(&[(f64, f64)]) -> Option<f64>| {
                 f(pts).map_or("n/a".into(), |r| format!("{r:.2}"))
             };
+            // The permutation test's p of one layer's samples (independent points).
+            let p = |pts: &[(f64, f64)], f: fn(&[(f64, f64)]) -> Option<f64>| {
+                crate::stats::correlation_p(pts, f).map_or("n/a".into(), |p| format!("{p:.3}"))
+            };
             let select = |keep: &dyn Fn(usize) -> bool| -> Vec<(f64, f64)> {
                 (0..ded.height())
                     .filter(|&i| keep(i))
@@ -219,7 +223,7 @@ fn draw(
             figure::scatter(
                 &out.join("ded_vs_entropy"),
                 &format!(
-                    "DED vs dependency: Pearson {}, Spearman {}; joint = layer-wise in {n_equal}/{}",
+                    "DED vs dependency, windows pooled: Pearson {}, Spearman {}; joint = layer-wise in {n_equal}/{}",
                     r(&all, crate::stats::pearson),
                     r(&all, crate::stats::spearman),
                     n_windows
@@ -243,9 +247,11 @@ fn draw(
                 figure::scatter(
                     &out.join("ded_vs_entropy_middle_layer"),
                     &format!(
-                        "Language layer {middle}: Pearson {}, Spearman {} ({} samples)",
+                        "Language layer {middle}: Pearson {} (p {}), Spearman {} (p {}), {} samples",
                         r(&layer, crate::stats::pearson),
+                        p(&layer, crate::stats::pearson),
                         r(&layer, crate::stats::spearman),
+                        p(&layer, crate::stats::spearman),
                         layer.len()
                     ),
                     "dependency over the layer (nats, Eq. 6)",
@@ -274,7 +280,7 @@ fn draw(
                 }
                 if let Some(i) = row(&c_models[j], &c_bits[j], &c_methods[j]) {
                     if let (Some(a), Some(e)) = (acc[i], evals[i]) {
-                        acc_pts.push((depth, a));
+                        acc_pts.push((depth, a, acc_std[i]));
                         cost_pts.push((depth, e));
                     }
                 }
@@ -285,7 +291,7 @@ fn draw(
                 &out.join("depth_tradeoff"),
                 "Accuracy and search cost vs maximum block depth",
                 "maximum depth (sites per block)",
-                ("accuracy (%)", &acc_pts),
+                ("accuracy (%; whiskers: ± std over seeds)", &acc_pts),
                 ("candidate evaluations", &cost_pts),
             )?;
         }
@@ -414,11 +420,31 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
         s.push_str(&table::markdown(
             &tables.ded_correlations,
             "Fig. 2: dependency vs DED per sample",
-            "Per calibration sample and window, searched for that sample alone: DED = (layer-wise − joint) error at the window's last site over its float output energy; dependency = the window's summed conditional entropies (Eq. 6). `joint_equals_layerwise`: every sample's joint choice equals its layer-wise one (DED = 0).",
+            "Per calibration sample and window, searched for that sample alone: DED = (layer-wise − joint) error at the window's last site over its float output energy; dependency = the window's summed conditional entropies (Eq. 6). `joint_equals_layerwise`: every sample's joint choice equals its layer-wise one (DED = 0). `pearson_p`, `spearman_p`: two-sided permutation test of no association (10,000 re-pairings) per window; the pooled rows (`all`) hold each sample once per window, which are not independent points, and have no test.",
         )?);
         s.push('\n');
     }
     std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+}
+
+/// An accuracy over seeds as the comparison tables print it: "mean ± std", the mean alone
+/// without a std (one seed), "–" without a value.
+fn mean_std(mean: Option<f64>, std: Option<f64>) -> String {
+    match (mean, std) {
+        (Some(a), Some(sd)) => format!("{a:.2} ± {sd:.2}"),
+        (Some(a), None) => format!("{a:.2}"),
+        _ => "–".into(),
+    }
+}
+
+/// The mark after a difference whose paired test is not significant (`significant` ≠ "yes"):
+/// such a difference is printed but not claimed.
+fn unclaimed(significant: &str) -> &'static str {
+    if significant == "yes" {
+        ""
+    } else {
+        " n.s."
+    }
 }
 
 /// Table 2 with statistics (`tables/class_comparisons`), one table per model and bit width: per
@@ -480,15 +506,10 @@ fn class_section(
             );
             for name in &classes {
                 let cell = (j..row_end).find(|&k| &class[k] == *name).map_or("–".into(), |k| {
-                    let a = match (acc[k], std[k]) {
-                        (Some(a), Some(sd)) => format!("{a:.2} ± {sd:.2}"),
-                        (Some(a), None) => format!("{a:.2}"),
-                        _ => "–".into(),
-                    };
+                    let a = mean_std(acc[k], std[k]);
                     match (diff[k], p[k]) {
                         (Some(d), Some(pv)) => {
-                            let mark = if significant[k] == "yes" { "" } else { " n.s." };
-                            format!("{a} (Δ {d:+.2}, p {pv:.4}{mark})")
+                            format!("{a} (Δ {d:+.2}, p {pv:.4}{})", unclaimed(&significant[k]))
                         }
                         _ => a,
                     }
@@ -558,16 +579,16 @@ fn comparison_section(
                 bits[i]
             ));
         }
-        let accuracy = match (acc[i], std[i]) {
-            (Some(a), Some(sd)) => format!("{a:.2} ± {sd:.2} ({})", seeds[i].unwrap_or(0.0)),
-            (Some(a), None) => format!("{a:.2} ({})", seeds[i].unwrap_or(0.0)),
-            _ => "–".into(),
+        let accuracy = match acc[i] {
+            Some(_) => format!("{} ({})", mean_std(acc[i], std[i]), seeds[i].unwrap_or(0.0)),
+            None => "–".into(),
         };
         let (d, interval, pv) = match (diff[i], lo[i], hi[i], p[i]) {
-            (Some(d), Some(l), Some(h), Some(pv)) => {
-                let mark = if significant[i] == "yes" { "" } else { " n.s." };
-                (format!("{d:+.2}{mark}"), format!("[{l:+.2}, {h:+.2}]"), format!("{pv:.4}"))
-            }
+            (Some(d), Some(l), Some(h), Some(pv)) => (
+                format!("{d:+.2}{}", unclaimed(&significant[i])),
+                format!("[{l:+.2}, {h:+.2}]"),
+                format!("{pv:.4}"),
+            ),
             _ => ("–".into(), "–".into(), "–".into()),
         };
         let vs_label = if vs[i].is_empty() { "–".into() } else { label(&vs[i]) };

@@ -68,6 +68,33 @@ pub fn spearman(points: &[(f64, f64)]) -> Option<f64> {
     pearson(&rx.into_iter().zip(ry).collect::<Vec<_>>())
 }
 
+/// Two-sided permutation test of "no association" for the correlation `r` of (x, y) pairs: the
+/// share of [`RESAMPLES`] random re-pairings of the same x and y values whose |r| reaches the
+/// observed |r|, with the +1 correction ((k + 1)/(B + 1)); seeded, so the same points give the
+/// same p. `None` where `r` is undefined (fewer than two points, or a constant coordinate).
+/// Valid only for independent pairs.
+pub fn correlation_p(points: &[(f64, f64)], r: fn(&[(f64, f64)]) -> Option<f64>) -> Option<f64> {
+    let observed = r(points)?.abs();
+    let xs: Vec<f64> = points.iter().map(|p| p.0).collect();
+    let mut ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+    let mut rng = SplitMix64::new(0);
+    let mut paired = Vec::with_capacity(points.len());
+    let mut reached = 0usize;
+    for _ in 0..RESAMPLES {
+        // Fisher–Yates shuffle of the y values against fixed x values.
+        for i in (1..ys.len()).rev() {
+            ys.swap(i, rng.below(i + 1));
+        }
+        paired.clear();
+        paired.extend(xs.iter().copied().zip(ys.iter().copied()));
+        // A tolerance of a few ulps, so that a re-pairing equal to the observed one counts.
+        if r(&paired).is_some_and(|v| v.abs() >= observed * (1.0 - 1e-12)) {
+            reached += 1;
+        }
+    }
+    Some((reached + 1) as f64 / (RESAMPLES + 1) as f64)
+}
+
 /// One row's per-question scores: question → (cluster, score per seed).
 pub type Scores = BTreeMap<String, (String, Vec<f64>)>;
 
@@ -131,6 +158,27 @@ pub fn paired_test(a: &Scores, b: &Scores) -> Option<PairedTest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_permutation_test_finds_a_clear_correlation_and_not_a_pairing_without_one() {
+        // y = x plus a small wobble: |r| near 1, no re-pairing reaches it.
+        let related: Vec<(f64, f64)> =
+            (0..40).map(|i| (i as f64, i as f64 + ((i * 7) % 5) as f64)).collect();
+        let p = correlation_p(&related, pearson).expect("defined");
+        assert!(p < 1e-3, "p = {p}");
+        assert_eq!(p, 1.0 / (RESAMPLES + 1) as f64);
+        assert!(correlation_p(&related, spearman).expect("defined") < 1e-3);
+        // A symmetric V: y depends on x, but with correlation 0, so every re-pairing reaches it.
+        let v: Vec<(f64, f64)> = (-20..=20).map(|i| (i as f64, (i as f64).abs())).collect();
+        assert!(pearson(&v).expect("defined").abs() < 1e-12);
+        assert!(correlation_p(&v, pearson).expect("defined") > 0.5);
+        // Undefined correlations have no test.
+        assert_eq!(correlation_p(&[(1.0, 2.0)], pearson), None);
+        assert_eq!(correlation_p(&[(1.0, 2.0), (1.0, 3.0)], pearson), None);
+        // Seeded: the same points give the same p.
+        let noisy: Vec<(f64, f64)> = (0..30).map(|i| (i as f64, ((i * 13) % 11) as f64)).collect();
+        assert_eq!(correlation_p(&noisy, spearman), correlation_p(&noisy, spearman));
+    }
 
     fn scores(per_cluster: &[(&str, &[f64])]) -> Scores {
         let mut out = Scores::new();

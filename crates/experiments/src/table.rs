@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -89,8 +90,9 @@ impl Tables {
         let metrics = summary_metrics(&long)?;
         let mut summary = wide(&long, &metrics.iter().map(String::as_str).collect::<Vec<_>>())?;
         summary.with_column(search_seconds(results, &finished, &summary)?)?;
-        let comparisons = comparisons(results, &finished, rows, &summary)?;
-        let class_comparisons = class_comparisons(results, &finished, rows)?;
+        let mut scores = ScoresByRow::new(results, &finished);
+        let comparisons = comparisons(&mut scores, &finished, rows, &summary)?;
+        let class_comparisons = class_comparisons(&mut scores, &finished, rows)?;
         let ded = ded_points(results, &finished)?;
         Ok(Tables {
             long,
@@ -132,7 +134,7 @@ impl Tables {
                 &dir.join("ded_correlations.csv"),
                 &dir.join("ded_correlations.md"),
                 "Fig. 2: dependency vs DED",
-                "Per calibration sample and window: DED = (layer-wise − joint) error at the window's last site over the sample's float output energy; dependency = the sum of the window's consecutive conditional entropies (Eq. 6). `window` names its first site; `all` pools a tower's windows (tower `all`: every window).",
+                "Per calibration sample and window: DED = (layer-wise − joint) error at the window's last site over the sample's float output energy; dependency = the sum of the window's consecutive conditional entropies (Eq. 6). `window` names its first site; `all` pools a tower's windows (tower `all`: every window). `pearson_p`, `spearman_p`: two-sided permutation test of no association (10,000 re-pairings) per window; a pooled row holds each sample once per window, not independent points, and has no test.",
             )?;
         }
         let statistics = format!(
@@ -228,21 +230,40 @@ fn search_seconds(results: &ResultsDir, cells: &[&Cell], summary: &DataFrame) ->
     Ok(Column::new("search_seconds".into(), values))
 }
 
-/// The per-question scores of the finished cells of (model, bits, method), by question, with one
-/// score per cell (seed).
-fn row_scores(
-    results: &ResultsDir,
-    cells: &[&Cell],
-    key: (&str, &str, &str),
-) -> Result<stats::Scores> {
-    Ok(row_scores_with_classes(results, cells, key)?.0)
-}
-
 /// Question → the classes it counts toward (`scores.csv`'s `classes`, split at `;`).
 type QuestionClasses = BTreeMap<String, Vec<String>>;
 
-/// [`row_scores`] and each question's classes.
-fn row_scores_with_classes(
+/// A row's per-question scores (one per finished cell, i.e. per seed) and each question's classes.
+type RowScores = Rc<(stats::Scores, QuestionClasses)>;
+
+/// The finished cells' `scores.csv`, read once per (model, bits, method) and shared by the
+/// comparison tables (a `vs` row is named by many rows, and both tables pair the same rows).
+struct ScoresByRow<'a> {
+    results: &'a ResultsDir,
+    cells: &'a [&'a Cell],
+    loaded: BTreeMap<(String, String, String), RowScores>,
+}
+
+impl<'a> ScoresByRow<'a> {
+    fn new(results: &'a ResultsDir, cells: &'a [&'a Cell]) -> Self {
+        ScoresByRow { results, cells, loaded: BTreeMap::new() }
+    }
+
+    /// The scores of (model, bits, method) by question, with one score per cell (seed), and each
+    /// question's classes.
+    fn get(&mut self, (model, bits, method): (&str, &str, &str)) -> Result<RowScores> {
+        let key = (model.to_string(), bits.to_string(), method.to_string());
+        if let Some(found) = self.loaded.get(&key) {
+            return Ok(Rc::clone(found));
+        }
+        let read = Rc::new(read_row_scores(self.results, self.cells, (model, bits, method))?);
+        self.loaded.insert(key, Rc::clone(&read));
+        Ok(read)
+    }
+}
+
+/// Reads the `scores.csv` of every finished cell of (model, bits, method).
+fn read_row_scores(
     results: &ResultsDir,
     cells: &[&Cell],
     key: (&str, &str, &str),
@@ -321,7 +342,7 @@ fn accuracy_over_seeds(scores: &stats::Scores) -> (Option<f64>, Option<f64>, usi
 /// its cells scored — the class accuracy over seeds and the paired test against the `vs` row on
 /// the class's questions.
 fn class_comparisons(
-    results: &ResultsDir,
+    scores: &mut ScoresByRow,
     cells: &[&Cell],
     rows: &[ComparisonRow],
 ) -> Result<DataFrame> {
@@ -330,23 +351,24 @@ fn class_comparisons(
     let mut nums: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
     for (model, bits) in &keys {
         for row in rows {
-            let (a, classes) = row_scores_with_classes(results, cells, (model, bits, &row.method))?;
+            let this = scores.get((model, bits, &row.method))?;
+            let (a, classes) = (&this.0, &this.1);
             if a.is_empty() {
                 continue;
             }
             let b = match &row.vs {
-                Some(vs) => Some(row_scores(results, cells, (model, bits, vs))?),
+                Some(vs) => Some(scores.get((model, bits, vs))?),
                 None => None,
             };
             let mut names: Vec<&String> = classes.values().flatten().collect();
             names.sort();
             names.dedup();
             for class in names {
-                let a_class = scores_of_class(&a, &classes, class);
+                let a_class = scores_of_class(a, classes, class);
                 let (accuracy, std, seeds) = accuracy_over_seeds(&a_class);
                 let (vs_accuracy, test) = match &b {
                     Some(b) => {
-                        let b_class = scores_of_class(b, &classes, class);
+                        let b_class = scores_of_class(&b.0, classes, class);
                         (accuracy_over_seeds(&b_class).0, stats::paired_test(&a_class, &b_class))
                     }
                     None => (None, None),
@@ -383,7 +405,7 @@ fn class_comparisons(
 
 /// The controlled comparison: per (model, bits) of the cells, every configured row.
 fn comparisons(
-    results: &ResultsDir,
+    scores: &mut ScoresByRow,
     cells: &[&Cell],
     rows: &[ComparisonRow],
     summary: &DataFrame,
@@ -404,9 +426,9 @@ fn comparisons(
             let that = row.vs.as_deref().and_then(|v| find(model, bits, v));
             let test = match &row.vs {
                 Some(vs) => {
-                    let a = row_scores(results, cells, (model, bits, &row.method))?;
-                    let b = row_scores(results, cells, (model, bits, vs))?;
-                    stats::paired_test(&a, &b)
+                    let a = scores.get((model, bits, &row.method))?;
+                    let b = scores.get((model, bits, vs))?;
+                    stats::paired_test(&a.0, &b.0)
                 }
                 None => None,
             };
@@ -570,10 +592,15 @@ fn ded_correlations(ded: &DataFrame) -> Result<DataFrame> {
         cols.entry("joint_equals_layerwise")
             .or_default()
             .push(if zero == points.len() { "yes" } else { "no" }.to_string());
+        // A window's points are independent samples; a pooled row (`all`) holds the same
+        // samples once per window, so no test is run on it.
+        let test = |r| if w == "all" { None } else { stats::correlation_p(points, r) };
         for (name, v) in [
             ("points", Some(points.len() as f64)),
             ("pearson", stats::pearson(points)),
+            ("pearson_p", test(stats::pearson)),
             ("spearman", stats::spearman(points)),
+            ("spearman_p", test(stats::spearman)),
             ("zero_ded_points", Some(zero as f64)),
         ] {
             nums.entry(name).or_default().push(v);
@@ -583,7 +610,7 @@ fn ded_correlations(ded: &DataFrame) -> Result<DataFrame> {
     for name in ["cell", "tower", "window"] {
         out.push(Column::new(name.into(), cols.remove(name).unwrap_or_default()));
     }
-    for name in ["points", "pearson", "spearman", "zero_ded_points"] {
+    for name in ["points", "pearson", "pearson_p", "spearman", "spearman_p", "zero_ded_points"] {
         out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
     }
     out.push(Column::new(
