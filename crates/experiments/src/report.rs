@@ -420,7 +420,10 @@ fn paper_report(cfg: &Config, tables: &Tables, missing: &[String], path: &Path) 
         s.push_str(&table::markdown(
             &tables.ded_correlations,
             "Fig. 2: dependency vs DED per sample",
-            "Per calibration sample and window, searched for that sample alone: DED = (layer-wise − joint) error at the window's last site over its float output energy; dependency = the window's summed conditional entropies (Eq. 6). `joint_equals_layerwise`: every sample's joint choice equals its layer-wise one (DED = 0). `pearson_p`, `spearman_p`: two-sided permutation test of no association (10,000 re-pairings) per window; the pooled rows (`all`) hold each sample once per window, which are not independent points, and have no test.",
+            &format!(
+                "Per calibration sample and window, searched for that sample alone: DED = (layer-wise − joint) error at the window's last site over its float output energy; dependency = the window's summed conditional entropies (Eq. 6). `joint_equals_layerwise`: every sample's joint choice equals its layer-wise one (DED = 0). {}",
+                table::ded_test_note()
+            ),
         )?);
         s.push('\n');
     }

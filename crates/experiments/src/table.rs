@@ -134,7 +134,10 @@ impl Tables {
                 &dir.join("ded_correlations.csv"),
                 &dir.join("ded_correlations.md"),
                 "Fig. 2: dependency vs DED",
-                "Per calibration sample and window: DED = (layer-wise − joint) error at the window's last site over the sample's float output energy; dependency = the sum of the window's consecutive conditional entropies (Eq. 6). `window` names its first site; `all` pools a tower's windows (tower `all`: every window). `pearson_p`, `spearman_p`: two-sided permutation test of no association (10,000 re-pairings) per window; a pooled row holds each sample once per window, not independent points, and has no test.",
+                &format!(
+                    "Per calibration sample and window: DED = (layer-wise − joint) error at the window's last site over the sample's float output energy; dependency = the sum of the window's consecutive conditional entropies (Eq. 6). `window` names its first site; `all` pools a tower's windows (tower `all`: every window). {}",
+                    ded_test_note()
+                ),
             )?;
         }
         let statistics = format!(
@@ -513,6 +516,14 @@ fn comparison_frame(
         out.push(Column::new(name.into(), nums.remove(name).unwrap_or_default()));
     }
     Ok(DataFrame::new_infer_height(out)?)
+}
+
+/// What `ded_correlations`' p columns are, for the notes of its table and of the report.
+pub fn ded_test_note() -> String {
+    format!(
+        "`pearson_p`, `spearman_p`: two-sided permutation test of no association ({} re-pairings) per window; a pooled row (`all`) holds each sample once per window, not independent points, and has no test.",
+        stats::RESAMPLES
+    )
 }
 
 /// The `ded.csv` rows of the finished cells that have one, with the cell's keys.
