@@ -20,7 +20,7 @@ test-slurm: bootstrap
 	scripts/test-slurm.sh
 
 # The second target: the paper's figures (each a config of its own; about 40 minutes together, estimated)
-# first, then the headline ablation extended to W6A6 and the plain model (about 2.5 hours), so
+# first, then the headline ablation extended to W6A6 and the plain model (4-4.5 hours from empty), so
 # that a sitting too short for all of it still ends with the figures.
 PAPER_CONFIGS = configs/fig2_ded.toml configs/fig3a_depth.toml configs/fig3b_p_eta.toml \
 	configs/ablation_full.toml
