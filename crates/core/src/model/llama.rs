@@ -83,9 +83,59 @@ impl Rope {
 /// Keys and values of past positions for every decoder layer, plus which of them are padding.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
     /// `[B, S]`, 1 for real tokens, 0 for padding.
     key_mask: Option<Tensor>,
+}
+
+/// One layer's keys and values `[B, kv_heads, capacity, head_dim]`, of which the first `len`
+/// positions are filled. A step writes its positions into the free tail instead of concatenating
+/// a new cache: a decode step then copies one position per layer, not the whole cache (and
+/// allocates nothing until the capacity runs out, when it doubles).
+#[derive(Debug)]
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+    len: i64,
+}
+
+/// Positions of headroom a layer's first allocation rounds up to.
+const KV_CAPACITY_STEP: i64 = 64;
+
+impl LayerCache {
+    fn capacity(&self) -> i64 {
+        self.keys.size()[2]
+    }
+
+    /// A buffer of `capacity` positions holding `k` and `v` `[B, H, T, D]` at its start.
+    fn with_capacity(k: &Tensor, v: &Tensor, capacity: i64) -> Self {
+        let buffer = |x: &Tensor| {
+            let mut shape = x.size();
+            shape[2] = capacity;
+            let b = Tensor::empty(shape.as_slice(), (x.kind(), x.device()));
+            b.narrow(2, 0, x.size()[2]).copy_(x);
+            b
+        };
+        Self { keys: buffer(k), values: buffer(v), len: k.size()[2] }
+    }
+
+    /// Appends `k` and `v` `[B, H, T, D]`; the filled keys and values after it.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        if self.len + t > self.capacity() {
+            let capacity = (self.len + t).max(2 * self.capacity());
+            let (keys, values) = self.filled();
+            *self = Self::with_capacity(&keys, &values, capacity);
+        }
+        self.keys.narrow(2, self.len, t).copy_(k);
+        self.values.narrow(2, self.len, t).copy_(v);
+        self.len += t;
+        self.filled()
+    }
+
+    fn filled(&self) -> (Tensor, Tensor) {
+        (self.keys.narrow(2, 0, self.len), self.values.narrow(2, 0, self.len))
+    }
 }
 
 impl KvCache {
@@ -119,19 +169,29 @@ impl KvCache {
             layers: self
                 .layers
                 .iter()
-                .map(|l| l.as_ref().map(|(k, v)| (pick(k), pick(v))))
+                .map(|l| {
+                    l.as_ref().map(|c| {
+                        let (k, v) = c.filled();
+                        LayerCache::with_capacity(&pick(&k), &pick(&v), c.capacity())
+                    })
+                })
                 .collect(),
             key_mask: self.key_mask.as_ref().map(pick),
         }
     }
 
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
-        let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
-            None => (k, v),
-        };
-        self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
-        (k, v)
+        match &mut self.layers[layer] {
+            Some(cache) => cache.append(&k, &v),
+            slot @ None => {
+                let t = k.size()[2];
+                let capacity = (t + KV_CAPACITY_STEP - 1) / KV_CAPACITY_STEP * KV_CAPACITY_STEP;
+                let cache = LayerCache::with_capacity(&k, &v, capacity);
+                let filled = cache.filled();
+                *slot = Some(cache);
+                filled
+            }
+        }
     }
 }
 
@@ -410,5 +470,39 @@ impl LlamaModel {
             Some(head) => head.forward_raw(&h),
             None => h.linear(&self.embed_tokens, None::<Tensor>),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appending chunk by chunk, across the first allocation's headroom and a doubling, keeps
+    /// exactly what concatenating the chunks gives; a row selection continues the same way.
+    #[test]
+    fn kv_cache_appends_like_concatenation() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(3);
+        let mut cache = KvCache::new(1);
+        let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+        for t in [5, 1, 70, 1, 1, 200] {
+            let k = Tensor::randn([2, 3, t, 4], (Kind::Float, tch::Device::Cpu));
+            let v = Tensor::randn([2, 3, t, 4], (Kind::Float, tch::Device::Cpu));
+            all_k.push(k.shallow_clone());
+            all_v.push(v.shallow_clone());
+            let (ck, cv) = cache.append(0, k, v);
+            assert!(ck.equal(&Tensor::cat(&all_k, 2)), "keys after a chunk of {t}");
+            assert!(cv.equal(&Tensor::cat(&all_v, 2)), "values after a chunk of {t}");
+        }
+        let filled = cache.layers[0].as_ref().expect("layer 0 filled");
+        assert_eq!(filled.len, 278);
+        assert!(filled.capacity() >= 278);
+
+        let rows = Tensor::from_slice(&[1i64, 1, 0]);
+        let mut picked = cache.select_rows(&rows);
+        let k = Tensor::randn([3, 3, 1, 4], (Kind::Float, tch::Device::Cpu));
+        let (pk, _) = picked.append(0, k.shallow_clone(), k.shallow_clone());
+        let want = Tensor::cat(&[Tensor::cat(&all_k, 2).index_select(0, &rows), k], 2);
+        assert!(pk.equal(&want), "selected rows continue like their concatenation");
     }
 }

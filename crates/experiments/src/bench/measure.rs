@@ -1,11 +1,14 @@
 //! Timing one built model: a prefill of a batch-1 prompt into a fresh KV cache, then greedy decode
 //! steps (M = 1) with that cache — warm-up steps discarded, the rest timed one by one. The decoder
 //! layers and the head (final norm, `lm_head`, argmax) are timed apart, so a model built with
-//! fewer layers than its shape can be extrapolated per layer. Then the decoder's linears alone:
-//! every decoder linear of the model once, in layer order, on one token (the same weights, kernels
-//! and tensor wrappers a decode step calls, without the attention, norms and activations between
-//! them), timed pass by pass — how near the kernels come to the roof inside the model, apart from
-//! the rest of the step.
+//! fewer layers than its shape can be extrapolated per layer. After every decode step, the
+//! decoder's linears alone: every decoder linear of the model once, in layer order, on one token
+//! (the same weights, kernels and tensor wrappers a decode step calls, without the attention,
+//! norms and activations between them) — how near the kernels come to the roof inside the model,
+//! apart from the rest of the step. Step and pass alternate so that each pass is paired with the
+//! step just before it: on the 2-core machines the bandwidth moves by tens of percent within
+//! seconds, and a separate phase of passes after the steps measured another machine (2026-12-04,
+//! AMD EPYC: linears alone 153 ms a pass after decode steps of 140 ms that include them).
 
 use std::time::Instant;
 
@@ -114,8 +117,10 @@ pub fn run(
     sync(device);
     prefill.head_ms = ms(t);
 
-    // Decode.
+    // Decode, each step followed by a pass of the linears alone.
+    let linears_pass = linears_pass(model);
     let mut decode = Vec::with_capacity(spec.decode_tokens);
+    let mut linears = Vec::with_capacity(spec.decode_tokens);
     for step in 0..spec.warmup_tokens + spec.decode_tokens {
         let t = Instant::now();
         let position = &done.next_position + step as i64;
@@ -126,18 +131,18 @@ pub fn run(
         next = lm.head(&h.select(1, -1)).argmax(-1, false);
         sync(device);
         let head_ms = ms(t);
+        let linears_ms = linears_pass()?;
         if step >= spec.warmup_tokens {
             decode.push(Split { vision_ms: 0.0, layers_ms, head_ms });
+            linears.push(linears_ms);
         }
         bar.inc(1);
     }
-    let linears = time_linears(model, spec)?;
     Ok(Timings { prefill_positions: done.positions, prefill, decode, linears })
 }
 
-/// The decoder's linears alone, as the module doc says: `warmup_tokens` untimed passes, then
-/// `decode_tokens` timed ones.
-fn time_linears(model: &BenchModel, spec: &MeasureSettings) -> Result<Vec<f64>> {
+/// One pass of the decoder's linears alone, as the module doc says, in milliseconds.
+fn linears_pass(model: &BenchModel) -> impl Fn() -> Result<f64> + '_ {
     let device = model.device();
     let layers = &model.language_model().layers;
     // One input per width (hidden, intermediate), in the model's dtype, as a decode step has.
@@ -148,7 +153,7 @@ fn time_linears(model: &BenchModel, spec: &MeasureSettings) -> Result<Vec<f64>> 
             inputs.push((l.in_features, x));
         }
     }
-    let pass = || -> Result<f64> {
+    move || -> Result<f64> {
         let t = Instant::now();
         for l in layers.iter().flat_map(|l| l.linears()) {
             let (_, x) = inputs
@@ -159,9 +164,5 @@ fn time_linears(model: &BenchModel, spec: &MeasureSettings) -> Result<Vec<f64>> 
         }
         sync(device);
         Ok(ms(t))
-    };
-    for _ in 0..spec.warmup_tokens {
-        pass()?;
     }
-    (0..spec.decode_tokens).map(|_| pass()).collect()
 }
