@@ -7,8 +7,9 @@
 //! norms and activations between them) — how near the kernels come to the roof inside the model,
 //! apart from the rest of the step. Step and pass alternate so that each pass is paired with the
 //! step just before it: on the 2-core machines the bandwidth moves by tens of percent within
-//! seconds, and a separate phase of passes after the steps measured another machine (2026-12-04,
-//! AMD EPYC: linears alone 153 ms a pass after decode steps of 140 ms that include them).
+//! seconds, and a separate phase of passes after the steps met another bandwidth (2026-12-04,
+//! AMD EPYC, under perf: linears alone 153 ms a pass after decode steps of 140 ms that include
+//! them).
 
 use std::time::Instant;
 
