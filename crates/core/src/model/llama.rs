@@ -161,6 +161,16 @@ impl KvCache {
         mask
     }
 
+    /// Layer `layer`'s filled keys and values `[B, kv_heads, len, head_dim]`, if it has any.
+    pub fn layer_kv(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        self.layers.get(layer)?.as_ref().map(LayerCache::filled)
+    }
+
+    /// The padding mask `[B, S]` of every cached position (1: a real token).
+    pub fn key_mask(&self) -> Option<&Tensor> {
+        self.key_mask.as_ref()
+    }
+
     /// The cache of the batch rows `rows` (`[N]` int64 indices into this cache's batch, repeats
     /// allowed): one shared prefix computed once, continued by several sequences.
     pub fn select_rows(&self, rows: &Tensor) -> KvCache {

@@ -1,4 +1,5 @@
 pub mod clip;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod llava;

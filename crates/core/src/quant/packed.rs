@@ -1044,12 +1044,13 @@ impl PackedWeight {
         let kind = x.kind();
         let group = match &self.store {
             Store::Uniform { group, .. } => *group,
-            Store::Int4Avx512 { weight, .. } => {
-                let y = match self.kernel {
-                    Kernel::Int4Vnni => vnni_matmul(weight, x, self.spec.act),
-                    Kernel::Int4Avx512 | Kernel::Int4Avx2 => own_int4_matmul(weight, x),
+            Store::Int4Avx512 { .. } => {
+                let name = match self.kernel {
+                    Kernel::Int4Vnni => "own VNNI kernel",
+                    Kernel::Int4Avx512 | Kernel::Int4Avx2 => "own int4 kernel",
                     _ => return None,
                 };
+                let y = own_matmul(self.out_features, x, name, |xs, m| self.own_product(xs, m));
                 return Some(y.map(|y| y.to_kind(kind)));
             }
             Store::Nf4 { .. } => return None,
@@ -1094,6 +1095,39 @@ impl PackedWeight {
         };
         let acc = xq.f_internal_int_mm(&codes.tr())?.narrow(0, 0, m);
         Ok(acc.to_kind(Kind::Float) * sx * scales)
+    }
+
+    /// One token's `x Wᵀ` (`x` `[in]`, `[out]` out) in f32 through the own CPU kernel — the values
+    /// [`Self::matmul`] rounds to the layer's dtype — or `None` when this weight has no own kernel
+    /// (or it refused `x`): then [`Self::matmul`] on a tensor is the way. For callers that hold
+    /// the activations as f32 already (the fused decode step), without a tensor round trip.
+    pub fn matmul_token(&self, x: &[f32]) -> Option<Vec<f32>> {
+        if x.len() != self.in_features as usize || self.device != Device::Cpu {
+            return None;
+        }
+        self.own_product(x, 1)
+    }
+
+    /// `xs` `[m, in]` (row-major f32) through the own kernel: the VNNI one puts `xs` on the integer
+    /// grid of the spec's activations (per token for W4A8/W4A4, int8 per group for float
+    /// activations); the exact one multiplies f32 by the dequantized codes. `None`: no own kernel
+    /// here, or it refused.
+    fn own_product(&self, xs: &[f32], m: usize) -> Option<Vec<f32>> {
+        let Store::Int4Avx512 { weight, .. } = &self.store else { return None };
+        match self.kernel {
+            Kernel::Int4Vnni => {
+                let (k, group) = (self.in_features as usize, weight.group());
+                let quantized = match self.spec.act.per_token_grid() {
+                    None => int4_vnni::quantize_activations(xs, k, group),
+                    Some(grid) => {
+                        int4_vnni::quantize_activations_per_token(xs, k, group, grid.bits)
+                    }
+                };
+                quantized.and_then(|a| weight.matmul_quantized(&a))
+            }
+            Kernel::Int4Avx512 | Kernel::Int4Avx2 => weight.matmul(xs, m),
+            _ => None,
+        }
     }
 
     /// The fallback: the same arithmetic as the fake-quant reference (activations
@@ -1152,40 +1186,21 @@ fn own_kernel(
     }
 }
 
-/// `x Wᵀ` through the own VNNI kernel: `x` put on the integer grid of `act` (per token for
-/// W4A8/W4A4, int8 per group for float activations).
-fn vnni_matmul(w: &Int4Weight, x: &Tensor, act: ActMode) -> std::result::Result<Tensor, TchError> {
-    own_matmul(w, x, "own VNNI kernel", |xs, _, k| {
-        let group = w.group();
-        let quantized = match act.per_token_grid() {
-            None => int4_vnni::quantize_activations(xs, k, group),
-            Some(grid) => int4_vnni::quantize_activations_per_token(xs, k, group, grid.bits),
-        };
-        quantized.and_then(|a| w.matmul_quantized(&a))
-    })
-}
-
-/// `x Wᵀ` through the own exact f32 kernel (AVX-512 or AVX2).
-fn own_int4_matmul(w: &Int4Weight, x: &Tensor) -> std::result::Result<Tensor, TchError> {
-    own_matmul(w, x, "own int4 kernel", |xs, m, _| w.matmul(xs, m))
-}
-
-/// `x` `[M, K]` read as f32 into `run(x, M, K)`, which gives the `[M, N]` f32 product (`None`:
-/// the kernel refused), back as a tensor on `x`'s device.
+/// `x` `[M, K]` read as f32 into `run(x, M)`, which gives the `[M, n]` f32 product (`None`: the
+/// kernel refused), back as a tensor on `x`'s device.
 fn own_matmul(
-    w: &Int4Weight,
+    n: i64,
     x: &Tensor,
     kernel: &str,
-    run: impl FnOnce(&[f32], usize, usize) -> Option<Vec<f32>>,
+    run: impl FnOnce(&[f32], usize) -> Option<Vec<f32>>,
 ) -> std::result::Result<Tensor, TchError> {
-    let [m, k] = x.size()[..] else {
+    let [m, _] = x.size()[..] else {
         return Err(TchError::Shape(format!("expected [M, K] activations, got {:?}", x.size())));
     };
-    let n = w.shape()[0];
     let xs = Vec::<f32>::try_from(&x.to_kind(Kind::Float).contiguous().reshape([-1]))?;
-    let y = run(&xs, m as usize, k as usize)
+    let y = run(&xs, m as usize)
         .ok_or_else(|| TchError::Kind(format!("{kernel} refused activations {:?}", x.size())))?;
-    Ok(Tensor::from_slice(&y).reshape([m, n as i64]).to_device(x.device()))
+    Ok(Tensor::from_slice(&y).reshape([m, n]).to_device(x.device()))
 }
 
 #[cfg(test)]

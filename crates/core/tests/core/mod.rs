@@ -1,5 +1,6 @@
 mod common;
 mod compressed;
+mod fused_decode;
 mod llava_parity;
 mod loading_errors;
 mod quant_kernels;

@@ -9,13 +9,18 @@
 //! step just before it: on the 2-core machines the bandwidth moves by tens of percent within
 //! seconds, and a separate phase of passes after the steps met another bandwidth (2026-12-04,
 //! AMD EPYC, under perf: linears alone 153 ms a pass after decode steps of 140 ms that include
-//! them).
+//! them). On the CPU, every step is also run through the fused decode path
+//! ([`qvlm_core::model::fused`]: the same layers and weights, the operators between the linears
+//! as loops instead of libtorch calls) right after it — the same token at the same position, on
+//! its own copy of the prefilled cache — timed the same way and compared with the libtorch step's
+//! final hidden state.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use qvlm_core::model::llama::KvCache;
+use qvlm_core::model::fused::{FusedCache, FusedDecoder};
+use qvlm_core::model::llama::{KvCache, LlamaModel, Rope};
 use tch::{Device, Kind, Tensor};
 
 use super::config::MeasureSettings;
@@ -49,6 +54,11 @@ pub struct Timings {
     pub decode: Vec<Split>,
     /// Milliseconds of each timed pass of the decoder's linears alone (as many as decode steps).
     pub linears: Vec<f64>,
+    /// Each timed decode step again through the fused decode path (empty off the CPU).
+    pub fused: Vec<Split>,
+    /// The largest difference between a fused step's final hidden state and the libtorch step's,
+    /// relative to the largest |value| of the latter, over the timed steps (`None` off the CPU).
+    pub fused_max_rel_diff: Option<f64>,
 }
 
 impl Timings {
@@ -57,6 +67,15 @@ impl Timings {
         let n = self.decode.len().max(1) as f64;
         let sum = |f: fn(&Split) -> f64| self.decode.iter().map(f).sum::<f64>() / n;
         Split { vision_ms: 0.0, layers_ms: sum(|s| s.layers_ms), head_ms: sum(|s| s.head_ms) }
+    }
+
+    /// Mean of the fused decode steps, if they ran.
+    pub fn fused_mean(&self) -> Option<Split> {
+        let n = self.fused.len();
+        (n > 0).then(|| {
+            let sum = |f: fn(&Split) -> f64| self.fused.iter().map(f).sum::<f64>() / n as f64;
+            Split { vision_ms: 0.0, layers_ms: sum(|s| s.layers_ms), head_ms: sum(|s| s.head_ms) }
+        })
     }
 
     /// Mean of the timed passes of the decoder's linears alone.
@@ -118,28 +137,90 @@ pub fn run(
     sync(device);
     prefill.head_ms = ms(t);
 
-    // Decode, each step followed by a pass of the linears alone.
+    // Decode, each step followed by the same step on the fused path and a pass of the linears
+    // alone.
     let linears_pass = linears_pass(model);
+    let mut fused = match device {
+        Device::Cpu => {
+            let decoder = FusedDecoder::new(lm).context("the fused decode path")?;
+            let cache = FusedCache::from_kv(&cache, lm.layers.len(), model.kind())
+                .context("the prefilled cache for the fused decode path")?;
+            Some((decoder, cache))
+        }
+        _ => None,
+    };
     let mut decode = Vec::with_capacity(spec.decode_tokens);
     let mut linears = Vec::with_capacity(spec.decode_tokens);
+    let mut fused_steps = Vec::with_capacity(spec.decode_tokens);
+    let mut fused_max_rel_diff: Option<f64> = None;
     for step in 0..spec.warmup_tokens + spec.decode_tokens {
+        let token = next.shallow_clone();
         let t = Instant::now();
         let position = &done.next_position + step as i64;
-        let h = model.decode(&next, &position, &mut cache)?;
+        let h = model.decode(&token, &position, &mut cache)?;
         sync(device);
         let layers_ms = ms(t);
         let t = Instant::now();
         next = lm.head(&h.select(1, -1)).argmax(-1, false);
         sync(device);
         let head_ms = ms(t);
+        let fused_step = match &mut fused {
+            Some((decoder, cache)) => {
+                let t = Instant::now();
+                let fused_h = fused_step(lm, decoder, &token, &position, cache)?;
+                let layers_ms = ms(t);
+                let t = Instant::now();
+                let _ = std::hint::black_box(lm.head(&fused_h.select(1, -1)).argmax(-1, false));
+                let head_ms = ms(t);
+                let scale = h.to_kind(Kind::Float).abs().max().double_value(&[]);
+                let diff = (fused_h.to_kind(Kind::Float) - h.to_kind(Kind::Float))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                Some((Split { vision_ms: 0.0, layers_ms, head_ms }, diff / scale))
+            }
+            None => None,
+        };
         let linears_ms = linears_pass()?;
         if step >= spec.warmup_tokens {
             decode.push(Split { vision_ms: 0.0, layers_ms, head_ms });
             linears.push(linears_ms);
+            if let Some((split, diff)) = fused_step {
+                fused_steps.push(split);
+                fused_max_rel_diff = Some(fused_max_rel_diff.map_or(diff, |d| d.max(diff)));
+            }
         }
         bar.inc(1);
     }
-    Ok(Timings { prefill_positions: done.positions, prefill, decode, linears })
+    Ok(Timings {
+        prefill_positions: done.positions,
+        prefill,
+        decode,
+        linears,
+        fused: fused_steps,
+        fused_max_rel_diff,
+    })
+}
+
+/// One decode step of `token` `[1]` at `position` `[1]` through the fused path: the embedding row
+/// and the rotary tables (libtorch, once a step), the decoder layers as loops; the final hidden
+/// state `[1, 1, hidden]` in the model's dtype.
+fn fused_step(
+    lm: &LlamaModel,
+    decoder: &FusedDecoder<'_>,
+    token: &Tensor,
+    position: &Tensor,
+    cache: &mut FusedCache,
+) -> Result<Tensor> {
+    let kind = lm.embed_tokens.kind();
+    let embedding = lm.embed(&token.view([1]));
+    let values = Vec::<f32>::try_from(&embedding.to_kind(Kind::Float).reshape([-1]))
+        .context("reading the embedding row")?;
+    // A generated token is text: for M-RoPE the same position in all three components, which is
+    // the plain rotation at that position.
+    let rope = Rope::new(&lm.cfg, &position.view([1, 1]), kind);
+    let h = decoder.step(&values, &rope, cache).context("the fused decode step")?;
+    Ok(Tensor::from_slice(&h).view([1, 1, -1]).to_kind(kind))
 }
 
 /// One pass of the decoder's linears alone, as the module doc says, in milliseconds.

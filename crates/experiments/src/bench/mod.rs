@@ -412,11 +412,14 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         decode: stretch(t.decode_mean()),
         decode_min_ms: stretch(min_step).total_ms(),
         decode_linears_ms: t.linears_mean() * scale,
+        decode_fused: t.fused_mean().map(stretch),
+        fused_max_rel_diff: t.fused_max_rel_diff,
         fallback_linears: m.fallbacks,
         roof_before_bytes_per_s: m.roof[0],
         roof_after_bytes_per_s: m.roof[1],
         round_decode_ms: vec![stretch(t.decode_mean()).total_ms()],
         round_speedup_16bit: Vec::new(),
+        round_fused_speedup_16bit: Vec::new(),
     }
 }
 
@@ -425,15 +428,21 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
 /// for an even count), with every round's decode time and the per-round (paired) speed-up over
 /// that round's fastest 16-bit row.
 fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
-    let best16: Vec<Option<f64>> = rounds
-        .iter()
-        .map(|rows| {
-            rows.iter()
-                .filter(|r| matches!(r.scheme, Scheme::Bf16 | Scheme::Bf16Own))
-                .map(|r| r.decode.total_ms())
-                .min_by(f64::total_cmp)
-        })
-        .collect();
+    // Per round, the fastest 16-bit row's time by `time` (the libtorch step, or the fused one).
+    let best16 = |time: fn(&Row) -> Option<f64>| -> Vec<Option<f64>> {
+        rounds
+            .iter()
+            .map(|rows| {
+                rows.iter()
+                    .filter(|r| matches!(r.scheme, Scheme::Bf16 | Scheme::Bf16Own))
+                    .filter_map(time)
+                    .min_by(f64::total_cmp)
+            })
+            .collect()
+    };
+    let step = |r: &Row| Some(r.decode.total_ms());
+    let fused = |r: &Row| r.decode_fused.map(|s| s.total_ms());
+    let (best_step, best_fused) = (best16(step), best16(fused));
     let schemes = rounds.first().map_or(0, Vec::len);
     let mut by_scheme: Vec<Vec<Row>> = (0..schemes).map(|_| Vec::new()).collect();
     for rows in rounds {
@@ -441,21 +450,26 @@ fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
             by_scheme[i].push(r);
         }
     }
+    // Per round, that round's fastest 16-bit time ÷ this row's.
+    let paired = |rows: &[Row], time: fn(&Row) -> Option<f64>, best: &[Option<f64>]| {
+        rows.iter()
+            .zip(best)
+            .filter_map(|(r, b)| Some(b.as_ref()? / time(r).filter(|ms| *ms > 0.0)?))
+            .collect::<Vec<f64>>()
+    };
     by_scheme
         .into_iter()
         .filter_map(|mut rows| {
             let decode: Vec<f64> = rows.iter().map(|r| r.decode.total_ms()).collect();
-            let speedup: Vec<f64> = decode
-                .iter()
-                .zip(&best16)
-                .filter_map(|(ms, b)| b.filter(|_| *ms > 0.0).map(|b| b / ms))
-                .collect();
+            let speedup = paired(&rows, step, &best_step);
+            let fused_speedup = paired(&rows, fused, &best_fused);
             let mut order: Vec<usize> = (0..rows.len()).collect();
             order.sort_by(|&a, &b| decode[a].total_cmp(&decode[b]));
             let median = *order.get(order.len().saturating_sub(1) / 2)?;
             let mut row = rows.swap_remove(median);
             row.round_decode_ms = decode;
             row.round_speedup_16bit = speedup;
+            row.round_fused_speedup_16bit = fused_speedup;
             Some(row)
         })
         .collect()
@@ -782,11 +796,14 @@ mod tests {
             decode: split,
             decode_min_ms: decode_ms,
             decode_linears_ms: decode_ms,
+            decode_fused: Some(Split { layers_ms: decode_ms / 2.0, ..split }),
+            fused_max_rel_diff: Some(0.0),
             fallback_linears: 0,
             roof_before_bytes_per_s: 1.0,
             roof_after_bytes_per_s: 1.0,
             round_decode_ms: vec![decode_ms],
             round_speedup_16bit: Vec::new(),
+            round_fused_speedup_16bit: Vec::new(),
         }
     }
 
@@ -807,6 +824,8 @@ mod tests {
         assert_eq!(w4.round_decode_ms, vec![100.0, 200.0, 140.0]);
         assert_eq!(w4.round_speedup_16bit, vec![4.0, 4.0, 3.0]);
         assert_eq!(own.round_speedup_16bit, vec![1.0, 1.0, 1.0]);
+        // The fused steps pair the same way (each row's fused step is half its step here).
+        assert_eq!(w4.round_fused_speedup_16bit, vec![4.0, 4.0, 3.0]);
         // One round: the row as measured; without a 16-bit row, no paired ratio.
         let one = median_rounds(vec![vec![measured(Scheme::W4a8, 90.0)]]);
         assert_eq!(one[0].round_decode_ms, vec![90.0]);

@@ -15,7 +15,7 @@ use crate::table::csv_field;
 use crate::{figure, table};
 
 /// Metrics of `measurements.csv`, one row each per configuration.
-const METRICS: [&str; 25] = [
+const METRICS: [&str; 30] = [
     "layers",
     "layers_built",
     "weight_bytes",
@@ -41,6 +41,11 @@ const METRICS: [&str; 25] = [
     "speedup_16bit_paired_median",
     "speedup_16bit_paired_lo",
     "speedup_16bit_paired_hi",
+    "decode_fused_ms",
+    "fused_max_rel_diff",
+    "fused_speedup_16bit_paired_median",
+    "fused_speedup_16bit_paired_lo",
+    "fused_speedup_16bit_paired_hi",
 ];
 
 /// The targets on this CPU: W4A16 against the fastest 16-bit row of the run (the fair FP16-class
@@ -128,6 +133,18 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
             push("speedup_16bit_paired_lo", lo);
             push("speedup_16bit_paired_hi", hi);
         }
+        if let Some(fused) = r.decode_fused {
+            push("decode_fused_ms", fused.total_ms());
+        }
+        if let Some(d) = r.fused_max_rel_diff {
+            push("fused_max_rel_diff", d);
+        }
+        if !r.round_fused_speedup_16bit.is_empty() {
+            let (lo, hi) = range(&r.round_fused_speedup_16bit);
+            push("fused_speedup_16bit_paired_median", median(&r.round_fused_speedup_16bit));
+            push("fused_speedup_16bit_paired_lo", lo);
+            push("fused_speedup_16bit_paired_hi", hi);
+        }
     }
     let path = dir.join("measurements.csv");
     std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
@@ -194,6 +211,12 @@ pub fn build(dir: &Path) -> Result<Report> {
         get("speedup_16bit_paired_lo")?,
         get("speedup_16bit_paired_hi")?,
     );
+    let (fused, fused_diff) = (get("decode_fused_ms")?, get("fused_max_rel_diff")?);
+    let (fused_paired, fused_paired_lo, fused_paired_hi) = (
+        get("fused_speedup_16bit_paired_median")?,
+        get("fused_speedup_16bit_paired_lo")?,
+        get("fused_speedup_16bit_paired_hi")?,
+    );
     let n = model.len();
     // The reference row of the same model for a scheme label.
     let find = |i: usize, label: &str| (0..n).find(|&j| model[j] == model[i] && scheme[j] == label);
@@ -222,8 +245,20 @@ pub fn build(dir: &Path) -> Result<Report> {
         // The decoder linears alone: their bytes over their own time.
         let linears_roof_pct =
             ratio(ratio(linears[i], linears_ms[i].map(|ms| ms / 1e3)).map(|b| 100.0 * b), roof);
+        // The same steps through the fused decode path.
+        let fused_roof_pct =
+            ratio(ratio(decode_bytes[i], fused[i].map(|ms| ms / 1e3)).map(|b| 100.0 * b), roof);
+        let best16_fused = SIXTEEN_BIT
+            .iter()
+            .filter_map(|l| find(i, l))
+            .filter_map(|j| fused[j])
+            .min_by(f64::total_cmp);
         let mut notes = Vec::new();
-        for (what, pct) in [("decode", roof_pct), ("linears alone", linears_roof_pct)] {
+        for (what, pct) in [
+            ("decode", roof_pct),
+            ("linears alone", linears_roof_pct),
+            ("fused decode", fused_roof_pct),
+        ] {
             if let Some(p) = pct.filter(|&p| p > 100.0) {
                 notes.push(format!(
                     "ABOVE THE ROOF ({what}): {p:.0} % of the streaming read measured around it — the bytes counted or the time are wrong, or the machine's bandwidth moved between the reads"
@@ -284,6 +319,17 @@ pub fn build(dir: &Path) -> Result<Report> {
         c.gemv_bw_pct
             .push(ratio(gbs.map(|g| 100.0 * g * 1e9), Some(info.machine.gemv_bytes_per_s)));
         c.head_pct.push(ratio(head[i], decode[i]).map(|r| 100.0 * r));
+        c.fused_ms.push(fused[i]);
+        c.fused_roof_pct.push(fused_roof_pct);
+        c.fused_vs_step.push(ratio(decode[i], fused[i]));
+        c.fused_speedup_16bit.push(if several {
+            fused_paired[i]
+        } else {
+            ratio(best16_fused, fused[i])
+        });
+        c.fused_speedup_16bit_lo.push(if several { fused_paired_lo[i] } else { None });
+        c.fused_speedup_16bit_hi.push(if several { fused_paired_hi[i] } else { None });
+        c.fused_rel_diff.push(fused_diff[i]);
         c.note.push(notes.join("; "));
     }
     for s in &info.skipped {
@@ -374,6 +420,13 @@ struct Columns {
     copy_bw_pct: Vec<Option<f64>>,
     gemv_bw_pct: Vec<Option<f64>>,
     head_pct: Vec<Option<f64>>,
+    fused_ms: Vec<Option<f64>>,
+    fused_roof_pct: Vec<Option<f64>>,
+    fused_vs_step: Vec<Option<f64>>,
+    fused_speedup_16bit: Vec<Option<f64>>,
+    fused_speedup_16bit_lo: Vec<Option<f64>>,
+    fused_speedup_16bit_hi: Vec<Option<f64>>,
+    fused_rel_diff: Vec<Option<f64>>,
     note: Vec<String>,
 }
 
@@ -413,6 +466,13 @@ impl Columns {
             &mut self.copy_bw_pct,
             &mut self.gemv_bw_pct,
             &mut self.head_pct,
+            &mut self.fused_ms,
+            &mut self.fused_roof_pct,
+            &mut self.fused_vs_step,
+            &mut self.fused_speedup_16bit,
+            &mut self.fused_speedup_16bit_lo,
+            &mut self.fused_speedup_16bit_hi,
+            &mut self.fused_rel_diff,
         ] {
             col.push(None);
         }
@@ -455,6 +515,13 @@ impl Columns {
             f("copy_bw_pct", &self.copy_bw_pct),
             f("gemv_bw_pct", &self.gemv_bw_pct),
             f("head_pct", &self.head_pct),
+            f("fused_decode_ms", &self.fused_ms),
+            f("fused_roof_pct", &self.fused_roof_pct),
+            f("fused_x_vs_step", &self.fused_vs_step),
+            f("fused_speedup_vs_16bit", &self.fused_speedup_16bit),
+            f("fused_speedup_vs_16bit_lo", &self.fused_speedup_16bit_lo),
+            f("fused_speedup_vs_16bit_hi", &self.fused_speedup_16bit_hi),
+            f("fused_max_rel_diff", &self.fused_rel_diff),
             Column::new("note".into(), self.note.clone()),
         ])?)
     }
@@ -477,9 +544,12 @@ fn targets(c: &Columns) -> Vec<Target> {
         let alone = format!(
             "{label} decoder linears alone (same weights, one token), % of the memory roof"
         );
+        let fused_roof =
+            format!("{label} decode weight traffic on the fused decode path, % of the memory roof");
         if label == "BF16 own" {
             push(&roof, c.roof_pct[i], TARGET_ROOF_PCT);
             push(&alone, c.linears_roof_pct[i], TARGET_ROOF_PCT);
+            push(&fused_roof, c.fused_roof_pct[i], TARGET_ROOF_PCT);
         }
         if !label.starts_with("W4A16") {
             continue;
@@ -494,6 +564,14 @@ fn targets(c: &Columns) -> Vec<Target> {
         );
         push(&roof, c.roof_pct[i], TARGET_ROOF_PCT);
         push(&alone, c.linears_roof_pct[i], TARGET_ROOF_PCT);
+        push(
+            &format!(
+                "{label} fused decode speed-up over the fastest 16-bit row's fused decode (×)"
+            ),
+            c.fused_speedup_16bit[i],
+            TARGET_SPEEDUP,
+        );
+        push(&fused_roof, c.fused_roof_pct[i], TARGET_ROOF_PCT);
         push(
             &format!("{label} whole-model memory, BF16/FP16 bytes ÷ W4 bytes (×)"),
             c.mem_bf16[i],
@@ -552,7 +630,7 @@ fn method_notes(info: &RunInfo) -> String {
          - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
          - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\
          - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for every packed weight, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, on libtorch's int4 kernel, its own second copy of the codes that `bytes()` does not count; the own AVX-512 kernel holds the only copy). For a shape measured after another it can be below the weights: memory the allocator kept from the earlier shape is reused.\n\
-         - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. The roof's sum reads like the kernels (four vector accumulators, the kernels' software prefetch, 6 KiB ahead): a plain vectorised sum read 8–25 % less on the AMD EPYC of 2026-12-02, below what the kernels alone streamed. `linears_ms`: the decoder's linears alone — every decoder linear of the built model once, in layer order, on one token of the right width (the same weights, kernels and tensor wrappers a decode step calls, without the attention, norms, activations and KV cache between them), one pass right after each decode step (the warm-up ones included, untimed) and their mean, extrapolated per layer: each pass is paired with its step, since the machine's bandwidth moves within seconds; `linears_roof_pct` = decoder-linear bytes / `linears_ms` / `roof_gb_s`: how near the kernels come to the roof inside the model; `decode_ms` minus `linears_ms` is what the rest of a step costs. A row above 100 % of its roof (either column) is flagged in `note` (its bytes or its time would be wrong, or the machine's bandwidth moved between the reads). Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
+         - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. The roof's sum reads like the kernels (four vector accumulators, the kernels' software prefetch, 6 KiB ahead): a plain vectorised sum read 8–25 % less on the AMD EPYC of 2026-12-02, below what the kernels alone streamed. `linears_ms`: the decoder's linears alone — every decoder linear of the built model once, in layer order, on one token of the right width (the same weights, kernels and tensor wrappers a decode step calls, without the attention, norms, activations and KV cache between them), one pass right after each decode step (the warm-up ones included, untimed) and their mean, extrapolated per layer: each pass is paired with its step, since the machine's bandwidth moves within seconds; `linears_roof_pct` = decoder-linear bytes / `linears_ms` / `roof_gb_s`: how near the kernels come to the roof inside the model; `decode_ms` minus `linears_ms` is what the rest of a step costs. A row above 100 % of its roof (either column) is flagged in `note` (its bytes or its time would be wrong, or the machine's bandwidth moved between the reads). `fused_decode_ms`: the same decode steps again through the fused decode path (`qvlm_core::model::fused`, CPU only: the same model and weights, its linears on their kernels, the norms, rotary embedding, KV cache, attention, SwiGLU and residuals as loops over f32 buffers rounded to the model's dtype where libtorch's operators round, instead of about ninety libtorch operators a layer), each right after its libtorch step — the same token and position, on its own copy of the prefilled KV cache — timed the same way (embedding + layers, then the same head); `fused_roof_pct`, `fused_speedup_vs_16bit` (paired per round like `speedup_vs_16bit`, against the fastest 16-bit row's fused step) and `fused_x_vs_step` (= `decode_ms` / `fused_decode_ms`) follow; `fused_max_rel_diff`: the largest difference of a fused step's final hidden state from its libtorch step's, relative to the latter's largest |value| (0: bit-identical). Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
          - Rounds (`measure.rounds`): the BF16 family of a shape (BF16 and every packed scheme) is built and measured that many times, one round after the other; each row is its round with the median decode time (`decode_ms_lo`/`decode_ms_hi`: the range over rounds) and, with more than one round, `speedup_vs_16bit` is the median over rounds of the paired ratio (that round's fastest 16-bit decode / this scheme's decode in the same round; `speedup_vs_16bit_lo`/`_hi`: its range), so that a machine whose bandwidth drifts between rounds moves both sides of each ratio. FP32 is measured once.\n\
          - Ratios: `speedup_vs_16bit` = decode time of the fastest 16-bit row of the same model (`best_16bit`: `BF16`, libtorch's linear, or `BF16 own`, the own memory-bound kernel) / this decode time (the paired median above with several rounds); `speedup_vs_bf16` and `speedup_vs_fp32` against libtorch's BF16 and FP32 rows; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
         match cfg.model.fp32_layers {

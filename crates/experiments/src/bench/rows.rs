@@ -45,6 +45,12 @@ pub struct Row {
     /// Mean of the timed passes of the decoder's linears alone (`measure`'s module doc),
     /// extrapolated per layer like `decode`.
     pub decode_linears_ms: f64,
+    /// Mean of the same decode steps through the fused decode path (`measure`'s module doc),
+    /// extrapolated per layer like `decode`; `None` off the CPU.
+    pub decode_fused: Option<Split>,
+    /// The largest difference between a fused step's final hidden state and the libtorch step's,
+    /// relative to the latter's largest |value|.
+    pub fused_max_rel_diff: Option<f64>,
     /// Packed weights (any part) on the dequantized fallback.
     pub fallback_linears: usize,
     /// The memory roof (streaming read, bytes/s) measured just before and just after the row.
@@ -58,6 +64,9 @@ pub struct Row {
     /// ratio: both measured in the same round, so a machine whose bandwidth drifts between rounds
     /// moves both); empty where the model has no 16-bit row.
     pub round_speedup_16bit: Vec<f64>,
+    /// The same per-round paired ratio for the fused decode path: the round's fastest 16-bit
+    /// fused step ÷ this row's fused step.
+    pub round_fused_speedup_16bit: Vec<f64>,
 }
 
 impl Row {

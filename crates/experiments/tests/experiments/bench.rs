@@ -191,10 +191,25 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     }
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
     assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
-    // Five targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs), two for the
-    // own bf16 row (the decode's and the linears alone's share of the roof).
+    // Seven targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs), three for the
+    // own bf16 row (the decode's, the linears alone's and the fused decode's share of the roof).
     let w4a16_rows = 2 + usize::from(vnni);
-    assert_eq!(out.report.targets.len(), 5 * w4a16_rows + 2 * usize::from(own16));
+    assert_eq!(out.report.targets.len(), 7 * w4a16_rows + 3 * usize::from(own16));
+    // Every row's steps also ran on the fused decode path, which agreed with the libtorch step:
+    // within two bf16 roundings of the largest value (the fused module's tests) where the
+    // activations stay float; integer activations on the VNNI kernel can differ by a grid step
+    // where a rounding flips (the fused module's tests say why), so only finite there.
+    for r in &out.rows {
+        let fused = r.decode_fused.expect("a fused decode time on the CPU");
+        assert!(fused.total_ms() > 0.0, "{:?}", r.scheme);
+        let diff = r.fused_max_rel_diff.expect("a fused difference on the CPU");
+        let bound = if r.kernel.contains("int4_vnni") { f64::INFINITY } else { 1.0 / 64.0 };
+        assert!(diff.is_finite() && diff <= bound, "{:?}: fused differs by {diff}", r.scheme);
+        if r.scheme != Scheme::Fp32 {
+            assert_eq!(r.round_fused_speedup_16bit.len(), 2, "{}", r.label);
+        }
+    }
+    assert!(col("fused_speedup_vs_16bit").is_some_and(|x| x > 0.0));
     // The linears alone were timed for every measured row, and took part of a decode step's time
     // at most plus noise (they are a subset of its work; a loose bound: timing is not asserted).
     for r in &out.rows {
