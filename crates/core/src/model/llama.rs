@@ -107,6 +107,14 @@ impl LayerCache {
         self.keys.size()[2]
     }
 
+    /// A first buffer for `k` and `v` `[B, H, T, D]`: `T` rounded up to whole steps of
+    /// [`KV_CAPACITY_STEP`] positions.
+    fn new(k: &Tensor, v: &Tensor) -> Self {
+        let t = k.size()[2];
+        let capacity = (t + KV_CAPACITY_STEP - 1) / KV_CAPACITY_STEP * KV_CAPACITY_STEP;
+        Self::with_capacity(k, v, capacity)
+    }
+
     /// A buffer of `capacity` positions holding `k` and `v` `[B, H, T, D]` at its start.
     fn with_capacity(k: &Tensor, v: &Tensor, capacity: i64) -> Self {
         let buffer = |x: &Tensor| {
@@ -194,9 +202,7 @@ impl KvCache {
         match &mut self.layers[layer] {
             Some(cache) => cache.append(&k, &v),
             slot @ None => {
-                let t = k.size()[2];
-                let capacity = (t + KV_CAPACITY_STEP - 1) / KV_CAPACITY_STEP * KV_CAPACITY_STEP;
-                let cache = LayerCache::with_capacity(&k, &v, capacity);
+                let cache = LayerCache::new(&k, &v);
                 let filled = cache.filled();
                 *slot = Some(cache);
                 filled
