@@ -119,6 +119,20 @@ impl Rows {
             Rows::Bf16(v) => v.extend(row.iter().map(|&x| u16::narrow(x))),
         }
     }
+
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.len(),
+            Rows::Bf16(v) => v.len(),
+        }
+    }
+
+    fn truncate(&mut self, values: usize) {
+        match self {
+            Rows::F32(v) => v.truncate(values),
+            Rows::Bf16(v) => v.truncate(values),
+        }
+    }
 }
 
 /// The keys and values of every layer for the fused step, continued from a libtorch prefill.
@@ -128,6 +142,8 @@ pub struct FusedCache {
     layers: Vec<(Rows, Rows)>,
     /// Cached positions.
     len: usize,
+    /// Values a position holds per layer: `kv_heads · head_dim`.
+    width: usize,
     kind: StepKind,
 }
 
@@ -152,11 +168,12 @@ impl FusedCache {
         }
         let len = mask.size()[1] as usize;
         let mut layers = Vec::with_capacity(num_layers);
+        let mut width = None;
         for layer in 0..num_layers {
             let (k, v) = cache.layer_kv(layer).ok_or_else(|| {
                 Error::Invalid(format!("the KV cache has nothing for decoder layer {layer}"))
             })?;
-            let rows = |t: &Tensor| -> Result<Rows> {
+            let mut rows = |t: &Tensor| -> Result<Rows> {
                 if t.kind() != kind || t.size()[2] as usize != len || t.device() != Device::Cpu {
                     return Err(Error::Invalid(format!(
                         "decoder layer {layer}'s cache is {:?} {:?} on {:?}; the fused step needs \
@@ -168,6 +185,12 @@ impl FusedCache {
                 }
                 // [1, H, S, D] → [S, H, D]: position-major.
                 let t = t.select(0, 0).transpose(0, 1).contiguous();
+                let (h, d) = (t.size()[1] as usize, t.size()[2] as usize);
+                if *width.get_or_insert(h * d) != h * d {
+                    return Err(Error::Invalid(format!(
+                        "decoder layer {layer}'s cache holds {h} heads of {d}, unlike layer 0's"
+                    )));
+                }
                 Ok(match step_kind {
                     StepKind::F32 => Rows::F32(f32_values(&t)?),
                     StepKind::Bf16 => {
@@ -184,7 +207,7 @@ impl FusedCache {
             };
             layers.push((rows(&k)?, rows(&v)?));
         }
-        Ok(Self { layers, len, kind: step_kind })
+        Ok(Self { layers, len, width: width.unwrap_or(0), kind: step_kind })
     }
 
     /// Cached positions.
@@ -312,10 +335,13 @@ impl<'a> FusedDecoder<'a> {
     pub fn step(&self, embedding: &[f32], rope: &Rope, cache: &mut FusedCache) -> Result<Vec<f32>> {
         let kind = self.kind;
         let d = self.head_dim;
-        if cache.kind != kind || cache.layers.len() != self.layers.len() {
+        let width = self.kv_heads * d;
+        if cache.kind != kind || cache.layers.len() != self.layers.len() || cache.width != width {
             return Err(Error::Invalid(format!(
-                "a fused cache of {} layers in {:?} given to a decoder of {} layers in {:?}",
+                "a fused cache of {} layers of {} values a position in {:?} given to a decoder of \
+                 {} layers of {width} in {:?}",
                 cache.layers.len(),
+                cache.width,
                 cache.kind,
                 self.layers.len(),
                 kind
@@ -328,6 +354,29 @@ impl<'a> FusedDecoder<'a> {
                 rope.cos.size()
             )));
         }
+        let result = self.layers_step(embedding, &cos, &sin, cache);
+        match &result {
+            Ok(_) => cache.len += 1,
+            // A failed step leaves the cache as it found it: layers that appended drop the row.
+            Err(_) => {
+                for (keys, values) in &mut cache.layers {
+                    keys.truncate(cache.len * width);
+                    values.truncate(cache.len * width);
+                }
+            }
+        }
+        result
+    }
+
+    /// The layers of [`Self::step`], each appending one position to `cache`'s rows.
+    fn layers_step(
+        &self,
+        embedding: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        cache: &mut FusedCache,
+    ) -> Result<Vec<f32>> {
+        let (kind, d) = (self.kind, self.head_dim);
         let len = cache.len + 1;
         let mut x = embedding.to_vec();
         for (layer, (keys, values)) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -336,10 +385,11 @@ impl<'a> FusedDecoder<'a> {
             let mut q = q_proj.forward(&h, kind)?;
             let mut k = k_proj.forward(&h, kind)?;
             let v = v_proj.forward(&h, kind)?;
-            rotate(&mut q, &cos, &sin, kind);
-            rotate(&mut k, &cos, &sin, kind);
+            rotate(&mut q, cos, sin, kind);
+            rotate(&mut k, cos, sin, kind);
             keys.push(&k);
             values.push(&v);
+            debug_assert_eq!(keys.len(), len * k.len());
             let shape = Attention { heads: self.heads, kv_heads: self.kv_heads, head_dim: d, len };
             let attended = match (&*keys, &*values) {
                 (Rows::F32(k), Rows::F32(v)) => shape.run(&q, k, v, kind),
@@ -362,7 +412,6 @@ impl<'a> FusedDecoder<'a> {
             let down = down_proj.forward(&act, kind)?;
             add_assign(&mut x, &down, kind);
         }
-        cache.len = len;
         Ok(x)
     }
 }

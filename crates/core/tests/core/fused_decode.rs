@@ -8,7 +8,7 @@ use qvlm_core::io::config::{LlamaConfig, RopeScaling};
 use qvlm_core::io::weights::VarBuilder;
 use qvlm_core::model::fused::{FusedCache, FusedDecoder};
 use qvlm_core::model::linear::LinearWeight;
-use qvlm_core::model::llama::{DecoderContext, KvCache, LlamaModel};
+use qvlm_core::model::llama::{DecoderContext, KvCache, LlamaModel, Rope};
 use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::packed::{ActMode, Kernel, PackedSpec, PackedWeight};
 use qvlm_core::quant::team::Isa;
@@ -314,6 +314,18 @@ fn fused_step_refuses_what_it_does_not_run() {
     // A cache of another dtype, and a half-precision model.
     let one = prefill(&Tensor::ones([1, 3], (Kind::Int64, Device::Cpu)));
     assert!(FusedCache::from_kv(&one, n, Kind::BFloat16).is_err());
+    // Rotary tables of two positions for one token: refused, the cache left as it was.
+    let mut cache = FusedCache::from_kv(&one, n, Kind::Float).expect("fused cache");
+    let decoder = FusedDecoder::new(&m).expect("decoder");
+    let two_positions = Tensor::from_slice(&[3i64, 4]).view([1, 2]);
+    let rope = Rope::new(&m.cfg, &two_positions, Kind::Float);
+    let embedding = vec![0.5f32; m.cfg.hidden_size as usize];
+    let err = decoder.step(&embedding, &rope, &mut cache).expect_err("two positions");
+    assert!(err.to_string().contains("one position"), "{err}");
+    assert_eq!(cache.len(), 3);
+    let rope = Rope::new(&m.cfg, &two_positions.narrow(1, 0, 1), Kind::Float);
+    decoder.step(&embedding, &rope, &mut cache).expect("a step after the refusal");
+    assert_eq!(cache.len(), 4);
     let mut half = model(Kind::Float, 13);
     half.embed_tokens = half.embed_tokens.to_kind(Kind::Half);
     let err = FusedDecoder::new(&half).expect_err("f16");
