@@ -443,6 +443,12 @@ fn bench_runs_a_qwen2_vl_shape_with_exact_bytes() {
         assert_eq!(r.prefill_positions, 12, "{}", r.label);
         assert!(r.prefill.vision_ms > 0.0 && r.decode.total_ms() > 0.0, "{}", r.label);
     }
+    // The fused decode step continues after the image on the plain rotation at the text
+    // position (M-RoPE's three equal components): it agrees with the libtorch step, f32 to
+    // summation order and bf16 within two bf16 roundings (the fused module's tests).
+    let fused_diff = |s: Scheme| row(s).fused_max_rel_diff.expect("fused ran on the CPU");
+    assert!(fused_diff(Scheme::Fp32) <= 1e-5, "FP32: {}", fused_diff(Scheme::Fp32));
+    assert!(fused_diff(Scheme::Bf16) <= 1.0 / 64.0, "BF16: {}", fused_diff(Scheme::Bf16));
 }
 
 /// `[[checkpoint]]`: a compressed-tensors directory written by the library itself (the core
