@@ -127,23 +127,23 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
         let (lo, hi) = range(&r.round_decode_ms);
         push("decode_ms_lo", lo);
         push("decode_ms_hi", hi);
-        if !r.round_speedup_16bit.is_empty() {
-            let (lo, hi) = range(&r.round_speedup_16bit);
-            push("speedup_16bit_paired_median", median(&r.round_speedup_16bit));
-            push("speedup_16bit_paired_lo", lo);
-            push("speedup_16bit_paired_hi", hi);
-        }
         if let Some(fused) = r.decode_fused {
             push("decode_fused_ms", fused.total_ms());
         }
         if let Some(d) = r.fused_max_rel_diff {
             push("fused_max_rel_diff", d);
         }
-        if !r.round_fused_speedup_16bit.is_empty() {
-            let (lo, hi) = range(&r.round_fused_speedup_16bit);
-            push("fused_speedup_16bit_paired_median", median(&r.round_fused_speedup_16bit));
-            push("fused_speedup_16bit_paired_lo", lo);
-            push("fused_speedup_16bit_paired_hi", hi);
+        // The per-round paired ratios: median, lowest and highest (none without a 16-bit row).
+        for (metric, ratios) in [
+            ("speedup_16bit_paired", &r.round_speedup_16bit),
+            ("fused_speedup_16bit_paired", &r.round_fused_speedup_16bit),
+        ] {
+            if !ratios.is_empty() {
+                let (lo, hi) = range(ratios);
+                push(&format!("{metric}_median"), median(ratios));
+                push(&format!("{metric}_lo"), lo);
+                push(&format!("{metric}_hi"), hi);
+            }
         }
     }
     let path = dir.join("measurements.csv");
