@@ -25,6 +25,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::linear::{Linear, LinearWeight};
 use crate::model::llama::{KvCache, LlamaModel, Rope};
+use crate::quant::bf16_own;
 use crate::quant::team::{default_team, for_each_range};
 
 /// The dtype a step's values are rounded to between operators.
@@ -96,7 +97,7 @@ impl Stored for f32 {
 impl Stored for u16 {
     #[inline]
     fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self) << 16)
+        bf16_own::widen(self)
     }
     #[inline]
     fn narrow(x: f32) -> Self {
@@ -193,16 +194,7 @@ impl FusedCache {
                 }
                 Ok(match step_kind {
                     StepKind::F32 => Rows::F32(f32_values(&t)?),
-                    StepKind::Bf16 => {
-                        let mut bytes = vec![0u8; t.numel() * 2];
-                        t.f_copy_data_u8(&mut bytes, t.numel())?;
-                        Rows::Bf16(
-                            bytes
-                                .chunks_exact(2)
-                                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                                .collect(),
-                        )
-                    }
+                    StepKind::Bf16 => Rows::Bf16(bf16_own::bf16_bits(&t)?),
                 })
             };
             layers.push((rows(&k)?, rows(&v)?));

@@ -119,11 +119,7 @@ impl Bf16Weight {
         if let Some(reason) = unsupported(n, k) {
             return Err(err(reason));
         }
-        // The bf16 bit patterns read as int16, without an f32 copy: a 7B model's lm_head would
-        // otherwise need three more copies of itself at once (2 GiB f32 twice, then the bits).
-        let w16 = w.to_device(Device::Cpu).to_kind(Kind::BFloat16).contiguous();
-        let raw = Vec::<i16>::try_from(&w16.view_dtype(Kind::Int16).reshape([-1]))?;
-        let bits: Vec<u16> = raw.into_iter().map(|v| v as u16).collect();
+        let bits = bf16_bits(&w.to_device(Device::Cpu).to_kind(Kind::BFloat16))?;
         Self::from_bits(&bits, n, k)
             .ok_or_else(|| err("weight length does not match its shape".into()))
     }
@@ -254,8 +250,16 @@ fn line_start(row: usize, s: usize, k: usize) -> usize {
     (((row / QUAD) * (k / STEP) + s) * QUAD + row % QUAD) * STEP
 }
 
+/// The bit patterns of a bf16 tensor (on the CPU) in its logical order, read as int16 without an
+/// f32 copy: a 7B model's lm_head would otherwise need three more copies of itself at once
+/// (2 GiB f32 twice, then the bits).
+pub(crate) fn bf16_bits(t: &Tensor) -> std::result::Result<Vec<u16>, tch::TchError> {
+    let raw = Vec::<i16>::try_from(&t.contiguous().view_dtype(Kind::Int16).reshape([-1]))?;
+    Ok(raw.into_iter().map(|v| v as u16).collect())
+}
+
 /// bf16 bits → f32 (exact).
-fn widen(b: u16) -> f32 {
+pub(crate) fn widen(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
