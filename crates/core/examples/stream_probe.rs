@@ -5,7 +5,8 @@
 //! rounds are printed, since the bandwidth of a shared machine drifts within seconds. Criterion's `quant_kernels` bench times one weight,
 //! which stays in a large L3; this probe is what a decode step sees.
 //!
-//! Run: `cargo run -p qvlm-core --example stream_probe [ROUNDS]`.
+//! Run: `cargo run -p qvlm-core --example stream_probe [ROUNDS] [THREADS]` (threads: libtorch's
+//! team size, default one per core).
 
 use std::time::Instant;
 
@@ -42,6 +43,11 @@ fn best_of(repeats: usize, mut pass: impl FnMut()) -> f64 {
 
 fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    // One thread shows what a single core streams, apart from how the machine shares its memory
+    // links between the cores.
+    if let Some(threads) = std::env::args().nth(2).and_then(|s| s.parse::<i32>().ok()) {
+        tch::set_num_threads(threads);
+    }
     // About 1.1 GiB of each: 3 layers of bf16, 12 of 4-bit codes + scales.
     let (bf16_layers, int4_layers) = (3, 12);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -75,10 +81,11 @@ fn main() {
         .collect();
     let x_for = |k: usize| if k == 4096 { &xs[0] } else { &xs[1] };
     println!(
-        "bf16 {:.2} GiB, int4 {:.2} GiB, {} rounds",
+        "bf16 {:.2} GiB, int4 {:.2} GiB, {} rounds, {} threads",
         bf16_bytes as f64 / (1u64 << 30) as f64,
         int4_bytes as f64 / (1u64 << 30) as f64,
-        rounds
+        rounds,
+        tch::get_num_threads()
     );
     let kernels: Vec<Kernel> = {
         let mut k: Vec<Kernel> = vec![

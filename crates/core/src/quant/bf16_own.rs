@@ -26,8 +26,9 @@
 //! with the activations of the matching columns. AVX2 (+ FMA) does the same on the two 32-byte
 //! halves of each line, 16 weights each; the level is chosen at run time ([`Isa`]). The activation row is split once per
 //! call into the even and odd columns of every step (an O(k) copy against the O(n·k) weight
-//! stream). A quad's four lines of a step are prefetched together
-//! ([`crate::quant::team::PREFETCH_BYTES`] ahead); ranges of quads go to libtorch's
+//! stream). A quad's four lines of a step are prefetched together, on AVX-512 each into L2 and
+//! later into L1 ([`crate::quant::team::prefetch_stream`]: 16 KiB and 4 KiB ahead; measured
+//! there), on AVX2 into L1 ([`crate::quant::team::PREFETCH_BYTES`] ahead); ranges of quads go to libtorch's
 //! OpenMP team ([`crate::quant::team`]).
 //!
 //! More than one activation row (prefill): each quad of rows is widened once into an f32 scratch
@@ -329,7 +330,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::int4_avx512::PREFETCH_BYTES;
+    use super::super::team::prefetch_stream;
     use super::{Bf16Weight, QUAD, STEP};
 
     // The split activations meet each step as 16 even columns, then 16 odd ones.
@@ -353,10 +354,9 @@ mod avx512 {
             while c < k {
                 let xe = _mm512_loadu_ps(xp.add(c));
                 let xo = _mm512_loadu_ps(xp.add(c + STEP / 2));
-                // The quad's four lines of a step further on (hints: never a fault).
-                let ahead = (p as *const i8).wrapping_add(PREFETCH_BYTES);
                 for i in 0..QUAD {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * i));
+                    // The line further on, into L2 and then into L1 (hints: never a fault).
+                    prefetch_stream((p as *const u8).wrapping_add(64 * i));
                     let v = _mm512_loadu_si512(p.add(STEP * i) as *const __m512i);
                     let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
                     let wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));

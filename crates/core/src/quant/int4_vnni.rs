@@ -65,7 +65,8 @@
 //!
 //! As in [`crate::quant::int4_avx512`]: ranges of quads (4 rows) go to libtorch's OpenMP team
 //! through [`crate::quant::team`]'s atomic counter, each thread streams its quads' contiguous
-//! codes with a software prefetch [`PREFETCH_BYTES`] ahead. With `m > 1` activation rows each quad
+//! codes with a software prefetch of each line into L2 16 KiB ahead and into L1 4 KiB ahead
+//! ([`crate::quant::team::prefetch_stream`], measured there). With `m > 1` activation rows each quad
 //! is multiplied with every row while its codes are in L1, two rows at a time (each block of
 //! codes loaded once for both: 8 i32 and 8 f32 accumulators, within the 32 registers; on one
 //! 11008×4096 weight at m = 64 this took 16.7–18.3 ms down to 14.0–15.5 ms, same machine as
@@ -77,15 +78,15 @@
 //! (`W4A16 g128 q8`), 3.24× (3.04–3.90×) the own bf16 kernel's decode in the same rounds, against
 //! 156 ms/token and 2.34× for the exact f32 kernel; W4A8 and W4A4 (per-token activations) run
 //! the same loop at the same speed within that machine's noise (the README has a later run). The
-//! prefetch distance is shared with the f32 kernel ([`PREFETCH_BYTES`], swept on this machine
-//! too). The AVX-512 loop's arithmetic is tested bit for bit against the same loop on emulated
+//! prefetch was first the f32 kernel's (one line into L1 6 KiB ahead); the two-level one
+//! replaced it on 2026-12-05 (measured in [`crate::quant::team::prefetch_stream`]). The AVX-512 loop's arithmetic is tested bit for bit against the same loop on emulated
 //! lanes, which runs on any CPU (and ran on the VNNI CPU: identical).
 //!
 //! `unsafe` here: the AVX-512 intrinsics and their unaligned loads (every load's range is checked
 //! against the slice lengths, with checked arithmetic, before the unchecked loop starts).
 #![allow(unsafe_code)]
 
-use super::int4_avx512::{Int4Weight, BLOCK, PREFETCH_BYTES, QUAD};
+use super::int4_avx512::{Int4Weight, BLOCK, QUAD};
 use super::team::{self, Team};
 
 /// The bound the tests assert on ‖y_q8 − y_exact‖ / ‖y_exact‖ for Gaussian activations, random
@@ -431,7 +432,7 @@ trait LaneOps {
     type F: Copy;
     /// 64 bytes at `p` (unaligned). SAFETY: `p..p + 64` is readable.
     unsafe fn load(p: *const u8) -> Self::I;
-    /// A prefetch hint (never faults).
+    /// The prefetch hints for the stream at `p`: the line further on (never faults).
     unsafe fn prefetch(p: *const u8);
     /// `c` in lane 0, zeros elsewhere.
     unsafe fn lane0(c: i32) -> Self::I;
@@ -525,7 +526,7 @@ macro_rules! quad_loop {
                     for i in 0..QUAD {
                         let pi = p.add(64 * i);
                         // A prefetch past the end of the allocation is a hint, never a fault.
-                        <$L>::prefetch(pi.wrapping_add(PREFETCH_BYTES));
+                        <$L>::prefetch(pi);
                         let v = <$L>::load(pi);
                         for j in 0..R {
                             acc[j][i] = <$L>::dot(acc[j][i], v, x[j].0, x[j].1);
@@ -555,7 +556,7 @@ macro_rules! quad_loop {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Int4Weight, LaneOps, Q8Activations, BLOCK, PREFETCH_BYTES, QUAD};
+    use super::{Int4Weight, LaneOps, Q8Activations, BLOCK, QUAD};
 
     pub(super) struct Avx512;
 
@@ -572,7 +573,7 @@ mod avx512 {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
         unsafe fn prefetch(p: *const u8) {
-            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+            crate::quant::team::prefetch_stream(p)
         }
 
         #[inline]
@@ -619,7 +620,7 @@ mod avx512 {
 
 #[cfg(test)]
 mod emulated {
-    use super::{Int4Weight, LaneOps, Q8Activations, BLOCK, PREFETCH_BYTES, QUAD};
+    use super::{Int4Weight, LaneOps, Q8Activations, BLOCK, QUAD};
 
     /// `vpdpbusd` and friends on plain arrays (little-endian bytes, like the registers).
     pub(super) struct Emulated;

@@ -168,8 +168,9 @@ pub(crate) fn chunk_for(items: usize, min: usize) -> usize {
     items.div_ceil(4 * threads).max(min).max(1)
 }
 
-/// How far ahead of the current block a thread prefetches its own stream (bytes), for every own
-/// kernel (`int4_avx512`, `int4_vnni`, `bf16_own`) and the read roof. Two sweeps: on the Intel Xeon development machine (2-thread GEMV over
+/// How far ahead of the current block a thread prefetches its own stream into L1 (bytes), for the
+/// exact int4 kernel (`int4_avx512`), the AVX2 bf16 kernel and the read roof; the VNNI kernel and
+/// the AVX-512 bf16 kernel used it too until [`prefetch_stream`] replaced it there. Two sweeps: on the Intel Xeon development machine (2-thread GEMV over
 /// 512 MiB of codes, 4096 × 4096 blocks) 512 → 13.2 GB/s, 1024 → 14.6, 3072 → 17.6, 6144 → 18.2,
 /// 8192 → 15.9; on the AMD EPYC with AVX-512 VNNI (2026-12-02, `examples/stream_probe`: the
 /// kernels over ~1.1 GiB of LLaVA-7B-shaped weights, median % of the paired read roof over 7–9
@@ -177,6 +178,41 @@ pub(crate) fn chunk_for(items: usize, min: usize) -> usize {
 /// runs are compared) 4096 → VNNI 69–82 %, exact f32 75–81 %, bf16 90–95 %; 6144 → 85–86 %,
 /// 71–85 %, 91–92 %; 8192 → 86–89 %, 81–87 %, 80–96 %; 16384 → 82 %, 82 %, 87 %.
 pub const PREFETCH_BYTES: usize = 6144;
+
+/// How far ahead [`prefetch_stream`] asks for a line into L2 (`prefetcht1`).
+pub const PREFETCH_FAR_BYTES: usize = 16384;
+/// How far ahead [`prefetch_stream`] asks for the same line again into L1 (`prefetcht0`).
+pub const PREFETCH_NEAR_BYTES: usize = 4096;
+
+/// The software prefetch of the VNNI kernel ([`crate::quant::int4_vnni`]) and the AVX-512 bf16
+/// kernel ([`crate::quant::bf16_own`]): each line of the stream is asked for twice, into L2
+/// [`PREFETCH_FAR_BYTES`] ahead (`prefetcht1`) and into L1 [`PREFETCH_NEAR_BYTES`] ahead
+/// (`prefetcht0`), where the exact int4 kernel and the read roof ask once, into L1,
+/// [`PREFETCH_BYTES`] ahead. Why: one core of the AMD EPYC with AVX-512 VNNI (2026-12-05,
+/// `examples/stream_probe 3 1`, one thread, ~1.1 GiB, median % of the paired read roof over 3
+/// rounds, variants alternated within each round) streamed with T0 at 6144 bytes: bf16 63–65 %,
+/// VNNI q8 76–81 %; T1 at 12288: 65 %, 82–87 %; T1 at 16384 + T0 at 4096: 72–74 %, 81–85 %; and
+/// on both cores (4 rounds; the machine's read roof switched between ~36 and ~55 GB/s between
+/// rows) T0 6144: bf16 82 % (63–83), q8 88 % (68–89); T1 16384 + T0 4096: 88 % (73–93), 92 %
+/// (80–95) — the rounds at the high roof gained most (bf16 63 → 78 %, q8 68 → 80 %). The read
+/// roof itself stays on one T0 prefetch: it read 34–42 GB/s with the two-level prefetch against
+/// 36–56 with one, and a roof must be the fastest read known. A kernel whose loop does more work
+/// per line than the roof's sum keeps fewer demand loads in flight, so it leans on its prefetches
+/// more: the far one starts the DRAM transfer early without holding one of L1's few miss buffers
+/// for the whole trip. The exact int4 kernel keeps the single prefetch: it is compute-bound (it
+/// streamed 28.5 GB/s from L3 on both cores, about what it reaches from memory).
+/// Any `p` is fine: the addresses are formed with wrapping arithmetic and a prefetch is a hint
+/// that never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_stream(p: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+    // SAFETY: `prefetcht0/1` are SSE (baseline on x86-64) and never fault.
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH_FAR_BYTES) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_NEAR_BYTES) as *const i8);
+    }
+}
 
 /// The memory roof a decode kernel can reach: bytes per second of a pure streaming read (a
 /// vectorised sum of a `bytes`-long buffer, far above the last-level cache) by the kernels' own
