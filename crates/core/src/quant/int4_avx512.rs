@@ -15,14 +15,16 @@
 //! 128 inputs of one row (exactly one group of 128).
 //!
 //! Inner step (16 weights of one row, three instructions): bring nibble `s` of every lane to its
-//! low 4 bits (a lane shift or a byte shift, see `nibble`), `vpermps` with that as indices into the row's current lookup table (`vpermps` reads only the
+//! low 4 bits (a lane shift or a byte shift, chosen by the CPU's vendor, see `nibble`), `vpermps` with that as indices into the row's current lookup table (`vpermps` reads only the
 //! low 4 bits of each index), `vfmadd` with 16 activations. The table of a group is
 //! `(c − (zero_point − qmin)) · scale` for `c` = 0..16, in f32 — the same values
 //! [`crate::quant::packed::PackedWeight::dequantize`] computes, so only the summation order
 //! differs from a dequantized f32 matmul. Each thread streams a contiguous range of quads with a
-//! software prefetch [`PREFETCH_BYTES`] ahead (measured on a prototype of this loop: 4.7 → 11.4
-//! GB/s on one core of the development machine, where the hardware prefetcher alone leaves the
-//! core waiting on memory). The threads are libtorch's OpenMP team ([`crate::quant::team`]),
+//! software prefetch (measured on a prototype of this loop: 4.7 → 11.4 GB/s on one core of the
+//! development machine, where the hardware prefetcher alone leaves the core waiting on memory):
+//! on AVX-512 each line into L2 16 KiB ahead and into L1 4 KiB ahead
+//! ([`crate::quant::team::prefetch_stream`], measured there), on AVX2 into L1 [`PREFETCH_BYTES`]
+//! ahead. The threads are libtorch's OpenMP team ([`crate::quant::team`]),
 //! which hands out ranges of quads through an atomic counter.
 //!
 //! AVX2 has no 16-entry table in one register (`vpermps` on 8 lanes reads 3 index bits), so each
@@ -520,7 +522,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Int4Weight, BLOCK, PREFETCH_BYTES, QUAD};
+    use super::{Int4Weight, BLOCK, QUAD};
 
     /// The 16-entry table `(c − offset) · scale`, c = 0..16 (same f32 operations as the
     /// dequantization: an exact small integer times the scale).
@@ -532,21 +534,31 @@ mod avx512 {
     }
 
     /// Lanes whose low 4 bits are nibble `S` of `v`'s lanes (`vpermps` ignores the upper bits).
-    /// Half of the steps shift each lane (`vpsrld`, port 0, which also runs the FMAs on a CPU
-    /// with one 512-bit FMA unit), half shift each 128-bit lane by whole bytes (`vpsrldq`, port
-    /// 5, beside the `vpermps`). Measured on the development machine against shifts alone: one
-    /// core, weights in cache, 12.3 → 13.1 GB/s; two cores from memory 21.0 → 21.7 GB/s.
+    ///
+    /// Two ways, the same bits (tested): with `BYTE_SHIFTS`, half of the steps shift each lane
+    /// (`vpsrld`, port 0, which also runs the FMAs on an Intel CPU with one 512-bit FMA unit) and
+    /// half shift each 128-bit lane by whole bytes (`vpsrldq`, port 5, beside the `vpermps`);
+    /// without, every step shifts lanes. Which is faster depends on the core, so [`ShiftMix`]
+    /// picks by vendor: on the Intel Xeon development machine the mix won (one core, weights in
+    /// cache, 12.3 → 13.1 GB/s; two cores from memory 21.0 → 21.7 GB/s); on the AMD EPYC with
+    /// AVX-512 VNNI (Zen 5, 2026-12-05, two cores, one weight `[4096, 4096]` in L3, best of 300)
+    /// lane shifts alone won, 28.5 → 31.5 GB/s: there `vpsrldq` and `vpermps` compete for the
+    /// same shuffle pipes, and this kernel is compute-bound (it streams about as much from L3 as
+    /// from memory).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn nibble<const S: i32>(v: __m512i) -> __m512i {
-        match S {
-            0 => v,
-            2 => _mm512_bsrli_epi128::<1>(v),
-            4 => _mm512_bsrli_epi128::<2>(v),
-            6 => _mm512_bsrli_epi128::<3>(v),
-            1 => _mm512_srli_epi32::<4>(v),
-            3 => _mm512_srli_epi32::<12>(v),
-            5 => _mm512_srli_epi32::<20>(v),
+    fn nibble<const S: i32, const BYTE_SHIFTS: bool>(v: __m512i) -> __m512i {
+        match (S, BYTE_SHIFTS) {
+            (0, _) => v,
+            (2, true) => _mm512_bsrli_epi128::<1>(v),
+            (4, true) => _mm512_bsrli_epi128::<2>(v),
+            (6, true) => _mm512_bsrli_epi128::<3>(v),
+            (2, false) => _mm512_srli_epi32::<8>(v),
+            (4, false) => _mm512_srli_epi32::<16>(v),
+            (6, false) => _mm512_srli_epi32::<24>(v),
+            (1, _) => _mm512_srli_epi32::<4>(v),
+            (3, _) => _mm512_srli_epi32::<12>(v),
+            (5, _) => _mm512_srli_epi32::<20>(v),
             _ => _mm512_srli_epi32::<28>(v),
         }
     }
@@ -570,15 +582,43 @@ mod avx512 {
     pub unsafe fn gemv(w: &Int4Weight, x: &[f32], first: usize, count: usize, out: &mut [f32]) {
         // Groups of whole blocks (128, 256, …) change tables only between blocks: a constant, so
         // that the common case has no test inside a block.
-        if w.group.is_multiple_of(BLOCK) {
-            gemv_groups::<true>(w, x, first, count, out)
-        } else {
-            gemv_groups::<false>(w, x, first, count, out)
+        match (w.group.is_multiple_of(BLOCK), ShiftMix::here()) {
+            (true, ShiftMix::ByteAndLane) => gemv_groups::<true, true>(w, x, first, count, out),
+            (true, ShiftMix::LaneOnly) => gemv_groups::<true, false>(w, x, first, count, out),
+            (false, ShiftMix::ByteAndLane) => gemv_groups::<false, true>(w, x, first, count, out),
+            (false, ShiftMix::LaneOnly) => gemv_groups::<false, false>(w, x, first, count, out),
+        }
+    }
+
+    /// How [`nibble`] brings each nibble down, chosen once per process by the CPU's vendor
+    /// (measured on one CPU of each, see [`nibble`]; both give the same bits).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum ShiftMix {
+        /// Byte shifts for the even nibbles, lane shifts for the odd ones (Intel and others).
+        ByteAndLane,
+        /// Lane shifts for every nibble (AMD).
+        LaneOnly,
+    }
+
+    impl ShiftMix {
+        pub(super) fn here() -> Self {
+            static MIX: std::sync::OnceLock<ShiftMix> = std::sync::OnceLock::new();
+            *MIX.get_or_init(|| {
+                // CPUID leaf 0: the vendor string in EBX, EDX, ECX ("AuthenticAMD").
+                let id = __cpuid(0);
+                let vendor: Vec<u8> =
+                    [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+                if vendor == *b"AuthenticAMD" {
+                    ShiftMix::LaneOnly
+                } else {
+                    ShiftMix::ByteAndLane
+                }
+            })
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn gemv_groups<const WHOLE_BLOCKS: bool>(
+    pub(super) unsafe fn gemv_groups<const WHOLE_BLOCKS: bool, const BYTE_SHIFTS: bool>(
         w: &Int4Weight,
         x: &[f32],
         first: usize,
@@ -601,8 +641,7 @@ mod avx512 {
                 let mut v = [_mm512_setzero_si512(); QUAD];
                 for i in 0..QUAD {
                     // A prefetch past the end of the allocation is a hint, never a fault.
-                    let ahead = (p.add(i * 16) as *const i8).wrapping_add(PREFETCH_BYTES);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    crate::quant::team::prefetch_stream(p.add(i * 16) as *const u8);
                     v[i] = _mm512_loadu_si512(p.add(i * 16) as *const __m512i);
                 }
                 macro_rules! step {
@@ -620,7 +659,7 @@ mod avx512 {
                         }
                         let xv = _mm512_loadu_ps(xp.add($s * 16));
                         for i in 0..QUAD {
-                            let idx = nibble::<$s>(v[i]);
+                            let idx = nibble::<$s, BYTE_SHIFTS>(v[i]);
                             let wf = _mm512_permutexvar_ps(idx, luts[i]);
                             acc[i] = _mm512_fmadd_ps(wf, xv, acc[i]);
                         }
@@ -890,6 +929,46 @@ mod tests {
                 let quads = w.dequantize_quads(0, n / QUAD).expect("in range");
                 assert_eq!(quads, dense, "{isa:?} [{n}, {k}] g{group}");
             }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn both_shift_mixes_give_the_same_bits() {
+        if !Isa::Avx512.available() {
+            return;
+        }
+        // Whole-block groups and groups that change inside a block, symmetric and not.
+        for (n, k, group, symmetric) in
+            [(16, 512, 128, false), (8, 384, 48, true), (8, 256, 16, false)]
+        {
+            let Some((_, w)) = weight(n, k, group, symmetric) else { continue };
+            let w = w.with_isa(Isa::Avx512).expect("AVX-512 present");
+            let x: Vec<f32> = (0..k).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+            let run = |byte_shifts: bool| {
+                let mut out = vec![0f32; n];
+                let whole = group % BLOCK == 0;
+                // SAFETY: AVX-512F+BW present (checked above); every quad of `w`, `x` `k` long,
+                // `out` `n` long.
+                unsafe {
+                    match (whole, byte_shifts) {
+                        (true, true) => {
+                            avx512::gemv_groups::<true, true>(&w, &x, 0, n / QUAD, &mut out)
+                        }
+                        (true, false) => {
+                            avx512::gemv_groups::<true, false>(&w, &x, 0, n / QUAD, &mut out)
+                        }
+                        (false, true) => {
+                            avx512::gemv_groups::<false, true>(&w, &x, 0, n / QUAD, &mut out)
+                        }
+                        (false, false) => {
+                            avx512::gemv_groups::<false, false>(&w, &x, 0, n / QUAD, &mut out)
+                        }
+                    }
+                }
+                out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            assert_eq!(run(true), run(false), "[{n}, {k}] g{group}");
         }
     }
 

@@ -169,8 +169,8 @@ pub(crate) fn chunk_for(items: usize, min: usize) -> usize {
 }
 
 /// How far ahead of the current block a thread prefetches its own stream into L1 (bytes), for the
-/// exact int4 kernel (`int4_avx512`), the AVX2 bf16 kernel and the read roof; the VNNI kernel and
-/// the AVX-512 bf16 kernel used it too until [`prefetch_stream`] replaced it there. Two sweeps: on the Intel Xeon development machine (2-thread GEMV over
+/// AVX2 kernels (int4 and bf16) and the read roof; every AVX-512 kernel used it too until
+/// [`prefetch_stream`] replaced it there (2026-12-05). Two sweeps: on the Intel Xeon development machine (2-thread GEMV over
 /// 512 MiB of codes, 4096 × 4096 blocks) 512 → 13.2 GB/s, 1024 → 14.6, 3072 → 17.6, 6144 → 18.2,
 /// 8192 → 15.9; on the AMD EPYC with AVX-512 VNNI (2026-12-02, `examples/stream_probe`: the
 /// kernels over ~1.1 GiB of LLaVA-7B-shaped weights, median % of the paired read roof over 7–9
@@ -184,10 +184,11 @@ pub const PREFETCH_FAR_BYTES: usize = 16384;
 /// How far ahead [`prefetch_stream`] asks for the same line again into L1 (`prefetcht0`).
 pub const PREFETCH_NEAR_BYTES: usize = 4096;
 
-/// The software prefetch of the VNNI kernel ([`crate::quant::int4_vnni`]) and the AVX-512 bf16
-/// kernel ([`crate::quant::bf16_own`]): each line of the stream is asked for twice, into L2
+/// The software prefetch of the AVX-512 kernels (the VNNI kernel [`crate::quant::int4_vnni`],
+/// the exact int4 kernel [`crate::quant::int4_avx512`], the bf16 kernel
+/// [`crate::quant::bf16_own`]): each line of the stream is asked for twice, into L2
 /// [`PREFETCH_FAR_BYTES`] ahead (`prefetcht1`) and into L1 [`PREFETCH_NEAR_BYTES`] ahead
-/// (`prefetcht0`), where the exact int4 kernel and the read roof ask once, into L1,
+/// (`prefetcht0`), where the AVX2 kernels and the read roof ask once, into L1,
 /// [`PREFETCH_BYTES`] ahead. Why: one core of the AMD EPYC with AVX-512 VNNI (2026-12-05,
 /// `examples/stream_probe 3 1`, one thread, ~1.1 GiB, median % of the paired read roof over 3
 /// rounds, variants alternated within each round) streamed with T0 at 6144 bytes: bf16 63–65 %,
@@ -199,8 +200,10 @@ pub const PREFETCH_NEAR_BYTES: usize = 4096;
 /// 36–56 with one, and a roof must be the fastest read known. A kernel whose loop does more work
 /// per line than the roof's sum keeps fewer demand loads in flight, so it leans on its prefetches
 /// more: the far one starts the DRAM transfer early without holding one of L1's few miss buffers
-/// for the whole trip. The exact int4 kernel keeps the single prefetch: it is compute-bound (it
-/// streamed 28.5 GB/s from L3 on both cores, about what it reaches from memory).
+/// for the whole trip. The exact int4 kernel, compute-bound on that machine (31.7 GB/s from L3 on
+/// both cores), gained too: 70–72 % → 75–80 % of the roof on both cores (4 rounds each), 44 → 47 %
+/// on one. The AVX2 kernels were not measured with it (no AVX2-only machine at hand) and keep the
+/// single prefetch.
 /// Any `p` is fine: the addresses are formed with wrapping arithmetic and a prefetch is a hint
 /// that never faults.
 #[cfg(target_arch = "x86_64")]
