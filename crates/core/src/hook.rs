@@ -14,13 +14,25 @@ pub trait LinearHook {
         let _ = id;
         x
     }
+
+    /// Whether this hook passes every input through unchanged and records nothing, so that a
+    /// path which runs the linears without calling hooks (the fused decode step,
+    /// [`crate::model::fused`]) computes exactly what the hooked path would. Only [`NoHook`]
+    /// says so; a path that cannot call hooks refuses every other hook.
+    fn is_pass_through(&self) -> bool {
+        false
+    }
 }
 
 /// The float forward pass: every input passes through unchanged.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoHook;
 
-impl LinearHook for NoHook {}
+impl LinearHook for NoHook {
+    fn is_pass_through(&self) -> bool {
+        true
+    }
+}
 
 /// Two hooks in sequence (e.g. an observer after a fake-quantizer).
 pub struct Chain<'a, A: LinearHook + ?Sized, B: LinearHook + ?Sized>(pub &'a mut A, pub &'a mut B);
@@ -29,5 +41,9 @@ impl<A: LinearHook + ?Sized, B: LinearHook + ?Sized> LinearHook for Chain<'_, A,
     fn input(&mut self, id: LayerId, x: Tensor) -> Tensor {
         let x = self.0.input(id, x);
         self.1.input(id, x)
+    }
+
+    fn is_pass_through(&self) -> bool {
+        self.0.is_pass_through() && self.1.is_pass_through()
     }
 }

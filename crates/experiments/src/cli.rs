@@ -9,7 +9,7 @@ use qvlm_core::hook::NoHook;
 use qvlm_core::io::config::{detect_family, ModelFamily};
 use qvlm_core::io::image::Rgb8;
 use qvlm_core::io::prompt::Template;
-use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions, StopStrings};
+use qvlm_core::model::llava::{DecodePath, GenerateOptions, LlavaBundle, LoadOptions, StopStrings};
 use qvlm_core::model::qwen2_vl::Qwen2VlBundle;
 use tch::Tensor;
 
@@ -48,6 +48,11 @@ pub struct GenerateArgs {
     pub device: DeviceSpec,
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
+    /// The code that runs each decode step after the prefill: libtorch (the decoder's libtorch
+    /// operators) | fused (the same layers as loops on the own kernels: CPU, f32 or bf16; the
+    /// efficiency bench measures both).
+    #[arg(long, default_value = "libtorch")]
+    pub decode: DecodePath,
 }
 
 /// The answer to the prompt (and the logits file, when asked for).
@@ -86,8 +91,9 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
         max_new_tokens: args.max_new_tokens,
         eos_token_ids: bundle.eos_ids(),
         stop: Some(&stop),
+        decode: args.decode,
     };
-    let tokens = bundle.model.generate(&batch, &gen, &mut NoHook).tokens;
+    let tokens = bundle.model.generate(&batch, &gen, &mut NoHook)?.tokens;
     let answer = bundle.tokenizer.decode(&tokens[0], true)?;
     Ok(stop.trim(&answer))
 }
@@ -119,6 +125,7 @@ fn generate_qwen2_vl(args: &GenerateArgs, opts: &LoadOptions) -> Result<String> 
         max_new_tokens: args.max_new_tokens,
         eos_token_ids: bundle.eos_token_ids.clone(),
         stop: Some(&stop),
+        decode: args.decode,
     };
     let tokens = bundle.model.generate(&batch, &gen, &mut NoHook)?.tokens;
     let answer = bundle.tokenizer.decode(&tokens[0], true)?;

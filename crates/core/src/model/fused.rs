@@ -272,6 +272,9 @@ struct FusedLayer<'a> {
 /// [`LlamaModel`]'s decoder layers as one fused decode step (the module doc says what and why).
 #[derive(Debug)]
 pub struct FusedDecoder<'a> {
+    /// The model whose layers these are: its embedding table and rotary config serve
+    /// [`Self::step_token`].
+    model: &'a LlamaModel,
     layers: Vec<FusedLayer<'a>>,
     kind: StepKind,
     heads: usize,
@@ -315,7 +318,33 @@ impl<'a> FusedDecoder<'a> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, kind, heads, kv_heads, head_dim, eps: cfg.rms_norm_eps as f32 })
+        Ok(Self { model, layers, kind, heads, kv_heads, head_dim, eps: cfg.rms_norm_eps as f32 })
+    }
+
+    /// One decode step of `token` `[1]` at `position` `[1]`: the token's embedding row and the
+    /// rotary tables (libtorch, once a step), then [`Self::step`]; the final hidden state
+    /// `[1, 1, hidden]` in the model's dtype, as [`LlamaModel`]'s layers give it. A generated
+    /// token is text: for M-RoPE (Qwen2-VL) its three position components are equal, which is
+    /// the plain rotation at that position, so one position serves both families.
+    pub fn step_token(
+        &self,
+        token: &Tensor,
+        position: &Tensor,
+        cache: &mut FusedCache,
+    ) -> Result<Tensor> {
+        if token.numel() != 1 || position.numel() != 1 {
+            return Err(Error::Invalid(format!(
+                "the fused decode step takes one token at one position, got tokens {:?} at {:?}",
+                token.size(),
+                position.size()
+            )));
+        }
+        let kind = self.kind.kind();
+        let embedding = self.model.embed(&token.view([1]));
+        let values = f32_values(&embedding)?;
+        let rope = Rope::new(&self.model.cfg, &position.view([1, 1]), kind);
+        let h = self.step(&values, &rope, cache)?;
+        Ok(Tensor::from_slice(&h).view([1, 1, -1]).to_kind(kind))
     }
 
     /// One token through every decoder layer: `embedding` `[hidden]` (the token's embedding row,

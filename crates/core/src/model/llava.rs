@@ -19,6 +19,7 @@ use crate::io::shards::ShardSet;
 use crate::io::weights::VarBuilder;
 use crate::layer_id::{LayerId, Slot};
 use crate::model::clip::ClipVisionTower;
+use crate::model::fused::{FusedCache, FusedDecoder};
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
 use crate::model::projector::Projector;
@@ -73,6 +74,59 @@ pub trait StopCriterion {
     fn should_stop(&self, new_tokens: &[i64]) -> bool;
 }
 
+/// The code that runs each decode step after the prefill (the prefill is always libtorch's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodePath {
+    /// The decoder layers as libtorch operators: any batch, device, dtype and hook.
+    #[default]
+    Libtorch,
+    /// The fused decode step ([`crate::model::fused`]): the same layers and weights as loops over
+    /// f32 buffers, the linears on their own kernels. Batch 1 without padding, CPU, f32 or bf16,
+    /// and no hook but [`crate::hook::NoHook`]; anything else is an error, not a fallback. Its
+    /// tokens are the libtorch path's up to a summation order (tested on the parity fixtures).
+    Fused,
+}
+
+impl DecodePath {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodePath::Libtorch => "libtorch",
+            DecodePath::Fused => "fused",
+        }
+    }
+
+    /// Refuses a hook the path cannot call, before any work is done.
+    pub(crate) fn check_hook(self, hook: &dyn LinearHook) -> Result<()> {
+        if self == DecodePath::Fused && !hook.is_pass_through() {
+            return Err(Error::Invalid(
+                "the fused decode path runs the linears without hooks; generate with a hook on \
+                 the libtorch decode path"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for DecodePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DecodePath {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "libtorch" => Ok(DecodePath::Libtorch),
+            "fused" => Ok(DecodePath::Fused),
+            other => Err(Error::Invalid(format!(
+                "decode path `{other}`: expected `libtorch` or `fused`"
+            ))),
+        }
+    }
+}
+
 /// Greedy decoding options.
 #[derive(Clone, Default)]
 pub struct GenerateOptions<'a> {
@@ -80,6 +134,8 @@ pub struct GenerateOptions<'a> {
     pub eos_token_ids: Vec<i64>,
     /// Checked after every token; a row that meets it stops (its tokens are kept).
     pub stop: Option<&'a dyn StopCriterion>,
+    /// Which code runs the decode steps.
+    pub decode: DecodePath,
 }
 
 impl std::fmt::Debug for GenerateOptions<'_> {
@@ -88,6 +144,7 @@ impl std::fmt::Debug for GenerateOptions<'_> {
             .field("max_new_tokens", &self.max_new_tokens)
             .field("eos_token_ids", &self.eos_token_ids)
             .field("stop", &self.stop.is_some())
+            .field("decode", &self.decode)
             .finish()
     }
 }
@@ -296,15 +353,15 @@ impl Llava {
         self.language_model.head(&h)
     }
 
-    /// Greedy decoding: prefill, then one token at a time with the KV cache, until every row
-    /// produced an EOS, met the stop criterion, or `max_new_tokens` were generated. Returns the new
-    /// tokens per row (without EOS) and the logits of the first step.
+    /// Greedy decoding: prefill, then one token at a time with the KV cache (on `opts.decode`'s
+    /// path), until every row produced an EOS, met the stop criterion, or `max_new_tokens` were
+    /// generated. Returns the new tokens per row (without EOS) and the logits of the first step.
     pub fn generate(
         &self,
         batch: &PreparedBatch,
         opts: &GenerateOptions,
         hook: &mut dyn LinearHook,
-    ) -> Generation {
+    ) -> Result<Generation> {
         self.generate_after(KvCache::new(self.language_model.layers.len()), batch, opts, hook)
     }
 
@@ -317,43 +374,71 @@ impl Llava {
         batch: &PreparedBatch,
         opts: &GenerateOptions,
         hook: &mut dyn LinearHook,
-    ) -> Generation {
+    ) -> Result<Generation> {
+        opts.decode.check_hook(hook)?;
         let b = batch.embeds.size()[0];
+        let lm = &self.language_model;
         let h = self.decode_hidden(batch, Some(&mut cache), hook);
-        let mut last_logits = self.language_model.head(&h.select(1, -1));
-        let first_logits = last_logits.shallow_clone();
+        let first_logits = lm.head(&h.select(1, -1));
         let mut next_pos = batch.positions.select(1, -1) + 1;
-        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
-        let mut done = vec![false; b as usize];
-        for _ in 0..opts.max_new_tokens {
-            let next = last_logits.argmax(-1, false);
-            let ids: Vec<i64> =
-                Vec::<i64>::try_from(&next.to_device(Device::Cpu)).unwrap_or_default();
-            for (row, &id) in ids.iter().enumerate() {
-                if done[row] {
-                    continue;
-                }
-                if opts.eos_token_ids.contains(&id) {
-                    done[row] = true;
-                } else {
-                    out[row].push(id);
-                    done[row] = opts.stop.is_some_and(|s| s.should_stop(&out[row]));
-                }
+        match opts.decode {
+            DecodePath::Libtorch => greedy_decode(first_logits, opts, |next| {
+                let step = PreparedBatch {
+                    embeds: lm.embed(&next.view([b, 1])),
+                    mask: Tensor::ones([b, 1], (Kind::Int64, self.device())),
+                    positions: next_pos.view([b, 1]),
+                };
+                let h = self.decode_hidden(&step, Some(&mut cache), hook);
+                next_pos += 1;
+                Ok(lm.head(&h.select(1, -1)))
+            }),
+            DecodePath::Fused => {
+                let decoder = FusedDecoder::new(lm)?;
+                let mut fused = FusedCache::from_kv(&cache, lm.layers.len(), self.kind())?;
+                drop(cache);
+                greedy_decode(first_logits, opts, |next| {
+                    let h = decoder.step_token(next, &next_pos, &mut fused)?;
+                    next_pos += 1;
+                    Ok(lm.head(&h.select(1, -1)))
+                })
             }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            let step = PreparedBatch {
-                embeds: self.language_model.embed(&next.view([b, 1])),
-                mask: Tensor::ones([b, 1], (Kind::Int64, self.device())),
-                positions: next_pos.view([b, 1]),
-            };
-            let h = self.decode_hidden(&step, Some(&mut cache), hook);
-            last_logits = self.language_model.head(&h.select(1, -1));
-            next_pos += 1;
         }
-        Generation { tokens: out, first_logits }
     }
+}
+
+/// Greedy token choice, shared by LLaVA and Qwen2-VL: from the prefill's last logits
+/// `[B, vocab]`, `step(next)` runs the decoder on the chosen tokens `[B]` (each row's next
+/// position) and returns their logits `[B, vocab]`. A finished row's later tokens are computed
+/// (the batch stays rectangular) and dropped.
+pub(crate) fn greedy_decode(
+    first_logits: Tensor,
+    opts: &GenerateOptions,
+    mut step: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Generation> {
+    let b = first_logits.size()[0] as usize;
+    let mut last_logits = first_logits.shallow_clone();
+    let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    for _ in 0..opts.max_new_tokens {
+        let next = last_logits.argmax(-1, false);
+        let ids = Vec::<i64>::try_from(&next.to_device(Device::Cpu))?;
+        for (row, &id) in ids.iter().enumerate() {
+            if done[row] {
+                continue;
+            }
+            if opts.eos_token_ids.contains(&id) {
+                done[row] = true;
+            } else {
+                out[row].push(id);
+                done[row] = opts.stop.is_some_and(|s| s.should_stop(&out[row]));
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        last_logits = step(&next)?;
+    }
+    Ok(Generation { tokens: out, first_logits })
 }
 
 /// Left-pads `[T_b, H]` rows to `[B, T, H]` with a mask and positions.

@@ -40,9 +40,10 @@ use crate::io::shards::ShardSet;
 use crate::io::weights::{Init, VarBuilder};
 use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::clip::activate;
+use crate::model::fused::{FusedCache, FusedDecoder};
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
-use crate::model::llava::{GenerateOptions, Generation, LoadOptions};
+use crate::model::llava::{greedy_decode, DecodePath, GenerateOptions, Generation, LoadOptions};
 use crate::model::norm::{LayerNorm, RmsNorm};
 
 /// transformers' `eps=1e-6` of the blocks' and the merger's norms (LayerNorm in Qwen2-VL,
@@ -758,17 +759,19 @@ impl Qwen2Vl {
         Ok(self.language_model.head(&h))
     }
 
-    /// Greedy decoding with the KV cache, as [`crate::model::llava::Llava::generate`]: each new
-    /// token's position is the row's next position in all three M-RoPE components
-    /// (transformers: `cache_position + rope_deltas`).
+    /// Greedy decoding with the KV cache, as [`crate::model::llava::Llava::generate`] (either
+    /// decode path): each new token's position is the row's next position in all three M-RoPE
+    /// components (transformers: `cache_position + rope_deltas`).
     pub fn generate(
         &self,
         batch: &Qwen2VlBatch,
         opts: &GenerateOptions,
         hook: &mut dyn LinearHook,
     ) -> Result<Generation> {
+        opts.decode.check_hook(hook)?;
         let b = batch.embeds.size()[0];
-        let mut cache = KvCache::new(self.language_model.layers.len());
+        let lm = &self.language_model;
+        let mut cache = KvCache::new(lm.layers.len());
         let h = self.decode_hidden(
             &batch.embeds,
             &batch.mask,
@@ -776,36 +779,28 @@ impl Qwen2Vl {
             Some(&mut cache),
             hook,
         )?;
-        let mut last_logits = self.language_model.head(&h.select(1, -1));
-        let first_logits = last_logits.shallow_clone();
+        let first_logits = lm.head(&h.select(1, -1));
         let mut next_pos = batch.next_positions.shallow_clone();
-        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
-        let mut done = vec![false; b as usize];
-        for _ in 0..opts.max_new_tokens {
-            let next = last_logits.argmax(-1, false);
-            let ids = Vec::<i64>::try_from(&next.to_device(Device::Cpu))?;
-            for (row, &id) in ids.iter().enumerate() {
-                if done[row] {
-                    continue;
-                }
-                if opts.eos_token_ids.contains(&id) {
-                    done[row] = true;
-                } else {
-                    out[row].push(id);
-                    done[row] = opts.stop.is_some_and(|s| s.should_stop(&out[row]));
-                }
+        match opts.decode {
+            DecodePath::Libtorch => greedy_decode(first_logits, opts, |next| {
+                let embeds = lm.embed(&next.view([b, 1]));
+                let mask = Tensor::ones([b, 1], (Kind::Int64, self.device()));
+                let positions = next_pos.view([1, b, 1]).expand([3, b, 1], true);
+                let h = self.decode_hidden(&embeds, &mask, &positions, Some(&mut cache), hook)?;
+                next_pos += 1;
+                Ok(lm.head(&h.select(1, -1)))
+            }),
+            DecodePath::Fused => {
+                let decoder = FusedDecoder::new(lm)?;
+                let mut fused = FusedCache::from_kv(&cache, lm.layers.len(), self.kind())?;
+                drop(cache);
+                greedy_decode(first_logits, opts, |next| {
+                    let h = decoder.step_token(next, &next_pos, &mut fused)?;
+                    next_pos += 1;
+                    Ok(lm.head(&h.select(1, -1)))
+                })
             }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            let embeds = self.language_model.embed(&next.view([b, 1]));
-            let mask = Tensor::ones([b, 1], (Kind::Int64, self.device()));
-            let positions = next_pos.view([1, b, 1]).expand([3, b, 1], true);
-            let h = self.decode_hidden(&embeds, &mask, &positions, Some(&mut cache), hook)?;
-            last_logits = self.language_model.head(&h.select(1, -1));
-            next_pos += 1;
         }
-        Ok(Generation { tokens: out, first_logits })
     }
 
     /// Every quantizable linear, in execution order (vision blocks, merger, decoder layers).
@@ -992,6 +987,7 @@ impl Qwen2VlBundle {
             max_new_tokens,
             eos_token_ids: self.eos_token_ids.clone(),
             stop: None,
+            decode: DecodePath::Libtorch,
         };
         let new = self.model.generate(&batch, &opts, hook)?.tokens.remove(0);
         let text = self.tokenizer.decode(&new, true)?;

@@ -4,11 +4,12 @@
 use std::path::Path;
 
 use qvlm_core::device::DType;
-use qvlm_core::hook::NoHook;
+use qvlm_core::hook::{LinearHook, NoHook};
 use qvlm_core::io::image::{AspectMode, ImageProcessor, ImageProcessorConfig, Rgb8};
 use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::SafetensorsFile;
-use qvlm_core::model::llava::{GenerateOptions, LlavaBundle, LoadOptions};
+use qvlm_core::layer_id::LayerId;
+use qvlm_core::model::llava::{DecodePath, GenerateOptions, LlavaBundle, LoadOptions};
 use serde_json::Value;
 
 use super::common::{llava_fixtures, max_abs_diff};
@@ -93,15 +94,21 @@ fn check_fixture(name: &str, dtype: DType) {
     let gen = GenerateOptions {
         max_new_tokens: meta["max_new_tokens"].as_u64().expect("n") as usize,
         eos_token_ids: bundle.eos_ids(),
-        stop: None,
+        ..GenerateOptions::default()
     };
-    let tokens = model.generate(&batch, &gen, &mut NoHook).tokens;
+    let tokens = model.generate(&batch, &gen, &mut NoHook).expect("generate").tokens;
     let want: Vec<i64> = ids(&meta, "generated")
         .into_iter()
         .take_while(|t| !gen.eos_token_ids.contains(t))
         .collect();
+    // The fused decode path continues the same prefill; in bf16 it runs (its numerics against
+    // the libtorch layers are `fused_decode.rs`'s), in f32 it gives transformers' tokens too.
+    let fused = GenerateOptions { decode: DecodePath::Fused, ..gen.clone() };
+    let fused_tokens =
+        model.generate(&batch, &fused, &mut NoHook).expect("generate, fused path").tokens;
     if dtype == DType::F32 {
         assert_eq!(tokens[0], want, "{name}: greedy tokens");
+        assert_eq!(fused_tokens[0], want, "{name}: greedy tokens on the fused decode path");
     }
 }
 
@@ -205,13 +212,60 @@ fn batched_prefill_with_padding_equals_single_runs() {
     }
     // Greedy decoding of the padded batch yields each row's single-run tokens.
     let gen = GenerateOptions { max_new_tokens: 5, ..GenerateOptions::default() };
-    let batched_tokens = model.generate(&both, &gen, &mut NoHook).tokens;
+    let batched_tokens = model.generate(&both, &gen, &mut NoHook).expect("generate").tokens;
     for (row, pieces) in [long, short].into_iter().enumerate() {
         let single = model.prepare(&[pieces], &[feats.shallow_clone()]).expect("p");
-        let alone = model.generate(&single, &gen, &mut NoHook).tokens;
+        let alone = model.generate(&single, &gen, &mut NoHook).expect("generate").tokens;
         assert_eq!(batched_tokens[row], alone[0], "row {row}: batched greedy tokens");
         assert_eq!(alone[0].len(), 5);
     }
+    // The fused decode path decodes one sequence: a batch of two is an error, not a fallback.
+    let fused = GenerateOptions { decode: DecodePath::Fused, ..gen };
+    let err = model.generate(&both, &fused, &mut NoHook).expect_err("two rows on the fused path");
+    assert!(err.to_string().contains("one sequence"), "{err}");
+}
+
+/// A hook that changes nothing but is not [`NoHook`]: the fused path cannot call it.
+struct Observer(usize);
+
+impl LinearHook for Observer {
+    fn input(&mut self, _id: LayerId, x: tch::Tensor) -> tch::Tensor {
+        self.0 += 1;
+        x
+    }
+}
+
+#[test]
+fn the_fused_decode_path_refuses_a_hook_it_cannot_call() {
+    let dir = llava_fixtures().join("hf_mha_mlp");
+    let (_, meta) = expected(&dir);
+    let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
+    let model = &bundle.model;
+    let _guard = tch::no_grad_guard();
+    let pixels = bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("img")
+        .unsqueeze(0);
+    let feats = model.image_features(&pixels, &mut NoHook);
+    let pieces =
+        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
+    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let fused = GenerateOptions {
+        max_new_tokens: 3,
+        decode: DecodePath::Fused,
+        ..GenerateOptions::default()
+    };
+    let mut observer = Observer(0);
+    let err = model.generate(&batch, &fused, &mut observer).expect_err("a hook on the fused path");
+    assert!(err.to_string().contains("without hooks"), "{err}");
+    assert_eq!(observer.0, 0, "refused before any linear ran");
+    // The libtorch path calls it.
+    let libtorch = GenerateOptions { decode: DecodePath::Libtorch, ..fused };
+    model.generate(&batch, &libtorch, &mut observer).expect("libtorch path");
+    assert!(observer.0 > 0);
+    assert_eq!("fused".parse::<DecodePath>().expect("parse"), DecodePath::Fused);
+    assert!("fast".parse::<DecodePath>().is_err());
 }
 
 #[test]
@@ -260,13 +314,14 @@ fn stop_strings_end_generation_and_cut_the_answer() {
             &GenerateOptions { max_new_tokens: 8, ..GenerateOptions::default() },
             &mut NoHook,
         )
+        .expect("generate")
         .tokens;
     // Stop at the text of the second generated token: generation ends right after it.
     let second = bundle.tokenizer.decode(&free[0][1..2], false).expect("decode");
     let stop = bundle.stop_strings(vec![second.clone()]);
     let opts =
         GenerateOptions { max_new_tokens: 8, stop: Some(&stop), ..GenerateOptions::default() };
-    let stopped = model.generate(&batch, &opts, &mut NoHook).tokens;
+    let stopped = model.generate(&batch, &opts, &mut NoHook).expect("generate").tokens;
     assert!(stopped[0].len() < free[0].len() && stopped[0].len() >= 2, "{stopped:?} vs {free:?}");
     assert_eq!(stopped[0][..], free[0][..stopped[0].len()]);
     let text = bundle.tokenizer.decode(&stopped[0], false).expect("decode");

@@ -111,8 +111,11 @@ fn whole_model_logits_and_greedy_tokens_match_transformers() {
     let batch = model.prepare(&[prompt]).expect("prepare");
     let want = ints(&e, "gen_tokens");
     let eos = model.cfg.text.eos_token_ids.clone();
-    let opts =
-        GenerateOptions { max_new_tokens: want.len(), eos_token_ids: eos.clone(), stop: None };
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        eos_token_ids: eos.clone(),
+        ..GenerateOptions::default()
+    };
     let out = model.generate(&batch, &opts, &mut NoHook).expect("generate");
     let want: Vec<i64> = want.into_iter().take_while(|t| !eos.contains(t)).collect();
     assert!(want.len() >= 4, "the fixture's greedy run is too short to test: {want:?}");

@@ -13,7 +13,7 @@ use qvlm_core::io::qwen2_image::{Qwen2ImageConfig, Qwen2ImageProcessor};
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::io::shards::ShardSet;
 use qvlm_core::io::weights::VarBuilder;
-use qvlm_core::model::llava::{GenerateOptions, LoadOptions};
+use qvlm_core::model::llava::{DecodePath, GenerateOptions, LoadOptions};
 use qvlm_core::model::qwen2_vl::{
     mrope_positions, GridThw, Qwen2VisionTower, Qwen2Vl, Qwen2VlBundle, Qwen2VlPrompt,
 };
@@ -253,12 +253,20 @@ fn greedy_generation_matches_transformers_generate() {
     let batch = model.prepare(&[prompt]).expect("prepare");
     let want = ids_of(&expected, "gen_tokens");
     let eos = model.cfg.text.eos_token_ids.clone();
-    let opts =
-        GenerateOptions { max_new_tokens: want.len(), eos_token_ids: eos.clone(), stop: None };
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        eos_token_ids: eos.clone(),
+        ..GenerateOptions::default()
+    };
     let out = model.generate(&batch, &opts, &mut NoHook).expect("generate");
     let want: Vec<i64> = want.into_iter().take_while(|t| !eos.contains(t)).collect();
     assert!(want.len() >= 4, "the fixture's greedy run is too short to test: {want:?}");
-    assert_eq!(out.tokens, vec![want]);
+    assert_eq!(out.tokens, vec![want.clone()]);
+    // The fused decode path (M-RoPE's three equal text components as one position): the same
+    // tokens.
+    let fused = GenerateOptions { decode: DecodePath::Fused, ..opts.clone() };
+    let out = model.generate(&batch, &fused, &mut NoHook).expect("generate on the fused path");
+    assert_eq!(out.tokens, vec![want], "fused decode path");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use qvlm_core::model::fused::{FusedCache, FusedDecoder};
-use qvlm_core::model::llama::{KvCache, LlamaModel, Rope};
+use qvlm_core::model::llama::KvCache;
 use tch::{Device, Kind, Tensor};
 
 use super::config::MeasureSettings;
@@ -167,7 +167,9 @@ pub fn run(
         let fused_step = match &mut fused {
             Some((decoder, cache)) => {
                 let t = Instant::now();
-                let fused_h = fused_step(lm, decoder, &token, &position, cache)?;
+                let fused_h = decoder
+                    .step_token(&token, &position, cache)
+                    .context("the fused decode step")?;
                 let layers_ms = ms(t);
                 let t = Instant::now();
                 let _ = std::hint::black_box(lm.head(&fused_h.select(1, -1)).argmax(-1, false));
@@ -200,27 +202,6 @@ pub fn run(
         fused: fused_steps,
         fused_max_rel_diff,
     })
-}
-
-/// One decode step of `token` `[1]` at `position` `[1]` through the fused path: the embedding row
-/// and the rotary tables (libtorch, once a step), the decoder layers as loops; the final hidden
-/// state `[1, 1, hidden]` in the model's dtype.
-fn fused_step(
-    lm: &LlamaModel,
-    decoder: &FusedDecoder<'_>,
-    token: &Tensor,
-    position: &Tensor,
-    cache: &mut FusedCache,
-) -> Result<Tensor> {
-    let kind = lm.embed_tokens.kind();
-    let embedding = lm.embed(&token.view([1]));
-    let values = Vec::<f32>::try_from(&embedding.to_kind(Kind::Float).reshape([-1]))
-        .context("reading the embedding row")?;
-    // A generated token is text: for M-RoPE the same position in all three components, which is
-    // the plain rotation at that position.
-    let rope = Rope::new(&lm.cfg, &position.view([1, 1]), kind);
-    let h = decoder.step(&values, &rope, cache).context("the fused decode step")?;
-    Ok(Tensor::from_slice(&h).view([1, 1, -1]).to_kind(kind))
 }
 
 /// One pass of the decoder's linears alone, as the module doc says, in milliseconds.

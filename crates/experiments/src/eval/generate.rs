@@ -79,7 +79,11 @@ pub fn generate(
                     .with_context(|| format!("tokenizing the prompt {prompt:?}"))?,
             );
         }
-        let gen = GenerateOptions { max_new_tokens, eos_token_ids: eos.clone(), stop: None };
+        let gen = GenerateOptions {
+            max_new_tokens,
+            eos_token_ids: eos.clone(),
+            ..GenerateOptions::default()
+        };
         let image_of =
             |r: &Request| r.image.as_ref().map(|p| paths.binary_search(&p).unwrap_or(0) as i64);
         let out = match (&feats, shared_prefix(&sequences)) {
@@ -98,7 +102,7 @@ pub fn generate(
                 let cache = cache.select_rows(&Tensor::from_slice(&rows));
                 let mut rest = model.prepare(&questions, &[])?;
                 rest.positions += prefix_len;
-                model.generate_after(cache, &rest, &gen, hook)
+                model.generate_after(cache, &rest, &gen, hook)?
             }
             _ => {
                 let mut row_images = Vec::with_capacity(chunk.len());
@@ -111,7 +115,7 @@ pub fn generate(
                     row_images.push(row);
                 }
                 let batch = model.prepare(&sequences, &row_images)?;
-                model.generate(&batch, &gen, hook)
+                model.generate(&batch, &gen, hook)?
             }
         };
         push_batch(&out, &bundle.tokenizer, &mut texts, &mut log_probs)?;
@@ -189,7 +193,7 @@ pub fn generate_qwen2_vl(
         let gen = GenerateOptions {
             max_new_tokens,
             eos_token_ids: bundle.eos_token_ids.clone(),
-            stop: None,
+            ..GenerateOptions::default()
         };
         let out = model.generate(&batch, &gen, hook)?;
         push_batch(&out, &bundle.tokenizer, &mut texts, &mut log_probs)?;

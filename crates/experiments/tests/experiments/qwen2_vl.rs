@@ -1,6 +1,7 @@
 //! `experiments generate --model DIR` on a Qwen2-VL and a Qwen2.5-VL checkpoint: the tiny random
 //! checkpoints of the core parity fixtures (python/gen_qwen2vl_fixtures.py,
-//! python/gen_qwen2_5_vl_fixtures.py), answered as transformers answers them; and
+//! python/gen_qwen2_5_vl_fixtures.py), answered as transformers answers them on both decode
+//! paths; and
 //! configs/qwen2vl-strategies.toml, every strategy on both through the grid runner.
 
 use std::path::{Path, PathBuf};
@@ -39,12 +40,15 @@ fn generate_answers_a_qwen2_vl_and_a_qwen2_5_vl_chat_like_transformers() {
             &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
         )
         .expect("json");
-        let out = generate(&dir, &[]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "generate failed on {}:\n{stderr}", dir.display());
-        let answer = String::from_utf8_lossy(&out.stdout);
         let want = meta["chat_answer"].as_str().expect("answer");
-        assert_eq!(answer.trim_end_matches('\n'), want, "{}", dir.display());
+        // Both decode paths give transformers' answer.
+        for decode in ["libtorch", "fused"] {
+            let out = generate(&dir, &["--decode", decode]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "generate failed on {}:\n{stderr}", dir.display());
+            let answer = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(answer.trim_end_matches('\n'), want, "{} ({decode})", dir.display());
+        }
     }
 }
 

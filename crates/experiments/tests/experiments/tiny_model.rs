@@ -49,8 +49,12 @@ fn last_logits(
         .collect();
     let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
     let logits = model.logits(&batch, &mut NoHook).get(0).get(-1);
-    let gen = GenerateOptions { max_new_tokens: 4, eos_token_ids: bundle.eos_ids(), stop: None };
-    let tokens = model.generate(&batch, &gen, &mut NoHook).tokens.remove(0);
+    let gen = GenerateOptions {
+        max_new_tokens: 4,
+        eos_token_ids: bundle.eos_ids(),
+        ..GenerateOptions::default()
+    };
+    let tokens = model.generate(&batch, &gen, &mut NoHook).expect("generate").tokens.remove(0);
     (ids, logits, tokens)
 }
 
