@@ -2,7 +2,8 @@
 //! one decode pass (M = 1) over a stack of LLaVA-7B-shaped linears (about 1 GiB of bf16, or its
 //! 4-bit codes), each kernel's pass (best of 3) between two streaming-read roofs (1 GiB, best of
 //! 3) and divided by the higher; the ratio is paired round by round, and the median and range over
-//! rounds are printed, since the bandwidth of a shared machine drifts within seconds. Criterion's `quant_kernels` bench times one weight,
+//! rounds are printed, since the bandwidth of a shared machine drifts within seconds. Each round
+//! first prints the roof's read prefetch variants alone (`team::ReadPrefetch`). Criterion's `quant_kernels` bench times one weight,
 //! which stays in a large L3; this probe is what a decode step sees.
 //!
 //! Run: `cargo run -p qvlm-core --example stream_probe [ROUNDS] [THREADS]` (threads: libtorch's
@@ -13,7 +14,7 @@ use std::time::Instant;
 use qvlm_core::quant::bf16_own::Bf16Weight;
 use qvlm_core::quant::int4_avx512::Int4Weight;
 use qvlm_core::quant::int4_vnni;
-use qvlm_core::quant::team::read_bandwidth;
+use qvlm_core::quant::team::{read_bandwidth, read_bandwidth_by_prefetch};
 
 /// One LLaMA-7B decoder layer's linears `[out, in]`: q, k, v, o, gate, up, down.
 const LAYER: [(usize, usize); 7] = [
@@ -123,7 +124,13 @@ fn main() {
     };
     let mut ratios = vec![Vec::new(); kernels.len()];
     for round in 0..rounds {
-        let mut line = format!("round {round}:");
+        // The roof's prefetch variants, each alone: which one wins differs between CPUs.
+        let variants = read_bandwidth_by_prefetch(1 << 30, 3);
+        let mut line = format!("round {round}: read with prefetch");
+        for (prefetch, bw) in variants {
+            line += &format!(" {} {:.1}", prefetch.name(), bw / 1e9);
+        }
+        line += " GB/s |";
         for (i, (name, bytes, pass)) in kernels.iter().enumerate() {
             let before = read_bandwidth(1 << 30, 3);
             let rate = *bytes as f64 / best_of(3, pass);

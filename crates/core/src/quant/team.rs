@@ -217,49 +217,103 @@ pub(crate) fn prefetch_stream(p: *const u8) {
     }
 }
 
+/// How a streaming read asks for its lines ahead of use. The read roof times every variant and
+/// keeps the fastest: which one is fastest differs between CPUs. Measured (`examples/stream_probe`,
+/// 2 threads, 1 GiB): the AMD EPYC with AVX-512 VNNI (2026-12-05) read 36–56 GB/s with
+/// [`ReadPrefetch::L1`] against 34–42 with [`ReadPrefetch::TwoLevel`]; on the Intel Xeon with
+/// AVX512-BF16 and AMX (2026-12-05, 2 cores, 480 MiB L3) the roof read with `L1` alone was
+/// 27.1–27.8 GB/s while the own bf16 kernel, which prefetches two-level, streamed 30.9–31.2 GB/s
+/// (111–114 % of that roof) — so a roof on one variant is not a roof.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPrefetch {
+    /// No software prefetch: the hardware prefetchers alone.
+    None,
+    /// One `prefetcht0` [`PREFETCH_BYTES`] ahead (the AVX2 kernels' scheme).
+    L1,
+    /// [`prefetch_stream`]'s: `prefetcht1` [`PREFETCH_FAR_BYTES`] and `prefetcht0`
+    /// [`PREFETCH_NEAR_BYTES`] ahead (the AVX-512 kernels' scheme).
+    TwoLevel,
+}
+
+impl ReadPrefetch {
+    pub const ALL: [ReadPrefetch; 3] =
+        [ReadPrefetch::None, ReadPrefetch::L1, ReadPrefetch::TwoLevel];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadPrefetch::None => "none",
+            ReadPrefetch::L1 => "L1",
+            ReadPrefetch::TwoLevel => "L2+L1",
+        }
+    }
+}
+
 /// The memory roof a decode kernel can reach: bytes per second of a pure streaming read (a
 /// vectorised sum of a `bytes`-long buffer, far above the last-level cache) by the kernels' own
-/// team, best of `repeats` after one untimed pass that touches the pages. Nothing is written
-/// back, so no cache line is read for ownership: this is the rate at which a GEMV's weights can
-/// arrive, which a copy (read + write) and a libtorch GEMV (compute-bound on some CPUs) are not.
+/// team, the best over `repeats` rounds of every [`ReadPrefetch`] variant (alternated within each
+/// round, so drift reaches them alike) after one untimed pass that touches the pages. Nothing is
+/// written back, so no cache line is read for ownership: this is the rate at which a GEMV's
+/// weights can arrive, which a copy (read + write) and a libtorch GEMV (compute-bound on some
+/// CPUs) are not.
 pub fn read_bandwidth(bytes: usize, repeats: usize) -> f64 {
+    read_bandwidth_by_prefetch(bytes, repeats).iter().map(|&(_, bw)| bw).fold(0.0, f64::max)
+}
+
+/// [`read_bandwidth`] per [`ReadPrefetch`] variant: `(variant, bytes per second)`, best of
+/// `repeats` each.
+pub fn read_bandwidth_by_prefetch(bytes: usize, repeats: usize) -> Vec<(ReadPrefetch, f64)> {
     let words = (bytes / 8).max(1);
     let buf: Vec<u64> = (0..words as u64).collect();
     // 1 MiB per range: long enough for the hardware prefetcher, many ranges per thread.
     let chunk = (1 << 20) / 8;
-    let pass = || {
+    let pass = |prefetch: ReadPrefetch| {
         let total = std::sync::atomic::AtomicU64::new(0);
         for_each_range(default_team, words, chunk, &|r| {
-            total.fetch_add(sum_words(&buf[r]), Ordering::Relaxed);
+            total.fetch_add(sum_words(&buf[r], prefetch), Ordering::Relaxed);
         });
         std::hint::black_box(total.into_inner())
     };
-    pass();
-    let mut best = f64::INFINITY;
+    pass(ReadPrefetch::L1);
+    let mut best = [f64::INFINITY; 3];
     for _ in 0..repeats.max(1) {
-        let t = std::time::Instant::now();
-        pass();
-        best = best.min(t.elapsed().as_secs_f64());
+        for (k, &prefetch) in ReadPrefetch::ALL.iter().enumerate() {
+            let t = std::time::Instant::now();
+            pass(prefetch);
+            best[k] = best[k].min(t.elapsed().as_secs_f64());
+        }
     }
-    (words * 8) as f64 / best
+    ReadPrefetch::ALL.iter().zip(best).map(|(&p, t)| (p, (words * 8) as f64 / t)).collect()
 }
 
 /// Wrapping sum of `v` at the kernels' SIMD level, read the way the kernels read their weights:
-/// four independent vector accumulators and a software prefetch
-/// [`PREFETCH_BYTES`] ahead. A roof must be the fastest
-/// pure read known on the machine, or a kernel can exceed it: measured on the AMD EPYC with
-/// AVX-512 VNNI (2 cores, 2026-12-02, 1 GiB, best of 5, alternated), the compiler-vectorised
-/// fold without prefetch read 36–44 GB/s and this loop 45–48 GB/s, while the VNNI kernel alone
-/// streamed its codes at 42–44 GB/s (103 % of the old roof). An older note: the default target
-/// has only SSE2, whose 16-byte loads fell short (AMD EPYC with AVX2: 14.6–18.1 GB/s).
-fn sum_words(v: &[u64]) -> u64 {
+/// four independent vector accumulators and `prefetch`'s software prefetch. A roof must be the
+/// fastest pure read known on the machine, or a kernel can exceed it: measured on the AMD EPYC
+/// with AVX-512 VNNI (2 cores, 2026-12-02, 1 GiB, best of 5, alternated), the
+/// compiler-vectorised fold without prefetch read 36–44 GB/s and this loop (one `L1` prefetch)
+/// 45–48 GB/s, while the VNNI kernel alone streamed its codes at 42–44 GB/s (103 % of the old
+/// roof). An older note: the default target has only SSE2, whose 16-byte loads fell short (AMD
+/// EPYC with AVX2: 14.6–18.1 GB/s).
+fn sum_words(v: &[u64], prefetch: ReadPrefetch) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    match Isa::best() {
+    {
+        use stream_sum::{avx2, avx512};
+        const NONE: u8 = ReadPrefetch::None as u8;
+        const L1: u8 = ReadPrefetch::L1 as u8;
+        const TWO: u8 = ReadPrefetch::TwoLevel as u8;
         // SAFETY: the CPU has the level (detected); the functions only read `v`.
-        Some(Isa::Avx512) => return unsafe { stream_sum::avx512(v) },
-        Some(Isa::Avx2) => return unsafe { stream_sum::avx2(v) },
-        None => {}
+        unsafe {
+            match (Isa::best(), prefetch) {
+                (Some(Isa::Avx512), ReadPrefetch::None) => return avx512::<NONE>(v),
+                (Some(Isa::Avx512), ReadPrefetch::L1) => return avx512::<L1>(v),
+                (Some(Isa::Avx512), ReadPrefetch::TwoLevel) => return avx512::<TWO>(v),
+                (Some(Isa::Avx2), ReadPrefetch::None) => return avx2::<NONE>(v),
+                (Some(Isa::Avx2), ReadPrefetch::L1) => return avx2::<L1>(v),
+                (Some(Isa::Avx2), ReadPrefetch::TwoLevel) => return avx2::<TWO>(v),
+                (None, _) => {}
+            }
+        }
     }
+    let _ = prefetch;
     v.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
@@ -267,22 +321,37 @@ fn sum_words(v: &[u64]) -> u64 {
 mod stream_sum {
     use std::arch::x86_64::*;
 
-    use super::PREFETCH_BYTES;
+    use super::{ReadPrefetch, PREFETCH_BYTES, PREFETCH_FAR_BYTES, PREFETCH_NEAR_BYTES};
 
-    /// Four 64-byte lines per step into four accumulators, the next lines prefetched.
+    /// The prefetches for the 64-byte line at `line` ([`ReadPrefetch`] as its `u8`).
+    #[inline(always)]
+    fn ask<const PREFETCH: u8>(line: *const i8) {
+        // SAFETY: `prefetcht0/1` are SSE (baseline on x86-64) and never fault; the addresses are
+        // formed with wrapping arithmetic.
+        unsafe {
+            if PREFETCH == ReadPrefetch::L1 as u8 {
+                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH_BYTES));
+            } else if PREFETCH == ReadPrefetch::TwoLevel as u8 {
+                _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(PREFETCH_FAR_BYTES));
+                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH_NEAR_BYTES));
+            }
+        }
+    }
+
+    /// Four 64-byte lines per step into four accumulators, each line's prefetches asked for.
     ///
     /// SAFETY: AVX-512F; reads `v` only (prefetches past its end are hints, never faults).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn avx512(v: &[u64]) -> u64 {
+    pub unsafe fn avx512<const PREFETCH: u8>(v: &[u64]) -> u64 {
         const STEP: usize = 32;
         let p = v.as_ptr();
         let mut acc = [_mm512_setzero_si512(); 4];
         let mut i = 0;
         while i + STEP <= v.len() {
-            let ahead = (p.add(i) as *const i8).wrapping_add(PREFETCH_BYTES);
             for (j, a) in acc.iter_mut().enumerate() {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * j));
-                *a = _mm512_add_epi64(*a, _mm512_loadu_si512(p.add(i + 8 * j) as *const __m512i));
+                let line = p.add(i + 8 * j);
+                ask::<PREFETCH>(line as *const i8);
+                *a = _mm512_add_epi64(*a, _mm512_loadu_si512(line as *const __m512i));
             }
             i += STEP;
         }
@@ -296,15 +365,14 @@ mod stream_sum {
     ///
     /// SAFETY: AVX2; reads `v` only.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn avx2(v: &[u64]) -> u64 {
+    pub unsafe fn avx2<const PREFETCH: u8>(v: &[u64]) -> u64 {
         const STEP: usize = 32;
         let p = v.as_ptr();
         let mut acc = [_mm256_setzero_si256(); 8];
         let mut i = 0;
         while i + STEP <= v.len() {
-            let ahead = (p.add(i) as *const i8).wrapping_add(PREFETCH_BYTES);
             for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                ask::<PREFETCH>(p.add(i + 8 * line) as *const i8);
             }
             for (j, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_add_epi64(*a, _mm256_loadu_si256(p.add(i + 4 * j) as *const __m256i));
@@ -483,23 +551,51 @@ mod tests {
     #[test]
     fn the_read_roof_is_a_plausible_rate_and_the_sum_is_exact() {
         let words: Vec<u64> = (0..100_003u64).collect();
-        assert_eq!(sum_words(&words), 100_003 * 100_002 / 2);
-        // Both SIMD levels where the CPU has them, on lengths around their 32-word step, and
-        // wrapping past u64::MAX.
+        for prefetch in ReadPrefetch::ALL {
+            assert_eq!(sum_words(&words, prefetch), 100_003 * 100_002 / 2, "{prefetch:?}");
+        }
+        // Both SIMD levels where the CPU has them, every prefetch variant, on lengths around
+        // their 32-word step, and wrapping past u64::MAX.
         #[cfg(target_arch = "x86_64")]
         for len in [0usize, 1, 31, 32, 33, 95, 1000] {
+            const NONE: u8 = ReadPrefetch::None as u8;
+            const L1: u8 = ReadPrefetch::L1 as u8;
+            const TWO: u8 = ReadPrefetch::TwoLevel as u8;
             let v: Vec<u64> = (0..len as u64).map(|i| u64::MAX - i).collect();
             let want = v.iter().fold(0u64, |a, &b| a.wrapping_add(b));
             if Isa::Avx512.available() {
                 // SAFETY: AVX-512F present (checked).
-                assert_eq!(unsafe { stream_sum::avx512(&v) }, want, "avx512, {len}");
+                let got = unsafe {
+                    [
+                        stream_sum::avx512::<NONE>(&v),
+                        stream_sum::avx512::<L1>(&v),
+                        stream_sum::avx512::<TWO>(&v),
+                    ]
+                };
+                assert_eq!(got, [want; 3], "avx512, {len}");
             }
             if Isa::Avx2.available() {
                 // SAFETY: AVX2 present (checked).
-                assert_eq!(unsafe { stream_sum::avx2(&v) }, want, "avx2, {len}");
+                let got = unsafe {
+                    [
+                        stream_sum::avx2::<NONE>(&v),
+                        stream_sum::avx2::<L1>(&v),
+                        stream_sum::avx2::<TWO>(&v),
+                    ]
+                };
+                assert_eq!(got, [want; 3], "avx2, {len}");
             }
         }
-        // 64 MiB: a real memory system streams it at well over 100 MB/s and below 10 TB/s.
+        // 64 MiB: a real memory system streams it at well over 100 MB/s and below 10 TB/s, and the
+        // roof is the best of its variants.
+        let by_prefetch = read_bandwidth_by_prefetch(64 << 20, 2);
+        assert_eq!(
+            by_prefetch.iter().map(|&(p, _)| p).collect::<Vec<_>>(),
+            ReadPrefetch::ALL.to_vec()
+        );
+        for &(prefetch, bw) in &by_prefetch {
+            assert!((1e8..1e13).contains(&bw), "{prefetch:?}: {bw} B/s");
+        }
         let roof = read_bandwidth(64 << 20, 2);
         assert!((1e8..1e13).contains(&roof), "{roof} B/s");
     }
