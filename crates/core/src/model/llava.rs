@@ -392,18 +392,28 @@ impl Llava {
                 next_pos += 1;
                 Ok(lm.head(&h.select(1, -1)))
             }),
-            DecodePath::Fused => {
-                let decoder = FusedDecoder::new(lm)?;
-                let mut fused = FusedCache::from_kv(&cache, lm.layers.len(), self.kind())?;
-                drop(cache);
-                greedy_decode(first_logits, opts, |next| {
-                    let h = decoder.step_token(next, &next_pos, &mut fused)?;
-                    next_pos += 1;
-                    Ok(lm.head(&h.select(1, -1)))
-                })
-            }
+            DecodePath::Fused => greedy_decode_fused(lm, cache, first_logits, next_pos, opts),
         }
     }
+}
+
+/// [`greedy_decode`] on the fused decode step ([`DecodePath::Fused`]), continuing the libtorch
+/// prefill's `cache` (converted once, then dropped) from each row's `next_pos` `[1]`.
+pub(crate) fn greedy_decode_fused(
+    lm: &LlamaModel,
+    cache: KvCache,
+    first_logits: Tensor,
+    mut next_pos: Tensor,
+    opts: &GenerateOptions,
+) -> Result<Generation> {
+    let decoder = FusedDecoder::new(lm)?;
+    let mut fused = FusedCache::from_kv(&cache, lm.layers.len(), lm.embed_tokens.kind())?;
+    drop(cache);
+    greedy_decode(first_logits, opts, |next| {
+        let h = decoder.step_token(next, &next_pos, &mut fused)?;
+        next_pos += 1;
+        Ok(lm.head(&h.select(1, -1)))
+    })
 }
 
 /// Greedy token choice, shared by LLaVA and Qwen2-VL: from the prefill's last logits

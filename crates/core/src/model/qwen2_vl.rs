@@ -40,10 +40,11 @@ use crate::io::shards::ShardSet;
 use crate::io::weights::{Init, VarBuilder};
 use crate::layer_id::{LayerId, Slot, Tower};
 use crate::model::clip::activate;
-use crate::model::fused::{FusedCache, FusedDecoder};
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderContext, KvCache, LlamaModel};
-use crate::model::llava::{greedy_decode, DecodePath, GenerateOptions, Generation, LoadOptions};
+use crate::model::llava::{
+    greedy_decode, greedy_decode_fused, DecodePath, GenerateOptions, Generation, LoadOptions,
+};
 use crate::model::norm::{LayerNorm, RmsNorm};
 
 /// transformers' `eps=1e-6` of the blocks' and the merger's norms (LayerNorm in Qwen2-VL,
@@ -790,16 +791,7 @@ impl Qwen2Vl {
                 next_pos += 1;
                 Ok(lm.head(&h.select(1, -1)))
             }),
-            DecodePath::Fused => {
-                let decoder = FusedDecoder::new(lm)?;
-                let mut fused = FusedCache::from_kv(&cache, lm.layers.len(), self.kind())?;
-                drop(cache);
-                greedy_decode(first_logits, opts, |next| {
-                    let h = decoder.step_token(next, &next_pos, &mut fused)?;
-                    next_pos += 1;
-                    Ok(lm.head(&h.select(1, -1)))
-                })
-            }
+            DecodePath::Fused => greedy_decode_fused(lm, cache, first_logits, next_pos, opts),
         }
     }
 

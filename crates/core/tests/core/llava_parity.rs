@@ -9,7 +9,9 @@ use qvlm_core::io::image::{AspectMode, ImageProcessor, ImageProcessorConfig, Rgb
 use qvlm_core::io::prompt::Piece;
 use qvlm_core::io::safetensors::SafetensorsFile;
 use qvlm_core::layer_id::LayerId;
-use qvlm_core::model::llava::{DecodePath, GenerateOptions, LlavaBundle, LoadOptions};
+use qvlm_core::model::llava::{
+    DecodePath, GenerateOptions, LlavaBundle, LoadOptions, PreparedBatch,
+};
 use serde_json::Value;
 
 use super::common::{llava_fixtures, max_abs_diff};
@@ -225,6 +227,21 @@ fn batched_prefill_with_padding_equals_single_runs() {
     assert!(err.to_string().contains("one sequence"), "{err}");
 }
 
+/// The fixture's prompt about `image_rgb.png`, prepared for `bundle`'s model (one row).
+fn prompt_batch(bundle: &LlavaBundle, dir: &Path) -> PreparedBatch {
+    let (_, meta) = expected(dir);
+    let model = &bundle.model;
+    let pixels = bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("img")
+        .unsqueeze(0);
+    let feats = model.image_features(&pixels, &mut NoHook);
+    let pieces =
+        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
+    model.prepare(&[pieces], &[feats]).expect("prepare")
+}
+
 /// A hook that changes nothing but is not [`NoHook`]: the fused path cannot call it.
 struct Observer(usize);
 
@@ -238,19 +255,10 @@ impl LinearHook for Observer {
 #[test]
 fn the_fused_decode_path_refuses_a_hook_it_cannot_call() {
     let dir = llava_fixtures().join("hf_mha_mlp");
-    let (_, meta) = expected(&dir);
     let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
     let model = &bundle.model;
     let _guard = tch::no_grad_guard();
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("img")
-        .unsqueeze(0);
-    let feats = model.image_features(&pixels, &mut NoHook);
-    let pieces =
-        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
-    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let batch = prompt_batch(&bundle, &dir);
     let fused = GenerateOptions {
         max_new_tokens: 3,
         decode: DecodePath::Fused,
@@ -271,21 +279,13 @@ fn the_fused_decode_path_refuses_a_hook_it_cannot_call() {
 #[test]
 fn f16_runs_and_stays_close_to_f32() {
     let dir = llava_fixtures().join("hf_mha_mlp");
-    let (exp, meta) = expected(&dir);
+    let (exp, _) = expected(&dir);
     let bundle =
         LlavaBundle::load(&dir, &LoadOptions { dtype: DType::F16, ..LoadOptions::default() })
             .expect("load");
     let model = &bundle.model;
     let _guard = tch::no_grad_guard();
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("img")
-        .unsqueeze(0);
-    let feats = model.image_features(&pixels, &mut NoHook);
-    let pieces =
-        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
-    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let batch = prompt_batch(&bundle, &dir);
     let logits = model.logits(&batch, &mut NoHook).squeeze_dim(0);
     assert_eq!(logits.kind(), tch::Kind::Half);
     let d = max_abs_diff(&logits, &exp.read("logits").expect("t"));
@@ -295,19 +295,10 @@ fn f16_runs_and_stays_close_to_f32() {
 #[test]
 fn stop_strings_end_generation_and_cut_the_answer() {
     let dir = llava_fixtures().join("hf_mha_mlp");
-    let (_, meta) = expected(&dir);
     let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
     let model = &bundle.model;
     let _guard = tch::no_grad_guard();
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("img")
-        .unsqueeze(0);
-    let feats = model.image_features(&pixels, &mut NoHook);
-    let pieces =
-        bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
-    let batch = model.prepare(&[pieces], &[feats]).expect("prepare");
+    let batch = prompt_batch(&bundle, &dir);
     let free = model
         .generate(
             &batch,
