@@ -274,7 +274,7 @@ pub fn read_bandwidth_by_prefetch(bytes: usize, repeats: usize) -> Vec<(ReadPref
         std::hint::black_box(total.into_inner())
     };
     pass(ReadPrefetch::L1);
-    let mut best = [f64::INFINITY; 3];
+    let mut best = [f64::INFINITY; ReadPrefetch::ALL.len()];
     for _ in 0..repeats.max(1) {
         for (k, &prefetch) in ReadPrefetch::ALL.iter().enumerate() {
             let t = std::time::Instant::now();
@@ -294,26 +294,31 @@ pub fn read_bandwidth_by_prefetch(bytes: usize, repeats: usize) -> Vec<(ReadPref
 /// roof). An older note: the default target has only SSE2, whose 16-byte loads fell short (AMD
 /// EPYC with AVX2: 14.6–18.1 GB/s).
 fn sum_words(v: &[u64], prefetch: ReadPrefetch) -> u64 {
+    // SAFETY: `Isa::best` is a level the CPU has (detected).
+    unsafe { sum_words_at(Isa::best(), v, prefetch) }
+}
+
+/// [`sum_words`] at SIMD level `isa` (`None`: scalar).
+///
+/// SAFETY: the CPU has `isa`; the functions only read `v`.
+unsafe fn sum_words_at(isa: Option<Isa>, v: &[u64], prefetch: ReadPrefetch) -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         use stream_sum::{avx2, avx512};
         const NONE: u8 = ReadPrefetch::None as u8;
         const L1: u8 = ReadPrefetch::L1 as u8;
         const TWO: u8 = ReadPrefetch::TwoLevel as u8;
-        // SAFETY: the CPU has the level (detected); the functions only read `v`.
-        unsafe {
-            match (Isa::best(), prefetch) {
-                (Some(Isa::Avx512), ReadPrefetch::None) => return avx512::<NONE>(v),
-                (Some(Isa::Avx512), ReadPrefetch::L1) => return avx512::<L1>(v),
-                (Some(Isa::Avx512), ReadPrefetch::TwoLevel) => return avx512::<TWO>(v),
-                (Some(Isa::Avx2), ReadPrefetch::None) => return avx2::<NONE>(v),
-                (Some(Isa::Avx2), ReadPrefetch::L1) => return avx2::<L1>(v),
-                (Some(Isa::Avx2), ReadPrefetch::TwoLevel) => return avx2::<TWO>(v),
-                (None, _) => {}
-            }
+        match (isa, prefetch) {
+            (Some(Isa::Avx512), ReadPrefetch::None) => return avx512::<NONE>(v),
+            (Some(Isa::Avx512), ReadPrefetch::L1) => return avx512::<L1>(v),
+            (Some(Isa::Avx512), ReadPrefetch::TwoLevel) => return avx512::<TWO>(v),
+            (Some(Isa::Avx2), ReadPrefetch::None) => return avx2::<NONE>(v),
+            (Some(Isa::Avx2), ReadPrefetch::L1) => return avx2::<L1>(v),
+            (Some(Isa::Avx2), ReadPrefetch::TwoLevel) => return avx2::<TWO>(v),
+            (None, _) => {}
         }
     }
-    let _ = prefetch;
+    let _ = (isa, prefetch);
     v.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
@@ -321,7 +326,7 @@ fn sum_words(v: &[u64], prefetch: ReadPrefetch) -> u64 {
 mod stream_sum {
     use std::arch::x86_64::*;
 
-    use super::{ReadPrefetch, PREFETCH_BYTES, PREFETCH_FAR_BYTES, PREFETCH_NEAR_BYTES};
+    use super::{prefetch_stream, ReadPrefetch, PREFETCH_BYTES};
 
     /// The prefetches for the 64-byte line at `line` ([`ReadPrefetch`] as its `u8`).
     #[inline(always)]
@@ -332,8 +337,8 @@ mod stream_sum {
             if PREFETCH == ReadPrefetch::L1 as u8 {
                 _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH_BYTES));
             } else if PREFETCH == ReadPrefetch::TwoLevel as u8 {
-                _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(PREFETCH_FAR_BYTES));
-                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH_NEAR_BYTES));
+                // The AVX-512 kernels' own call: the roof reads exactly as they do.
+                prefetch_stream(line as *const u8);
             }
         }
     }
@@ -554,36 +559,19 @@ mod tests {
         for prefetch in ReadPrefetch::ALL {
             assert_eq!(sum_words(&words, prefetch), 100_003 * 100_002 / 2, "{prefetch:?}");
         }
-        // Both SIMD levels where the CPU has them, every prefetch variant, on lengths around
-        // their 32-word step, and wrapping past u64::MAX.
+        // Scalar and both SIMD levels where the CPU has them, every prefetch variant, on lengths
+        // around their 32-word step, and wrapping past u64::MAX.
         #[cfg(target_arch = "x86_64")]
         for len in [0usize, 1, 31, 32, 33, 95, 1000] {
-            const NONE: u8 = ReadPrefetch::None as u8;
-            const L1: u8 = ReadPrefetch::L1 as u8;
-            const TWO: u8 = ReadPrefetch::TwoLevel as u8;
             let v: Vec<u64> = (0..len as u64).map(|i| u64::MAX - i).collect();
             let want = v.iter().fold(0u64, |a, &b| a.wrapping_add(b));
-            if Isa::Avx512.available() {
-                // SAFETY: AVX-512F present (checked).
-                let got = unsafe {
-                    [
-                        stream_sum::avx512::<NONE>(&v),
-                        stream_sum::avx512::<L1>(&v),
-                        stream_sum::avx512::<TWO>(&v),
-                    ]
-                };
-                assert_eq!(got, [want; 3], "avx512, {len}");
-            }
-            if Isa::Avx2.available() {
-                // SAFETY: AVX2 present (checked).
-                let got = unsafe {
-                    [
-                        stream_sum::avx2::<NONE>(&v),
-                        stream_sum::avx2::<L1>(&v),
-                        stream_sum::avx2::<TWO>(&v),
-                    ]
-                };
-                assert_eq!(got, [want; 3], "avx2, {len}");
+            let levels = Isa::ALL.into_iter().filter(|i| i.available()).map(Some);
+            for isa in std::iter::once(None).chain(levels) {
+                for prefetch in ReadPrefetch::ALL {
+                    // SAFETY: the CPU has `isa` (checked; `None` is scalar).
+                    let got = unsafe { sum_words_at(isa, &v, prefetch) };
+                    assert_eq!(got, want, "{isa:?} {prefetch:?}, {len}");
+                }
             }
         }
         // 64 MiB: a real memory system streams it at well over 100 MB/s and below 10 TB/s, and the
