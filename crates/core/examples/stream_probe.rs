@@ -6,7 +6,7 @@
 //! first prints the roof's read prefetch variants alone (`team::ReadPrefetch`). Criterion's `quant_kernels` bench times one weight,
 //! which stays in a large L3; this probe is what a decode step sees.
 //!
-//! Run: `cargo run -p qvlm-core --example stream_probe [ROUNDS] [THREADS]` (threads: libtorch's
+//! Run: `cargo run -p qvlm-core --example stream_probe [ROUNDS] [THREADS] [GROUP]` (threads: libtorch's
 //! team size, default one per core).
 
 use std::time::Instant;
@@ -26,6 +26,7 @@ const LAYER: [(usize, usize); 7] = [
     (11008, 4096),
     (4096, 11008),
 ];
+/// The 4-bit weights' group size unless the third argument names another.
 const GROUP: usize = 128;
 
 /// A kernel's name, the bytes one pass streams, and the pass.
@@ -51,6 +52,7 @@ fn main() {
     }
     // About 1.1 GiB of each: 3 layers of bf16, 12 of 4-bit codes + scales.
     let (bf16_layers, int4_layers) = (3, 12);
+    let group: usize = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(GROUP);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -63,9 +65,9 @@ fn main() {
     for layer in 0..int4_layers {
         for (n, k) in LAYER {
             let nibbles: Vec<u8> = (0..n * k / 2).map(|_| next() as u8).collect();
-            let scale = vec![0.01f32; n * k / GROUP];
+            let scale = vec![0.01f32; n * k / group];
             int4.push(
-                Int4Weight::from_nibbles(&nibbles, scale, None, -8, n, k, GROUP).expect("int4"),
+                Int4Weight::from_nibbles(&nibbles, scale, None, -8, n, k, group).expect("int4"),
             );
             if layer >= bf16_layers {
                 continue;
@@ -82,7 +84,7 @@ fn main() {
         .collect();
     let x_for = |k: usize| if k == 4096 { &xs[0] } else { &xs[1] };
     println!(
-        "bf16 {:.2} GiB, int4 {:.2} GiB, {} rounds, {} threads",
+        "bf16 {:.2} GiB, int4 {:.2} GiB (group {group}), {} rounds, {} threads",
         bf16_bytes as f64 / (1u64 << 30) as f64,
         int4_bytes as f64 / (1u64 << 30) as f64,
         rounds,
