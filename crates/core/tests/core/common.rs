@@ -2,11 +2,21 @@
 
 use std::path::PathBuf;
 
+use qvlm_core::model::llava::LlavaBundle;
 use tch::Tensor;
 
 /// Fixtures written by python/gen_llava_fixtures.py (see its docstring).
 pub fn llava_fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join("llava")
+}
+
+/// The fixture image `image_rgb.png` through `bundle`'s image processor, as a batch of one.
+pub fn fixture_pixels(bundle: &LlavaBundle) -> Tensor {
+    bundle
+        .images
+        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
+        .expect("preprocess image_rgb.png")
+        .unsqueeze(0)
 }
 
 /// Largest absolute difference between two tensors of the same shape.

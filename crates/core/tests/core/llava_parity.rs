@@ -14,7 +14,7 @@ use qvlm_core::model::llava::{
 };
 use serde_json::Value;
 
-use super::common::{llava_fixtures, max_abs_diff};
+use super::common::{fixture_pixels, llava_fixtures, max_abs_diff};
 
 /// f32: pixel values after PIL-exact resizing differ only by float rounding of rescale/normalize.
 const PIXEL_ATOL: f64 = 1e-6;
@@ -188,11 +188,7 @@ fn batched_prefill_with_padding_equals_single_runs() {
     let bundle = LlavaBundle::load(&dir, &LoadOptions::default()).expect("load");
     let model = &bundle.model;
     let _guard = tch::no_grad_guard();
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("img")
-        .unsqueeze(0);
+    let pixels = fixture_pixels(&bundle);
     let feats = model.image_features(&pixels, &mut NoHook);
     let long = bundle
         .tokenizer
@@ -231,11 +227,7 @@ fn batched_prefill_with_padding_equals_single_runs() {
 fn prompt_batch(bundle: &LlavaBundle, dir: &Path) -> PreparedBatch {
     let (_, meta) = expected(dir);
     let model = &bundle.model;
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("img")
-        .unsqueeze(0);
+    let pixels = fixture_pixels(bundle);
     let feats = model.image_features(&pixels, &mut NoHook);
     let pieces =
         bundle.tokenizer.tokenize_prompt(meta["prompt"].as_str().expect("p"), 1).expect("t");
@@ -330,11 +322,7 @@ fn saved_llava_hf_directory_reloads_strictly_with_identical_logits() {
     let again = LlavaBundle::load(&tmp.0, &LoadOptions::default()).expect("reload");
     assert_eq!(again.model.cfg, bundle.model.cfg);
     let _guard = tch::no_grad_guard();
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("img")
-        .unsqueeze(0);
+    let pixels = fixture_pixels(&bundle);
     let run = |b: &LlavaBundle| {
         let f = b.model.image_features(&pixels, &mut NoHook);
         let p = b.tokenizer.tokenize_prompt("USER: <image>\nshape? ASSISTANT:", 1).expect("t");

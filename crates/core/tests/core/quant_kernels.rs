@@ -20,7 +20,7 @@ use qvlm_core::quant::weight::QuantizedWeight;
 use qvlm_core::quant::{int4_avx512, int4_vnni};
 use tch::{Device, Kind, Tensor};
 
-use super::common::{llava_fixtures, max_abs_diff, TempDir};
+use super::common::{fixture_pixels, llava_fixtures, max_abs_diff, TempDir};
 
 /// bf16 kernels (W4A16, W8A16) against the f32 fake-quant reference, relative to the largest
 /// |output|: activations, scales and zero points are each rounded to bf16 once (unit roundoff
@@ -586,11 +586,7 @@ fn fixture_spec(id: LayerId) -> PackedSpec {
 /// Logits of the fixture prompt with the fixture image.
 pub(super) fn logits(bundle: &LlavaBundle, hook: &mut dyn LinearHook) -> Tensor {
     let model = &bundle.model;
-    let pixels = bundle
-        .images
-        .preprocess_file(&llava_fixtures().join("image_rgb.png"))
-        .expect("image")
-        .unsqueeze(0);
+    let pixels = fixture_pixels(bundle);
     let feats = model.image_features(&pixels, hook);
     let pieces = bundle
         .tokenizer
