@@ -222,11 +222,16 @@ mod parity {
             let scale = qp.scale.double_value(&[]);
             let zp = qp.zero_point.double_value(&[]);
             let (lo, hi) = ((qmin as f64 - zp) * scale, (qmax as f64 - zp) * scale);
+            // In f32 the dequantized `q · s` is itself rounded, by up to half an ulp of |x|: the
+            // bound is s/2 plus one f32 epsilon of |x| per element. (The earlier flat 1e-5 of s/2
+            // was tighter than that: x = -996.6426 at W8 symmetric erred by s/2 + 1.15e-5 · s/2,
+            // a proptest case found on 2026-12-06.)
             let inside = x.ge(lo).logical_and(&x.le(hi));
-            let err = (&y - &x).abs().masked_select(&inside);
-            if err.numel() > 0 {
-                let max_err = err.max().double_value(&[]);
-                prop_assert!(max_err <= scale / 2.0 * (1.0 + 1e-5) + 1e-6, "error {} > scale/2 {}", max_err, scale / 2.0);
+            let slack = x.abs() * f64::from(f32::EPSILON) + 1e-6;
+            let excess = ((&y - &x).abs() - &slack - scale / 2.0).masked_select(&inside);
+            if excess.numel() > 0 {
+                let worst = excess.max().double_value(&[]);
+                prop_assert!(worst <= 0.0, "error above scale/2 {} by {} beyond f32 rounding", scale / 2.0, worst);
             }
         }
     }
