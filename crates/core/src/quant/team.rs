@@ -237,11 +237,12 @@ pub enum ReadPrefetch {
     /// kernel consumes its weights (a shift, a mask and two FMAs per 64-byte line into eight f32
     /// accumulators) beside the integer sum. A read that does a little work per line streamed
     /// faster than the bare sum on the Intel Xeon with AVX512-BF16 (2026-12-06,
-    /// `examples/stream_probe`, 2 threads, 1 GiB, variants alternated within each round):
-    /// 32.5–33.1 GB/s against 30.0–30.5 for [`ReadPrefetch::TwoLevel`] over four rounds, where
-    /// the own bf16 kernel streamed 29.4–31.0 and had read 101–107 % of the bare-sum roof in
-    /// earlier runs that day; one FMA per line (no integer sum) gained 1 GB/s, four per line
-    /// 0.5–1.3. Without AVX-512 it is [`ReadPrefetch::TwoLevel`]'s loop.
+    /// `examples/stream_probe`, 2 threads, 1 GiB, variants alternated within each round): this
+    /// loop 31.1–32.5 GB/s against 28.9–30.2 for [`ReadPrefetch::TwoLevel`] (3 rounds; a
+    /// prototype without the integer sum 32.5–33.1 against 30.0–30.5 in 4), where the own bf16
+    /// kernel had read 101–107 % of the bare-sum roof that morning. Other paces, 2 rounds each
+    /// over the bare sum: one float add per line +1.0–1.1 GB/s, four to eight FMAs per line
+    /// 0–1.3, two (this one) +1.3–2.2. Without AVX-512 it is [`ReadPrefetch::TwoLevel`]'s loop.
     TwoLevelPaced,
 }
 
