@@ -70,6 +70,40 @@ impl Isa {
     }
 }
 
+/// `f()` compiled for SIMD level `isa`, for plain Rust loops the compiler vectorises: `f` (a
+/// closure marked `#[inline(always)]`, the functions its loops call inlined too) is inlined into
+/// a function with the level's target features, so its loops get that level's registers; with
+/// `None`, the default target's (SSE2 on x86-64). Rust neither fuses a multiply and an add nor
+/// reorders a float sum, and no FMA feature is enabled here, so the operations and their order are
+/// the Rust code's at every level: the results are the same bit for bit (tested where it is used).
+///
+/// Panics when the CPU lacks `isa`.
+#[inline(always)]
+pub(crate) fn at_isa<R>(isa: Option<Isa>, f: impl FnOnce() -> R) -> R {
+    assert!(isa.is_none_or(Isa::available), "{isa:?} is not on this CPU");
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// SAFETY: the CPU has AVX-512F and AVX-512BW.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        /// SAFETY: the CPU has AVX2.
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match isa {
+            // SAFETY: the CPU has the level's features (asserted above).
+            Some(Isa::Avx512) => return unsafe { avx512(f) },
+            // SAFETY: as above.
+            Some(Isa::Avx2) => return unsafe { avx2(f) },
+            None => {}
+        }
+    }
+    f()
+}
+
 /// Why no own CPU kernel runs here (`None` when one does).
 pub fn no_isa_reason() -> Option<String> {
     Isa::best().is_none().then(|| "the CPU has neither AVX-512F + AVX-512BW nor AVX2 + FMA".into())
@@ -215,6 +249,26 @@ pub(crate) fn prefetch_stream(p: *const u8) {
         _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH_FAR_BYTES) as *const i8);
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_NEAR_BYTES) as *const i8);
     }
+}
+
+/// Asks for every 64-byte line of `v` into L1 (`prefetcht0`; a hint: nothing is read, nothing
+/// faults). For a read whose next piece the hardware prefetchers cannot guess, such as the
+/// attention's KV rows, one position's heads apart.
+#[inline(always)]
+pub(crate) fn prefetch_lines<T>(v: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = v.as_ptr() as *const u8;
+        let mut at = 0;
+        while at < std::mem::size_of_val(v) {
+            // SAFETY: `prefetcht0` is SSE (baseline on x86-64) and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8) };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
 }
 
 /// How a streaming read asks for its lines ahead of use. The read roof times every variant and
