@@ -527,7 +527,7 @@ impl Attention {
         kind: StepKind,
     ) -> Vec<f32> {
         // Heads split over the thread team: each thread reads its own heads' KV rows.
-        on_team(self.heads, &|heads| self.heads_range(heads, q, keys, values, kind))
+        on_team(self.heads, &|heads| self.heads_range(Isa::best(), heads, q, keys, values, kind))
     }
 
     /// The outputs `[heads.len() · head_dim]` of query heads `heads`. Both passes over the cache
@@ -546,29 +546,19 @@ impl Attention {
     /// LLaVA-7B-shaped layers' attention over a bf16 cache of 80 positions, 42 MB, read after
     /// 256 MiB of other reads): the part of the row [`KV_AHEAD`] positions on is prefetched (the
     /// next piece is 4–8 KiB on, where the hardware prefetchers lose the stream), and the loops
-    /// are compiled for the CPU's vector level ([`Self::heads_at`]). Before both, 3.2–4.1 ms a
+    /// are compiled for the CPU's vector level (`isa` below). Before both, 3.2–4.1 ms a
     /// step; with the prefetch alone 2.8–2.9 ms; with both 2.0–2.5 ms (one layer in cache: 51–78
     /// µs → 35–44 µs; a prefetch 1 or 4 positions ahead read the same as 2, 8 slower). In the
     /// model (`experiments bench`, LLaVA-7B shape, W4A16 q8, 16 decode steps after a 64-token
     /// prefill, 2 rounds; the binaries before and after alternated, two runs each, same machine)
     /// the fused step's speed over its paired libtorch step rose from 1.094–1.097× to
     /// 1.136–1.176× (the own bf16 row, whose step is 3× longer: 1.049–1.060× both ways).
+    ///
+    /// `isa`: the SIMD level the loops are compiled for (`team::at_isa`; the CPU must have it,
+    /// `None` is the default target's SSE2): the same Rust in 16 (AVX-512) or 8 (AVX2) lanes
+    /// where SSE2 has 4, the bf16 keys and values widened by one `vpmovzxwd` and a shift — the
+    /// same results bit for bit (tested at every level the CPU has).
     fn heads_range<S: Stored>(
-        &self,
-        heads: Range<usize>,
-        q: &[f32],
-        keys: &[S],
-        values: &[S],
-        kind: StepKind,
-    ) -> Vec<f32> {
-        self.heads_at(Isa::best(), heads, q, keys, values, kind)
-    }
-
-    /// [`Self::heads_range`] compiled for SIMD level `isa` (`team::at_isa`; the CPU must have
-    /// it): the same Rust in 16 (AVX-512) or 8 (AVX2) lanes where the default target's SSE2 has
-    /// 4, the bf16 keys and values widened by one `vpmovzxwd` and a shift — the same results bit
-    /// for bit (tested at every level the CPU has).
-    fn heads_at<S: Stored>(
         &self,
         isa: Option<Isa>,
         heads: Range<usize>,
@@ -719,15 +709,15 @@ mod tests {
                 let want = attention_head_by_head(&a, &q, &kb, &vb, kind);
                 assert_eq!(bits(&a.run(&q, &kb, &vb, kind)), bits(&want), "bf16 cache, {kind:?}");
                 for &isa in &levels {
-                    let got = a.heads_at(isa, 0..heads, &q, &kb, &vb, kind);
+                    let got = a.heads_range(isa, 0..heads, &q, &kb, &vb, kind);
                     assert_eq!(bits(&got), bits(&want), "bf16 cache, {isa:?}, {kind:?}");
-                    let got = a.heads_at(isa, 0..heads, &q, &k, &v, kind);
+                    let got = a.heads_range(isa, 0..heads, &q, &k, &v, kind);
                     assert_eq!(bits(&got), bits(&want_f32), "f32 cache, {isa:?}, {kind:?}");
                 }
                 // The heads split over ranges as the team may split them.
                 let split: Vec<f32> = [0..3, 3..heads]
                     .into_iter()
-                    .flat_map(|r| a.heads_range(r, &q, &kb, &vb, kind))
+                    .flat_map(|r| a.heads_range(Isa::best(), r, &q, &kb, &vb, kind))
                     .collect();
                 assert_eq!(bits(&split), bits(&want), "heads in two ranges, {kind:?}");
             }
