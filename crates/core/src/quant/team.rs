@@ -73,9 +73,10 @@ impl Isa {
 /// `f()` compiled for SIMD level `isa`, for plain Rust loops the compiler vectorises: `f` (a
 /// closure marked `#[inline(always)]`, the functions its loops call inlined too) is inlined into
 /// a function with the level's target features, so its loops get that level's registers; with
-/// `None`, the default target's (SSE2 on x86-64). Rust neither fuses a multiply and an add nor
-/// reorders a float sum, and no FMA feature is enabled here, so the operations and their order are
-/// the Rust code's at every level: the results are the same bit for bit (tested where it is used).
+/// `None`, the default target's (SSE2 on x86-64). Rust never contracts a multiply and an add into
+/// an FMA (even where the level has one: AVX-512F implies FMA) nor reorders a float sum, so the
+/// operations and their order are the Rust code's at every level: the results are the same bit for
+/// bit (tested where it is used).
 ///
 /// Panics when the CPU lacks `isa`.
 #[inline(always)]
