@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::model::linear::{Linear, LinearWeight};
 use crate::model::llama::{KvCache, LlamaModel, Rope};
 use crate::quant::bf16_own;
-use crate::quant::team::{at_isa, default_team, for_each_range, prefetch_lines, Isa};
+use crate::quant::team::{at_isa, default_team, for_each_range, Isa};
 
 /// The dtype a step's values are rounded to between operators.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,33 +105,43 @@ impl Stored for u16 {
     }
 }
 
-/// One layer's keys or values, position-major: position `s` holds `kv_heads · head_dim` values,
-/// head after head (so a step appends one contiguous row).
+/// One layer's keys or values, head-major: `[kv_head]` holds that KV head's `head_dim` values of
+/// every cached position, position after position (a step appends `head_dim` values to each), so
+/// the attention reads each head's keys and values as one contiguous stream.
 #[derive(Debug)]
 enum Rows {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
+    F32(Vec<Vec<f32>>),
+    Bf16(Vec<Vec<u16>>),
 }
 
 impl Rows {
+    /// Appends one position: `row` `[kv_heads · head_dim]`, head after head.
     fn push(&mut self, row: &[f32]) {
+        fn push_to<S: Stored>(heads: &mut [Vec<S>], row: &[f32]) {
+            let d = row.len() / heads.len().max(1);
+            for (head, piece) in heads.iter_mut().zip(row.chunks_exact(d.max(1))) {
+                head.extend(piece.iter().map(|&x| S::narrow(x)));
+            }
+        }
         match self {
-            Rows::F32(v) => v.extend_from_slice(row),
-            Rows::Bf16(v) => v.extend(row.iter().map(|&x| u16::narrow(x))),
+            Rows::F32(heads) => push_to(heads, row),
+            Rows::Bf16(heads) => push_to(heads, row),
         }
     }
 
-    fn len(&self) -> usize {
+    /// Values held per KV head.
+    fn head_len(&self) -> usize {
         match self {
-            Rows::F32(v) => v.len(),
-            Rows::Bf16(v) => v.len(),
+            Rows::F32(heads) => heads.first().map_or(0, Vec::len),
+            Rows::Bf16(heads) => heads.first().map_or(0, Vec::len),
         }
     }
 
+    /// Keeps the first `values` values of every KV head.
     fn truncate(&mut self, values: usize) {
         match self {
-            Rows::F32(v) => v.truncate(values),
-            Rows::Bf16(v) => v.truncate(values),
+            Rows::F32(heads) => heads.iter_mut().for_each(|h| h.truncate(values)),
+            Rows::Bf16(heads) => heads.iter_mut().for_each(|h| h.truncate(values)),
         }
     }
 }
@@ -184,17 +194,25 @@ impl FusedCache {
                         t.device()
                     )));
                 }
-                // [1, H, S, D] → [S, H, D]: position-major.
-                let t = t.select(0, 0).transpose(0, 1).contiguous();
-                let (h, d) = (t.size()[1] as usize, t.size()[2] as usize);
+                // [1, H, S, D] → [H, S, D]: head-major, each head's positions in order.
+                let t = t.select(0, 0).contiguous();
+                let (h, d) = (t.size()[0] as usize, t.size()[2] as usize);
                 if *width.get_or_insert(h * d) != h * d {
                     return Err(Error::Invalid(format!(
                         "decoder layer {layer}'s cache holds {h} heads of {d}, unlike layer 0's"
                     )));
                 }
+                let per_head = len * d;
                 Ok(match step_kind {
-                    StepKind::F32 => Rows::F32(f32_values(&t)?),
-                    StepKind::Bf16 => Rows::Bf16(bf16_own::bf16_bits(&t)?),
+                    StepKind::F32 => Rows::F32(
+                        f32_values(&t)?.chunks_exact(per_head.max(1)).map(<[_]>::to_vec).collect(),
+                    ),
+                    StepKind::Bf16 => Rows::Bf16(
+                        bf16_own::bf16_bits(&t)?
+                            .chunks_exact(per_head.max(1))
+                            .map(<[_]>::to_vec)
+                            .collect(),
+                    ),
                 })
             };
             layers.push((rows(&k)?, rows(&v)?));
@@ -381,8 +399,8 @@ impl<'a> FusedDecoder<'a> {
             // A failed step leaves the cache as it found it: layers that appended drop the row.
             Err(_) => {
                 for (keys, values) in &mut cache.layers {
-                    keys.truncate(cache.len * width);
-                    values.truncate(cache.len * width);
+                    keys.truncate(cache.len * d);
+                    values.truncate(cache.len * d);
                 }
             }
         }
@@ -412,7 +430,7 @@ impl<'a> FusedDecoder<'a> {
             rotate(isa, &mut k, cos, sin, kind);
             keys.push(&k);
             values.push(&v);
-            debug_assert_eq!(keys.len(), len * k.len());
+            debug_assert_eq!(keys.head_len(), len * d);
             let shape = Attention { heads: self.heads, kv_heads: self.kv_heads, head_dim: d, len };
             let attended = match (&*keys, &*values) {
                 (Rows::F32(k), Rows::F32(v)) => shape.run(&q, k, v, kind),
@@ -579,9 +597,6 @@ fn rotate(isa: Option<Isa>, x: &mut [f32], cos: &[f32], sin: &[f32], kind: StepK
     )
 }
 
-/// How many positions ahead the attention asks for the KV rows it will read.
-const KV_AHEAD: usize = 2;
-
 /// Grouped-query attention of one query over `len` cached positions.
 #[derive(Clone, Copy, Debug)]
 struct Attention {
@@ -600,37 +615,32 @@ impl Attention {
     fn run<S: Stored + Sync>(
         &self,
         q: &[f32],
-        keys: &[S],
-        values: &[S],
+        keys: &[Vec<S>],
+        values: &[Vec<S>],
         kind: StepKind,
     ) -> Vec<f32> {
         // Heads split over the thread team: each thread reads its own heads' KV rows.
         on_team(self.heads, &|heads| self.heads_range(Isa::best(), heads, q, keys, values, kind))
     }
 
-    /// The outputs `[heads.len() · head_dim]` of query heads `heads`. Both passes over the cache
-    /// go position by position, each position's keys (values) of all of `heads` together: the
-    /// cache is position-major, so one head's keys are `head_dim` values every `kv_heads ·
-    /// head_dim`, and a head-by-head walk read 256-byte pieces 8 KiB apart (LLaVA-7B, bf16) — a
-    /// pattern the hardware prefetchers serve badly from memory, where the cache is after a step's
-    /// weights streamed through. Each head's operations and their order are those of a head-by-head
-    /// loop (the dot products, the softmax, then the values summed in position order), so the
-    /// results are the same bit for bit (tested). Measured on the LLaVA-7B shape, W4A16 q8 (Intel
-    /// Xeon with AVX512-BF16, 2026-12-06, `experiments bench` with the step's parts timed, 66–82
-    /// positions): the attention of a whole step took 8.0–9.4 ms head by head, 4.6–5.0 ms this
-    /// way, of a 135–146 ms step.
+    /// The outputs `[heads.len() · head_dim]` of query heads `heads`, head by head: each head's
+    /// dot products in position order, its softmax, then its values summed in position order.
+    /// The cache is head-major ([`Rows`]), so a head's keys, then its values, are one contiguous
+    /// read each, which the hardware prefetchers follow from memory (where the cache is after a
+    /// step's weights streamed through).
     ///
-    /// Two more steps (2026-12-06, AMD EPYC with AVX-512 VNNI, 2 cores; a throwaway timing of 32
-    /// LLaVA-7B-shaped layers' attention over a bf16 cache of 80 positions, 42 MB, read after
-    /// 256 MiB of other reads): the part of the row [`KV_AHEAD`] positions on is prefetched (the
-    /// next piece is 4–8 KiB on, where the hardware prefetchers lose the stream), and the loops
-    /// are compiled for the CPU's vector level (`isa` below). Before both, 3.2–4.1 ms a
-    /// step; with the prefetch alone 2.8–2.9 ms; with both 2.0–2.5 ms (one layer in cache: 51–78
-    /// µs → 35–44 µs; a prefetch 1 or 4 positions ahead read the same as 2, 8 slower). In the
-    /// model (`experiments bench`, LLaVA-7B shape, W4A16 q8, 16 decode steps after a 64-token
-    /// prefill, 2 rounds; the binaries before and after alternated, two runs each, same machine)
-    /// the fused step's speed over its paired libtorch step rose from 1.094–1.097× to
-    /// 1.136–1.176× (the own bf16 row, whose step is 3× longer: 1.049–1.060× both ways).
+    /// How it got here, all on the LLaVA-7B shape (bf16 cache, 32 heads of 128):
+    /// - Head by head on the position-major cache of before (`[position, kv_head, head_dim]`, one
+    ///   head's keys 256-byte pieces 8 KiB apart): 8.0–9.4 ms of a 135–146 ms W4A16 q8 step (Intel
+    ///   Xeon with AVX512-BF16, 2026-12-06, `experiments bench` with the step's parts timed, 66–82
+    ///   positions); position by position, all of a thread's heads together: 4.6–5.0 ms.
+    /// - On the AMD EPYC with AVX-512 VNNI (2026-12-06; a throwaway timing of 32 layers over 80
+    ///   positions, 42 MB, read after 256 MiB of other reads): position by position 3.2–4.1 ms;
+    ///   with the row two positions ahead prefetched and the loops compiled for the vector level,
+    ///   2.0–2.5 ms (one layer in cache 35–44 µs). Then (same timing, the two layouts' binaries
+    ///   alternated, three runs each, 3 repeats a run) head-major: 1.11–1.35 ms against 1.88–2.53
+    ///   ms for that position-major loop; warm, 0.88–1.25 against 1.38–1.50 ms. No software
+    ///   prefetch is left: the streams are contiguous.
     ///
     /// `isa`: the SIMD level the loops are compiled for (`team::at_isa`; the CPU must have it,
     /// `None` is the default target's SSE2): the same Rust in 16 (AVX-512) or 8 (AVX2) lanes
@@ -641,8 +651,8 @@ impl Attention {
         isa: Option<Isa>,
         heads: Range<usize>,
         q: &[f32],
-        keys: &[S],
-        values: &[S],
+        keys: &[Vec<S>],
+        values: &[Vec<S>],
         kind: StepKind,
     ) -> Vec<f32> {
         at_isa(
@@ -658,63 +668,43 @@ impl Attention {
         &self,
         heads: Range<usize>,
         q: &[f32],
-        keys: &[S],
-        values: &[S],
+        keys: &[Vec<S>],
+        values: &[Vec<S>],
         kind: StepKind,
     ) -> Vec<f32> {
-        let (d, width, len) = (self.head_dim, self.kv_heads * self.head_dim, self.len);
+        let (d, len) = (self.head_dim, self.len);
         let rep = self.heads / self.kv_heads;
         let scale = (d as f64).powf(-0.5) as f32;
-        let count = heads.len();
-        // Where head `heads.start + i` reads its KV head in a position's row.
-        let columns: Vec<usize> = heads.clone().map(|h| (h / rep) * d).collect();
-        let queries = &q[heads.start * d..heads.end * d];
-        // Scores, then probabilities, `[count, len]`.
-        let mut scores = vec![0f32; count * len];
-        // The part of a position's row these heads read (their KV heads' columns), asked for
-        // `KV_AHEAD` positions ahead of use.
-        let span = match (columns.first(), columns.last()) {
-            (Some(&first), Some(&last)) => first..last + d,
-            _ => 0..0,
-        };
-        let ahead = |rows: &[S], s: usize| {
-            if let Some(row) = rows.get((s + KV_AHEAD) * width..(s + KV_AHEAD + 1) * width) {
-                prefetch_lines(&row[span.clone()]);
+        let mut out = vec![0f32; heads.len() * d];
+        let mut scores = vec![0f32; len];
+        for (h, out) in heads.zip(out.chunks_exact_mut(d)) {
+            // Query head `h` reads KV head `h / rep` (`repeat_kv`): `[len, head_dim]` each.
+            let (k, v) = (&keys[h / rep][..len * d], &values[h / rep][..len * d]);
+            let qh = &q[h * d..(h + 1) * d];
+            for (score, k) in scores.iter_mut().zip(k.chunks_exact(d)) {
+                *score = kind.round(kind.round(dot(qh, k)) * scale);
             }
-        };
-        for s in 0..len {
-            ahead(keys, s);
-            let row = &keys[s * width..(s + 1) * width];
-            for (i, (&column, qh)) in columns.iter().zip(queries.chunks_exact(d)).enumerate() {
-                let k = &row[column..column + d];
-                scores[i * len + s] = kind.round(kind.round(dot(qh, k)) * scale);
-            }
-        }
-        for head in scores.chunks_exact_mut(len) {
             // ATen's last-dim softmax: exp(x − max), then times 1 / Σ. The exponentials in a loop
             // of their own (it vectorises), then summed in position order.
-            let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for s in head.iter_mut() {
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for s in scores.iter_mut() {
                 *s = exp_f32(*s - max);
             }
-            let sum = head.iter().fold(0f32, |sum, &e| sum + e);
-            let inv = 1.0 / sum;
-            for s in head.iter_mut() {
+            let inv = 1.0 / scores.iter().fold(0f32, |sum, &e| sum + e);
+            for s in scores.iter_mut() {
                 *s = kind.round(*s * inv);
             }
-        }
-        let mut acc = vec![0f32; count * d];
-        for s in 0..len {
-            ahead(values, s);
-            let row = &values[s * width..(s + 1) * width];
-            for (i, (&column, acc)) in columns.iter().zip(acc.chunks_exact_mut(d)).enumerate() {
-                let p = scores[i * len + s];
-                for (a, v) in acc.iter_mut().zip(&row[column..column + d]) {
-                    *a += p * v.widen();
+            // The values weighted in position order, in f32, then rounded.
+            for (&p, v) in scores.iter().zip(v.chunks_exact(d)) {
+                for (o, v) in out.iter_mut().zip(v) {
+                    *o += p * v.widen();
                 }
             }
+            for o in out.iter_mut() {
+                *o = kind.round(*o);
+            }
         }
-        acc.iter().map(|&a| kind.round(a)).collect()
+        out
     }
 }
 
@@ -722,8 +712,9 @@ impl Attention {
 mod tests {
     use super::*;
 
-    /// The head-by-head loop [`Attention::heads_range`] replaced (2026-12-06), kept as the
-    /// reference its position-by-position order must equal bit for bit.
+    /// The attention head by head on a position-major cache (`[len, kv_heads, head_dim]`, the
+    /// layout of the fused cache until 2026-12-06): the reference [`Attention::heads_range`] on
+    /// the head-major cache must equal bit for bit.
     fn attention_head_by_head<S: Stored>(
         a: &Attention,
         q: &[f32],
@@ -763,7 +754,7 @@ mod tests {
     }
 
     #[test]
-    fn attention_by_position_equals_the_head_by_head_loop_bit_for_bit() {
+    fn attention_on_the_head_major_cache_equals_the_position_major_reference_bit_for_bit() {
         let _guard = tch::no_grad_guard();
         tch::manual_seed(3);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -771,7 +762,7 @@ mod tests {
         let levels: Vec<Option<Isa>> =
             Isa::ALL.into_iter().filter(|i| i.available()).map(Some).chain([None]).collect();
         // Grouped queries (4 per KV head), a head wider than one 16-lane chunk plus a tail; then
-        // LLaVA's head width, one query per KV head. Both caches longer than `KV_AHEAD`.
+        // LLaVA's head width, one query per KV head.
         for (heads, kv_heads, head_dim, len) in [(8, 2, 40, 9), (4, 4, 128, 5)] {
             let a = Attention { heads, kv_heads, head_dim, len };
             let values_of = |n: i64| f32_values(&Tensor::randn([n], (Kind::Float, Device::Cpu)));
@@ -781,21 +772,44 @@ mod tests {
             let narrow =
                 |x: &[f32]| x.iter().map(|&x| u16::narrow(round_bf16(x))).collect::<Vec<_>>();
             let (kb, vb) = (narrow(&k), narrow(&v));
+            // The same values as the fused cache holds them, through its own append.
+            let head_major = |k: &[f32], v: &[f32], kind: StepKind| {
+                let empty = || match kind {
+                    StepKind::F32 => Rows::F32(vec![Vec::new(); kv_heads]),
+                    StepKind::Bf16 => Rows::Bf16(vec![Vec::new(); kv_heads]),
+                };
+                let (mut keys, mut values) = (empty(), empty());
+                let width = kv_heads * head_dim;
+                for (k, v) in k.chunks_exact(width).zip(v.chunks_exact(width)) {
+                    keys.push(k);
+                    values.push(v);
+                }
+                (keys, values)
+            };
+            let widened = |x: &[u16]| x.iter().map(|&x| x.widen()).collect::<Vec<_>>();
+            let (Rows::F32(hk), Rows::F32(hv)) = head_major(&k, &v, StepKind::F32) else {
+                unreachable!()
+            };
+            let (Rows::Bf16(hkb), Rows::Bf16(hvb)) =
+                head_major(&widened(&kb), &widened(&vb), StepKind::Bf16)
+            else {
+                unreachable!()
+            };
             for kind in [StepKind::F32, StepKind::Bf16] {
                 let want_f32 = attention_head_by_head(&a, &q, &k, &v, kind);
-                assert_eq!(bits(&a.run(&q, &k, &v, kind)), bits(&want_f32), "f32 cache, {kind:?}");
+                assert_eq!(bits(&a.run(&q, &hk, &hv, kind)), bits(&want_f32), "f32, {kind:?}");
                 let want = attention_head_by_head(&a, &q, &kb, &vb, kind);
-                assert_eq!(bits(&a.run(&q, &kb, &vb, kind)), bits(&want), "bf16 cache, {kind:?}");
+                assert_eq!(bits(&a.run(&q, &hkb, &hvb, kind)), bits(&want), "bf16, {kind:?}");
                 for &isa in &levels {
-                    let got = a.heads_range(isa, 0..heads, &q, &kb, &vb, kind);
+                    let got = a.heads_range(isa, 0..heads, &q, &hkb, &hvb, kind);
                     assert_eq!(bits(&got), bits(&want), "bf16 cache, {isa:?}, {kind:?}");
-                    let got = a.heads_range(isa, 0..heads, &q, &k, &v, kind);
+                    let got = a.heads_range(isa, 0..heads, &q, &hk, &hv, kind);
                     assert_eq!(bits(&got), bits(&want_f32), "f32 cache, {isa:?}, {kind:?}");
                 }
                 // The heads split over ranges as the team may split them.
                 let split: Vec<f32> = [0..3, 3..heads]
                     .into_iter()
-                    .flat_map(|r| a.heads_range(Isa::best(), r, &q, &kb, &vb, kind))
+                    .flat_map(|r| a.heads_range(Isa::best(), r, &q, &hkb, &hvb, kind))
                     .collect();
                 assert_eq!(bits(&split), bits(&want), "heads in two ranges, {kind:?}");
             }

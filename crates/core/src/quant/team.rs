@@ -252,26 +252,6 @@ pub(crate) fn prefetch_stream(p: *const u8) {
     }
 }
 
-/// Asks for every 64-byte line of `v` into L1 (`prefetcht0`; a hint: nothing is read, nothing
-/// faults). For a read whose next piece the hardware prefetchers cannot guess, such as the
-/// attention's KV rows, one position's heads apart.
-#[inline(always)]
-pub(crate) fn prefetch_lines<T>(v: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = v.as_ptr() as *const u8;
-        let mut at = 0;
-        while at < std::mem::size_of_val(v) {
-            // SAFETY: `prefetcht0` is SSE (baseline on x86-64) and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8) };
-            at += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
-}
-
 /// How a streaming read asks for its lines ahead of use. The read roof times every variant and
 /// keeps the fastest: which one is fastest differs between CPUs. Measured (`examples/stream_probe`,
 /// 2 threads, 1 GiB): the AMD EPYC with AVX-512 VNNI (2026-12-05) read 36–56 GB/s with
