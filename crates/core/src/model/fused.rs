@@ -25,7 +25,8 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::linear::{Linear, LinearWeight};
 use crate::model::llama::{KvCache, LlamaModel, Rope};
-use crate::quant::bf16_own;
+use crate::quant::bf16_own::{self, Bf16Weight};
+use crate::quant::packed::PackedWeight;
 use crate::quant::team::{at_isa, default_team, for_each_range, Isa};
 
 /// The dtype a step's values are rounded to between operators.
@@ -258,23 +259,64 @@ impl<'a> TokenLinear<'a> {
             _ => None,
         };
         match own {
-            // `Linear::multiply`: the product rounded to the dtype, then `+ b` rounded again.
-            Some(mut y) => {
-                match &self.bias {
-                    Some(b) => {
-                        for (y, b) in y.iter_mut().zip(b) {
-                            *y = kind.round(kind.round(*y) + b);
-                        }
-                    }
-                    None => y.iter_mut().for_each(|y| *y = kind.round(*y)),
-                }
-                Ok(y)
-            }
+            Some(y) => Ok(self.finish(y, kind)),
             None => {
                 let t = Tensor::from_slice(x).to_kind(kind.kind()).view([1, 1, -1]);
                 f32_values(&self.linear.forward_raw(&t))
             }
         }
+    }
+
+    /// [`Self::forward`] of several linears on the same token `x`: one hand-out of the own
+    /// kernel's thread team for all of them where they share one
+    /// ([`PackedWeight::matmul_token_many`], [`Bf16Weight::matmul_many`]: a layer's q, k and v
+    /// projections, its gate and up), else one [`Self::forward`] each. The values are the same
+    /// either way, bit for bit (the kernels' tests); one hand-out saves the team's start and
+    /// drain, and the activations' quantization, per extra linear.
+    fn forward_many<const N: usize>(
+        linears: [&Self; N],
+        x: &[f32],
+        kind: StepKind,
+    ) -> Result<[Vec<f32>; N]> {
+        let unrotated = linears.iter().all(|l| l.linear.input_rotation.is_none());
+        let packed = linears
+            .iter()
+            .map(|l| match &l.linear.weight {
+                LinearWeight::Packed(p) => Some(p),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>();
+        let bf16 = linears
+            .iter()
+            .map(|l| match &l.linear.weight {
+                LinearWeight::Bf16Own(w) => Some(w),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>();
+        let together = match (unrotated, packed, bf16) {
+            (true, Some(p), _) => PackedWeight::matmul_token_many(&p, x),
+            (true, _, Some(w)) => Bf16Weight::matmul_many(&w, x, 1),
+            _ => None,
+        };
+        let ys = match together {
+            Some(ys) => linears.iter().zip(ys).map(|(l, y)| l.finish(y, kind)).collect(),
+            None => linears.iter().map(|l| l.forward(x, kind)).collect::<Result<Vec<_>>>()?,
+        };
+        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one output per linear")))
+    }
+
+    /// An own kernel's product as `Linear::multiply` returns it: rounded to the dtype, then
+    /// `+ b` rounded again.
+    fn finish(&self, mut y: Vec<f32>, kind: StepKind) -> Vec<f32> {
+        match &self.bias {
+            Some(b) => {
+                for (y, b) in y.iter_mut().zip(b) {
+                    *y = kind.round(kind.round(*y) + b);
+                }
+            }
+            None => y.iter_mut().for_each(|y| *y = kind.round(*y)),
+        }
+        y
     }
 }
 
@@ -423,9 +465,7 @@ impl<'a> FusedDecoder<'a> {
         for (layer, (keys, values)) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = &layer.linears;
             let h = rms_norm(isa, &x, &layer.input_norm, self.eps, kind);
-            let mut q = q_proj.forward(&h, kind)?;
-            let mut k = k_proj.forward(&h, kind)?;
-            let v = v_proj.forward(&h, kind)?;
+            let [mut q, mut k, v] = TokenLinear::forward_many([q_proj, k_proj, v_proj], &h, kind)?;
             rotate(isa, &mut q, cos, sin, kind);
             rotate(isa, &mut k, cos, sin, kind);
             keys.push(&k);
@@ -440,8 +480,7 @@ impl<'a> FusedDecoder<'a> {
             let o = o_proj.forward(&attended, kind)?;
             add_assign(isa, &mut x, &o, kind);
             let h = rms_norm(isa, &x, &layer.post_norm, self.eps, kind);
-            let gate = gate_proj.forward(&h, kind)?;
-            let up = up_proj.forward(&h, kind)?;
+            let [gate, up] = TokenLinear::forward_many([gate_proj, up_proj], &h, kind)?;
             let act = swiglu(isa, &gate, &up, kind);
             let down = down_proj.forward(&act, kind)?;
             add_assign(isa, &mut x, &down, kind);

@@ -189,13 +189,37 @@ impl Bf16Weight {
     }
 
     fn matmul_on(&self, x: &[f32], m: usize, on: Team) -> Option<Vec<f32>> {
-        if !self.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(self.k) {
+        Self::matmul_many_on(&[self], x, m, on)?.pop()
+    }
+
+    /// [`Self::matmul`] of several weights on the same `x` in one hand-out of the thread team
+    /// (`team::quads_matmul_many`: a layer's q, k and v projections, its gate and up): each
+    /// weight's `[m, n_i]`, bit for bit what one call each gives. `None` when any of them would
+    /// be refused alone, the weights differ in SIMD level, or `weights` is empty.
+    pub fn matmul_many(weights: &[&Self], x: &[f32], m: usize) -> Option<Vec<Vec<f32>>> {
+        Self::matmul_many_on(weights, x, m, team::default_team)
+    }
+
+    fn matmul_many_on(weights: &[&Self], x: &[f32], m: usize, on: Team) -> Option<Vec<Vec<f32>>> {
+        let isa = weights.first()?.isa;
+        let refused = |w: &&Self| {
+            w.isa != isa || !w.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(w.k)
+        };
+        if weights.iter().any(refused) {
             return None;
         }
-        let split = if m == 1 { split_even_odd(x, step(self.isa)) } else { Vec::new() };
-        team::quads_matmul(on, self.n, m, QUAD, 16, &|first, count, out| {
-            self.rows(x, &split, m, first, count, out)
-        })
+        let split = if m == 1 { split_even_odd(x, step(isa)) } else { Vec::new() };
+        let split = &split;
+        let calls: Vec<_> = weights
+            .iter()
+            .map(|&w| move |first, count, out: &mut [f32]| w.rows(x, split, m, first, count, out))
+            .collect();
+        let parts: Vec<team::QuadRows> = weights
+            .iter()
+            .zip(&calls)
+            .map(|(w, call)| (w.n, call as &(dyn Fn(usize, usize, &mut [f32]) + Sync)))
+            .collect();
+        team::quads_matmul_many(on, &parts, m, QUAD, 16)
     }
 
     /// Quads `first..first + count` into `out` `[count · 4, m]` (`split`: [`split_even_odd`] of
@@ -414,6 +438,38 @@ mod tests {
                 let wide = |v: &[f32]| v.iter().map(|&e| f64::from(e)).collect::<Vec<f64>>();
                 let what = format!("{isa:?} [{n}, {k}]");
                 team::assert_matches_f64_reference(&wide(&dense), &wide(&x), &y, n, k, m, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn weights_in_one_hand_out_equal_each_alone_bit_for_bit() {
+        // Three heights (a range of the hand-out crosses from one weight into the next), decode
+        // (the even/odd split of `x` made once for all) and prefill.
+        for isa in levels() {
+            let Some(ws) = [96, 32, 160]
+                .iter()
+                .map(|&n| weight(n, 512).and_then(|w| w.with_isa(isa)))
+                .collect::<Option<Vec<_>>>()
+            else {
+                return;
+            };
+            let refs: Vec<&Bf16Weight> = ws.iter().collect();
+            for m in [1, 3] {
+                let x: Vec<f32> =
+                    (0..m * 512).map(|i| ((i * 29) % 89) as f32 / 44.0 - 1.0).collect();
+                let many = Bf16Weight::matmul_many(&refs, &x, m).expect("kernel runs");
+                assert_eq!(many.len(), ws.len());
+                for (w, got) in ws.iter().zip(&many) {
+                    assert_eq!(got, &w.matmul(&x, m).expect("kernel runs"), "{isa:?} m {m}");
+                }
+            }
+            let x = vec![0.5f32; 512];
+            assert!(Bf16Weight::matmul_many(&[], &x, 1).is_none());
+            // Weights at two SIMD levels are refused together (their `x` splits differ).
+            if let Some(other) = levels().into_iter().find(|&l| l != isa) {
+                let w2 = weight(32, 512).and_then(|w| w.with_isa(other)).expect("available level");
+                assert!(Bf16Weight::matmul_many(&[&ws[0], &w2], &x, 1).is_none());
             }
         }
     }

@@ -257,14 +257,35 @@ impl Int4Weight {
     }
 
     fn matmul_on(&self, x: &[f32], m: usize, on: Team) -> Option<Vec<f32>> {
-        if !self.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(self.k) {
+        Self::matmul_many_on(&[self], x, m, on)?.pop()
+    }
+
+    /// [`Self::matmul`] of several weights on the same `x` in one hand-out of the thread team
+    /// (`team::quads_matmul_many`: a layer's q, k and v projections, its gate and up): each
+    /// weight's `[m, n_i]`, bit for bit what one call each gives. `None` when any of them would
+    /// be refused alone, or `weights` is empty.
+    pub fn matmul_many(weights: &[&Self], x: &[f32], m: usize) -> Option<Vec<Vec<f32>>> {
+        Self::matmul_many_on(weights, x, m, team::default_team)
+    }
+
+    fn matmul_many_on(weights: &[&Self], x: &[f32], m: usize, on: Team) -> Option<Vec<Vec<f32>>> {
+        let refused =
+            |w: &&Self| !w.isa.available() || m == 0 || Some(x.len()) != m.checked_mul(w.k);
+        if weights.is_empty() || weights.iter().any(refused) {
             return None;
         }
+        let calls: Vec<_> = weights
+            .iter()
+            .map(|&w| move |first, count, out: &mut [f32]| w.rows(x, m, first, count, out))
+            .collect();
+        let parts: Vec<team::QuadRows> = weights
+            .iter()
+            .zip(&calls)
+            .map(|(w, call)| (w.n, call as &(dyn Fn(usize, usize, &mut [f32]) + Sync)))
+            .collect();
         // At least 16 quads (64 rows) per range: long enough a stream for the prefetch to run
         // ahead of the loads.
-        team::quads_matmul(on, self.n, m, QUAD, 16, &|first, count, out| {
-            self.rows(x, m, first, count, out)
-        })
+        team::quads_matmul_many(on, &parts, m, QUAD, 16)
     }
 
     /// Rows `4·first .. 4·(first + count)` dequantized, `[4·count, k]` f32 row-major (the values
@@ -1022,6 +1043,39 @@ mod tests {
                 out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
             };
             assert_eq!(run(true), run(false), "[{n}, {k}] g{group}");
+        }
+    }
+
+    #[test]
+    fn weights_in_one_hand_out_equal_each_alone_bit_for_bit() {
+        // Three heights (a range of the hand-out crosses from one weight into the next), group
+        // sizes that differ between them, decode and prefill.
+        let shapes = [(96, 128, false), (32, 64, true), (160, 128, false)];
+        let Some(best) = shapes
+            .iter()
+            .map(|&(n, group, symmetric)| weight(n, 512, group, symmetric).map(|(_, w)| w))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
+        for isa in levels() {
+            let ws: Vec<Int4Weight> =
+                best.iter().map(|w| w.clone().with_isa(isa).expect("available level")).collect();
+            let refs: Vec<&Int4Weight> = ws.iter().collect();
+            for m in [1, 3] {
+                let x: Vec<f32> =
+                    (0..m * 512).map(|i| ((i * 29) % 89) as f32 / 44.0 - 1.0).collect();
+                let many = Int4Weight::matmul_many(&refs, &x, m).expect("kernel runs");
+                assert_eq!(many.len(), ws.len());
+                for (w, got) in ws.iter().zip(&many) {
+                    assert_eq!(got, &w.matmul(&x, m).expect("kernel runs"), "{isa:?} m {m}");
+                }
+            }
+            // A weight of another width refuses the lot; so does an empty list.
+            let (_, wide) = weight(32, 1024, 128, false).expect("supported");
+            let x = vec![0.5f32; 512];
+            assert!(Int4Weight::matmul_many(&[&ws[0], &wide], &x, 1).is_none());
+            assert!(Int4Weight::matmul_many(&[], &x, 1).is_none());
         }
     }
 

@@ -446,7 +446,15 @@ impl Int4Weight {
     /// `None` when [`unsupported`] refuses the weight on this CPU or `a` was quantized for
     /// another shape.
     pub fn matmul_quantized(&self, a: &Q8Activations) -> Option<Vec<f32>> {
-        matmul_quantized_on(self, a, team::default_team, Lanes::Avx512)
+        matmul_quantized_on(&[self], a, team::default_team, Lanes::Avx512)?.pop()
+    }
+
+    /// [`Self::matmul_quantized`] of several weights on the same activations in one hand-out of
+    /// the thread team (`team::quads_matmul_many`: a layer's q, k and v projections, its gate
+    /// and up): each weight's `[a.m, n_i]`, bit for bit what one call each gives. `None` when
+    /// any of them would be refused alone, or `weights` is empty.
+    pub fn matmul_quantized_many(weights: &[&Self], a: &Q8Activations) -> Option<Vec<Vec<f32>>> {
+        matmul_quantized_on(weights, a, team::default_team, Lanes::Avx512)
     }
 }
 
@@ -472,32 +480,41 @@ fn matmul_q8_on(w: &Int4Weight, x: &[f32], m: usize, on: Team, lanes: Lanes) -> 
         return None;
     }
     let a = quantize_activations(x, w.k, w.group)?;
-    matmul_quantized_on(w, &a, on, lanes)
+    matmul_quantized_on(&[w], &a, on, lanes)?.pop()
 }
 
 fn matmul_quantized_on(
-    w: &Int4Weight,
+    weights: &[&Int4Weight],
     a: &Q8Activations,
     on: Team,
     lanes: Lanes,
-) -> Option<Vec<f32>> {
-    let groups = a.m.checked_mul(w.k / w.group.max(1))?;
-    if a.m == 0
-        || a.k != w.k
-        || a.group != w.group
-        || unsupported_shape(w.n, w.k, w.group).is_some()
-        || Some(a.packed.len()) != a.m.checked_mul(w.k)
-        || a.scale.len() != groups
-        || a.sum.len() != groups
-    {
+) -> Option<Vec<Vec<f32>>> {
+    for w in weights {
+        let groups = a.m.checked_mul(w.k / w.group.max(1))?;
+        if a.m == 0
+            || a.k != w.k
+            || a.group != w.group
+            || unsupported_shape(w.n, w.k, w.group).is_some()
+            || Some(a.packed.len()) != a.m.checked_mul(w.k)
+            || a.scale.len() != groups
+            || a.sum.len() != groups
+        {
+            return None;
+        }
+    }
+    if weights.is_empty() || (lanes == Lanes::Avx512 && !available()) {
         return None;
     }
-    if lanes == Lanes::Avx512 && !available() {
-        return None;
-    }
-    team::quads_matmul(on, w.n, a.m, QUAD, 16, &|first, count, out| {
-        quads_into(w, a, first, count, out, lanes)
-    })
+    let calls: Vec<_> = weights
+        .iter()
+        .map(|&w| move |first, count, out: &mut [f32]| quads_into(w, a, first, count, out, lanes))
+        .collect();
+    let parts: Vec<team::QuadRows> = weights
+        .iter()
+        .zip(&calls)
+        .map(|(w, call)| (w.n, call as &(dyn Fn(usize, usize, &mut [f32]) + Sync)))
+        .collect();
+    team::quads_matmul_many(on, &parts, a.m, QUAD, 16)
 }
 
 /// Quads `first..first + count` against every row of `a`, into `out` `[count · 4, m]`.
@@ -1210,14 +1227,54 @@ mod tests {
             let xq: Vec<f64> =
                 (0..m * k).map(|i| f64::from(a.q[i]) * f64::from(a.scale[i / group])).collect();
             for lanes in lanes_here() {
-                let y = matmul_quantized_on(&w, &a, team::default_team, lanes).expect("runs");
+                let y = matmul_quantized_on(&[&w], &a, team::default_team, lanes)
+                    .and_then(|mut y| y.pop())
+                    .expect("runs");
                 let what = format!("{lanes:?} W4A{bits} sym {symmetric} m {m}");
                 team::assert_matches_f64_reference(&dense, &xq, &y, n, k, m, &what);
             }
             // Activations quantized for another group are refused.
             let other = quantize_activations_per_token(&x, k, 256, bits).expect("valid shape");
-            assert!(matmul_quantized_on(&w, &other, team::default_team, Lanes::Emulated).is_none());
+            assert!(
+                matmul_quantized_on(&[&w], &other, team::default_team, Lanes::Emulated).is_none()
+            );
         }
+    }
+
+    #[test]
+    fn weights_in_one_hand_out_equal_each_alone_bit_for_bit() {
+        // Three weights of different heights on the same activations (a range of the hand-out
+        // crosses from one into the next), one row and three.
+        let k = 512;
+        let ws: Vec<Int4Weight> = [(96, 21), (32, 22), (160, 23)]
+            .iter()
+            .map(|&(n, s)| weight(n, k, 128, true, s).1)
+            .collect();
+        let refs: Vec<&Int4Weight> = ws.iter().collect();
+        for m in [1, 3] {
+            let a = quantize_activations(&gaussian(m * k, 24), k, 128).expect("valid shape");
+            for lanes in lanes_here() {
+                let many = matmul_quantized_on(&refs, &a, team::default_team, lanes).expect("runs");
+                assert_eq!(many.len(), ws.len());
+                for (w, got) in ws.iter().zip(&many) {
+                    let alone = matmul_quantized_on(&[w], &a, team::default_team, lanes)
+                        .and_then(|mut y| y.pop())
+                        .expect("runs");
+                    assert_eq!(got, &alone, "{lanes:?} m {m} n {}", w.n);
+                }
+            }
+            // One weight quantized for another shape refuses the lot.
+            let (_, wide) = weight(32, 1024, 128, false, 25);
+            let mixed = [&ws[0], &wide];
+            assert!(matmul_quantized_on(&mixed, &a, team::default_team, Lanes::Emulated).is_none());
+        }
+        assert!(matmul_quantized_on(
+            &[],
+            &quantize_activations(&gaussian(k, 1), k, 128).expect("shape"),
+            team::default_team,
+            Lanes::Emulated
+        )
+        .is_none());
     }
 
     #[test]

@@ -1050,7 +1050,9 @@ impl PackedWeight {
                     Kernel::Int4Avx512 | Kernel::Int4Avx2 => "own int4 kernel",
                     _ => return None,
                 };
-                let y = own_matmul(self.out_features, x, name, |xs, m| self.own_product(xs, m));
+                let y = own_matmul(self.out_features, x, name, |xs, m| {
+                    Self::own_products(&[self], xs, m)?.pop()
+                });
                 return Some(y.map(|y| y.to_kind(kind)));
             }
             Store::Nf4 { .. } => return None,
@@ -1105,27 +1107,55 @@ impl PackedWeight {
         if x.len() != self.in_features as usize || self.device != Device::Cpu {
             return None;
         }
-        self.own_product(x, 1)
+        Self::own_products(&[self], x, 1)?.pop()
     }
 
-    /// `xs` `[m, in]` (row-major f32) through the own kernel: the VNNI one puts `xs` on the integer
-    /// grid of the spec's activations (per token for W4A8/W4A4, int8 per group for float
-    /// activations); the exact one multiplies f32 by the dequantized codes. `None`: no own kernel
-    /// here, or it refused.
-    fn own_product(&self, xs: &[f32], m: usize) -> Option<Vec<f32>> {
-        let Store::Int4Avx512 { weight, .. } = &self.store else { return None };
-        match self.kernel {
+    /// [`Self::matmul_token`] of several weights on the same token `x` in one hand-out of the own
+    /// kernel's thread team, the activations put on the kernel's integer grid once (a layer's q,
+    /// k and v projections; its gate and up): each weight's `[out_i]`, bit for bit what one
+    /// [`Self::matmul_token`] each gives. `None` when they do not share one own kernel, activation
+    /// spec, input width and group size on the CPU, or one would be refused alone: then it is one
+    /// call each.
+    pub fn matmul_token_many(weights: &[&Self], x: &[f32]) -> Option<Vec<Vec<f32>>> {
+        let first = weights.first()?;
+        let alike = |w: &&Self| {
+            w.kernel == first.kernel
+                && w.spec.act == first.spec.act
+                && w.in_features == first.in_features
+                && w.device == Device::Cpu
+        };
+        if x.len() != first.in_features as usize || !weights.iter().all(alike) {
+            return None;
+        }
+        Self::own_products(weights, x, 1)
+    }
+
+    /// `xs` `[m, in]` (row-major f32) through the own kernel of `weights` (one kernel, spec and
+    /// input width, checked by the callers): the VNNI one puts `xs` on the integer grid of the
+    /// spec's activations (per token for W4A8/W4A4, int8 per group for float activations), once
+    /// for all of them; the exact one multiplies f32 by the dequantized codes. `None`: no own
+    /// kernel here, or it refused.
+    fn own_products(weights: &[&Self], xs: &[f32], m: usize) -> Option<Vec<Vec<f32>>> {
+        let first = weights.first()?;
+        let own = weights
+            .iter()
+            .map(|w| match &w.store {
+                Store::Int4Avx512 { weight, .. } => Some(&**weight),
+                _ => None,
+            })
+            .collect::<Option<Vec<&Int4Weight>>>()?;
+        match first.kernel {
             Kernel::Int4Vnni => {
-                let (k, group) = (self.in_features as usize, weight.group());
-                let quantized = match self.spec.act.per_token_grid() {
+                let (k, group) = (first.in_features as usize, own[0].group());
+                let quantized = match first.spec.act.per_token_grid() {
                     None => int4_vnni::quantize_activations(xs, k, group),
                     Some(grid) => {
                         int4_vnni::quantize_activations_per_token(xs, k, group, grid.bits)
                     }
                 };
-                quantized.and_then(|a| weight.matmul_quantized(&a))
+                Int4Weight::matmul_quantized_many(&own, &quantized?)
             }
-            Kernel::Int4Avx512 | Kernel::Int4Avx2 => weight.matmul(xs, m),
+            Kernel::Int4Avx512 | Kernel::Int4Avx2 => Int4Weight::matmul_many(&own, xs, m),
             _ => None,
         }
     }

@@ -162,38 +162,74 @@ pub(crate) fn for_each_range(
     team(&work);
 }
 
-/// `x Wᵀ` `[m, n]` f32 (row-major) from a kernel that computes `quad` weight rows at a time: the
-/// `n / quad` quads go to `on`'s threads in ranges of at least `min_chunk` quads (long enough a
-/// stream for a prefetch to run ahead), `rows(first, count, out)` fills `out` `[quad · count, m]`
-/// (each weight row's `m` outputs together) for quads `first..first + count`, and the result is
-/// transposed at the end. `None` when `n · m` overflows.
-pub(crate) fn quads_matmul(
+/// One weight of [`quads_matmul_many`]: its output rows `n` and the kernel call that fills its
+/// quads `first..first + count` into `out` `[quad · count, m]` (each weight row's `m` outputs
+/// together).
+pub(crate) type QuadRows<'a> = (usize, &'a (dyn Fn(usize, usize, &mut [f32]) + Sync));
+
+/// `x Wᵢᵀ` `[m, n_i]` f32 (row-major) for each weight `Wᵢ` of `parts`, all on the same activations
+/// `x`, from kernels that compute `quad` weight rows at a time. The weights' quads are one
+/// sequence handed to `on`'s threads in ranges of at least `min_chunk` quads (long enough a
+/// stream for a prefetch to run ahead; a range that crosses from one weight into the next is two
+/// calls), each result transposed at the end. With several weights (a layer's q, k and v
+/// projections; its gate and up) the team is started and drained once for all of them rather
+/// than once each; every output is computed by the same call on the same quad either way, so the
+/// results are those of one hand-out per weight, bit for bit. `None` when a size overflows.
+pub(crate) fn quads_matmul_many(
     on: Team,
-    n: usize,
+    parts: &[QuadRows],
     m: usize,
     quad: usize,
     min_chunk: usize,
-    rows: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
-) -> Option<Vec<f32>> {
-    let quads = n / quad;
-    let mut y_t = vec![0f32; n.checked_mul(m)?];
+) -> Option<Vec<Vec<f32>>> {
+    // Where each weight's quads start in the sequence, and its rows in the output buffer.
+    let (mut first_quad, mut first_row) = (Vec::with_capacity(parts.len() + 1), Vec::new());
+    let (mut quads, mut rows) = (0usize, 0usize);
+    for &(n, _) in parts {
+        first_quad.push(quads);
+        first_row.push(rows);
+        quads = quads.checked_add(n / quad)?;
+        rows = rows.checked_add(n)?;
+    }
+    first_quad.push(quads);
+    first_row.push(rows);
+    let mut y_t = vec![0f32; rows.checked_mul(m)?];
     let out = SharedOut::new(&mut y_t);
     for_each_range(on, quads, chunk_for(quads, min_chunk), &|r| {
-        // SAFETY: `for_each_range` gives every quad to one range only, so the rows written here
-        // are this call's alone; `r.end · quad · m` ≤ `n · m`, the buffer's length.
-        let part = unsafe { out.range(r.start * quad * m..r.end * quad * m) };
-        rows(r.start, r.len(), part);
+        let mut at = r.start;
+        while at < r.end {
+            // The weight quad `at` belongs to, and the end of this range within it.
+            let p = first_quad.partition_point(|&start| start <= at) - 1;
+            let end = r.end.min(first_quad[p + 1]);
+            let (local, count) = (at - first_quad[p], end - at);
+            let row = first_row[p] + local * quad;
+            // SAFETY: `for_each_range` gives every quad to one range only, and quad `q` of weight
+            // `p` owns rows `first_row[p] + q · quad ..` of `y_t` (`n_p` ≥ its quads · `quad`
+            // rows), so the rows written here are this call's alone; they end at or before
+            // `first_row[p + 1] · m` ≤ the buffer's length.
+            let part = unsafe { out.range(row * m..(row + count * quad) * m) };
+            (parts[p].1)(local, count, part);
+            at = end;
+        }
     });
-    if m == 1 {
-        return Some(y_t);
+    let mut ys = Vec::with_capacity(parts.len());
+    for (p, &(n, _)) in parts.iter().enumerate().rev() {
+        let mine = y_t.split_off(first_row[p] * m);
+        ys.push(if m == 1 { mine } else { transposed(&mine, n, m) });
     }
+    ys.reverse();
+    Some(ys)
+}
+
+/// `y_t` `[n, m]` as `[m, n]`.
+fn transposed(y_t: &[f32], n: usize, m: usize) -> Vec<f32> {
     let mut y = vec![0f32; y_t.len()];
     for row in 0..n {
         for r in 0..m {
             y[r * n + row] = y_t[row * m + r];
         }
     }
-    Some(y)
+    y
 }
 
 /// A chunk size for `items` rows: about four ranges per libtorch thread (a thread that finishes
