@@ -679,7 +679,11 @@ impl Attention {
     ///   2.0–2.5 ms (one layer in cache 35–44 µs). Then (same timing, the two layouts' binaries
     ///   alternated, three runs each, 3 repeats a run) head-major: 1.11–1.35 ms against 1.88–2.53
     ///   ms for that position-major loop; warm, 0.88–1.25 against 1.38–1.50 ms. No software
-    ///   prefetch is left: the streams are contiguous.
+    ///   prefetch is left: the streams are contiguous. In the model (the step's parts timed in
+    ///   `experiments bench`, 7B W4A16 q8, positions 64–130) the attention took 1.9–2.6 ms a
+    ///   step with either layout: there its first read of the cache costs about 1 ms more than a
+    ///   second call right after it (not the TLB: with huge pages it was the same), which this
+    ///   timing does not reproduce.
     ///
     /// `isa`: the SIMD level the loops are compiled for (`team::at_isa`; the CPU must have it,
     /// `None` is the default target's SSE2): the same Rust in 16 (AVX-512) or 8 (AVX2) lanes
