@@ -209,17 +209,15 @@ impl Bf16Weight {
             return None;
         }
         let split = if m == 1 { split_even_odd(x, step(isa)) } else { Vec::new() };
-        let split = &split;
-        let calls: Vec<_> = weights
-            .iter()
-            .map(|&w| move |first, count, out: &mut [f32]| w.rows(x, split, m, first, count, out))
-            .collect();
-        let parts: Vec<team::QuadRows> = weights
-            .iter()
-            .zip(&calls)
-            .map(|(w, call)| (w.n, call as &(dyn Fn(usize, usize, &mut [f32]) + Sync)))
-            .collect();
-        team::quads_matmul_many(on, &parts, m, QUAD, 16)
+        team::quads_matmul_many(
+            on,
+            weights,
+            |w| w.n,
+            m,
+            QUAD,
+            16,
+            |w, first, count, out| w.rows(x, &split, m, first, count, out),
+        )
     }
 
     /// Quads `first..first + count` into `out` `[count · 4, m]` (`split`: [`split_even_odd`] of

@@ -274,18 +274,17 @@ impl Int4Weight {
         if weights.is_empty() || weights.iter().any(refused) {
             return None;
         }
-        let calls: Vec<_> = weights
-            .iter()
-            .map(|&w| move |first, count, out: &mut [f32]| w.rows(x, m, first, count, out))
-            .collect();
-        let parts: Vec<team::QuadRows> = weights
-            .iter()
-            .zip(&calls)
-            .map(|(w, call)| (w.n, call as &(dyn Fn(usize, usize, &mut [f32]) + Sync)))
-            .collect();
         // At least 16 quads (64 rows) per range: long enough a stream for the prefetch to run
         // ahead of the loads.
-        team::quads_matmul_many(on, &parts, m, QUAD, 16)
+        team::quads_matmul_many(
+            on,
+            weights,
+            |w| w.n,
+            m,
+            QUAD,
+            16,
+            |w, first, count, out| w.rows(x, m, first, count, out),
+        )
     }
 
     /// Rows `4·first .. 4·(first + count)` dequantized, `[4·count, k]` f32 row-major (the values

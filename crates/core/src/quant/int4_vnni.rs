@@ -505,16 +505,15 @@ fn matmul_quantized_on(
     if weights.is_empty() || (lanes == Lanes::Avx512 && !available()) {
         return None;
     }
-    let calls: Vec<_> = weights
-        .iter()
-        .map(|&w| move |first, count, out: &mut [f32]| quads_into(w, a, first, count, out, lanes))
-        .collect();
-    let parts: Vec<team::QuadRows> = weights
-        .iter()
-        .zip(&calls)
-        .map(|(w, call)| (w.n, call as &(dyn Fn(usize, usize, &mut [f32]) + Sync)))
-        .collect();
-    team::quads_matmul_many(on, &parts, a.m, QUAD, 16)
+    team::quads_matmul_many(
+        on,
+        weights,
+        |w| w.n,
+        a.m,
+        QUAD,
+        16,
+        |w, first, count, out| quads_into(w, a, first, count, out, lanes),
+    )
 }
 
 /// Quads `first..first + count` against every row of `a`, into `out` `[count · 4, m]`.

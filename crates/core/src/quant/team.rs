@@ -162,38 +162,37 @@ pub(crate) fn for_each_range(
     team(&work);
 }
 
-/// One weight of [`quads_matmul_many`]: its output rows `n` and the kernel call that fills its
-/// quads `first..first + count` into `out` `[quad · count, m]` (each weight row's `m` outputs
-/// together).
-pub(crate) type QuadRows<'a> = (usize, &'a (dyn Fn(usize, usize, &mut [f32]) + Sync));
-
-/// `x Wᵢᵀ` `[m, n_i]` f32 (row-major) for each weight `Wᵢ` of `parts`, all on the same activations
-/// `x`, from kernels that compute `quad` weight rows at a time. The weights' quads are one
+/// `x Wᵢᵀ` `[m, n_i]` f32 (row-major) for each weight `Wᵢ` of `weights` (`n_i` = `rows_of(Wᵢ)`
+/// output rows), all on the same activations `x`, from a kernel that computes `quad` weight rows
+/// at a time: `rows(Wᵢ, first, count, out)` fills `out` `[quad · count, m]` (each weight row's `m`
+/// outputs together) for quads `first..first + count` of `Wᵢ`. The weights' quads are one
 /// sequence handed to `on`'s threads in ranges of at least `min_chunk` quads (long enough a
 /// stream for a prefetch to run ahead; a range that crosses from one weight into the next is two
 /// calls), each result transposed at the end. With several weights (a layer's q, k and v
 /// projections; its gate and up) the team is started and drained once for all of them rather
 /// than once each; every output is computed by the same call on the same quad either way, so the
 /// results are those of one hand-out per weight, bit for bit. `None` when a size overflows.
-pub(crate) fn quads_matmul_many(
+pub(crate) fn quads_matmul_many<W: Sync>(
     on: Team,
-    parts: &[QuadRows],
+    weights: &[&W],
+    rows_of: impl Fn(&W) -> usize,
     m: usize,
     quad: usize,
     min_chunk: usize,
+    rows: impl Fn(&W, usize, usize, &mut [f32]) + Sync,
 ) -> Option<Vec<Vec<f32>>> {
     // Where each weight's quads start in the sequence, and its rows in the output buffer.
-    let (mut first_quad, mut first_row) = (Vec::with_capacity(parts.len() + 1), Vec::new());
-    let (mut quads, mut rows) = (0usize, 0usize);
-    for &(n, _) in parts {
+    let (mut first_quad, mut first_row) = (Vec::with_capacity(weights.len() + 1), Vec::new());
+    let (mut quads, mut total_rows) = (0usize, 0usize);
+    for &w in weights {
         first_quad.push(quads);
-        first_row.push(rows);
-        quads = quads.checked_add(n / quad)?;
-        rows = rows.checked_add(n)?;
+        first_row.push(total_rows);
+        quads = quads.checked_add(rows_of(w) / quad)?;
+        total_rows = total_rows.checked_add(rows_of(w))?;
     }
     first_quad.push(quads);
-    first_row.push(rows);
-    let mut y_t = vec![0f32; rows.checked_mul(m)?];
+    first_row.push(total_rows);
+    let mut y_t = vec![0f32; total_rows.checked_mul(m)?];
     let out = SharedOut::new(&mut y_t);
     for_each_range(on, quads, chunk_for(quads, min_chunk), &|r| {
         let mut at = r.start;
@@ -208,14 +207,14 @@ pub(crate) fn quads_matmul_many(
             // rows), so the rows written here are this call's alone; they end at or before
             // `first_row[p + 1] · m` ≤ the buffer's length.
             let part = unsafe { out.range(row * m..(row + count * quad) * m) };
-            (parts[p].1)(local, count, part);
+            rows(weights[p], local, count, part);
             at = end;
         }
     });
-    let mut ys = Vec::with_capacity(parts.len());
-    for (p, &(n, _)) in parts.iter().enumerate().rev() {
+    let mut ys = Vec::with_capacity(weights.len());
+    for (p, &w) in weights.iter().enumerate().rev() {
         let mine = y_t.split_off(first_row[p] * m);
-        ys.push(if m == 1 { mine } else { transposed(&mine, n, m) });
+        ys.push(if m == 1 { mine } else { transposed(&mine, rows_of(w), m) });
     }
     ys.reverse();
     Some(ys)
