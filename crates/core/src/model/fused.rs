@@ -154,8 +154,8 @@ pub struct FusedCache {
     layers: Vec<(Rows, Rows)>,
     /// Cached positions.
     len: usize,
-    /// Values a position holds per layer: `kv_heads · head_dim`.
-    width: usize,
+    /// `(kv_heads, head_dim)` of every layer.
+    heads: (usize, usize),
     kind: StepKind,
 }
 
@@ -180,7 +180,7 @@ impl FusedCache {
         }
         let len = mask.size()[1] as usize;
         let mut layers = Vec::with_capacity(num_layers);
-        let mut width = None;
+        let mut heads = None;
         for layer in 0..num_layers {
             let (k, v) = cache.layer_kv(layer).ok_or_else(|| {
                 Error::Invalid(format!("the KV cache has nothing for decoder layer {layer}"))
@@ -198,27 +198,33 @@ impl FusedCache {
                 // [1, H, S, D] → [H, S, D]: head-major, each head's positions in order.
                 let t = t.select(0, 0).contiguous();
                 let (h, d) = (t.size()[0] as usize, t.size()[2] as usize);
-                if *width.get_or_insert(h * d) != h * d {
+                if *heads.get_or_insert((h, d)) != (h, d) {
                     return Err(Error::Invalid(format!(
                         "decoder layer {layer}'s cache holds {h} heads of {d}, unlike layer 0's"
                     )));
                 }
-                let per_head = len * d;
+                // Head `i`'s `len · d` values, for every head (also when `len` is 0).
+                fn split<S: Clone>(values: &[S], h: usize, per_head: usize) -> Vec<Vec<S>> {
+                    (0..h).map(|i| values[i * per_head..(i + 1) * per_head].to_vec()).collect()
+                }
                 Ok(match step_kind {
-                    StepKind::F32 => Rows::F32(
-                        f32_values(&t)?.chunks_exact(per_head.max(1)).map(<[_]>::to_vec).collect(),
-                    ),
-                    StepKind::Bf16 => Rows::Bf16(
-                        bf16_own::bf16_bits(&t)?
-                            .chunks_exact(per_head.max(1))
-                            .map(<[_]>::to_vec)
-                            .collect(),
-                    ),
+                    StepKind::F32 => Rows::F32(split(&f32_values(&t)?, h, len * d)),
+                    StepKind::Bf16 => Rows::Bf16(split(&bf16_own::bf16_bits(&t)?, h, len * d)),
                 })
             };
             layers.push((rows(&k)?, rows(&v)?));
         }
-        Ok(Self { layers, len, width: width.unwrap_or(0), kind: step_kind })
+        Ok(Self { layers, len, heads: heads.unwrap_or((0, 0)), kind: step_kind })
+    }
+
+    /// After a failed step: every layer that appended a position drops it, so the cache is as
+    /// the step found it.
+    fn roll_back(&mut self) {
+        let values = self.len * self.heads.1;
+        for (keys, vals) in &mut self.layers {
+            keys.truncate(values);
+            vals.truncate(values);
+        }
     }
 
     /// Cached positions.
@@ -416,15 +422,17 @@ impl<'a> FusedDecoder<'a> {
     pub fn step(&self, embedding: &[f32], rope: &Rope, cache: &mut FusedCache) -> Result<Vec<f32>> {
         let kind = self.kind;
         let d = self.head_dim;
-        let width = self.kv_heads * d;
-        if cache.kind != kind || cache.layers.len() != self.layers.len() || cache.width != width {
+        let heads = (self.kv_heads, d);
+        if cache.kind != kind || cache.layers.len() != self.layers.len() || cache.heads != heads {
             return Err(Error::Invalid(format!(
-                "a fused cache of {} layers of {} values a position in {:?} given to a decoder of \
-                 {} layers of {width} in {:?}",
+                "a fused cache of {} layers of {} KV heads of {} in {:?} given to a decoder of {} \
+                 layers of {} KV heads of {d} in {:?}",
                 cache.layers.len(),
-                cache.width,
+                cache.heads.0,
+                cache.heads.1,
                 cache.kind,
                 self.layers.len(),
+                self.kv_heads,
                 kind
             )));
         }
@@ -438,13 +446,7 @@ impl<'a> FusedDecoder<'a> {
         let result = self.layers_step(embedding, &cos, &sin, cache);
         match &result {
             Ok(_) => cache.len += 1,
-            // A failed step leaves the cache as it found it: layers that appended drop the row.
-            Err(_) => {
-                for (keys, values) in &mut cache.layers {
-                    keys.truncate(cache.len * d);
-                    values.truncate(cache.len * d);
-                }
-            }
+            Err(_) => cache.roll_back(),
         }
         result
     }
@@ -549,9 +551,10 @@ fn swiglu(isa: Option<Isa>, gate: &[f32], up: &[f32], kind: StepKind) -> Vec<f32
 /// — `x = n ln 2 + r` with `n` the nearest integer to `x / ln 2` and `ln 2` in two parts, a
 /// degree-7 polynomial in `r ∈ [−ln 2 / 2, ln 2 / 2]` — with `2ⁿ` applied as two powers of two,
 /// so that the results that are subnormal, overflow or vanish come out as a product of normal
-/// numbers rounds them. Within 1 ulp of `e^x` rounded to f32 from f64 (tested on every 997th f32
-/// of the range; libtorch's vectorised `exp`, Sleef's, is within 1 ulp too); `+∞` from 88.73 up,
-/// `0` below −104, NaN for NaN.
+/// numbers rounds them. Within 1 ulp of `e^x` rounded to f32 from f64 on every input tested
+/// (every 997th f32 of the range, about 2.2 million; libtorch's vectorised `exp`, Sleef's, is
+/// within 1 ulp too); `+∞` from ln(f32::MAX) ≈ 88.7228 up (inputs clamped at 88.73), `0` below
+/// ≈ −103.97 (clamped at −104), NaN for NaN.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -603,7 +606,12 @@ fn rms_norm(isa: Option<Isa>, x: &[f32], weight: &[f32], eps: f32, kind: StepKin
         || {
             let squares = dot(x, x);
             let r = 1.0 / (squares / x.len() as f32 + eps).sqrt();
-            x.iter().zip(weight).map(|(&x, &w)| kind.round(w * kind.round(x * r))).collect()
+            // A `for` loop over a buffer, not `map → collect`: see [`swiglu`].
+            let mut out = vec![0f32; x.len().min(weight.len())];
+            for ((o, &x), &w) in out.iter_mut().zip(x).zip(weight) {
+                *o = kind.round(w * kind.round(x * r));
+            }
+            out
         },
     )
 }
@@ -860,6 +868,34 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_step_leaves_every_head_as_it_was() {
+        // Two layers of 3 KV heads of 4, two positions cached; a step that appended to the first
+        // layer only, then failed.
+        let (kv_heads, d, len) = (3, 4, 2);
+        let row = |p: usize| (0..kv_heads * d).map(|i| (p * 100 + i) as f32).collect::<Vec<_>>();
+        let filled = || {
+            let mut rows = Rows::F32(vec![Vec::new(); kv_heads]);
+            (0..len).for_each(|p| rows.push(&row(p)));
+            rows
+        };
+        let mut cache = FusedCache {
+            layers: vec![(filled(), filled()), (filled(), filled())],
+            len,
+            heads: (kv_heads, d),
+            kind: StepKind::F32,
+        };
+        let before = format!("{:?}", cache.layers);
+        cache.layers[0].0.push(&row(len));
+        cache.layers[0].1.push(&row(len));
+        assert_eq!(cache.layers[0].0.head_len(), (len + 1) * d);
+        cache.roll_back();
+        assert_eq!(format!("{:?}", cache.layers), before);
+        // Head 1 of position 1 holds row 1's second piece: the layout is head-major.
+        let Rows::F32(heads) = &cache.layers[1].0 else { unreachable!() };
+        assert_eq!(heads[1][d..2 * d], [104.0, 105.0, 106.0, 107.0]);
+    }
+
+    #[test]
     fn exp_is_within_one_ulp_over_the_f32_range() {
         // Every 997th f32 in [−104, 89] (both signs' bit patterns walked), against f64's `exp`
         // rounded to f32; positive results, so the distance in ulp is the distance of their bits.
@@ -894,7 +930,13 @@ mod tests {
             let got: Vec<f32> = at_isa(
                 isa,
                 #[inline(always)]
-                || xs.iter().map(|&x| exp_f32(x)).collect(),
+                || {
+                    let mut out = vec![0f32; xs.len()];
+                    for (o, &x) in out.iter_mut().zip(&xs) {
+                        *o = exp_f32(x);
+                    }
+                    out
+                },
             );
             for (x, g) in xs.iter().zip(&got) {
                 assert_eq!(g.to_bits(), exp_f32(*x).to_bits(), "{x} at {isa:?}");

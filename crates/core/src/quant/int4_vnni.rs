@@ -1259,7 +1259,8 @@ mod tests {
                     let alone = matmul_quantized_on(&[w], &a, team::default_team, lanes)
                         .and_then(|mut y| y.pop())
                         .expect("runs");
-                    assert_eq!(got, &alone, "{lanes:?} m {m} n {}", w.n);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(got), bits(&alone), "{lanes:?} m {m} n {}", w.n);
                 }
             }
             // One weight quantized for another shape refuses the lot.

@@ -167,8 +167,7 @@ pub(crate) fn for_each_range(
 /// at a time: `rows(Wᵢ, first, count, out)` fills `out` `[quad · count, m]` (each weight row's `m`
 /// outputs together) for quads `first..first + count` of `Wᵢ`. The weights' quads are one
 /// sequence handed to `on`'s threads in ranges of at least `min_chunk` quads (long enough a
-/// stream for a prefetch to run ahead; a range that crosses from one weight into the next is two
-/// calls), each result transposed at the end. With several weights (a layer's q, k and v
+/// stream for a prefetch to run ahead; a range is cut into one call per weight it covers), each result transposed at the end. With several weights (a layer's q, k and v
 /// projections; its gate and up) the team is started and drained once for all of them rather
 /// than once each; every output is computed by the same call on the same quad either way, so the
 /// results are those of one hand-out per weight, bit for bit. `None` when a size overflows.
