@@ -1065,12 +1065,8 @@ mod tests {
                 let x: Vec<f32> =
                     (0..m * 512).map(|i| ((i * 29) % 89) as f32 / 44.0 - 1.0).collect();
                 let many = Int4Weight::matmul_many(&refs, &x, m).expect("kernel runs");
-                assert_eq!(many.len(), ws.len());
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                for (w, got) in ws.iter().zip(&many) {
-                    let alone = w.matmul(&x, m).expect("kernel runs");
-                    assert_eq!(bits(got), bits(&alone), "{isa:?} m {m}");
-                }
+                let alone = |i: usize| ws[i].matmul(&x, m).expect("kernel runs");
+                team::assert_each_equals_alone(&many, ws.len(), alone, &format!("{isa:?} m {m}"));
             }
             // A weight of another width refuses the lot; so does an empty list.
             let (_, wide) = weight(32, 1024, 128, false).expect("supported");

@@ -1254,14 +1254,12 @@ mod tests {
             let a = quantize_activations(&gaussian(m * k, 24), k, 128).expect("valid shape");
             for lanes in lanes_here() {
                 let many = matmul_quantized_on(&refs, &a, team::default_team, lanes).expect("runs");
-                assert_eq!(many.len(), ws.len());
-                for (w, got) in ws.iter().zip(&many) {
-                    let alone = matmul_quantized_on(&[w], &a, team::default_team, lanes)
+                let alone = |i| {
+                    matmul_quantized_on(&[refs[i]], &a, team::default_team, lanes)
                         .and_then(|mut y| y.pop())
-                        .expect("runs");
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(got), bits(&alone), "{lanes:?} m {m} n {}", w.n);
-                }
+                        .expect("runs")
+                };
+                team::assert_each_equals_alone(&many, ws.len(), alone, &format!("{lanes:?} m {m}"));
             }
             // One weight quantized for another shape refuses the lot.
             let (_, wide) = weight(32, 1024, 128, false, 25);

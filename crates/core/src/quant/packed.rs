@@ -1104,10 +1104,7 @@ impl PackedWeight {
     /// (or it refused `x`): then [`Self::matmul`] on a tensor is the way. For callers that hold
     /// the activations as f32 already (the fused decode step), without a tensor round trip.
     pub fn matmul_token(&self, x: &[f32]) -> Option<Vec<f32>> {
-        if x.len() != self.in_features as usize || self.device != Device::Cpu {
-            return None;
-        }
-        Self::own_products(&[self], x, 1)?.pop()
+        Self::matmul_token_many(&[self], x)?.pop()
     }
 
     /// [`Self::matmul_token`] of several weights on the same token `x` in one hand-out of the own

@@ -602,6 +602,23 @@ impl<T> SharedOut<T> {
     }
 }
 
+/// The own kernels' shared test check of a hand-out of several weights
+/// ([`quads_matmul_many`]): `many` holds one output per weight, each the same bits as
+/// `alone(i)`, weight `i` multiplied on its own. `what` names the case in a failure.
+#[cfg(test)]
+pub(crate) fn assert_each_equals_alone(
+    many: &[Vec<f32>],
+    weights: usize,
+    alone: impl Fn(usize) -> Vec<f32>,
+    what: &str,
+) {
+    assert_eq!(many.len(), weights, "{what}: one output per weight");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (i, got) in many.iter().enumerate() {
+        assert_eq!(bits(got), bits(&alone(i)), "{what}: weight {i}");
+    }
+}
+
 /// The own kernels' shared test check: `y` `[m, n]` (f32, row-major) against `x Wᵀ` computed in
 /// f64 from `dense` `[n, k]` and `x` `[m, k]`, within 1e-6 of the sum of the terms' magnitudes (f32
 /// accumulation in another order: a few ulps of that sum). `what` names the case in a failure.
