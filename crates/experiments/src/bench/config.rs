@@ -144,6 +144,15 @@ pub struct MeasureSettings {
     /// than one on a machine whose memory bandwidth drifts (seen: ±50 % within minutes).
     #[serde(default = "default_rounds")]
     pub rounds: usize,
+    /// On the CPU, follow every fused decode step of a W4 row with a fused step of a second
+    /// model of the same shape on the own bf16 kernel (the BF16 own row's model), so that the
+    /// W4 row's "vs 16-bit" ratio is taken step by step in the same seconds
+    /// (`fused_speedup_vs_bf16_own_stepped`): the per-round rows run minutes apart, and the
+    /// machine's bandwidth moves by tens of percent within minutes. The partner is built once a
+    /// round, after the first W4 scheme is put in (both must fit in memory; otherwise it is
+    /// listed under "Not run").
+    #[serde(default)]
+    pub step_paired_16bit: bool,
 }
 
 fn default_rounds() -> usize {
@@ -168,6 +177,7 @@ impl Default for MeasureSettings {
             warmup_tokens: default_warmup(),
             decode_tokens: default_decode(),
             rounds: default_rounds(),
+            step_paired_16bit: false,
         }
     }
 }

@@ -13,11 +13,15 @@
 //! ([`qvlm_core::model::fused`]: the same layers and weights, the operators between the linears
 //! as loops instead of libtorch calls) right after it — the same token at the same position, on
 //! its own copy of the prefilled cache — timed the same way and compared with the libtorch step's
-//! final hidden state.
+//! final hidden state. With a step-paired 16-bit partner (`measure.step_paired_16bit`: a second
+//! model of the same shape on the own bf16 kernel), every fused step is followed by the
+//! partner's fused step on the same token and position, on a third copy of the prefilled cache
+//! (its output is not compared: its weights are others), so that the two are timed in the same
+//! seconds.
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use qvlm_core::model::fused::{FusedCache, FusedDecoder};
 use qvlm_core::model::llama::KvCache;
@@ -59,6 +63,8 @@ pub struct Timings {
     /// The largest difference between a fused step's final hidden state and the libtorch step's,
     /// relative to the largest |value| of the latter, over the timed steps (`None` off the CPU).
     pub fused_max_rel_diff: Option<f64>,
+    /// Each timed fused step's partner step (the module doc; empty without a partner).
+    pub partner_fused: Vec<Split>,
 }
 
 impl Timings {
@@ -71,11 +77,12 @@ impl Timings {
 
     /// Mean of the fused decode steps, if they ran.
     pub fn fused_mean(&self) -> Option<Split> {
-        let n = self.fused.len();
-        (n > 0).then(|| {
-            let sum = |f: fn(&Split) -> f64| self.fused.iter().map(f).sum::<f64>() / n as f64;
-            Split { vision_ms: 0.0, layers_ms: sum(|s| s.layers_ms), head_ms: sum(|s| s.head_ms) }
-        })
+        mean_of(&self.fused)
+    }
+
+    /// Mean of the partner's fused steps, if it ran.
+    pub fn partner_fused_mean(&self) -> Option<Split> {
+        mean_of(&self.partner_fused)
     }
 
     /// Mean of the timed passes of the decoder's linears alone.
@@ -89,6 +96,15 @@ impl Timings {
     }
 }
 
+/// The mean of decode steps' splits; `None` for none.
+fn mean_of(steps: &[Split]) -> Option<Split> {
+    let n = steps.len();
+    (n > 0).then(|| {
+        let sum = |f: fn(&Split) -> f64| steps.iter().map(f).sum::<f64>() / n as f64;
+        Split { vision_ms: 0.0, layers_ms: sum(|s| s.layers_ms), head_ms: sum(|s| s.head_ms) }
+    })
+}
+
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -100,9 +116,11 @@ fn prompt_ids(vocab: i64, n: i64) -> Result<Vec<i64>> {
 }
 
 /// Times `model` as the module doc says (a prefill image is `image_side` pixels square for
-/// Qwen2-VL; LLaVA's is its tower's size); `bar` advances once per decode step.
+/// Qwen2-VL; LLaVA's is its tower's size); `bar` advances once per decode step. `partner`: the
+/// step-paired 16-bit model (the module doc), with as many decoder layers as `model`.
 pub fn run(
     model: &BenchModel,
+    partner: Option<&BenchModel>,
     spec: &MeasureSettings,
     image_side: i64,
     bar: &ProgressBar,
@@ -149,6 +167,18 @@ pub fn run(
         }
         _ => None,
     };
+    let mut partner = match (partner, device) {
+        (Some(p), Device::Cpu) => {
+            let p_lm = p.language_model();
+            let decoder = FusedDecoder::new(p_lm).context("the 16-bit partner's fused path")?;
+            let cache = FusedCache::from_kv(&cache, p_lm.layers.len(), p.kind())
+                .context("the prefilled cache for the 16-bit partner")?;
+            Some((p_lm, decoder, cache))
+        }
+        (Some(_), _) => bail!("a step-paired 16-bit partner runs on the CPU only"),
+        (None, _) => None,
+    };
+    let mut partner_steps = Vec::with_capacity(spec.decode_tokens);
     let mut decode = Vec::with_capacity(spec.decode_tokens);
     let mut linears = Vec::with_capacity(spec.decode_tokens);
     let mut fused_steps = Vec::with_capacity(spec.decode_tokens);
@@ -183,6 +213,19 @@ pub fn run(
             }
             None => None,
         };
+        let partner_step = match &mut partner {
+            Some((p_lm, decoder, cache)) => {
+                let t = Instant::now();
+                let h = decoder
+                    .step_token(&token, &position, cache)
+                    .context("the 16-bit partner's fused step")?;
+                let layers_ms = ms(t);
+                let t = Instant::now();
+                let _ = std::hint::black_box(p_lm.head(&h.select(1, -1)).argmax(-1, false));
+                Some(Split { vision_ms: 0.0, layers_ms, head_ms: ms(t) })
+            }
+            None => None,
+        };
         let linears_ms = linears_pass()?;
         if step >= spec.warmup_tokens {
             decode.push(Split { vision_ms: 0.0, layers_ms, head_ms });
@@ -191,6 +234,7 @@ pub fn run(
                 fused_steps.push(split);
                 fused_max_rel_diff = Some(fused_max_rel_diff.map_or(diff, |d| d.max(diff)));
             }
+            partner_steps.extend(partner_step);
         }
         bar.inc(1);
     }
@@ -201,6 +245,7 @@ pub fn run(
         linears,
         fused: fused_steps,
         fused_max_rel_diff,
+        partner_fused: partner_steps,
     })
 }
 

@@ -340,6 +340,7 @@ fn kernels(model: &BenchModel) -> (String, usize) {
 /// are shared, and a roof taken once at the start of a long run is not the roof of its last row.
 fn measure(
     model: &BenchModel,
+    partner: Option<&BenchModel>,
     cfg: &BenchConfig,
     image_side: i64,
     what: &str,
@@ -352,7 +353,7 @@ fn measure(
     let before = roof()?;
     let pb = progress::bar((m.warmup_tokens + m.decode_tokens) as u64, what);
     pb.set_message(format!("prefill {} tokens, then decode", m.prefill_tokens));
-    let timings = measure::run(model, m, image_side, &pb)?;
+    let timings = measure::run(model, partner, m, image_side, &pb)?;
     pb.finish_and_clear();
     Ok((timings, [before, roof()?]))
 }
@@ -389,6 +390,13 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
     let layer_bytes = layer_linears + m.layer_rest;
     let stretch = |s: Split| Split { layers_ms: s.layers_ms * scale, ..s };
     let t = &m.timings;
+    let partner_fused = t.partner_fused_mean().map(stretch);
+    let stepped = t
+        .fused_mean()
+        .map(stretch)
+        .zip(partner_fused)
+        .filter(|(own, _)| own.total_ms() > 0.0)
+        .map(|(own, partner)| partner.total_ms() / own.total_ms());
     let min_step = t
         .decode
         .iter()
@@ -420,6 +428,8 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         round_decode_ms: vec![stretch(t.decode_mean()).total_ms()],
         round_speedup_16bit: Vec::new(),
         round_fused_speedup_16bit: Vec::new(),
+        partner_fused,
+        round_fused_speedup_stepped: stepped.into_iter().collect(),
     }
 }
 
@@ -469,6 +479,8 @@ fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
             let fused_speedup = paired(&rows, fused, &best_fused);
             let fused_max_rel_diff =
                 rows.iter().filter_map(|r| r.fused_max_rel_diff).max_by(f64::total_cmp);
+            let stepped: Vec<f64> =
+                rows.iter().flat_map(|r| r.round_fused_speedup_stepped.iter().copied()).collect();
             let mut order: Vec<usize> = (0..rows.len()).collect();
             order.sort_by(|&a, &b| decode[a].total_cmp(&decode[b]));
             let median = *order.get(order.len().saturating_sub(1) / 2)?;
@@ -477,6 +489,7 @@ fn median_rounds(rounds: Vec<Vec<Row>>) -> Vec<Row> {
             row.round_speedup_16bit = speedup;
             row.round_fused_speedup_16bit = fused_speedup;
             row.fused_max_rel_diff = fused_max_rel_diff;
+            row.round_fused_speedup_stepped = stepped;
             Some(row)
         })
         .collect()
@@ -495,7 +508,7 @@ fn run_fp32(
     let what = format!("{} FP32", shape.name);
     let model = build(shape, built, Kind::Float, device, &what)?;
     let (kernel, fallbacks) = kernels(&model);
-    let (timings, roof) = measure(&model, cfg, shape.dims.image_size, &what)?;
+    let (timings, roof) = measure(&model, None, cfg, shape.dims.image_size, &what)?;
     let m = Measured {
         scheme: Scheme::Fp32,
         kernel,
@@ -572,6 +585,9 @@ fn run_bf16_round(
     let float_all = float_bytes(&model);
     let float_packable = scheme::packable_bytes(&model);
     let parts = &cfg.model.packed_parts;
+    // Built before the first W4 row's measurement (`measure.step_paired_16bit`), once the round's
+    // model holds W4 weights: the pair must fit in memory together. `Err`: it did not.
+    let mut partner: Option<std::result::Result<Partner, ()>> = None;
     for &s in schemes {
         let what = format!("{} {}", shape.name, s.label(group));
         if let Some(reason) = s.not_here(device) {
@@ -587,8 +603,30 @@ fn run_bf16_round(
         if s != Scheme::Bf16 {
             tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
         }
+        if cfg.measure.step_paired_16bit && s.is_w4() && partner.is_none() {
+            match build_partner(cfg, family)? {
+                Ok(p) => partner = Some(Ok(p)),
+                Err(reason) => {
+                    tracing::warn!("{model_label}: no step-paired 16-bit partner: {reason}");
+                    skipped.push(Skipped {
+                        model: model_label.into(),
+                        schemes: "step-paired BF16 own partner of the W4 rows".into(),
+                        reason,
+                    });
+                    // Asked once a round: what did not fit now does not fit later.
+                    partner = Some(Err(()));
+                }
+            }
+        }
+        let paired = partner.as_ref().and_then(|p| p.as_ref().ok());
         let (kernel, fallbacks) = kernels(&model);
-        let (timings, roof) = measure(&model, cfg, shape.dims.image_size, &what)?;
+        let partner_model = paired.filter(|_| s.is_w4()).map(|p| &p.model);
+        let (timings, roof) = measure(&model, partner_model, cfg, shape.dims.image_size, &what)?;
+        // The rows' resident memory without the partner's.
+        let rss = match paired {
+            Some(p) => rss_delta(base).zip(p.rss_bytes).map(|(all, partner)| all - partner),
+            None => rss_delta(base),
+        };
         let m = Measured {
             scheme: s,
             kernel,
@@ -599,7 +637,7 @@ fn run_bf16_round(
             layer_rest: layer_rest_bytes(&model),
             timings,
             roof,
-            rss: rss_delta(base),
+            rss,
         };
         let r = row(cfg, &shape.name, model_label, layers, built, m);
         tracing::info!(
@@ -611,6 +649,41 @@ fn run_bf16_round(
         rows.push(r);
     }
     Ok(rows)
+}
+
+/// A round's step-paired 16-bit partner (`measure.step_paired_16bit`): the family's shape with
+/// as many decoder layers as the round's model, its `packed_parts` on the own bf16 kernel — the
+/// BF16 own row's model — and the growth of resident memory its build caused (`None` where it
+/// cannot be read), which the rows measured beside it do not count.
+struct Partner {
+    model: BenchModel,
+    rss_bytes: Option<i64>,
+}
+
+/// The family's [`Partner`] when the own bf16 kernel runs here and the model fits in the memory
+/// available now (beside the round's model); otherwise why not.
+fn build_partner(
+    cfg: &BenchConfig,
+    family: &Family,
+) -> Result<std::result::Result<Partner, String>> {
+    let Family { shape, built, device, .. } = *family;
+    if device != Device::Cpu {
+        return Ok(Err("the fused decode path runs on the CPU only".into()));
+    }
+    if let Some(reason) = Scheme::Bf16Own.not_here(device) {
+        return Ok(Err(reason));
+    }
+    if let Some(reason) = does_not_fit(cfg, device, shape.dims.parameters(built), Kind::BFloat16) {
+        return Ok(Err(format!("beside the round's W4 model: {reason}")));
+    }
+    let base = machine::rss_bytes();
+    let what = format!("{} BF16 own, step-paired partner", shape.name);
+    let mut model = build(shape, built, Kind::BFloat16, device, &what)?;
+    let parts = &cfg.model.packed_parts;
+    let pb = progress::bar(scheme::packed_count(&model, parts) as u64, &what);
+    scheme::apply(&mut model, Scheme::Bf16Own, cfg.model.w4_group, parts, &pb)?;
+    pb.finish_and_clear();
+    Ok(Ok(Partner { model, rss_bytes: rss_delta(base) }))
 }
 
 /// `measure.rounds` rounds of [`checkpoint_round`], one row per scheme ([`median_rounds`]).
@@ -760,7 +833,7 @@ fn checkpoint_round(
             pb.finish_and_clear();
         }
         let (kernel, fallbacks) = kernels(&model);
-        let (timings, roof) = measure(&model, cfg, image_side, &what)?;
+        let (timings, roof) = measure(&model, None, cfg, image_side, &what)?;
         let m = Measured {
             scheme,
             kernel,
@@ -811,6 +884,8 @@ mod tests {
             round_decode_ms: vec![decode_ms],
             round_speedup_16bit: Vec::new(),
             round_fused_speedup_16bit: Vec::new(),
+            partner_fused: None,
+            round_fused_speedup_stepped: Vec::new(),
         }
     }
 
@@ -818,12 +893,16 @@ mod tests {
     fn rounds_give_the_median_row_and_paired_ratios() {
         // Round 2 ran on a slow machine: both rows slowed, the paired ratio did not move.
         // The slow round's weights also brought out a rounding difference in the fused step.
-        let mut slow_w4 = measured(Scheme::W4a16, 200.0);
+        let w4 = |ms: f64, stepped: f64| Row {
+            round_fused_speedup_stepped: vec![stepped],
+            ..measured(Scheme::W4a16, ms)
+        };
+        let mut slow_w4 = w4(200.0, 3.25);
         slow_w4.fused_max_rel_diff = Some(0.01);
         let rounds = vec![
-            vec![measured(Scheme::Bf16Own, 400.0), measured(Scheme::W4a16, 100.0)],
+            vec![measured(Scheme::Bf16Own, 400.0), w4(100.0, 3.5)],
             vec![measured(Scheme::Bf16Own, 800.0), slow_w4],
-            vec![measured(Scheme::Bf16Own, 420.0), measured(Scheme::W4a16, 140.0)],
+            vec![measured(Scheme::Bf16Own, 420.0), w4(140.0, 3.75)],
         ];
         let rows = median_rounds(rounds);
         assert_eq!(rows.len(), 2);
@@ -836,6 +915,9 @@ mod tests {
         assert_eq!(own.round_speedup_16bit, vec![1.0, 1.0, 1.0]);
         // The fused steps pair the same way (each row's fused step is half its step here).
         assert_eq!(w4.round_fused_speedup_16bit, vec![4.0, 4.0, 3.0]);
+        // The step-paired ratios of every round, in round order.
+        assert_eq!(w4.round_fused_speedup_stepped, vec![3.5, 3.25, 3.75]);
+        assert!(own.round_fused_speedup_stepped.is_empty());
         // The fused-vs-libtorch difference: the largest of all rounds, not the median round's.
         assert_eq!((w4.fused_max_rel_diff, own.fused_max_rel_diff), (Some(0.01), Some(0.0)));
         // One round: the row as measured; without a 16-bit row, no paired ratio.
@@ -843,6 +925,44 @@ mod tests {
         assert_eq!(one[0].round_decode_ms, vec![90.0]);
         assert!(one[0].round_speedup_16bit.is_empty());
         assert!(median_rounds(Vec::new()).is_empty());
+    }
+
+    /// A row built with fewer layers: the partner's steps and the row's are both extrapolated
+    /// per layer before they are divided (the head is not per layer).
+    #[test]
+    fn the_step_paired_ratio_is_taken_on_extrapolated_steps() {
+        let text = "[bench]\nname = \"t\"\n[model]\nshapes = [\"llava-7b\"]\n";
+        let cfg = config::parse(text, std::path::Path::new("t.toml")).expect("config");
+        let step = |layers_ms: f64, head_ms: f64| Split { vision_ms: 0.0, layers_ms, head_ms };
+        let timings = Timings {
+            prefill_positions: 1,
+            prefill: step(1.0, 1.0),
+            decode: vec![step(20.0, 2.0)],
+            linears: vec![15.0],
+            fused: vec![step(9.0, 2.0), step(11.0, 2.0)],
+            fused_max_rel_diff: Some(0.0),
+            partner_fused: vec![step(30.0, 3.0), step(30.0, 3.0)],
+        };
+        let measured = |timings: Timings| Measured {
+            scheme: Scheme::W4a16,
+            kernel: "k".into(),
+            fallbacks: 0,
+            all: 1,
+            linears: 1,
+            extra: 0,
+            layer_rest: 0,
+            rss: None,
+            timings,
+            roof: [1.0, 1.0],
+        };
+        // 1 of 4 layers built: the row's fused step 4 · 10 + 2, the partner's 4 · 30 + 3.
+        let r = row(&cfg, "s", "s", 4, 1, measured(timings.clone()));
+        assert_eq!(r.partner_fused.map(|p| p.total_ms()), Some(123.0));
+        assert_eq!(r.round_fused_speedup_stepped, vec![123.0 / 42.0]);
+        // Without a partner: no ratio.
+        let alone = Timings { partner_fused: Vec::new(), ..timings };
+        let r = row(&cfg, "s", "s", 4, 1, measured(alone));
+        assert!(r.partner_fused.is_none() && r.round_fused_speedup_stepped.is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::table::csv_field;
 use crate::{figure, table};
 
 /// Metrics of `measurements.csv`, one row each per configuration.
-const METRICS: [&str; 30] = [
+const METRICS: [&str; 34] = [
     "layers",
     "layers_built",
     "weight_bytes",
@@ -46,6 +46,10 @@ const METRICS: [&str; 30] = [
     "fused_speedup_16bit_paired_median",
     "fused_speedup_16bit_paired_lo",
     "fused_speedup_16bit_paired_hi",
+    "partner_fused_ms",
+    "fused_speedup_stepped_median",
+    "fused_speedup_stepped_lo",
+    "fused_speedup_stepped_hi",
 ];
 
 /// The targets on this CPU: W4A16 against the fastest 16-bit row of the run (the fair FP16-class
@@ -133,10 +137,14 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
         if let Some(d) = r.fused_max_rel_diff {
             push("fused_max_rel_diff", d);
         }
+        if let Some(partner) = r.partner_fused {
+            push("partner_fused_ms", partner.total_ms());
+        }
         // The per-round paired ratios: median, lowest and highest (none without a 16-bit row).
         for (metric, ratios) in [
             ("speedup_16bit_paired", &r.round_speedup_16bit),
             ("fused_speedup_16bit_paired", &r.round_fused_speedup_16bit),
+            ("fused_speedup_stepped", &r.round_fused_speedup_stepped),
         ] {
             if !ratios.is_empty() {
                 let (lo, hi) = range(ratios);
@@ -216,6 +224,12 @@ pub fn build(dir: &Path) -> Result<Report> {
         get("fused_speedup_16bit_paired_median")?,
         get("fused_speedup_16bit_paired_lo")?,
         get("fused_speedup_16bit_paired_hi")?,
+    );
+    let partner_ms = get("partner_fused_ms")?;
+    let (stepped, stepped_lo, stepped_hi) = (
+        get("fused_speedup_stepped_median")?,
+        get("fused_speedup_stepped_lo")?,
+        get("fused_speedup_stepped_hi")?,
     );
     let n = model.len();
     // The reference row of the same model for a scheme label.
@@ -330,6 +344,10 @@ pub fn build(dir: &Path) -> Result<Report> {
         c.fused_speedup_16bit_lo.push(if several { fused_paired_lo[i] } else { None });
         c.fused_speedup_16bit_hi.push(if several { fused_paired_hi[i] } else { None });
         c.fused_rel_diff.push(fused_diff[i]);
+        c.partner_fused_ms.push(partner_ms[i]);
+        c.fused_speedup_stepped.push(stepped[i]);
+        c.fused_speedup_stepped_lo.push(if several { stepped_lo[i] } else { None });
+        c.fused_speedup_stepped_hi.push(if several { stepped_hi[i] } else { None });
         c.note.push(notes.join("; "));
     }
     for s in &info.skipped {
@@ -427,6 +445,10 @@ struct Columns {
     fused_speedup_16bit_lo: Vec<Option<f64>>,
     fused_speedup_16bit_hi: Vec<Option<f64>>,
     fused_rel_diff: Vec<Option<f64>>,
+    partner_fused_ms: Vec<Option<f64>>,
+    fused_speedup_stepped: Vec<Option<f64>>,
+    fused_speedup_stepped_lo: Vec<Option<f64>>,
+    fused_speedup_stepped_hi: Vec<Option<f64>>,
     note: Vec<String>,
 }
 
@@ -473,6 +495,10 @@ impl Columns {
             &mut self.fused_speedup_16bit_lo,
             &mut self.fused_speedup_16bit_hi,
             &mut self.fused_rel_diff,
+            &mut self.partner_fused_ms,
+            &mut self.fused_speedup_stepped,
+            &mut self.fused_speedup_stepped_lo,
+            &mut self.fused_speedup_stepped_hi,
         ] {
             col.push(None);
         }
@@ -522,6 +548,10 @@ impl Columns {
             f("fused_speedup_vs_16bit_lo", &self.fused_speedup_16bit_lo),
             f("fused_speedup_vs_16bit_hi", &self.fused_speedup_16bit_hi),
             f("fused_max_rel_diff", &self.fused_rel_diff),
+            f("bf16_own_stepped_fused_ms", &self.partner_fused_ms),
+            f("fused_speedup_vs_bf16_own_stepped", &self.fused_speedup_stepped),
+            f("fused_speedup_vs_bf16_own_stepped_lo", &self.fused_speedup_stepped_lo),
+            f("fused_speedup_vs_bf16_own_stepped_hi", &self.fused_speedup_stepped_hi),
             Column::new("note".into(), self.note.clone()),
         ])?)
     }
@@ -569,6 +599,13 @@ fn targets(c: &Columns) -> Vec<Target> {
                 "{label} fused decode speed-up over the fastest 16-bit row's fused decode (×)"
             ),
             c.fused_speedup_16bit[i],
+            TARGET_SPEEDUP,
+        );
+        push(
+            &format!(
+                "{label} fused decode speed-up over the own bf16 fused step, paired step by step (×)"
+            ),
+            c.fused_speedup_stepped[i],
             TARGET_SPEEDUP,
         );
         push(&fused_roof, c.fused_roof_pct[i], TARGET_ROOF_PCT);
@@ -630,7 +667,7 @@ fn method_notes(info: &RunInfo) -> String {
          - Prefill: batch 1, {prefill}, into a fresh KV cache, after one untimed 4-token forward; `prefill_tok_s` = positions / prefill time.\n\
          - Decode: greedy, M = 1 with the KV cache after the prefill; {} warm-up steps discarded, the mean of {} timed steps reported (`decode_ms`: embedding + decoder layers + final norm, `lm_head`, argmax; `head_pct`: the share of the last three).\n\
          - Memory: `weights_gib` is exact — packed storage `bytes()` (codes, f32 scales, u8 zero points) for every packed weight, `numel · element size` for the rest. `rss_delta_gib` is `VmRSS` after the measurement minus `VmRSS` before the model was built (it includes the KV cache, activations, allocator slack and, on libtorch's int4 kernel, its own second copy of the codes that `bytes()` does not count; the own AVX-512 kernel holds the only copy). For a shape measured after another it can be below the weights: memory the allocator kept from the earlier shape is reused.\n\
-         - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. The roof's sum reads like the kernels (four vector accumulators) in four software-prefetch variants — none, into L1 6 KiB ahead (the kernels' AVX2 variants), into L2 16 KiB and L1 4 KiB ahead (their AVX-512 variants), and that two-level one with each line also consumed as the own bf16 kernel consumes its weights (a shift, a mask and two FMAs beside the sum; `team::ReadPrefetch::TwoLevelPaced`, since 2026-12-06) — alternated within each read, and the fastest counts: which one wins differs between CPUs (the AMD EPYC of 2026-12-05 read 36–56 GB/s with the L1 one and 34–42 with the two-level one; the Intel Xeon with AVX512-BF16 of the same day 29.1–29.8, 30.4–31.3 without, 31.6–32.5 two-level, where a roof on the L1 variant alone was exceeded by the own bf16 kernel, 111–114 %; on 2026-12-06 the paced one read 31.1–32.5 against 28.9–30.2 for the bare two-level sum there); a plain vectorised sum read 8–25 % less on the AMD EPYC of 2026-12-02, below what the kernels alone streamed. `linears_ms`: the decoder's linears alone — every decoder linear of the built model once, in layer order, on one token of the right width (the same weights, kernels and tensor wrappers a decode step calls, without the attention, norms, activations and KV cache between them), one pass right after each decode step (the warm-up ones included, untimed) and their mean, extrapolated per layer: each pass is paired with its step, since the machine's bandwidth moves within seconds; `linears_roof_pct` = decoder-linear bytes / `linears_ms` / `roof_gb_s`: how near the kernels come to the roof inside the model; `decode_ms` minus `linears_ms` is what the rest of a step costs. A row above 100 % of its roof (either column) is flagged in `note` (its bytes or its time would be wrong, or the machine's bandwidth moved between the reads). `fused_decode_ms`: the same decode steps again through the fused decode path (`qvlm_core::model::fused`, CPU only: the same model and weights, its linears on their kernels, the norms, rotary embedding, KV cache, attention, SwiGLU and residuals as loops over f32 buffers rounded to the model's dtype where libtorch's operators round, instead of about ninety libtorch operators a layer), each right after its libtorch step — the same token and position, on its own copy of the prefilled KV cache — timed the same way (embedding + layers, then the same head); `fused_roof_pct`, `fused_speedup_vs_16bit` (paired per round like `speedup_vs_16bit`, against the fastest 16-bit row's fused step) and `fused_x_vs_step` (= `decode_ms` / `fused_decode_ms`) follow; `fused_max_rel_diff`: the largest difference of a fused step's final hidden state from its libtorch step's, relative to the latter's largest |value| (0: bit-identical), over every step of every round (each round's model has its own random weights, and whether a bf16 rounding flips somewhere in 32–40 layers depends on them). Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
+         - Roof: `decode_gb_per_tok` = decoder-linear bytes + norms + `lm_head` (as held: packed when `packed_parts` lists it) + one embedding row (the KV cache is not counted); `decode_gb_s` = that / decode time. `roof_gb_s` is the memory roof of the row: a pure streaming read ({} MiB summed by the kernels' own thread team, best of {}) measured just before and just after the row, the higher of the two (`roof_drift_pct`: after vs before, the machine's drift during the row); `roof_pct` = `decode_gb_s` / `roof_gb_s`. The roof's sum reads like the kernels (four vector accumulators) in four software-prefetch variants — none, into L1 6 KiB ahead (the kernels' AVX2 variants), into L2 16 KiB and L1 4 KiB ahead (their AVX-512 variants), and that two-level one with each line also consumed as the own bf16 kernel consumes its weights (a shift, a mask and two FMAs beside the sum; `team::ReadPrefetch::TwoLevelPaced`, since 2026-12-06) — alternated within each read, and the fastest counts: which one wins differs between CPUs (the AMD EPYC of 2026-12-05 read 36–56 GB/s with the L1 one and 34–42 with the two-level one; the Intel Xeon with AVX512-BF16 of the same day 29.1–29.8, 30.4–31.3 without, 31.6–32.5 two-level, where a roof on the L1 variant alone was exceeded by the own bf16 kernel, 111–114 %; on 2026-12-06 the paced one read 31.1–32.5 against 28.9–30.2 for the bare two-level sum there); a plain vectorised sum read 8–25 % less on the AMD EPYC of 2026-12-02, below what the kernels alone streamed. `linears_ms`: the decoder's linears alone — every decoder linear of the built model once, in layer order, on one token of the right width (the same weights, kernels and tensor wrappers a decode step calls, without the attention, norms, activations and KV cache between them), one pass right after each decode step (the warm-up ones included, untimed) and their mean, extrapolated per layer: each pass is paired with its step, since the machine's bandwidth moves within seconds; `linears_roof_pct` = decoder-linear bytes / `linears_ms` / `roof_gb_s`: how near the kernels come to the roof inside the model; `decode_ms` minus `linears_ms` is what the rest of a step costs. A row above 100 % of its roof (either column) is flagged in `note` (its bytes or its time would be wrong, or the machine's bandwidth moved between the reads). `fused_decode_ms`: the same decode steps again through the fused decode path (`qvlm_core::model::fused`, CPU only: the same model and weights, its linears on their kernels, the norms, rotary embedding, KV cache, attention, SwiGLU and residuals as loops over f32 buffers rounded to the model's dtype where libtorch's operators round, instead of about ninety libtorch operators a layer), each right after its libtorch step — the same token and position, on its own copy of the prefilled KV cache — timed the same way (embedding + layers, then the same head); `fused_roof_pct`, `fused_speedup_vs_16bit` (paired per round like `speedup_vs_16bit`, against the fastest 16-bit row's fused step) and `fused_x_vs_step` (= `decode_ms` / `fused_decode_ms`) follow; `fused_max_rel_diff`: the largest difference of a fused step's final hidden state from its libtorch step's, relative to the latter's largest |value| (0: bit-identical), over every step of every round (each round's model has its own random weights, and whether a bf16 rounding flips somewhere in 32–40 layers depends on them). `bf16_own_stepped_fused_ms` and `fused_speedup_vs_bf16_own_stepped` (W4 rows, with `measure.step_paired_16bit`): a second model of the shape, with as many layers, on the own bf16 kernel — the BF16 own row's model — built beside the round's W4 model, whose fused step follows each of the row's fused steps on the same token and position; the ratio is its mean fused step ÷ the row's, per round (median, and range over the rounds), so both sides met the same bandwidth within seconds, where `fused_speedup_vs_16bit` pairs rows measured minutes apart. Secondary references of the start of the run: `copy_bw_pct` (a large tensor copy, bytes read + written; a decode can exceed it, since a copy also reads each target line before writing it) and `gemv_bw_pct` (libtorch's f32 GEMV over the same bytes; compute-bound on some CPUs).\n\
          - Rounds (`measure.rounds`): the BF16 family of a shape (BF16 and every packed scheme) is built and measured that many times, one round after the other; each row is its round with the median decode time (`decode_ms_lo`/`decode_ms_hi`: the range over rounds) and, with more than one round, `speedup_vs_16bit` is the median over rounds of the paired ratio (that round's fastest 16-bit decode / this scheme's decode in the same round; `speedup_vs_16bit_lo`/`_hi`: its range), so that a machine whose bandwidth drifts between rounds moves both sides of each ratio. FP32 is measured once.\n\
          - Ratios: `speedup_vs_16bit` = decode time of the fastest 16-bit row of the same model (`best_16bit`: `BF16`, libtorch's linear, or `BF16 own`, the own memory-bound kernel) / this decode time (the paired median above with several rounds); `speedup_vs_bf16` and `speedup_vs_fp32` against libtorch's BF16 and FP32 rows; `mem_x_vs_*` = reference weight bytes / these weight bytes (BF16 stands in for FP16: both 2 bytes); all references from the same run.\n",
         match cfg.model.fp32_layers {

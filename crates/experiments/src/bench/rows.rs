@@ -67,6 +67,13 @@ pub struct Row {
     /// The same per-round paired ratio for the fused decode path: the round's fastest 16-bit
     /// fused step ÷ this row's fused step.
     pub round_fused_speedup_16bit: Vec<f64>,
+    /// Mean of the step-paired 16-bit partner's fused steps (`measure`'s module doc), each right
+    /// after one of this row's fused steps, extrapolated per layer like `decode`; `None` without
+    /// a partner.
+    pub partner_fused: Option<Split>,
+    /// Per round, the partner's mean fused step ÷ this row's (the steps interleaved, so both met
+    /// the same bandwidth); empty without a partner.
+    pub round_fused_speedup_stepped: Vec<f64>,
 }
 
 impl Row {

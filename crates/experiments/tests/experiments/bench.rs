@@ -39,6 +39,7 @@ prefill_tokens = 8
 warmup_tokens = 1
 decode_tokens = 2
 rounds = 2
+step_paired_16bit = true
 
 [bandwidth]
 mib = 16
@@ -85,7 +86,8 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
         .filter(|&s| vnni || !s.on_vnni())
         .collect();
     assert_eq!(schemes, expected);
-    let skipped = usize::from(!own16) + if vnni { 0 } else { 3 };
+    // Without the own bf16 kernel, its row and the W4 rows' step-paired partner are not run.
+    let skipped = 2 * usize::from(!own16) + if vnni { 0 } else { 3 };
     assert_eq!(out.info.skipped.len(), skipped, "{:?}", out.info.skipped);
     for s in &out.info.skipped {
         assert!(s.reason.contains("AVX2") || s.reason.contains("VNNI"), "{s:?}");
@@ -191,10 +193,32 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     }
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
     assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
-    // Seven targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs), three for the
-    // own bf16 row (the decode's, the linears alone's and the fused decode's share of the roof).
+    // Seven targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs) and an eighth
+    // with the step-paired partner, three for the own bf16 row (the decode's, the linears
+    // alone's and the fused decode's share of the roof).
     let w4a16_rows = 2 + usize::from(vnni);
-    assert_eq!(out.report.targets.len(), 7 * w4a16_rows + 3 * usize::from(own16));
+    let per_w4a16 = 7 + usize::from(own16);
+    assert_eq!(out.report.targets.len(), per_w4a16 * w4a16_rows + 3 * usize::from(own16));
+    // The W4 rows' fused steps were each followed by the partner's (one ratio a round), and only
+    // theirs; the table has the median of the two rounds' ratios and their range.
+    for r in &out.rows {
+        let paired = own16 && r.scheme.is_w4();
+        let ratios = &r.round_fused_speedup_stepped;
+        assert_eq!(ratios.len(), if paired { 2 } else { 0 }, "{}", r.label);
+        assert!(ratios.iter().all(|x| x.is_finite() && *x > 0.0), "{}: {ratios:?}", r.label);
+        assert_eq!(r.partner_fused.is_some(), paired, "{}", r.label);
+    }
+    let stepped = col("fused_speedup_vs_bf16_own_stepped");
+    if own16 {
+        let ratios = &row(Scheme::W4a16).round_fused_speedup_stepped;
+        let want = (ratios[0] + ratios[1]) / 2.0;
+        assert!(stepped.is_some_and(|x| (x - want).abs() < 1e-9 * want), "{stepped:?}");
+        let lo = col("fused_speedup_vs_bf16_own_stepped_lo");
+        assert_eq!(lo, Some(ratios[0].min(ratios[1])));
+        assert!(col("bf16_own_stepped_fused_ms").is_some_and(|ms| ms > 0.0));
+    } else {
+        assert_eq!(stepped, None);
+    }
     // Every row's steps also ran on the fused decode path, which agreed with the libtorch step:
     // within two bf16 roundings of the largest value (the fused module's tests) where the
     // activations stay float; integer activations on the VNNI kernel can differ by a grid step
