@@ -585,9 +585,10 @@ fn run_bf16_round(
     let float_all = float_bytes(&model);
     let float_packable = scheme::packable_bytes(&model);
     let parts = &cfg.model.packed_parts;
-    // Built before the first W4 row's measurement (`measure.step_paired_16bit`), once the round's
-    // model holds W4 weights: the pair must fit in memory together. `Err`: it did not.
-    let mut partner: Option<std::result::Result<Partner, ()>> = None;
+    // Built before the first W4 row's measurement that it fits beside
+    // (`measure.step_paired_16bit`), once the round's model holds W4 weights.
+    let mut partner: Option<Partner> = None;
+    let mut partner_never = false;
     for &s in schemes {
         let what = format!("{} {}", shape.name, s.label(group));
         if let Some(reason) = s.not_here(device) {
@@ -603,22 +604,24 @@ fn run_bf16_round(
         if s != Scheme::Bf16 {
             tracing::info!("{what}: packed in {:.1} s", started.elapsed().as_secs_f64());
         }
-        if cfg.measure.step_paired_16bit && s.is_w4() && partner.is_none() {
+        if cfg.measure.step_paired_16bit && s.is_w4() && partner.is_none() && !partner_never {
             match build_partner(cfg, family)? {
-                Ok(p) => partner = Some(Ok(p)),
-                Err(reason) => {
-                    tracing::warn!("{model_label}: no step-paired 16-bit partner: {reason}");
-                    skipped.push(Skipped {
-                        model: model_label.into(),
-                        schemes: "step-paired BF16 own partner of the W4 rows".into(),
-                        reason,
-                    });
-                    // Asked once a round: what did not fit now does not fit later.
-                    partner = Some(Err(()));
+                Ok(p) => partner = Some(p),
+                Err(Refusal { reason, for_good }) => {
+                    tracing::warn!("{what}: no step-paired 16-bit partner: {reason}");
+                    // What the CPU cannot run is listed once; a partner that does not fit
+                    // beside this scheme's model is tried again beside the next one.
+                    let schemes = if for_good {
+                        "step-paired BF16 own partner of the W4 rows".into()
+                    } else {
+                        format!("{}: its step-paired BF16 own partner", s.label(group))
+                    };
+                    skipped.push(Skipped { model: model_label.into(), schemes, reason });
+                    partner_never = for_good;
                 }
             }
         }
-        let paired = partner.as_ref().and_then(|p| p.as_ref().ok());
+        let paired = partner.as_ref();
         let (kernel, fallbacks) = kernels(&model);
         let partner_model = paired.filter(|_| s.is_w4()).map(|p| &p.model);
         let (timings, roof) = measure(&model, partner_model, cfg, shape.dims.image_size, &what)?;
@@ -660,21 +663,30 @@ struct Partner {
     rss_bytes: Option<i64>,
 }
 
+/// Why a [`Partner`] was not built, and whether that holds for the whole run (the device or the
+/// CPU) or only beside the model of the moment (memory).
+struct Refusal {
+    reason: String,
+    for_good: bool,
+}
+
 /// The family's [`Partner`] when the own bf16 kernel runs here and the model fits in the memory
 /// available now (beside the round's model); otherwise why not.
 fn build_partner(
     cfg: &BenchConfig,
     family: &Family,
-) -> Result<std::result::Result<Partner, String>> {
+) -> Result<std::result::Result<Partner, Refusal>> {
     let Family { shape, built, device, .. } = *family;
+    let for_good = |reason: String| Ok(Err(Refusal { reason, for_good: true }));
     if device != Device::Cpu {
-        return Ok(Err("the fused decode path runs on the CPU only".into()));
+        return for_good("the fused decode path runs on the CPU only".into());
     }
     if let Some(reason) = Scheme::Bf16Own.not_here(device) {
-        return Ok(Err(reason));
+        return for_good(reason);
     }
     if let Some(reason) = does_not_fit(cfg, device, shape.dims.parameters(built), Kind::BFloat16) {
-        return Ok(Err(format!("beside the round's W4 model: {reason}")));
+        let reason = format!("beside this scheme's model: {reason}");
+        return Ok(Err(Refusal { reason, for_good: false }));
     }
     let base = machine::rss_bytes();
     let what = format!("{} BF16 own, step-paired partner", shape.name);
