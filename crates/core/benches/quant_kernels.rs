@@ -109,6 +109,11 @@ fn kernels(c: &mut Criterion) {
             group.bench_function(id(&format!("w4a16_g128_{}", w4.kernel().name())), |b| {
                 b.iter(|| w4.matmul(&x))
             });
+            // bf16 activations (as in a bf16 model, and as libtorch's int4 kernel takes them):
+            // with M > 1 on an AVX512-BF16 CPU the own kernel's prefill runs in bf16 pairs
+            // (`int4_pairs`), where f32 activations take its f32 path.
+            let name = format!("w4a16_g128_{}_bf16_x", w4.kernel().name());
+            group.bench_function(id(&name), |b| b.iter(|| w4.matmul(&xb)));
             group.bench_function(id("w4a16_g128_int4_cpu"), |b| b.iter(|| w4_torch.matmul(&x)));
             if let Some(w) = &w4_avx2 {
                 group.bench_function(id("w4a16_g128_int4_avx2"), |b| b.iter(|| w.matmul(&x)));

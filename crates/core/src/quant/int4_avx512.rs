@@ -46,12 +46,14 @@
 //! against the slice lengths, with checked arithmetic, before the unchecked loop starts).
 #![allow(unsafe_code)]
 
+use super::int4_pairs;
 use super::team::{self, Isa, Team};
 
 /// Inputs per 64-byte block of one row.
 pub const BLOCK: usize = 128;
 /// Rows per quad.
 pub const QUAD: usize = 4;
+const _: () = assert!(int4_pairs::BLOCK == BLOCK && int4_pairs::QUAD == QUAD);
 /// How far ahead each own kernel prefetches its stream: [`team::PREFETCH_BYTES`].
 pub use super::team::PREFETCH_BYTES;
 
@@ -150,6 +152,19 @@ pub struct Int4Weight {
     pub(crate) qmin: i32,
     /// The SIMD level [`Int4Weight::matmul`] runs at.
     pub(crate) isa: Isa,
+    /// How more than one row of activations is multiplied.
+    pub(crate) prefill: Prefill,
+}
+
+/// How [`Int4Weight::matmul`] multiplies more than one row of activations (a prefill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// In bf16 pairs ([`crate::quant::int4_pairs`]: exact products, the scale once per group)
+    /// where the CPU, the weight and the activations allow it ([`Int4Weight::paired_prefill_refused`]
+    /// and every activation a bf16 value), in f32 otherwise.
+    Auto,
+    /// In f32 always: each quad dequantized to f32 and multiplied with every activation row.
+    F32,
 }
 
 impl Int4Weight {
@@ -193,7 +208,8 @@ impl Int4Weight {
                 }
             }
         }
-        Some(Self { n, k, group, words, scale, zero_point, qmin, isa: Isa::best()? })
+        let isa = Isa::best()?;
+        Some(Self { n, k, group, words, scale, zero_point, qmin, isa, prefill: Prefill::Auto })
     }
 
     /// The same weight at another SIMD level (to compare or test them); `None` when the CPU
@@ -204,6 +220,37 @@ impl Int4Weight {
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// The same weight with its prefill path set (to compare the two or test them).
+    pub fn with_prefill(self, prefill: Prefill) -> Self {
+        Self { prefill, ..self }
+    }
+
+    /// Why a prefill on this weight runs in f32 whatever its activations, if it does (the CPU,
+    /// the level, the group size, the zero points, or [`Prefill::F32`]); `None`: it runs in bf16
+    /// pairs when every activation is a bf16 value.
+    pub fn paired_prefill_refused(&self) -> Option<String> {
+        if self.prefill == Prefill::F32 {
+            return Some("its prefill is set to f32".into());
+        }
+        if self.isa != Isa::Avx512 {
+            return Some(format!("the weight is held at the {} level", self.isa.name()));
+        }
+        int4_pairs::refused(&self.codes())
+    }
+
+    /// The codes as the paired prefill reads them.
+    pub(crate) fn codes(&self) -> int4_pairs::Codes<'_> {
+        int4_pairs::Codes {
+            words: &self.words,
+            scale: &self.scale,
+            zero_point: self.zero_point.as_deref(),
+            qmin: self.qmin,
+            n: self.n,
+            k: self.k,
+            group: self.group,
+        }
     }
 
     /// The codes in the portable storage order (`[n, k/2]`, the inverse of [`Self::from_nibbles`]).
@@ -274,6 +321,12 @@ impl Int4Weight {
         if weights.is_empty() || weights.iter().any(refused) {
             return None;
         }
+        // A prefill in bf16 pairs when every weight takes it and the activations are bf16
+        // values (put in the pair layout once for all weights and threads).
+        let k = weights[0].k;
+        let paired = (m > 1 && weights.iter().all(|w| w.paired_prefill_refused().is_none()))
+            .then(|| int4_pairs::PairedRows::new(x, m, k))
+            .flatten();
         // At least 16 quads (64 rows) per range: long enough a stream for the prefetch to run
         // ahead of the loads.
         team::quads_matmul_many(
@@ -283,7 +336,13 @@ impl Int4Weight {
             m,
             QUAD,
             16,
-            |w, first, count, out| w.rows(x, m, first, count, out),
+            |w, first, count, out| match &paired {
+                Some(p) => {
+                    let prefetch = |q: usize| w.prefetch_quad(q);
+                    int4_pairs::quads(&w.codes(), p, first, count, out, &prefetch)
+                }
+                None => w.rows(x, m, first, count, out),
+            },
         )
     }
 
@@ -894,7 +953,7 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -926,7 +985,12 @@ mod tests {
     /// A deterministic weight: codes, scales and zero points from a small LCG. `None` exactly
     /// where the kernel refuses the shape (asserted: on a CPU with neither AVX-512F+BW nor
     /// AVX2+FMA, because of the CPU, which is the fallback the packed weight takes there).
-    fn weight(n: usize, k: usize, group: usize, symmetric: bool) -> Option<(Vec<u8>, Int4Weight)> {
+    pub(crate) fn weight(
+        n: usize,
+        k: usize,
+        group: usize,
+        symmetric: bool,
+    ) -> Option<(Vec<u8>, Int4Weight)> {
         let mut state = 12345u64;
         let mut next = move || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -950,7 +1014,7 @@ mod tests {
     }
 
     /// The dequantized weight, element by element (the reference arithmetic).
-    fn dequantized(w: &Int4Weight, nibbles: &[u8]) -> Vec<f32> {
+    pub(crate) fn dequantized(w: &Int4Weight, nibbles: &[u8]) -> Vec<f32> {
         let [n, k] = w.shape();
         let mut out = vec![0f32; n * k];
         for row in 0..n {

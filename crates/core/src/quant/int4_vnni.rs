@@ -990,7 +990,8 @@ mod tests {
         // `isa` is the f32 kernel's level; the VNNI path and its portable twin do not read it.
         let isa = crate::quant::team::Isa::Avx2;
         let words = super::super::int4_avx512::CacheLines::from_words(&words).expect("whole lines");
-        (nibbles, Int4Weight { n, k, group, words, scale, zero_point, qmin, isa })
+        let prefill = super::super::int4_avx512::Prefill::Auto;
+        (nibbles, Int4Weight { n, k, group, words, scale, zero_point, qmin, isa, prefill })
     }
 
     /// The dequantized weight in f64, `(c − (zero_point − qmin)) · scale` (exact).

@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod bf16_own;
 pub mod int4_avx512;
+pub mod int4_pairs;
 pub mod int4_vnni;
 pub mod nf4;
 pub mod packed;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{Error, Result};
-use crate::quant::int4_avx512::{self, Int4Weight};
+use crate::quant::int4_avx512::{self, Int4Weight, Prefill};
 use crate::quant::int4_vnni;
 use crate::quant::nf4::{Absmax, Nf4Weight};
 use crate::quant::spec::{Granularity, WeightSpec};
@@ -777,6 +777,21 @@ impl PackedWeight {
             None => self.store,
         };
         Self::assemble(spec, out, inp, store, kind, device, Some(kernel))
+    }
+
+    /// The same weight with the own int4 kernel's prefill path set ([`Prefill`]: bf16 pairs
+    /// where they can run, or f32 always), to compare the two; an error on another kernel.
+    pub fn with_prefill(mut self, prefill: Prefill) -> Result<Self> {
+        match &mut self.store {
+            Store::Int4Avx512 { weight, .. } => {
+                weight.prefill = prefill;
+                Ok(self)
+            }
+            _ => Err(Error::Invalid(format!(
+                "a prefill path is set on the own int4 kernels only; this weight is on {}",
+                self.kernel.name()
+            ))),
+        }
     }
 
     /// The uniform store in the own kernel's layout, or why it cannot be (CPU, float activations,
