@@ -684,6 +684,11 @@ fn build_partner(
     if let Some(reason) = Scheme::Bf16Own.not_here(device) {
         return for_good(reason);
     }
+    // The bf16 weights that the packing freed stay in the heap until handed back (the first full
+    // run with a partner found 13.0–13.3 GiB available beside each W4 model, 2 GiB short of
+    // 13.2 + the headroom; a one-scheme run, nothing freed before, fitted). Where the C library
+    // cannot trim, the check below decides on what is available.
+    let _ = qvlm_core::memory::release_freed_heap();
     if let Some(reason) = does_not_fit(cfg, device, shape.dims.parameters(built), Kind::BFloat16) {
         let reason = format!("beside this scheme's model: {reason}");
         return Ok(Err(Refusal { reason, for_good: false }));
@@ -695,6 +700,10 @@ fn build_partner(
     let pb = progress::bar(scheme::packed_count(&model, parts) as u64, &what);
     scheme::apply(&mut model, Scheme::Bf16Own, cfg.model.w4_group, parts, &pb)?;
     pb.finish_and_clear();
+    // The libtorch tensors its conversion freed, handed back before its growth is read: counted
+    // in, they made the growth larger than the partner and the W4 rows' RSS beside it negative
+    // (−2.6 to −3.9 GiB on 7B, 2026-12-06 12:23 UTC).
+    let _ = qvlm_core::memory::release_freed_heap();
     Ok(Ok(Partner { model, rss_bytes: rss_delta(base) }))
 }
 
