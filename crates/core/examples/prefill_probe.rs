@@ -7,33 +7,12 @@
 //!
 //! Run: `cargo run -p qvlm-core --example prefill_probe [ROUNDS] [M]`.
 
-use std::time::Instant;
-
 use qvlm_core::quant::int4_avx512::Prefill;
 use qvlm_core::quant::packed::{Kernel, PackedSpec, PackedWeight};
+use shared::{best_of, LAYER};
 use tch::{Device, Kind, Tensor};
 
-/// One LLaMA-7B decoder layer's linears `[out, in]`.
-const LAYER: [(i64, i64); 7] = [
-    (4096, 4096),
-    (4096, 4096),
-    (4096, 4096),
-    (4096, 4096),
-    (11008, 4096),
-    (11008, 4096),
-    (4096, 11008),
-];
-
-fn best_of(repeats: usize, mut pass: impl FnMut()) -> f64 {
-    pass();
-    (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            pass();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+mod shared;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -50,7 +29,7 @@ fn main() -> anyhow::Result<()> {
     let mut own = Vec::new();
     let mut own_f32 = Vec::new();
     let mut torch = Vec::new();
-    for (n, k) in LAYER {
+    for (n, k) in LAYER.map(|(n, k)| (n as i64, k as i64)) {
         let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.02;
         let p = PackedWeight::quantize(&w, spec, "probe")?;
         anyhow::ensure!(
@@ -69,15 +48,15 @@ fn main() -> anyhow::Result<()> {
     let x = |k: i64| &inputs[usize::from(k != 4096)];
     let pass = |ws: &[PackedWeight]| {
         for (w, (_, k)) in ws.iter().zip(LAYER) {
-            let _ = std::hint::black_box(w.matmul(x(k)));
+            let _ = std::hint::black_box(w.matmul(x(k as i64)));
         }
     };
-    let macs: f64 = LAYER.iter().map(|&(n, k)| (n * k * m) as f64).sum();
+    let macs: f64 = LAYER.iter().map(|&(n, k)| (n * k) as f64 * m as f64).sum();
     println!("one LLaMA-7B layer's linears, M = {m} bf16 rows, {rounds} rounds (best of 3 each)");
     let mut times: [Vec<f64>; 3] = Default::default();
     for r in 0..rounds {
-        let t =
-            [best_of(3, || pass(&own)), best_of(3, || pass(&own_f32)), best_of(3, || pass(&torch))];
+        let ms = |ws: &[PackedWeight]| best_of(3, || pass(ws)) * 1e3;
+        let t = [ms(&own), ms(&own_f32), ms(&torch)];
         println!(
             "round {r}: own pairs {:.1} ms, own f32 {:.1} ms, libtorch int4 {:.1} ms",
             t[0], t[1], t[2]

@@ -9,39 +9,19 @@
 //! Run: `cargo run -p qvlm-core --example stream_probe [ROUNDS] [THREADS] [GROUP]` (threads: libtorch's
 //! team size, default one per core).
 
-use std::time::Instant;
-
 use qvlm_core::quant::bf16_own::Bf16Weight;
 use qvlm_core::quant::int4_avx512::Int4Weight;
 use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::team::{read_bandwidth, read_bandwidth_by_prefetch};
+use shared::{best_of, LAYER};
 
-/// One LLaMA-7B decoder layer's linears `[out, in]`: q, k, v, o, gate, up, down.
-const LAYER: [(usize, usize); 7] = [
-    (4096, 4096),
-    (4096, 4096),
-    (4096, 4096),
-    (4096, 4096),
-    (11008, 4096),
-    (11008, 4096),
-    (4096, 11008),
-];
+mod shared;
+
 /// The 4-bit weights' group size unless the third argument names another.
 const GROUP: usize = 128;
 
 /// A kernel's name, the bytes one pass streams, and the pass.
 type Kernel<'a> = (&'a str, usize, Box<dyn Fn() + 'a>);
-
-fn best_of(repeats: usize, mut pass: impl FnMut()) -> f64 {
-    pass();
-    (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            pass();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(3);

@@ -24,7 +24,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use qvlm_core::model::fused::{FusedCache, FusedDecoder};
-use qvlm_core::model::llama::KvCache;
+use qvlm_core::model::llama::{KvCache, LlamaModel};
 use tch::{Device, Kind, Tensor};
 
 use super::config::MeasureSettings;
@@ -196,34 +196,23 @@ pub fn run(
         let head_ms = ms(t);
         let fused_step = match &mut fused {
             Some((decoder, cache)) => {
-                let t = Instant::now();
-                let fused_h = decoder
-                    .step_token(&token, &position, cache)
+                let (split, fused_h) = timed_fused_step(lm, decoder, &token, &position, cache)
                     .context("the fused decode step")?;
-                let layers_ms = ms(t);
-                let t = Instant::now();
-                let _ = std::hint::black_box(lm.head(&fused_h.select(1, -1)).argmax(-1, false));
-                let head_ms = ms(t);
                 let scale = h.to_kind(Kind::Float).abs().max().double_value(&[]);
                 let diff = (fused_h.to_kind(Kind::Float) - h.to_kind(Kind::Float))
                     .abs()
                     .max()
                     .double_value(&[]);
-                Some((Split { vision_ms: 0.0, layers_ms, head_ms }, diff / scale))
+                Some((split, diff / scale))
             }
             None => None,
         };
         let partner_step = match &mut partner {
-            Some((p_lm, decoder, cache)) => {
-                let t = Instant::now();
-                let h = decoder
-                    .step_token(&token, &position, cache)
-                    .context("the 16-bit partner's fused step")?;
-                let layers_ms = ms(t);
-                let t = Instant::now();
-                let _ = std::hint::black_box(p_lm.head(&h.select(1, -1)).argmax(-1, false));
-                Some(Split { vision_ms: 0.0, layers_ms, head_ms: ms(t) })
-            }
+            Some((p_lm, decoder, cache)) => Some(
+                timed_fused_step(p_lm, decoder, &token, &position, cache)
+                    .context("the 16-bit partner's fused step")?
+                    .0,
+            ),
             None => None,
         };
         let linears_ms = linears_pass()?;
@@ -247,6 +236,23 @@ pub fn run(
         fused_max_rel_diff,
         partner_fused: partner_steps,
     })
+}
+
+/// One fused decode step of `token` at `position` on `decoder` (the layers of `lm`), then `lm`'s
+/// head on its output, each timed: the split and the final hidden state.
+fn timed_fused_step(
+    lm: &LlamaModel,
+    decoder: &FusedDecoder,
+    token: &Tensor,
+    position: &Tensor,
+    cache: &mut FusedCache,
+) -> qvlm_core::error::Result<(Split, Tensor)> {
+    let t = Instant::now();
+    let h = decoder.step_token(token, position, cache)?;
+    let layers_ms = ms(t);
+    let t = Instant::now();
+    let _ = std::hint::black_box(lm.head(&h.select(1, -1)).argmax(-1, false));
+    Ok((Split { vision_ms: 0.0, layers_ms, head_ms: ms(t) }, h))
 }
 
 /// One pass of the decoder's linears alone, as the module doc says, in milliseconds.
