@@ -321,12 +321,16 @@ impl Int4Weight {
         if weights.is_empty() || weights.iter().any(refused) {
             return None;
         }
-        // A prefill in bf16 pairs when every weight takes it and the activations are bf16
-        // values (put in the pair layout once for all weights and threads).
+        // A prefill in bf16 pairs on each weight that takes it alone (decided once per call),
+        // when the activations are bf16 values (put in the pair layout once for all weights and
+        // threads).
         let k = weights[0].k;
-        let paired = (m > 1 && weights.iter().all(|w| w.paired_prefill_refused().is_none()))
-            .then(|| int4_pairs::PairedRows::new(x, m, k))
-            .flatten();
+        let takes_pairs: Vec<bool> =
+            weights.iter().map(|w| m > 1 && w.paired_prefill_refused().is_none()).collect();
+        let paired =
+            takes_pairs.iter().any(|&p| p).then(|| int4_pairs::PairedRows::new(x, m, k)).flatten();
+        let pairs_for =
+            |w: &Self| weights.iter().zip(&takes_pairs).any(|(v, &p)| p && std::ptr::eq(*v, w));
         // At least 16 quads (64 rows) per range: long enough a stream for the prefetch to run
         // ahead of the loads.
         team::quads_matmul_many(
@@ -337,11 +341,11 @@ impl Int4Weight {
             QUAD,
             16,
             |w, first, count, out| match &paired {
-                Some(p) => {
+                Some(p) if pairs_for(w) => {
                     let prefetch = |q: usize| w.prefetch_quad(q);
                     int4_pairs::quads(&w.codes(), p, first, count, out, &prefetch)
                 }
-                None => w.rows(x, m, first, count, out),
+                _ => w.rows(x, m, first, count, out),
             },
         )
     }

@@ -6,12 +6,15 @@
 //! centred code `c − (zero_point − qmin)` is a small integer (|·| < 256 on every 4-bit grid; the
 //! table builder checks it), so both factors are bf16 values and each product is exact in f32
 //! (8 + 8 significant bits). The scale is applied once per group at the group's end,
-//! `Σ_g scale_g · Σ_{k∈g} x_k · (c_k − offset_g)`, like the AVX2 decode kernel: the result differs
-//! from the f32 matmul of the dequantized weight only in the order and grouping of its f32
-//! roundings, and in that `vdpbf16ps` flushes subnormal inputs and outputs to zero (bf16
-//! activations below 1.2e-38). Where any activation is not a bf16 value (an f32 model), a group
-//! is not a multiple of 32 inputs, or the weight is held at the AVX2 level, the f32 path runs
-//! (each case tested); `Int4Weight::paired_prefill_refused` says which.
+//! `Σ_g scale_g · Σ_{k∈g} x_k · (c_k − offset_g)`, like the AVX2 decode kernel. The f32 path
+//! rounds each dequantized weight `(c − offset) · scale` to f32 and sums its products; this path
+//! never forms that weight, so the two differ by that rounding and by the order and grouping of
+//! the sums' f32 roundings (both within 1e-6 of the terms' magnitude of the exact f64 sum,
+//! tested). `vdpbf16ps` also flushes subnormal inputs and outputs to zero (bf16 activations
+//! below 1.2e-38), and a group's unscaled sum overflows f32 sooner (activations above ~1e36).
+//! Where any activation is not a bf16 value (an f32 model), a group is not a multiple of 32
+//! inputs, or the weight is held at the AVX2 level, the f32 path runs (each case tested);
+//! `Int4Weight::paired_prefill_refused` says which.
 //!
 //! Layout: the 32 inputs `32c .. 32c + 32` of a row go into one register as 16 pairs, pair `j` =
 //! inputs `(32c + j, 32c + 16 + j)` — the order in which two nibbles `2p, 2p + 1` of the codes'
@@ -123,8 +126,10 @@ pub(crate) fn refused(w: &Codes) -> Option<String> {
 
 /// Quads `first..first + count` of `w` times every row of `x`, into `out` `[count · 4, m]` (the
 /// layout of `Int4Weight::rows`); `prefetch(q)` is called for quad `q + 1` before quad `q` is
-/// multiplied. Panics unless [`refused`] is `None`, the quads are in range and the lengths match
-/// (checked before any unsafe code runs).
+/// multiplied. The caller has found [`refused`] `None` for `w` (once per call, not per range:
+/// it scans every zero point); what the unsafe code's memory safety rests on is checked here
+/// before it runs, and a violation panics: the CPU's features, the shape's divisibility, the
+/// quads in range, the lengths.
 pub(crate) fn quads(
     w: &Codes,
     x: &PairedRows,
@@ -133,19 +138,26 @@ pub(crate) fn quads(
     out: &mut [f32],
     prefetch: &dyn Fn(usize),
 ) {
-    assert!(refused(w).is_none(), "the paired prefill refused this weight");
-    let (k, m) = (w.k, x.m);
-    assert!(x.k == k && x.bits.len() == m * k, "activations of another width");
+    assert!(available(), "the paired prefill needs AVX-512F+BW and AVX512-BF16");
+    let (k, m, group) = (w.k, x.m, w.group);
+    assert!(group > 0 && group.is_multiple_of(PAIRS), "groups are not whole pair registers");
+    assert!(k.is_multiple_of(BLOCK) && k.is_multiple_of(group), "k is not whole blocks and groups");
+    assert!(x.k == k && Some(x.bits.len()) == m.checked_mul(k), "activations of another width");
     let end = first.checked_add(count).and_then(|e| e.checked_mul(QUAD));
     assert!(end.is_some_and(|e| e <= w.n), "quads past the weight");
-    let groups = k / w.group;
-    let blocks = (k / BLOCK) * QUAD * 16;
-    assert!(end.is_some_and(|e| e / QUAD * blocks <= w.words.len()), "quads past the codes");
-    assert!(end.is_some_and(|e| e * groups <= w.scale.len()), "quads past the scales");
+    let groups = k / group;
+    let quad_words = (k / BLOCK) * QUAD * 16;
+    let words = end.and_then(|e| (e / QUAD).checked_mul(quad_words));
+    assert!(words.is_some_and(|words| words <= w.words.len()), "quads past the codes");
+    let scales_end = end.and_then(|e| e.checked_mul(groups));
+    assert!(scales_end.is_some_and(|s| s <= w.scale.len()), "quads past the scales");
     assert!(w.zero_point.is_none_or(|z| z.len() == w.scale.len()), "zero points ≠ scales");
     assert!(Some(out.len()) == count.checked_mul(QUAD * m), "out is not 4 · count · m long");
+    debug_assert!(refused(w).is_none(), "the caller checks `refused` once per call");
     let mut scratch = vec![0u16; QUAD * k];
     let mut scales = vec![0f32; QUAD * groups];
+    // The tiles' totals, zeroed per quad: allocated once per range.
+    let mut totals = vec![0f32; avx512bf16_totals_len(m)];
     for q in 0..count {
         let quad = first + q;
         // The next quad's codes on their way to L2 while this one is multiplied.
@@ -156,9 +168,10 @@ pub(crate) fn quads(
                 .copy_from_slice(&w.scale[row * groups..(row + 1) * groups]);
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F+BW+BF16 present and the group a multiple of 32 (`refused` is None,
-        // asserted); the quad is in range (asserted); `scratch` is `4 · k` long, `x` `m · k`,
-        // `scales` `4 · groups`, and `out`'s slice `4 · m`.
+        // SAFETY: AVX-512F+BW+BF16 present, the group a multiple of 32, `k` of 128 and of the
+        // group, the quad's codes, scales and zero points in range (all asserted above);
+        // `scratch` is `4 · k` long, `x` `m · k`, `scales` `4 · groups`, `totals` as
+        // `quad_times_rows` needs and `out`'s slice `4 · m`.
         unsafe {
             avx512bf16::centred_quad(w, quad, &mut scratch);
             avx512bf16::quad_times_rows(
@@ -167,18 +180,28 @@ pub(crate) fn quads(
                 &x.bits,
                 m,
                 k,
-                w.group,
+                group,
+                &mut totals,
                 &mut out[q * QUAD * m..][..QUAD * m],
             );
         }
     }
 }
 
+/// Activation rows per tile of `avx512bf16::quad_times_rows`.
+const TILE_ROWS: usize = 4;
+
+/// f32s of the tiles' totals for `m` activation rows (`avx512bf16::quad_times_rows`): 16 lanes
+/// for each weight row of the quad by each activation row of a whole number of tiles.
+fn avx512bf16_totals_len(m: usize) -> usize {
+    m.div_ceil(TILE_ROWS) * TILE_ROWS * QUAD * 16
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
     use std::arch::x86_64::*;
 
-    use super::{Codes, BLOCK, PAIRS, QUAD};
+    use super::{Codes, BLOCK, PAIRS, QUAD, TILE_ROWS};
 
     /// Inputs per pass over the activation rows: a quad's 4 × 2048 bf16 (16 KiB) stays in L1
     /// while every tile of activation rows passes (their 2048-input slices from L2).
@@ -248,9 +271,6 @@ mod avx512bf16 {
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
-    /// Activation rows per tile.
-    const TILE_ROWS: usize = 4;
-
     /// A quad of centred rows (`quad` `[4, k]` pair layout, `scales` `[4, k/group]`) times the
     /// `m` rows of `x` (`[m, k]` pair layout), into `out` `[4, m]`: tiles of the four weight rows
     /// by four activation rows, each group's products summed by `vdpbf16ps` into sixteen fresh
@@ -269,20 +289,23 @@ mod avx512bf16 {
         m: usize,
         k: usize,
         group: usize,
+        totals: &mut [f32],
         out: &mut [f32],
     ) {
         debug_assert!(quad.len() == QUAD * k && x.len() == m * k && out.len() == QUAD * m);
+        debug_assert!(totals.len() == super::avx512bf16_totals_len(m));
         let groups = k / group;
         let chunk = (K_CHUNK / group).max(1) * group;
         let tiles = m.div_ceil(TILE_ROWS);
-        // Per tile, `[i][j]`: weight row i by the tile's activation row j.
-        let mut totals = vec![_mm512_setzero_ps(); tiles * TILE_ROWS * QUAD];
+        // Per tile, `[i][j]`: weight row i by the tile's activation row j, 16 lanes each.
+        totals.fill(0.0);
+        let tp = totals.as_mut_ptr();
         let (w, xp, sp) = (quad.as_ptr(), x.as_ptr(), scales.as_ptr());
         let mut c0 = 0;
         while c0 < k {
             let c1 = (c0 + chunk).min(k);
             for t in 0..tiles {
-                let tot = totals.as_mut_ptr().add(t * TILE_ROWS * QUAD);
+                let tot = tp.add(t * TILE_ROWS * QUAD * 16);
                 // The last tile of an `m` that is not a multiple of four repeats its last row
                 // (those sums are not stored).
                 let mut rows = [0usize; TILE_ROWS];
@@ -310,8 +333,9 @@ mod avx512bf16 {
                     for i in 0..QUAD {
                         let s = _mm512_set1_ps(*sp.add(i * groups + g));
                         for j in 0..TILE_ROWS {
-                            let at = tot.add(i * TILE_ROWS + j);
-                            *at = _mm512_fmadd_ps(acc[i][j], s, *at);
+                            let at = tot.add((i * TILE_ROWS + j) * 16);
+                            let sum = _mm512_fmadd_ps(acc[i][j], s, _mm512_loadu_ps(at));
+                            _mm512_storeu_ps(at, sum);
                         }
                     }
                     g += 1;
@@ -325,8 +349,8 @@ mod avx512bf16 {
                 for j in 0..TILE_ROWS {
                     let r = TILE_ROWS * t + j;
                     if r < m {
-                        let total = totals[(t * QUAD + i) * TILE_ROWS + j];
-                        out[i * m + r] = _mm512_reduce_add_ps(total);
+                        let at = ((t * QUAD + i) * TILE_ROWS + j) * 16;
+                        out[i * m + r] = _mm512_reduce_add_ps(_mm512_loadu_ps(tp.add(at)));
                     }
                 }
             }
@@ -380,9 +404,16 @@ mod tests {
             (16, 512, 64, false, 5),
             (4, 256, 256, false, 4),
             (12, 768, 192, true, 7),
-            // Past one chunk of 2048 inputs (the totals carried between chunks).
+            // Past one chunk of 2048 inputs (the totals carried between chunks), with groups
+            // that do not divide the chunk (96: chunks of 2016; 192: of 1920) and one larger
+            // than it (4096: chunks of one group).
             (8, 2304, 128, false, 3),
             (4, 4608, 256, true, 2),
+            (8, 2304, 96, false, 5),
+            (4, 2304, 192, true, 3),
+            (4, 8192, 4096, false, 2),
+            // 64 quads: the thread team hands out several ranges, so quads start past 0.
+            (256, 256, 64, false, 3),
         ] {
             let Some((nibbles, w)) = weight(n, k, group, symmetric) else { continue };
             if !available() {
@@ -451,17 +482,26 @@ mod tests {
     #[test]
     fn paired_weights_in_one_hand_out_equal_each_alone_bit_for_bit() {
         let shapes = [(96, 128, false), (32, 64, true), (160, 128, false)];
-        let Some(ws) = shapes
+        let Some(mut ws) = shapes
             .iter()
             .map(|&(n, group, symmetric)| weight(n, 512, group, symmetric).map(|(_, w)| w))
             .collect::<Option<Vec<_>>>()
         else {
             return;
         };
-        let refs: Vec<&Int4Weight> = ws.iter().collect();
         let x = bf16_rows(3, 512);
-        let many = Int4Weight::matmul_many(&refs, &x, 3).expect("kernel runs");
-        let alone = |i: usize| ws[i].matmul(&x, 3).expect("kernel runs");
-        team::assert_each_equals_alone(&many, ws.len(), alone, "paired m 3");
+        for what in ["all paired", "the middle one in f32"] {
+            if what != "all paired" {
+                ws[1] = ws[1].clone().with_prefill(Prefill::F32);
+            }
+            let expect_paired = |i: usize| available() && (i != 1 || what == "all paired");
+            for (i, w) in ws.iter().enumerate() {
+                assert_eq!(w.paired_prefill_refused().is_none(), expect_paired(i), "{what} {i}");
+            }
+            let refs: Vec<&Int4Weight> = ws.iter().collect();
+            let many = Int4Weight::matmul_many(&refs, &x, 3).expect("kernel runs");
+            let alone = |i: usize| ws[i].matmul(&x, 3).expect("kernel runs");
+            team::assert_each_equals_alone(&many, ws.len(), alone, what);
+        }
     }
 }

@@ -17,7 +17,7 @@
 //! model of the same shape on the own bf16 kernel), every fused step is followed by the
 //! partner's fused step on the same token and position, on a third copy of the prefilled cache
 //! (its output is not compared: its weights are others), so that the two are timed in the same
-//! seconds.
+//! seconds; on odd steps the partner's step comes first.
 
 use std::time::Instant;
 
@@ -194,6 +194,20 @@ pub fn run(
         next = lm.head(&h.select(1, -1)).argmax(-1, false);
         sync(device);
         let head_ms = ms(t);
+        // The partner's step before the row's fused step on odd steps, after it on even ones:
+        // neither side always follows the libtorch step.
+        let mut run_partner = || -> Result<Option<Split>> {
+            match &mut partner {
+                Some((p_lm, decoder, cache)) => Ok(Some(
+                    timed_fused_step(p_lm, decoder, &token, &position, cache)
+                        .context("the 16-bit partner's fused step")?
+                        .0,
+                )),
+                None => Ok(None),
+            }
+        };
+        let partner_first = step % 2 == 1;
+        let mut partner_step = if partner_first { run_partner()? } else { None };
         let fused_step = match &mut fused {
             Some((decoder, cache)) => {
                 let (split, fused_h) = timed_fused_step(lm, decoder, &token, &position, cache)
@@ -207,14 +221,9 @@ pub fn run(
             }
             None => None,
         };
-        let partner_step = match &mut partner {
-            Some((p_lm, decoder, cache)) => Some(
-                timed_fused_step(p_lm, decoder, &token, &position, cache)
-                    .context("the 16-bit partner's fused step")?
-                    .0,
-            ),
-            None => None,
-        };
+        if !partner_first {
+            partner_step = run_partner()?;
+        }
         let linears_ms = linears_pass()?;
         if step >= spec.warmup_tokens {
             decode.push(Split { vision_ms: 0.0, layers_ms, head_ms });

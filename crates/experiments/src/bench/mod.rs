@@ -625,9 +625,17 @@ fn run_bf16_round(
         let (kernel, fallbacks) = kernels(&model);
         let partner_model = paired.filter(|_| s.is_w4()).map(|p| &p.model);
         let (timings, roof) = measure(&model, partner_model, cfg, shape.dims.image_size, &what)?;
-        // The rows' resident memory without the partner's.
+        // The rows' resident memory without the partner's; unknown (and said so) where the
+        // difference comes out negative: the two reads were not comparable.
         let rss = match paired {
-            Some(p) => rss_delta(base).zip(p.rss_bytes).map(|(all, partner)| all - partner),
+            Some(p) => rss_delta(base).zip(p.rss_bytes).map(|(all, partner)| all - partner).filter(
+                |&rss| {
+                    if rss < 0 {
+                        tracing::warn!("{what}: RSS less the partner's is negative; left out");
+                    }
+                    rss >= 0
+                },
+            ),
             None => rss_delta(base),
         };
         let m = Measured {

@@ -216,6 +216,15 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
         let lo = col("fused_speedup_vs_bf16_own_stepped_lo");
         assert_eq!(lo, Some(ratios[0].min(ratios[1])));
         assert!(col("bf16_own_stepped_fused_ms").is_some_and(|ms| ms > 0.0));
+        // A round without a partner (it did not fit beside the row): the note says so.
+        let mut rows = out.rows.clone();
+        let w4 = rows.iter().position(|r| r.scheme == Scheme::W4a16).expect("W4A16 row");
+        rows[w4].round_fused_speedup_stepped.truncate(1);
+        report::write_results(&results, &rows, &out.info).expect("rewrite");
+        let rebuilt = report::build(&results).expect("report");
+        let note = rebuilt.table.column("note").expect("column").str().expect("str").get(w4);
+        let note = note.unwrap_or("");
+        assert!(note.contains("step-paired ratio from 1 of 2 rounds"), "{note}");
     } else {
         assert_eq!(stepped, None);
     }
