@@ -628,15 +628,15 @@ fn run_bf16_round(
         // The rows' resident memory without the partner's; unknown (and said so) where the
         // difference comes out negative: the two reads were not comparable.
         let rss = match paired {
-            Some(p) => rss_delta(base).zip(p.rss_bytes).map(|(all, partner)| all - partner).filter(
-                |&rss| {
-                    if rss < 0 {
-                        tracing::warn!("{what}: RSS less the partner's is negative; left out");
-                    }
-                    rss >= 0
-                },
-            ),
             None => rss_delta(base),
+            Some(p) => match rss_delta(base).zip(p.rss_bytes) {
+                Some((all, partner)) if all >= partner => Some(all - partner),
+                Some(_) => {
+                    tracing::warn!("{what}: RSS less the partner's is negative; left out");
+                    None
+                }
+                None => None,
+            },
         };
         let m = Measured {
             scheme: s,
