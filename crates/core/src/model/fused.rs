@@ -285,20 +285,21 @@ impl<'a> TokenLinear<'a> {
         kind: StepKind,
     ) -> Result<[Vec<f32>; N]> {
         let unrotated = linears.iter().all(|l| l.linear.input_rotation.is_none());
-        let packed = linears
-            .iter()
-            .map(|l| match &l.linear.weight {
-                LinearWeight::Packed(p) => Some(p),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>();
-        let bf16 = linears
-            .iter()
-            .map(|l| match &l.linear.weight {
-                LinearWeight::Bf16Own(w) => Some(w),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>();
+        // Every linear's weight as `pick` takes it, or `None` if one is held otherwise.
+        fn all<'w, T>(
+            linears: &[&TokenLinear<'w>],
+            pick: impl Fn(&'w LinearWeight) -> Option<&'w T>,
+        ) -> Option<Vec<&'w T>> {
+            linears.iter().map(|l| pick(&l.linear.weight)).collect()
+        }
+        let packed = all(&linears, |w| match w {
+            LinearWeight::Packed(p) => Some(p),
+            _ => None,
+        });
+        let bf16 = all(&linears, |w| match w {
+            LinearWeight::Bf16Own(b) => Some(b),
+            _ => None,
+        });
         let together = match (unrotated, packed, bf16) {
             (true, Some(p), _) => PackedWeight::matmul_token_many(&p, x),
             (true, _, Some(w)) => Bf16Weight::matmul_many(&w, x, 1),
