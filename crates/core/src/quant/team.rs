@@ -337,33 +337,65 @@ impl ReadPrefetch {
 /// weights can arrive, which a copy (read + write) and a libtorch GEMV (compute-bound on some
 /// CPUs) are not.
 pub fn read_bandwidth(bytes: usize, repeats: usize) -> f64 {
-    read_bandwidth_by_prefetch(bytes, repeats).iter().map(|&(_, bw)| bw).fold(0.0, f64::max)
+    ReadRoof::new(bytes).read(repeats)
 }
 
 /// [`read_bandwidth`] per [`ReadPrefetch`] variant: `(variant, bytes per second)`, best of
 /// `repeats` each.
 pub fn read_bandwidth_by_prefetch(bytes: usize, repeats: usize) -> Vec<(ReadPrefetch, f64)> {
-    let words = (bytes / 8).max(1);
-    let buf: Vec<u64> = (0..words as u64).collect();
-    // 1 MiB per range: long enough for the hardware prefetcher, many ranges per thread.
-    let chunk = (1 << 20) / 8;
-    let pass = |prefetch: ReadPrefetch| {
-        let total = std::sync::atomic::AtomicU64::new(0);
-        for_each_range(default_team, words, chunk, &|r| {
-            total.fetch_add(sum_words(&buf[r], prefetch), Ordering::Relaxed);
-        });
-        std::hint::black_box(total.into_inner())
-    };
-    pass(ReadPrefetch::L1);
-    let mut best = [f64::INFINITY; ReadPrefetch::ALL.len()];
-    for _ in 0..repeats.max(1) {
-        for (k, &prefetch) in ReadPrefetch::ALL.iter().enumerate() {
-            let t = std::time::Instant::now();
-            pass(prefetch);
-            best[k] = best[k].min(t.elapsed().as_secs_f64());
-        }
+    ReadRoof::new(bytes).by_prefetch(repeats)
+}
+
+/// A streaming-read roof that is read again and again from one buffer, allocated and touched
+/// once: the bench reads it right after every decode step (`measure.roof_each_step_mib`), where
+/// [`read_bandwidth`] would allocate and fill its buffer for every read.
+pub struct ReadRoof {
+    buf: Vec<u64>,
+}
+
+impl ReadRoof {
+    /// A buffer of `bytes` (at least one word), filled, then read once untimed.
+    pub fn new(bytes: usize) -> Self {
+        let words = (bytes / 8).max(1);
+        let roof = Self { buf: (0..words as u64).collect() };
+        roof.pass(ReadPrefetch::L1);
+        roof
     }
-    ReadPrefetch::ALL.iter().zip(best).map(|(&p, t)| (p, (words * 8) as f64 / t)).collect()
+
+    /// The buffer's length in bytes.
+    pub fn bytes(&self) -> usize {
+        self.buf.len() * 8
+    }
+
+    /// One read of the whole buffer on the kernels' team, `prefetch`'s way.
+    fn pass(&self, prefetch: ReadPrefetch) {
+        // 1 MiB per range: long enough for the hardware prefetcher, many ranges per thread.
+        let chunk = (1 << 20) / 8;
+        let total = std::sync::atomic::AtomicU64::new(0);
+        for_each_range(default_team, self.buf.len(), chunk, &|r| {
+            total.fetch_add(sum_words(&self.buf[r], prefetch), Ordering::Relaxed);
+        });
+        std::hint::black_box(total.into_inner());
+    }
+
+    /// Bytes per second per [`ReadPrefetch`] variant, best of `repeats` reads each (the variants
+    /// alternated within each repeat, so drift reaches them alike).
+    pub fn by_prefetch(&self, repeats: usize) -> Vec<(ReadPrefetch, f64)> {
+        let mut best = [f64::INFINITY; ReadPrefetch::ALL.len()];
+        for _ in 0..repeats.max(1) {
+            for (k, &prefetch) in ReadPrefetch::ALL.iter().enumerate() {
+                let t = std::time::Instant::now();
+                self.pass(prefetch);
+                best[k] = best[k].min(t.elapsed().as_secs_f64());
+            }
+        }
+        ReadPrefetch::ALL.iter().zip(best).map(|(&p, t)| (p, self.bytes() as f64 / t)).collect()
+    }
+
+    /// The fastest of [`ReadRoof::by_prefetch`]: the roof, bytes per second.
+    pub fn read(&self, repeats: usize) -> f64 {
+        self.by_prefetch(repeats).iter().map(|&(_, bw)| bw).fold(0.0, f64::max)
+    }
 }
 
 /// Wrapping sum of `v` at the kernels' SIMD level, read the way the kernels read their weights:
@@ -705,6 +737,14 @@ mod tests {
         }
         let roof = read_bandwidth(64 << 20, 2);
         assert!((1e8..1e13).contains(&roof), "{roof} B/s");
+        // One buffer read again and again (the bench's roof after every step).
+        let reader = ReadRoof::new(64 << 20);
+        assert_eq!(reader.bytes(), 64 << 20);
+        for _ in 0..3 {
+            let roof = reader.read(1);
+            assert!((1e8..1e13).contains(&roof), "{roof} B/s");
+        }
+        assert_eq!(ReadRoof::new(3).bytes(), 8, "at least one word");
     }
 
     #[test]

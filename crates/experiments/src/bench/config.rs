@@ -153,6 +153,15 @@ pub struct MeasureSettings {
     /// listed under "Not run").
     #[serde(default)]
     pub step_paired_16bit: bool,
+    /// On the CPU, read the memory roof again right after every fused decode step: one
+    /// streaming read of this many MiB in each prefetch variant, the fastest counting (one buffer,
+    /// allocated for the row and freed after it). Each step's weight traffic is then divided by
+    /// the roof of its own seconds (`fused_roof_pct_stepped`, the median over the row's steps),
+    /// where `roof_gb_s` is read before and after the row, 10–30 s apart: the 2-core machines'
+    /// bandwidth switched between ~47 and ~70 GB/s within seconds (AMD EPYC, 2026-12-06). Off
+    /// (absent) by default; a few times the last-level cache is enough.
+    #[serde(default)]
+    pub roof_each_step_mib: Option<usize>,
 }
 
 fn default_rounds() -> usize {
@@ -178,6 +187,7 @@ impl Default for MeasureSettings {
             decode_tokens: default_decode(),
             rounds: default_rounds(),
             step_paired_16bit: false,
+            roof_each_step_mib: None,
         }
     }
 }

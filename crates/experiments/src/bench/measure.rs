@@ -17,7 +17,9 @@
 //! model of the same shape on the own bf16 kernel), every fused step is followed by the
 //! partner's fused step on the same token and position, on a third copy of the prefilled cache
 //! (its output is not compared: its weights are others), so that the two are timed in the same
-//! seconds; on odd steps the partner's step comes first.
+//! seconds; on odd steps the partner's step comes first. With `measure.roof_each_step_mib`, the
+//! memory roof is read right after every fused step (one buffer, allocated for the row), so that
+//! each step's share of the roof is taken against the bandwidth of its own seconds.
 
 use std::time::Instant;
 
@@ -25,6 +27,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use qvlm_core::model::fused::{FusedCache, FusedDecoder};
 use qvlm_core::model::llama::{KvCache, LlamaModel};
+use qvlm_core::quant::team::ReadRoof;
 use tch::{Device, Kind, Tensor};
 
 use super::config::MeasureSettings;
@@ -65,6 +68,9 @@ pub struct Timings {
     pub fused_max_rel_diff: Option<f64>,
     /// Each timed fused step's partner step (the module doc; empty without a partner).
     pub partner_fused: Vec<Split>,
+    /// The memory roof (bytes/s) read right after each timed fused step
+    /// (`measure.roof_each_step_mib`; empty when it is off or off the CPU).
+    pub fused_roofs: Vec<f64>,
 }
 
 impl Timings {
@@ -178,6 +184,14 @@ pub fn run(
         (Some(_), _) => bail!("a step-paired 16-bit partner runs on the CPU only"),
         (None, _) => None,
     };
+    // The roof after every fused step: only where the fused path runs (the CPU).
+    let roof_reader = match (spec.roof_each_step_mib, &fused) {
+        (Some(mib), Some(_)) => Some(ReadRoof::new(
+            mib.checked_mul(1 << 20).context("measure.roof_each_step_mib overflows")?,
+        )),
+        _ => None,
+    };
+    let mut fused_roofs = Vec::with_capacity(spec.decode_tokens);
     let mut partner_steps = Vec::with_capacity(spec.decode_tokens);
     let mut decode = Vec::with_capacity(spec.decode_tokens);
     let mut linears = Vec::with_capacity(spec.decode_tokens);
@@ -221,6 +235,8 @@ pub fn run(
             }
             None => None,
         };
+        // One read per prefetch variant, right after the fused step.
+        let roof_now = roof_reader.as_ref().map(|r| r.read(1));
         if !partner_first {
             partner_step = run_partner()?;
         }
@@ -233,6 +249,7 @@ pub fn run(
                 fused_max_rel_diff = Some(fused_max_rel_diff.map_or(diff, |d| d.max(diff)));
             }
             partner_steps.extend(partner_step);
+            fused_roofs.extend(roof_now);
         }
         bar.inc(1);
     }
@@ -244,6 +261,7 @@ pub fn run(
         fused: fused_steps,
         fused_max_rel_diff,
         partner_fused: partner_steps,
+        fused_roofs,
     })
 }
 

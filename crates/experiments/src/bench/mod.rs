@@ -397,6 +397,19 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         .zip(partner_fused)
         .filter(|(own, _)| own.total_ms() > 0.0)
         .map(|(own, partner)| partner.total_ms() / own.total_ms());
+    // Each fused step's weight traffic over the roof read right after it (extrapolated like the
+    // step itself: the built layers' time scaled to the shape's, over the shape's bytes).
+    let bytes = (m.linears + m.extra + add_layers * layer_bytes) as f64;
+    let step_shares: Vec<f64> = t
+        .fused
+        .iter()
+        .zip(&t.fused_roofs)
+        .filter_map(|(&s, &roof)| {
+            let seconds = stretch(s).total_ms() / 1e3;
+            (seconds > 0.0 && roof > 0.0).then(|| 100.0 * bytes / seconds / roof)
+        })
+        .collect();
+    let fused_stepped_roof_pct = (!step_shares.is_empty()).then(|| report::median(&step_shares));
     let min_step = t
         .decode
         .iter()
@@ -413,7 +426,7 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         layers_built: built,
         weight_bytes: m.all + add_layers * layer_bytes,
         decoder_linear_bytes: layer_linears * layers,
-        decode_bytes_per_token: m.linears + m.extra + add_layers * layer_bytes,
+        decode_bytes_per_token: bytes as i64,
         rss_delta_bytes: m.rss.map(|r| r + add_layers * layer_bytes),
         prefill_positions: t.prefill_positions,
         prefill: stretch(t.prefill),
@@ -430,6 +443,7 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         round_fused_speedup_16bit: Vec::new(),
         partner_fused,
         round_fused_speedup_stepped: stepped.into_iter().collect(),
+        fused_stepped_roof_pct,
     }
 }
 
@@ -915,6 +929,7 @@ mod tests {
             round_fused_speedup_16bit: Vec::new(),
             partner_fused: None,
             round_fused_speedup_stepped: Vec::new(),
+            fused_stepped_roof_pct: None,
         }
     }
 
@@ -971,6 +986,7 @@ mod tests {
             fused: vec![step(9.0, 2.0), step(11.0, 2.0)],
             fused_max_rel_diff: Some(0.0),
             partner_fused: vec![step(30.0, 3.0), step(30.0, 3.0)],
+            fused_roofs: Vec::new(),
         };
         let measured = |timings: Timings| Measured {
             scheme: Scheme::W4a16,
@@ -992,6 +1008,46 @@ mod tests {
         let alone = Timings { partner_fused: Vec::new(), ..timings };
         let r = row(&cfg, "s", "s", 4, 1, measured(alone));
         assert!(r.partner_fused.is_none() && r.round_fused_speedup_stepped.is_empty());
+    }
+
+    /// Each fused step against the roof read right after it: the step extrapolated per layer,
+    /// over the shape's bytes, then the median over the steps.
+    #[test]
+    fn each_fused_step_is_divided_by_the_roof_read_after_it() {
+        let text = "[bench]\nname = \"t\"\n[model]\nshapes = [\"llava-7b\"]\n";
+        let cfg = config::parse(text, std::path::Path::new("t.toml")).expect("config");
+        let step = |layers_ms: f64| Split { vision_ms: 0.0, layers_ms, head_ms: 0.0 };
+        // 1 of 4 layers built, 1000 decoder-linear bytes in it: 4000 bytes a token. The steps,
+        // extrapolated: 40, 40 and 20 ms, i.e. 100 000, 100 000 and 200 000 bytes/s.
+        let timings = Timings {
+            prefill_positions: 1,
+            prefill: step(1.0),
+            decode: vec![step(20.0); 3],
+            linears: vec![15.0; 3],
+            fused: vec![step(10.0), step(10.0), step(5.0)],
+            fused_max_rel_diff: Some(0.0),
+            partner_fused: Vec::new(),
+            fused_roofs: vec![200_000.0, 100_000.0, 400_000.0],
+        };
+        let measured = |timings: Timings| Measured {
+            scheme: Scheme::W4a16,
+            kernel: "k".into(),
+            fallbacks: 0,
+            all: 1000,
+            linears: 1000,
+            extra: 0,
+            layer_rest: 0,
+            rss: None,
+            timings,
+            roof: [1.0, 1.0],
+        };
+        let r = row(&cfg, "s", "s", 4, 1, measured(timings.clone()));
+        assert_eq!(r.decode_bytes_per_token, 4000);
+        // 50 %, 100 % and 50 %: the median is 50 %.
+        assert_eq!(r.fused_stepped_roof_pct, Some(50.0));
+        // Without the reads: none.
+        let unread = Timings { fused_roofs: Vec::new(), ..timings };
+        assert_eq!(row(&cfg, "s", "s", 4, 1, measured(unread)).fused_stepped_roof_pct, None);
     }
 
     #[test]

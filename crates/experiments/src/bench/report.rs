@@ -15,7 +15,7 @@ use crate::table::csv_field;
 use crate::{figure, table};
 
 /// Metrics of `measurements.csv`, one row each per configuration.
-const METRICS: [&str; 35] = [
+const METRICS: [&str; 36] = [
     "layers",
     "layers_built",
     "weight_bytes",
@@ -51,6 +51,7 @@ const METRICS: [&str; 35] = [
     "fused_speedup_stepped_lo",
     "fused_speedup_stepped_hi",
     "fused_speedup_stepped_rounds",
+    "fused_stepped_roof_pct",
 ];
 
 /// The targets on this CPU: W4A16 against the fastest 16-bit row of the run (the fair FP16-class
@@ -141,6 +142,9 @@ pub fn write_results(dir: &Path, rows: &[Row], info: &RunInfo) -> Result<()> {
         if let Some(partner) = r.partner_fused {
             push("partner_fused_ms", partner.total_ms());
         }
+        if let Some(pct) = r.fused_stepped_roof_pct {
+            push("fused_stepped_roof_pct", pct);
+        }
         if !r.round_fused_speedup_stepped.is_empty() {
             push("fused_speedup_stepped_rounds", r.round_fused_speedup_stepped.len() as f64);
         }
@@ -172,8 +176,8 @@ fn range(v: &[f64]) -> (f64, f64) {
     (lo, hi)
 }
 
-/// The median of `v` (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> f64 {
+/// The median of `v` (the mean of the middle two for an even count; NaN for none).
+pub(super) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -224,6 +228,7 @@ pub fn build(dir: &Path) -> Result<Report> {
         get("speedup_16bit_paired_hi")?,
     );
     let (fused, fused_diff) = (get("decode_fused_ms")?, get("fused_max_rel_diff")?);
+    let fused_stepped_roof_pct = get("fused_stepped_roof_pct")?;
     let (fused_paired, fused_paired_lo, fused_paired_hi) = (
         get("fused_speedup_16bit_paired_median")?,
         get("fused_speedup_16bit_paired_lo")?,
@@ -277,6 +282,7 @@ pub fn build(dir: &Path) -> Result<Report> {
             ("decode", roof_pct),
             ("linears alone", linears_roof_pct),
             ("fused decode", fused_roof_pct),
+            ("fused decode, the roof read after each step", fused_stepped_roof_pct[i]),
         ] {
             if let Some(p) = pct.filter(|&p| p > 100.0) {
                 notes.push(format!(
@@ -348,6 +354,7 @@ pub fn build(dir: &Path) -> Result<Report> {
         c.head_pct.push(ratio(head[i], decode[i]).map(|r| 100.0 * r));
         c.fused_ms.push(fused[i]);
         c.fused_roof_pct.push(fused_roof_pct);
+        c.fused_roof_pct_stepped.push(fused_stepped_roof_pct[i]);
         c.fused_vs_step.push(ratio(decode[i], fused[i]));
         c.fused_speedup_16bit.push(if several {
             fused_paired[i]
@@ -453,6 +460,7 @@ struct Columns {
     head_pct: Vec<Option<f64>>,
     fused_ms: Vec<Option<f64>>,
     fused_roof_pct: Vec<Option<f64>>,
+    fused_roof_pct_stepped: Vec<Option<f64>>,
     fused_vs_step: Vec<Option<f64>>,
     fused_speedup_16bit: Vec<Option<f64>>,
     fused_speedup_16bit_lo: Vec<Option<f64>>,
@@ -503,6 +511,7 @@ impl Columns {
             &mut self.head_pct,
             &mut self.fused_ms,
             &mut self.fused_roof_pct,
+            &mut self.fused_roof_pct_stepped,
             &mut self.fused_vs_step,
             &mut self.fused_speedup_16bit,
             &mut self.fused_speedup_16bit_lo,
@@ -556,6 +565,7 @@ impl Columns {
             f("head_pct", &self.head_pct),
             f("fused_decode_ms", &self.fused_ms),
             f("fused_roof_pct", &self.fused_roof_pct),
+            f("fused_roof_pct_stepped", &self.fused_roof_pct_stepped),
             f("fused_x_vs_step", &self.fused_vs_step),
             f("fused_speedup_vs_16bit", &self.fused_speedup_16bit),
             f("fused_speedup_vs_16bit_lo", &self.fused_speedup_16bit_lo),
@@ -589,10 +599,14 @@ fn targets(c: &Columns) -> Vec<Target> {
         );
         let fused_roof =
             format!("{label} decode weight traffic on the fused decode path, % of the memory roof");
+        let fused_roof_stepped = format!(
+            "{label} decode weight traffic on the fused decode path, % of the roof read right after each step (median over steps)"
+        );
         if label == "BF16 own" {
             push(&roof, c.roof_pct[i], TARGET_ROOF_PCT);
             push(&alone, c.linears_roof_pct[i], TARGET_ROOF_PCT);
             push(&fused_roof, c.fused_roof_pct[i], TARGET_ROOF_PCT);
+            push(&fused_roof_stepped, c.fused_roof_pct_stepped[i], TARGET_ROOF_PCT);
         }
         if !label.starts_with("W4A16") {
             continue;
@@ -622,6 +636,7 @@ fn targets(c: &Columns) -> Vec<Target> {
             TARGET_SPEEDUP,
         );
         push(&fused_roof, c.fused_roof_pct[i], TARGET_ROOF_PCT);
+        push(&fused_roof_stepped, c.fused_roof_pct_stepped[i], TARGET_ROOF_PCT);
         push(
             &format!("{label} whole-model memory, BF16/FP16 bytes ÷ W4 bytes (×)"),
             c.mem_bf16[i],
@@ -694,6 +709,12 @@ fn method_notes(info: &RunInfo) -> String {
         cfg.bandwidth.mib,
         cfg.bandwidth.repeats,
     ));
+    if let Some(mib) = m.roof_each_step_mib {
+        s.push_str(&format!(
+            "- The roof after every step (`measure.roof_each_step_mib` = {mib}): right after each fused decode step, one streaming read of {mib} MiB in every prefetch variant (the fastest counts; one buffer per row, allocated before its steps); `fused_roof_pct_stepped` is the median over the row's timed steps of that step's `decode_gb_per_tok` over its time (extrapolated per layer like `fused_decode_ms`) ÷ the roof read after it — each step against the bandwidth of its own seconds, where `fused_roof_pct` takes the fused steps' mean against the higher of two reads 10–30 s apart. A single read per variant is noisier than `roof_gb_s`'s best of {}, and its maximum over the variants errs high, which lowers the share.\n",
+            cfg.bandwidth.repeats
+        ));
+    }
     if !cfg.checkpoints.is_empty() {
         let list: Vec<String> = cfg
             .checkpoints

@@ -74,6 +74,10 @@ pub struct Row {
     /// Per round, the partner's mean fused step ÷ this row's (the steps interleaved, so both met
     /// the same bandwidth); empty without a partner.
     pub round_fused_speedup_stepped: Vec<f64>,
+    /// The median over the fused steps of each step's weight traffic (`decode_bytes_per_token`
+    /// over its time, extrapolated like `decode`) ÷ the roof read right after it, in percent
+    /// (`measure.roof_each_step_mib`); `None` without those reads.
+    pub fused_stepped_roof_pct: Option<f64>,
 }
 
 impl Row {

@@ -40,6 +40,7 @@ warmup_tokens = 1
 decode_tokens = 2
 rounds = 2
 step_paired_16bit = true
+roof_each_step_mib = 16
 
 [bandwidth]
 mib = 16
@@ -193,12 +194,19 @@ fn bench_on_a_tiny_shape_reports_every_configuration_with_exact_bytes() {
     }
     let md = std::fs::read_to_string(results.join("efficiency.md")).expect("md");
     assert!(md.contains("W4A16 g128") && md.contains("Targets"), "{md}");
-    // Seven targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs) and an eighth
-    // with the step-paired partner, three for the own bf16 row (the decode's, the linears
-    // alone's and the fused decode's share of the roof).
+    // Eight targets for each W4A16 row (exact, libtorch's, and q8 where VNNI runs) and a ninth
+    // with the step-paired partner, four for the own bf16 row (the decode's, the linears
+    // alone's and the fused decode's share of the roof, the last also against the roof read
+    // after each step).
     let w4a16_rows = 2 + usize::from(vnni);
-    let per_w4a16 = 7 + usize::from(own16);
-    assert_eq!(out.report.targets.len(), per_w4a16 * w4a16_rows + 3 * usize::from(own16));
+    let per_w4a16 = 8 + usize::from(own16);
+    assert_eq!(out.report.targets.len(), per_w4a16 * w4a16_rows + 4 * usize::from(own16));
+    // The roof was read after every fused step: each row's share of it per step, in the table.
+    for r in &out.rows {
+        let pct = r.fused_stepped_roof_pct;
+        assert!(pct.is_some_and(|p| p.is_finite() && p > 0.0), "{}: {pct:?}", r.label);
+    }
+    assert_eq!(col("fused_roof_pct_stepped"), row(Scheme::W4a16).fused_stepped_roof_pct);
     // The W4 rows' fused steps were each followed by the partner's (one ratio a round), and only
     // theirs; the table has the median of the two rounds' ratios and their range.
     for r in &out.rows {
@@ -275,6 +283,8 @@ fn a_row_above_its_roof_is_flagged() {
     // A roof at half the row's rate after it, a quarter before: 200 % of the higher one.
     rows[w4].roof_before_bytes_per_s = gbs / 4.0;
     rows[w4].roof_after_bytes_per_s = gbs / 2.0;
+    // And the fused steps at 150 % of the roofs read after them.
+    rows[w4].fused_stepped_roof_pct = Some(150.0);
     report::write_results(&results, &rows, &out.info).expect("rewrite");
     let rebuilt = report::build(&results).expect("report");
     let t = &rebuilt.table;
@@ -291,13 +301,20 @@ fn a_row_above_its_roof_is_flagged() {
         / rows[w4].roof_after_bytes_per_s;
     assert!(alone.is_some_and(|p| (p - want).abs() < 1e-6 * want), "{alone:?} vs {want}");
     assert_eq!(note.contains("ABOVE THE ROOF (linears alone)"), want > 100.0, "{note}");
+    assert!(
+        note.contains("ABOVE THE ROOF (fused decode, the roof read after each step): 150 %"),
+        "{note}"
+    );
+    let stepped = t.column("fused_roof_pct_stepped").expect("column").f64().expect("f64").get(w4);
+    assert_eq!(stepped, Some(150.0));
     // The untouched row is not flagged by this logic unless it really is above its roof.
     let bf16 = rows.iter().position(|r| r.scheme == Scheme::Bf16).expect("BF16 row");
     let note = t.column("note").expect("column").str().expect("str").get(bf16).unwrap_or("");
     let pct = t.column("roof_pct").expect("column").f64().expect("f64").get(bf16).expect("pct");
     let alone =
         t.column("linears_roof_pct").expect("column").f64().expect("f64").get(bf16).expect("pct");
-    assert_eq!(note.contains("ABOVE THE ROOF"), pct > 100.0 || alone > 100.0, "{note}");
+    assert_eq!(note.contains("ABOVE THE ROOF (decode)"), pct > 100.0, "{note}");
+    assert_eq!(note.contains("ABOVE THE ROOF (linears alone)"), alone > 100.0, "{note}");
 }
 
 #[test]
