@@ -354,12 +354,24 @@ pub struct ReadRoof {
 }
 
 impl ReadRoof {
-    /// A buffer of `bytes` (at least one word), filled, then read once untimed.
+    /// A buffer of `bytes` (at least one word), filled, then read once untimed. Aborts when the
+    /// memory is not there, like any allocation; [`ReadRoof::try_new`] does not.
     pub fn new(bytes: usize) -> Self {
+        match Self::try_new(bytes) {
+            Ok(roof) => roof,
+            Err(e) => panic!("the roof's buffer of {bytes} bytes: {e}"),
+        }
+    }
+
+    /// [`ReadRoof::new`], or an error when the buffer cannot be allocated.
+    pub fn try_new(bytes: usize) -> Result<Self, std::collections::TryReserveError> {
         let words = (bytes / 8).max(1);
-        let roof = Self { buf: (0..words as u64).collect() };
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(words)?;
+        buf.extend(0..words as u64);
+        let roof = Self { buf };
         roof.pass(ReadPrefetch::L1);
-        roof
+        Ok(roof)
     }
 
     /// The buffer's length in bytes.
@@ -745,6 +757,7 @@ mod tests {
             assert!((1e8..1e13).contains(&roof), "{roof} B/s");
         }
         assert_eq!(ReadRoof::new(3).bytes(), 8, "at least one word");
+        assert!(ReadRoof::try_new(usize::MAX).is_err(), "an impossible buffer is an error");
     }
 
     #[test]

@@ -159,7 +159,8 @@ pub struct MeasureSettings {
     /// the roof of its own seconds (`fused_roof_pct_stepped`, the median over the row's steps),
     /// where `roof_gb_s` is read before and after the row, 10–30 s apart: the 2-core machines'
     /// bandwidth switched between ~47 and ~70 GB/s within seconds (AMD EPYC, 2026-12-06). Off
-    /// (absent) by default; a few times the last-level cache is enough.
+    /// (absent) by default. Short reads ran faster on that EPYC (256 MiB ~12 % above 1 GiB), so
+    /// it should be as large as `bandwidth.mib`.
     #[serde(default)]
     pub roof_each_step_mib: Option<usize>,
 }

@@ -186,9 +186,12 @@ pub fn run(
     };
     // The roof after every fused step: only where the fused path runs (the CPU).
     let roof_reader = match (spec.roof_each_step_mib, &fused) {
-        (Some(mib), Some(_)) => Some(ReadRoof::new(
-            mib.checked_mul(1 << 20).context("measure.roof_each_step_mib overflows")?,
-        )),
+        (Some(mib), Some(_)) => {
+            let bytes = mib.checked_mul(1 << 20).context("measure.roof_each_step_mib overflows")?;
+            Some(ReadRoof::try_new(bytes).with_context(|| {
+                format!("allocating the roof read after every step ({mib} MiB, measure.roof_each_step_mib)")
+            })?)
+        }
         _ => None,
     };
     let mut fused_roofs = Vec::with_capacity(spec.decode_tokens);
