@@ -27,7 +27,6 @@ use qvlm_core::quant::int4_vnni;
 use qvlm_core::quant::team::read_bandwidth;
 use shared::best_of;
 
-#[allow(dead_code)]
 mod shared;
 
 /// `(rows, weights)`: the same bytes cut into calls of four sizes.
@@ -44,13 +43,7 @@ fn main() {
         eprintln!("call_size_probe times the VNNI kernel; this CPU lacks AVX-512 VNNI");
         std::process::exit(2);
     }
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = shared::xorshift();
     let x: Vec<f32> = (0..K).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
     let a = int4_vnni::quantize_activations(&x, K, GROUP).expect("activations");
     let sets: Vec<Vec<Int4Weight>> = SETS

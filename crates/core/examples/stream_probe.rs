@@ -33,13 +33,7 @@ fn main() {
     // About 1.1 GiB of each: 3 layers of bf16, 12 of 4-bit codes + scales.
     let (bf16_layers, int4_layers) = (3, 12);
     let group: usize = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(GROUP);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = shared::xorshift();
     let mut bf16 = Vec::new();
     let mut int4 = Vec::new();
     for layer in 0..int4_layers {

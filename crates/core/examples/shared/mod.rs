@@ -1,4 +1,6 @@
-//! What the probes share: one LLaMA-7B decoder layer's linears and a best-of timer.
+//! What the probes share: one LLaMA-7B decoder layer's linears, a best-of timer and a seeded
+//! random stream. Not every probe uses every piece.
+#![allow(dead_code)]
 
 use std::time::Instant;
 
@@ -23,4 +25,15 @@ pub fn best_of(repeats: usize, mut pass: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// A xorshift64 stream from a fixed seed: the probes' random codes, the same in every run.
+pub fn xorshift() -> impl FnMut() -> u64 {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
 }

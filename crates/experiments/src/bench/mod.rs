@@ -971,6 +971,22 @@ mod tests {
         assert!(median_rounds(Vec::new()).is_empty());
     }
 
+    /// A W4A16 measurement of a built model whose weights are all `bytes` of decoder linears.
+    fn w4_measured(bytes: i64, timings: Timings) -> Measured {
+        Measured {
+            scheme: Scheme::W4a16,
+            kernel: "k".into(),
+            fallbacks: 0,
+            all: bytes,
+            linears: bytes,
+            extra: 0,
+            layer_rest: 0,
+            rss: None,
+            timings,
+            roof: [1.0, 1.0],
+        }
+    }
+
     /// A row built with fewer layers: the partner's steps and the row's are both extrapolated
     /// per layer before they are divided (the head is not per layer).
     #[test]
@@ -988,18 +1004,7 @@ mod tests {
             partner_fused: vec![step(30.0, 3.0), step(30.0, 3.0)],
             fused_roofs: Vec::new(),
         };
-        let measured = |timings: Timings| Measured {
-            scheme: Scheme::W4a16,
-            kernel: "k".into(),
-            fallbacks: 0,
-            all: 1,
-            linears: 1,
-            extra: 0,
-            layer_rest: 0,
-            rss: None,
-            timings,
-            roof: [1.0, 1.0],
-        };
+        let measured = |timings: Timings| w4_measured(1, timings);
         // 1 of 4 layers built: the row's fused step 4 · 10 + 2, the partner's 4 · 30 + 3.
         let r = row(&cfg, "s", "s", 4, 1, measured(timings.clone()));
         assert_eq!(r.partner_fused.map(|p| p.total_ms()), Some(123.0));
@@ -1029,18 +1034,7 @@ mod tests {
             partner_fused: Vec::new(),
             fused_roofs: vec![200_000.0, 100_000.0, 400_000.0],
         };
-        let measured = |timings: Timings| Measured {
-            scheme: Scheme::W4a16,
-            kernel: "k".into(),
-            fallbacks: 0,
-            all: 1000,
-            linears: 1000,
-            extra: 0,
-            layer_rest: 0,
-            rss: None,
-            timings,
-            roof: [1.0, 1.0],
-        };
+        let measured = |timings: Timings| w4_measured(1000, timings);
         let r = row(&cfg, "s", "s", 4, 1, measured(timings.clone()));
         assert_eq!(r.decode_bytes_per_token, 4000);
         // 50 %, 100 % and 50 %: the median is 50 %.
