@@ -399,14 +399,14 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         .map(|(own, partner)| partner.total_ms() / own.total_ms());
     // Each fused step's weight traffic over the roof read right after it (extrapolated like the
     // step itself: the built layers' time scaled to the shape's, over the shape's bytes).
-    let bytes = (m.linears + m.extra + add_layers * layer_bytes) as f64;
+    let decode_bytes = m.linears + m.extra + add_layers * layer_bytes;
     let step_shares: Vec<f64> = t
         .fused
         .iter()
         .zip(&t.fused_roofs)
         .filter_map(|(&s, &roof)| {
             let seconds = stretch(s).total_ms() / 1e3;
-            (seconds > 0.0 && roof > 0.0).then(|| 100.0 * bytes / seconds / roof)
+            (seconds > 0.0 && roof > 0.0).then(|| 100.0 * decode_bytes as f64 / seconds / roof)
         })
         .collect();
     let fused_stepped_roof_pct = (!step_shares.is_empty()).then(|| report::median(&step_shares));
@@ -426,7 +426,7 @@ fn row(cfg: &BenchConfig, shape: &str, model: &str, layers: i64, built: i64, m: 
         layers_built: built,
         weight_bytes: m.all + add_layers * layer_bytes,
         decoder_linear_bytes: layer_linears * layers,
-        decode_bytes_per_token: bytes as i64,
+        decode_bytes_per_token: decode_bytes,
         rss_delta_bytes: m.rss.map(|r| r + add_layers * layer_bytes),
         prefill_positions: t.prefill_positions,
         prefill: stretch(t.prefill),
